@@ -1,0 +1,172 @@
+"""Per-example adapter math over a frozen linear map.
+
+Every op takes the activations ``x [batch, seq, in]`` of a frozen ``nn.Linear`` (``weight [out, in]``,
+``bias [out] | None``) and per-example adapter tensors. Adapter tensors are either one per example
+(leading dim ``batch``) or one per *user* (leading dim ``users``) together with ``index [batch]``
+mapping each example to its user, so a user with many examples in the batch is stored once and
+its gradient is summed over its examples by autograd.
+
+All ops are plain torch: autograd gives the exact backward, and the frozen weight never receives
+a gradient because it does not require one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+LoraKernel = Literal["auto", "bmm", "segment", "loop"]
+
+
+def _per_example(t: torch.Tensor, index: torch.Tensor | None, batch: int, name: str) -> torch.Tensor:
+    """Expands per-user tensors to per-example ones (a cheap gather of small adapter tensors)."""
+    if index is None:
+        if t.shape[0] != batch:
+            raise ValueError(f"{name} has leading dim {t.shape[0]} but the batch has {batch} examples; pass index")
+        return t
+    if index.shape != (batch,):
+        raise ValueError(f"index must have shape ({batch},), got {tuple(index.shape)}")
+    return t.index_select(0, index)
+
+
+def _as_3d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    """Views ``x [batch, *, in]`` as ``[batch, tokens, in]``; returns the original shape to restore."""
+    if x.dim() < 2:
+        raise ValueError(f"x must be [batch, ..., in], got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-1]), x.shape
+
+
+def flora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FLoRA (Wen & Chaudhuri 2024, eq. 6): ``mean_j a_j * ((x * b_j) @ W^T) + bias`` per example.
+
+    ``a [batch|users, r, out]`` scales output features, ``b [batch|users, r, in]`` input features;
+    equivalently ``W_i = W * (a_i^T b_i) / r``. Rank 1 costs one GEMM of the base's shape; rank r
+    stacks the r scaled copies of x into one GEMM.
+    """
+    x3, shape = _as_3d(x)
+    batch, rank = x3.shape[0], a.shape[1]
+    if b.shape[1] != rank:
+        raise ValueError(f"a has rank {rank} but b has rank {b.shape[1]}")
+    a = _per_example(a, index, batch, "a").to(x3.dtype)
+    b = _per_example(b, index, batch, "b").to(x3.dtype)
+    if rank == 1:
+        y = a * F.linear(x3 * b, weight)
+    else:
+        # [batch, r, tokens, in] -> one GEMM -> [batch, r, tokens, out]
+        stacked = F.linear(x3.unsqueeze(1) * b.unsqueeze(2), weight)
+        y = (stacked * a.unsqueeze(2)).mean(dim=1)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """IA3 ("rank 0.5" FLoRA): ``a * (x @ W^T) + bias`` with ``a [batch|users, 1, out]``; bias not adapted."""
+    x3, shape = _as_3d(x)
+    a = _per_example(a, index, x3.shape[0], "a").to(x3.dtype)
+    y = a * F.linear(x3, weight)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def choose_lora_kernel(batch: int, users: int) -> Literal["bmm", "segment"]:
+    """Heuristic until a measured choice is cached: group by user once users repeat a lot."""
+    return "segment" if users * 4 <= batch else "bmm"
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    index: torch.Tensor | None = None,
+    kernel: LoraKernel = "auto",
+) -> torch.Tensor:
+    """LoRA (PEFT convention): ``x @ W^T + bias + scaling * (x @ A^T) @ B^T`` per example.
+
+    ``lora_a [batch|users, r, in]``, ``lora_b [batch|users, out, r]``. Kernels: ``bmm`` gathers
+    each example's A and B and runs two batched matmuls; ``segment`` sorts examples by user and runs
+    one pair of GEMMs per distinct user over all of that user's tokens (Punica SGMV / mLoRA style,
+    no per-example copies of A and B); ``loop`` is the same per-user loop without sorting (a
+    reference). All three compute the same function.
+    """
+    x3, shape = _as_3d(x)
+    batch = x3.shape[0]
+    if lora_a.shape[1] != lora_b.shape[2]:
+        raise ValueError(f"lora_a has rank {lora_a.shape[1]} but lora_b has rank {lora_b.shape[2]}")
+    out = F.linear(x3, weight, bias)
+    if kernel == "auto":
+        kernel = "bmm" if index is None else choose_lora_kernel(batch, lora_a.shape[0])
+    if kernel == "bmm" or index is None:
+        a = _per_example(lora_a, index, batch, "lora_a").to(x3.dtype)
+        b = _per_example(lora_b, index, batch, "lora_b").to(x3.dtype)
+        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
+        return (out + scaling * delta).reshape(*shape[:-1], weight.shape[0])
+    if kernel == "segment":
+        delta = _lora_delta_segmented(x3, lora_a, lora_b, index)
+    elif kernel == "loop":
+        delta = _lora_delta_loop(x3, lora_a, lora_b, index)
+    else:
+        raise ValueError(f"unknown LoRA kernel {kernel!r}; expected auto, bmm, segment or loop")
+    return (out + scaling * delta).reshape(*shape[:-1], weight.shape[0])
+
+
+def _lora_delta_segmented(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(index, stable=True)
+    users, counts = torch.unique_consecutive(index[order], return_counts=True)
+    xs = x3.index_select(0, order)
+    tokens, width = xs.shape[1], xs.shape[2]
+    pieces = []
+    for user, seg in zip(users.tolist(), torch.split(xs, counts.tolist())):
+        a, b = lora_a[user].to(xs.dtype), lora_b[user].to(xs.dtype)
+        flat = seg.reshape(-1, width)
+        pieces.append(F.linear(F.linear(flat, a), b).reshape(seg.shape[0], tokens, -1))
+    sorted_delta = torch.cat(pieces, dim=0)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return sorted_delta.index_select(0, inverse)
+
+
+def _lora_delta_loop(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    delta = x3.new_zeros(x3.shape[0], x3.shape[1], lora_b.shape[1])
+    for user in torch.unique(index).tolist():
+        rows = (index == user).nonzero().squeeze(1)
+        a, b = lora_a[user].to(x3.dtype), lora_b[user].to(x3.dtype)
+        delta = delta.index_put((rows,), F.linear(F.linear(x3[rows], a), b))
+    return delta
+
+
+def dense_adapted_weight(
+    method: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor], scaling: float = 1.0
+) -> torch.Tensor:
+    """The explicit per-example weight ``W_i`` of one example's adapter (the reference the tests use).
+
+    ``tensors`` holds one example's adapter: FLoRA ``a [r, out]``, ``b [r, in]``; IA3 ``a [1, out]``;
+    LoRA ``lora_a [r, in]``, ``lora_b [out, r]``.
+    """
+    if method == "flora":
+        a, b = tensors["a"], tensors["b"]
+        return weight * (a.transpose(0, 1) @ b) / a.shape[0]
+    if method == "ia3":
+        return weight * tensors["a"][0].unsqueeze(1)
+    if method == "lora":
+        return weight + scaling * tensors["lora_b"] @ tensors["lora_a"]
+    raise ValueError(f"unknown adapter method {method!r}")

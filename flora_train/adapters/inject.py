@@ -1,0 +1,66 @@
+"""Put ``AdaptedLinear`` layers into any ``nn.Module`` by module-name patterns (PEFT's rules).
+
+``target_modules`` is either a list of names, each matching a module whose full name equals it or
+ends with ``.name`` (``["q_proj", "v_proj"]``), a single string used as a regular expression that
+must match the whole module name, or ``"all-linear"`` (every linear layer except the output head).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+from flora_train.adapters.layer import AdaptedLinear, AdapterSlot, is_conv1d, linear_shape
+from flora_train.adapters.layout import AdapterLayout, AdapterSpec
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def match_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Names of the linear layers selected by ``target_modules``, in module order."""
+    linear = [name for name, m in model.named_modules() if name and _is_linear(m)]
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            heads = _output_head_names(model)
+            return [n for n in linear if n not in heads]
+        pattern = re.compile(target_modules)
+        return [n for n in linear if pattern.fullmatch(n)]
+    targets = list(target_modules)
+    return [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def inject_adapters(
+    model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str]
+) -> tuple[AdapterSlot, AdapterLayout]:
+    """Freezes ``model`` and replaces the targeted linear layers by ``AdaptedLinear`` in place.
+
+    Returns the slot through which a step hands the layers their rows and the row layout. The base
+    parameters are only frozen (``requires_grad=False``), never copied or modified.
+    """
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
+        raise ValueError("model already has adapters injected")
+    names = match_target_modules(model, target_modules)
+    if not names:
+        sample = [n for n, m in model.named_modules() if n and _is_linear(m)][:8]
+        raise ValueError(
+            f"adapter.target_modules={target_modules!r} matched no linear layer; linear layers look like {sample}"
+        )
+    model.requires_grad_(False)
+    modules = [(name, *linear_shape(model.get_submodule(name))) for name in names]
+    layout = AdapterLayout(spec, modules)
+    slot = AdapterSlot(layout)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, AdaptedLinear(getattr(parent, child), name, slot))
+    return slot, layout

@@ -1,0 +1,116 @@
+"""``AdaptedLinear``: a frozen linear layer that applies each example's own adapter.
+
+The layer holds no adapter parameters. It reads them, for the duration of a step, from an
+``AdapterSlot`` shared by every adapted layer of a model: the step's rows ``[users, row_size]``
+(one leaf tensor, so all gradients land in one place) and ``index [batch] -> user``. That slot is
+the single narrow handle between the model and whoever owns the rows; nothing is threaded through
+Hugging Face forward signatures.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from flora_train.adapters import functional as Fa
+from flora_train.adapters.layout import AdapterLayout
+
+
+class AdapterSlot:
+    """The step's adapter rows, visible to every ``AdaptedLinear`` of one model while active."""
+
+    def __init__(self, layout: AdapterLayout) -> None:
+        self.layout = layout
+        self._rows: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._rows is not None
+
+    @contextmanager
+    def activate(self, rows: torch.Tensor, index: torch.Tensor) -> Iterator[None]:
+        """Makes ``rows [users, row_size]`` the adapters of examples ``index [batch] -> users``.
+
+        Run backward inside the block when the base uses activation checkpointing: recomputed
+        forwards read the slot again.
+        """
+        if rows.dim() != 2 or rows.shape[1] != self.layout.row_size:
+            raise ValueError(f"rows must be [users, {self.layout.row_size}], got {tuple(rows.shape)}")
+        if index.dim() != 1 or (index.numel() and int(index.max()) >= rows.shape[0]):
+            raise ValueError("index must be a 1-d tensor of row positions within rows")
+        if self.active:
+            raise RuntimeError("adapter slot is already active; steps must not nest")
+        self._rows, self._index = rows, index.to(rows.device)
+        try:
+            yield
+        finally:
+            self._rows, self._index = None, None
+
+    def current(self, module: str) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        if self._rows is None:
+            return None
+        assert self._index is not None
+        return self.layout.views(self._rows, module), self._index
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: a linear layer storing its weight as ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+class AdaptedLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` (or GPT-2 ``Conv1D``); without an active slot it is the base layer."""
+
+    def __init__(self, base: nn.Module, name: str, slot: AdapterSlot) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.adapter_name = name
+        self.in_features, self.out_features = linear_shape(base)
+        self._transposed = is_conv1d(base)
+        # A plain attribute, not a submodule: the slot is shared by every layer and holds no parameters.
+        object.__setattr__(self, "slot", slot)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a view for ``Conv1D``)."""
+        w = self.base_layer.weight
+        return w.t() if self._transposed else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        current = self.slot.current(self.adapter_name)
+        if current is None:
+            return self.base_layer(x)
+        params, index = current
+        if x.shape[0] != index.shape[0]:
+            raise RuntimeError(
+                f"{self.adapter_name}: input batch {x.shape[0]} != {index.shape[0]} examples in the adapter index"
+            )
+        spec = self.slot.layout.spec
+        weight, bias = self.weight, self.bias
+        if spec.method == "flora":
+            return Fa.flora_linear(x, weight, bias, params["a"], params["b"], index=index)
+        if spec.method == "ia3":
+            return Fa.ia3_linear(x, weight, bias, params["a"], index=index)
+        return Fa.lora_linear(
+            x, weight, bias, params["lora_a"], params["lora_b"], spec.scaling, index=index, kernel=spec.kernel
+        )
+
+    def extra_repr(self) -> str:
+        return f"name={self.adapter_name}, in={self.in_features}, out={self.out_features}"

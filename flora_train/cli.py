@@ -1,0 +1,119 @@
+"""`flora-train run | validate | eval | export | bench | data` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flora-train", description="Jointly fine-tune thousands of per-user adapters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train from a recipe")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
+
+    val = sub.add_parser("validate", help="check a recipe and print it resolved, without running")
+    val.add_argument("recipe", type=Path)
+    val.add_argument("overrides", nargs="*")
+
+    ev = sub.add_parser("eval", help="per-user held-out loss/accuracy of a run's latest checkpoint")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--checkpoint", type=Path, default=None)
+
+    ex = sub.add_parser("export", help="write per-user adapters of a run")
+    ex.add_argument("run_dir", type=Path)
+    ex.add_argument("--format", choices=["peft", "flora"], required=True)
+    ex.add_argument("--users", default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
+    ex.add_argument("--out", type=Path, required=True)
+
+    be = sub.add_parser("bench", help="side-by-side benchmarks")
+    be.add_argument("suite", choices=["store"])
+    be.add_argument("--small", type=int, default=1_000, help="users in the small table")
+    be.add_argument("--large", type=int, default=1_000_000, help="users in the large table")
+    be.add_argument("--row-size", type=int, default=256)
+    be.add_argument("--step-users", type=int, default=64)
+    be.add_argument("--repeats", type=int, default=50)
+
+    da = sub.add_parser("data", help="data utilities")
+    da_sub = da.add_subparsers(dest="data_command", required=True)
+    syn = da_sub.add_parser("synth", help="write a synthetic personalisation task as JSONL")
+    syn.add_argument("--users", type=int, default=1000)
+    syn.add_argument("--train-examples", type=int, default=16)
+    syn.add_argument("--eval-examples", type=int, default=4)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def _users_arg(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    if value.startswith("@"):
+        return [line.rstrip("\n") for line in Path(value[1:]).read_text().splitlines() if line.strip()]
+    return [u for u in value.split(",") if u]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    from flora_train.base import ModelLoadError
+    from flora_train.config import RecipeError, load_recipe, recipe_to_yaml
+    from flora_train.data import DataError
+    from flora_train.export import ExportError
+    from flora_train.train.checkpoint import CheckpointError
+    from flora_train.train.trainer import NonFiniteError
+
+    try:
+        if args.command == "validate":
+            print(recipe_to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+        elif args.command == "run":
+            from flora_train.train.run import run_training
+
+            run_training(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        elif args.command == "eval":
+            from flora_train.train.run import run_eval
+
+            run_eval(args.run_dir, args.checkpoint)
+        elif args.command == "export":
+            from flora_train.export import export_adapters
+
+            m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out)
+            print(f"exported {m['num_users']} users ({m['format']}) to {args.out}")
+        elif args.command == "bench":
+            from flora_train.bench.store import bench_store
+
+            bench_store(args.small, args.large, args.row_size, args.step_users, args.repeats)
+        elif args.command == "data":
+            from flora_train.data import SyntheticTask
+
+            task = SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
+            for path in task.write(args.out):
+                print(path)
+    except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, FileNotFoundError) as exc:
+        print(f"flora-train: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"flora-train: training stopped: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Load a recipe: YAML file + ``key.sub=value`` overrides, merged onto the schema, validated.
+
+Every failure raises ``RecipeError`` before any work starts, naming the file and line (or the
+override) and the full key, and suggesting the closest valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from flora_train.config.schema import Recipe
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names where and what."""
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Maps each dotted key of a YAML mapping to its 1-based line."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _schema_fields(full_key: str) -> list[str]:
+    """The valid keys beside ``full_key`` (its siblings in the schema)."""
+    cls: Any = Recipe
+    for part in full_key.split(".")[:-1]:
+        hint = typing.get_type_hints(cls).get(part)
+        cls = next((c for c in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(c)), None)
+        if cls is None:
+            return []
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _where(source: str, full_key: str, lines: dict[str, int]) -> str:
+    line = lines.get(full_key)
+    if line is None:
+        # An unknown nested key may only be found by its parent's line.
+        parent = full_key.rpartition(".")[0]
+        line = lines.get(parent)
+    return f"{source}:{line}" if line else source
+
+
+def _explain(exc: OmegaConfBaseException, source: str, lines: dict[str, int]) -> RecipeError:
+    full_key = str(getattr(exc, "full_key", "") or "")
+    where = _where(source, full_key, lines)
+    if isinstance(exc, ConfigKeyError) or "not in" in str(exc):
+        leaf = full_key.rpartition(".")[2]
+        valid = _schema_fields(full_key)
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        parent = full_key.rpartition(".")[0]
+        hint = f" (did you mean '{(parent + '.') if parent else ''}{close[0]}'?)" if close else ""
+        return RecipeError(f"{where}: unknown key '{full_key}'{hint}; valid keys here: {', '.join(valid)}")
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+    kind = "invalid value" if isinstance(exc, ValidationError) else "error"
+    return RecipeError(f"{where}: {kind} for key '{full_key}': {msg}")
+
+
+def _merge(base: DictConfig, layer: Any, source: str, lines: dict[str, int]) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source, lines) from None
+
+
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Returns the typed, validated recipe (an OmegaConf struct-mode ``DictConfig`` of ``Recipe``)."""
+    from flora_train.config.validate import validate_recipe
+
+    cfg: DictConfig = OmegaConf.structured(Recipe)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f":{mark.line + 1}" if mark else ""
+            raise RecipeError(f"{path}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if data is not None and not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        cfg = _merge(cfg, data or {}, str(path), _key_lines(text))
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' must look like key.sub=value")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise RecipeError(f"override '{item}': {exc}") from None
+        cfg = _merge(cfg, layer, f"override '{item}'", {})
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RecipeError(f"{path or 'recipe'}: missing required value for key '{missing[0]}'")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path or "recipe"), {}) from None
+    validate_recipe(cfg, str(path or "recipe"))
+    return cfg
+
+
+def recipe_to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """``section.key -> str(value)`` for logging as parameters."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, enum_to_str=True), "")
+    return out

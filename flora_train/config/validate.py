@@ -1,0 +1,98 @@
+"""Cross-field checks OmegaConf's types cannot express. Each error names the key."""
+
+from __future__ import annotations
+
+import re
+
+from omegaconf import DictConfig
+
+from flora_train.config.schema import ExportFormat, Method
+
+
+def _fail(source: str, key: str, message: str) -> None:
+    from flora_train.config.load import RecipeError
+
+    raise RecipeError(f"{source}: key '{key}': {message}")
+
+
+def _positive(cfg: DictConfig, source: str, keys: list[str]) -> None:
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value is not None and value <= 0:
+            _fail(source, key, f"must be > 0, got {value}")
+
+
+def validate_recipe(cfg: DictConfig, source: str) -> None:
+    model, data, train = cfg.model, cfg.data, cfg.train
+    if (model.name_or_path is None) == (model.tiny is None):
+        _fail(source, "model.name_or_path", "set exactly one of model.name_or_path (hub id or folder) and model.tiny")
+    if model.gguf_file is not None and model.name_or_path is None:
+        _fail(source, "model.gguf_file", "needs model.name_or_path (the folder holding the GGUF file)")
+    if model.dtype not in ("float32", "bfloat16", "float16"):
+        _fail(source, "model.dtype", f"must be float32, bfloat16 or float16, got {model.dtype!r}")
+    if model.tiny is not None and model.tiny.architecture not in ("llama", "gpt2"):
+        _fail(source, "model.tiny.architecture", f"must be llama or gpt2, got {model.tiny.architecture!r}")
+    targets = cfg.adapter.target_modules
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                _fail(source, "adapter.target_modules", f"not a valid regular expression: {exc}")
+    elif not targets or not all(isinstance(t, str) and t for t in targets):
+        _fail(source, "adapter.target_modules", "must be a non-empty list of module names, a regex or 'all-linear'")
+    if (data.train_path is None) == (data.synthetic is None):
+        _fail(source, "data.train_path", "set exactly one of data.train_path and data.synthetic")
+    if data.synthetic is not None and data.eval_path is not None:
+        _fail(source, "data.eval_path", "synthetic data writes its own eval split; leave data.eval_path unset")
+    _positive(
+        cfg,
+        source,
+        [
+            "adapter.rank",
+            "adapter.alpha",
+            "data.max_length",
+            "train.epochs",
+            "train.max_steps",
+            "train.users_per_step",
+            "train.examples_per_user",
+            "train.micro_batch_size",
+            "train.log_every_steps",
+            "train.keep_checkpoints",
+            "train.max_consecutive_nonfinite",
+            "eval.batch_size",
+            "store.optimizer.lr",
+            "store.optimizer.eps",
+        ],
+    )
+    for key in ("data.eval_examples_per_user", "train.checkpoint_every_steps", "eval.every_steps",
+                "store.optimizer.warmup_steps", "store.optimizer.weight_decay"):
+        section, _, leaf = key.rpartition(".")
+        node = cfg
+        for part in section.split("."):
+            node = node[part]
+        if node[leaf] < 0:
+            _fail(source, key, f"must be >= 0, got {node[leaf]}")
+    if data.synthetic is not None:
+        syn = data.synthetic
+        for leaf in ("num_users", "train_examples_per_user", "num_keys", "num_values"):
+            if syn[leaf] <= 0:
+                _fail(source, f"data.synthetic.{leaf}", f"must be > 0, got {syn[leaf]}")
+    opt = cfg.store.optimizer
+    for leaf in ("beta1", "beta2"):
+        if not 0.0 <= opt[leaf] < 1.0:
+            _fail(source, f"store.optimizer.{leaf}", f"must be in [0, 1), got {opt[leaf]}")
+    if not 0.0 <= opt.min_lr_ratio <= 1.0:
+        _fail(source, "store.optimizer.min_lr_ratio", f"must be in [0, 1], got {opt.min_lr_ratio}")
+    if cfg.store.storage not in ("host", "device"):
+        _fail(source, "store.storage", f"must be host or device, got {cfg.store.storage!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", train.device):
+        _fail(source, "train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {train.device!r}")
+    if cfg.export.format == ExportFormat.peft and cfg.adapter.method != Method.lora:
+        _fail(
+            source,
+            "export.format",
+            f"PEFT has no {cfg.adapter.method.value} adapter matching flora_train's; use export.format=flora",
+        )

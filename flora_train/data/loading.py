@@ -1,0 +1,139 @@
+"""Read per-user examples from JSONL, Parquet or CSV into a ``datasets.Dataset``.
+
+Every row is checked (a user id, and a non-empty text or completion of the right type); a bad row
+either stops the run with its file and line (``on_bad_row: error``) or is skipped and counted
+(``skip``). Kept rows carry their ``source`` ("file:line") so later checks can name them too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+
+datasets.disable_progress_bars()
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or row) and the user where known."""
+
+
+@dataclass
+class Columns:
+    user: str = "user_id"
+    text: str | None = None
+    prompt: str = "prompt"
+    completion: str = "completion"
+
+    @property
+    def wanted(self) -> list[str]:
+        return [self.user, self.text] if self.text else [self.user, self.prompt, self.completion]
+
+
+@dataclass
+class BadRows:
+    """What was skipped, by reason, with the first few places for the log."""
+
+    policy: str = "error"
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self, where: str, reason: str, detail: str) -> None:
+        message = f"{where}: {detail}"
+        if self.policy == "error":
+            raise DataError(message + " (set data.on_bad_row=skip to skip such rows)")
+        self.counts[reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(message)
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffixes = [s.lower() for s in path.suffixes]
+    for name, exts in (("jsonl", (".jsonl", ".json", ".ndjson")), ("parquet", (".parquet",)), ("csv", (".csv",))):
+        if any(s in exts for s in suffixes):
+            return name
+    raise DataError(f"{path}: cannot tell the format from the file name; set data.format to jsonl, parquet or csv")
+
+
+def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    with path.open("r", encoding="utf-8", errors="strict") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                bad.report(where, "malformed", f"malformed JSON ({exc.msg} at column {exc.colno})")
+                continue
+            yield where, record
+
+
+def _table_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
+    try:
+        table = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as exc:  # pyarrow/pandas parse errors carry no row; name the file at least
+        raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
+    # CSV: line 1 is the header; multi-line quoted fields would shift this, so say "line" loosely.
+    for i, record in enumerate(table):
+        yield (f"{path}:{i + 2}" if fmt == "csv" else f"{path}: row {i}"), record
+
+
+def _check(record: Any, cols: Columns, where: str, bad: BadRows) -> dict[str, str] | None:
+    if not isinstance(record, dict):
+        bad.report(where, "not_an_object", f"expected an object with {cols.wanted}, got {type(record).__name__}")
+        return None
+    user = record.get(cols.user)
+    if isinstance(user, int) and not isinstance(user, bool):
+        user = str(user)
+    if not isinstance(user, str) or not user.strip():
+        bad.report(where, "missing_user", f"missing or invalid user id column '{cols.user}' (got {user!r})")
+        return None
+    if "\x00" in user:
+        bad.report(where, "invalid_user", f"user id {user!r} contains a NUL byte")
+        return None
+    out = {"user_id": user, "source": where}
+    if cols.text:
+        fields = [(cols.text, "text")]
+    else:
+        fields = [(cols.prompt, "prompt"), (cols.completion, "completion")]
+    for column, name in fields:
+        value = record.get(column)
+        if value is None:
+            bad.report(where, f"missing_{name}", f"user {user!r}: missing column '{column}'")
+            return None
+        if not isinstance(value, str):
+            bad.report(where, f"wrong_type_{name}", f"user {user!r}: column '{column}' must be a string, got {type(value).__name__}")
+            return None
+        if name != "prompt" and not value.strip():
+            bad.report(where, f"empty_{name}", f"user {user!r}: empty '{column}' (nothing to learn from)")
+            return None
+        out[name] = value
+    return out
+
+
+def load_examples(path: str | Path, fmt: str, cols: Columns, bad: BadRows) -> datasets.Dataset:
+    """Validated examples with columns ``user_id``, ``source`` and ``text`` or ``prompt``/``completion``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    fmt = detect_format(path, fmt)
+    rows = _jsonl_rows(path, bad) if fmt == "jsonl" else _table_rows(path, fmt)
+    try:
+        kept = [r for where, rec in rows if (r := _check(rec, cols, where, bad)) is not None]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not kept:
+        raise DataError(f"{path}: no usable examples ({bad.total} bad rows)")
+    names = ["user_id", "source", *(["text"] if cols.text else ["prompt", "completion"])]
+    return datasets.Dataset.from_dict({n: [r[n] for r in kept] for n in names})

@@ -1,0 +1,146 @@
+"""Per-user adapters out of a run: PEFT LoRA folders or flora_train safetensors folders.
+
+Each user gets a folder named from a sanitised form of its id plus a hash of the full id, so no
+id (``../../etc/passwd``, NUL bytes, unicode look-alikes) can name a path outside ``out`` or
+collide with another user's folder. ``index.json`` maps user ids to folders.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flora_train.adapters import AdapterLayout
+from flora_train.store.registry import UserRegistry
+from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
+
+FLORA_CONFIG = "flora_adapter_config.json"
+FLORA_WEIGHTS = "flora_adapter.safetensors"
+
+
+class ExportError(ValueError):
+    pass
+
+
+def safe_folder_name(user_id: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", user_id).strip("._-")[:64] or "user"
+    digest = hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{stem}-{digest}"
+
+
+def _inside(out: Path, folder: str) -> Path:
+    target = (out / folder).resolve()
+    if not target.is_relative_to(out.resolve()) or target == out.resolve():
+        raise ExportError(f"refusing to write outside {out}: {folder!r}")
+    return target
+
+
+def _load_run(run_dir: Path) -> tuple[AdapterLayout, UserRegistry, torch.Tensor, Path, dict[str, Any]]:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
+    verify_checkpoint(ckpt)
+    layout = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
+    registry = UserRegistry.load(ckpt / "users.json")
+    rows = load_file(str(ckpt / "store.safetensors"))["rows"]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return layout, registry, rows, ckpt, state
+
+
+def _select_users(registry: UserRegistry, users: list[str] | None) -> list[str]:
+    if not users:
+        return registry.ids
+    unknown = [u for u in users if u not in registry]
+    if unknown:
+        hints = []
+        for u in unknown[:5]:
+            close = difflib.get_close_matches(u, registry.ids, n=1)
+            hints.append(f"{u!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ExportError(f"unknown user(s) not in this run: {', '.join(hints)}" + (" ..." if len(unknown) > 5 else ""))
+    return list(dict.fromkeys(users))
+
+
+def _peft_tensors(layout: AdapterLayout, row: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {}
+    for module in layout.slices:
+        views = layout.views(row.unsqueeze(0), module)
+        out[f"base_model.model.{module}.lora_A.weight"] = views["lora_a"][0].contiguous()
+        out[f"base_model.model.{module}.lora_B.weight"] = views["lora_b"][0].contiguous()
+    return out
+
+
+def _peft_config(layout: AdapterLayout, base_model: str) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": layout.spec.rank,
+        "lora_alpha": layout.spec.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": [m for m, _, _ in layout.modules],
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path) -> dict[str, Any]:
+    """Writes one folder per user under ``out`` plus ``index.json`` and ``manifest.json``."""
+    layout, registry, rows, ckpt, state = _load_run(Path(run_dir))
+    if fmt == "peft" and layout.spec.method != "lora":
+        raise ExportError(f"PEFT has no {layout.spec.method} adapter matching flora_train's; use --format flora")
+    if fmt not in ("peft", "flora"):
+        raise ExportError(f"unknown export format {fmt!r}; expected peft or flora")
+    selected = _select_users(registry, users)
+    out.mkdir(parents=True, exist_ok=True)
+    base_model = str(state.get("model_path", ""))
+    index = {}
+    for user in selected:
+        folder = safe_folder_name(user)
+        target = _inside(out, folder)
+        target.mkdir(exist_ok=True)
+        row = rows[registry.row(user)]
+        if fmt == "peft":
+            save_file(_peft_tensors(layout, row), str(target / "adapter_model.safetensors"))
+            (target / "adapter_config.json").write_text(json.dumps(_peft_config(layout, base_model), indent=2))
+        else:
+            tensors = {f"{m}.{p}": v[0].contiguous() for m in layout.slices for p, v in layout.views(row.unsqueeze(0), m).items()}
+            save_file(tensors, str(target / FLORA_WEIGHTS), metadata={"user_id": user})
+            config = {"format": "flora_train", "user_id": user, "base_model": base_model, "layout": layout.to_dict()}
+            (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
+        index[user] = folder
+    (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
+    manifest = {"format": fmt, "method": layout.spec.method, "rank": layout.spec.rank, "num_users": len(index),
+                "checkpoint": str(ckpt), "base_model": base_model}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_flora_adapter(folder: Path) -> tuple[AdapterLayout, torch.Tensor]:
+    """Reads a folder written by ``export_adapters(fmt="flora")`` back as ``(layout, row [row_size])``.
+
+    The row plugs into a model prepared with ``inject_adapters`` for the same layout:
+    ``with slot.activate(row[None], torch.zeros(batch, dtype=torch.long)): model(...)``.
+    """
+    config = json.loads((folder / FLORA_CONFIG).read_text())
+    if config.get("format") != "flora_train":
+        raise ExportError(f"{folder}: not a flora_train adapter folder")
+    layout = AdapterLayout.from_dict(config["layout"])
+    tensors = load_file(str(folder / FLORA_WEIGHTS))
+    row = torch.empty(layout.row_size, dtype=torch.float32)
+    for module, params in layout.slices.items():
+        for name, s in params.items():
+            key = f"{module}.{name}"
+            if key not in tensors or tuple(tensors[key].shape) != s.shape:
+                raise ExportError(f"{folder}: tensor {key} missing or of the wrong shape")
+            row[s.offset : s.offset + s.numel] = tensors[key].reshape(-1)
+    return layout, row

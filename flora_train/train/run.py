@@ -1,0 +1,240 @@
+"""`flora-train run` and `flora-train eval`, top to bottom: prepare, (resume), train, evaluate,
+checkpoint, compare with a shared adapter, export, track."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from flora_train.config import flatten, load_recipe, recipe_to_yaml
+from flora_train.data import BatchPlanner
+from flora_train.store import AdapterStore
+from flora_train.tracking import Tracker
+from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
+from flora_train.train.session import Session, make_row_init, prepare_session
+from flora_train.train.trainer import NonFiniteError, StepStats, Trainer, TrainSettings
+
+log = logging.getLogger("flora_train")
+SHARED = "__shared__"
+
+
+def _settings(session: Session) -> TrainSettings:
+    o, t = session.cfg.store.optimizer, session.cfg.train
+    return TrainSettings(
+        lr=o.lr,
+        schedule=o.schedule.value,
+        warmup_steps=o.warmup_steps,
+        min_lr_ratio=o.min_lr_ratio,
+        micro_batch_size=t.micro_batch_size,
+        nonfinite=t.nonfinite.value,
+        max_consecutive_nonfinite=t.max_consecutive_nonfinite,
+        autocast_dtype=session.autocast_dtype,
+    )
+
+
+def _evaluate_store(session: Session, store: AdapterStore, shared: bool = False) -> dict[str, UserEval]:
+    assert session.eval is not None
+
+    def rows_for(users: list[str]) -> torch.Tensor:
+        if shared:
+            return store.read([SHARED]).expand(len(users), -1)
+        known = [u for u in users if u in store.registry]
+        rows = store.row_init(users)  # users never trained keep their initial (identity/zero) adapter
+        if known:
+            pos = [users.index(u) for u in known]
+            rows[pos] = store.read(known).to(rows)
+        return rows
+
+    return evaluate(
+        session.model, session.slot, rows_for, session.eval, session.cfg.eval.batch_size,
+        session.pad_id, session.device, session.autocast_dtype,
+    )
+
+
+class _Meter:
+    """Aggregates step stats between log lines (aggregates only; no per-user metric keys)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.seconds, self.tokens, self.users, self.examples = 0, 0.0, 0, 0, 0
+        self.loss_sum, self.skipped = 0.0, 0
+        self.touched: set[str] = set()
+
+    def add(self, st: StepStats) -> None:
+        self.steps += 1
+        self.seconds += st.seconds
+        self.tokens += st.tokens
+        self.users += st.users
+        self.examples += st.examples
+        self.loss_sum += st.loss if st.loss == st.loss else 0.0
+        self.skipped += len(st.skipped_users)
+        self.touched.update(st.user_losses)
+
+    def metrics(self) -> dict[str, float]:
+        s = max(self.seconds, 1e-9)
+        return {
+            "train/loss": self.loss_sum / max(self.steps, 1),
+            "train/tokens_per_s": self.tokens / s,
+            "train/users_per_s": self.users / s,
+            "train/examples_per_s": self.examples / s,
+            "train/users_per_step": self.users / max(self.steps, 1),
+            "train/users_touched": float(len(self.touched)),
+            "train/skipped_user_updates": float(self.skipped),
+        }
+
+
+def _trainer_state(session: Session, step: int, run_id: str | None, trainer: Trainer) -> dict[str, Any]:
+    return {
+        "next_step": step,
+        "mlflow_run_id": run_id,
+        "seed": session.cfg.train.seed,
+        "nonfinite_steps": trainer.nonfinite_steps,
+        "model_path": session.model_path,
+    }
+
+
+def train_shared_baseline(session: Session, steps: int) -> dict[str, UserEval]:
+    """One adapter for every user, trained on the same examples for the same number of steps."""
+    store = AdapterStore(session.layout.row_size, make_row_init(session.layout, session.cfg.store.init_seed),
+                         session.store.hyper, session.store.storage_device, session.device)
+    store.add_users([SHARED])
+    t = session.cfg.train
+    planner = BatchPlanner({SHARED: range(len(session.train["user_id"]))}, 1, t.users_per_step * t.examples_per_user, t.seed)
+    trainer = Trainer(session.model, session.slot, store, session.train, _settings(session),
+                      {SHARED: steps}, session.pad_id, session.device)
+    plans = planner.steps(epochs=10**6, max_steps=steps)
+    trainer.fit(tqdm(plans, total=steps, desc="shared baseline", disable=not t.progress, leave=False))
+    return _evaluate_store(session, store, shared=True)
+
+
+def _print_summary(summary: dict[str, float], shared: dict[str, float] | None, chance: float | None) -> None:
+    rows = [("per-user adapters", summary)] + ([("one shared adapter", shared)] if shared else [])
+    print(f"\n{'':22s} {'users':>6s} {'acc mean':>9s} {'acc p10':>8s} {'acc p50':>8s} {'acc p90':>8s} {'loss mean':>10s}")
+    for name, s in rows:
+        print(
+            f"{name:22s} {int(s.get('eval/users', 0)):6d} {s.get('eval/accuracy_mean', float('nan')):9.3f} "
+            f"{s.get('eval/accuracy_p10', float('nan')):8.3f} {s.get('eval/accuracy_p50', float('nan')):8.3f} "
+            f"{s.get('eval/accuracy_p90', float('nan')):8.3f} {s.get('eval/loss_mean', float('nan')):10.4f}"
+        )
+    if chance is not None:
+        print(f"{'chance':22s} {'':6s} {chance:9.3f}")
+
+
+def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
+    session = prepare_session(cfg)
+    run_dir, t = session.run_dir, cfg.train
+    recipe_path = run_dir / "recipe.yaml"
+    recipe_path.write_text(recipe_to_yaml(cfg))
+    start_step, run_id = 0, None
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise CheckpointError(f"{run_dir}/checkpoints: no intact checkpoint to resume from")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, session.store, session.layout)
+        session.store.add_users(sorted(set(session.train["user_id"])))  # users new in the data get fresh rows
+        start_step, run_id = int(state["next_step"]), state.get("mlflow_run_id")
+        print(f"resuming from {ckpt} at step {start_step}")
+
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir)
+    params = flatten(cfg)
+    run_id = tracker.start(cfg.tracking.run_name, params, recipe_path, resume_run_id=run_id)
+    bad = session.bad_rows
+    tracker.log_metrics({"data/skipped_rows": float(bad.total), **{f"data/skipped_{k}": float(v) for k, v in bad.counts.items()}}, step=start_step)
+    if bad.total:
+        print(f"skipped {bad.total} bad rows: " + "; ".join(bad.examples[:3]))
+
+    trainer = Trainer(session.model, session.slot, session.store, session.train, _settings(session),
+                      session.user_total_steps(), session.pad_id, session.device)
+    total = session.planner.total_steps(t.epochs, t.max_steps)
+    meter, step = _Meter(), start_step
+    bar = tqdm(total=total, initial=start_step, desc="train", disable=not t.progress, unit="step")
+    status = "FAILED"
+    started = time.perf_counter()
+    try:
+        for plan in session.planner.steps(t.epochs, t.max_steps, start=start_step):
+            st = trainer.train_step(plan)
+            meter.add(st)
+            step = plan.step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}", users_s=f"{st.users / st.seconds:.0f}")
+            if step % t.log_every_steps == 0 or step == total:
+                tracker.log_metrics(meter.metrics(), step=step)
+                meter.reset()
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and step < total:
+                save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and session.eval and step < total:
+                tracker.log_metrics(summarise(_evaluate_store(session, session.store)), step=step)
+        status = "FINISHED"
+    except NonFiniteError:
+        save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
+        raise
+    finally:
+        bar.close()
+        if status != "FINISHED":
+            tracker.end("FAILED")
+    train_seconds = time.perf_counter() - started
+    final = save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
+    result: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "checkpoint": str(final), "mlflow_run_id": run_id,
+                              "train_seconds": train_seconds, "users": len(session.store)}
+    if session.eval is not None and cfg.eval.at_end:
+        per_user = _evaluate_store(session, session.store)
+        write_per_user(run_dir / "eval" / f"per_user-step{step}.jsonl", per_user)
+        summary = summarise(per_user)
+        tracker.log_metrics(summary, step=step)
+        result["eval"] = summary
+        shared = None
+        if t.compare_shared_baseline:
+            shared = summarise(train_shared_baseline(session, total))
+            tracker.log_metrics({k.replace("eval/", "eval_shared/"): v for k, v in shared.items()}, step=step)
+            result["eval_shared"] = shared
+        chance = 1.0 / cfg.data.synthetic.num_values if cfg.data.synthetic is not None else None
+        _print_summary(summary, shared, chance)
+    if cfg.export.format.value != "none":
+        from flora_train.export import export_adapters
+
+        out = Path(cfg.export.out) if cfg.export.out else run_dir / "export" / cfg.export.format.value
+        manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out)
+        tracker.log_artifact(out / "manifest.json", "export")
+        result["export"] = {"out": str(out), "users": manifest["num_users"]}
+    tracker.log_metrics({"train/seconds": train_seconds}, step=step)
+    tracker.end("FINISHED")
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"\ntrained {len(session.store)} users for {step} steps in {train_seconds:.1f}s; run dir {run_dir}")
+    return result
+
+
+def run_eval(run_dir: Path, checkpoint: Path | None = None) -> dict[str, float]:
+    """Re-evaluates a finished (or interrupted) run from its latest checkpoint and logs to its MLflow run."""
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    cfg = load_recipe(recipe)
+    session = prepare_session(cfg)
+    ckpt = checkpoint or latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
+    state = load_checkpoint(ckpt, session.store, session.layout)
+    if session.eval is None:
+        raise ValueError(f"{recipe}: the recipe has no evaluation data (data.eval_path or data.eval_examples_per_user)")
+    per_user = _evaluate_store(session, session.store)
+    step = int(state["next_step"])
+    write_per_user(run_dir / "eval" / f"per_user-step{step}.jsonl", per_user)
+    summary = summarise(per_user)
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir)
+    run_id = state.get("mlflow_run_id")
+    if cfg.tracking.enabled and run_id:
+        tracker.start(None, {}, recipe, resume_run_id=run_id)
+        tracker.log_metrics(summary, step=step)
+        tracker.end("FINISHED")
+    _print_summary(summary, None, 1.0 / cfg.data.synthetic.num_values if cfg.data.synthetic is not None else None)
+    return summary

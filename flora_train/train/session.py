@@ -1,0 +1,160 @@
+"""Build every part of a run from a validated recipe: data, base model, adapters, store, planner."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
+from flora_train.base import build_tiny_model, load_frozen_model, load_tokenizer, resolve_device
+from flora_train.data import BadRows, BatchPlanner, Columns, SyntheticTask, load_examples, tokenize_examples
+from flora_train.store import AdapterStore, OptimizerHyper
+
+
+@dataclass
+class Session:
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tokenizer: Any
+    model: torch.nn.Module
+    model_path: str
+    slot: AdapterSlot
+    layout: AdapterLayout
+    store: AdapterStore
+    train: dict[str, list]
+    eval: dict[str, list] | None
+    planner: BatchPlanner
+    bad_rows: BadRows
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def user_total_steps(self) -> dict[str, int]:
+        t = self.cfg.train
+        return self.planner.user_step_counts(t.epochs, t.max_steps)
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 where the hardware does it natively; float32 on CPU (bf16 matmuls are emulated there).
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _columns(cfg: DictConfig) -> Columns:
+    d = cfg.data
+    return Columns(user=d.user_column, text=d.text_column, prompt=d.prompt_column, completion=d.completion_column)
+
+
+def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path | None, str]:
+    d = cfg.data
+    if d.synthetic is not None:
+        task = SyntheticTask(**OmegaConf.to_container(d.synthetic))  # type: ignore[arg-type]
+        train_path, eval_path = task.write(run_dir / "data")
+        return train_path, (eval_path if task.eval_examples_per_user else None), "jsonl"
+    return Path(d.train_path), (Path(d.eval_path) if d.eval_path else None), d.format.value
+
+
+def _hold_out(ds_users: list[str], k: int, seed: int) -> tuple[list[int], list[int]]:
+    """Per user with more than ``k`` examples, ``k`` of them (chosen by seed) go to evaluation."""
+    by_user: dict[str, list[int]] = {}
+    for i, u in enumerate(ds_users):
+        by_user.setdefault(u, []).append(i)
+    train, held = [], []
+    for u, idx in by_user.items():
+        if k and len(idx) > k:
+            idx = list(idx)
+            random.Random(f"{seed}/holdout/{u}").shuffle(idx)
+            held.extend(idx[:k])
+            train.extend(idx[k:])
+        else:
+            train.extend(idx)
+    return sorted(train), sorted(held)
+
+
+def _as_lists(ds: Any) -> dict[str, list]:
+    # Plain Python lists: the step loop indexes single examples, which Arrow makes slow.
+    return ds.select_columns(["user_id", "input_ids", "labels", "source"]).to_dict()
+
+
+def make_row_init(layout: AdapterLayout, seed: int):
+    def init(user_ids):
+        return layout.init_rows(torch.tensor([user_seed(seed, u) for u in user_ids], dtype=torch.int64))
+
+    return init
+
+
+def prepare_session(cfg: DictConfig) -> Session:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    bad = BadRows(policy=cfg.data.on_bad_row.value)
+    cols = _columns(cfg)
+    train_path, eval_path, fmt = _data_paths(cfg, run_dir)
+    train_raw = load_examples(train_path, fmt, cols, bad)
+    eval_raw = load_examples(eval_path, fmt, cols, bad) if eval_path else None
+
+    m = cfg.model
+    if m.tiny is not None:
+        texts = train_raw["text"] if "text" in train_raw.column_names else [
+            p + c for p, c in zip(train_raw["prompt"], train_raw["completion"])
+        ]
+        model_path = str(build_tiny_model(run_dir / "base_model", OmegaConf.to_container(m.tiny), texts))  # type: ignore[arg-type]
+    else:
+        model_path = m.name_or_path
+    tokenizer = load_tokenizer(model_path, m.gguf_file, m.trust_remote_code)
+    model = load_frozen_model(model_path, m.dtype, m.gguf_file, m.trust_remote_code, m.gradient_checkpointing)
+    model.to(device)
+    a = cfg.adapter
+    targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
+    spec = AdapterSpec(method=a.method.value, rank=a.rank, alpha=a.alpha, kernel=a.kernel.value)
+    slot, layout = inject_adapters(model, spec, targets)
+
+    d = cfg.data
+    train_tok = tokenize_examples(train_raw, tokenizer, d.max_length, d.add_eos, bad)
+    eval_tok = tokenize_examples(eval_raw, tokenizer, d.max_length, d.add_eos, bad) if eval_raw is not None else None
+    if eval_tok is None and d.eval_examples_per_user:
+        keep, held = _hold_out(list(train_tok["user_id"]), d.eval_examples_per_user, cfg.train.seed)
+        train_tok, eval_tok = train_tok.select(keep), train_tok.select(held)
+    train = _as_lists(train_tok)
+    evald = _as_lists(eval_tok) if eval_tok is not None and len(eval_tok) else None
+
+    o = cfg.store.optimizer
+    hyper = OptimizerHyper(name=o.name.value, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
+    storage = device if cfg.store.storage == "device" else torch.device("cpu")
+    store = AdapterStore(layout.row_size, make_row_init(layout, cfg.store.init_seed), hyper, storage, device)
+    store.add_users(sorted(set(train["user_id"])))
+
+    by_user: dict[str, list[int]] = {}
+    for i, u in enumerate(train["user_id"]):
+        by_user.setdefault(u, []).append(i)
+    t = cfg.train
+    planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed)
+    return Session(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        autocast_dtype=autocast_dtype_for(t.precision.value, device),
+        tokenizer=tokenizer,
+        model=model,
+        model_path=model_path,
+        slot=slot,
+        layout=layout,
+        store=store,
+        train=train,
+        eval=evald,
+        planner=planner,
+        bad_rows=bad,
+    )

@@ -1,0 +1,136 @@
+"""Each batched op equals the explicit per-example computation with W_i formed densely (float64)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flora_train.adapters import functional as Fa
+
+shapes = st.fixed_dictionaries(
+    {
+        "users": st.integers(1, 5),
+        "batch": st.integers(1, 7),
+        "seq": st.integers(1, 5),
+        "fan_in": st.integers(1, 12),
+        "fan_out": st.integers(1, 12),
+        "rank": st.integers(1, 16),
+        "bias": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+def _problem(p, method):
+    g = torch.Generator().manual_seed(p["seed"])
+    r, n_in, n_out, u = p["rank"], p["fan_in"], p["fan_out"], p["users"]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x = rand(p["batch"], p["seq"], n_in).requires_grad_()
+    weight = rand(n_out, n_in)
+    bias = rand(n_out) if p["bias"] else None
+    # Repeated users: the index draws with replacement from u users.
+    index = torch.randint(0, u, (p["batch"],), generator=g)
+    if method == "flora":
+        adapter = {"a": rand(u, r, n_out), "b": rand(u, r, n_in)}
+    elif method == "ia3":
+        adapter = {"a": rand(u, 1, n_out)}
+    else:
+        adapter = {"lora_a": rand(u, r, n_in), "lora_b": rand(u, n_out, r)}
+    for t in adapter.values():
+        t.requires_grad_()
+    return x, weight, bias, index, adapter
+
+
+def _dense_reference(method, x, weight, bias, index, adapter, scaling):
+    outs = []
+    for i, user in enumerate(index.tolist()):
+        w_i = Fa.dense_adapted_weight(method, weight, {k: v[user] for k, v in adapter.items()}, scaling)
+        y = x[i] @ w_i.T
+        outs.append(y + bias if bias is not None else y)
+    return torch.stack(outs)
+
+
+def _batched(method, x, weight, bias, index, adapter, scaling, kernel):
+    if method == "flora":
+        return Fa.flora_linear(x, weight, bias, adapter["a"], adapter["b"], index=index)
+    if method == "ia3":
+        return Fa.ia3_linear(x, weight, bias, adapter["a"], index=index)
+    return Fa.lora_linear(x, weight, bias, adapter["lora_a"], adapter["lora_b"], scaling, index=index, kernel=kernel)
+
+
+def _grads(y, tensors, upstream):
+    return torch.autograd.grad(y, tensors, upstream, allow_unused=True)
+
+
+def _check(method, p, kernel="auto"):
+    x, weight, bias, index, adapter = _problem(p, method)
+    scaling = 0.7
+    y = _batched(method, x, weight, bias, index, adapter, scaling, kernel)
+    ref = _dense_reference(method, x, weight, bias, index, adapter, scaling)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(y)
+    tensors = [x, *adapter.values()]
+    for got, want in zip(_grads(y, tensors, upstream), _grads(ref, tensors, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_flora_matches_dense(p):
+    _check("flora", p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_ia3_matches_dense(p):
+    _check("ia3", p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.sampled_from(["bmm", "segment", "loop"]))
+def test_lora_kernels_match_dense(p, kernel):
+    _check("lora", p, kernel)
+
+
+def test_flora_per_example_tensors_without_index():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    a, b = torch.randn(3, 2, 6, generator=g, dtype=torch.float64), torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    with_index = Fa.flora_linear(x, w, None, a, b, index=torch.arange(3))
+    torch.testing.assert_close(Fa.flora_linear(x, w, None, a, b), with_index)
+
+
+def test_identity_init_is_the_base_layer():
+    x, w, bias = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(5)
+    ones = torch.ones(2, 3, 5), torch.ones(2, 3, 4)
+    torch.testing.assert_close(Fa.flora_linear(x, w, bias, *ones), torch.nn.functional.linear(x, w, bias))
+
+
+def test_flora_rank1_is_one_gemm_of_the_base_shape(monkeypatch):
+    calls = []
+    real = torch.nn.functional.linear
+
+    def spy(inp, weight, bias=None):
+        calls.append(tuple(inp.shape))
+        return real(inp, weight, bias)
+
+    monkeypatch.setattr(Fa.F, "linear", spy)
+    x = torch.randn(4, 3, 8)
+    Fa.flora_linear(x, torch.randn(6, 8), None, torch.ones(4, 1, 6), torch.ones(4, 1, 8))
+    assert calls == [(4, 3, 8)]
+    calls.clear()
+    Fa.flora_linear(x, torch.randn(6, 8), None, torch.ones(4, 5, 6), torch.ones(4, 5, 8))
+    assert calls == [(4, 5, 3, 8)], "rank r must stack the r scaled inputs into one GEMM"
+
+
+def test_shape_errors_are_clear():
+    x = torch.randn(2, 3, 4)
+    try:
+        Fa.flora_linear(x, torch.randn(5, 4), None, torch.ones(3, 1, 5), torch.ones(3, 1, 4))
+    except ValueError as e:
+        assert "pass index" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")

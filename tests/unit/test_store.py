@@ -1,0 +1,143 @@
+"""The adapter store: registry, per-user init, row-wise sparse optimizer, persistence."""
+
+import pytest
+import torch
+
+from flora_train.adapters import AdapterLayout, AdapterSpec, user_seed
+from flora_train.store import AdapterStore, OptimizerHyper, UserRegistry
+
+
+def _layout(method="lora"):
+    return AdapterLayout(AdapterSpec(method, rank=2), [("m1", 5, 3), ("m2", 3, 4)])
+
+
+def _store(layout, hyper=OptimizerHyper(), seed=0):
+    def init(ids):
+        return layout.init_rows(torch.tensor([user_seed(seed, u) for u in ids], dtype=torch.int64))
+
+    return AdapterStore(layout.row_size, init, hyper)
+
+
+def test_registry_roundtrip(tmp_path):
+    reg = UserRegistry(["b", "a", "ü/../x"])
+    assert reg.add(["a", "c"]) == ["c"]
+    reg.save(tmp_path / "u.json")
+    back = UserRegistry.load(tmp_path / "u.json")
+    assert back.ids == ["b", "a", "ü/../x", "c"] and back.row("c") == 3
+    with pytest.raises(KeyError, match="unknown user 'zz'"):
+        back.row("zz")
+    with pytest.raises(ValueError):
+        reg.add([""])
+
+
+def test_init_per_method_and_independent_of_order():
+    lora = _layout("lora")
+    rows = lora.init_rows(torch.tensor([1, 2], dtype=torch.int64))
+    a = lora.views(rows, "m1")["lora_a"]
+    assert torch.all(lora.views(rows, "m1")["lora_b"] == 0)
+    assert a.abs().max() <= 1 / 5**0.5 and a.std() > 0.1
+    assert not torch.equal(a[0], a[1])
+    flora = _layout("flora")
+    assert torch.all(flora.init_rows(torch.tensor([7], dtype=torch.int64)) == 1)
+    s1, s2 = _store(lora), _store(lora)
+    s1.add_users(["x", "y", "z"])
+    s2.add_users(["z"])
+    s2.add_users(["q", "y", "x"])
+    assert torch.equal(s1.read(["x", "y", "z"]), s2.read(["x", "y", "z"]))
+
+
+def test_uniform_stream_looks_uniform():
+    from flora_train.adapters.layout import counter_uniform
+
+    u = counter_uniform(torch.tensor([3, 4], dtype=torch.int64), 0, 20000)
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+
+
+@pytest.mark.parametrize("name", ["adamw", "adagrad"])
+def test_rowwise_step_equals_torch_optimizer_on_that_row(name):
+    layout = _layout()
+    hyper = OptimizerHyper(name=name, weight_decay=0.01)
+    store = _store(layout, hyper)
+    store.add_users([f"u{i}" for i in range(6)])
+    ref = torch.nn.Parameter(store.read(["u3"])[0].clone())
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adagrad
+    kw = dict(lr=0.05, weight_decay=0.01, eps=1e-8)
+    opt = cls([ref], foreach=False, **kw)
+    g = torch.Generator().manual_seed(0)
+    for step in range(5):
+        grad = torch.randn(layout.row_size, generator=g)
+        users = ["u1", "u3"] if step % 2 else ["u3"]
+        rows = store.fetch(users)
+        full = torch.zeros_like(rows.values)
+        full[users.index("u3")] = grad
+        full[0] += 1.0 if len(users) == 2 else 0.0
+        rows.values.grad = full
+        store.apply(rows, torch.full((len(users),), 0.05))
+        ref.grad = grad
+        opt.step()
+        torch.testing.assert_close(store.read(["u3"])[0], ref.detach(), rtol=1e-6, atol=1e-7)
+    assert store.steps(["u3", "u1", "u0"]).tolist() == [5, 2, 0]
+
+
+def test_absent_and_skipped_rows_are_untouched():
+    layout = _layout()
+    store = _store(layout)
+    store.add_users(["a", "b", "c"])
+    before = {k: v.clone() for k, v in store.state_tensors().items()}
+    rows = store.fetch(["a", "b"])
+    rows.values.grad = torch.ones_like(rows.values)
+    store.apply(rows, torch.tensor([0.1, 0.1]), keep=torch.tensor([True, False]))
+    after = store.state_tensors()
+    for key in before:
+        assert torch.equal(before[key][1:], after[key][1:]), key  # b skipped, c absent
+    assert not torch.equal(before["rows"][0], after["rows"][0])
+
+
+def test_growth_save_load(tmp_path):
+    layout = _layout()
+    store = _store(layout)
+    for i in range(100):
+        store.add_users([f"user{i}"])
+    assert len(store) == 100 and store.capacity < 400
+    rows = store.fetch(["user5"])
+    rows.values.grad = torch.ones_like(rows.values)
+    store.apply(rows, torch.tensor([0.1]))
+    store.save(tmp_path)
+    other = _store(layout)
+    other.load(tmp_path)
+    for k, v in store.state_tensors().items():
+        assert torch.equal(v, other.state_tensors()[k]), k
+    other.add_users(["new"])
+    assert other.registry.row("new") == 100
+
+
+def test_load_refuses_mismatched_shapes(tmp_path):
+    store = _store(_layout())
+    store.add_users(["a"])
+    store.save(tmp_path)
+    wrong = _store(_layout("ia3"))
+    with pytest.raises(ValueError, match="shape"):
+        wrong.load(tmp_path)
+
+
+def test_step_cost_follows_rows_in_step_not_table():
+    """Only index_select/index_copy on the step's rows: no op touches the whole table."""
+    layout = _layout()
+    store = _store(layout)
+    store.add_users([f"u{i}" for i in range(50_000)])
+    table = store._rows
+    rows = store.fetch(["u7", "u49999"])
+    rows.values.grad = torch.ones_like(rows.values)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        store.apply(rows, torch.tensor([0.1, 0.1]))
+    # Views cost O(1); index_select/index_copy_ cost O(rows indexed). Anything else on a
+    # table-sized input would cost O(table).
+    cheap = {"aten::select", "aten::as_strided", "aten::slice", "aten::view", "aten::narrow", "aten::alias",
+             "aten::index_select", "aten::index_copy_", "aten::index_copy", "aten::unsqueeze", "aten::expand"}
+    big = [e for e in prof.events() if e.name not in cheap
+           and any(isinstance(s, list) and s and s[0] >= 50_000 for s in e.input_shapes)]
+    assert not big, [(e.name, e.input_shapes) for e in big[:5]]
+    assert store._rows is table
