@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--row-size", type=int, default=256)
     be.add_argument("--step-users", type=int, default=64)
     be.add_argument("--repeats", type=int, default=50)
+    be.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON results")
 
     da = sub.add_parser("data", help="data utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from flora_train.bench.store import bench_store
 
-            bench_store(args.small, args.large, args.row_size, args.step_users, args.repeats)
+            bench_store(args.small, args.large, args.row_size, args.step_users, args.repeats, args.out)
         elif args.command == "data":
             from flora_train.data import SyntheticTask
 

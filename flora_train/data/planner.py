@@ -3,7 +3,7 @@
 Per epoch, each user's examples are shuffled by a generator seeded from (seed, epoch, user) alone
 and cut into chunks of ``examples_per_user``. Chunks are then dealt round by round (every user's
 first chunk, then every user's second, ...), shuffled within a round, and packed
-``users_per_step`` users to a step. So a step is heterogeneous (many users, few examples each),
+``users_per_step`` users to a step (a user appears at most once per step). So a step is heterogeneous (many users, few examples each),
 every example is used exactly once per epoch, and a user's own sequence of batches does not
 depend on which other users exist. Everything is a pure function of the seed: a step can be
 re-planned from its number alone, which is what resuming needs.
@@ -68,11 +68,12 @@ class BatchPlanner:
         steps: list[tuple[tuple[str, tuple[int, ...]], ...]] = []
         current: dict[str, tuple[int, ...]] = {}
         for user, chunk in dealt:
-            if user not in current and len(current) == self.users_per_step:
+            # A user coming back within a step (at a round boundary) starts a new step instead of
+            # merging chunks: each user's batches stay exactly its chunks, whoever else exists.
+            if len(current) == self.users_per_step or user in current:
                 steps.append(tuple(current.items()))
                 current = {}
-            # At a round boundary a user may come back within one step: merge its chunks.
-            current[user] = current.get(user, ()) + chunk
+            current[user] = chunk
         if current:
             steps.append(tuple(current.items()))
         self._epoch_cache = (epoch, steps)

@@ -1,0 +1,34 @@
+# Two entry points that work on a fresh machine with only Python 3.10+ installed:
+#   make quickstart   - create .venv, install pinned dependencies, run recipes/quickstart.yaml
+#   make test         - create .venv, install pinned dependencies, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REQS := requirements/constraints.txt requirements/runtime.txt requirements/test.txt pyproject.toml
+
+.PHONY: quickstart test install bench-store clean
+
+install: $(STAMP)
+
+# torch goes in first, alone and pinned (a CPU build that lies on disk here; on a GPU machine pip
+# picks the matching CUDA build); the constraints file then stops any other package moving it.
+$(STAMP): $(REQS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt \
+		-r requirements/runtime.txt -r requirements/test.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt --no-deps -e .
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/flora-train run recipes/quickstart.yaml
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=15
+
+bench-store: $(STAMP)
+	$(BIN)/flora-train bench store
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,137 @@
+"""End to end through the CLI: run -> MLflow -> export (PEFT, FLoRA) -> eval, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from tests.e2e.helpers import SMALL, flora_train
+
+pytestmark = pytest.mark.slow
+
+HOSTILE = ["../../etc/passwd", "a/b\\c", "ü ñ 用户", "."]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA run on synthetic data whose first user ids are hostile strings."""
+    from flora_train.data import SyntheticTask
+
+    root = tmp_path_factory.mktemp("lora_run")
+    task = SyntheticTask(num_users=24, train_examples_per_user=8, eval_examples_per_user=2)
+    paths = task.write(root / "data")
+    for path in paths:
+        rows = [json.loads(l) for l in path.read_text().splitlines()]
+        for r in rows:
+            i = int(r["user_id"].split("-")[1])
+            if i < len(HOSTILE):
+                r["user_id"] = HOSTILE[i]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = root / "run"
+    flora_train(
+        "run", "recipes/quickstart.yaml", *SMALL, f"run_dir={run_dir}", "data.synthetic=null",
+        f"data.train_path={paths[0]}", f"data.eval_path={paths[1]}", "adapter.method=lora", "adapter.rank=4",
+        "store.optimizer.lr=0.01", "train.compare_shared_baseline=false", "export.format=peft",
+    )
+    return run_dir
+
+
+def _trained_logits(run_dir, user, ids):
+    from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters
+    from flora_train.base import load_frozen_model
+    from flora_train.store.registry import UserRegistry
+    from flora_train.train.checkpoint import latest_checkpoint
+    from safetensors.torch import load_file
+
+    ckpt = latest_checkpoint(run_dir)
+    saved = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
+    model = load_frozen_model(str(run_dir / "base_model"))
+    slot, layout = inject_adapters(model, AdapterSpec(saved.spec.method, saved.spec.rank, saved.spec.alpha), [m for m, _, _ in saved.modules])
+    assert layout.to_dict() == saved.to_dict()
+    row = load_file(str(ckpt / "store.safetensors"))["rows"][UserRegistry.load(ckpt / "users.json").row(user)]
+    with torch.no_grad(), slot.activate(row[None], torch.zeros(ids.shape[0], dtype=torch.long)):
+        return model(input_ids=ids).logits, row
+
+
+def test_run_tracks_to_embedded_mlflow(lora_run):
+    from mlflow.tracking import MlflowClient
+
+    result = json.loads((lora_run / "result.json").read_text())
+    assert result["users"] == 24 and result["eval"]["eval/users"] == 24
+    client = MlflowClient(tracking_uri=f"sqlite:///{lora_run / 'mlflow.db'}")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["adapter.method"] == "lora" and run.data.params["adapter.rank"] == "4"
+    assert {"train/loss", "train/tokens_per_s", "train/users_touched", "eval/accuracy_mean", "eval/accuracy_p50"} <= set(run.data.metrics)
+    assert not any(HOSTILE[0] in k or "user-0000" in k for k in run.data.metrics), "never a metric key per user"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "recipe.yaml" in artifacts and "export" in artifacts
+    assert (lora_run / "mlartifacts").is_dir()
+
+
+def test_peft_export_reproduces_flora_train_logits(lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = lora_run / "export" / "peft"
+    index = json.loads((out / "index.json").read_text())
+    assert set(HOSTILE) <= set(index) and len(index) == 24
+    for user, folder in index.items():
+        assert (out / folder).resolve().parent == out.resolve(), user
+    ids = torch.randint(3, 200, (2, 9))
+    for user in (HOSTILE[0], "user-000010"):
+        ours, _ = _trained_logits(lora_run, user, ids)
+        base = AutoModelForCausalLM.from_pretrained(str(lora_run / "base_model"))
+        peft_model = PeftModel.from_pretrained(base, str(out / index[user])).eval()
+        with torch.no_grad():
+            theirs = peft_model(input_ids=ids).logits
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        plain = base.get_base_model()(input_ids=ids).logits if hasattr(base, "get_base_model") else None
+        assert plain is None or not torch.allclose(plain, ours)
+
+
+def test_flora_format_export_loads_back(lora_run, tmp_path):
+    from flora_train.export import load_flora_adapter
+
+    flora_train("export", str(lora_run), "--format", "flora", "--users", f"{HOSTILE[2]},user-000007", "--out", str(tmp_path / "f"))
+    index = json.loads((tmp_path / "f" / "index.json").read_text())
+    assert sorted(index) == sorted([HOSTILE[2], "user-000007"])
+    layout, row = load_flora_adapter(tmp_path / "f" / index["user-000007"])
+    _, trained = _trained_logits(lora_run, "user-000007", torch.ones(1, 2, dtype=torch.long))
+    assert torch.equal(row, trained)
+
+
+def test_export_and_eval_errors(lora_run, tmp_path):
+    proc = flora_train("export", str(lora_run), "--format", "flora", "--users", "user-00010", "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "unknown user(s) not in this run: 'user-00010' (did you mean 'user-000010'?)" in proc.stderr
+    proc = flora_train("export", str(tmp_path / "nope"), "--format", "flora", "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr
+
+
+def test_eval_logs_to_the_same_run(lora_run):
+    from mlflow.tracking import MlflowClient
+
+    proc = flora_train("eval", str(lora_run))
+    assert "per-user adapters" in proc.stdout
+    result = json.loads((lora_run / "result.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{lora_run / 'mlflow.db'}")
+    history = client.get_metric_history(result["mlflow_run_id"], "eval/accuracy_mean")
+    assert len(history) == 2 and history[0].value == pytest.approx(history[1].value)
+
+
+def test_recipe_typo_fails_before_any_work(tmp_path):
+    proc = flora_train("run", "recipes/quickstart.yaml", f"run_dir={tmp_path / 'r'}", "train.epoch=3", check=False)
+    assert proc.returncode == 2
+    assert "unknown key 'train.epoch' (did you mean 'train.epochs'?)" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_data_row_names_file_and_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    good = [json.dumps({"user_id": f"u{i % 3}", "prompt": "q ?", "completion": " red"}) for i in range(6)]
+    data.write_text("\n".join(good[:4] + ['{"user_id": "u1", "prompt": '] + good[4:]) + "\n")
+    args = ["run", "recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'r'}", "data.synthetic=null", f"data.train_path={data}", "tracking.enabled=false"]
+    proc = flora_train(*args, check=False)
+    assert proc.returncode == 2 and f"{data}:5: malformed JSON" in proc.stderr
+    proc = flora_train(*args, "data.on_bad_row=skip", "train.compare_shared_baseline=false")
+    assert "skipped 1 bad rows" in proc.stdout

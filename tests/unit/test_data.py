@@ -1,0 +1,149 @@
+"""Loading with file:line errors, completion-only labels, the planner, the synthetic task."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flora_train.data import IGNORE, BadRows, BatchPlanner, Columns, DataError, SyntheticTask, load_examples, tokenize_examples
+
+
+def _write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = json.dumps({"user_id": "a", "prompt": "hi :", "completion": " red"})
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"user_id": "a", "prompt": "x"', "malformed"),
+        (json.dumps({"prompt": "x", "completion": "y"}), "missing_user"),
+        (json.dumps({"user_id": "", "prompt": "x", "completion": "y"}), "missing_user"),
+        (json.dumps({"user_id": "a", "prompt": "x", "completion": "  "}), "empty_completion"),
+        (json.dumps({"user_id": "a", "prompt": "x", "completion": 3}), "wrong_type_completion"),
+        (json.dumps({"user_id": "a", "prompt": "x"}), "missing_completion"),
+        (json.dumps(["not", "an", "object"]), "not_an_object"),
+        (json.dumps({"user_id": "a\u0000b", "prompt": "x", "completion": "y"}), "invalid_user"),
+    ],
+)
+def test_bad_rows_name_file_and_line_or_are_counted(tmp_path, line, reason):
+    path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, "", line, GOOD])
+    with pytest.raises(DataError, match=rf"d\.jsonl:3: "):
+        load_examples(path, "auto", Columns(), BadRows("error"))
+    bad = BadRows("skip")
+    ds = load_examples(path, "auto", Columns(), bad)
+    assert len(ds) == 2 and bad.counts == {reason: 1} and "d.jsonl:3" in bad.examples[0]
+
+
+def test_parquet_csv_and_text_columns(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"uid": ["u1", "u2", 7], "body": ["some text", "more", "x"]})
+    frame["uid"] = frame["uid"].astype(str)
+    frame.to_parquet(tmp_path / "d.parquet")
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    cols = Columns(user="uid", text="body")
+    for name in ("d.parquet", "d.csv"):
+        ds = load_examples(tmp_path / name, "auto", cols, BadRows())
+        assert ds["user_id"][:] == ["u1", "u2", "7"] and ds["text"][0] == "some text"
+    (tmp_path / "e.csv").write_text("uid,body\nu1,ok\n,missing user\n")
+    with pytest.raises(DataError, match=r"e\.csv:3: missing or invalid user id"):
+        load_examples(tmp_path / "e.csv", "auto", cols, BadRows())
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="set data.format"):
+        load_examples(tmp_path / "d.txt", "auto", Columns(), BadRows())
+    with pytest.raises(DataError, match="not found"):
+        load_examples(tmp_path / "nope.jsonl", "auto", Columns(), BadRows())
+
+
+def test_completion_only_labels_and_too_long(tmp_path, tiny_llama_dir):
+    from flora_train.base import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    long = json.dumps({"user_id": "b", "prompt": "hello " * 40, "completion": " red"})
+    path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, long])
+    ds = load_examples(path, "auto", Columns(), BadRows())
+    with pytest.raises(DataError, match=r"d\.jsonl:2: user 'b': \d+ tokens > data.max_length=16"):
+        tokenize_examples(ds, tok, 16, True, BadRows("error"))
+    bad = BadRows("skip")
+    out = tokenize_examples(ds, tok, 16, True, bad)
+    assert len(out) == 1 and bad.counts == {"too_long": 1}
+    ids, labels = out[0]["input_ids"], out[0]["labels"]
+    n_prompt = len(tok("hi :")["input_ids"])
+    completion = tok(" red", add_special_tokens=False)["input_ids"]
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] == completion + [tok.eos_token_id]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=4), st.integers(1, 9), min_size=1, max_size=12),
+    st.integers(1, 5),
+    st.integers(1, 4),
+    st.integers(0, 3),
+)
+def test_planner_covers_every_example_once_per_epoch(counts, users_per_step, per_user, seed):
+    examples, k = {}, 0
+    for u, n in counts.items():
+        examples[u] = list(range(k, k + n))
+        k += n
+    planner = BatchPlanner(examples, users_per_step, per_user, seed)
+    for epoch_plans in _by_epoch(planner.steps(epochs=2)):
+        seen = [i for p in epoch_plans for _, ex in p.groups for i in ex]
+        assert sorted(seen) == list(range(k))
+        for p in epoch_plans:
+            assert len(p.user_ids) == len(set(p.user_ids)) <= users_per_step
+    again = list(BatchPlanner(examples, users_per_step, per_user, seed).steps(epochs=2))
+    assert again == list(planner.steps(epochs=2))
+    assert list(planner.steps(epochs=2, start=3)) == again[3:]
+
+
+def _by_epoch(plans):
+    out = {}
+    for p in plans:
+        out.setdefault(p.epoch, []).append(p)
+    return out.values()
+
+
+def test_user_batches_do_not_depend_on_other_users():
+    a = BatchPlanner({"x": range(10), "y": range(10, 20)}, 1, 3, seed=5)
+    b = BatchPlanner({"x": range(10), "z": range(30, 90)}, 7, 3, seed=5)
+
+    def batches(planner, user):
+        return [dict(p.groups)[user] for p in planner.steps(epochs=2) if user in p.user_ids]
+
+    assert batches(a, "x") == batches(b, "x")
+
+
+def test_steps_are_heterogeneous_and_micro_batched():
+    planner = BatchPlanner({f"u{i}": range(i * 8, i * 8 + 8) for i in range(100)}, 32, 2, seed=0)
+    first = next(planner.steps(epochs=1))
+    assert len(first.user_ids) == 32 and first.num_examples == 64
+    mbs = first.micro_batches(20)
+    assert [len(m) for m in mbs] == [20, 20, 20, 4]
+
+
+def test_synthetic_task_has_hidden_per_user_rules(tmp_path):
+    task = SyntheticTask(num_users=200, train_examples_per_user=8, eval_examples_per_user=4, num_keys=2, num_values=4)
+    train, evalp = task.write(tmp_path)
+    rows = [json.loads(l) for l in train.read_text().splitlines()]
+    assert len(rows) == 200 * 8 and len(evalp.read_text().splitlines()) == 200 * 4
+    # A user always gives the same answer to the same key ...
+    for i in range(5):
+        answers = {}
+        for r in rows[i * 8 : (i + 1) * 8]:
+            answers.setdefault(r["prompt"].split("favourite ")[1], set()).add(r["completion"])
+        assert all(len(v) == 1 for v in answers.values())
+    # ... while across users every answer is about equally common: the prompt alone says nothing.
+    from collections import Counter
+
+    c = Counter(r["completion"] for r in rows if "colour" in r["prompt"])
+    assert len(c) == 4 and max(c.values()) / min(c.values()) < 1.5
+    assert task.write(tmp_path / "again")[0].read_text() == train.read_text()
