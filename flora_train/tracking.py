@@ -8,6 +8,7 @@ percentiles, counts), never a metric key per user.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ class Tracker:
     """A no-op when disabled or not rank 0, so callers never branch on rank."""
 
     def __init__(self, enabled: bool, uri: str | None, experiment: str, run_dir: Path) -> None:
-        self.enabled = enabled
+        # Only the process of global rank 0 talks to MLflow (RANK is set by torchrun and friends).
+        self.enabled = enabled and int(os.environ.get("RANK", "0")) == 0
         self.uri = uri or default_uri(run_dir)
         # With a database store MLflow would put artifacts in ./mlruns of the current directory.
         self.artifact_location = (run_dir.resolve() / "mlartifacts").as_uri() if self.uri.startswith("sqlite:") else None

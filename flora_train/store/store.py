@@ -8,7 +8,6 @@ proportional to the rows in the step, never to the rows in the table (``index_se
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,14 +158,3 @@ class AdapterStore:
         self._rows[:n] = rows.to(self.storage_device)
         for k, v in self.optimizer.state.items():
             v[:n] = tensors[f"optim.{k}"].to(self.storage_device)
-
-
-def read_store_metadata(directory: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "store.safetensors"), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def dump_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False))

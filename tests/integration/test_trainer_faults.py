@@ -1,0 +1,103 @@
+"""The trainer under faults: non-finite users never written, resume == uninterrupted, wrong
+checkpoints refused, bf16 autocast keeps float32 rows."""
+
+
+import pytest
+import torch
+
+from flora_train.config import load_recipe
+from flora_train.data import SyntheticTask
+from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from flora_train.train.run import _settings, run_training
+from flora_train.train.session import prepare_session
+from flora_train.train.trainer import NonFiniteError, Trainer
+
+
+def _overrides(tmp_path, model_dir, *extra):
+    train, evalp = SyntheticTask(num_users=8, train_examples_per_user=6, eval_examples_per_user=2).write(tmp_path / "data")
+    return [
+        f"run_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}", f"data.train_path={train}",
+        f"data.eval_path={evalp}", "adapter.target_modules=[q_proj,v_proj,down_proj]", "train.users_per_step=4",
+        "train.examples_per_user=2", "train.micro_batch_size=5", "train.epochs=2", "store.optimizer.lr=0.05",
+        "tracking.enabled=false", "train.progress=false", *extra,
+    ]
+
+
+def _trainer(s):
+    return Trainer(s.model, s.slot, s.store, s.train, _settings(s), s.user_total_steps(), s.pad_id, s.device)
+
+
+def _poison(session, user):
+    """A row so large that the user's activations overflow: its loss and gradient are non-finite."""
+    session.store.write([user], torch.full((1, session.layout.row_size), 1e30))
+
+
+@pytest.mark.parametrize("policy", ["skip_users", "skip_step"])
+def test_nonfinite_users_are_never_written(tmp_path, tiny_llama_dir, policy):
+    s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, f"train.nonfinite={policy}")))
+    plan = next(s.planner.steps(1))
+    victim, others = plan.user_ids[0], plan.user_ids[1:]
+    _poison(s, victim)
+    before = {k: v.clone() for k, v in s.store.state_tensors().items()}
+    stats = _trainer(s).train_step(plan)
+    after = s.store.state_tensors()
+    row = s.store.registry.row(victim)
+    assert victim in stats.skipped_users
+    for key in before:
+        assert torch.equal(before[key][row], after[key][row]), key
+    assert torch.isfinite(after["rows"][[s.store.registry.row(u) for u in others]]).all()
+    moved = [not torch.equal(before["rows"][s.store.registry.row(u)], after["rows"][s.store.registry.row(u)]) for u in others]
+    assert all(moved) if policy == "skip_users" else not any(moved)
+
+
+def test_nonfinite_error_policy_and_consecutive_limit(tmp_path, tiny_llama_dir):
+    s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "train.nonfinite=error")))
+    plans = list(s.planner.steps(2))
+    _poison(s, plans[0].user_ids[0])
+    with pytest.raises(NonFiniteError, match="train.nonfinite=error"):
+        _trainer(s).train_step(plans[0])
+    s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir)))
+    trainer = _trainer(s)
+    for u in s.store.registry.ids:
+        _poison(s, u)
+    trainer.train_step(plans[0])
+    trainer.train_step(plans[1])
+    with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+        trainer.train_step(plans[2])
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_llama_dir):
+    full = run_training(load_recipe(None, _overrides(tmp_path / "a", tiny_llama_dir)))
+    part = _overrides(tmp_path / "b", tiny_llama_dir, "train.checkpoint_every_steps=2")
+    run_training(load_recipe(None, [*part, "train.max_steps=3"]))
+    assert latest_checkpoint(tmp_path / "b" / "run").name == "step-00000003"
+    resumed = run_training(load_recipe(None, part), resume=True)
+    assert resumed["steps"] == full["steps"] > 3
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / f"step-{full['steps']:08d}" / "store.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / f"step-{resumed['steps']:08d}" / "store.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_from_another_adapter_is_refused(tmp_path, tiny_llama_dir):
+    lora = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "adapter.method=lora", "adapter.rank=2")))
+    path = save_checkpoint(lora.run_dir, 1, lora.store, lora.layout, {"next_step": 1}, keep=2)
+    flora = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "adapter.rank=2")))
+    with pytest.raises(CheckpointError, match="made for another model or adapter"):
+        load_checkpoint(path, flora.store, flora.layout)
+    (path / "store.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="does not match the manifest"):
+        load_checkpoint(path, lora.store, lora.layout)
+    assert latest_checkpoint(lora.run_dir) is None
+
+
+def test_bf16_autocast_keeps_float32_rows(tmp_path, tiny_llama_dir):
+    s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "train.precision=bf16")))
+    assert s.autocast_dtype == torch.bfloat16
+    before = s.store.state_tensors()["rows"].clone()
+    stats = _trainer(s).train_step(next(s.planner.steps(1)))
+    rows = s.store.state_tensors()["rows"]
+    assert rows.dtype == torch.float32 and torch.isfinite(rows).all() and not torch.equal(rows, before)
+    assert stats.loss == stats.loss and not stats.skipped_users
