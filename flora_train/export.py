@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from flora_train.adapters import AdapterLayout
 from flora_train.store.registry import UserRegistry
+from flora_train.store.sharded import read_saved_rows
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
 FLORA_CONFIG = "flora_adapter_config.json"
@@ -48,8 +49,8 @@ def _load_run(run_dir: Path) -> tuple[AdapterLayout, UserRegistry, torch.Tensor,
         raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
     verify_checkpoint(ckpt)
     layout = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
-    registry = UserRegistry.load(ckpt / "users.json")
-    rows = load_file(str(ckpt / "store.safetensors"))["rows"]
+    ids, rows = read_saved_rows(ckpt)  # every shard of the store, whatever world size saved it
+    registry = UserRegistry(ids)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     return layout, registry, rows, ckpt, state
 

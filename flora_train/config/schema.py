@@ -67,6 +67,17 @@ class ExportFormat(str, Enum):
     flora = "flora"
 
 
+class StoreTier(str, Enum):
+    device = "device"
+    host = "host"
+    disk = "disk"
+
+
+class Placement(str, Enum):
+    owner = "owner"
+    fetch = "fetch"
+
+
 @dataclass
 class TinyModelConfig:
     """A small model built from a config and saved locally (tests, quickstart, CPU demos)."""
@@ -181,7 +192,14 @@ class EvalConfig:
 @dataclass
 class StoreConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    storage: str = "host"  # host: rows in host memory | device: rows on the compute device
+    # Where each rank keeps its shard of rows and optimizer state: device (compute device), host
+    # (RAM) or disk (memory-mapped files, for populations larger than RAM).
+    tier: StoreTier = StoreTier.host
+    # owner: examples run on the rank that owns their user (no rows cross the network);
+    # fetch: examples run anywhere and rows travel to them by all-to-all.
+    placement: Placement = Placement.owner
+    cache_rows: int = 0  # hot rows cached on the compute device (host/disk tiers); 0: none
+    disk_dir: Optional[str] = None  # disk tier files; default <run_dir>/store_tier/rank-NNNNN
     init_seed: int = 0
 
 

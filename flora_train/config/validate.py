@@ -86,8 +86,10 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
             _fail(source, f"store.optimizer.{leaf}", f"must be in [0, 1), got {opt[leaf]}")
     if not 0.0 <= opt.min_lr_ratio <= 1.0:
         _fail(source, "store.optimizer.min_lr_ratio", f"must be in [0, 1], got {opt.min_lr_ratio}")
-    if cfg.store.storage not in ("host", "device"):
-        _fail(source, "store.storage", f"must be host or device, got {cfg.store.storage!r}")
+    if cfg.store.cache_rows < 0:
+        _fail(source, "store.cache_rows", f"must be >= 0, got {cfg.store.cache_rows}")
+    if 0 < cfg.store.cache_rows < train.users_per_step:
+        _fail(source, "store.cache_rows", f"must hold a step's users (train.users_per_step={train.users_per_step}) or be 0")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", train.device):
         _fail(source, "train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {train.device!r}")
     if cfg.export.format == ExportFormat.peft and cfg.adapter.method != Method.lora:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from flora_train.store.optim import OptimizerHyper, RowwiseOptimizer
+from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
 from flora_train.store.registry import UserRegistry
+from flora_train.store.table import Column, HotRowCache, RowTable
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
 
@@ -34,40 +35,37 @@ class StepRows:
 
 
 class AdapterStore:
+    """One shard's users: registry, a ``RowTable`` of rows + optimizer columns on a tier, and an
+    optional hot-row cache on the compute device. ``ShardedAdapterStore`` places many of these."""
+
     def __init__(
         self,
         row_size: int,
         row_init: RowInit,
         hyper: OptimizerHyper,
-        storage_device: torch.device | str = "cpu",
+        tier: str = "host",
         compute_device: torch.device | str = "cpu",
+        directory: Path | None = None,
+        cache_rows: int = 0,
     ) -> None:
         self.row_size = row_size
         self.row_init = row_init
         self.hyper = hyper
-        self.storage_device = torch.device(storage_device)
         self.compute_device = torch.device(compute_device)
         self.registry = UserRegistry()
-        self._rows = torch.empty(0, row_size, dtype=torch.float32, device=self.storage_device)
-        self.optimizer = RowwiseOptimizer(hyper, row_size, 0, self.storage_device)
+        self.optimizer = RowwiseOptimizer(hyper)
+        columns = {"rows": Column((row_size,), torch.float32), **self.optimizer.columns(row_size)}
+        self.table = RowTable(columns, tier, self.compute_device, directory)
+        # The cache only pays when rows live away from the compute device.
+        self.cache = HotRowCache(self.table, cache_rows, self.compute_device) if cache_rows and tier != "device" else None
+        self.access: RowAccess = self.cache if self.cache is not None else self.table
 
     def __len__(self) -> int:
         return len(self.registry)
 
     @property
     def capacity(self) -> int:
-        return self._rows.shape[0]
-
-    def _reserve(self, n: int) -> None:
-        """Makes room for ``n`` rows, keeping the rows of the users registered so far."""
-        if n <= self.capacity:
-            return
-        capacity = max(n, 2 * self.capacity, 16)  # amortised growth: adding users never rebuilds per user
-        grown = torch.empty(capacity, self.row_size, dtype=torch.float32, device=self.storage_device)
-        kept = min(len(self), self.capacity)
-        grown[:kept] = self._rows[:kept]
-        self._rows = grown
-        self.optimizer.resize(capacity)
+        return self.table.capacity
 
     def add_users(self, user_ids: Sequence[str]) -> list[str]:
         """Registers unknown users with freshly initialised rows; returns the new ids."""
@@ -77,31 +75,34 @@ class AdapterStore:
             init = self.row_init(new)
             if init.shape != (len(new), self.row_size):
                 raise ValueError(f"row_init returned {tuple(init.shape)}, expected {(len(new), self.row_size)}")
-            self._reserve(start + len(new))
+            self.table.reserve(start + len(new))  # amortised growth: the table is never rebuilt per user
             self.registry.add(new)
-            self._rows[start : start + len(new)] = init.to(self.storage_device)
+            self.table.scatter("rows", torch.arange(start, start + len(new)), init)
         return new
 
-    def _row_ids(self, user_ids: Sequence[str]) -> torch.Tensor:
-        return torch.tensor(self.registry.rows(user_ids), dtype=torch.int64, device=self.storage_device)
+    def row_ids(self, user_ids: Sequence[str]) -> torch.Tensor:
+        return torch.tensor(self.registry.rows(user_ids), dtype=torch.int64)
 
     def read(self, user_ids: Sequence[str]) -> torch.Tensor:
-        """A copy of the users' rows ``[len(user_ids), row_size]`` on the storage device."""
-        return self._rows.index_select(0, self._row_ids(user_ids))
+        """A copy of the users' rows ``[len(user_ids), row_size]``."""
+        if self.cache is not None and len(user_ids) > self.cache.capacity:
+            self.cache.flush()  # a bulk read (evaluation, export) reads through, leaving hot rows be
+            return self.table.gather("rows", self.row_ids(user_ids))
+        return self.access.gather("rows", self.row_ids(user_ids))
 
     def write(self, user_ids: Sequence[str], values: torch.Tensor) -> None:
         """Overwrites the users' rows (e.g. loading an exported adapter); optimizer state is kept."""
-        self._rows.index_copy_(0, self._row_ids(user_ids), values.to(self._rows))
+        self.access.scatter("rows", self.row_ids(user_ids), values)
 
     def steps(self, user_ids: Sequence[str]) -> torch.Tensor:
         """Each user's optimizer step counter (how many steps it has trained)."""
-        return self.optimizer.steps(self._row_ids(user_ids))
+        return self.access.gather("step", self.row_ids(user_ids)).cpu()
 
     def fetch(self, user_ids: Sequence[str], requires_grad: bool = True) -> StepRows:
         if len(set(user_ids)) != len(user_ids):
             raise ValueError("fetch takes each user once")
-        row_ids = self._row_ids(user_ids)
-        values = self._rows.index_select(0, row_ids).to(self.compute_device)
+        row_ids = self.row_ids(user_ids)
+        values = self.access.gather("rows", row_ids).to(self.compute_device)
         return StepRows(list(user_ids), row_ids, values.requires_grad_(requires_grad))
 
     def apply(self, step: StepRows, lr: torch.Tensor, keep: torch.Tensor | None = None) -> None:
@@ -113,23 +114,52 @@ class AdapterStore:
         grad = step.values.grad
         if grad is None:
             raise RuntimeError("no gradient on the step's rows; did backward run inside the adapter slot?")
-        row_ids, params, lr = step.row_ids, step.values.detach(), lr
+        self.update(step.row_ids, step.values.detach(), grad, lr, keep)
+
+    def update(
+        self, row_ids: torch.Tensor, params: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> None:
+        """The optimizer step on table rows ``row_ids`` given their current values and gradients."""
         if keep is not None:
-            sel = keep.nonzero().squeeze(1)
-            row_ids, params, grad, lr = row_ids[sel.to(row_ids.device)], params[sel], grad[sel], lr[sel]
+            sel = keep.cpu().nonzero().squeeze(1)
+            row_ids, params, grad, lr = row_ids[sel], params[sel.to(params.device)], grad[sel.to(grad.device)], lr[sel]
         if row_ids.numel() == 0:
             return
-        dev = self.storage_device
-        new = self.optimizer.update(params.to(dev), row_ids, grad.to(dev), lr.to(dev))
-        self._rows.index_copy_(0, row_ids, new)
+        new = self.optimizer.update(self.access, params, row_ids, grad, lr)
+        self.access.scatter("rows", row_ids, new)
 
     # -- persistence ---------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every column of every user, keyed ``rows`` and ``optim.<state>``, on the CPU."""
+        if self.cache is not None:
+            self.cache.flush()
         n = len(self)
-        tensors = {"rows": self._rows[:n]}
-        tensors.update({f"optim.{k}": v[:n] for k, v in self.optimizer.state.items()})
-        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        out = {}
+        for name in self.table.columns:
+            key = name if name == "rows" else f"optim.{name}"
+            out[key] = self.table.column(name)[:n].detach().cpu().contiguous()
+        return out
+
+    def load_state(self, user_ids: Sequence[str], tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Replaces this store's users, rows and optimizer state (``state_tensors``' layout)."""
+        n = len(user_ids)
+        for name, col in self.table.columns.items():
+            key = name if name == "rows" else f"optim.{name}"
+            t = tensors.get(key)
+            if t is None:
+                raise ValueError(f"{source}: {key} missing (saved with another optimizer than {self.hyper.name}?)")
+            if tuple(t.shape) != (n, *col.shape):
+                raise ValueError(f"{source}: {key} has shape {tuple(t.shape)}, expected {(n, *col.shape)} for {n} users")
+        self.registry = UserRegistry(user_ids)
+        if len(self.registry) != n:
+            raise ValueError(f"{source}: duplicate user ids")
+        self.table.reserve(n)
+        idx = torch.arange(n)
+        for name in self.table.columns:
+            self.table.scatter(name, idx, tensors[name if name == "rows" else f"optim.{name}"])
+        if self.cache is not None:
+            self.cache.invalidate()
 
     def save(self, directory: Path, metadata: dict[str, str] | None = None) -> None:
         """Writes ``store.safetensors`` and ``users.json`` into ``directory`` (which must exist)."""
@@ -141,20 +171,5 @@ class AdapterStore:
     def load(self, directory: Path) -> None:
         """Replaces this store's users, rows and optimizer state with those saved in ``directory``."""
         path = directory / "store.safetensors"
-        tensors = load_file(str(path))
         registry = UserRegistry.load(directory / "users.json")
-        n = len(registry)
-        rows = tensors.get("rows")
-        if rows is None or rows.shape != (n, self.row_size):
-            got = None if rows is None else tuple(rows.shape)
-            raise ValueError(f"{path}: rows have shape {got}, expected {(n, self.row_size)} for {n} users")
-        missing = [k for k in self.optimizer.state if f"optim.{k}" not in tensors]
-        if missing:
-            raise ValueError(f"{path}: optimizer state {missing} missing (saved with another optimizer?)")
-        self.registry = registry
-        self._rows = torch.empty(0, self.row_size, dtype=torch.float32, device=self.storage_device)
-        self.optimizer = RowwiseOptimizer(self.hyper, self.row_size, 0, self.storage_device)
-        self._reserve(n)
-        self._rows[:n] = rows.to(self.storage_device)
-        for k, v in self.optimizer.state.items():
-            v[:n] = tensors[f"optim.{k}"].to(self.storage_device)
+        self.load_state(registry.ids, load_file(str(path)), str(path))

@@ -1,10 +1,12 @@
 """Atomic checkpoints of the adapter store and the trainer state.
 
-A checkpoint is a folder ``checkpoints/step-NNNNNNNN`` holding ``store.safetensors`` (rows,
-optimizer moments and per-row step counters), ``users.json``, ``layout.json``,
-``trainer_state.json`` and, written last, ``manifest.json`` with each file's size and SHA-256.
-It is assembled under a temporary name, fsynced, then renamed into place, so a crash mid-write
-leaves the previous checkpoint as the latest valid one. Only safetensors and JSON are read back.
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN`` holding one store shard per rank
+(``store-RRRRR-of-WWWWW.safetensors``: rows, optimizer moments and per-row step counters, with
+``users-RRRRR-of-WWWWW.json``), ``shard_plan.json``, ``layout.json``, ``trainer_state.json`` and,
+written last, ``manifest.json`` with each file's size and SHA-256. It is assembled under a
+temporary name, fsynced, then renamed into place, so a crash mid-write leaves the previous
+checkpoint as the latest valid one. Only safetensors and JSON are read back. The run directory
+must be shared by all ranks (as on any cluster file system).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from flora_train import dist as fdist
 from flora_train.adapters import AdapterLayout
-from flora_train.store import AdapterStore
+from flora_train.store.sharded import ShardedAdapterStore
+from flora_train.store.sharding import ShardError, ShardPlan
 
 MANIFEST = "manifest.json"
 
@@ -42,35 +46,67 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _file_entry(path: Path) -> dict[str, Any]:
+    _fsync(path)
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def save_checkpoint(
-    run_dir: Path, step: int, store: AdapterStore, layout: AdapterLayout, trainer_state: dict[str, Any], keep: int
+    run_dir: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout, trainer_state: dict[str, Any], keep: int
 ) -> Path:
+    """Every rank writes and hashes its own shard in parallel; rank 0 adds the shared files and the
+    manifest, then renames the folder into place. Collective: all ranks call it together."""
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = root / f".tmp-step-{step:08d}"
+    if fdist.rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    fdist.barrier()
+    entries: dict[str, Any] = {}
+    error = None
     try:
-        store.save(tmp, metadata={"layout": json.dumps(layout.to_dict())})
-        (tmp / "layout.json").write_text(json.dumps(layout.to_dict()))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            _fsync(tmp / name)
-        manifest = {"step": step, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _fsync(tmp / MANIFEST)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    prune_checkpoints(root, keep)
+        for name in store.save_shard(tmp, {"layout": json.dumps(layout.to_dict())}):
+            entries[name] = _file_entry(tmp / name)
+    except OSError as exc:  # ENOSPC and friends: reported, the previous checkpoint stays the latest
+        error = f"rank {fdist.rank()}: writing checkpoint {final.name} failed: {exc}"
+    gathered = fdist.all_gather_objects((entries, error))
+    errors = [e for _, e in gathered if e]
+    if fdist.rank() == 0:
+        try:
+            if not errors:
+                _finish(tmp, final, step, store, layout, trainer_state, {k: v for ent, _ in gathered for k, v in ent.items()})
+        except OSError as exc:
+            errors.append(f"rank 0: finishing checkpoint {final.name} failed: {exc}")
+        if errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            prune_checkpoints(root, keep)
+    fdist.raise_if_any_failed("; ".join(errors) if fdist.rank() == 0 and errors else None, CheckpointError)
+    if errors:
+        raise CheckpointError("; ".join(errors))
     return final
+
+
+def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout,
+            trainer_state: dict[str, Any], files: dict[str, Any]) -> None:
+    shared = {
+        "layout.json": layout.to_dict(),
+        "shard_plan.json": store.plan.to_dict(),
+        "trainer_state.json": trainer_state,
+    }
+    for name, obj in shared.items():
+        (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+        files[name] = _file_entry(tmp / name)
+    manifest = {"step": step, "world": store.world, "users": len(store), "files": dict(sorted(files.items()))}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync(tmp / MANIFEST)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -122,12 +158,45 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, store: AdapterStore, layout: AdapterLayout) -> dict[str, Any]:
-    """Restores the store from ``path`` after checking that it was made for the same adapter layout."""
-    verify_checkpoint(path)
+def read_layout(path: Path, layout: AdapterLayout) -> None:
     saved = AdapterLayout.from_dict(json.loads((path / "layout.json").read_text()))
     problems = layout.compatible_with(saved)
     if problems:
         raise CheckpointError(f"{path}: made for another model or adapter ({'; '.join(problems)}); refusing to load")
-    store.load(path)
-    return json.loads((path / "trainer_state.json").read_text())
+
+
+def restore_plan(path: Path, world: int, user_tokens: dict[str, int]) -> tuple[ShardPlan, set[str]]:
+    """The checkpoint's own shard plan when the world size is unchanged (every user keeps its
+    owner), else a fresh balanced packing of the saved users and the data's users onto ``world``.
+    Also returns the users new in the data (they get fresh rows)."""
+    source = path / "shard_plan.json"
+    try:
+        saved = ShardPlan.from_dict(json.loads(source.read_text()), str(source))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{source}: unreadable shard plan ({exc})") from None
+    fresh = set(user_tokens).difference(saved.owners)
+    if saved.world == world:
+        saved.add_users(user_tokens)
+        return saved, fresh
+    tokens = {u: 0 for u in saved.owners}
+    tokens.update(user_tokens)
+    return ShardPlan.balanced(tokens, world), fresh
+
+
+def load_checkpoint(path: Path, store: ShardedAdapterStore, layout: AdapterLayout, user_tokens: dict[str, int]) -> dict[str, Any]:
+    """Restores the store from ``path`` (saved at any world size; rows are re-partitioned), after
+    checking it is intact and made for the same adapter layout. Collective: either every rank
+    restores or every rank raises, so no run starts on a half-restored store."""
+    error, state = None, {}
+    try:
+        manifest = verify_checkpoint(path)
+        read_layout(path, layout)
+        plan, fresh = restore_plan(path, store.world, user_tokens)
+        store.load_shards(path, plan, fresh)
+        if len(plan.owners) - len(fresh) != manifest.get("users"):
+            raise CheckpointError(f"{path}: the shard plan names {len(plan.owners) - len(fresh)} users, the manifest {manifest.get('users')}")
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (CheckpointError, ShardError, ValueError, OSError) as exc:
+        error = f"rank {fdist.rank()}: {exc}" if fdist.world_size() > 1 else str(exc)
+    fdist.raise_if_any_failed(error, CheckpointError)
+    return state

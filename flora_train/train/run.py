@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,12 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from flora_train import dist as fdist
 from flora_train.config import flatten, load_recipe, recipe_to_yaml
 from flora_train.data import BatchPlanner
 from flora_train.store import AdapterStore
+from flora_train.store.sharded import ShardedAdapterStore
+from flora_train.store.sharding import ShardPlan
 from flora_train.tracking import Tracker
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
@@ -40,29 +44,45 @@ def _settings(session: Session) -> TrainSettings:
     )
 
 
-def _evaluate_store(session: Session, store: AdapterStore, shared: bool = False) -> dict[str, UserEval]:
+def _eval_owner(session: Session, user: str) -> int:
+    """Eval users are split by owner; users with no row (never trained) by a stable hash."""
+    if user in session.store:
+        return session.store.owner(user)
+    return zlib.crc32(user.encode()) % session.store.world
+
+
+def _evaluate_store(session: Session, store: ShardedAdapterStore, shared: bool = False) -> dict[str, UserEval]:
+    """Every rank evaluates the eval examples of the users it owns; all ranks get every result."""
     assert session.eval is not None
+    ev, rank = session.eval, session.store.rank
+    mine = [i for i, u in enumerate(ev["user_id"]) if _eval_owner(session, u) == rank]
+    subset = {k: [v[i] for i in mine] for k, v in ev.items()}
+    shared_row = store.fetch([SHARED], requires_grad=False).values.detach() if shared else None
 
     def rows_for(users: list[str]) -> torch.Tensor:
-        if shared:
-            return store.read([SHARED]).expand(len(users), -1)
-        known = [u for u in users if u in store.registry]
+        if shared_row is not None:
+            return shared_row.expand(len(users), -1)
         rows = store.row_init(users)  # users never trained keep their initial (identity/zero) adapter
+        known = [u for u in users if u in store]
         if known:
-            pos = [users.index(u) for u in known]
-            rows[pos] = store.read(known).to(rows)
+            rows[[users.index(u) for u in known]] = store.read(known).to(rows)
         return rows
 
-    return evaluate(
-        session.model, session.slot, rows_for, session.eval, session.cfg.eval.batch_size,
+    local = evaluate(
+        session.model, session.slot, rows_for, subset, session.cfg.eval.batch_size,
         session.pad_id, session.device, session.autocast_dtype,
     )
+    merged: dict[str, UserEval] = {}
+    for part in fdist.all_gather_objects(local):
+        merged.update(part)
+    return merged
 
 
 class _Meter:
     """Aggregates step stats between log lines (aggregates only; no per-user metric keys)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: ShardedAdapterStore) -> None:
+        self.store = store
         self.reset()
 
     def reset(self) -> None:
@@ -80,9 +100,17 @@ class _Meter:
         self.skipped += len(st.skipped_users)
         self.touched.update(st.user_losses)
 
+    def store_counters(self) -> dict[str, float]:
+        """The store's traffic summed over ranks, totals since the start of this process.
+        Collective: every rank calls it at the same step."""
+        counters = self.store.counters.as_dict()
+        counters["cache_hits"], counters["cache_misses"] = self.store.cache_stats()
+        values = fdist.all_reduce(torch.tensor(list(counters.values()), dtype=torch.float64))
+        return {f"store/{k}": float(v) for k, v in zip(counters, values.tolist())}
+
     def metrics(self) -> dict[str, float]:
         s = max(self.seconds, 1e-9)
-        return {
+        return {**self.store_counters(),
             "train/loss": self.loss_sum / max(self.steps, 1),
             "train/tokens_per_s": self.tokens / s,
             "train/users_per_s": self.users / s,
@@ -104,10 +132,11 @@ def _trainer_state(session: Session, step: int, run_id: str | None, trainer: Tra
 
 
 def train_shared_baseline(session: Session, steps: int) -> dict[str, UserEval]:
-    """One adapter for every user, trained on the same examples for the same number of steps."""
-    store = AdapterStore(session.layout.row_size, make_row_init(session.layout, session.cfg.store.init_seed),
-                         session.store.hyper, session.store.storage_device, session.device)
-    store.add_users([SHARED])
+    """One adapter for every user, trained on the same examples for the same number of steps.
+    Across ranks its single row is fetched by all of them and its gradients summed at rank 0."""
+    local = AdapterStore(session.layout.row_size, make_row_init(session.layout, session.cfg.store.init_seed),
+                         session.store.hyper, "host", session.device)
+    store = ShardedAdapterStore(local, ShardPlan.balanced({SHARED: 1}, session.store.world), "fetch")
     t = session.cfg.train
     planner = BatchPlanner({SHARED: range(len(session.train["user_id"]))}, 1, t.users_per_step * t.examples_per_user, t.seed)
     trainer = Trainer(session.model, session.slot, store, session.train, _settings(session),
@@ -119,6 +148,8 @@ def train_shared_baseline(session: Session, steps: int) -> dict[str, UserEval]:
 
 def _print_summary(summary: dict[str, float], shared: dict[str, float] | None, chance: float | None) -> None:
     rows = [("per-user adapters", summary)] + ([("one shared adapter", shared)] if shared else [])
+    if fdist.rank() != 0:
+        return
     print(f"\n{'':22s} {'users':>6s} {'acc mean':>9s} {'acc p10':>8s} {'acc p50':>8s} {'acc p90':>8s} {'loss mean':>10s}")
     for name, s in rows:
         print(
@@ -133,36 +164,41 @@ def _print_summary(summary: dict[str, float], shared: dict[str, float] | None, c
 def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     session = prepare_session(cfg)
     run_dir, t = session.run_dir, cfg.train
+    main = fdist.rank() == 0
     recipe_path = run_dir / "recipe.yaml"
-    recipe_path.write_text(recipe_to_yaml(cfg))
+    if main:
+        recipe_path.write_text(recipe_to_yaml(cfg))
     start_step, run_id = 0, None
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise CheckpointError(f"{run_dir}/checkpoints: no intact checkpoint to resume from")
     if ckpt is not None:
-        state = load_checkpoint(ckpt, session.store, session.layout)
-        session.store.add_users(sorted(set(session.train["user_id"])))  # users new in the data get fresh rows
+        state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens)
         start_step, run_id = int(state["next_step"]), state.get("mlflow_run_id")
-        print(f"resuming from {ckpt} at step {start_step}")
+        if main:
+            print(f"resuming from {ckpt} at step {start_step}")
 
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir)
     params = flatten(cfg)
     run_id = tracker.start(cfg.tracking.run_name, params, recipe_path, resume_run_id=run_id)
     bad = session.bad_rows
     tracker.log_metrics({"data/skipped_rows": float(bad.total), **{f"data/skipped_{k}": float(v) for k, v in bad.counts.items()}}, step=start_step)
-    if bad.total:
+    if bad.total and main:
         print(f"skipped {bad.total} bad rows: " + "; ".join(bad.examples[:3]))
 
     trainer = Trainer(session.model, session.slot, session.store, session.train, _settings(session),
                       session.user_total_steps(), session.pad_id, session.device)
     total = session.planner.total_steps(t.epochs, t.max_steps)
-    meter, step = _Meter(), start_step
-    bar = tqdm(total=total, initial=start_step, desc="train", disable=not t.progress, unit="step")
+    meter, step = _Meter(session.store), start_step
+    bar = tqdm(total=total, initial=start_step, desc="train", disable=not (t.progress and main), unit="step")
     status = "FAILED"
     started = time.perf_counter()
     try:
-        for plan in session.planner.steps(t.epochs, t.max_steps, start=start_step):
-            st = trainer.train_step(plan)
+        plans = session.planner.steps(t.epochs, t.max_steps, start=start_step)
+        plan = next(plans, None)
+        while plan is not None:
+            following = next(plans, None)
+            st = trainer.train_step(plan, following)
             meter.add(st)
             step = plan.step + 1
             bar.update(1)
@@ -174,6 +210,7 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
                 save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and session.eval and step < total:
                 tracker.log_metrics(summarise(_evaluate_store(session, session.store)), step=step)
+            plan = following
         status = "FINISHED"
     except NonFiniteError:
         save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
@@ -183,12 +220,14 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         if status != "FINISHED":
             tracker.end("FAILED")
     train_seconds = time.perf_counter() - started
+    store_totals = meter.store_counters()
     final = save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
     result: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "checkpoint": str(final), "mlflow_run_id": run_id,
-                              "train_seconds": train_seconds, "users": len(session.store)}
+                              "train_seconds": train_seconds, "users": len(session.store), "store": store_totals}
     if session.eval is not None and cfg.eval.at_end:
         per_user = _evaluate_store(session, session.store)
-        write_per_user(run_dir / "eval" / f"per_user-step{step}.jsonl", per_user)
+        if main:
+            write_per_user(run_dir / "eval" / f"per_user-step{step}.jsonl", per_user)
         summary = summarise(per_user)
         tracker.log_metrics(summary, step=step)
         result["eval"] = summary
@@ -199,7 +238,7 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             result["eval_shared"] = shared
         chance = 1.0 / cfg.data.synthetic.num_values if cfg.data.synthetic is not None else None
         _print_summary(summary, shared, chance)
-    if cfg.export.format.value != "none":
+    if cfg.export.format.value != "none" and main:
         from flora_train.export import export_adapters
 
         out = Path(cfg.export.out) if cfg.export.out else run_dir / "export" / cfg.export.format.value
@@ -208,6 +247,8 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         result["export"] = {"out": str(out), "users": manifest["num_users"]}
     tracker.log_metrics({"train/seconds": train_seconds}, step=step)
     tracker.end("FINISHED")
+    if not main:
+        return result
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(f"\ntrained {len(session.store)} users for {step} steps in {train_seconds:.1f}s; run dir {run_dir}")
     return result
@@ -223,12 +264,13 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None) -> dict[str, float]:
     ckpt = checkpoint or latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
-    state = load_checkpoint(ckpt, session.store, session.layout)
+    state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens)
     if session.eval is None:
         raise ValueError(f"{recipe}: the recipe has no evaluation data (data.eval_path or data.eval_examples_per_user)")
     per_user = _evaluate_store(session, session.store)
     step = int(state["next_step"])
-    write_per_user(run_dir / "eval" / f"per_user-step{step}.jsonl", per_user)
+    if fdist.rank() == 0:
+        write_per_user(run_dir / "eval" / f"per_user-step{step}.jsonl", per_user)
     summary = summarise(per_user)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir)
     run_id = state.get("mlflow_run_id")

@@ -13,7 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
 from flora_train.base import build_tiny_model, load_frozen_model, load_tokenizer, resolve_device
 from flora_train.data import BadRows, BatchPlanner, Columns, SyntheticTask, load_examples, tokenize_examples
+from flora_train import dist as fdist
+from flora_train.data.tokenize import IGNORE
 from flora_train.store import AdapterStore, OptimizerHyper
+from flora_train.store.sharded import ShardedAdapterStore
+from flora_train.store.sharding import ShardPlan
 
 
 @dataclass
@@ -27,11 +31,12 @@ class Session:
     model_path: str
     slot: AdapterSlot
     layout: AdapterLayout
-    store: AdapterStore
+    store: ShardedAdapterStore
     train: dict[str, list]
     eval: dict[str, list] | None
     planner: BatchPlanner
     bad_rows: BadRows
+    user_tokens: dict[str, int]  # target tokens per user in the training data (drives shard packing)
 
     @property
     def pad_id(self) -> int:
@@ -96,13 +101,37 @@ def make_row_init(layout: AdapterLayout, seed: int):
     return init
 
 
+def _on_rank0_first(make):
+    """Rank 0 makes a shared file (synthetic data, the tiny base) before the others read it."""
+    if fdist.rank() == 0:
+        out = make()
+        fdist.barrier()
+        return out
+    fdist.barrier()
+    return make()  # finds rank 0's result in place (both are deterministic and cached)
+
+
+def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, user_tokens: dict[str, int]) -> ShardedAdapterStore:
+    o, st = cfg.store.optimizer, cfg.store
+    hyper = OptimizerHyper(name=o.name.value, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
+    rank = fdist.rank()
+    disk_dir = Path(st.disk_dir) if st.disk_dir else Path(cfg.run_dir) / "store_tier"
+    local = AdapterStore(
+        layout.row_size, make_row_init(layout, st.init_seed), hyper, st.tier.value, device,
+        directory=disk_dir / f"rank-{rank:05d}", cache_rows=st.cache_rows,
+    )
+    plan = ShardPlan.balanced(user_tokens, fdist.world_size())
+    return ShardedAdapterStore(local, plan, st.placement.value)
+
+
 def prepare_session(cfg: DictConfig) -> Session:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
+    fdist.init_from_env(device)
     bad = BadRows(policy=cfg.data.on_bad_row.value)
     cols = _columns(cfg)
-    train_path, eval_path, fmt = _data_paths(cfg, run_dir)
+    train_path, eval_path, fmt = _on_rank0_first(lambda: _data_paths(cfg, run_dir))
     train_raw = load_examples(train_path, fmt, cols, bad)
     eval_raw = load_examples(eval_path, fmt, cols, bad) if eval_path else None
 
@@ -111,7 +140,8 @@ def prepare_session(cfg: DictConfig) -> Session:
         texts = train_raw["text"] if "text" in train_raw.column_names else [
             p + c for p, c in zip(train_raw["prompt"], train_raw["completion"])
         ]
-        model_path = str(build_tiny_model(run_dir / "base_model", OmegaConf.to_container(m.tiny), texts))  # type: ignore[arg-type]
+        tiny = OmegaConf.to_container(m.tiny)
+        model_path = str(_on_rank0_first(lambda: build_tiny_model(run_dir / "base_model", tiny, texts)))  # type: ignore[arg-type]
     else:
         model_path = m.name_or_path
     tokenizer = load_tokenizer(model_path, m.gguf_file, m.trust_remote_code)
@@ -131,15 +161,13 @@ def prepare_session(cfg: DictConfig) -> Session:
     train = _as_lists(train_tok)
     evald = _as_lists(eval_tok) if eval_tok is not None and len(eval_tok) else None
 
-    o = cfg.store.optimizer
-    hyper = OptimizerHyper(name=o.name.value, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
-    storage = device if cfg.store.storage == "device" else torch.device("cpu")
-    store = AdapterStore(layout.row_size, make_row_init(layout, cfg.store.init_seed), hyper, storage, device)
-    store.add_users(sorted(set(train["user_id"])))
-
     by_user: dict[str, list[int]] = {}
-    for i, u in enumerate(train["user_id"]):
+    user_tokens: dict[str, int] = {}
+    for i, (u, labels) in enumerate(zip(train["user_id"], train["labels"])):
         by_user.setdefault(u, []).append(i)
+        user_tokens[u] = user_tokens.get(u, 0) + sum(1 for t in labels[1:] if t != IGNORE)
+    user_tokens = dict(sorted(user_tokens.items()))
+    store = make_store(cfg, layout, device, user_tokens)
     t = cfg.train
     planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed)
     return Session(
@@ -157,4 +185,5 @@ def prepare_session(cfg: DictConfig) -> Session:
         eval=evald,
         planner=planner,
         bad_rows=bad,
+        user_tokens=user_tokens,
     )

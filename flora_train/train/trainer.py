@@ -1,5 +1,10 @@
 """The step loop: fetch the step's rows, forward/backward each micro-batch through the frozen base
-with every example on its own user's adapter, then one row-wise optimizer step on those rows."""
+with every example on its own user's adapter, then one row-wise optimizer step on those rows.
+
+Under ``torch.distributed`` every rank runs the same loop over the same global plan: it computes
+its share of the step (``partition_step``), the store moves rows and gradients as the placement
+needs, and two small all-reduces tell every rank each step user's loss and whether it was finite,
+so every rank takes the same decisions."""
 
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from flora_train import dist as fdist
 from flora_train.adapters import AdapterSlot
 from flora_train.data.planner import StepPlan
-from flora_train.data.tokenize import collate
-from flora_train.store import AdapterStore
+from flora_train.data.tokenize import IGNORE, collate
+from flora_train.store.sharded import OwnedStep, ShardedAdapterStore
+from flora_train.store.sharding import RankWork, partition_step
 from flora_train.train.loss import per_user_loss, target_tokens
 from flora_train.train.schedule import per_user_lr
 
@@ -54,7 +61,7 @@ class Trainer:
         self,
         model: nn.Module,
         slot: AdapterSlot,
-        store: AdapterStore,
+        store: ShardedAdapterStore,
         examples: dict[str, list[Any]],
         settings: TrainSettings,
         user_total_steps: dict[str, int],
@@ -72,6 +79,9 @@ class Trainer:
         self.device = device
         self.consecutive_faults = 0
         self.nonfinite_steps = 0
+        self.example_targets = [sum(1 for t in lab[1:] if t != IGNORE) for lab in self.labels]
+        # Any row serves the padding micro-batch of an idle rank: its loss is multiplied by zero.
+        self.null_row = store.row_init(["__null__"]).to(device).requires_grad_(True)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.settings.autocast_dtype
@@ -83,49 +93,90 @@ class Trainer:
         batch = collate([{"input_ids": self.input_ids[i], "labels": self.labels[i]} for i in ids], self.pad_id)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self, plan: StepPlan) -> StepStats:
+    def _work(self, plan: StepPlan) -> RankWork:
+        store = self.store
+        return partition_step(
+            ((u, i) for u, ex in plan.groups for i in ex), store.world, store.placement,
+            store.plan.owners, self.settings.micro_batch_size,
+        )[store.rank]
+
+    def _dummy_batch(self) -> dict[str, torch.Tensor]:
+        """One pad sequence with no targets: keeps this rank's module sequence in step with ranks
+        that have more micro-batches (ZeRO-3 gathers parameters collectively)."""
+        batch = collate([{"input_ids": [self.pad_id], "labels": [IGNORE]}], self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def train_step(self, plan: StepPlan, next_plan: StepPlan | None = None) -> StepStats:
         start = time.perf_counter()
-        users = plan.user_ids
-        rows = self.store.fetch(users, requires_grad=True)
-        position = rows.position()
-        micro = plan.micro_batches(self.settings.micro_batch_size)
-        batches = [self._batch([i for _, i in mb]) for mb in micro]
-        # Each user's target tokens over the whole step, so micro-batching never changes the result.
-        user_tokens = torch.zeros(len(users), dtype=torch.long, device=self.device)
-        poss = []
-        for mb, batch in zip(micro, batches):
-            pos = torch.tensor([position[u] for u, _ in mb], device=self.device)
-            user_tokens.index_add_(0, pos, target_tokens(batch["labels"]))
-            poss.append(pos)
-        user_loss = torch.zeros(len(users), device=self.device)
+        step_users = plan.user_ids
+        work = self._work(plan)
+        local_users = work.user_ids
+        rows = self.store.fetch(local_users, requires_grad=True)
+        if next_plan is not None:
+            self.store.prefetch(self._work(next_plan).user_ids, exclude=step_users)
+        position = {u: i for i, u in enumerate(local_users)}
+        # Each user's target tokens over the whole step (all ranks, all micro-batches), so neither
+        # micro-batching nor placement changes a user's loss.
+        user_tokens = torch.zeros(len(local_users), dtype=torch.long)
+        for u, ex in plan.groups:
+            if u in position:
+                user_tokens[position[u]] = sum(self.example_targets[i] for i in ex)
+        user_tokens = user_tokens.to(self.device)
+        user_loss = torch.zeros(len(local_users), device=self.device)
         n_tokens = 0
-        for batch, pos in zip(batches, poss):
-            with self.slot.activate(rows.values, pos), self._autocast():
+        for mb in work.micro_batches:
+            if mb:
+                batch = self._batch([i for _, i in mb])
+                pos = torch.tensor([position[u] for u, _ in mb], device=self.device)
+                values = rows.values
+            else:
+                batch, pos = self._dummy_batch(), torch.zeros(1, dtype=torch.long, device=self.device)
+                values = self.null_row
+            with self.slot.activate(values, pos), self._autocast():
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                objective, contrib = per_user_loss(logits, batch["labels"], pos, user_tokens)
+                if mb:
+                    objective, contrib = per_user_loss(logits, batch["labels"], pos, user_tokens)
+                else:
+                    objective, contrib = logits.float().sum() * 0.0, None
                 objective.backward()
-            user_loss += contrib
-            n_tokens += int(batch["attention_mask"].sum())
-        skipped = self._apply(rows, users, user_loss)
+            if contrib is not None:
+                user_loss += contrib
+                n_tokens += int(batch["attention_mask"].sum())
+        if rows.values.grad is None:  # a rank with no examples this step
+            rows.values.grad = torch.zeros_like(rows.values)
+        owned = self.store.reduce_grads(rows)
+        # Every rank learns every step user's total loss, and which users must be skipped.
+        step_pos = {u: i for i, u in enumerate(step_users)}
+        loss_all = torch.zeros(len(step_users))
+        if local_users:
+            loss_all.index_add_(0, torch.tensor([step_pos[u] for u in local_users]), user_loss.detach().cpu())
+        fdist.all_reduce(loss_all)
+        ok_all = torch.ones(len(step_users))
+        if owned.user_ids:
+            owned_pos = torch.tensor([step_pos[u] for u in owned.user_ids])
+            finite = torch.isfinite(loss_all[owned_pos]) & torch.isfinite(owned.grads).all(dim=1).cpu()
+            ok_all[owned_pos] = finite.float()
+        fdist.all_reduce(ok_all, "min")
+        skipped = self._apply(owned, step_users, ok_all.bool(), step_pos)
+        tokens = torch.tensor([n_tokens], dtype=torch.float64)
+        fdist.all_reduce(tokens)
         seconds = time.perf_counter() - start
-        finite = torch.isfinite(user_loss)
-        losses = user_loss.tolist()
+        finite = torch.isfinite(loss_all)
         return StepStats(
             step=plan.step,
-            loss=float(user_loss[finite].mean()) if finite.any() else float("nan"),
-            users=len(users),
+            loss=float(loss_all[finite].mean()) if finite.any() else float("nan"),
+            users=len(step_users),
             examples=plan.num_examples,
-            tokens=n_tokens,
-            target_tokens=int(user_tokens.sum()),
+            tokens=int(tokens.item()),
+            target_tokens=sum(self.example_targets[i] for _, ex in plan.groups for i in ex),
             seconds=seconds,
             skipped_users=skipped,
-            user_losses=dict(zip(users, losses)),
+            user_losses=dict(zip(step_users, loss_all.tolist())),
         )
 
-    def _apply(self, rows, users: list[str], user_loss: torch.Tensor) -> list[str]:
-        """Runs the sparse step on rows whose loss and gradient are finite; returns skipped users."""
-        grad = rows.values.grad
-        ok = torch.isfinite(user_loss) & torch.isfinite(grad).all(dim=1)
+    def _apply(self, owned: OwnedStep, users: list[str], ok: torch.Tensor, step_pos: dict[str, int]) -> list[str]:
+        """Runs the owners' sparse step on rows whose loss and gradient are finite everywhere;
+        returns the skipped users (the same list on every rank)."""
         bad = [u for u, good in zip(users, ok.tolist()) if not good]
         if bad:
             self.nonfinite_steps += 1
@@ -142,18 +193,24 @@ class Trainer:
                 bad = list(users)
         else:
             self.consecutive_faults = 0
-        s = self.settings
-        steps = self.store.steps(users) + 1
-        totals = torch.tensor([self.user_total_steps.get(u, 1) for u in users])
-        lr = per_user_lr(s.lr, s.schedule, s.warmup_steps, s.min_lr_ratio, steps.cpu(), totals)
-        self.store.apply(rows, lr, keep=ok)
+        if owned.user_ids:
+            s = self.settings
+            keep = ok[torch.tensor([step_pos[u] for u in owned.user_ids])]
+            steps = self.store.steps(owned.user_ids) + 1
+            totals = torch.tensor([self.user_total_steps.get(u, 1) for u in owned.user_ids])
+            lr = per_user_lr(s.lr, s.schedule, s.warmup_steps, s.min_lr_ratio, steps, totals)
+            self.store.apply(owned, lr, keep=keep)
         return bad
 
     def fit(self, plans: Iterable[StepPlan], on_step: Callable[[StepStats], None] | None = None) -> list[StepStats]:
         stats = []
-        for plan in plans:
-            st = self.train_step(plan)
+        plans = iter(plans)
+        plan = next(plans, None)
+        while plan is not None:
+            following = next(plans, None)
+            st = self.train_step(plan, following)
             stats.append(st)
             if on_step is not None:
                 on_step(st)
+            plan = following
         return stats

@@ -7,6 +7,8 @@ import torch
 from flora_train.config import load_recipe
 from flora_train.data import StepPlan, SyntheticTask
 from flora_train.store import AdapterStore
+from flora_train.store.sharded import ShardedAdapterStore
+from flora_train.store.sharding import ShardPlan
 from flora_train.train.run import _settings
 from flora_train.train.session import make_row_init, prepare_session
 from flora_train.train.trainer import Trainer
@@ -58,8 +60,8 @@ def test_joint_equals_alone(tmp_path, tiny_llama_dir, method, dtype):
     init = make_row_init(s.layout, s.cfg.store.init_seed)(users)
     assert (trained - init).abs().max() > 1e-3, "training must move the adapters"
     for k, user in enumerate(users):
-        alone_store = AdapterStore(s.layout.row_size, make_row_init(s.layout, s.cfg.store.init_seed), s.store.hyper)
-        alone_store.add_users([user])
+        local = AdapterStore(s.layout.row_size, make_row_init(s.layout, s.cfg.store.init_seed), s.store.hyper)
+        alone_store = ShardedAdapterStore(local, ShardPlan.balanced({user: 1}, 1))
         own = [StepPlan(p.step, p.epoch, ((user, dict(p.groups)[user]),)) for p in plans if user in p.user_ids]
         alone = Trainer(s.model, s.slot, alone_store, s.train, _settings(s), totals, s.pad_id, s.device)
         alone.fit(own)

@@ -38,15 +38,15 @@ def test_nonfinite_users_are_never_written(tmp_path, tiny_llama_dir, policy):
     plan = next(s.planner.steps(1))
     victim, others = plan.user_ids[0], plan.user_ids[1:]
     _poison(s, victim)
-    before = {k: v.clone() for k, v in s.store.state_tensors().items()}
+    before = {k: v.clone() for k, v in s.store.local.state_tensors().items()}
     stats = _trainer(s).train_step(plan)
-    after = s.store.state_tensors()
-    row = s.store.registry.row(victim)
+    after = s.store.local.state_tensors()
+    row = s.store.local.registry.row(victim)
     assert victim in stats.skipped_users
     for key in before:
         assert torch.equal(before[key][row], after[key][row]), key
-    assert torch.isfinite(after["rows"][[s.store.registry.row(u) for u in others]]).all()
-    moved = [not torch.equal(before["rows"][s.store.registry.row(u)], after["rows"][s.store.registry.row(u)]) for u in others]
+    assert torch.isfinite(after["rows"][[s.store.local.registry.row(u) for u in others]]).all()
+    moved = [not torch.equal(before["rows"][s.store.local.registry.row(u)], after["rows"][s.store.local.registry.row(u)]) for u in others]
     assert all(moved) if policy == "skip_users" else not any(moved)
 
 
@@ -58,7 +58,7 @@ def test_nonfinite_error_policy_and_consecutive_limit(tmp_path, tiny_llama_dir):
         _trainer(s).train_step(plans[0])
     s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir)))
     trainer = _trainer(s)
-    for u in s.store.registry.ids:
+    for u in s.store.local.registry.ids:
         _poison(s, u)
     trainer.train_step(plans[0])
     trainer.train_step(plans[1])
@@ -75,8 +75,9 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_llama_dir):
     assert resumed["steps"] == full["steps"] > 3
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / f"step-{full['steps']:08d}" / "store.safetensors"))
-    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / f"step-{resumed['steps']:08d}" / "store.safetensors"))
+    shard = "store-00000-of-00001.safetensors"
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / f"step-{full['steps']:08d}" / shard))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / f"step-{resumed['steps']:08d}" / shard))
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -86,18 +87,18 @@ def test_checkpoint_from_another_adapter_is_refused(tmp_path, tiny_llama_dir):
     path = save_checkpoint(lora.run_dir, 1, lora.store, lora.layout, {"next_step": 1}, keep=2)
     flora = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "adapter.rank=2")))
     with pytest.raises(CheckpointError, match="made for another model or adapter"):
-        load_checkpoint(path, flora.store, flora.layout)
-    (path / "store.safetensors").write_bytes(b"garbage")
+        load_checkpoint(path, flora.store, flora.layout, flora.user_tokens)
+    (path / "store-00000-of-00001.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="does not match the manifest"):
-        load_checkpoint(path, lora.store, lora.layout)
+        load_checkpoint(path, lora.store, lora.layout, lora.user_tokens)
     assert latest_checkpoint(lora.run_dir) is None
 
 
 def test_bf16_autocast_keeps_float32_rows(tmp_path, tiny_llama_dir):
     s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "train.precision=bf16")))
     assert s.autocast_dtype == torch.bfloat16
-    before = s.store.state_tensors()["rows"].clone()
+    before = s.store.local.state_tensors()["rows"].clone()
     stats = _trainer(s).train_step(next(s.planner.steps(1)))
-    rows = s.store.state_tensors()["rows"]
+    rows = s.store.local.state_tensors()["rows"]
     assert rows.dtype == torch.float32 and torch.isfinite(rows).all() and not torch.equal(rows, before)
     assert stats.loss == stats.loss and not stats.skipped_users

@@ -126,7 +126,7 @@ def test_step_cost_follows_rows_in_step_not_table():
     layout = _layout()
     store = _store(layout)
     store.add_users([f"u{i}" for i in range(50_000)])
-    table = store._rows
+    table = store.table.column("rows")
     rows = store.fetch(["u7", "u49999"])
     rows.values.grad = torch.ones_like(rows.values)
     from torch.profiler import ProfilerActivity, profile
@@ -140,4 +140,4 @@ def test_step_cost_follows_rows_in_step_not_table():
     big = [e for e in prof.events() if e.name not in cheap
            and any(isinstance(s, list) and s and s[0] >= 50_000 for s in e.input_shapes)]
     assert not big, [(e.name, e.input_shapes) for e in big[:5]]
-    assert store._rows is table
+    assert store.table.column("rows") is table

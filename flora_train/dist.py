@@ -1,0 +1,81 @@
+"""The process group as the rest of the code sees it: rank, world, and agreement between ranks.
+
+Everything here degrades to a single process when ``torch.distributed`` is not initialised, so the
+same code path runs under a plain ``python`` and under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Joins the job described by the launcher's environment (``WORLD_SIZE``/``RANK``/
+    ``MASTER_ADDR``/``MASTER_PORT``, as torchrun sets them). Returns whether a group was formed."""
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("FLORA_DIST_TIMEOUT_MIN", "30"))))
+    return True
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def raise_if_any_failed(error: str | None, exc_type: type[Exception]) -> None:
+    """Every rank raises ``exc_type`` if any rank reports an error, so no rank runs on alone."""
+    errors = [e for e in all_gather_objects(error) if e]
+    if errors:
+        raise exc_type("; ".join(dict.fromkeys(errors)))
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of a small CPU or device tensor (a no-op in a single process)."""
+    if is_distributed():
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
+            host = tensor.cpu()
+            dist.all_reduce(host, ops[op])
+            tensor.copy_(host)
+        else:
+            dist.all_reduce(tensor, ops[op])
+    return tensor

@@ -1,0 +1,140 @@
+"""The sharded adapter store under real torchrun jobs (gloo on CPU).
+
+Placement-invariance: world 1, 2 and 4, owner and fetch placement, host and disk tiers (with and
+without the hot-row cache) train the same adapters as one process. Communication: fetch moves
+exactly the unique remote rows (each way), owner moves none. Restore: a store saved by 2 ranks
+resumes on 3 ranks and on 1 to the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flora_train.config import load_recipe
+from flora_train.data import SyntheticTask
+from flora_train.store.sharded import iter_shards
+from flora_train.store.sharding import ShardPlan, partition_step
+from flora_train.train.checkpoint import latest_checkpoint
+from flora_train.train.run import run_training
+from flora_train.train.session import prepare_session
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("run_configs.py")
+pytestmark = pytest.mark.slow
+ROW_TOL = dict(rtol=1e-3, atol=5e-5)  # float32: batches of other shapes round differently
+
+
+def _base(tmp: Path, model_dir: Path) -> list[str]:
+    train, evalp = SyntheticTask(num_users=12, train_examples_per_user=6, eval_examples_per_user=2).write(tmp / "data")
+    return [
+        f"model.name_or_path={model_dir}", f"data.train_path={train}", f"data.eval_path={evalp}",
+        "adapter.target_modules=[q_proj,v_proj,down_proj]", "train.users_per_step=5", "train.examples_per_user=3",
+        "train.micro_batch_size=4", "train.epochs=2", "store.optimizer.lr=0.05", "tracking.enabled=false",
+        "train.progress=false",
+    ]
+
+
+def torchrun(nproc: int, args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def run_many(nproc: int, runs: list[list[str]], tmp: Path, resume: bool = False) -> None:
+    spec = tmp / f"spec-{nproc}-{len(list(tmp.glob('spec-*')))}.json"
+    spec.write_text(json.dumps({"runs": runs, "resume": resume}))
+    torchrun(nproc, [str(WORKER), str(spec)], tmp)
+
+
+def saved_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for path, users in iter_shards(latest_checkpoint(run_dir)):
+        tensors = load_file(str(path))
+        out.update({u: {k: v[i] for k, v in tensors.items()} for i, u in enumerate(users)})
+    return out
+
+
+def assert_same_adapters(got: dict, want: dict, label: str) -> None:
+    assert set(got) == set(want), label
+    for user, cols in want.items():
+        assert torch.equal(got[user]["optim.step"], cols["optim.step"]), (label, user)
+        torch.testing.assert_close(got[user]["rows"], cols["rows"], **ROW_TOL, msg=lambda m: f"{label} {user}: {m}")
+
+
+def expected_fetch_bytes(base: list[str], tmp: Path, world: int) -> tuple[int, bool]:
+    """Unique rows each rank needs from another rank, summed over the run, times row bytes; and
+    whether some user's examples were split over ranks."""
+    s = prepare_session(load_recipe(None, [*base, f"run_dir={tmp / 'plan'}"]))
+    plan = ShardPlan.balanced(s.user_tokens, world)
+    remote, split = 0, False
+    for step in s.planner.steps(2):
+        work = partition_step(((u, i) for u, ex in step.groups for i in ex), world, "fetch", plan.owners, 4)
+        ranks_of: dict[str, set[int]] = {}
+        for r, w in enumerate(work):
+            for u in w.user_ids:
+                ranks_of.setdefault(u, set()).add(r)
+                remote += plan.owners[u] != r
+        split |= any(len(rs) > 1 for rs in ranks_of.values())
+    return remote * s.layout.row_size * 4, split
+
+
+def test_placements_and_tiers_match_one_process(tmp_path, tiny_llama_dir):
+    base = _base(tmp_path, tiny_llama_dir)
+    run_training(load_recipe(None, [*base, f"run_dir={tmp_path / 'ref'}"]))
+    ref = saved_state(tmp_path / "ref")
+    configs = {
+        2: [("owner", "host", 0), ("owner", "disk", 5), ("fetch", "host", 0), ("fetch", "disk", 7)],
+        4: [("owner", "disk", 0), ("fetch", "host", 5)],
+    }
+    for world, cases in configs.items():
+        runs = [[*base, f"run_dir={tmp_path / f'w{world}-{p}-{t}-{c}'}", f"store.placement={p}", f"store.tier={t}",
+                 f"store.cache_rows={c}"] for p, t, c in cases]
+        run_many(world, runs, tmp_path)
+        fetch_bytes, split = expected_fetch_bytes(base, tmp_path, world)
+        assert split, "the test plan must split some user's examples over ranks"
+        for p, t, c in cases:
+            run_dir = tmp_path / f"w{world}-{p}-{t}-{c}"
+            assert_same_adapters(saved_state(run_dir), ref, run_dir.name)
+            counters = json.loads((run_dir / "result.json").read_text())["store"]
+            if p == "owner":
+                assert counters["store/bytes_sent"] == counters["store/bytes_received"] == 0
+                assert counters["store/rows_remote"] == 0
+            else:
+                # rows out to the ranks that need them, gradients back: each way once per unique remote row
+                assert counters["store/bytes_received"] == counters["store/bytes_sent"] == 2 * fetch_bytes
+            if c:
+                assert counters["store/cache_hits"] + counters["store/cache_misses"] > 0
+
+
+def test_restore_onto_another_world_size(tmp_path, tiny_llama_dir):
+    base = _base(tmp_path, tiny_llama_dir)
+    run_training(load_recipe(None, [*base, f"run_dir={tmp_path / 'ref'}"]))
+    ref = saved_state(tmp_path / "ref")
+    first = tmp_path / "saved-at-2"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("tracking:\n  enabled: false\n")
+    # Through the real CLI: torchrun -m flora_train.cli run ...
+    torchrun(2, ["-m", "flora_train.cli", "run", str(recipe), *base, f"run_dir={first}", "train.max_steps=7",
+                 "store.placement=fetch"], tmp_path)
+    ckpt = latest_checkpoint(first)
+    assert ckpt.name == "step-00000007" and len(list(ckpt.glob("store-*-of-00002.safetensors"))) == 2
+    at3, at1 = tmp_path / "resumed-at-3", tmp_path / "resumed-at-1"
+    shutil.copytree(first, at3)
+    shutil.copytree(first, at1)
+    torchrun(3, ["-m", "flora_train.cli", "run", str(recipe), *base, f"run_dir={at3}", "--resume"], tmp_path)
+    run_training(load_recipe(None, [*base, f"run_dir={at1}"]), resume=True)
+    assert len(list(latest_checkpoint(at3).glob("store-*-of-00003.safetensors"))) == 3
+    assert_same_adapters(saved_state(at3), ref, "2 -> 3 ranks")
+    assert_same_adapters(saved_state(at1), ref, "2 -> 1 rank")

@@ -1,0 +1,78 @@
+"""Storage tiers and the hot-row cache: the same updates give the same table on every tier."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flora_train.store import AdapterStore, OptimizerHyper
+from flora_train.store.table import Column, RowTable
+
+ROW = 7
+
+
+def _init(ids):
+    return torch.stack([torch.full((ROW,), float(len(u))) for u in ids])
+
+
+def _store(tmp_path, tier, cache_rows=0, name="t"):
+    return AdapterStore(ROW, _init, OptimizerHyper(), tier, "cpu", directory=tmp_path / name, cache_rows=cache_rows)
+
+
+def _train(store, users, steps, seed):
+    rng = random.Random(seed)
+    for _ in range(steps):
+        picked = rng.sample(users, k=rng.randint(1, min(6, len(users))))
+        rows = store.fetch(picked)
+        g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+        rows.values.grad = torch.randn(rows.values.shape, generator=g)
+        store.apply(rows, torch.full((len(picked),), 0.01))
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_users=st.integers(1, 40), steps=st.integers(1, 12), cache=st.integers(6, 10), seed=st.integers(0, 10**6))
+def test_every_tier_and_cache_give_the_same_table(tmp_path_factory, n_users, steps, cache, seed):
+    tmp = tmp_path_factory.mktemp("tiers")
+    users = [f"user{i}" for i in range(n_users)]
+    stores = [_store(tmp, "host"), _store(tmp, "disk", name="d"), _store(tmp, "host", cache, name="hc"), _store(tmp, "disk", cache, name="dc")]
+    for s in stores:
+        s.add_users(users)
+        _train(s, users, steps, seed)
+    ref = stores[0].state_tensors()
+    for s in stores[1:]:
+        got = s.state_tensors()
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), (s.table.tier, s.cache is not None, key)
+
+
+def test_cache_counts_hits_and_evicts_least_recently_used(tmp_path):
+    s = _store(tmp_path, "disk", cache_rows=2)
+    s.add_users(["a", "b", "c"])
+    s.read(["a"]), s.read(["b"]), s.read(["a"])  # b is now least recently used
+    assert (s.cache.hits, s.cache.misses) == (1, 2)
+    s.write(["c"], torch.zeros(1, ROW))  # evicts b
+    s.read(["a"])
+    assert s.cache.hits == 2
+    s.read(["b"])
+    assert s.cache.misses == 4
+    with pytest.raises(ValueError, match="cache holds 2"):
+        s.fetch(["a", "b", "c"])
+    assert torch.equal(s.read(["a", "b", "c"])[2], torch.zeros(ROW))  # bulk reads go through the table
+    assert torch.equal(s.state_tensors()["rows"][2], torch.zeros(ROW))  # flushed on read-out
+
+
+def test_disk_table_grows_in_place_and_starts_clean(tmp_path):
+    cols = {"rows": Column((3,), torch.float32), "step": Column((), torch.int64)}
+    t = RowTable(cols, "disk", directory=tmp_path)
+    t.reserve(5)
+    t.scatter("rows", torch.tensor([4]), torch.tensor([[1.0, 2.0, 3.0]]))
+    t.reserve(100)
+    assert t.capacity >= 100 and torch.equal(t.column("rows")[4], torch.tensor([1.0, 2.0, 3.0]))
+    assert (tmp_path / "rows.bin").stat().st_size == t.capacity * 3 * 4
+    again = RowTable(cols, "disk", directory=tmp_path)  # a new process must not inherit old bytes
+    again.reserve(5)
+    assert torch.equal(again.column("rows")[4], torch.zeros(3))
+    with pytest.raises(ValueError, match="tier"):
+        RowTable(cols, "tape")
