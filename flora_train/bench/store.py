@@ -56,7 +56,7 @@ def measure(users: int, row_size: int, step_users: int, repeats: int, seed: int 
         _step(store, ids, grad)
         if r >= 5:  # warm-up
             times.append(time.perf_counter() - t)
-    table_bytes = sum(v.numel() * v.element_size() for v in store.optimizer.state.values()) + store.capacity * row_size * 4
+    table_bytes = store.table.nbytes
     return {
         "users": users,
         "median_step_ms": statistics.median(times) * 1e3,
@@ -123,6 +123,10 @@ def bench_store(small: int, large: int, row_size: int, step_users: int, repeats:
     for r in (ma, mb):
         print(f"{r['users']:>16,d} {r['median_step_ms']:>10.2f}")
     print(f"ratio large/small: training step time {result['model_step']['ratio']:.3f}x (target <= 1.1)")
+    from flora_train.bench.wire import gather_scatter_vs_memcpy, wire_bytes
+
+    result["gather_scatter"] = gather_scatter_vs_memcpy(large, row_size, step_users, repeats)
+    result["wire"] = wire_bytes(world=2, users=small * 10, row_size=row_size, step_users=step_users)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_store.json").write_text(json.dumps(result, indent=2))
