@@ -203,8 +203,9 @@ class ShardedAdapterStore:
         users = [u for u in dict.fromkeys(users) if u not in skip]
         if self.exchange is None or self.placement == "owner":
             self._check_local(users)
-            if self.local.table.tier == "device" and self.local.cache is None:
-                return  # nothing to move
+            local = self.local
+            if local.cache is None and local.table.tier != "disk" and local.table.device == local.compute_device:
+                return  # rows already sit where they are computed on: nothing to overlap
             self.local_counters.rows_fetched += len(users)
             self._prefetch = _Prefetch(users, future=self._pool.submit(self.local.read, users) if users else None)
             if not users:

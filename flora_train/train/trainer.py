@@ -79,6 +79,7 @@ class Trainer:
         self.device = device
         self.consecutive_faults = 0
         self.nonfinite_steps = 0
+        self._planned: tuple[StepPlan, RankWork] | None = None
         self.example_targets = [sum(1 for t in lab[1:] if t != IGNORE) for lab in self.labels]
         # Any row serves the padding micro-batch of an idle rank: its loss is multiplied by zero.
         self.null_row = store.row_init(["__null__"]).to(device).requires_grad_(True)
@@ -94,11 +95,15 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _work(self, plan: StepPlan) -> RankWork:
+        if self._planned is not None and self._planned[0] is plan:
+            return self._planned[1]  # computed one step ahead for the prefetch
         store = self.store
-        return partition_step(
+        work = partition_step(
             ((u, i) for u, ex in plan.groups for i in ex), store.world, store.placement,
             store.plan.owners, self.settings.micro_batch_size,
         )[store.rank]
+        self._planned = (plan, work)
+        return work
 
     def _dummy_batch(self) -> dict[str, torch.Tensor]:
         """One pad sequence with no targets: keeps this rank's module sequence in step with ranks

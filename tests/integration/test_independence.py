@@ -34,6 +34,7 @@ def _session(tmp_path, model_dir, method, micro):
             "store.optimizer.warmup_steps=2",
             "store.optimizer.weight_decay=0.01",
             "tracking.enabled=false",
+            "store.tier=disk",  # the joint run reads through the disk tier and its prefetch; alone runs use host RAM
         ],
     )
     return prepare_session(cfg)
