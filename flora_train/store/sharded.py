@@ -166,7 +166,7 @@ class ShardedAdapterStore:
             raise ValueError("fetch takes each user once")
         users = list(users)
         pre, self._prefetch = self._prefetch, None
-        got: dict[str, int] = {}
+        got: set[str] = set()
         pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions, values)
         routes: list[tuple[Route, torch.Tensor]] = []
         pos_of = {u: i for i, u in enumerate(users)}
@@ -177,7 +177,7 @@ class ShardedAdapterStore:
             pieces.append((pos, values[keep] if len(keep) != len(pre.users) else values))
             if pre.pending is not None:
                 routes.append((pre.pending.route, torch.tensor([pos_of.get(u, -1) for u in pre.users], dtype=torch.int64)))
-            got.update({u: 1 for u in pre.users})
+            got.update(pre.users)
         rest = [u for u in users if u not in got]
         if self.exchange is None or self.placement == "owner":
             self._check_local(rest)
@@ -193,8 +193,7 @@ class ShardedAdapterStore:
         for pos, vals in pieces:
             if pos.numel():
                 values[pos.to(values.device)] = vals.to(values.device)
-        rows = ShardedRows(users, torch.empty(0, dtype=torch.int64), values.requires_grad_(requires_grad), routes)
-        return rows
+        return ShardedRows(users, torch.empty(0, dtype=torch.int64), values.requires_grad_(requires_grad), routes)
 
     def prefetch(self, users: Sequence[str], exclude: Sequence[str]) -> None:
         """Starts fetching the next step's rows, except those the current step will update.

@@ -84,7 +84,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             prune_checkpoints(root, keep)
-    fdist.raise_if_any_failed("; ".join(errors) if fdist.rank() == 0 and errors else None, CheckpointError)
+    errors = fdist.broadcast_object(errors)  # rank 0 has the final word (it may have failed finishing)
     if errors:
         raise CheckpointError("; ".join(errors))
     return final
