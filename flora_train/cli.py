@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -18,10 +19,19 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19 gathers ZeRO-3 partitions with a call torch 2.13 deprecates; nothing to act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn that it fell back
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flora-train", description="Jointly fine-tune thousands of per-user adapters.")
+    # The deepspeed launcher passes --local_rank=N to every process; LOCAL_RANK carries the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train from a recipe")
@@ -44,13 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, required=True)
 
     be = sub.add_parser("bench", help="side-by-side benchmarks")
-    be.add_argument("suite", choices=["store"])
+    be.add_argument("suite", choices=["store", "zero"])
     be.add_argument("--small", type=int, default=1_000, help="users in the small table")
     be.add_argument("--large", type=int, default=1_000_000, help="users in the large table")
     be.add_argument("--row-size", type=int, default=256)
     be.add_argument("--step-users", type=int, default=64)
     be.add_argument("--repeats", type=int, default=50)
     be.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON results")
+    be.add_argument("--world", type=int, default=2, help="zero: processes per run")
+    be.add_argument("--steps", type=int, default=6, help="zero: timed steps per run")
+    be.add_argument("--users-per-step", type=int, default=8, help="zero: users per step")
+    be.add_argument("--hidden-size", type=int, default=1024, help="zero: width of the generated Llama base")
+    be.add_argument("--layers", type=int, default=8, help="zero: layers of the generated Llama base")
+    be.add_argument("--device", default="auto", help="zero: train.device of both runs")
+    be.add_argument("overrides", nargs="*", help="zero: recipe overrides for both runs (e.g. base.deepspeed...)")
 
     da = sub.add_parser("data", help="data utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
@@ -72,12 +89,22 @@ def _users_arg(value: str | None) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after options; let recipe overrides come anywhere.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     _quiet_libraries()
     from flora_train.base import ModelLoadError
     from flora_train.config import RecipeError, load_recipe, recipe_to_yaml
     from flora_train.data import DataError
     from flora_train.export import ExportError
+    from flora_train.launch_env import LaunchError
     from flora_train.train.checkpoint import CheckpointError
     from flora_train.train.trainer import NonFiniteError
 
@@ -98,16 +125,24 @@ def main(argv: list[str] | None = None) -> int:
             m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out)
             print(f"exported {m['num_users']} users ({m['format']}) to {args.out}")
         elif args.command == "bench":
-            from flora_train.bench.store import bench_store
+            if args.suite == "zero":
+                from flora_train.bench.zero import DEFAULT_BASE, bench_zero
 
-            bench_store(args.small, args.large, args.row_size, args.step_users, args.repeats, args.out)
+                base = dict(DEFAULT_BASE, hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 11 // 4,
+                            num_layers=args.layers)
+                bench_zero(args.world, args.steps, users_per_step=args.users_per_step, out=args.out, base=base,
+                           device=args.device, overrides=args.overrides)
+            else:
+                from flora_train.bench.store import bench_store
+
+                bench_store(args.small, args.large, args.row_size, args.step_users, args.repeats, args.out)
         elif args.command == "data":
             from flora_train.data import SyntheticTask
 
             task = SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
             for path in task.write(args.out):
                 print(path)
-    except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, LaunchError, FileNotFoundError) as exc:
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:

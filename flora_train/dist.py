@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from flora_train.launch_env import LaunchEnv, read_launch_env
 
 
 def is_distributed() -> bool:
@@ -26,18 +29,19 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def init_from_env(device: torch.device) -> bool:
-    """Joins the job described by the launcher's environment (``WORLD_SIZE``/``RANK``/
-    ``MASTER_ADDR``/``MASTER_PORT``, as torchrun sets them). Returns whether a group was formed."""
-    if is_distributed():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+def init_from_env(device: torch.device, env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Joins the job the launcher started this process in (torchrun, accelerate launch, deepspeed,
+    srun: see ``launch_env``); a single process joins nothing. Returns what was read."""
+    launch = read_launch_env(os.environ if env is None else env)
+    if is_distributed() or not launch.distributed:
+        return launch
+    os.environ.update(launch.torch_environ())  # srun gives only SLURM_*; env:// reads these
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("FLORA_DIST_TIMEOUT_MIN", "30"))))
-    return True
+    timeout = timedelta(minutes=int(os.environ.get("FLORA_DIST_TIMEOUT_MIN", "30")))
+    dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    return launch
 
 
 def barrier() -> None:

@@ -67,7 +67,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
+        shape = getattr(module.weight, "ds_shape", module.weight.shape)  # a ZeRO-3 partition's own shape is [0]
+        return shape[0], shape[1]
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +15,40 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present; a bare ``cuda`` is the local rank's GPU (one GPU per process)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per local rank
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"train.device={name!r} but no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        if local_rank >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()} "
+                "(start at most one process per GPU on each node)"
+            )
+        device = torch.device("cuda", local_rank)
     return device
+
+
+def _pretrained(what: str, factory: Any, name_or_path: str, gguf_file: str | None, trust_remote_code: bool,
+                **kwargs: Any) -> Any:
+    """``factory.from_pretrained`` with one error that names what failed to load and from where."""
+    kwargs["trust_remote_code"] = trust_remote_code
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return factory.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = "" if Path(name_or_path).exists() else " (not a local folder; hub ids need network access)"
+        raise ModelLoadError(f"cannot load {what} '{name_or_path}'{hint}: {exc}") from None
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of model '{name_or_path}': {exc}") from None
+    tok = _pretrained("the tokenizer of model", AutoTokenizer, name_or_path, gguf_file, trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -53,14 +64,7 @@ def load_frozen_model(
     """A causal LM with every parameter frozen and dropout off."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        hint = "" if Path(name_or_path).exists() else " (not a local folder; hub ids need network access)"
-        raise ModelLoadError(f"cannot load model '{name_or_path}'{hint}: {exc}") from None
+    model = _pretrained("model", AutoModelForCausalLM, name_or_path, gguf_file, trust_remote_code, dtype=DTYPES[dtype])
     model.requires_grad_(False)
     if gradient_checkpointing:
         # HF only checkpoints in training mode; the base stays deterministic because dropout is zeroed.
@@ -80,3 +84,15 @@ def disable_dropout(model: nn.Module) -> None:
         for attr in ("attention_dropout", "dropout", "activation_dropout"):
             if isinstance(getattr(module, attr, None), float):
                 setattr(module, attr, 0.0)
+
+
+def model_hidden_size(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The model's width from its config alone (no weights), or None if the config names none."""
+    from transformers import AutoConfig
+
+    config = _pretrained("the config of model", AutoConfig, name_or_path, gguf_file, trust_remote_code)
+    config = getattr(config, "text_config", config)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    return None

@@ -67,7 +67,7 @@ def _model_config(arch: str, cfg: dict, vocab: int, tokenizer) -> object:
             attn_pdrop=0.0,
             **ids,
         )
-    raise ValueError(f"model.tiny.architecture must be llama or gpt2, got {arch!r}")
+    raise ValueError(f"base.tiny.architecture must be llama or gpt2, got {arch!r}")
 
 
 def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, lr: float = 3e-3, batch_size: int = 64) -> None:

@@ -72,6 +72,8 @@ def _explain(exc: OmegaConfBaseException, source: str, lines: dict[str, int]) ->
         close = difflib.get_close_matches(leaf, valid, n=1)
         parent = full_key.rpartition(".")[0]
         hint = f" (did you mean '{(parent + '.') if parent else ''}{close[0]}'?)" if close else ""
+        if full_key.split(".")[0] == "model":
+            hint = " (the frozen model's section is called 'base')"
         return RecipeError(f"{where}: unknown key '{full_key}'{hint}; valid keys here: {', '.join(valid)}")
     msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
     kind = "invalid value" if isinstance(exc, ValidationError) else "error"

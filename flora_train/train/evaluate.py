@@ -67,8 +67,12 @@ def evaluate(
     pad_id: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    total_batches: int = 0,
 ) -> dict[str, UserEval]:
-    """``rows_for(user_ids) -> [len(user_ids), row_size]`` supplies each user's adapter row."""
+    """``rows_for(user_ids) -> [len(user_ids), row_size]`` supplies each user's adapter row.
+
+    ``total_batches`` > the batches this rank's examples fill: the rest are one-token forwards, so
+    every rank runs the same module sequence (ZeRO-3 gathers each layer collectively)."""
     order = sorted(range(len(examples["user_id"])), key=lambda i: examples["user_id"][i])
     results: dict[str, UserEval] = {}
     was_training = model.training
@@ -96,6 +100,11 @@ def evaluate(
                 r.correct += int(right[k])
                 r.loss_sum += float(losses[k].sum())
                 r.tokens += int(mask[k].sum())
+        pad = collate([{"input_ids": [pad_id], "labels": [IGNORE]}], pad_id)
+        for _ in range(total_batches - -(-len(order) // batch_size)):
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            with slot.activate(rows_for(["__pad__"]).to(device), torch.zeros(1, dtype=torch.long)), ctx:
+                model(input_ids=pad["input_ids"].to(device), attention_mask=pad["attention_mask"].to(device))
     finally:
         model.train(was_training)
     return results

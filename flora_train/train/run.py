@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import zlib
 from pathlib import Path
@@ -15,8 +16,10 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from flora_train import dist as fdist
+from flora_train.base.zero import resident_base_bytes
 from flora_train.config import flatten, load_recipe, recipe_to_yaml
 from flora_train.data import BatchPlanner
+from flora_train.launch_env import read_launch_env
 from flora_train.store import AdapterStore
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
@@ -30,7 +33,7 @@ log = logging.getLogger("flora_train")
 SHARED = "__shared__"
 
 
-def _settings(session: Session) -> TrainSettings:
+def train_settings(session: Session) -> TrainSettings:
     o, t = session.cfg.store.optimizer, session.cfg.train
     return TrainSettings(
         lr=o.lr,
@@ -68,9 +71,11 @@ def _evaluate_store(session: Session, store: ShardedAdapterStore, shared: bool =
             rows[[users.index(u) for u in known]] = store.read(known).to(rows)
         return rows
 
+    batch_size = session.cfg.eval.batch_size
+    total_batches = int(fdist.all_reduce(torch.tensor([-(-len(mine) // batch_size)]), "max").item())
     local = evaluate(
-        session.model, session.slot, rows_for, subset, session.cfg.eval.batch_size,
-        session.pad_id, session.device, session.autocast_dtype,
+        session.model, session.slot, rows_for, subset, batch_size,
+        session.pad_id, session.device, session.autocast_dtype, total_batches,
     )
     merged: dict[str, UserEval] = {}
     for part in fdist.all_gather_objects(local):
@@ -139,7 +144,7 @@ def train_shared_baseline(session: Session, steps: int) -> dict[str, UserEval]:
     store = ShardedAdapterStore(local, ShardPlan.balanced({SHARED: 1}, session.store.world), "fetch")
     t = session.cfg.train
     planner = BatchPlanner({SHARED: range(len(session.train["user_id"]))}, 1, t.users_per_step * t.examples_per_user, t.seed)
-    trainer = Trainer(session.model, session.slot, store, session.train, _settings(session),
+    trainer = Trainer(session.model, session.slot, store, session.train, train_settings(session),
                       {SHARED: steps}, session.pad_id, session.device)
     plans = planner.steps(epochs=10**6, max_steps=steps)
     trainer.fit(tqdm(plans, total=steps, desc="shared baseline", disable=not t.progress, leave=False))
@@ -163,6 +168,15 @@ def _print_summary(summary: dict[str, float], shared: dict[str, float] | None, c
 
 def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     session = prepare_session(cfg)
+    try:
+        return train_session(session, resume)
+    finally:
+        session.close()
+
+
+def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
+    """Trains (or resumes) a prepared session; the caller closes it."""
+    cfg = session.cfg
     run_dir, t = session.run_dir, cfg.train
     main = fdist.rank() == 0
     recipe_path = run_dir / "recipe.yaml"
@@ -186,7 +200,7 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     if bad.total and main:
         print(f"skipped {bad.total} bad rows: " + "; ".join(bad.examples[:3]))
 
-    trainer = Trainer(session.model, session.slot, session.store, session.train, _settings(session),
+    trainer = Trainer(session.model, session.slot, session.store, session.train, train_settings(session),
                       session.user_total_steps(), session.pad_id, session.device)
     total = session.planner.total_steps(t.epochs, t.max_steps)
     meter, step = _Meter(session.store), start_step
@@ -222,8 +236,12 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     store_totals = meter.store_counters()
     final = save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
+    held, whole = resident_base_bytes(session.model)
     result: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "checkpoint": str(final), "mlflow_run_id": run_id,
-                              "train_seconds": train_seconds, "users": len(session.store), "store": store_totals}
+                              "train_seconds": train_seconds, "users": len(session.store), "store": store_totals,
+                              "base": {"zero_stage": cfg.base.zero_stage, "world_size": fdist.world_size(),
+                                       "launcher": session.launch.launcher,
+                                       "resident_bytes_per_rank": held, "total_bytes": whole}}
     if session.eval is not None and cfg.eval.at_end:
         per_user = _evaluate_store(session, session.store)
         if main:
@@ -245,7 +263,7 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out)
         tracker.log_artifact(out / "manifest.json", "export")
         result["export"] = {"out": str(out), "users": manifest["num_users"]}
-    tracker.log_metrics({"train/seconds": train_seconds}, step=step)
+    tracker.log_metrics({"train/seconds": train_seconds, "base/resident_mib_per_rank": held / 2**20}, step=step)
     tracker.end("FINISHED")
     if not main:
         return result
@@ -260,7 +278,18 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None) -> dict[str, float]:
     if not recipe.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
     cfg = load_recipe(recipe)
+    if cfg.base.zero_stage == 3 and cfg.base.offload_params.value == "none" and not read_launch_env(os.environ).distributed:
+        print("evaluating in one process: the base is loaded whole (base.zero_stage=0); "
+              "start under torchrun to keep it partitioned")
+        cfg.base.zero_stage = 0
     session = prepare_session(cfg)
+    try:
+        return _eval(session, cfg, run_dir, recipe, checkpoint)
+    finally:
+        session.close()
+
+
+def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkpoint: Path | None) -> dict[str, float]:
     ckpt = checkpoint or latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")

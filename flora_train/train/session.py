@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
+from flora_train.adapters.layer import AdaptedLinear
 from flora_train.base import build_tiny_model, load_frozen_model, load_tokenizer, resolve_device
+from flora_train.base.loading import model_hidden_size
+from flora_train.base.zero import ZeroBase, ZeroSpec, check_zero_launch
 from flora_train.data import BadRows, BatchPlanner, Columns, SyntheticTask, load_examples, tokenize_examples
 from flora_train import dist as fdist
 from flora_train.data.tokenize import IGNORE
+from flora_train.launch_env import LaunchEnv, LaunchError, read_launch_env
 from flora_train.store import AdapterStore, OptimizerHyper
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
@@ -37,6 +42,13 @@ class Session:
     planner: BatchPlanner
     bad_rows: BadRows
     user_tokens: dict[str, int]  # target tokens per user in the training data (drives shard packing)
+    launch: LaunchEnv
+    zero: ZeroBase | None  # the DeepSpeed state of a ZeRO-3 base; None at stage 0
+
+    def close(self) -> None:
+        if self.zero is not None:
+            self.zero.close()
+            self.zero = None
 
     @property
     def pad_id(self) -> int:
@@ -124,18 +136,41 @@ def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, use
     return ShardedAdapterStore(local, plan, st.placement.value)
 
 
+def zero_spec(cfg: DictConfig) -> ZeroSpec:
+    b = cfg.base
+    return ZeroSpec(b.zero_stage, b.offload_params.value, OmegaConf.to_container(b.deepspeed))  # type: ignore[arg-type]
+
+
+def _check_shared_run_dir(run_dir: Path) -> None:
+    """Ranks on other nodes read what rank 0 writes under run_dir (data, base, checkpoints)."""
+    token = run_dir / ".rank0-token"
+    if fdist.rank() == 0:
+        token.write_text(str(os.getpid()))
+    fdist.barrier()
+    seen = token.read_text() if token.is_file() else None
+    mine = fdist.broadcast_object(seen if fdist.rank() == 0 else None)
+    fdist.raise_if_any_failed(
+        None if seen == mine else f"rank {fdist.rank()} does not see rank 0's files in run_dir={run_dir}: "
+        "put run_dir on a filesystem every node shares", LaunchError)
+
+
 def prepare_session(cfg: DictConfig) -> Session:
     run_dir = Path(cfg.run_dir)
+    launch = read_launch_env(os.environ)
+    spec = zero_spec(cfg)
+    check_zero_launch(spec, launch)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, launch.local_rank)
     fdist.init_from_env(device)
+    if launch.distributed:
+        _check_shared_run_dir(run_dir)
     bad = BadRows(policy=cfg.data.on_bad_row.value)
     cols = _columns(cfg)
     train_path, eval_path, fmt = _on_rank0_first(lambda: _data_paths(cfg, run_dir))
     train_raw = load_examples(train_path, fmt, cols, bad)
     eval_raw = load_examples(eval_path, fmt, cols, bad) if eval_path else None
 
-    m = cfg.model
+    m = cfg.base
     if m.tiny is not None:
         texts = train_raw["text"] if "text" in train_raw.column_names else [
             p + c for p, c in zip(train_raw["prompt"], train_raw["completion"])
@@ -145,12 +180,20 @@ def prepare_session(cfg: DictConfig) -> Session:
     else:
         model_path = m.name_or_path
     tokenizer = load_tokenizer(model_path, m.gguf_file, m.trust_remote_code)
-    model = load_frozen_model(model_path, m.dtype, m.gguf_file, m.trust_remote_code, m.gradient_checkpointing)
-    model.to(device)
+
+    def load() -> torch.nn.Module:
+        return load_frozen_model(model_path, m.dtype, m.gguf_file, m.trust_remote_code, m.gradient_checkpointing)
+
+    zero = None
+    if spec.partitioned:
+        zero = ZeroBase(spec, m.dtype, device, model_hidden_size(model_path, m.gguf_file, m.trust_remote_code))
+    model = zero.load(load) if zero is not None else load().to(device)
     a = cfg.adapter
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
-    spec = AdapterSpec(method=a.method.value, rank=a.rank, alpha=a.alpha, kernel=a.kernel.value)
-    slot, layout = inject_adapters(model, spec, targets)
+    adapter_spec = AdapterSpec(method=a.method.value, rank=a.rank, alpha=a.alpha, kernel=a.kernel.value)
+    slot, layout = inject_adapters(model, adapter_spec, targets)
+    if zero is not None:
+        zero.engage(model, [AdaptedLinear])
 
     d = cfg.data
     train_tok = tokenize_examples(train_raw, tokenizer, d.max_length, d.add_eos, bad)
@@ -167,6 +210,11 @@ def prepare_session(cfg: DictConfig) -> Session:
         by_user.setdefault(u, []).append(i)
         user_tokens[u] = user_tokens.get(u, 0) + sum(1 for t in labels[1:] if t != IGNORE)
     user_tokens = dict(sorted(user_tokens.items()))
+    if len(user_tokens) < fdist.world_size():
+        raise LaunchError(
+            f"{len(user_tokens)} user(s) cannot be sharded over {fdist.world_size()} ranks: every rank's store "
+            "shard must own at least one user; start fewer processes"
+        )
     store = make_store(cfg, layout, device, user_tokens)
     t = cfg.train
     planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed)
@@ -186,4 +234,6 @@ def prepare_session(cfg: DictConfig) -> Session:
         planner=planner,
         bad_rows=bad,
         user_tokens=user_tokens,
+        launch=launch,
+        zero=zero,
     )

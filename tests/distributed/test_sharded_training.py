@@ -9,68 +9,20 @@ resumes on 3 ranks and on 1 to the same result.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from flora_train.config import load_recipe
-from flora_train.data import SyntheticTask
-from flora_train.store.sharded import iter_shards
 from flora_train.store.sharding import ShardPlan, partition_step
 from flora_train.train.checkpoint import latest_checkpoint
 from flora_train.train.run import run_training
 from flora_train.train.session import prepare_session
 
-REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("run_configs.py")
+from tests.distributed.helpers import small_recipe, assert_same_adapters, run_many, saved_state, torchrun
+
 pytestmark = pytest.mark.slow
-ROW_TOL = dict(rtol=1e-3, atol=5e-5)  # float32: batches of other shapes round differently
-
-
-def _base(tmp: Path, model_dir: Path) -> list[str]:
-    train, evalp = SyntheticTask(num_users=12, train_examples_per_user=6, eval_examples_per_user=2).write(tmp / "data")
-    return [
-        f"model.name_or_path={model_dir}", f"data.train_path={train}", f"data.eval_path={evalp}",
-        "adapter.target_modules=[q_proj,v_proj,down_proj]", "train.users_per_step=5", "train.examples_per_user=3",
-        "train.micro_batch_size=4", "train.epochs=2", "store.optimizer.lr=0.05", "tracking.enabled=false",
-        "train.progress=false",
-    ]
-
-
-def torchrun(nproc: int, args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def run_many(nproc: int, runs: list[list[str]], tmp: Path, resume: bool = False) -> None:
-    spec = tmp / f"spec-{nproc}-{len(list(tmp.glob('spec-*')))}.json"
-    spec.write_text(json.dumps({"runs": runs, "resume": resume}))
-    torchrun(nproc, [str(WORKER), str(spec)], tmp)
-
-
-def saved_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for path, users in iter_shards(latest_checkpoint(run_dir)):
-        tensors = load_file(str(path))
-        out.update({u: {k: v[i] for k, v in tensors.items()} for i, u in enumerate(users)})
-    return out
-
-
-def assert_same_adapters(got: dict, want: dict, label: str) -> None:
-    assert set(got) == set(want), label
-    for user, cols in want.items():
-        assert torch.equal(got[user]["optim.step"], cols["optim.step"]), (label, user)
-        torch.testing.assert_close(got[user]["rows"], cols["rows"], **ROW_TOL, msg=lambda m: f"{label} {user}: {m}")
 
 
 def expected_fetch_bytes(base: list[str], tmp: Path, world: int) -> tuple[int, bool]:
@@ -91,7 +43,7 @@ def expected_fetch_bytes(base: list[str], tmp: Path, world: int) -> tuple[int, b
 
 
 def test_placements_and_tiers_match_one_process(tmp_path, tiny_llama_dir):
-    base = _base(tmp_path, tiny_llama_dir)
+    base = small_recipe(tmp_path, tiny_llama_dir)
     run_training(load_recipe(None, [*base, f"run_dir={tmp_path / 'ref'}"]))
     ref = saved_state(tmp_path / "ref")
     configs = {
@@ -119,7 +71,7 @@ def test_placements_and_tiers_match_one_process(tmp_path, tiny_llama_dir):
 
 
 def test_restore_onto_another_world_size(tmp_path, tiny_llama_dir):
-    base = _base(tmp_path, tiny_llama_dir)
+    base = small_recipe(tmp_path, tiny_llama_dir)
     run_training(load_recipe(None, [*base, f"run_dir={tmp_path / 'ref'}"]))
     ref = saved_state(tmp_path / "ref")
     first = tmp_path / "saved-at-2"

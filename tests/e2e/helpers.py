@@ -11,10 +11,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A small version of the quickstart: same code path, seconds instead of minutes.
 SMALL = [
-    "model.tiny.hidden_size=32",
-    "model.tiny.intermediate_size=64",
-    "model.tiny.vocab_size=300",
-    "model.tiny.pretrain_steps=30",
+    "base.tiny.hidden_size=32",
+    "base.tiny.intermediate_size=64",
+    "base.tiny.vocab_size=300",
+    "base.tiny.pretrain_steps=30",
     "data.synthetic.num_users=24",
     "data.synthetic.train_examples_per_user=8",
     "data.synthetic.eval_examples_per_user=2",

@@ -20,3 +20,17 @@ def test_bench_store_writes_side_by_side_figures(tmp_path):
     assert wire["fetch"]["bytes_per_step"] == wire["fetch"]["remote_rows_per_step"] * 32 * 4 * 2
     assert 0 < wire["fetch"]["bytes_per_step"] < wire["dense_allreduce"]["bytes_per_step"]
     assert "dense all-reduce / fetch" in proc.stdout
+
+
+def test_bench_zero_prints_stage0_and_zero3_side_by_side(tmp_path):
+    cmd = [sys.executable, "-m", "flora_train.cli", "bench", "zero", "--hidden-size", "64", "--layers", "2",
+           "--steps", "2", "--users-per-step", "4", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_zero.json").read_text())
+    assert result["world"] == 2
+    # every weight of this small base is above the width-derived persistence threshold but the norms
+    assert 0.49 < result["ratio"]["base_held_mib_per_rank"] < 0.52
+    for stage in ("stage0", "stage3"):
+        assert result[stage]["step_ms_p50"] > 0 and result[stage]["train_peak_rss_mib_per_rank"] > 0
+    assert "ZeRO-3 / 0" in proc.stdout and "base held (MiB)" in proc.stdout

@@ -135,3 +135,15 @@ def test_bad_data_row_names_file_and_line(tmp_path):
     assert proc.returncode == 2 and f"{data}:5: malformed JSON" in proc.stderr
     proc = flora_train(*args, "data.on_bad_row=skip", "train.compare_shared_baseline=false")
     assert "skipped 1 bad rows" in proc.stdout
+
+
+def test_zero3_in_one_process_needs_parameter_offload(tmp_path):
+    args = ["run", "recipes/quickstart.yaml", *SMALL, "tracking.enabled=false", "train.compare_shared_baseline=false",
+            "export.format=none", "base.zero_stage=3"]
+    proc = flora_train(*args, f"run_dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode == 2 and "base.zero_stage=3 on a world of one process partitions nothing" in proc.stderr
+    assert not (tmp_path / "r").exists()
+    flora_train(*args, f"run_dir={tmp_path / 'offload'}", "base.offload_params=cpu")
+    result = json.loads((tmp_path / "offload" / "result.json").read_text())
+    assert result["base"]["zero_stage"] == 3 and result["base"]["world_size"] == 1
+    assert result["eval"]["eval/users"] == 24

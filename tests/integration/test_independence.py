@@ -9,7 +9,7 @@ from flora_train.data import StepPlan, SyntheticTask
 from flora_train.store import AdapterStore
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
-from flora_train.train.run import _settings
+from flora_train.train.run import train_settings
 from flora_train.train.session import make_row_init, prepare_session
 from flora_train.train.trainer import Trainer
 
@@ -20,7 +20,7 @@ def _session(tmp_path, model_dir, method, micro):
         None,
         [
             f"run_dir={tmp_path / 'run'}",
-            f"model.name_or_path={model_dir}",
+            f"base.name_or_path={model_dir}",
             f"data.train_path={train}",
             f"adapter.method={method}",
             "adapter.rank=2",
@@ -54,7 +54,7 @@ def test_joint_equals_alone(tmp_path, tiny_llama_dir, method, dtype):
     totals = s.user_total_steps()
     plans = list(s.planner.steps(epochs=3))
     assert max(len(p.user_ids) for p in plans) == 4
-    joint = Trainer(s.model, s.slot, s.store, s.train, _settings(s), totals, s.pad_id, s.device)
+    joint = Trainer(s.model, s.slot, s.store, s.train, train_settings(s), totals, s.pad_id, s.device)
     joint.fit(plans)
     users = sorted(totals)
     trained = s.store.read(users)
@@ -64,7 +64,7 @@ def test_joint_equals_alone(tmp_path, tiny_llama_dir, method, dtype):
         local = AdapterStore(s.layout.row_size, make_row_init(s.layout, s.cfg.store.init_seed), s.store.hyper)
         alone_store = ShardedAdapterStore(local, ShardPlan.balanced({user: 1}, 1))
         own = [StepPlan(p.step, p.epoch, ((user, dict(p.groups)[user]),)) for p in plans if user in p.user_ids]
-        alone = Trainer(s.model, s.slot, alone_store, s.train, _settings(s), totals, s.pad_id, s.device)
+        alone = Trainer(s.model, s.slot, alone_store, s.train, train_settings(s), totals, s.pad_id, s.device)
         alone.fit(own)
         torch.testing.assert_close(alone_store.read([user])[0], trained[k], **TOLERANCE[dtype])
         assert int(alone_store.steps([user])[0]) == int(s.store.steps([user])[0]) == len(own)

@@ -8,7 +8,7 @@ import torch
 from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from flora_train.train.run import _settings, run_training
+from flora_train.train.run import train_settings, run_training
 from flora_train.train.session import prepare_session
 from flora_train.train.trainer import NonFiniteError, Trainer
 
@@ -16,7 +16,7 @@ from flora_train.train.trainer import NonFiniteError, Trainer
 def _overrides(tmp_path, model_dir, *extra):
     train, evalp = SyntheticTask(num_users=8, train_examples_per_user=6, eval_examples_per_user=2).write(tmp_path / "data")
     return [
-        f"run_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}", f"data.train_path={train}",
+        f"run_dir={tmp_path / 'run'}", f"base.name_or_path={model_dir}", f"data.train_path={train}",
         f"data.eval_path={evalp}", "adapter.target_modules=[q_proj,v_proj,down_proj]", "train.users_per_step=4",
         "train.examples_per_user=2", "train.micro_batch_size=5", "train.epochs=2", "store.optimizer.lr=0.05",
         "tracking.enabled=false", "train.progress=false", *extra,
@@ -24,7 +24,7 @@ def _overrides(tmp_path, model_dir, *extra):
 
 
 def _trainer(s):
-    return Trainer(s.model, s.slot, s.store, s.train, _settings(s), s.user_total_steps(), s.pad_id, s.device)
+    return Trainer(s.model, s.slot, s.store, s.train, train_settings(s), s.user_total_steps(), s.pad_id, s.device)
 
 
 def _poison(session, user):

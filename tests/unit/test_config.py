@@ -7,7 +7,7 @@ import pytest
 from flora_train.config import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
-MINIMAL = "run_dir: /tmp/r\nmodel:\n  tiny: {}\ndata:\n  synthetic: {}\n"
+MINIMAL = "run_dir: /tmp/r\nbase:\n  tiny: {}\ndata:\n  synthetic: {}\n"
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -32,9 +32,15 @@ def _write(tmp_path, text):
         (MINIMAL, ["store.optimizer.lrr=1"], r"override 'store.optimizer.lrr=1': unknown key 'store.optimizer.lrr' \(did you mean 'store.optimizer.lr'\?\)"),
         (MINIMAL, ["train.users_per_step=0"], r"key 'train.users_per_step': must be > 0"),
         (MINIMAL, ["export.format=peft"], r"key 'export.format': PEFT has no flora adapter"),
-        (MINIMAL, ["model.name_or_path=x"], r"key 'model.name_or_path': set exactly one"),
+        (MINIMAL, ["base.name_or_path=x"], r"key 'base.name_or_path': set exactly one"),
         (MINIMAL, ["nonsense"], r"override 'nonsense' must look like key.sub=value"),
-        ("model:\n  tiny: {}\ndata:\n  synthetic: {}\n", [], r"missing required value for key 'run_dir'"),
+        ("base:\n  tiny: {}\ndata:\n  synthetic: {}\n", [], r"missing required value for key 'run_dir'"),
+        ("run_dir: x\nmodel:\n  tiny: {}\n", [], r"r\.yaml:2: unknown key 'model' \(the frozen model's section is called 'base'\)"),
+        (MINIMAL, ["base.zero_stage=2"], r"key 'base.zero_stage': must be 0 or 3, got 2"),
+        (MINIMAL, ["base.offload_params=cpu"], r"key 'base.offload_params': parameter offload needs base.zero_stage=3"),
+        (MINIMAL, ["base.offload_params=nvme"], r"invalid value for key 'base.offload_params'.*none, cpu"),
+        (MINIMAL, ["base.zero_stage=3", "base.deepspeed.zero_optimization.stage=2"],
+         r"key 'base.deepspeed.zero_optimization.stage': is 2 but base.zero_stage is 3"),
         ("run_dir: x\n  bad: [indent\n", [], r"r\.yaml:2: not valid YAML"),
     ],
 )
@@ -46,4 +52,4 @@ def test_recipe_errors_name_the_key(tmp_path, text, overrides, pattern):
 def test_overrides_apply_with_types(tmp_path):
     cfg = load_recipe(_write(tmp_path, MINIMAL), ["train.epochs=5", "adapter.method=lora", "adapter.target_modules=[q_proj]"])
     assert cfg.train.epochs == 5 and cfg.adapter.method.value == "lora" and list(cfg.adapter.target_modules) == ["q_proj"]
-    assert cfg.model.tiny.hidden_size == 64  # nested defaults are filled from the schema
+    assert cfg.base.tiny.hidden_size == 64  # nested defaults are filled from the schema

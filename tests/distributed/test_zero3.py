@@ -1,0 +1,71 @@
+"""The frozen base under DeepSpeed ZeRO-3 (gloo on CPU, real torchrun jobs).
+
+ZeRO-3 over 2 ranks trains the same adapters as stage 0 over 2 ranks and as one process, for FLoRA
+and LoRA, with and without gradient checkpointing, and with parameter offload; a bf16 base trains
+float32 rows and optimizer state. Each rank holds about half the base, and the gathered base still
+equals the checkpoint it was loaded from after training.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flora_train.config import load_recipe
+from flora_train.train.run import run_training
+
+from tests.distributed.helpers import assert_same_adapters, run_many, saved_state, small_recipe
+
+pytestmark = pytest.mark.slow
+# The tiny test base is far below DeepSpeed's default persistence threshold (1e5 elements), under
+# which weights stay whole on every rank; 0 makes every weight partitioned, as in a real model.
+PARTITION_ALL = "base.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"
+BF16_TOL = dict(rtol=2e-2, atol=2e-3)
+
+
+def test_zero3_matches_stage0_and_one_process(tmp_path, tiny_llama_dir):
+    base = small_recipe(tmp_path, tiny_llama_dir)
+    refs = {}
+    for method in ("flora", "lora"):
+        run_training(load_recipe(None, [*base, f"adapter.method={method}", f"run_dir={tmp_path / f'ref-{method}'}"]))
+        refs[method] = saved_state(tmp_path / f"ref-{method}")
+    run_training(load_recipe(None, [*base, "base.dtype=bfloat16", f"run_dir={tmp_path / 'ref-bf16'}"]))
+    refs["bf16"] = saved_state(tmp_path / "ref-bf16")
+
+    cases = {  # run name -> (reference, overrides)
+        "z3-flora": ("flora", ["base.zero_stage=3", PARTITION_ALL]),
+        "z3-flora-gc": ("flora", ["base.zero_stage=3", PARTITION_ALL, "base.gradient_checkpointing=true"]),
+        "z3-lora": ("lora", ["adapter.method=lora", "base.zero_stage=3", PARTITION_ALL]),
+        "z3-lora-gc": ("lora", ["adapter.method=lora", "base.zero_stage=3", PARTITION_ALL, "base.gradient_checkpointing=true"]),
+        "z0-flora": ("flora", []),
+        "z0-lora-gc": ("lora", ["adapter.method=lora", "base.gradient_checkpointing=true"]),
+        "z3-flora-offload": ("flora", ["base.zero_stage=3", PARTITION_ALL, "base.offload_params=cpu", "store.placement=fetch"]),
+        "z3-bf16": ("bf16", ["base.zero_stage=3", PARTITION_ALL, "base.dtype=bfloat16"]),
+    }
+    run_many(2, [[*base, f"run_dir={tmp_path / name}", *extra] for name, (_, extra) in cases.items()], tmp_path,
+             check_base=True)
+
+    for name, (ref, _) in cases.items():
+        got = saved_state(tmp_path / name)
+        if ref == "bf16":
+            for user, cols in refs["bf16"].items():
+                # A bf16 base still trains float32 rows and float32 optimizer state.
+                assert all(v.dtype in (torch.float32, torch.int64) for v in got[user].values()), user
+                torch.testing.assert_close(got[user]["rows"], cols["rows"], **BF16_TOL)
+        else:
+            assert_same_adapters(got, refs[ref], name)
+        for rank in (0, 1):
+            check = json.loads((tmp_path / name / f"base-rank{rank}.json").read_text())
+            assert check["checked"] > 0 and not check["missing"], (name, check)
+            assert check["changed"] == [], f"{name}: the frozen base changed: {check['changed']}"
+            share = check["held"] / check["total"]
+            if name.startswith("z3"):
+                assert 0.49 <= share <= 0.51, f"{name}: rank {rank} holds {share:.3f} of the base"
+            else:
+                assert share == 1.0
+        if name == "z3-bf16":
+            assert check["dtypes"] == ["torch.bfloat16"]
+        result = json.loads((tmp_path / name / "result.json").read_text())
+        assert result["base"]["zero_stage"] == (3 if name.startswith("z3") else 0)

@@ -1,0 +1,96 @@
+"""Reading the job from the launcher's environment, and refusing launches the recipe cannot run."""
+
+import json
+
+import pytest
+
+from flora_train.base.zero import ZeroSpec, check_zero_launch, deepspeed_config
+from flora_train.launch_env import LaunchEnv, LaunchError, first_host, read_launch_env
+
+TORCH = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
+
+
+@pytest.mark.parametrize(
+    "extra, launcher",
+    [
+        ({"TORCHELASTIC_RUN_ID": "x", "GROUP_RANK": "1"}, "torchrun"),
+        ({"CROSS_RANK": "0", "LOCAL_SIZE": "2"}, "deepspeed"),
+        ({"ACCELERATE_MIXED_PRECISION": "no"}, "accelerate"),
+        ({}, "env"),
+    ],
+)
+def test_torch_environment_from_any_launcher(extra, launcher):
+    env = read_launch_env({**TORCH, **extra})
+    assert env == LaunchEnv(launcher, 3, 4, 1, "10.0.0.1", 29400)
+    assert env.torch_environ() == TORCH
+
+
+def test_srun_gives_the_same_five_values():
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+             "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu[007-010],cpu1", "SLURM_NTASKS": "8"}
+    env = read_launch_env(slurm)
+    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.master_addr) == ("srun", 5, 8, 1, "gpu007")
+    assert env.master_port == read_launch_env({**slurm, "SLURM_PROCID": "0"}).master_port  # same for every task
+    assert env.master_port != read_launch_env({**slurm, "SLURM_JOB_ID": "1235"}).master_port
+    assert read_launch_env({**slurm, "MASTER_PORT": "4000"}).master_port == 4000
+    # srun torchrun ...: torchrun's own variables win over Slurm's
+    assert read_launch_env({**slurm, **TORCH}).rank == 3
+
+
+def test_sbatch_script_without_srun_is_one_process():
+    # The batch step sees the job's task count but is one process: it must not wait for peers.
+    env = read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"})
+    assert env == LaunchEnv("single")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR, MASTER_PORT not set"),
+        ({**TORCH, "RANK": "4"}, "RANK=4 is outside WORLD_SIZE=4"),
+        ({**TORCH, "MASTER_PORT": "http"}, "MASTER_PORT='http' is not an integer"),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_STEP_NODELIST is not set"),
+    ],
+)
+def test_broken_environments_are_named(env, message):
+    with pytest.raises(LaunchError, match=message):
+        read_launch_env(env)
+
+
+@pytest.mark.parametrize(
+    "nodes, host", [("node1", "node1"), ("n[01-04]", "n01"), ("a[3,5-7],b2", "a3"), ("c-1-[9-12]x", "c-1-9")]
+)
+def test_first_host_of_a_slurm_nodelist(nodes, host):
+    assert first_host(nodes) == host
+
+
+def test_accelerate_zero_stage_from_flags_and_config_file(tmp_path):
+    flags = read_launch_env({**TORCH, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                             "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"})
+    assert (flags.launcher_zero_stage, flags.launcher_offload_params) == (3, "cpu")
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    from_file = read_launch_env({**TORCH, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(cfg)})
+    assert from_file.launcher_zero_stage == 2
+    with pytest.raises(LaunchError, match="accelerate launch asked for DeepSpeed ZeRO stage 2 but the recipe has base.zero_stage=3"):
+        check_zero_launch(ZeroSpec(3), from_file)
+    with pytest.raises(LaunchError, match=r"ds\.json: cannot read it"):
+        cfg.write_text("{not json")
+        read_launch_env({**TORCH, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(cfg)})
+
+
+def test_zero3_needs_more_than_one_process_or_offload():
+    single = LaunchEnv("single")
+    with pytest.raises(LaunchError, match="base.zero_stage=3 on a world of one process partitions nothing"):
+        check_zero_launch(ZeroSpec(3), single)
+    check_zero_launch(ZeroSpec(3, "cpu"), single)
+    check_zero_launch(ZeroSpec(0), single)
+    check_zero_launch(ZeroSpec(3), LaunchEnv("torchrun", 0, 2, 0, "127.0.0.1", 1))
+
+
+def test_deepspeed_config_follows_the_base_and_takes_extras():
+    cfg = deepspeed_config(ZeroSpec(3, "cpu", {"zero_optimization": {"stage3_prefetch_bucket_size": 7}}), "bfloat16")
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["stage3_prefetch_bucket_size"] == 7
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["gradient_clipping"] == 0.0  # DeepSpeed 0.19 would clip at 1.0 otherwise
