@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REQS := requirements/constraints.txt requirements/runtime.txt requirements/test.txt pyproject.toml
 
-.PHONY: quickstart test install bench-store clean
+.PHONY: quickstart test install system-deps bench-store clean
 
 install: $(STAMP)
 
@@ -24,7 +24,15 @@ $(STAMP): $(REQS)
 quickstart: $(STAMP)
 	$(BIN)/flora-train run recipes/quickstart.yaml
 
-test: $(STAMP)
+# The launcher tests start a real one-node Slurm (Debian's slurm-wlm and munge) on localhost.
+system-deps:
+	@if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q slurm-wlm munge >/dev/null; }; \
+	fi
+
+test: $(STAMP) system-deps
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=15
 
 bench-store: $(STAMP)

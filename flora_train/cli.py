@@ -39,6 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
 
+    la = sub.add_parser("launch", help="submit a recipe as a job (local torchrun, Slurm, Kubernetes)")
+    la.add_argument("recipe", type=Path)
+    la.add_argument("overrides", nargs="*", help="key.sub=value overrides (launch.* included)")
+    la.add_argument("--scheduler", choices=["local", "slurm", "k8s"], help="launch.scheduler")
+    for flag, key in (("--nodes", "nodes"), ("--procs-per-node", "procs_per_node"), ("--gpus-per-node", "gpus_per_node")):
+        la.add_argument(flag, type=int, dest=key, help=f"launch.{key}")
+    for flag, key in (("--partition", "partition"), ("--time", "time_limit"), ("--image", "image"), ("--job-name", "job_name")):
+        la.add_argument(flag, dest=key, help=f"launch.{key}")
+    la.add_argument("--dry-run", action="store_true", help="print what would be run or submitted, start nothing")
+    la.add_argument("--wait", action="store_true", help="follow a submitted job to its end and return its exit code")
+
     val = sub.add_parser("validate", help="check a recipe and print it resolved, without running")
     val.add_argument("recipe", type=Path)
     val.add_argument("overrides", nargs="*")
@@ -104,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from flora_train.config import RecipeError, load_recipe, recipe_to_yaml
     from flora_train.data import DataError
     from flora_train.export import ExportError
+    from flora_train.launch import LaunchFailed
     from flora_train.launch_env import LaunchError
     from flora_train.train.checkpoint import CheckpointError
     from flora_train.train.trainer import NonFiniteError
@@ -115,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             from flora_train.train.run import run_training
 
             run_training(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        elif args.command == "launch":
+            from flora_train.launch import launch
+
+            flags = {k: getattr(args, k) for k in ("scheduler", "nodes", "procs_per_node", "gpus_per_node",
+                                                   "partition", "time_limit", "image", "job_name")}
+            overrides = [*args.overrides, *(f"launch.{k}={v}" for k, v in flags.items() if v is not None)]
+            return launch(load_recipe(args.recipe, overrides), dry_run=args.dry_run, wait=args.wait)
         elif args.command == "eval":
             from flora_train.train.run import run_eval
 
@@ -142,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             task = SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
             for path in task.write(args.out):
                 print(path)
-    except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, LaunchError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, LaunchError, LaunchFailed, FileNotFoundError) as exc:
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:

@@ -233,6 +233,36 @@ class ExportConfig:
     out: Optional[str] = None  # default: <run_dir>/export/<format>
 
 
+class Scheduler(str, Enum):
+    local = "local"
+    slurm = "slurm"
+    k8s = "k8s"
+
+
+@dataclass
+class LaunchConfig:
+    """How `flora-train launch` turns this recipe into a job (ignored by `flora-train run`)."""
+
+    scheduler: Scheduler = Scheduler.local
+    nodes: int = 1
+    procs_per_node: int = 1  # training processes per node: one per GPU
+    gpus_per_node: int = 0
+    cpus_per_proc: int = 4
+    memory: Optional[str] = None  # per node, scheduler syntax (e.g. 64G)
+    time_limit: str = "04:00:00"
+    job_name: Optional[str] = None  # default: flora-<run_dir name>
+    partition: Optional[str] = None  # Slurm partition
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    sbatch_args: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. ["--exclusive"]
+    python: Optional[str] = None  # interpreter with flora_train on the nodes; default: this one
+    port: int = 29500  # rendezvous port on the first node
+    image: str = "flora-train:gpu"  # Kubernetes container image
+    namespace: str = "default"
+    volume_claim: Optional[str] = None  # Kubernetes PVC holding run_dir
+    env: dict[str, str] = field(default_factory=dict)  # environment of every training process
+
+
 @dataclass
 class Recipe:
     run_dir: str = MISSING
@@ -244,3 +274,4 @@ class Recipe:
     store: StoreConfig = field(default_factory=StoreConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)

@@ -102,6 +102,18 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
         _fail(source, "store.cache_rows", f"must hold a step's users (train.users_per_step={train.users_per_step}) or be 0")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", train.device):
         _fail(source, "train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {train.device!r}")
+    la = cfg.launch
+    _positive(cfg, source, ["launch.nodes", "launch.procs_per_node", "launch.cpus_per_proc", "launch.port"])
+    if la.gpus_per_node < 0:
+        _fail(source, "launch.gpus_per_node", f"must be >= 0, got {la.gpus_per_node}")
+    if la.gpus_per_node and la.procs_per_node > la.gpus_per_node:
+        _fail(source, "launch.procs_per_node", f"{la.procs_per_node} processes cannot each have a GPU of "
+              f"launch.gpus_per_node={la.gpus_per_node}")
+    if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", la.time_limit):
+        _fail(source, "launch.time_limit", f"must look like [D-]HH:MM:SS, got {la.time_limit!r}")
+    for name in la.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+            _fail(source, f"launch.env.{name}", "is not a valid environment variable name")
     if cfg.export.format == ExportFormat.peft and cfg.adapter.method != Method.lora:
         _fail(
             source,

@@ -1,0 +1,132 @@
+"""`flora-train launch`: local torchrun, a real Slurm on localhost, dry runs, and hostile values."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flora_train.config import load_recipe
+from flora_train.launch.job import make_job
+from flora_train.launch.slurm import render
+
+from tests.e2e.helpers import REPO, SMALL
+from tests.e2e.slurm_cluster import start_cluster, stop_cluster
+
+pytestmark = pytest.mark.slow
+HOSTILE = ["$(touch {marker})", "'; touch {marker}; '", "`touch {marker}`", 'a"b\\c $HOME']
+
+
+def launch(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "flora_train.cli", "launch", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_prints_what_would_run_and_starts_nothing(tmp_path):
+    run_dir = tmp_path / "r"
+    local = launch("recipes/quickstart.yaml", f"run_dir={run_dir}", "--nodes", "2", "--procs-per-node", "2", "--dry-run")
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.count("torch.distributed.run --nnodes=2") == 2 and "--node-rank=1" in local.stdout
+    slurm = launch("recipes/quickstart.yaml", f"run_dir={run_dir}", "--scheduler", "slurm", "--nodes", "4",
+                   "--gpus-per-node", "8", "--procs-per-node", "8", "--partition", "gpu", "--dry-run",
+                   env={"PATH": "/nonexistent"})  # a dry run needs no sbatch
+    assert slurm.returncode == 0, slurm.stderr
+    assert "would run: sbatch --parsable --job-name=flora-r --nodes=4" in slurm.stdout
+    assert "--gpus-per-node=8 --partition=gpu" in slurm.stdout and "--nproc-per-node=8" in slurm.stdout
+    assert not run_dir.exists()
+
+
+def test_recipe_values_reach_the_job_as_literal_strings(tmp_path):
+    """The rendered script runs under bash with shims for srun/scontrol: no hostile value executes,
+    each arrives byte for byte."""
+    marker = tmp_path / "pwned"
+    values = [v.format(marker=marker) for v in HOSTILE]
+    run_dir = tmp_path / values[0]
+    recipe = tmp_path / "hostile.yaml"
+    recipe.write_text(yaml.safe_dump({"run_dir": str(run_dir), "base": {"tiny": {}}, "data": {"synthetic": {}},
+                                      "launch": {"env": {f"V{i}": v for i, v in enumerate(values)}}}))
+    cfg = load_recipe(recipe)
+    assert [cfg.launch.env[f"V{i}"] for i in range(len(values))] == values
+    job = make_job(cfg)
+    _, script = render(job)
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "scontrol").write_text("#!/bin/sh\necho localhost\n")
+    (shims / "srun").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                f"json.dump({{'argv': sys.argv, 'env': {{k: v for k, v in os.environ.items() if k.startswith('V')}}}}, "
+                                f"open({str(tmp_path / 'seen.json')!r}, 'w'))\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    (tmp_path / "job.sh").write_text(script)
+    proc = subprocess.run(["bash", str(tmp_path / "job.sh")], env={"PATH": f"{shims}:/usr/bin:/bin", "SLURM_JOB_ID": "7",
+                          "SLURM_JOB_NODELIST": "localhost"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["env"] == {f"V{i}": v for i, v in enumerate(values)}
+    assert seen["argv"][-1] == str(job.recipe_path) and values[0] in seen["argv"][-1]
+
+
+def test_bad_recipe_or_missing_sbatch_submits_nothing(tmp_path):
+    proc = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'r'}", "train.epoch=3", "--scheduler", "slurm")
+    assert proc.returncode == 2 and "unknown key 'train.epoch'" in proc.stderr
+    proc = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'r'}", "--scheduler", "slurm", env={"PATH": "/nonexistent"})
+    assert proc.returncode == 2 and "sbatch not found on PATH" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_local_scheduler_returns_the_job_exit_code(tmp_path):
+    ok = launch("recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'ok'}", "--procs-per-node", "2",
+                "train.compare_shared_baseline=false", "tracking.enabled=false")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads((tmp_path / "ok" / "result.json").read_text())["base"]["world_size"] == 2
+    bad = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'bad'}", "data.synthetic=null",
+                 f"data.train_path={tmp_path / 'missing.jsonl'}")
+    assert bad.returncode != 0 and "missing.jsonl" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    env, pids = start_cluster(tmp_path_factory.mktemp("slurm"))
+    yield env
+    stop_cluster(pids)
+
+
+def test_quickstart_through_real_slurm(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch("recipes/quickstart.yaml", *SMALL, f"run_dir={run_dir}", "--scheduler", "slurm", "--procs-per-node", "2",
+                  "launch.cpus_per_proc=1", "launch.env.OMP_NUM_THREADS=1", "--wait", env=slurm)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Slurm job" in proc.stdout and "ended: COMPLETED, exit code 0" in proc.stdout
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["base"]["launcher"] == "torchrun" and result["base"]["world_size"] == 2
+    assert (run_dir / "export" / "flora" / "index.json").is_file()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    # a failing job: its exit code and the cause come back
+    bad = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'bad'}", "data.synthetic=null",
+                 f"data.train_path={tmp_path / 'missing.jsonl'}", "--scheduler", "slurm", "launch.cpus_per_proc=1",
+                 "--wait", env=slurm)
+    assert bad.returncode != 0 and "ended: FAILED" in bad.stdout and "flora-train: error:" in bad.stdout
+
+
+def test_srun_starts_flora_train_directly(slurm, tmp_path):
+    """`srun -n 2 flora-train run ...`: the process group comes from SLURM_* alone."""
+    run_dir = tmp_path / "srun"
+    proc = subprocess.run(
+        ["srun", "-n", "2", sys.executable, "-m", "flora_train.cli", "run", "recipes/quickstart.yaml", *SMALL,
+         f"run_dir={run_dir}", "tracking.enabled=false", "train.compare_shared_baseline=false", "base.zero_stage=3"],
+        cwd=REPO, env={**os.environ, **slurm, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["base"]["launcher"] == "srun" and result["base"]["world_size"] == 2
