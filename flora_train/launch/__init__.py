@@ -20,7 +20,9 @@ def launch(cfg: DictConfig, dry_run: bool = False, wait: bool = False) -> int:
 
         job_id = slurm.submit(job, dry_run)
         return slurm.wait(job, job_id) if wait and job_id is not None else 0
-    raise LaunchFailed(f"launch.scheduler={scheduler} is not implemented yet (local and slurm are)")
+    from flora_train.launch import k8s
+
+    return k8s.submit(job, dry_run)
 
 
 __all__ = ["Job", "LaunchFailed", "launch"]

@@ -130,3 +130,25 @@ def test_srun_starts_flora_train_directly(slurm, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["base"]["launcher"] == "srun" and result["base"]["world_size"] == 2
+
+
+def test_k8s_writes_the_manifest_and_applies_it_with_kubectl(tmp_path):
+    run_dir = tmp_path / "k"
+    args = ["recipes/quickstart.yaml", f"run_dir={run_dir}", "--scheduler", "k8s", "--nodes", "2",
+            "launch.volume_claim=runs"]
+    dry = launch(*args, "--dry-run")
+    assert dry.returncode == 0 and "kind: PyTorchJob" in dry.stdout and "kind: ConfigMap" in dry.stdout
+    assert not run_dir.exists()
+    missing = launch(*args, env={"PATH": "/nonexistent"})
+    assert missing.returncode == 2 and "kubectl not found on PATH" in missing.stderr
+    manifest = run_dir / "launch" / "pytorchjob.yaml"
+    assert manifest.is_file()
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "kubectl").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'kubectl-args'}\necho applied\n")
+    (shims / "kubectl").chmod(0o755)
+    applied = launch(*args, env={"PATH": f"{shims}:/usr/bin:/bin"})
+    assert applied.returncode == 0, applied.stderr
+    assert (tmp_path / "kubectl-args").read_text().split() == ["apply", "-f", str(manifest)]
+    no_claim = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'n'}", "--scheduler", "k8s")
+    assert no_claim.returncode == 2 and "launch.volume_claim" in no_claim.stderr
