@@ -40,7 +40,14 @@ def init_from_env(device: torch.device, env: Mapping[str, str] | None = None) ->
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(minutes=int(os.environ.get("FLORA_DIST_TIMEOUT_MIN", "30")))
-    dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", launch.rank, launch.world_size, timeout=timeout))
+    # torchrun --max-restarts may hand a restarted job the store of the failed attempt: without a
+    # prefix per attempt, gloo reads the dead processes' addresses and the restart never connects.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"flora_train/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     return launch
 
 

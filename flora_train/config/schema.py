@@ -191,6 +191,9 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 3
     log_every_steps: int = 10
     checkpoint_every_steps: int = 0  # 0: only at the end
+    # Continue from the latest checkpoint in run_dir when there is one (as --resume does). A job
+    # restarted by torchrun --max-restarts always does.
+    auto_resume: bool = False
     keep_checkpoints: int = 2
     progress: bool = True
     # Also train one adapter shared by all users on the same data and report it beside the per-user ones.

@@ -133,7 +133,18 @@ def _trainer_state(session: Session, step: int, run_id: str | None, trainer: Tra
         "seed": session.cfg.train.seed,
         "nonfinite_steps": trainer.nonfinite_steps,
         "model_path": session.model_path,
+        "base_fingerprint": session.base_fingerprint,
     }
+
+
+def check_same_base(ckpt: Path, state: dict[str, Any], session: Session) -> None:
+    """Refuses a checkpoint trained on another base (same shapes, other weights)."""
+    saved = state.get("base_fingerprint")
+    if saved is not None and saved != session.base_fingerprint:
+        raise CheckpointError(
+            f"{ckpt}: trained on base '{state.get('model_path')}' but this recipe's base is '{session.model_path}' "
+            "(config or weights differ); adapters only fit the base they were trained on"
+        )
 
 
 def train_shared_baseline(session: Session, steps: int) -> dict[str, UserEval]:
@@ -183,11 +194,16 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
     if main:
         recipe_path.write_text(recipe_to_yaml(cfg))
     start_step, run_id = 0, None
+    # A job restarted by torchrun (--max-restarts) or asked to (train.auto_resume) picks up where
+    # its last checkpoint left off instead of starting over.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    resume = resume or restarted or t.auto_resume
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise CheckpointError(f"{run_dir}/checkpoints: no intact checkpoint to resume from")
     if ckpt is not None:
         state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens)
+        check_same_base(ckpt, state, session)
         start_step, run_id = int(state["next_step"]), state.get("mlflow_run_id")
         if main:
             print(f"resuming from {ckpt} at step {start_step}")
@@ -221,13 +237,13 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
                 tracker.log_metrics(meter.metrics(), step=step)
                 meter.reset()
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and step < total:
-                save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
+                save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, tracker.known_run_id, trainer), t.keep_checkpoints)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and session.eval and step < total:
                 tracker.log_metrics(summarise(_evaluate_store(session, session.store)), step=step)
             plan = following
         status = "FINISHED"
     except NonFiniteError:
-        save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
+        save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, tracker.known_run_id, trainer), t.keep_checkpoints)
         raise
     finally:
         bar.close()
@@ -235,9 +251,9 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
             tracker.end("FAILED")
     train_seconds = time.perf_counter() - started
     store_totals = meter.store_counters()
-    final = save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, run_id, trainer), t.keep_checkpoints)
+    final = save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, tracker.known_run_id, trainer), t.keep_checkpoints)
     held, whole = resident_base_bytes(session.model)
-    result: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "checkpoint": str(final), "mlflow_run_id": run_id,
+    result: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "checkpoint": str(final), "mlflow_run_id": tracker.known_run_id,
                               "train_seconds": train_seconds, "users": len(session.store), "store": store_totals,
                               "base": {"zero_stage": cfg.base.zero_stage, "world_size": fdist.world_size(),
                                        "launcher": session.launch.launcher,
@@ -294,6 +310,7 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens)
+    check_same_base(ckpt, state, session)
     if session.eval is None:
         raise ValueError(f"{recipe}: the recipe has no evaluation data (data.eval_path or data.eval_examples_per_user)")
     per_user = _evaluate_store(session, session.store)

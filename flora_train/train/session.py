@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
 from flora_train.adapters.layer import AdaptedLinear
 from flora_train.base import build_tiny_model, load_frozen_model, load_tokenizer, resolve_device
+from flora_train.base.fingerprint import base_fingerprint
 from flora_train.base.loading import model_hidden_size
 from flora_train.base.zero import ZeroBase, ZeroSpec, check_zero_launch
 from flora_train.data import BadRows, BatchPlanner, Columns, SyntheticTask, load_examples, tokenize_examples
@@ -43,6 +44,7 @@ class Session:
     bad_rows: BadRows
     user_tokens: dict[str, int]  # target tokens per user in the training data (drives shard packing)
     launch: LaunchEnv
+    base_fingerprint: str  # identity of the base's config and weights (checkpoints must match it)
     zero: ZeroBase | None  # the DeepSpeed state of a ZeRO-3 base; None at stage 0
 
     def close(self) -> None:
@@ -235,5 +237,6 @@ def prepare_session(cfg: DictConfig) -> Session:
         bad_rows=bad,
         user_tokens=user_tokens,
         launch=launch,
+        base_fingerprint=base_fingerprint(model_path, m.gguf_file),
         zero=zero,
     )

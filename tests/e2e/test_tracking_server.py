@@ -1,5 +1,6 @@
 """Tracking to a real `mlflow server` on 127.0.0.1, read back with MlflowClient."""
 
+import json
 import os
 import signal
 import socket
@@ -22,32 +23,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
+def start_server(port: int, root: Path) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port with its store under root; returns once /health answers."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
         [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "a"), start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
+                return proc
         except OSError:
             time.sleep(0.5)
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}")
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise RuntimeError("mlflow server did not answer /health in 120 s")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("mlflow server did not answer /health in 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # the server's workers are in its process group
     proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = start_server(port, tmp_path)
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
 
 
 def test_run_logs_to_remote_server(mlflow_server, tmp_path):
@@ -68,3 +77,54 @@ def test_run_logs_to_remote_server(mlflow_server, tmp_path):
     assert {"eval/accuracy_mean", "eval_shared/accuracy_mean", "data/skipped_rows"} <= set(run.data.metrics)
     assert "recipe.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (tmp_path / "run" / "mlflow.db").exists(), "a remote URI must not create the embedded store"
+
+
+def test_metrics_survive_a_server_outage(tmp_path, capfd):
+    """The server stops mid-run and comes back: nothing blocks, nothing is lost."""
+    from mlflow.tracking import MlflowClient
+
+    from flora_train.tracking import SPILL, Tracker
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(port, tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recipe = run_dir / "recipe.yaml"
+    recipe.write_text("run_dir: x\n")
+    tracker = Tracker(True, url, "outage", run_dir, retry_s=0.2)
+    run_id = tracker.start("outage-run", {"a": "1"}, recipe)
+    assert run_id is not None
+    for step in range(3):
+        tracker.log_metrics({"train/loss": float(step)}, step=step, flush=True)
+    stop_server(server)
+    started = time.monotonic()
+    for step in range(3, 8):
+        tracker.log_metrics({"train/loss": float(step)}, step=step, flush=True)
+    assert time.monotonic() - started < 60, "logging must not stall while the server is down"
+    assert tracker.offline and (run_dir / SPILL).is_file()
+    assert len((run_dir / SPILL).read_text().splitlines()) == 5
+    assert "is unreachable" in capfd.readouterr().err
+    server = start_server(port, tmp_path)
+    try:
+        time.sleep(0.3)
+        tracker.log_metrics({"train/loss": 8.0}, step=8, flush=True)
+        tracker.end("FINISHED")
+        assert not tracker.offline and not (run_dir / SPILL).exists()
+        assert "reachable again; sent 6 buffered metrics" in capfd.readouterr().err
+        client = MlflowClient(tracking_uri=url)
+        history = client.get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(9))
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        stop_server(server)
+
+
+def test_training_runs_with_the_server_down_from_the_start(tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    proc = flora_train("run", "recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'run'}", f"tracking.uri={dead}",
+                       "train.compare_shared_baseline=false")
+    assert "is unreachable" in proc.stderr and "still unreachable" in proc.stderr
+    lines = (tmp_path / "run" / "tracking-buffer.jsonl").read_text().splitlines()
+    assert {"train/loss", "eval/accuracy_mean"} <= {json.loads(line)["key"] for line in lines}
+    assert (tmp_path / "run" / "result.json").is_file()

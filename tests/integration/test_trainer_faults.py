@@ -102,3 +102,19 @@ def test_bf16_autocast_keeps_float32_rows(tmp_path, tiny_llama_dir):
     rows = s.store.local.state_tensors()["rows"]
     assert rows.dtype == torch.float32 and torch.isfinite(rows).all() and not torch.equal(rows, before)
     assert stats.loss == stats.loss and not stats.skipped_users
+
+
+def test_checkpoint_of_another_base_with_the_same_shapes_is_refused(tmp_path, tiny_llama_dir, synthetic_texts):
+    import shutil
+
+    from flora_train.base import build_tiny_model
+
+    from tests.conftest import TINY
+
+    run_training(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "train.max_steps=2")))
+    other = build_tiny_model(tmp_path / "other", dict(TINY, seed=1), synthetic_texts)  # same shapes, other weights
+    with pytest.raises(CheckpointError, match="trained on base .* but this recipe's base is .*config or weights differ"):
+        run_training(load_recipe(None, _overrides(tmp_path, other)), resume=True)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_llama_dir, moved)  # the same base in another folder still resumes
+    assert run_training(load_recipe(None, _overrides(tmp_path, moved)), resume=True)["steps"] > 2
