@@ -111,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     _quiet_libraries()
+    from flora_train import dist as fdist
+
+    clean = False
+    try:
+        code = _dispatch(args)
+        clean = code == 0
+        return code
+    finally:
+        fdist.shutdown(clean)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.base import ModelLoadError
     from flora_train.config import RecipeError, load_recipe, recipe_to_yaml
     from flora_train.data import DataError

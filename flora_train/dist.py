@@ -51,6 +51,18 @@ def init_from_env(device: torch.device, env: Mapping[str, str] | None = None) ->
     return launch
 
 
+def shutdown(clean: bool) -> None:
+    """Leaves the process group before the interpreter exits. Left to interpreter teardown, gloo's
+    threads may be destroyed while a peer still talks to them, and a rank that finished its work
+    aborts ("terminate called without an active exception"). After a clean run the ranks first meet
+    at a barrier, so no rank tears down while another still needs it."""
+    if not is_distributed():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

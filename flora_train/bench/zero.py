@@ -165,6 +165,9 @@ def bench_zero(world: int = 2, steps: int = 6, warmup: int = 2, users_per_step: 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        from flora_train import dist as fdist
+
         _worker(Path(sys.argv[2]))
+        fdist.shutdown(clean=True)
     else:
         sys.exit("usage: python -m flora_train.bench.zero --worker SPEC (use `flora-train bench zero`)")

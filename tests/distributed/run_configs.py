@@ -42,6 +42,7 @@ def main() -> None:
                 check_base(session)
         finally:
             session.close()
+    fdist.shutdown(clean=True)
 
 
 if __name__ == "__main__":
