@@ -64,21 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--users", default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
     ex.add_argument("--out", type=Path, required=True)
 
-    be = sub.add_parser("bench", help="side-by-side benchmarks")
-    be.add_argument("suite", choices=["store", "zero"])
-    be.add_argument("--small", type=int, default=1_000, help="users in the small table")
-    be.add_argument("--large", type=int, default=1_000_000, help="users in the large table")
-    be.add_argument("--row-size", type=int, default=256)
-    be.add_argument("--step-users", type=int, default=64)
-    be.add_argument("--repeats", type=int, default=50)
-    be.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON results")
-    be.add_argument("--world", type=int, default=2, help="zero: processes per run")
-    be.add_argument("--steps", type=int, default=6, help="zero: timed steps per run")
-    be.add_argument("--users-per-step", type=int, default=8, help="zero: users per step")
-    be.add_argument("--hidden-size", type=int, default=1024, help="zero: width of the generated Llama base")
-    be.add_argument("--layers", type=int, default=8, help="zero: layers of the generated Llama base")
-    be.add_argument("--device", default="auto", help="zero: train.device of both runs")
-    be.add_argument("overrides", nargs="*", help="zero: recipe overrides for both runs (e.g. base.deepspeed...)")
+    be = sub.add_parser("bench", help="side-by-side benchmarks: layer, train, e2e, store, zero or all")
+    from flora_train.bench.suites import add_arguments
+
+    add_arguments(be)
 
     da = sub.add_parser("data", help="data utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
@@ -156,17 +145,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out)
             print(f"exported {m['num_users']} users ({m['format']}) to {args.out}")
         elif args.command == "bench":
-            if args.suite == "zero":
-                from flora_train.bench.zero import DEFAULT_BASE, bench_zero
+            from flora_train.bench.suites import run_bench
 
-                base = dict(DEFAULT_BASE, hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 11 // 4,
-                            num_layers=args.layers)
-                bench_zero(args.world, args.steps, users_per_step=args.users_per_step, out=args.out, base=base,
-                           device=args.device, overrides=args.overrides)
-            else:
-                from flora_train.bench.store import bench_store
-
-                bench_store(args.small, args.large, args.row_size, args.step_users, args.repeats, args.out)
+            run_bench(args)
         elif args.command == "data":
             from flora_train.data import SyntheticTask
 

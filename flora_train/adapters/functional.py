@@ -17,7 +17,20 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-LoraKernel = Literal["auto", "bmm", "segment", "loop"]
+LoraKernel = Literal["bmm", "segment", "loop"]
+FloraKernel = Literal["stacked", "rankwise"]
+
+# Every kernel that computes each method; all of a method's kernels compute the same function.
+KERNELS: dict[str, tuple[str, ...]] = {"flora": ("stacked", "rankwise"), "lora": ("bmm", "segment", "loop"), "ia3": ("fused",)}
+
+
+def kernels_for(method: str, rank: int) -> tuple[str, ...]:
+    """The kernels worth choosing between: at rank 1 FLoRA's two kernels are the same single GEMM."""
+    if method not in KERNELS:
+        raise ValueError(f"unknown adapter method {method!r}")
+    if method == "flora" and rank == 1:
+        return ("stacked",)
+    return KERNELS[method]
 
 
 def _per_example(t: torch.Tensor, index: torch.Tensor | None, batch: int, name: str) -> torch.Tensor:
@@ -45,12 +58,14 @@ def flora_linear(
     a: torch.Tensor,
     b: torch.Tensor,
     index: torch.Tensor | None = None,
+    kernel: FloraKernel = "stacked",
 ) -> torch.Tensor:
     """FLoRA (Wen & Chaudhuri 2024, eq. 6): ``mean_j a_j * ((x * b_j) @ W^T) + bias`` per example.
 
     ``a [batch|users, r, out]`` scales output features, ``b [batch|users, r, in]`` input features;
-    equivalently ``W_i = W * (a_i^T b_i) / r``. Rank 1 costs one GEMM of the base's shape; rank r
-    stacks the r scaled copies of x into one GEMM.
+    equivalently ``W_i = W * (a_i^T b_i) / r``. Rank 1 costs one GEMM of the base's shape. At rank r,
+    ``stacked`` puts the r scaled copies of x into one GEMM (fewer, larger kernels; r copies of the
+    activations live at once) and ``rankwise`` runs r GEMMs of the base's shape, accumulating.
     """
     x3, shape = _as_3d(x)
     batch, rank = x3.shape[0], a.shape[1]
@@ -60,10 +75,17 @@ def flora_linear(
     b = _per_example(b, index, batch, "b").to(x3.dtype)
     if rank == 1:
         y = a * F.linear(x3 * b, weight)
-    else:
+    elif kernel == "stacked":
         # [batch, r, tokens, in] -> one GEMM -> [batch, r, tokens, out]
         stacked = F.linear(x3.unsqueeze(1) * b.unsqueeze(2), weight)
         y = (stacked * a.unsqueeze(2)).mean(dim=1)
+    elif kernel == "rankwise":
+        y = a[:, :1] * F.linear(x3 * b[:, :1], weight)
+        for j in range(1, rank):
+            y = y + a[:, j : j + 1] * F.linear(x3 * b[:, j : j + 1], weight)
+        y = y / rank
+    else:
+        raise ValueError(f"unknown FLoRA kernel {kernel!r}; expected stacked or rankwise")
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], weight.shape[0])
@@ -85,11 +107,6 @@ def ia3_linear(
     return y.reshape(*shape[:-1], weight.shape[0])
 
 
-def choose_lora_kernel(batch: int, users: int) -> Literal["bmm", "segment"]:
-    """Heuristic until a measured choice is cached: group by user once users repeat a lot."""
-    return "segment" if users * 4 <= batch else "bmm"
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -98,7 +115,7 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     index: torch.Tensor | None = None,
-    kernel: LoraKernel = "auto",
+    kernel: LoraKernel = "bmm",
 ) -> torch.Tensor:
     """LoRA (PEFT convention): ``x @ W^T + bias + scaling * (x @ A^T) @ B^T`` per example.
 
@@ -113,8 +130,6 @@ def lora_linear(
     if lora_a.shape[1] != lora_b.shape[2]:
         raise ValueError(f"lora_a has rank {lora_a.shape[1]} but lora_b has rank {lora_b.shape[2]}")
     out = F.linear(x3, weight, bias)
-    if kernel == "auto":
-        kernel = "bmm" if index is None else choose_lora_kernel(batch, lora_a.shape[0])
     if kernel == "bmm" or index is None:
         a = _per_example(lora_a, index, batch, "lora_a").to(x3.dtype)
         b = _per_example(lora_b, index, batch, "lora_b").to(x3.dtype)
@@ -125,7 +140,7 @@ def lora_linear(
     elif kernel == "loop":
         delta = _lora_delta_loop(x3, lora_a, lora_b, index)
     else:
-        raise ValueError(f"unknown LoRA kernel {kernel!r}; expected auto, bmm, segment or loop")
+        raise ValueError(f"unknown LoRA kernel {kernel!r}; expected bmm, segment or loop")
     return (out + scaling * delta).reshape(*shape[:-1], weight.shape[0])
 
 
@@ -152,6 +167,26 @@ def _lora_delta_loop(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
         a, b = lora_a[user].to(x3.dtype), lora_b[user].to(x3.dtype)
         delta = delta.index_put((rows,), F.linear(F.linear(x3[rows], a), b))
     return delta
+
+
+def adapted_linear(
+    method: str,
+    kernel: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    params: dict[str, torch.Tensor],
+    index: torch.Tensor | None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """One dispatch point for every method and kernel (the layer and the kernel tuner both call it)."""
+    if method == "flora":
+        return flora_linear(x, weight, bias, params["a"], params["b"], index=index, kernel=kernel)  # type: ignore[arg-type]
+    if method == "ia3":
+        return ia3_linear(x, weight, bias, params["a"], index=index)
+    if method == "lora":
+        return lora_linear(x, weight, bias, params["lora_a"], params["lora_b"], scaling, index=index, kernel=kernel)  # type: ignore[arg-type]
+    raise ValueError(f"unknown adapter method {method!r}")
 
 
 def dense_adapted_weight(

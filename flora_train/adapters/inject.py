@@ -14,6 +14,7 @@ from torch import nn
 
 from flora_train.adapters.layer import AdaptedLinear, AdapterSlot, is_conv1d, linear_shape
 from flora_train.adapters.layout import AdapterLayout, AdapterSpec
+from flora_train.adapters.tuning import KernelTuner
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -40,7 +41,7 @@ def match_target_modules(model: nn.Module, target_modules: str | Sequence[str]) 
 
 
 def inject_adapters(
-    model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str]
+    model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str], tuner: KernelTuner | None = None
 ) -> tuple[AdapterSlot, AdapterLayout]:
     """Freezes ``model`` and replaces the targeted linear layers by ``AdaptedLinear`` in place.
 
@@ -58,7 +59,7 @@ def inject_adapters(
     model.requires_grad_(False)
     modules = [(name, *linear_shape(model.get_submodule(name))) for name in names]
     layout = AdapterLayout(spec, modules)
-    slot = AdapterSlot(layout)
+    slot = AdapterSlot(layout, tuner)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

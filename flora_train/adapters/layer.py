@@ -17,15 +17,21 @@ from torch import nn
 
 from flora_train.adapters import functional as Fa
 from flora_train.adapters.layout import AdapterLayout
+from flora_train.adapters.tuning import KernelTuner
 
 
 class AdapterSlot:
-    """The step's adapter rows, visible to every ``AdaptedLinear`` of one model while active."""
+    """The step's adapter rows, visible to every ``AdaptedLinear`` of one model while active.
 
-    def __init__(self, layout: AdapterLayout) -> None:
+    It also carries the kernel tuner the layers consult under ``adapter.kernel: auto``.
+    """
+
+    def __init__(self, layout: AdapterLayout, tuner: KernelTuner | None = None) -> None:
         self.layout = layout
+        self.tuner = tuner if tuner is not None else KernelTuner()
         self._rows: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
+        self._distinct: int | None = None
 
     @property
     def active(self) -> bool:
@@ -48,7 +54,14 @@ class AdapterSlot:
         try:
             yield
         finally:
-            self._rows, self._index = None, None
+            self._rows, self._index, self._distinct = None, None, None
+
+    def distinct_users(self) -> int:
+        """Distinct users in the active micro-batch (counted once per activation: one device sync)."""
+        if self._distinct is None:
+            assert self._index is not None
+            self._distinct = int(torch.unique(self._index).numel())
+        return self._distinct
 
     def current(self, module: str) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
         if self._rows is None:
@@ -105,13 +118,11 @@ class AdaptedLinear(nn.Module):
             )
         spec = self.slot.layout.spec
         weight, bias = self.weight, self.bias
-        if spec.method == "flora":
-            return Fa.flora_linear(x, weight, bias, params["a"], params["b"], index=index)
-        if spec.method == "ia3":
-            return Fa.ia3_linear(x, weight, bias, params["a"], index=index)
-        return Fa.lora_linear(
-            x, weight, bias, params["lora_a"], params["lora_b"], spec.scaling, index=index, kernel=spec.kernel
-        )
+        kernel = spec.kernel
+        if kernel == "auto":
+            kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, x.shape, self.slot.distinct_users(),
+                                            spec.scaling)
+        return Fa.adapted_linear(spec.method, kernel, x, weight, bias, params, index, spec.scaling)
 
     def extra_repr(self) -> str:
         return f"name={self.adapter_name}, in={self.in_features}, out={self.out_features}"

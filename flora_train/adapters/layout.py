@@ -32,6 +32,11 @@ class AdapterSpec:
             raise ValueError(f"adapter.method must be one of {METHODS}, got {self.method!r}")
         if self.rank < 1:
             raise ValueError(f"adapter.rank must be >= 1, got {self.rank}")
+        from flora_train.adapters.functional import KERNELS
+
+        if self.kernel != "auto" and self.kernel not in KERNELS[self.method]:
+            raise ValueError(f"adapter.kernel={self.kernel!r} does not compute {self.method}; "
+                             f"use auto or one of {', '.join(KERNELS[self.method])}")
 
     @property
     def scaling(self) -> float:

@@ -8,8 +8,6 @@ not the table.
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from flora_train.bench.common import machine, new_figure, save_figure, write_json
 from flora_train.store import AdapterStore, OptimizerHyper
 
 
@@ -102,7 +101,7 @@ def bench_store(small: int, large: int, row_size: int, step_users: int, repeats:
     b = measure(large, row_size, step_users, repeats)
     result = {
         "suite": "store",
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} threads={torch.get_num_threads()}",
+        "machine": machine(),
         "row_size": row_size,
         "step_users": step_users,
         "small": a,
@@ -128,6 +127,14 @@ def bench_store(small: int, large: int, row_size: int, step_users: int, repeats:
     result["gather_scatter"] = gather_scatter_vs_memcpy(large, row_size, step_users, repeats)
     result["wire"] = wire_bytes(world=2, users=small * 10, row_size=row_size, step_users=step_users)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_store.json").write_text(json.dumps(result, indent=2))
+        write_json(out, "store", result)
+        fig, axes = new_figure(2)
+        labels = [f"{small:,} users", f"{large:,} users"]
+        axes[0].bar(labels, [a["median_step_ms"], b["median_step_ms"]], color=["tab:blue", "tab:orange"])
+        axes[0].set_ylabel("store step, median ms")
+        axes[1].bar(labels, [ma["median_step_ms"], mb["median_step_ms"]], color=["tab:blue", "tab:orange"])
+        axes[1].set_ylabel("full training step, median ms")
+        for ax in axes:
+            ax.set_title(f"{step_users} users per step")
+        result["plot"] = str(save_figure(fig, out, "store"))
     return result

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from flora_train.bench.common import machine, new_figure, save_figure, write_json
 
 # Big enough that the base dominates a rank's memory next to torch's own few hundred MiB on CPU.
 DEFAULT_BASE = dict(architecture="llama", hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=8,
@@ -144,12 +145,20 @@ def bench_zero(world: int = 2, steps: int = 6, warmup: int = 2, users_per_step: 
 
     s0, s3 = summary(runs[0]), summary(runs[3])
     result = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "machine": machine(torch.device("cuda") if torch.cuda.is_available() else None),
         "world": world, "steps": steps, "users_per_step": users_per_step,
         "base_mib": runs[0][0]["base_bytes"] / 2**20, "stage0": s0, "stage3": s3,
         "ratio": {k: s3[k] / s0[k] for k in s0 if s0[k]},
     }
-    (out / "bench_zero.json").write_text(json.dumps(result, indent=2))
+    write_json(out, "zero", result)
+    keys = [k for k in ("step_ms_p50", "base_held_mib_per_rank", "train_peak_rss_mib_per_rank", "train_peak_gpu_mib_per_rank")
+            if k in s0]
+    fig, (ax,) = new_figure(1)
+    ax.bar(keys, [result["ratio"][k] for k in keys], color="tab:blue")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("ZeRO-3 / stage 0, per rank")
+    ax.tick_params(axis="x", labelsize=7)
+    result["plot"] = str(save_figure(fig, out, "zero"))
     print(f"bench zero: {world} ranks, base {result['base_mib']:.1f} MiB, {steps} steps x {users_per_step} users "
           f"x 4 examples ({result['machine']})")
     print(f"{'per rank':28s} {'stage 0':>10s} {'ZeRO-3':>10s} {'ZeRO-3 / 0':>11s}")

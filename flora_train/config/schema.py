@@ -20,10 +20,15 @@ class Method(str, Enum):
 
 
 class Kernel(str, Enum):
+    """How an adapter method is computed. auto measures the method's kernels and keeps the fastest."""
+
     auto = "auto"
-    bmm = "bmm"
-    segment = "segment"
-    loop = "loop"
+    bmm = "bmm"  # LoRA: gather each example's A, B; two batched matmuls
+    segment = "segment"  # LoRA: sort by user; one pair of GEMMs per user
+    loop = "loop"  # LoRA: one pair of GEMMs per user, no sort
+    stacked = "stacked"  # FLoRA: the r scaled inputs in one GEMM
+    rankwise = "rankwise"  # FLoRA: r GEMMs of the base's shape
+    fused = "fused"  # IA3: its only kernel
 
 
 class DataFormat(str, Enum):

@@ -6,6 +6,7 @@ import re
 
 from omegaconf import DictConfig
 
+from flora_train.adapters.functional import KERNELS
 from flora_train.config.schema import ExportFormat, Method
 
 
@@ -114,6 +115,10 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
     for name in la.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
             _fail(source, f"launch.env.{name}", "is not a valid environment variable name")
+    kernels = KERNELS[cfg.adapter.method.value]
+    if cfg.adapter.kernel.value != "auto" and cfg.adapter.kernel.value not in kernels:
+        _fail(source, "adapter.kernel", f"{cfg.adapter.kernel.value} does not compute {cfg.adapter.method.value}; "
+              f"use auto or one of {', '.join(kernels)}")
     if cfg.export.format == ExportFormat.peft and cfg.adapter.method != Method.lora:
         _fail(
             source,

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
 from flora_train.adapters.layer import AdaptedLinear
+from flora_train.adapters.tuning import KernelTuner
 from flora_train.base import build_tiny_model, load_frozen_model, load_tokenizer, resolve_device
 from flora_train.base.fingerprint import base_fingerprint
 from flora_train.base.loading import model_hidden_size
@@ -193,7 +194,9 @@ def prepare_session(cfg: DictConfig) -> Session:
     a = cfg.adapter
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
     adapter_spec = AdapterSpec(method=a.method.value, rank=a.rank, alpha=a.alpha, kernel=a.kernel.value)
-    slot, layout = inject_adapters(model, adapter_spec, targets)
+    # Kernel choices are kept per rank in the run directory, so a resumed run reuses them.
+    tuner = KernelTuner(run_dir / "kernels" / f"rank-{fdist.rank()}.json")
+    slot, layout = inject_adapters(model, adapter_spec, targets, tuner)
     if zero is not None:
         zero.engage(model, [AdaptedLinear])
 

@@ -34,3 +34,74 @@ def test_bench_zero_prints_stage0_and_zero3_side_by_side(tmp_path):
     for stage in ("stage0", "stage3"):
         assert result[stage]["step_ms_p50"] > 0 and result[stage]["train_peak_rss_mib_per_rank"] > 0
     assert "ZeRO-3 / 0" in proc.stdout and "base held (MiB)" in proc.stdout
+
+
+def _bench(tmp_path, *args):
+    cmd = [sys.executable, "-m", "flora_train.cli", "bench", *args, "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_layer_times_every_kernel_and_finds_the_crossover(tmp_path):
+    out = _bench(tmp_path, "layer", "--widths", "32,64", "--ranks", "1,2,4", "--user-mix", "1,all", "--batch", "8",
+                 "--tokens", "4", "--repeats", "1")
+    result = json.loads((tmp_path / "bench_layer.json").read_text())
+    assert result["dtype"] == "float32" and result["batch"] == 8 and _is_png(tmp_path / "bench_layer.png")
+    points = result["points"]
+    assert {(p["width"], p["rank"], p["users"]) for p in points} == {(w, r, u) for w in (32, 64) for r in (1, 2, 4) for u in (1, 8)}
+    for p in points:
+        kernels = {"base", "base_fwd", "flora_stacked", "lora_bmm", "lora_segment", "lora_loop", "ia3_fused",
+                   "lora_bmm_fwd", "peft_mixed_fwd"} | ({"flora_rankwise"} if p["rank"] > 1 else set())
+        assert set(p["ms"]) == kernels and all(v > 0 for v in p["ms"].values())
+        assert p["ratio"]["lora_bmm"] == p["ms"]["lora_bmm"] / p["ms"]["base"]
+        for method in ("flora", "lora"):  # the fastest kernel is the one auto would pick
+            mine = {k: v for k, v in p["ms"].items() if k.startswith(method + "_") and not k.endswith("_fwd")}
+            assert method + "_" + p["fastest"][method] == min(mine, key=mine.get)
+    crossing = {(c["width"], c["users"]): c["lora_faster_from_rank"] for c in result["crossover"]}
+    assert set(crossing) == {(w, u) for w in (32, 64) for u in (1, 8)}
+    for (width, users), rank in crossing.items():
+        if rank is not None:
+            p = next(p for p in points if (p["width"], p["users"], p["rank"]) == (width, users, rank))
+            assert p["ms"]["lora_" + p["fastest"]["lora"]] < p["ms"]["flora_" + p["fastest"]["flora"]]
+    assert "PEFT fwd" in out and "crossover, width 64, 8 users per batch" in out
+
+
+def test_bench_train_reports_both_targets_over_the_limit(tmp_path):
+    out = _bench(tmp_path, "train", "--hidden-size", "64", "--layers", "2", "--users-per-step", "8", "--tokens", "16",
+                 "--steps", "2")
+    result = json.loads((tmp_path / "bench_train.json").read_text())
+    runs = {(r["method"], r["rank"]): r for r in result["runs"]}
+    assert set(runs) == {("flora", 1), ("lora", 8)} and _is_png(tmp_path / "bench_train.png")
+    for r in runs.values():
+        assert r["users_per_step"] == 8 and r["examples"] == 8 and len(r["ours_ms"]) == 2
+        assert abs(r["ratio"] - r["ours_ms_p50"] / r["limit_ms_p50"]) < 1e-9 and r["ratio"] > 0
+    assert runs[("flora", 1)]["target"] == 1.15 and runs[("lora", 8)]["target"] == 1.25
+    assert "limit ms p50" in out
+
+
+def test_bench_e2e_against_one_peft_job_per_user(tmp_path):
+    out = _bench(tmp_path, "e2e", "--users", "24", "--sample", "24", "--hidden-size", "64", "--layers", "2")
+    result = json.loads((tmp_path / "bench_e2e.json").read_text())
+    peft = result["peft"]
+    assert len(result["sampled_users"]) == 24 and len(peft["job_seconds"]) == 24 and _is_png(tmp_path / "bench_e2e.png")
+    assert abs(peft["extrapolated_seconds"] - 24 * peft["mean_job_seconds"]) < 1e-6
+    for user in result["sampled_users"]:  # each PEFT job saved a loadable adapter
+        from flora_train.export import safe_folder_name
+
+        assert (tmp_path / "e2e" / "peft" / safe_folder_name(user) / "adapter_config.json").is_file()
+    exported = json.loads((tmp_path / "e2e" / "flora_train-lora" / "export" / "peft" / "manifest.json").read_text())
+    assert exported["num_users"] == 24
+    for method in ("lora", "flora"):
+        ours = result["flora_train"][method]
+        assert ours["seconds"] > 0 and ours["speedup"] == peft["extrapolated_seconds"] / ours["seconds"]
+        # Both ways learn from the same examples: held-out loss falls below the base's.
+        assert ours["loss_mean_sampled"] < result["base_loss_mean_sampled"]
+    assert peft["loss_mean_sampled"] < result["base_loss_mean_sampled"]
+    # The same LoRA, data, learning rate and steps per user: equal quality within seed noise.
+    assert abs(result["flora_train"]["lora"]["loss_mean_sampled"] - peft["loss_mean_sampled"]) < 0.03
+    assert "extrapolated" in out and "flora_train LoRA r8" in out

@@ -42,6 +42,7 @@ def _write(tmp_path, text):
         (MINIMAL, ["base.zero_stage=3", "base.deepspeed.zero_optimization.stage=2"],
          r"key 'base.deepspeed.zero_optimization.stage': is 2 but base.zero_stage is 3"),
         ("run_dir: x\n  bad: [indent\n", [], r"r\.yaml:2: not valid YAML"),
+        (MINIMAL, ["adapter.kernel=bmm"], r"key 'adapter.kernel': bmm does not compute flora; use auto or one of stacked, rankwise"),
     ],
 )
 def test_recipe_errors_name_the_key(tmp_path, text, overrides, pattern):

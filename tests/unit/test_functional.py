@@ -53,18 +53,14 @@ def _dense_reference(method, x, weight, bias, index, adapter, scaling):
 
 
 def _batched(method, x, weight, bias, index, adapter, scaling, kernel):
-    if method == "flora":
-        return Fa.flora_linear(x, weight, bias, adapter["a"], adapter["b"], index=index)
-    if method == "ia3":
-        return Fa.ia3_linear(x, weight, bias, adapter["a"], index=index)
-    return Fa.lora_linear(x, weight, bias, adapter["lora_a"], adapter["lora_b"], scaling, index=index, kernel=kernel)
+    return Fa.adapted_linear(method, kernel, x, weight, bias, adapter, index, scaling)
 
 
 def _grads(y, tensors, upstream):
     return torch.autograd.grad(y, tensors, upstream, allow_unused=True)
 
 
-def _check(method, p, kernel="auto"):
+def _check(method, p, kernel):
     x, weight, bias, index, adapter = _problem(p, method)
     scaling = 0.7
     y = _batched(method, x, weight, bias, index, adapter, scaling, kernel)
@@ -77,15 +73,15 @@ def _check(method, p, kernel="auto"):
 
 
 @settings(max_examples=60, deadline=None)
-@given(shapes)
-def test_flora_matches_dense(p):
-    _check("flora", p)
+@given(shapes, st.sampled_from(["stacked", "rankwise"]))
+def test_flora_kernels_match_dense(p, kernel):
+    _check("flora", p, kernel)
 
 
 @settings(max_examples=40, deadline=None)
 @given(shapes)
 def test_ia3_matches_dense(p):
-    _check("ia3", p)
+    _check("ia3", p, "fused")
 
 
 @settings(max_examples=40, deadline=None)
@@ -124,6 +120,9 @@ def test_flora_rank1_is_one_gemm_of_the_base_shape(monkeypatch):
     calls.clear()
     Fa.flora_linear(x, torch.randn(6, 8), None, torch.ones(4, 5, 6), torch.ones(4, 5, 8))
     assert calls == [(4, 5, 3, 8)], "rank r must stack the r scaled inputs into one GEMM"
+    calls.clear()
+    Fa.flora_linear(x, torch.randn(6, 8), None, torch.ones(4, 5, 6), torch.ones(4, 5, 8), kernel="rankwise")
+    assert calls == [(4, 3, 8)] * 5, "rankwise runs r GEMMs of the base's shape"
 
 
 def test_shape_errors_are_clear():

@@ -1,0 +1,190 @@
+"""``adapter.kernel: auto``: measure every kernel of the chosen method once per shape, keep the fastest.
+
+Which kernel wins depends on the machine, the layer's shape, the rank and how many distinct users
+share a micro-batch (LoRA's gather+bmm copies A and B per example; grouping by user pays a sort and a
+GEMM per user; FLoRA's stacked GEMM trades r copies of the activations for one large kernel). No
+fixed rule gets all of these right, so the tuner times the candidates on synthetic tensors of the
+layer's shape (forward, plus backward when gradients are on) the first time a shape bucket is seen.
+
+Choices are persisted per rank as they are made (``run_dir/kernels/rank-N.json``) and read back
+when the run is resumed, so a resumed run computes with exactly the kernels it used before the
+crash. The tuner never swaps the method: FLoRA and LoRA are different models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flora_train.adapters.functional import adapted_linear, kernels_for
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n``: shapes in one bucket share a measured choice."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    method: str
+    rank: int
+    in_features: int
+    out_features: int
+    batch: int  # bucketed examples in the micro-batch
+    users: int  # bucketed distinct users among them
+    tokens: int  # bucketed sequence length
+    dtype: str
+    device: str
+    backward: bool
+
+    def text(self) -> str:
+        return (f"{self.method} r{self.rank} {self.in_features}x{self.out_features} batch{self.batch} "
+                f"users{self.users} tokens{self.tokens} {self.dtype} {self.device} {'fwd+bwd' if self.backward else 'fwd'}")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs (device-synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def synthetic_params(method: str, rank: int, users: int, n_in: int, n_out: int, dtype: torch.dtype,
+                     device: torch.device, requires_grad: bool) -> dict[str, torch.Tensor]:
+    """Adapter tensors of one layer for ``users`` users, near identity (values do not change timing)."""
+    def t(*shape: int) -> torch.Tensor:
+        return (1 + 0.01 * torch.randn(*shape, device=device, dtype=dtype)).requires_grad_(requires_grad)
+
+    if method == "flora":
+        return {"a": t(users, rank, n_out), "b": t(users, rank, n_in)}
+    if method == "ia3":
+        return {"a": t(users, 1, n_out)}
+    return {"lora_a": t(users, rank, n_in), "lora_b": t(users, n_out, rank)}
+
+
+def grouped_index(batch: int, users: int, device: torch.device) -> torch.Tensor:
+    """``batch`` examples of ``users`` users, each user's examples adjacent (as the planner packs them)."""
+    return (torch.arange(batch, device=device) * min(users, batch) // batch).long()
+
+
+def time_kernel(method: str, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None, rank: int, batch: int,
+                users: int, tokens: int, backward: bool, repeats: int = 3, scaling: float = 1.0) -> float:
+    """Median seconds of one kernel at one shape: forward, or forward+backward into x and the adapters."""
+    device, dtype = weight.device, weight.dtype
+    n_out, n_in = weight.shape
+    x = torch.randn(batch, tokens, n_in, device=device, dtype=dtype).requires_grad_(backward)
+    params = synthetic_params(method, rank, users, n_in, n_out, dtype, device, backward)
+    index = grouped_index(batch, users, device)
+    w = weight.detach()
+    bias = bias.detach() if bias is not None else None
+
+    def step() -> None:
+        if backward:
+            y = adapted_linear(method, kernel, x, w, bias, params, index, scaling)
+            y.backward(torch.ones_like(y))
+        else:
+            with torch.no_grad():
+                adapted_linear(method, kernel, x, w, bias, params, index, scaling)
+
+    return median_seconds(step, device, repeats)
+
+
+def _on_fresh_thread(fn: Callable[[], float], device: torch.device, autocast: torch.dtype | None) -> float:
+    """Runs a measurement on a new thread. Autograd's saved-tensor hooks (activation checkpointing
+    records every tensor a forward saves), grad mode and autocast are per thread: measured inside a
+    model's forward, the synthetic graph must leave no trace in the real one, or the checkpointed
+    recomputation would find different saved tensors than the forward did."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+            with ctx:
+                box["value"] = fn()
+        except BaseException as exc:  # re-raised on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="flora-kernel-tuner")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class KernelTuner:
+    """Measured kernel choices of one process, optionally persisted to ``path`` (JSON)."""
+
+    def __init__(self, path: Path | None = None, repeats: int = 3) -> None:
+        self.path = path
+        self.repeats = repeats
+        self.choices: dict[str, str] = {}
+        self.timings: dict[str, dict[str, float]] = {}  # what was measured in this process, for reports
+        if path is not None and path.exists():
+            try:
+                self.choices = {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise ValueError(f"{path}: not a kernel choice file ({exc}); delete it to measure again") from exc
+
+    def choose(self, method: str, rank: int, weight: torch.Tensor, bias: torch.Tensor | None, x_shape: torch.Size,
+               users: int, scaling: float = 1.0) -> str:
+        candidates = kernels_for(method, rank)
+        if len(candidates) == 1:
+            return candidates[0]
+        batch = x_shape[0]
+        tokens = 1
+        for d in x_shape[1:-1]:
+            tokens *= int(d)
+        backward = torch.is_grad_enabled()
+        device = weight.device
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        compute = autocast or weight.dtype
+        key = KernelKey(method, rank, int(weight.shape[1]), int(weight.shape[0]), bucket(batch), bucket(users),
+                        bucket(tokens), str(compute).removeprefix("torch."), device_name(device), backward)
+        text = key.text()
+        chosen = self.choices.get(text)
+        if chosen in candidates:
+            return chosen
+        users_b = min(key.users, key.batch)
+        timings = {k: _on_fresh_thread(lambda k=k: time_kernel(method, k, weight, bias, rank, key.batch, users_b,
+                                                               key.tokens, backward, self.repeats, scaling),
+                                       device, autocast) for k in candidates}
+        chosen = min(timings, key=timings.__getitem__)
+        self.timings[text] = timings
+        self.choices[text] = chosen
+        self._save()
+        return chosen
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.choices, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)

@@ -1,0 +1,60 @@
+"""What every benchmark suite shares: the machine line, the device and dtype, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def bench_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def bench_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU does it natively; float32 on CPU (bf16 matmuls are emulated there)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def machine(device: torch.device | None = None) -> str:
+    cpu = platform.processor() or platform.machine()
+    text = f"{cpu}, {os.cpu_count()} cpus, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if device is not None and device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def write_json(out: Path, name: str, result: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
+def new_figure(panels: int) -> tuple[Any, list[Any]]:
+    """A row of ``panels`` matplotlib axes on a non-interactive backend (works without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig: Any, out: Path, name: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = out / f"bench_{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

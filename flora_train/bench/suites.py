@@ -1,0 +1,110 @@
+"""`flora-train bench SUITE`: the command-line flags of every suite and the dispatch to them.
+
+Flags left unset take each suite's own default (a 64-user training step and a 1024-wide ZeRO base
+are different experiments), so `bench all` runs every suite as it runs alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+SUITES = ("layer", "train", "e2e", "store", "zero")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(be: argparse.ArgumentParser) -> None:
+    be.add_argument("suite", choices=[*SUITES, "all"])
+    be.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON results and plots")
+    be.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    be.add_argument("--repeats", type=int, default=None, help="layer: timed repeats per kernel (3); store: (50)")
+    be.add_argument("--tokens", type=int, default=None, help="layer: tokens per example (8 on CPU, 256 on GPU); "
+                    "train: (64)")
+    be.add_argument("--hidden-size", type=int, default=None, help="train (512) / e2e (256) / zero (1024): width of the generated Llama")
+    be.add_argument("--layers", type=int, default=None, help="train (4) / e2e (4) / zero (8): layers of the generated Llama")
+    be.add_argument("--steps", type=int, default=None, help="train (5) / zero (6): timed steps")
+    be.add_argument("--users-per-step", type=int, default=None, help="train (64, one example each) / zero (8)")
+    be.add_argument("--widths", type=_ints, default=[1024, 4096], help="layer: comma-separated layer widths")
+    be.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8, 16], help="layer: comma-separated ranks")
+    be.add_argument("--user-mix", default="1,8,64,all", help="layer: distinct users per batch (all = one per example)")
+    be.add_argument("--batch", type=int, default=None, help="layer: examples per micro-batch (64 on CPU, 128 on GPU)")
+    be.add_argument("--no-peft", action="store_true", help="layer: skip PEFT's mixed-batch forward")
+    be.add_argument("--users", type=int, default=1000, help="e2e: users to train")
+    be.add_argument("--examples", type=int, default=8, help="e2e: training examples per user")
+    be.add_argument("--sample", type=int, default=20, help="e2e: users trained by one PEFT job each")
+    be.add_argument("--rank", type=int, default=8, help="e2e: LoRA rank of both sides")
+    be.add_argument("--small", type=int, default=1_000, help="store: users in the small table")
+    be.add_argument("--large", type=int, default=1_000_000, help="store: users in the large table")
+    be.add_argument("--row-size", type=int, default=256, help="store: floats per row")
+    be.add_argument("--step-users", type=int, default=64, help="store: users per step")
+    be.add_argument("--world", type=int, default=2, help="zero: processes per run")
+    be.add_argument("overrides", nargs="*", help="train / zero: recipe overrides for every run (e.g. base.deepspeed...)")
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _user_mix(text: str) -> list[int] | None:
+    mix = []
+    for v in text.split(","):
+        if v == "all":
+            mix.append(1 << 30)  # capped at the batch size by the suite
+        elif v:
+            mix.append(int(v))
+    return mix
+
+
+def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
+    if suite == "layer":
+        from flora_train.bench.layer import bench_layer
+
+        return bench_layer(args.widths, args.ranks, _user_mix(args.user_mix), args.batch, args.tokens,
+                           _given(args.repeats, 3), args.device, args.out, peft=not args.no_peft)
+    if suite == "train":
+        from flora_train.bench.train import DEFAULT_BASE, bench_train
+
+        h = _given(args.hidden_size, DEFAULT_BASE["hidden_size"])
+        base = dict(DEFAULT_BASE, hidden_size=h, intermediate_size=h * 11 // 4,
+                    num_layers=_given(args.layers, DEFAULT_BASE["num_layers"]))
+        return bench_train(_given(args.users_per_step, 64), _given(args.tokens, 64), _given(args.steps, 5), base=base,
+                           device=args.device, out=args.out, overrides=args.overrides)
+    if suite == "e2e":
+        from flora_train.bench.e2e import DEFAULT_BASE as E2E_BASE
+        from flora_train.bench.e2e import bench_e2e
+
+        h = _given(args.hidden_size, E2E_BASE["hidden_size"])
+        base = dict(E2E_BASE, hidden_size=h, intermediate_size=h * 11 // 4,
+                    num_layers=_given(args.layers, E2E_BASE["num_layers"]))
+        return bench_e2e(args.users, args.examples, args.sample, args.rank, base=base, device=args.device, out=args.out)
+    if suite == "store":
+        from flora_train.bench.store import bench_store
+
+        return bench_store(args.small, args.large, args.row_size, args.step_users, _given(args.repeats, 50), args.out)
+    if suite == "zero":
+        from flora_train.bench.zero import DEFAULT_BASE as ZERO_BASE
+        from flora_train.bench.zero import bench_zero
+
+        h = _given(args.hidden_size, ZERO_BASE["hidden_size"])
+        base = dict(ZERO_BASE, hidden_size=h, intermediate_size=h * 11 // 4,
+                    num_layers=_given(args.layers, ZERO_BASE["num_layers"]))
+        return bench_zero(args.world, _given(args.steps, 6), users_per_step=_given(args.users_per_step, 8),
+                          out=args.out, base=base, device=args.device, overrides=args.overrides)
+    raise ValueError(f"unknown bench suite {suite!r}")
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    results = {}
+    for suite in suites:
+        if len(suites) > 1:
+            print(f"\n=== bench {suite} ===", flush=True)
+        results[suite] = run_suite(suite, args)
+    return results

@@ -1,0 +1,109 @@
+"""adapter.kernel=auto: the fastest measured kernel is kept, once per shape bucket, and persisted."""
+
+import pytest
+import torch
+
+from flora_train.adapters import AdapterSpec, inject_adapters
+from flora_train.adapters import tuning
+from flora_train.adapters.functional import kernels_for
+from flora_train.adapters.tuning import KernelTuner, bucket
+
+
+def test_bucket_is_the_next_power_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
+
+
+def test_the_fastest_kernel_is_chosen_once_per_bucket(monkeypatch, tmp_path):
+    fake = {"bmm": 3.0, "segment": 1.0, "loop": 2.0}
+    calls = []
+
+    def timed(method, kernel, weight, bias, rank, batch, users, tokens, backward, repeats, scaling):
+        calls.append((kernel, batch, users, tokens, backward))
+        return fake[kernel]
+
+    monkeypatch.setattr(tuning, "time_kernel", timed)
+    path = tmp_path / "kernels" / "rank-0.json"
+    tuner = KernelTuner(path)
+    w = torch.randn(16, 8)
+    assert tuner.choose("lora", 4, w, None, torch.Size([6, 5, 8]), users=3) == "segment"
+    assert sorted(c[0] for c in calls) == ["bmm", "loop", "segment"]
+    assert {c[1:] for c in calls} == {(8, 4, 8, True)}, "measured at the bucket's shape"
+    # Same bucket (batch 7 -> 8, users 4, tokens 7 -> 8): no new measurement.
+    assert tuner.choose("lora", 4, w, None, torch.Size([7, 7, 8]), users=4) == "segment"
+    assert len(calls) == 3
+    # Inference is its own bucket.
+    fake.update(bmm=0.5)
+    with torch.no_grad():
+        assert tuner.choose("lora", 4, w, None, torch.Size([6, 5, 8]), users=3) == "bmm"
+    assert len(calls) == 6 and calls[-1][-1] is False
+    # Persisted as made; a resumed process reads the choices back and measures nothing.
+    calls.clear()
+    again = KernelTuner(path)
+    assert again.choose("lora", 4, w, None, torch.Size([6, 5, 8]), users=3) == "segment"
+    assert calls == [] and not again.timings
+
+
+def test_single_kernel_methods_are_never_measured(monkeypatch):
+    monkeypatch.setattr(tuning, "time_kernel", lambda *a, **k: pytest.fail("measured"))
+    tuner = KernelTuner()
+    w = torch.randn(4, 4)
+    assert tuner.choose("flora", 1, w, None, torch.Size([2, 3, 4]), 2) == "stacked"
+    assert tuner.choose("ia3", 1, w, None, torch.Size([2, 3, 4]), 2) == "fused"
+    assert kernels_for("flora", 4) == ("stacked", "rankwise")
+
+
+def test_real_measurement_picks_a_kernel_of_the_method():
+    tuner = KernelTuner(repeats=1)
+    w = torch.randn(32, 16)
+    chosen = tuner.choose("flora", 4, w, None, torch.Size([4, 3, 16]), users=4)
+    (timings,) = tuner.timings.values()
+    assert chosen in ("stacked", "rankwise") and set(timings) == {"stacked", "rankwise"}
+    assert chosen == min(timings, key=timings.get) and all(t > 0 for t in timings.values())
+
+
+def test_a_corrupt_choice_file_is_named(tmp_path):
+    path = tmp_path / "rank-0.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="rank-0.json: not a kernel choice file"):
+        KernelTuner(path)
+
+
+def test_auto_layers_compute_what_every_fixed_kernel_computes():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 8, dtype=torch.float64)
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    outs = {}
+    for kernel in ("auto", "bmm", "segment", "loop"):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)).double()
+        slot, layout = inject_adapters(net, AdapterSpec("lora", 2, kernel=kernel), ["0", "1"])
+        rows = torch.randn(3, layout.row_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        with slot.activate(rows, index):
+            outs[kernel] = net(x)
+    for kernel in ("bmm", "segment", "loop"):
+        torch.testing.assert_close(outs["auto"], outs[kernel], rtol=1e-12, atol=1e-12)
+
+
+def test_a_kernel_of_another_method_is_refused():
+    with pytest.raises(ValueError, match="adapter.kernel='bmm' does not compute flora"):
+        AdapterSpec("flora", 2, kernel="bmm")
+
+
+def test_measuring_inside_a_checkpointed_forward_leaves_no_trace():
+    """The first forward measures; the checkpointed recomputation must find the same saved tensors."""
+    x = torch.randn(6, 5, 8, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    grads = {}
+    for kernel in ("auto", "bmm"):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)).double()
+        slot, layout = inject_adapters(net, AdapterSpec("lora", 2, kernel=kernel), ["0", "1"])
+        rows = torch.randn(3, layout.row_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        rows.requires_grad_(True)
+        with slot.activate(rows, index):
+            y = torch.utils.checkpoint.checkpoint(net, x, use_reentrant=False)
+            y.square().sum().backward()
+        grads[kernel] = rows.grad
+        if kernel == "auto":
+            assert len(slot.tuner.timings) == 2, "both layers' shapes were measured during the forward"
+    torch.testing.assert_close(grads["auto"], grads["bmm"], rtol=1e-10, atol=1e-10)
