@@ -34,7 +34,10 @@ def kernels_for(method: str, rank: int) -> tuple[str, ...]:
 
 
 def _per_example(t: torch.Tensor, index: torch.Tensor | None, batch: int, name: str) -> torch.Tensor:
-    """Expands per-user tensors to per-example ones (a cheap gather of small adapter tensors)."""
+    """Expands per-user tensors to per-example ones (a cheap gather of small adapter tensors).
+
+    Callers cast to the compute dtype after the gather, so the backward's scatter-add sums a user's
+    examples in the rows' float32, never in a bf16 compute dtype."""
     if index is None:
         if t.shape[0] != batch:
             raise ValueError(f"{name} has leading dim {t.shape[0]} but the batch has {batch} examples; pass index")
@@ -161,12 +164,15 @@ def _lora_delta_segmented(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.
 
 
 def _lora_delta_loop(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    delta = x3.new_zeros(x3.shape[0], x3.shape[1], lora_b.shape[1])
+    rows, outs = [], []
     for user in torch.unique(index).tolist():
-        rows = (index == user).nonzero().squeeze(1)
+        mine = (index == user).nonzero().squeeze(1)
         a, b = lora_a[user].to(x3.dtype), lora_b[user].to(x3.dtype)
-        delta = delta.index_put((rows,), F.linear(F.linear(x3[rows], a), b))
-    return delta
+        rows.append(mine)
+        outs.append(F.linear(F.linear(x3.index_select(0, mine), a), b))
+    # One scatter of every user's rows (a scatter per user would copy the whole output each time).
+    delta = x3.new_zeros(x3.shape[0], x3.shape[1], lora_b.shape[1])
+    return delta.index_put((torch.cat(rows),), torch.cat(outs))
 
 
 def adapted_linear(

@@ -32,6 +32,8 @@ class AdapterSlot:
         self._rows: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
         self._distinct: int | None = None
+        self._views: dict[str, dict[str, torch.Tensor]] | None = None
+        self._block: int | None = None
 
     @property
     def active(self) -> bool:
@@ -51,10 +53,12 @@ class AdapterSlot:
         if self.active:
             raise RuntimeError("adapter slot is already active; steps must not nest")
         self._rows, self._index = rows, index.to(rows.device)
+        self._views = self.layout.split(rows)
+        self._block = _uniform_block(self._index, rows.shape[0])
         try:
             yield
         finally:
-            self._rows, self._index, self._distinct = None, None, None
+            self._rows, self._index, self._distinct, self._views = None, None, None, None
 
     def distinct_users(self) -> int:
         """Distinct users in the active micro-batch (counted once per activation: one device sync)."""
@@ -64,10 +68,28 @@ class AdapterSlot:
         return self._distinct
 
     def current(self, module: str) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
-        if self._rows is None:
+        if self._views is None:
             return None
         assert self._index is not None
-        return self.layout.views(self._rows, module), self._index
+        return self._views[module], self._index
+
+    @property
+    def block(self) -> int | None:
+        """k when examples come as k-example blocks of users 0, 1, 2, ... in row order, else None."""
+        return self._block
+
+
+def _uniform_block(index: torch.Tensor, users: int) -> int | None:
+    """``k`` when ``index == [0]*k + [1]*k + ... + [users-1]*k`` (how the planner packs a step whose
+    users each bring k examples), else None. Then the batch reshapes to ``[users, k * tokens, in]``
+    and every kernel runs on the rows as they are: no per-example gather forward, no scatter-add
+    backward (for LoRA on every layer that gather is most of the adapter's cost)."""
+    n = index.numel()
+    if users == 0 or n % users:
+        return None
+    k = n // users
+    expected = torch.arange(users, device=index.device, dtype=index.dtype).repeat_interleave(k)
+    return k if torch.equal(index, expected) else None
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -119,6 +141,17 @@ class AdaptedLinear(nn.Module):
         spec = self.slot.layout.spec
         weight, bias = self.weight, self.bias
         kernel = spec.kernel
+        block = self.slot.block
+        if block is not None:
+            # Each user's k examples side by side as one long sequence: the rows are per "example".
+            users = next(iter(params.values())).shape[0]
+            grouped = x.reshape(users, -1, x.shape[-1])
+            if spec.method == "lora":
+                kernel = "bmm"  # one row per sequence: nothing left to group by
+            elif kernel == "auto":
+                kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, grouped.shape, users, spec.scaling)
+            y = Fa.adapted_linear(spec.method, kernel, grouped, weight, bias, params, None, spec.scaling)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if kernel == "auto":
             kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, x.shape, self.slot.distinct_users(),
                                             spec.scaling)

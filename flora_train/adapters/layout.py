@@ -94,6 +94,21 @@ class AdapterLayout:
             for s in self.slices[module].values()
         }
 
+    def split(self, rows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Every module's per-user views of ``rows [users, row_size]``, from one ``split``.
+
+        One autograd node for all of them: its backward writes the whole row gradient once. Taking
+        each view by ``narrow`` instead costs a zero-filled ``[users, row_size]`` gradient per
+        tensor in the backward, which for LoRA on every linear layer is most of a step.
+        """
+        users = rows.shape[0]
+        order = [s for module_slices in self.slices.values() for s in module_slices.values()]
+        pieces = rows.split([s.numel for s in order], dim=1)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for s, piece in zip(order, pieces):
+            out.setdefault(s.module, {})[s.name] = piece.view(users, *s.shape)
+        return out
+
     def init_rows(self, seeds: torch.Tensor) -> torch.Tensor:
         """Initial rows for users with the given int64 seeds: identity FLoRA/IA3, PEFT-style LoRA."""
         n = seeds.shape[0]

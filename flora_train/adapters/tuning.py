@@ -29,6 +29,9 @@ import torch
 from flora_train.adapters.functional import adapted_linear, kernels_for
 
 
+MEASURE_ROWS = 4096  # token rows a kernel is timed on, at most
+
+
 def bucket(n: int) -> int:
     """The power of two at or above ``n``: shapes in one bucket share a measured choice."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -58,12 +61,20 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs (device-synchronised)."""
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1,
+                   give_up_after: float = float("inf")) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs (device-synchronised).
+
+    A warm-up slower than ``give_up_after`` seconds returns that warm-up's time without repeats:
+    a kernel already far behind the best one need not be timed precisely.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     for _ in range(warmup):
+        start = time.perf_counter()
         fn()
-    sync()
+        sync()
+        if time.perf_counter() - start > give_up_after:
+            return time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -92,7 +103,8 @@ def grouped_index(batch: int, users: int, device: torch.device) -> torch.Tensor:
 
 
 def time_kernel(method: str, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None, rank: int, batch: int,
-                users: int, tokens: int, backward: bool, repeats: int = 3, scaling: float = 1.0) -> float:
+                users: int, tokens: int, backward: bool, repeats: int = 3, scaling: float = 1.0,
+                give_up_after: float = float("inf")) -> float:
     """Median seconds of one kernel at one shape: forward, or forward+backward into x and the adapters."""
     device, dtype = weight.device, weight.dtype
     n_out, n_in = weight.shape
@@ -171,10 +183,18 @@ class KernelTuner:
         chosen = self.choices.get(text)
         if chosen in candidates:
             return chosen
-        users_b = min(key.users, key.batch)
-        timings = {k: _on_fresh_thread(lambda k=k: time_kernel(method, k, weight, bias, rank, key.batch, users_b,
-                                                               key.tokens, backward, self.repeats, scaling),
-                                       device, autocast) for k in candidates}
+        # Timed at the bucket's shape, scaled down to at most MEASURE_ROWS token rows (keeping the
+        # users-per-example mix): the choice costs a bounded few seconds however large the batch.
+        batch_m, users_m = key.batch, min(key.users, key.batch)
+        while batch_m * key.tokens > MEASURE_ROWS and batch_m > 1:
+            batch_m, users_m = batch_m // 2, max(1, users_m // 2)
+        timings: dict[str, float] = {}
+        for k in candidates:
+            # A kernel whose warm-up is 3x the best median so far is out of the race: stop timing it.
+            limit = 3 * min(timings.values(), default=float("inf"))
+            timings[k] = _on_fresh_thread(lambda k=k, limit=limit: time_kernel(
+                method, k, weight, bias, rank, batch_m, users_m, key.tokens, backward, self.repeats, scaling,
+                give_up_after=limit), device, autocast)
         chosen = min(timings, key=timings.__getitem__)
         self.timings[text] = timings
         self.choices[text] = chosen

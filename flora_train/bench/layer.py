@@ -12,6 +12,7 @@ The crossover is the smallest rank at which the fastest LoRA kernel beats the fa
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,8 @@ def measure_point(weight: torch.Tensor, rank: int, batch: int, users: int, token
                   peft: bool = True) -> dict[str, Any]:
     """Milliseconds of every kernel at one (width, rank, users) point, and the fastest of each method."""
     ms: dict[str, float] = {}
-    ms["base"] = 1e3 * _base_seconds(weight, batch, tokens, True, repeats)
-    ms["base_fwd"] = 1e3 * _base_seconds(weight, batch, tokens, False, repeats)
+    base_before = _base_seconds(weight, batch, tokens, True, repeats)
+    fwd_before = _base_seconds(weight, batch, tokens, False, repeats)
     for method in ("flora", "lora", "ia3"):
         for kernel in kernels_for(method, rank):
             ms[f"{method}_{kernel}"] = 1e3 * time_kernel(method, kernel, weight, None, rank, batch, users, tokens,
@@ -83,6 +84,10 @@ def measure_point(weight: torch.Tensor, rank: int, batch: int, users: int, token
     ms["lora_bmm_fwd"] = 1e3 * time_kernel("lora", "bmm", weight, None, rank, batch, users, tokens, False, repeats, 2.0)
     if peft:
         ms["peft_mixed_fwd"] = 1e3 * _peft_mixed_forward_seconds(weight, rank, batch, users, tokens, repeats)
+    # The base is timed before and after the kernels and the faster median kept: one slow spell of
+    # the machine while the base was timed would otherwise make every kernel look faster than it.
+    ms["base"] = 1e3 * min(base_before, _base_seconds(weight, batch, tokens, True, repeats))
+    ms["base_fwd"] = 1e3 * min(fwd_before, _base_seconds(weight, batch, tokens, False, repeats))
     best = {m: min((k for k in ms if k.startswith(m + "_") and not k.endswith("_fwd")), key=ms.__getitem__)
             for m in ("flora", "lora")}
     return {"width": int(weight.shape[0]), "rank": rank, "batch": batch, "users": users, "tokens": tokens, "ms": ms,
@@ -90,15 +95,20 @@ def measure_point(weight: torch.Tensor, rank: int, batch: int, users: int, token
             "ratio": {k: v / ms["base_fwd" if k.endswith("_fwd") else "base"] for k, v in ms.items()}}
 
 
+MARGIN = 0.05  # differences below this are within run-to-run noise and count as a tie
+
+
 def crossovers(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per width and user mix: the smallest rank where the fastest LoRA kernel beats the fastest FLoRA one."""
+    """Per width and user mix: the smallest rank where the fastest LoRA kernel beats the fastest FLoRA
+    one by more than ``MARGIN``, and FLoRA's time over LoRA's at every rank."""
     out = []
     for width, users in sorted({(p["width"], p["users"]) for p in points}):
         series = sorted((p for p in points if p["width"] == width and p["users"] == users), key=lambda p: p["rank"])
-        rank = next((p["rank"] for p in series
-                     if p["ms"]["lora_" + p["fastest"]["lora"]] < p["ms"]["flora_" + p["fastest"]["flora"]]), None)
-        out.append({"width": width, "users": users, "lora_faster_from_rank": rank,
-                    "ranks_tried": [p["rank"] for p in series]})
+        ratio = {p["rank"]: p["ms"]["flora_" + p["fastest"]["flora"]] / p["ms"]["lora_" + p["fastest"]["lora"]]
+                 for p in series}
+        rank = next((r for r, v in ratio.items() if v > 1 + MARGIN), None)
+        out.append({"width": width, "users": users, "lora_faster_from_rank": rank, "flora_over_lora": ratio,
+                    "ranks_tried": list(ratio)})
     return out
 
 
@@ -119,10 +129,13 @@ def _print(result: dict[str, Any]) -> None:
               f"{cell('flora_rankwise', 9)} {cell('lora_bmm', 8)} {cell('lora_segment', 8)} {cell('lora_loop', 9)} "
               f"{cell('ia3_fused', 6)} {cell('peft_mixed_fwd', 8)} {cell('lora_bmm_fwd', 8)}  "
               f"flora:{p['fastest']['flora']} lora:{p['fastest']['lora']}")
+    print(f"crossover: the smallest rank where the fastest LoRA kernel beats the fastest FLoRA kernel by more than "
+          f"{MARGIN:.0%} (FLoRA time / LoRA time per rank in brackets)")
     for c in result["crossover"]:
         where = (f"LoRA is faster from rank {c['lora_faster_from_rank']}" if c["lora_faster_from_rank"] is not None
-                 else f"FLoRA is faster at every rank tried ({', '.join(map(str, c['ranks_tried']))})")
-        print(f"crossover, width {c['width']}, {c['users']} users per batch: {where}")
+                 else "FLoRA is as fast or faster at every rank tried")
+        ratios = ", ".join(f"r{r} {v:.2f}" for r, v in c["flora_over_lora"].items())
+        print(f"crossover, width {c['width']}, {c['users']} user(s) per batch: {where} ({ratios})")
 
 
 def _plot(result: dict[str, Any], out: Path) -> Path:
@@ -135,8 +148,8 @@ def _plot(result: dict[str, Any], out: Path) -> Path:
             ranks = [p["rank"] for p in pts]
             for method, color in (("flora", "tab:blue"), ("lora", "tab:orange")):
                 ax.plot(ranks, [p["ratio"][f"{method}_{p['fastest'][method]}"] for p in pts], style, color=color,
-                        marker="o", label=f"{method} (fastest kernel), {users} users")
-            ax.plot(ranks, [p["ratio"]["ia3_fused"] for p in pts], style, color="tab:green", label=f"ia3, {users} users")
+                        marker="o", label=f"{method} (fastest kernel), {users} user(s)")
+            ax.plot(ranks, [p["ratio"]["ia3_fused"] for p in pts], style, color="tab:green", label=f"ia3, {users} user(s)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank")
         ax.set_ylabel("time / frozen nn.Linear (fwd+bwd)")
@@ -154,13 +167,19 @@ def bench_layer(widths: Sequence[int] = (1024, 4096), ranks: Sequence[int] = (1,
     batch = batch or (128 if dev.type == "cuda" else 64)
     tokens = tokens or (256 if dev.type == "cuda" else 8)
     mixes = sorted({min(u, batch) for u in (users or (1, 8, 64, batch))})
+    from tqdm import tqdm
+
     g = torch.Generator(device="cpu").manual_seed(0)
     points = []
+    bar = tqdm(total=len(widths) * len(ranks) * len(mixes), desc="bench layer", unit="point", file=sys.stderr)
     for width in widths:
         weight = (torch.randn(width, width, generator=g) / width**0.5).to(dev, dtype)
         for rank in ranks:
             for u in mixes:
+                bar.set_postfix(width=width, rank=rank, users=u)
                 points.append(measure_point(weight, rank, batch, u, tokens, repeats, peft))
+                bar.update(1)
+    bar.close()
     result = {"suite": "layer", "machine": machine(dev), "device": dev.type, "dtype": str(dtype).removeprefix("torch."),
               "batch": batch, "tokens": tokens, "repeats": repeats, "points": points, "crossover": crossovers(points)}
     write_json(out, "layer", result)

@@ -58,8 +58,11 @@ class RowwiseOptimizer:
             bc1 = (1 - h.beta1 ** step.to(torch.float64)).to(params.dtype).unsqueeze(1)
             bc2 = (1 - h.beta2 ** step.to(torch.float64)).to(params.dtype).unsqueeze(1)
             # Same order of operations as torch.optim.AdamW's single-tensor path.
-            denom = (v.sqrt() / bc2.sqrt()).add_(h.eps)
-            new = params * (1 - lr_col * h.weight_decay) - (lr_col / bc1) * (m / denom)
+            # The arithmetic of torch.optim.AdamW, op for op, with in-place steps: the step's rows
+            # can be tens of MiB (LoRA on every linear layer), and each temporary costs a pass.
+            denom = v.sqrt().div_(bc2.sqrt()).add_(h.eps)
+            update = m.div(denom).mul_(lr_col / bc1)
+            new = params.mul(1 - lr_col * h.weight_decay).sub_(update)
             table.scatter("exp_avg", rows, m)
             table.scatter("exp_avg_sq", rows, v)
         else:

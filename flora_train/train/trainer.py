@@ -159,7 +159,11 @@ class Trainer:
         ok_all = torch.ones(len(step_users))
         if owned.user_ids:
             owned_pos = torch.tensor([step_pos[u] for u in owned.user_ids])
-            finite = torch.isfinite(loss_all[owned_pos]) & torch.isfinite(owned.grads).all(dim=1).cpu()
+            # A row sum is NaN or inf when any value is: one read of the gradients instead of a
+            # full-size mask. It also flags finite gradients whose sum overflows float32 (values
+            # near 1e33), which no step should apply either.
+            rows_finite = torch.isfinite(owned.grads.sum(dim=1)).cpu()
+            finite = torch.isfinite(loss_all[owned_pos]) & rows_finite
             ok_all[owned_pos] = finite.float()
         fdist.all_reduce(ok_all, "min")
         skipped = self._apply(owned, step_users, ok_all.bool(), step_pos)

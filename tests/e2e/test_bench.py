@@ -62,13 +62,16 @@ def test_bench_layer_times_every_kernel_and_finds_the_crossover(tmp_path):
         for method in ("flora", "lora"):  # the fastest kernel is the one auto would pick
             mine = {k: v for k, v in p["ms"].items() if k.startswith(method + "_") and not k.endswith("_fwd")}
             assert method + "_" + p["fastest"][method] == min(mine, key=mine.get)
-    crossing = {(c["width"], c["users"]): c["lora_faster_from_rank"] for c in result["crossover"]}
-    assert set(crossing) == {(w, u) for w in (32, 64) for u in (1, 8)}
-    for (width, users), rank in crossing.items():
-        if rank is not None:
-            p = next(p for p in points if (p["width"], p["users"], p["rank"]) == (width, users, rank))
-            assert p["ms"]["lora_" + p["fastest"]["lora"]] < p["ms"]["flora_" + p["fastest"]["flora"]]
-    assert "PEFT fwd" in out and "crossover, width 64, 8 users per batch" in out
+    assert {(c["width"], c["users"]) for c in result["crossover"]} == {(w, u) for w in (32, 64) for u in (1, 8)}
+    for c in result["crossover"]:
+        ratios = {int(r): v for r, v in c["flora_over_lora"].items()}
+        for p in points:
+            if (p["width"], p["users"]) == (c["width"], c["users"]):
+                flora, lora = p["ms"]["flora_" + p["fastest"]["flora"]], p["ms"]["lora_" + p["fastest"]["lora"]]
+                assert ratios[p["rank"]] == flora / lora
+        first = c["lora_faster_from_rank"]
+        assert first == next((r for r in sorted(ratios) if ratios[r] > 1.05), None)
+    assert "PEFT fwd" in out and "crossover, width 64, 8 user(s) per batch" in out
 
 
 def test_bench_train_reports_both_targets_over_the_limit(tmp_path):
@@ -90,6 +93,8 @@ def test_bench_e2e_against_one_peft_job_per_user(tmp_path):
     peft = result["peft"]
     assert len(result["sampled_users"]) == 24 and len(peft["job_seconds"]) == 24 and _is_png(tmp_path / "bench_e2e.png")
     assert abs(peft["extrapolated_seconds"] - 24 * peft["mean_job_seconds"]) < 1e-6
+    assert peft["process_startup_seconds"] > 0
+    assert abs(peft["extrapolated_with_startup_seconds"] - 24 * (peft["mean_job_seconds"] + peft["process_startup_seconds"])) < 1e-6
     for user in result["sampled_users"]:  # each PEFT job saved a loadable adapter
         from flora_train.export import safe_folder_name
 

@@ -17,7 +17,7 @@ def test_the_fastest_kernel_is_chosen_once_per_bucket(monkeypatch, tmp_path):
     fake = {"bmm": 3.0, "segment": 1.0, "loop": 2.0}
     calls = []
 
-    def timed(method, kernel, weight, bias, rank, batch, users, tokens, backward, repeats, scaling):
+    def timed(method, kernel, weight, bias, rank, batch, users, tokens, backward, repeats, scaling, give_up_after):
         calls.append((kernel, batch, users, tokens, backward))
         return fake[kernel]
 
@@ -107,3 +107,27 @@ def test_measuring_inside_a_checkpointed_forward_leaves_no_trace():
         if kernel == "auto":
             assert len(slot.tuner.timings) == 2, "both layers' shapes were measured during the forward"
     torch.testing.assert_close(grads["auto"], grads["bmm"], rtol=1e-10, atol=1e-10)
+
+
+def test_uniform_user_blocks_skip_the_gather_and_compute_the_same():
+    """Users 0,0,1,1,2,2 (the planner's packing): rows are used as they are, no per-example gather."""
+    x = torch.randn(6, 5, 8, dtype=torch.float64)
+    grouped = torch.tensor([0, 0, 1, 1, 2, 2])
+    order = {"grouped": torch.arange(6), "spread": torch.tensor([0, 5, 1, 2, 3, 4])}
+    for method, kernel in (("lora", "segment"), ("flora", "rankwise"), ("ia3", "fused")):
+        results = {}
+        for name, perm in order.items():
+            index = grouped[perm]
+            torch.manual_seed(1)
+            net = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)).double()
+            slot, layout = inject_adapters(net, AdapterSpec(method, 2, kernel=kernel), ["0", "1"])
+            rows = torch.randn(3, layout.row_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+            rows.requires_grad_(True)
+            inputs = x[perm]  # the spread batch: the same (example, user) pairs in another order
+            with slot.activate(rows, index):
+                assert (slot.block == 2) == (name == "grouped")
+                y = net(inputs)
+                y.square().sum().backward()
+            results[name] = (y[torch.argsort(perm)], rows.grad)
+        for got, want in zip(results["grouped"], results["spread"]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
