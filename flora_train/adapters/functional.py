@@ -33,6 +33,13 @@ def kernels_for(method: str, rank: int) -> tuple[str, ...]:
     return KERNELS[method]
 
 
+def kernel_error(method: str, kernel: str) -> str | None:
+    """Why ``kernel`` cannot compute ``method`` (None when it can, or for ``auto``)."""
+    if kernel == "auto" or kernel in KERNELS[method]:
+        return None
+    return f"{kernel} does not compute {method}; use auto or one of {', '.join(KERNELS[method])}"
+
+
 def _per_example(t: torch.Tensor, index: torch.Tensor | None, batch: int, name: str) -> torch.Tensor:
     """Expands per-user tensors to per-example ones (a cheap gather of small adapter tensors).
 

@@ -58,7 +58,7 @@ class AdapterSlot:
         try:
             yield
         finally:
-            self._rows, self._index, self._distinct, self._views = None, None, None, None
+            self._rows, self._index, self._distinct, self._views, self._block = None, None, None, None, None
 
     def distinct_users(self) -> int:
         """Distinct users in the active micro-batch (counted once per activation: one device sync)."""

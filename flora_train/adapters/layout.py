@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from flora_train.adapters.functional import kernel_error
+
 METHODS = ("flora", "lora", "ia3")
 
 
@@ -32,11 +34,9 @@ class AdapterSpec:
             raise ValueError(f"adapter.method must be one of {METHODS}, got {self.method!r}")
         if self.rank < 1:
             raise ValueError(f"adapter.rank must be >= 1, got {self.rank}")
-        from flora_train.adapters.functional import KERNELS
-
-        if self.kernel != "auto" and self.kernel not in KERNELS[self.method]:
-            raise ValueError(f"adapter.kernel={self.kernel!r} does not compute {self.method}; "
-                             f"use auto or one of {', '.join(KERNELS[self.method])}")
+        error = kernel_error(self.method, self.kernel)
+        if error:
+            raise ValueError(f"adapter.kernel: {error}")
 
     @property
     def scaling(self) -> float:

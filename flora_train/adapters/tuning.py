@@ -122,7 +122,7 @@ def time_kernel(method: str, kernel: str, weight: torch.Tensor, bias: torch.Tens
             with torch.no_grad():
                 adapted_linear(method, kernel, x, w, bias, params, index, scaling)
 
-    return median_seconds(step, device, repeats)
+    return median_seconds(step, device, repeats, give_up_after=give_up_after)
 
 
 def _on_fresh_thread(fn: Callable[[], float], device: torch.device, autocast: torch.dtype | None) -> float:

@@ -18,10 +18,10 @@ def bench_device(device: str = "auto") -> torch.device:
 
 
 def bench_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the GPU does it natively; float32 on CPU (bf16 matmuls are emulated there)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """What `train.precision: auto` computes in: bf16 where the GPU does it natively, else float32."""
+    from flora_train.train.session import autocast_dtype_for
+
+    return autocast_dtype_for("auto", device) or torch.float32
 
 
 def machine(device: torch.device | None = None) -> str:

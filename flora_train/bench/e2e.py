@@ -124,7 +124,7 @@ def bench_e2e(users: int = 1000, examples: int = 8, sample: int = 20, rank: int 
     work = out / "e2e"
     task = SyntheticTask(num_users=users, train_examples_per_user=examples, eval_examples_per_user=4)
     train_path, eval_path = task.write(work / "data")
-    texts = [json.loads(line)["prompt"] + json.loads(line)["completion"] for line in train_path.read_text().splitlines()]
+    texts = task.texts()
     base_cfg = dict(base or DEFAULT_BASE)
     model_dir = build_tiny_model(work / "base", base_cfg, texts)
     max_length = 32

@@ -117,7 +117,7 @@ def bench_zero(world: int = 2, steps: int = 6, warmup: int = 2, users_per_step: 
     work = out / "zero"
     task = SyntheticTask(num_users=max(4 * users_per_step, world), train_examples_per_user=8, eval_examples_per_user=0)
     train_path, _ = task.write(work / "data")
-    texts = [json.loads(line)["prompt"] + json.loads(line)["completion"] for line in train_path.read_text().splitlines()]
+    texts = task.texts()
     model_dir = build_tiny_model(work / "base", dict(base or DEFAULT_BASE), texts)
     common = [
         f"base.name_or_path={model_dir}", f"data.train_path={train_path}", "data.max_length=32",

@@ -114,10 +114,8 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         except yaml.YAMLError:
             # Not YAML (e.g. a value starting with a backtick): the value is the literal string.
             key, _, value = item.partition("=")
-            nested: Any = value
-            for part in reversed(key.split(".")):
-                nested = {part: nested}
-            layer = OmegaConf.create(nested)
+            layer = OmegaConf.create()
+            OmegaConf.update(layer, key, value, force_add=True)
         except OmegaConfBaseException as exc:
             raise RecipeError(f"override '{item}': {exc}") from None
         cfg = _merge(cfg, layer, f"override '{item}'", {})

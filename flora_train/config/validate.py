@@ -6,7 +6,7 @@ import re
 
 from omegaconf import DictConfig
 
-from flora_train.adapters.functional import KERNELS
+from flora_train.adapters.functional import kernel_error
 from flora_train.config.schema import ExportFormat, Method
 
 
@@ -115,10 +115,9 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
     for name in la.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
             _fail(source, f"launch.env.{name}", "is not a valid environment variable name")
-    kernels = KERNELS[cfg.adapter.method.value]
-    if cfg.adapter.kernel.value != "auto" and cfg.adapter.kernel.value not in kernels:
-        _fail(source, "adapter.kernel", f"{cfg.adapter.kernel.value} does not compute {cfg.adapter.method.value}; "
-              f"use auto or one of {', '.join(kernels)}")
+    kernel = kernel_error(cfg.adapter.method.value, cfg.adapter.kernel.value)
+    if kernel:
+        _fail(source, "adapter.kernel", kernel)
     if cfg.export.format == ExportFormat.peft and cfg.adapter.method != Method.lora:
         _fail(
             source,

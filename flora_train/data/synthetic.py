@@ -66,5 +66,10 @@ class SyntheticTask:
             tmp.replace(path)
         return paths
 
+    def texts(self, split: str = "train") -> list[str]:
+        """Every example of ``split`` as one string (prompt + completion), e.g. to train a tokenizer."""
+        n = self.train_examples_per_user if split == "train" else self.eval_examples_per_user
+        return [ex["prompt"] + ex["completion"] for i in range(self.num_users) for ex in self.examples(i, split, n)]
+
     def chance_accuracy(self) -> float:
         return 1.0 / self.num_values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
 import subprocess
@@ -38,8 +39,6 @@ def run_local(job: Job, dry_run: bool = False) -> int:
             print((env_line + " " if env_line else "") + shlex.join(cmd))
         return 0
     write_recipe(job)
-    import os
-
     env = {**os.environ, **{k: str(v) for k, v in job.cfg.launch.env.items()}}
     procs = [subprocess.Popen(cmd, env=env) for cmd in cmds]
     codes = [p.wait() for p in procs]

@@ -35,8 +35,9 @@ def sbatch_argv(job: Job, script: Path) -> list[str]:
     return [*argv, *map(str, la.sbatch_args), str(script)]
 
 
-def log_path(job: Job) -> Path:
-    return Path(job.cfg.run_dir) / "launch" / "slurm-%j.out"
+def log_path(job: Job, job_id: str = "%j") -> Path:
+    """The job's log; with no id, the sbatch pattern (``%j`` is the job id)."""
+    return Path(job.cfg.run_dir) / "launch" / f"slurm-{job_id}.out"
 
 
 def render(job: Job) -> tuple[list[str], str]:
@@ -72,7 +73,7 @@ def submit(job: Job, dry_run: bool = False) -> str | None:
     if proc.returncode != 0:
         raise LaunchFailed(f"sbatch refused the job ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
-    print(f"submitted Slurm job {job_id}; log {str(log_path(job)).replace('%j', job_id)}")
+    print(f"submitted Slurm job {job_id}; log {log_path(job, job_id)}")
     return job_id
 
 
@@ -98,7 +99,7 @@ def wait(job: Job, job_id: str, poll_s: float = 2.0) -> int:
     while (done := _job_state(job_id)) is None:
         time.sleep(poll_s)
     state, code = done
-    log = Path(str(log_path(job)).replace("%j", job_id))
+    log = log_path(job, job_id)
     print(f"Slurm job {job_id} ended: {state}, exit code {code}")
     if code != 0 and log.is_file():
         lines = log.read_text(errors="replace").splitlines()

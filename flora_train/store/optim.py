@@ -57,8 +57,7 @@ class RowwiseOptimizer:
             v = table.gather("exp_avg_sq", rows).to(params.device).mul_(h.beta2).addcmul_(grads, grads, value=1 - h.beta2)
             bc1 = (1 - h.beta1 ** step.to(torch.float64)).to(params.dtype).unsqueeze(1)
             bc2 = (1 - h.beta2 ** step.to(torch.float64)).to(params.dtype).unsqueeze(1)
-            # Same order of operations as torch.optim.AdamW's single-tensor path.
-            # The arithmetic of torch.optim.AdamW, op for op, with in-place steps: the step's rows
+            # The order of operations of torch.optim.AdamW's single-tensor path, with in-place steps: the step's rows
             # can be tens of MiB (LoRA on every linear layer), and each temporary costs a pass.
             denom = v.sqrt().div_(bc2.sqrt()).add_(h.eps)
             update = m.div(denom).mul_(lr_col / bc1)

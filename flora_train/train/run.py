@@ -218,6 +218,11 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
 
     trainer = Trainer(session.model, session.slot, session.store, session.train, train_settings(session),
                       session.user_total_steps(), session.pad_id, session.device)
+
+    def checkpoint(at: int) -> Path:
+        state = _trainer_state(session, at, tracker.known_run_id, trainer)
+        return save_checkpoint(run_dir, at, session.store, session.layout, state, t.keep_checkpoints)
+
     total = session.planner.total_steps(t.epochs, t.max_steps)
     meter, step = _Meter(session.store), start_step
     bar = tqdm(total=total, initial=start_step, desc="train", disable=not (t.progress and main), unit="step")
@@ -237,13 +242,13 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
                 tracker.log_metrics(meter.metrics(), step=step)
                 meter.reset()
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and step < total:
-                save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, tracker.known_run_id, trainer), t.keep_checkpoints)
+                checkpoint(step)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and session.eval and step < total:
                 tracker.log_metrics(summarise(_evaluate_store(session, session.store)), step=step)
             plan = following
         status = "FINISHED"
     except NonFiniteError:
-        save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, tracker.known_run_id, trainer), t.keep_checkpoints)
+        checkpoint(step)
         raise
     finally:
         bar.close()
@@ -251,7 +256,7 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
             tracker.end("FAILED")
     train_seconds = time.perf_counter() - started
     store_totals = meter.store_counters()
-    final = save_checkpoint(run_dir, step, session.store, session.layout, _trainer_state(session, step, tracker.known_run_id, trainer), t.keep_checkpoints)
+    final = checkpoint(step)
     held, whole = resident_base_bytes(session.model)
     result: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "checkpoint": str(final), "mlflow_run_id": tracker.known_run_id,
                               "train_seconds": train_seconds, "users": len(session.store), "store": store_totals,

@@ -1,5 +1,7 @@
 """adapter.kernel=auto: the fastest measured kernel is kept, once per shape bucket, and persisted."""
 
+import time
+
 import pytest
 import torch
 
@@ -85,7 +87,7 @@ def test_auto_layers_compute_what_every_fixed_kernel_computes():
 
 
 def test_a_kernel_of_another_method_is_refused():
-    with pytest.raises(ValueError, match="adapter.kernel='bmm' does not compute flora"):
+    with pytest.raises(ValueError, match="adapter.kernel: bmm does not compute flora"):
         AdapterSpec("flora", 2, kernel="bmm")
 
 
@@ -131,3 +133,31 @@ def test_uniform_user_blocks_skip_the_gather_and_compute_the_same():
             results[name] = (y[torch.argsort(perm)], rows.grad)
         for got, want in zip(results["grouped"], results["spread"]):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_kernel_far_behind_is_not_timed_to_the_end():
+    from flora_train.adapters.tuning import median_seconds
+
+    runs = []
+
+    def slow():
+        runs.append(1)
+        time.sleep(0.02)
+
+    assert median_seconds(slow, torch.device("cpu"), repeats=3, give_up_after=0.005) >= 0.02
+    assert len(runs) == 1, "a warm-up slower than the limit ends the measurement"
+    runs.clear()
+    median_seconds(slow, torch.device("cpu"), repeats=3)
+    assert len(runs) == 4
+
+
+def test_later_candidates_are_cut_off_at_three_times_the_best(monkeypatch):
+    limits = {}
+
+    def timed(method, kernel, weight, bias, rank, batch, users, tokens, backward, repeats, scaling, give_up_after):
+        limits[kernel] = give_up_after
+        return {"bmm": 2.0, "segment": 1.0, "loop": 5.0}[kernel]
+
+    monkeypatch.setattr(tuning, "time_kernel", timed)
+    KernelTuner().choose("lora", 4, torch.randn(16, 8), None, torch.Size([6, 5, 8]), users=3)
+    assert limits == {"bmm": float("inf"), "segment": 6.0, "loop": 3.0}
