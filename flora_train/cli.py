@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     _quiet_libraries()
     from flora_train import dist as fdist
+    from flora_train.host_memory import keep_freed_blocks
+
+    keep_freed_blocks()
 
     clean = False
     try:

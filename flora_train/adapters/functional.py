@@ -140,18 +140,26 @@ def lora_linear(
     if lora_a.shape[1] != lora_b.shape[2]:
         raise ValueError(f"lora_a has rank {lora_a.shape[1]} but lora_b has rank {lora_b.shape[2]}")
     out = F.linear(x3, weight, bias)
+    # The base GEMM's output dtype is the compute dtype (bf16 under autocast even for float32 x).
+    # The update is added into it in place, which autocast does not cast for: every operand is
+    # brought to that dtype here. (The GEMM's backward needs x and W, never its output, so writing
+    # into the output is safe.)
+    dtype = out.dtype
     if kernel == "bmm" or index is None:
-        a = _per_example(lora_a, index, batch, "lora_a").to(x3.dtype)
-        b = _per_example(lora_b, index, batch, "lora_b").to(x3.dtype)
-        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
-        return (out + scaling * delta).reshape(*shape[:-1], weight.shape[0])
+        a = _per_example(lora_a, index, batch, "lora_a").to(dtype)
+        b = _per_example(lora_b, index, batch, "lora_b").to(dtype)
+        # out += scaling * (h @ B^T) as one op: no second full-size output, no separate scale or
+        # sum, and the backward scales only the small [batch, tokens, r] gradients.
+        h = torch.bmm(x3.to(dtype), a.transpose(1, 2))
+        out.baddbmm_(h, b.transpose(1, 2), alpha=scaling)
+        return out.reshape(*shape[:-1], weight.shape[0])
     if kernel == "segment":
-        delta = _lora_delta_segmented(x3, lora_a, lora_b, index)
+        delta = _lora_delta_segmented(x3.to(dtype), lora_a, lora_b, index)
     elif kernel == "loop":
-        delta = _lora_delta_loop(x3, lora_a, lora_b, index)
+        delta = _lora_delta_loop(x3.to(dtype), lora_a, lora_b, index)
     else:
         raise ValueError(f"unknown LoRA kernel {kernel!r}; expected bmm, segment or loop")
-    return (out + scaling * delta).reshape(*shape[:-1], weight.shape[0])
+    return out.add_(delta.to(dtype), alpha=scaling).reshape(*shape[:-1], weight.shape[0])
 
 
 def _lora_delta_segmented(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,6 @@ class OwnedStep:
 
     user_ids: list[str]
     row_ids: torch.Tensor
-    params: torch.Tensor
     grads: torch.Tensor
 
 
@@ -225,7 +224,7 @@ class ShardedAdapterStore:
             raise RuntimeError("no gradient on the step's rows; did backward run inside the adapter slot?")
         if self.exchange is None or self.placement == "owner":
             row_ids = self.local.row_ids(rows.user_ids)
-            return OwnedStep(rows.user_ids, row_ids, rows.values.detach(), grad)
+            return OwnedStep(rows.user_ids, row_ids, grad)
         served_rows, served_grads = [], []
         for route, pos in rows.routes:
             g = torch.zeros(route.order.numel(), self.row_size, dtype=torch.float32, device=grad.device)
@@ -237,10 +236,8 @@ class ShardedAdapterStore:
         all_grads = torch.cat(served_grads)
         unique, inverse = torch.unique(all_rows, return_inverse=True)
         summed = torch.zeros(unique.numel(), self.row_size, dtype=torch.float32).index_add_(0, inverse, all_grads.cpu())
-        dev = self.local.compute_device
-        params = self.local.access.gather("rows", unique).to(dev)
         users = [self.local.registry.user(int(r)) for r in unique.tolist()]
-        return OwnedStep(users, unique, params, summed.to(dev))
+        return OwnedStep(users, unique, summed.to(self.local.compute_device))
 
     def steps(self, user_ids: Sequence[str]) -> torch.Tensor:
         """Step counters of users this rank owns."""
@@ -248,7 +245,7 @@ class ShardedAdapterStore:
 
     def apply(self, owned: OwnedStep, lr: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         self._settle_prefetch()
-        self.local.update(owned.row_ids, owned.params, owned.grads, lr, keep)
+        self.local.update(owned.row_ids, owned.grads, lr, keep)
 
     def read(self, user_ids: Sequence[str]) -> torch.Tensor:
         """Rows of users this rank owns (no communication)."""

@@ -114,19 +114,16 @@ class AdapterStore:
         grad = step.values.grad
         if grad is None:
             raise RuntimeError("no gradient on the step's rows; did backward run inside the adapter slot?")
-        self.update(step.row_ids, step.values.detach(), grad, lr, keep)
+        self.update(step.row_ids, grad, lr, keep)
 
-    def update(
-        self, row_ids: torch.Tensor, params: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, keep: torch.Tensor | None = None
-    ) -> None:
-        """The optimizer step on table rows ``row_ids`` given their current values and gradients."""
-        if keep is not None:
+    def update(self, row_ids: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """The optimizer step on table rows ``row_ids`` from their gradients, in the table."""
+        if keep is not None and not bool(keep.all()):
             sel = keep.cpu().nonzero().squeeze(1)
-            row_ids, params, grad, lr = row_ids[sel], params[sel.to(params.device)], grad[sel.to(grad.device)], lr[sel]
+            row_ids, grad, lr = row_ids[sel], grad[sel.to(grad.device)], lr[sel]
         if row_ids.numel() == 0:
             return
-        new = self.optimizer.update(self.access, params, row_ids, grad, lr)
-        self.access.scatter("rows", row_ids, new)
+        self.optimizer.update(self.access, row_ids, grad, lr)
 
     # -- persistence ---------------------------------------------------------------------------
 

@@ -90,6 +90,10 @@ class RowTable:
         data = self._data[name]
         data.index_copy_(0, rows.to(self.device), values.to(device=self.device, dtype=data.dtype))
 
+    def locate(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Where ``rows`` live: every column's tensor and the rows' positions in them, for updates in place."""
+        return self._data, rows.to(self.device)
+
     def flush(self) -> None:
         """Nothing is buffered: memory-mapped pages reach the file when the OS writes them back."""
 
@@ -170,6 +174,13 @@ class HotRowCache:
         data = self._cache[name]
         data.index_copy_(0, slots.to(self.device), values.to(device=self.device, dtype=data.dtype))
         self._dirty[slots] = True
+
+    def locate(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Makes ``rows`` resident and returns the cache's columns and their slots; the caller
+        updates them in place, so they are marked changed."""
+        slots = self._slots(rows.cpu())
+        self._dirty[slots] = True
+        return self._cache, slots.to(self.device)
 
     def invalidate(self) -> None:
         """Forgets every cached row without writing back (after the table was overwritten)."""

@@ -133,3 +133,25 @@ def test_shape_errors_are_clear():
         assert "pass index" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_every_kernel_runs_under_bf16_autocast_with_float32_adapters():
+    """Mixed precision as training runs it: float32 activations and rows, bf16 autocast. Every kernel
+    (LoRA's add their update into the base output in place, which autocast does not cast) must run,
+    stay within bf16 rounding of float32, and give float32 gradients for the rows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 16, generator=g)
+    weight = torch.randn(8, 16, generator=g) / 4
+    index = torch.tensor([0, 1, 1, 2])
+    adapters = {"flora": {"a": torch.rand(3, 2, 8, generator=g) + 0.5, "b": torch.rand(3, 2, 16, generator=g) + 0.5},
+                "ia3": {"a": torch.rand(3, 1, 8, generator=g) + 0.5},
+                "lora": {"lora_a": torch.randn(3, 2, 16, generator=g) / 4, "lora_b": torch.randn(3, 8, 2, generator=g) / 4}}
+    for method, kernels in Fa.KERNELS.items():
+        for kernel in kernels:
+            params = {k: v.clone().requires_grad_() for k, v in adapters[method].items()}
+            want = Fa.adapted_linear(method, kernel, x, weight, None, params, index, 2.0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = Fa.adapted_linear(method, kernel, x, weight, None, params, index, 2.0)
+            torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2, msg=f"{method}/{kernel}")
+            got.float().sum().backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params.values()), (method, kernel)
