@@ -43,11 +43,14 @@ def _inside(out: Path, folder: str) -> Path:
     return target
 
 
-def _load_run(run_dir: Path) -> tuple[AdapterLayout, UserRegistry, torch.Tensor, Path, dict[str, Any]]:
-    ckpt = latest_checkpoint(run_dir)
+def _load_run(run_dir: Path, checkpoint: Path | None) -> tuple[AdapterLayout, UserRegistry, torch.Tensor, Path, dict[str, Any]]:
+    if checkpoint is not None:
+        ckpt = checkpoint
+        verify_checkpoint(ckpt, contents=False)  # the caller wrote it (and hashed it) a moment ago
+    else:
+        ckpt = latest_checkpoint(run_dir)  # hashed through: the newest intact one
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
-    verify_checkpoint(ckpt)
     layout = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
     ids, rows = read_saved_rows(ckpt)  # every shard of the store, whatever world size saved it
     registry = UserRegistry(ids)
@@ -94,9 +97,11 @@ def _peft_config(layout: AdapterLayout, base_model: str) -> dict[str, Any]:
     }
 
 
-def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path) -> dict[str, Any]:
-    """Writes one folder per user under ``out`` plus ``index.json`` and ``manifest.json``."""
-    layout, registry, rows, ckpt, state = _load_run(Path(run_dir))
+def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
+                    checkpoint: Path | None = None) -> dict[str, Any]:
+    """Writes one folder per user under ``out`` plus ``index.json`` and ``manifest.json``, from
+    ``checkpoint`` (one this process just wrote) or else the run's newest intact checkpoint."""
+    layout, registry, rows, ckpt, state = _load_run(Path(run_dir), checkpoint)
     if fmt == "peft" and layout.spec.method != "lora":
         raise ExportError(f"PEFT has no {layout.spec.method} adapter matching flora_train's; use --format flora")
     if fmt not in ("peft", "flora"):

@@ -109,8 +109,11 @@ def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layou
     _fsync(final.parent)
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """The manifest of a complete, intact checkpoint; raises ``CheckpointError`` naming the bad file."""
+def verify_checkpoint(path: Path, contents: bool = True) -> dict[str, Any]:
+    """The manifest of a complete, intact checkpoint; raises ``CheckpointError`` naming the bad file.
+
+    ``contents=False`` checks that every file is there at its recorded size without hashing it
+    (a read of every byte: gigabytes for LoRA on every layer of many users)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})")
@@ -122,7 +125,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info["bytes"] or (contents and _sha256(f) != info["sha256"]):
             raise CheckpointError(f"{f}: does not match the manifest (corrupt or partial)")
     return manifest
 
@@ -146,11 +149,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Keeps the newest ``keep`` valid checkpoints; never deletes the newest valid one."""
+    """Keeps the newest ``keep`` complete checkpoints; never deletes the newest complete one.
+
+    Complete means every file at its manifest size: their bytes were hashed when written and are
+    hashed again before anything reads them, so pruning does not re-read every checkpoint."""
     valid = []
     for path in reversed(list_checkpoints(root)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, contents=False)
             valid.append(path)
         except CheckpointError:
             continue
@@ -183,13 +189,15 @@ def restore_plan(path: Path, world: int, user_tokens: dict[str, int]) -> tuple[S
     return ShardPlan.balanced(tokens, world), fresh
 
 
-def load_checkpoint(path: Path, store: ShardedAdapterStore, layout: AdapterLayout, user_tokens: dict[str, int]) -> dict[str, Any]:
+def load_checkpoint(path: Path, store: ShardedAdapterStore, layout: AdapterLayout, user_tokens: dict[str, int],
+                    verified: bool = False) -> dict[str, Any]:
     """Restores the store from ``path`` (saved at any world size; rows are re-partitioned), after
-    checking it is intact and made for the same adapter layout. Collective: either every rank
-    restores or every rank raises, so no run starts on a half-restored store."""
+    checking it is intact (unless the caller just did: ``verified``, as ``latest_checkpoint`` does)
+    and made for the same adapter layout. Collective: either every rank restores or every rank
+    raises, so no run starts on a half-restored store."""
     error, state = None, {}
     try:
-        manifest = verify_checkpoint(path)
+        manifest = verify_checkpoint(path, contents=not verified)
         read_layout(path, layout)
         plan, fresh = restore_plan(path, store.world, user_tokens)
         store.load_shards(path, plan, fresh)

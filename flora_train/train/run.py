@@ -202,7 +202,7 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
     if resume and ckpt is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise CheckpointError(f"{run_dir}/checkpoints: no intact checkpoint to resume from")
     if ckpt is not None:
-        state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens)
+        state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=True)
         check_same_base(ckpt, state, session)
         start_step, run_id = int(state["next_step"]), state.get("mlflow_run_id")
         if main:
@@ -281,7 +281,7 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
         from flora_train.export import export_adapters
 
         out = Path(cfg.export.out) if cfg.export.out else run_dir / "export" / cfg.export.format.value
-        manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out)
+        manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out, checkpoint=final)
         tracker.log_artifact(out / "manifest.json", "export")
         result["export"] = {"out": str(out), "users": manifest["num_users"]}
     tracker.log_metrics({"train/seconds": train_seconds, "base/resident_mib_per_rank": held / 2**20}, step=step)
@@ -314,7 +314,7 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     ckpt = checkpoint or latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
-    state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens)
+    state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=checkpoint is None)
     check_same_base(ckpt, state, session)
     if session.eval is None:
         raise ValueError(f"{recipe}: the recipe has no evaluation data (data.eval_path or data.eval_examples_per_user)")

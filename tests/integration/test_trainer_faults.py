@@ -118,3 +118,21 @@ def test_checkpoint_of_another_base_with_the_same_shapes_is_refused(tmp_path, ti
     moved = tmp_path / "moved"
     shutil.copytree(tiny_llama_dir, moved)  # the same base in another folder still resumes
     assert run_training(load_recipe(None, _overrides(tmp_path, moved)), resume=True)["steps"] > 2
+
+
+def test_a_bit_flip_is_caught_by_every_reader_but_not_by_pruning(tmp_path, tiny_llama_dir):
+    from flora_train.train.checkpoint import verify_checkpoint
+
+    s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir)))
+    older = save_checkpoint(s.run_dir, 1, s.store, s.layout, {"next_step": 1}, keep=3)
+    newer = save_checkpoint(s.run_dir, 2, s.store, s.layout, {"next_step": 2}, keep=3)
+    shard = newer / "store-00000-of-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01  # same size, one bit of one row changed
+    shard.write_bytes(bytes(data))
+    assert verify_checkpoint(newer, contents=False)["step"] == 2  # pruning's check: all files there
+    with pytest.raises(CheckpointError, match="does not match the manifest"):
+        verify_checkpoint(newer)
+    with pytest.raises(CheckpointError, match="does not match the manifest"):
+        load_checkpoint(newer, s.store, s.layout, s.user_tokens)
+    assert latest_checkpoint(s.run_dir) == older  # resume, eval and export read the older one
