@@ -38,7 +38,8 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--no-peft", action="store_true", help="layer: skip PEFT's mixed-batch forward")
     be.add_argument("--users", type=int, default=1000, help="e2e: users to train")
     be.add_argument("--examples", type=int, default=8, help="e2e: training examples per user")
-    be.add_argument("--sample", type=int, default=20, help="e2e: users trained by one PEFT job each")
+    be.add_argument("--sample", type=int, default=20, help="e2e: users trained by one PEFT job each (quality, warm timing)")
+    be.add_argument("--process-sample", type=int, default=5, help="e2e: of those, users whose job runs as its own process")
     be.add_argument("--rank", type=int, default=8, help="e2e: LoRA rank of both sides")
     be.add_argument("--small", type=int, default=1_000, help="store: users in the small table")
     be.add_argument("--large", type=int, default=1_000_000, help="store: users in the large table")
@@ -83,7 +84,7 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         h = _given(args.hidden_size, E2E_BASE["hidden_size"])
         base = dict(E2E_BASE, hidden_size=h, intermediate_size=h * 11 // 4,
                     num_layers=_given(args.layers, E2E_BASE["num_layers"]))
-        return bench_e2e(args.users, args.examples, args.sample, args.rank, base=base, device=args.device, out=args.out)
+        return bench_e2e(args.users, args.examples, args.sample, args.process_sample, args.rank, base=base, device=args.device, out=args.out)
     if suite == "store":
         from flora_train.bench.store import bench_store
 
