@@ -188,10 +188,16 @@ class ShardedAdapterStore:
             pos = torch.tensor([pos_of[u] for u in rest], dtype=torch.int64)
             pieces.append((pos, pending.wait()))
             routes.append((pending.route, pos))
-        values = torch.empty(len(users), self.row_size, dtype=torch.float32, device=self.local.compute_device)
-        for pos, vals in pieces:
-            if pos.numel():
-                values[pos.to(values.device)] = vals.to(values.device)
+        device = self.local.compute_device
+        if len(pieces) == 1 and torch.equal(pieces[0][0], torch.arange(len(users))):
+            # Every piece is a fresh copy (a gather or a received buffer): one already in step
+            # order is the step's rows. A second copy of LoRA's rows costs a pass over tens of MiB.
+            values = pieces[0][1].to(device=device, dtype=torch.float32)
+        else:
+            values = torch.empty(len(users), self.row_size, dtype=torch.float32, device=device)
+            for pos, vals in pieces:
+                if pos.numel():
+                    values.index_copy_(0, pos.to(device), vals.to(device))
         return ShardedRows(users, torch.empty(0, dtype=torch.int64), values.requires_grad_(requires_grad), routes)
 
     def prefetch(self, users: Sequence[str], exclude: Sequence[str]) -> None:
