@@ -34,14 +34,14 @@ DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=688
                     num_kv_heads=4, vocab_size=512, max_position_embeddings=128, seed=0, pretrain_steps=300)
 
 
-def _by_user(examples: list[dict[str, list[int]]], users: list[str]) -> dict[str, list[dict[str, list[int]]]]:
-    out: dict[str, list[dict[str, list[int]]]] = {}
-    for u, ex in zip(users, examples):
-        out.setdefault(u, []).append(ex)
+def _by_user(examples: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for ex in examples:
+        out.setdefault(ex["user_id"], []).append(ex)
     return out
 
 
-def _user_loss(model: torch.nn.Module, examples: list[dict[str, list[int]]], pad_id: int, device: torch.device) -> float:
+def _user_loss(model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, device: torch.device) -> float:
     """Held-out loss of one user: summed completion-token cross-entropy over its target tokens."""
     from flora_train.data.tokenize import collate
     from flora_train.train.loss import target_tokens, token_losses
@@ -54,7 +54,6 @@ def _user_loss(model: torch.nn.Module, examples: list[dict[str, list[int]]], pad
 
 def _job_process(job: dict[str, Any], folder: Path) -> float:
     """Wall seconds of one per-user PEFT job run as its own process."""
-    folder.mkdir(parents=True, exist_ok=True)
     spec = folder / "job.json"
     spec.write_text(json.dumps(job))
     start = time.perf_counter()
@@ -65,7 +64,7 @@ def _job_process(job: dict[str, Any], folder: Path) -> float:
     return seconds
 
 
-def _saved_adapter_loss(model_dir: Path, folder: Path, examples: list[dict[str, list[int]]], pad_id: int,
+def _saved_adapter_loss(model_dir: Path, folder: Path, examples: list[dict[str, Any]], pad_id: int,
                         device: torch.device) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -94,7 +93,7 @@ def _flora_run(recipe: list[str], run_dir: Path) -> tuple[float, dict[str, float
 def bench_e2e(users: int = 1000, examples: int = 8, sample: int = 20, process_sample: int = 5, rank: int = 8, lr: float = 3e-3,
               flora_lr: float = 0.05, examples_per_step: int = 4, users_per_step: int = 250, epochs: int = 1,
               base: dict[str, Any] | None = None, device: str = "auto", out: Path = Path("runs/bench")) -> dict[str, Any]:
-    from flora_train.base import build_tiny_model
+    from flora_train.base import build_tiny_model, load_tokenizer
     from flora_train.data import SyntheticTask
     from flora_train.export import safe_folder_name
 
@@ -125,11 +124,10 @@ def bench_e2e(users: int = 1000, examples: int = 8, sample: int = 20, process_sa
     for line in train_path.read_text().splitlines():
         rows_by_user.setdefault(json.loads(line)["user_id"], []).append(line)
     picked = sorted(random.Random(0).sample(sorted(rows_by_user), min(sample, len(rows_by_user))))
-    train_ex, pad_id = tokenised(train_path, model_dir, max_length)
-    eval_ex, _ = tokenised(eval_path, model_dir, max_length)
-    train_users = [json.loads(line)["user_id"] for line in train_path.read_text().splitlines()]
-    eval_users = [json.loads(line)["user_id"] for line in eval_path.read_text().splitlines()]
-    train_by_user, eval_by_user = _by_user(train_ex, train_users), _by_user(eval_ex, eval_users)
+    tokenizer = load_tokenizer(str(model_dir))
+    pad_id = int(tokenizer.pad_token_id)
+    train_by_user = _by_user(tokenised(train_path, tokenizer, max_length))
+    eval_by_user = _by_user(tokenised(eval_path, tokenizer, max_length))
     # Timing needs few jobs (they vary little), quality many users: the first `process_sample` of
     # the sampled users also run as separate processes, whose adapters must match the warm ones.
     process_seconds, process_losses = [], {}

@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +23,7 @@ import torch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def train_adapter(model_dir: Path, train: list[dict[str, list[int]]], rank: int, alpha: float, lr: float,
+def train_adapter(model_dir: Path, train: list[dict[str, Any]], rank: int, alpha: float, lr: float,
                   batch_size: int, epochs: int, pad_id: int, out: Path, device: torch.device,
                   seed: int) -> tuple[float, torch.nn.Module]:
     """Base load to saved adapter for one user; returns (seconds, the trained PEFT model)."""
@@ -58,23 +59,25 @@ def train_adapter(model_dir: Path, train: list[dict[str, list[int]]], rank: int,
     return time.perf_counter() - start, model.eval()
 
 
-def tokenised(path: Path, model_dir: Path, max_length: int) -> tuple[list[dict[str, list[int]]], int]:
-    """A user's JSONL examples as token ids and completion labels, and the pad id."""
-    from flora_train.base import load_tokenizer
+def tokenised(path: Path, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """A JSONL file's examples as ``user_id``, token ids and completion labels."""
     from flora_train.data import BadRows, Columns, load_examples, tokenize_examples
 
-    tokenizer = load_tokenizer(str(model_dir))
     rows = tokenize_examples(load_examples(path, "auto", Columns(), BadRows()), tokenizer, max_length, True, BadRows())
-    return [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])], int(tokenizer.pad_token_id)
+    return [{"user_id": u, "input_ids": i, "labels": lab}
+            for u, i, lab in zip(rows["user_id"], rows["input_ids"], rows["labels"])]
 
 
 def main(argv: list[str]) -> int:
     """Runs the job described by the JSON file ``argv[0]`` (written by ``bench e2e``)."""
+    from flora_train.base import load_tokenizer
+
     job = json.loads(Path(argv[0]).read_text())
     model_dir = Path(job["model_dir"])
-    train, pad_id = tokenised(Path(job["data"]), model_dir, job["max_length"])
-    train_adapter(model_dir, train, job["rank"], job["alpha"], job["lr"], job["batch_size"], job["epochs"], pad_id,
-                  Path(job["out"]), torch.device(job["device"]), job["seed"])
+    tokenizer = load_tokenizer(str(model_dir))
+    train = tokenised(Path(job["data"]), tokenizer, job["max_length"])
+    train_adapter(model_dir, train, job["rank"], job["alpha"], job["lr"], job["batch_size"], job["epochs"],
+                  int(tokenizer.pad_token_id), Path(job["out"]), torch.device(job["device"]), job["seed"])
     return 0
 
 
