@@ -1,4 +1,4 @@
-"""Per-user adapters out of a run: PEFT LoRA folders or flora_train safetensors folders.
+"""Per-user adapters out of a run: PEFT folders (LoRA, IA3) or flora_train safetensors folders.
 
 Each user gets a folder named from a sanitised form of its id plus a hash of the full id, so no
 id (``../../etc/passwd``, NUL bytes, unicode look-alikes) can name a path outside ``out`` or
@@ -74,27 +74,15 @@ def _select_users(registry: UserRegistry, users: list[str] | None) -> list[str]:
 def _peft_tensors(layout: AdapterLayout, row: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {}
     for module in layout.slices:
-        views = layout.views(row.unsqueeze(0), module)
-        out[f"base_model.model.{module}.lora_A.weight"] = views["lora_a"][0].contiguous()
-        out[f"base_model.model.{module}.lora_B.weight"] = views["lora_b"][0].contiguous()
+        views = {k: v[0] for k, v in layout.views(row.unsqueeze(0), module).items()}
+        out.update(layout.spec.impl.peft_tensors(module, views))
     return out
 
 
 def _peft_config(layout: AdapterLayout, base_model: str) -> dict[str, Any]:
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": layout.spec.rank,
-        "lora_alpha": layout.spec.alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "target_modules": [m for m, _, _ in layout.modules],
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+    spec = layout.spec
+    targets = [m for m, _, _ in layout.modules]
+    return spec.impl.peft_config(spec.rank, spec.alpha, targets, [m for m in targets if spec.is_feedforward(m)], base_model)
 
 
 def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
@@ -102,7 +90,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     """Writes one folder per user under ``out`` plus ``index.json`` and ``manifest.json``, from
     ``checkpoint`` (one this process just wrote) or else the run's newest intact checkpoint."""
     layout, registry, rows, ckpt, state = _load_run(Path(run_dir), checkpoint)
-    if fmt == "peft" and layout.spec.method != "lora":
+    if fmt == "peft" and layout.spec.impl.peft_type is None:
         raise ExportError(f"PEFT has no {layout.spec.method} adapter matching flora_train's; use --format flora")
     if fmt not in ("peft", "flora"):
         raise ExportError(f"unknown export format {fmt!r}; expected peft or flora")

@@ -7,6 +7,7 @@ must match the whole module name, or ``"all-linear"`` (every linear layer except
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -40,6 +41,24 @@ def match_target_modules(model: nn.Module, target_modules: str | Sequence[str]) 
     return [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
 
 
+def feedforward_modules(model: nn.Module, spec: AdapterSpec) -> tuple[str, ...]:
+    """The feed-forward output layers of ``model`` (name suffixes): the spec's own list, else PEFT's
+    list for the architecture (``down_proj`` for Llama, ``mlp.c_proj`` for GPT-2, ``wo`` for T5...)."""
+    if spec.feedforward_modules is not None:
+        return tuple(spec.feedforward_modules)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as KNOWN
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in KNOWN:
+        return tuple(KNOWN[model_type])
+    if spec.impl.uses_feedforward:
+        raise ValueError(
+            f"adapter.feedforward_modules: {spec.method} needs the feed-forward output layers of this model "
+            f"(architecture {model_type or type(model).__name__!r} has no known list); name them, e.g. [down_proj]"
+        )
+    return ()
+
+
 def inject_adapters(
     model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str], tuner: KernelTuner | None = None
 ) -> tuple[AdapterSlot, AdapterLayout]:
@@ -57,6 +76,7 @@ def inject_adapters(
             f"adapter.target_modules={target_modules!r} matched no linear layer; linear layers look like {sample}"
         )
     model.requires_grad_(False)
+    spec = dataclasses.replace(spec, feedforward_modules=feedforward_modules(model, spec))
     modules = [(name, *linear_shape(model.get_submodule(name))) for name in names]
     layout = AdapterLayout(spec, modules)
     slot = AdapterSlot(layout, tuner)

@@ -146,9 +146,8 @@ class AdaptedLinear(nn.Module):
             # Each user's k examples side by side as one long sequence: the rows are per "example".
             users = next(iter(params.values())).shape[0]
             grouped = x.reshape(users, -1, x.shape[-1])
-            if spec.method == "lora":
-                kernel = "bmm"  # one row per sequence: nothing left to group by
-            elif kernel == "auto":
+            kernel = spec.impl.block_kernel(kernel)
+            if kernel == "auto":
                 kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, grouped.shape, users, spec.scaling)
             y = Fa.adapted_linear(spec.method, kernel, grouped, weight, bias, params, None, spec.scaling)
             return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -8,7 +8,6 @@ the same adapter whatever other users share its table or in which order they arr
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,22 +15,25 @@ from typing import Any
 import torch
 
 from flora_train.adapters.functional import kernel_error
-
-METHODS = ("flora", "lora", "ia3")
-
+from flora_train.adapters.methods import METHODS, AdapterMethod, get_method
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The adapter method and its hyper-parameters (shared by every user)."""
+    """The adapter method and its hyper-parameters (shared by every user).
+
+    ``feedforward_modules``: module-name suffixes of feed-forward output layers (IA3 scales their
+    input, not their output); None until ``inject_adapters`` resolves it from the architecture.
+    """
 
     method: str = "flora"
     rank: int = 1
     alpha: float = 16.0
     kernel: str = "auto"
+    feedforward_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"adapter.method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"adapter.method must be one of {tuple(METHODS)}, got {self.method!r}")
         if self.rank < 1:
             raise ValueError(f"adapter.rank must be >= 1, got {self.rank}")
         error = kernel_error(self.method, self.kernel)
@@ -39,18 +41,20 @@ class AdapterSpec:
             raise ValueError(f"adapter.kernel: {error}")
 
     @property
+    def impl(self) -> AdapterMethod:
+        return get_method(self.method)
+
+    @property
     def scaling(self) -> float:
         """LoRA's ``alpha / r`` (unused by FLoRA and IA3)."""
         return self.alpha / self.rank
 
-    def param_shapes(self, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
-        """Per-user tensor shapes of one adapted ``Linear(in, out)``."""
-        r = self.rank
-        if self.method == "flora":
-            return {"a": (r, out_features), "b": (r, in_features)}
-        if self.method == "ia3":
-            return {"a": (1, out_features)}
-        return {"lora_a": (r, in_features), "lora_b": (out_features, r)}
+    def is_feedforward(self, module: str) -> bool:
+        return any(module == f or module.endswith("." + f) for f in self.feedforward_modules or ())
+
+    def param_shapes(self, in_features: int, out_features: int, module: str = "") -> dict[str, tuple[int, ...]]:
+        """Per-user tensor shapes of one adapted ``Linear(in, out)`` named ``module``."""
+        return self.impl.param_shapes(in_features, out_features, self.rank, self.is_feedforward(module))
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class AdapterLayout:
         self.slices = {}
         for name, fan_in, fan_out in self.modules:
             per_module = {}
-            for pname, shape in self.spec.param_shapes(fan_in, fan_out).items():
+            for pname, shape in self.spec.param_shapes(fan_in, fan_out, name).items():
                 s = ParamSlice(name, pname, offset, shape)
                 per_module[pname] = s
                 offset += s.numel
@@ -110,21 +114,12 @@ class AdapterLayout:
         return out
 
     def init_rows(self, seeds: torch.Tensor) -> torch.Tensor:
-        """Initial rows for users with the given int64 seeds: identity FLoRA/IA3, PEFT-style LoRA."""
+        """Initial rows for users with the given int64 seeds (each method's own init; the identity)."""
         n = seeds.shape[0]
         rows = torch.empty(n, self.row_size, dtype=torch.float32)
         for module_slices in self.slices.values():
             for s in module_slices.values():
-                block = rows.narrow(1, s.offset, s.numel)
-                if s.name == "lora_a":
-                    # kaiming_uniform_(a=sqrt(5)) as PEFT does: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-                    bound = 1.0 / math.sqrt(s.shape[1])
-                    u = counter_uniform(seeds, s.offset, s.numel)
-                    block.copy_((u * 2.0 - 1.0) * bound)
-                elif s.name == "lora_b":
-                    block.zero_()
-                else:
-                    block.fill_(1.0)
+                rows.narrow(1, s.offset, s.numel).copy_(self.spec.impl.init_param(s.name, s.shape, seeds, s.offset))
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,53 +127,24 @@ class AdapterLayout:
             "method": self.spec.method,
             "rank": self.spec.rank,
             "alpha": self.spec.alpha,
+            "feedforward_modules": list(self.spec.feedforward_modules or ()),
             "modules": [list(m) for m in self.modules],
             "row_size": self.row_size,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], kernel: str = "auto") -> "AdapterLayout":
-        spec = AdapterSpec(method=d["method"], rank=int(d["rank"]), alpha=float(d["alpha"]), kernel=kernel)
+        spec = AdapterSpec(method=d["method"], rank=int(d["rank"]), alpha=float(d["alpha"]), kernel=kernel,
+                           feedforward_modules=tuple(d.get("feedforward_modules", ())))
         return cls(spec, [(str(m[0]), int(m[1]), int(m[2])) for m in d["modules"]])
 
     def compatible_with(self, other: "AdapterLayout") -> list[str]:
         """Human-readable differences that make rows of ``other`` unusable with this layout."""
         problems = []
-        for key in ("method", "rank", "row_size"):
+        for key in ("method", "rank", "row_size", "feedforward_modules"):
             mine, theirs = self.to_dict()[key], other.to_dict()[key]
             if mine != theirs:
                 problems.append(f"{key}: {theirs} != {mine}")
         if self.modules != other.modules:
             problems.append("adapted modules or their shapes differ")
         return problems
-
-
-def user_seed(base_seed: int, user_id: str) -> int:
-    """A 63-bit seed that depends only on the run's init seed and the user id."""
-    digest = hashlib.blake2b(f"{base_seed}\x00{user_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-
-def _to_signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def counter_uniform(seeds: torch.Tensor, offset: int, count: int) -> torch.Tensor:
-    """Uniform [0, 1) numbers from SplitMix64 over ``(seed, offset + i)``: one stream per user.
-
-    Vectorised over all users at once (a million rows initialise in seconds) and identical on
-    every platform, unlike per-user ``torch.Generator`` objects.
-    """
-    golden = _to_signed(0x9E3779B97F4A7C15)
-    counters = torch.arange(offset, offset + count, dtype=torch.int64)
-    z = seeds.to(torch.int64).unsqueeze(1) + (counters + 1).unsqueeze(0) * golden
-    z = (z ^ _shr(z, 30)) * _to_signed(0xBF58476D1CE4E5B9)
-    z = (z ^ _shr(z, 27)) * _to_signed(0x94D049BB133111EB)
-    z = z ^ _shr(z, 31)
-    return _shr(z, 11).to(torch.float64).mul_(2.0**-53).to(torch.float32)

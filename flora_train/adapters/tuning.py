@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from flora_train.adapters.functional import adapted_linear, kernels_for
+from flora_train.adapters.methods import get_method
 
 
 MEASURE_ROWS = 4096  # token rows a kernel is timed on, at most
@@ -87,14 +88,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
 def synthetic_params(method: str, rank: int, users: int, n_in: int, n_out: int, dtype: torch.dtype,
                      device: torch.device, requires_grad: bool) -> dict[str, torch.Tensor]:
     """Adapter tensors of one layer for ``users`` users, near identity (values do not change timing)."""
-    def t(*shape: int) -> torch.Tensor:
-        return (1 + 0.01 * torch.randn(*shape, device=device, dtype=dtype)).requires_grad_(requires_grad)
-
-    if method == "flora":
-        return {"a": t(users, rank, n_out), "b": t(users, rank, n_in)}
-    if method == "ia3":
-        return {"a": t(users, 1, n_out)}
-    return {"lora_a": t(users, rank, n_in), "lora_b": t(users, n_out, rank)}
+    return get_method(method).synthetic_params(users, rank, n_in, n_out, dtype, device, requires_grad)
 
 
 def grouped_index(batch: int, users: int, device: torch.device) -> torch.Tensor:

@@ -136,6 +136,9 @@ class AdapterConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     kernel: Kernel = Kernel.auto
+    # Feed-forward output layers (name suffixes) whose *input* IA3 scales, as PEFT does; null takes
+    # PEFT's list for the architecture (down_proj for Llama, mlp.c_proj for GPT-2).
+    feedforward_modules: Optional[list[str]] = None
 
 
 @dataclass

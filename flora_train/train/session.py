@@ -193,7 +193,9 @@ def prepare_session(cfg: DictConfig) -> Session:
     model = zero.load(load) if zero is not None else load().to(device)
     a = cfg.adapter
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
-    adapter_spec = AdapterSpec(method=a.method.value, rank=a.rank, alpha=a.alpha, kernel=a.kernel.value)
+    feedforward = None if a.feedforward_modules is None else tuple(a.feedforward_modules)
+    adapter_spec = AdapterSpec(method=a.method.value, rank=a.rank, alpha=a.alpha, kernel=a.kernel.value,
+                               feedforward_modules=feedforward)
     # Kernel choices are kept per rank in the run directory, so a resumed run reuses them.
     tuner = KernelTuner(run_dir / "kernels" / f"rank-{fdist.rank()}.json")
     slot, layout = inject_adapters(model, adapter_spec, targets, tuner)

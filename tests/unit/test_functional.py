@@ -35,7 +35,8 @@ def _problem(p, method):
     if method == "flora":
         adapter = {"a": rand(u, r, n_out), "b": rand(u, r, n_in)}
     elif method == "ia3":
-        adapter = {"a": rand(u, 1, n_out)}
+        # PEFT's IA3: a feed-forward output layer scales its input, any other layer its output.
+        adapter = {"b": rand(u, 1, n_in)} if p["seed"] % 2 else {"a": rand(u, 1, n_out)}
     else:
         adapter = {"lora_a": rand(u, r, n_in), "lora_b": rand(u, n_out, r)}
     for t in adapter.values():
@@ -46,9 +47,11 @@ def _problem(p, method):
 def _dense_reference(method, x, weight, bias, index, adapter, scaling):
     outs = []
     for i, user in enumerate(index.tolist()):
-        w_i = Fa.dense_adapted_weight(method, weight, {k: v[user] for k, v in adapter.items()}, scaling)
+        tensors = {k: v[user] for k, v in adapter.items()}
+        w_i = Fa.dense_adapted_weight(method, weight, tensors, scaling)
+        b_i = Fa.dense_adapted_bias(method, bias, tensors)
         y = x[i] @ w_i.T
-        outs.append(y + bias if bias is not None else y)
+        outs.append(y + b_i if b_i is not None else y)
     return torch.stack(outs)
 
 
@@ -113,7 +116,7 @@ def test_flora_rank1_is_one_gemm_of_the_base_shape(monkeypatch):
         calls.append(tuple(inp.shape))
         return real(inp, weight, bias)
 
-    monkeypatch.setattr(Fa.F, "linear", spy)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
     x = torch.randn(4, 3, 8)
     Fa.flora_linear(x, torch.randn(6, 8), None, torch.ones(4, 1, 6), torch.ones(4, 1, 8))
     assert calls == [(4, 3, 8)]

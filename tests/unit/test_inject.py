@@ -97,7 +97,10 @@ def test_t5_encoder_decoder():
 def test_plain_module_and_2d_inputs():
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
     before = [p.detach().clone() for p in net.parameters()]
-    slot, layout = inject_adapters(net, AdapterSpec("ia3"), r"\d")
+    with pytest.raises(ValueError, match=r"adapter.feedforward_modules: ia3 needs the feed-forward output layers"):
+        inject_adapters(net, AdapterSpec("ia3"), r"\d")  # a plain module has no architecture to look up
+    slot, layout = inject_adapters(net, AdapterSpec("ia3", feedforward_modules=("2",)), r"\d")
+    assert set(layout.slices["0"]) == {"a"} and set(layout.slices["2"]) == {"b"}
     assert isinstance(net[0], AdaptedLinear) and isinstance(net[2], AdaptedLinear)
     x = torch.randn(4, 6, dtype=torch.float64)
     rows = _random_rows(layout, 2).double()

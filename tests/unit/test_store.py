@@ -37,8 +37,9 @@ def test_init_per_method_and_independent_of_order():
     assert torch.all(lora.views(rows, "m1")["lora_b"] == 0)
     assert a.abs().max() <= 1 / 5**0.5 and a.std() > 0.1
     assert not torch.equal(a[0], a[1])
-    flora = _layout("flora")
-    assert torch.all(flora.init_rows(torch.tensor([7], dtype=torch.int64)) == 1)
+    flora = _layout("flora")  # rank 2: a = 1, b = 1 ± d, an exact identity mask (test_flora_rank.py)
+    views = flora.views(flora.init_rows(torch.tensor([7], dtype=torch.int64)), "m1")
+    assert torch.all(views["a"] == 1) and torch.all(views["b"].sum(dim=1) == 2) and not torch.all(views["b"] == 1)
     s1, s2 = _store(lora), _store(lora)
     s1.add_users(["x", "y", "z"])
     s2.add_users(["z"])
@@ -47,7 +48,7 @@ def test_init_per_method_and_independent_of_order():
 
 
 def test_uniform_stream_looks_uniform():
-    from flora_train.adapters.layout import counter_uniform
+    from flora_train.adapters.seeding import counter_uniform
 
     u = counter_uniform(torch.tensor([3, 4], dtype=torch.int64), 0, 20000)
     assert u.min() >= 0 and u.max() < 1

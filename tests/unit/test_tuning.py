@@ -122,7 +122,7 @@ def test_uniform_user_blocks_skip_the_gather_and_compute_the_same():
             index = grouped[perm]
             torch.manual_seed(1)
             net = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)).double()
-            slot, layout = inject_adapters(net, AdapterSpec(method, 2, kernel=kernel), ["0", "1"])
+            slot, layout = inject_adapters(net, AdapterSpec(method, 2, kernel=kernel, feedforward_modules=("1",)), ["0", "1"])
             rows = torch.randn(3, layout.row_size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
             rows.requires_grad_(True)
             inputs = x[perm]  # the spread batch: the same (example, user) pairs in another order

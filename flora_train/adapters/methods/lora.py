@@ -1,0 +1,137 @@
+"""LoRA (PEFT's convention), batched over examples that each carry their own user's adapter.
+
+``y = x Wᵀ + bias + s · (x Aᵀ) Bᵀ`` with ``lora_A [r, in]``, ``lora_B [out, r]``, ``s = alpha / r``;
+A starts kaiming-uniform (as PEFT's ``kaiming_uniform_(a=sqrt(5))``), B at zero. Exported to
+PEFT exactly (``lora_A.weight`` / ``lora_B.weight``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from flora_train.adapters.methods.base import AdapterMethod, as_3d, near_one, per_example
+from flora_train.adapters.seeding import counter_uniform
+
+LoraKernel = Literal["bmm", "segment", "loop"]
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    index: torch.Tensor | None = None,
+    kernel: LoraKernel = "bmm",
+) -> torch.Tensor:
+    """``x @ W^T + bias + scaling * (x @ A^T) @ B^T`` per example.
+
+    ``lora_a [batch|users, r, in]``, ``lora_b [batch|users, out, r]``. Kernels: ``bmm`` gathers
+    each example's A and B and runs two batched matmuls; ``segment`` sorts examples by user and runs
+    one pair of GEMMs per distinct user over all of that user's tokens (Punica SGMV / mLoRA style,
+    no per-example copies of A and B); ``loop`` is the same per-user loop without sorting (a
+    reference). All three compute the same function.
+    """
+    x3, shape = as_3d(x)
+    batch = x3.shape[0]
+    if lora_a.shape[1] != lora_b.shape[2]:
+        raise ValueError(f"lora_a has rank {lora_a.shape[1]} but lora_b has rank {lora_b.shape[2]}")
+    out = F.linear(x3, weight, bias)
+    # The base GEMM's output dtype is the compute dtype (bf16 under autocast even for float32 x).
+    # The update is added into it in place, which autocast does not cast for: every operand is
+    # brought to that dtype here. (The GEMM's backward needs x and W, never its output, so writing
+    # into the output is safe.)
+    dtype = out.dtype
+    if kernel == "bmm" or index is None:
+        a = per_example(lora_a, index, batch, "lora_a").to(dtype)
+        b = per_example(lora_b, index, batch, "lora_b").to(dtype)
+        # out += scaling * (h @ B^T) as one op: no second full-size output, no separate scale or
+        # sum, and the backward scales only the small [batch, tokens, r] gradients.
+        h = torch.bmm(x3.to(dtype), a.transpose(1, 2))
+        out.baddbmm_(h, b.transpose(1, 2), alpha=scaling)
+        return out.reshape(*shape[:-1], weight.shape[0])
+    if kernel == "segment":
+        delta = _delta_segmented(x3.to(dtype), lora_a, lora_b, index)
+    elif kernel == "loop":
+        delta = _delta_loop(x3.to(dtype), lora_a, lora_b, index)
+    else:
+        raise ValueError(f"unknown LoRA kernel {kernel!r}; expected bmm, segment or loop")
+    return out.add_(delta.to(dtype), alpha=scaling).reshape(*shape[:-1], weight.shape[0])
+
+
+def _delta_segmented(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(index, stable=True)
+    users, counts = torch.unique_consecutive(index[order], return_counts=True)
+    xs = x3.index_select(0, order)
+    tokens, width = xs.shape[1], xs.shape[2]
+    pieces = []
+    for user, seg in zip(users.tolist(), torch.split(xs, counts.tolist())):
+        a, b = lora_a[user].to(xs.dtype), lora_b[user].to(xs.dtype)
+        flat = seg.reshape(-1, width)
+        pieces.append(F.linear(F.linear(flat, a), b).reshape(seg.shape[0], tokens, -1))
+    sorted_delta = torch.cat(pieces, dim=0)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return sorted_delta.index_select(0, inverse)
+
+
+def _delta_loop(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    rows, outs = [], []
+    for user in torch.unique(index).tolist():
+        mine = (index == user).nonzero().squeeze(1)
+        a, b = lora_a[user].to(x3.dtype), lora_b[user].to(x3.dtype)
+        rows.append(mine)
+        outs.append(F.linear(F.linear(x3.index_select(0, mine), a), b))
+    # One scatter of every user's rows (a scatter per user would copy the whole output each time).
+    delta = x3.new_zeros(x3.shape[0], x3.shape[1], lora_b.shape[1])
+    return delta.index_put((torch.cat(rows),), torch.cat(outs))
+
+
+class Lora(AdapterMethod):
+    name = "lora"
+    kernels = ("bmm", "segment", "loop")
+    peft_type = "LORA"
+
+    def block_kernel(self, kernel: str) -> str:
+        return "bmm"  # one row per packed sequence: nothing left to group by
+
+    def param_shapes(self, in_features: int, out_features: int, rank: int, feedforward: bool) -> dict[str, tuple[int, ...]]:
+        return {"lora_a": (rank, in_features), "lora_b": (out_features, rank)}
+
+    def init_param(self, name: str, shape: tuple[int, ...], seeds: torch.Tensor, offset: int) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        if name == "lora_b":
+            return torch.zeros(seeds.shape[0], numel, dtype=torch.float32)
+        # kaiming_uniform_(a=sqrt(5)) as PEFT does: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = 1.0 / math.sqrt(shape[1])
+        return (counter_uniform(seeds, offset, numel) * 2.0 - 1.0) * bound
+
+    def forward(self, kernel, x, weight, bias, params, index, scaling):
+        return lora_linear(x, weight, bias, params["lora_a"], params["lora_b"], scaling, index=index, kernel=kernel)
+
+    def dense_weight(self, weight, tensors, scaling):
+        return weight + scaling * tensors["lora_b"] @ tensors["lora_a"]
+
+    def synthetic_params(self, users, rank, n_in, n_out, dtype, device, requires_grad):
+        return {"lora_a": near_one(users, rank, n_in, dtype=dtype, device=device, requires_grad=requires_grad),
+                "lora_b": near_one(users, n_out, rank, dtype=dtype, device=device, requires_grad=requires_grad)}
+
+    def peft_tensors(self, module: str, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"base_model.model.{module}.lora_A.weight": views["lora_a"].contiguous(),
+                f"base_model.model.{module}.lora_B.weight": views["lora_b"].contiguous()}
+
+    def peft_config(self, rank: int, alpha: float, target_modules: list[str], feedforward_modules: list[str],
+                    base_model: str) -> dict[str, Any]:
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "target_modules": target_modules,
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        }
+
+
+LORA = Lora()

@@ -1,0 +1,63 @@
+"""IA3 as PEFT defines it: trained IA3 users exported with ``--format peft`` load in
+``peft.PeftModel`` and give flora_train's logits, on Llama (``down_proj`` scales its input) and on
+GPT-2 (``Conv1D`` layers with biases; ``mlp.c_proj`` scales its input, ``c_attn`` its output and bias)."""
+
+import json
+
+import pytest
+import torch
+
+from flora_train.config import load_recipe
+from flora_train.export import export_adapters
+from flora_train.train.run import run_training
+from tests.distributed.helpers import small_recipe
+
+
+def _ours(run_dir, model_dir, user, ids):
+    from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters
+    from flora_train.base import load_frozen_model
+    from flora_train.store.sharded import read_saved_rows
+    from flora_train.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    saved = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
+    model = load_frozen_model(str(model_dir))
+    slot, layout = inject_adapters(model, AdapterSpec("ia3"), [m for m, _, _ in saved.modules])
+    assert layout.to_dict() == saved.to_dict()
+    users, rows = read_saved_rows(ckpt)
+    row = rows[users.index(user)]
+    with torch.no_grad(), slot.activate(row[None], torch.zeros(ids.shape[0], dtype=torch.long)):
+        return model(input_ids=ids).logits, layout, row
+
+
+@pytest.mark.parametrize("arch,targets,feedforward", [
+    ("llama", "[q_proj,v_proj,down_proj]", "down_proj"),
+    ("gpt2", "[c_attn,mlp.c_proj]", "mlp.c_proj"),
+])
+def test_ia3_peft_export_matches_peft(tmp_path, tiny_llama_dir, tiny_gpt2_dir, arch, targets, feedforward):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+    run_dir = tmp_path / "run"
+    run_training(load_recipe(None, [*small_recipe(tmp_path, model_dir), "adapter.method=ia3", f"adapter.target_modules={targets}",
+                                    "store.optimizer.lr=0.1", f"run_dir={run_dir}", "train.epochs=1", "eval.at_end=false"]))
+    out = tmp_path / "peft"
+    export_adapters(run_dir, "peft", ["user-000003"], out)
+    folder = out / json.loads((out / "index.json").read_text())["user-000003"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3"
+    assert config["feedforward_modules"] and all(m.endswith(feedforward) for m in config["feedforward_modules"])
+
+    ids = torch.randint(3, 200, (2, 9))
+    ours, layout, row = _ours(run_dir, model_dir, "user-000003", ids)
+    # The input-scaled layers hold [1, in] vectors, the others [1, out]; all moved off the identity.
+    ff = [m for m, _, _ in layout.modules if m.endswith(feedforward)]
+    assert ff and all(set(layout.slices[m]) == {"b"} for m in ff)
+    assert not torch.allclose(row, torch.ones_like(row))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(base, str(folder)).eval()(input_ids=ids).logits
+    assert not torch.allclose(plain, ours, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
