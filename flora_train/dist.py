@@ -29,6 +29,28 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def backend_for(device_type: str) -> str:
+    """The process group's backend for a job computing on ``device_type``.
+
+    On GPUs one group serves both devices: NCCL moves CUDA tensors (the rows of fetch placement,
+    DeepSpeed's gathers) and gloo moves CPU ones (per-step loss and token counts, ids, counters,
+    pickled objects). NCCL alone refuses every CPU tensor ("No backend type associated with device
+    type cpu"), and copying each small counter to the GPU and back would cost a sync per call.
+    """
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def new_group() -> dist.ProcessGroup:
+    """A group over every rank with the default group's backends (both devices on GPUs)."""
+    return dist.new_group(backend=dist.get_backend_config())
+
+
+def serves(group: dist.ProcessGroup | None, device_type: str) -> bool:
+    """Whether ``group`` has a backend for tensors on ``device_type``."""
+    config = dist.get_backend_config(group)
+    return any(part.split(":")[0] == device_type for part in config.split(",")) if ":" in config else True
+
+
 def init_from_env(device: torch.device, env: Mapping[str, str] | None = None) -> LaunchEnv:
     """Joins the job the launcher started this process in (torchrun, accelerate launch, deepspeed,
     srun: see ``launch_env``); a single process joins nothing. Returns what was read."""
@@ -36,7 +58,7 @@ def init_from_env(device: torch.device, env: Mapping[str, str] | None = None) ->
     if is_distributed() or not launch.distributed:
         return launch
     os.environ.update(launch.torch_environ())  # srun gives only SLURM_*; env:// reads these
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(minutes=int(os.environ.get("FLORA_DIST_TIMEOUT_MIN", "30")))
@@ -48,7 +70,17 @@ def init_from_env(device: torch.device, env: Mapping[str, str] | None = None) ->
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"flora_train/attempt_{attempt}", store)
     dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    check_collectives_if_asked()
     return launch
+
+
+def check_collectives_if_asked() -> None:
+    """``FLORA_TRAIN_CHECK_COLLECTIVES=cuda`` (the test suite sets it): every collective checks
+    that its tensors would be served on a GPU job (see ``collective_check``)."""
+    if os.environ.get("FLORA_TRAIN_CHECK_COLLECTIVES") == "cuda":
+        from flora_train.collective_check import install
+
+        install(backend_for("cuda"))
 
 
 def shutdown(clean: bool) -> None:
@@ -95,7 +127,7 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce of a small CPU or device tensor (a no-op in a single process)."""
     if is_distributed():
         ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
+        if not serves(None, tensor.device.type):
             host = tensor.cpu()
             dist.all_reduce(host, ops[op])
             tensor.copy_(host)

@@ -10,6 +10,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every process group the suite starts (torchrun jobs, CLI runs) checks each collective as a GPU
+# job's backend would serve it: a CPU tensor handed to NCCL fails here, not on the first GPU step.
+os.environ.setdefault("FLORA_TRAIN_CHECK_COLLECTIVES", "cuda")
 
 REPO = Path(__file__).resolve().parents[1]
 

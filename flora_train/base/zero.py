@@ -111,8 +111,10 @@ def ensure_process_group(device: torch.device) -> None:
         return
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)  # zero.Init reads LOCAL_RANK from the environment
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    from flora_train import dist as fdist
+
+    dist.init_process_group(fdist.backend_for(device.type), store=dist.HashStore(), rank=0, world_size=1)
+    fdist.check_collectives_if_asked()
 
 
 class ZeroBase:

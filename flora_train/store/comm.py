@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.distributed as dist
 
+from flora_train import dist as fdist
+
 
 @dataclass
 class CommCounters:
@@ -67,8 +69,9 @@ class RowExchange:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.row_size = row_size
-        # gloo moves CPU tensors; NCCL moves device tensors.
-        self.wire_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        # Rows travel on the compute device where the group has a backend for it (NCCL on GPUs);
+        # the small int64 counts and ids always travel on the host (gloo), where they are made.
+        self.wire_device = device if device.type != "cpu" and fdist.serves(group, device.type) else torch.device("cpu")
         self.counters = CommCounters()
 
     def _remote(self, counts: list[int]) -> int:

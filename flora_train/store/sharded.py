@@ -72,8 +72,8 @@ class ShardedAdapterStore:
         # share a queue with each other or with the trainer's collectives.
         self.exchange = self.prefetcher = None
         if self.world > 1:
-            self.exchange = RowExchange(dist.new_group(), local.row_size, local.compute_device)
-            self.prefetcher = RowExchange(dist.new_group(), local.row_size, local.compute_device)
+            self.exchange = RowExchange(fdist.new_group(), local.row_size, local.compute_device)
+            self.prefetcher = RowExchange(fdist.new_group(), local.row_size, local.compute_device)
         self._row_index: tuple[int, dict[str, int]] | None = None
         self.local_counters = CommCounters()  # rows served from this rank's own shard
         self._prefetch: _Prefetch | None = None
