@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-SUITES = ("layer", "train", "e2e", "store", "zero")
+SUITES = ("layer", "train", "e2e", "store", "zero", "loss")
 
 
 def _ints(text: str) -> list[int]:
@@ -98,6 +98,10 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
                     num_layers=_given(args.layers, ZERO_BASE["num_layers"]))
         return bench_zero(args.world, _given(args.steps, 6), users_per_step=_given(args.users_per_step, 8),
                           out=args.out, base=base, device=args.device, overrides=args.overrides)
+    if suite == "loss":
+        from flora_train.bench.loss import bench_loss
+
+        return bench_loss(args.device, args.out)
     raise ValueError(f"unknown bench suite {suite!r}")
 
 

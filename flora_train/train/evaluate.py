@@ -20,7 +20,7 @@ from torch import nn
 
 from flora_train.adapters import AdapterSlot
 from flora_train.data.tokenize import IGNORE, collate
-from flora_train.train.loss import token_losses
+from flora_train.train.loss import example_losses, target_logits
 
 
 @dataclass
@@ -89,16 +89,17 @@ def evaluate(
             batch = {k: v.to(device) for k, v in batch.items()}
             ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
             with slot.activate(rows, index), ctx:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            losses = token_losses(logits, batch["labels"])
-            target = batch["labels"][:, 1:]
-            mask = target != IGNORE
-            right = ((logits[:, :-1].argmax(-1) == target) | ~mask).all(dim=1)
+                t = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            losses = example_losses(t)
+            wrong = torch.zeros(len(ids), dtype=torch.long, device=device).index_add_(
+                0, t.example, (t.logits.argmax(-1) != t.targets).long())
+            right = wrong == 0
+            mask = batch["labels"][:, 1:] != IGNORE
             for k, user in enumerate(users):
                 r = results.setdefault(user, UserEval())
                 r.examples += 1
                 r.correct += int(right[k])
-                r.loss_sum += float(losses[k].sum())
+                r.loss_sum += float(losses[k])
                 r.tokens += int(mask[k].sum())
         pad = collate([{"input_ids": [pad_id], "labels": [IGNORE]}], pad_id)
         for _ in range(total_batches - -(-len(order) // batch_size)):

@@ -23,7 +23,7 @@ from flora_train.data.planner import StepPlan
 from flora_train.data.tokenize import IGNORE, collate
 from flora_train.store.sharded import OwnedStep, ShardedAdapterStore
 from flora_train.store.sharding import RankWork, partition_step
-from flora_train.train.loss import per_user_loss, target_tokens
+from flora_train.train.loss import per_user_loss, target_logits
 from flora_train.train.schedule import per_user_lr
 
 
@@ -138,11 +138,12 @@ class Trainer:
                 batch, pos = self._dummy_batch(), torch.zeros(1, dtype=torch.long, device=self.device)
                 values = self.null_row
             with self.slot.activate(values, pos), self._autocast():
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # The head runs at target positions only (none in a padding batch, whose loss is 0).
+                t = target_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 if mb:
-                    objective, contrib = per_user_loss(logits, batch["labels"], pos, user_tokens)
+                    objective, contrib = per_user_loss(t, pos, user_tokens)
                 else:
-                    objective, contrib = logits.float().sum() * 0.0, None
+                    objective, contrib = t.logits.float().sum() * 0.0, None
                 objective.backward()
             if contrib is not None:
                 user_loss += contrib
