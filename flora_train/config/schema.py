@@ -43,6 +43,11 @@ class BadRowPolicy(str, Enum):
     skip = "skip"
 
 
+class DataChangePolicy(str, Enum):
+    error = "error"  # a resume whose data, plan or users changed fails before training
+    new_phase = "new_phase"  # the step counter goes on; the rest is planned from the new data
+
+
 class NonFinitePolicy(str, Enum):
     skip_users = "skip_users"
     skip_step = "skip_step"
@@ -202,6 +207,9 @@ class TrainConfig:
     # Continue from the latest checkpoint in run_dir when there is one (as --resume does). A job
     # restarted by torchrun --max-restarts always does.
     auto_resume: bool = False
+    # What a resume does when the data, the plan-shaping keys (users_per_step, examples_per_user,
+    # epochs, seed) or the user set differ from the checkpoint's (see README "Resume").
+    on_data_change: DataChangePolicy = DataChangePolicy.error
     keep_checkpoints: int = 2
     progress: bool = True
     # Also train one adapter shared by all users on the same data and report it beside the per-user ones.

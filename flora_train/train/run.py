@@ -134,7 +134,43 @@ def _trainer_state(session: Session, step: int, run_id: str | None, trainer: Tra
         "nonfinite_steps": trainer.nonfinite_steps,
         "model_path": session.model_path,
         "base_fingerprint": session.base_fingerprint,
+        "fingerprint": session.fingerprint.as_dict(),
     }
+
+
+def _agreed_checkpoint(run_dir: Path) -> Path | None:
+    """Rank 0 picks the checkpoint to resume from and every rank takes its word: on a shared
+    filesystem that lags, ranks choosing their own "latest" could resume from different steps.
+    (Each rank's ``load_checkpoint`` then checks the chosen files are there at their sizes.)"""
+    choice: tuple[str | None, str | None] = (None, None)
+    if fdist.rank() == 0:
+        ckpt = latest_checkpoint(run_dir)
+        root = run_dir / "checkpoints"
+        if ckpt is None and root.is_dir() and any(root.iterdir()):
+            choice = (None, f"{root}: no intact checkpoint to resume from")
+        else:
+            choice = (str(ckpt) if ckpt else None, None)
+    path, error = fdist.broadcast_object(choice)
+    if error:
+        raise CheckpointError(error)
+    return Path(path) if path else None
+
+
+def check_same_run(ckpt: Path, state: dict[str, Any], session: Session) -> None:
+    """Refuses to resume onto other data, another plan or another user set unless the recipe says
+    how to go on (``train.on_data_change: new_phase``)."""
+    changed = session.fingerprint.changes(state.get("fingerprint"))
+    if not changed:
+        return
+    if session.cfg.train.on_data_change.value == "error":
+        raise CheckpointError(
+            f"{ckpt}: since this checkpoint {'; '.join(changed)} changed. Resuming would train a different "
+            "schedule than the one the checkpoint belongs to. Restore the original data and recipe, start a new "
+            "run_dir, or set train.on_data_change=new_phase to plan the remaining steps from the new data"
+        )
+    if fdist.rank() == 0:
+        print(f"train.on_data_change=new_phase: {'; '.join(changed)} changed since {ckpt.name}; "
+              "the remaining steps are planned from the new data")
 
 
 def check_same_base(ckpt: Path, state: dict[str, Any], session: Session) -> None:
@@ -198,12 +234,11 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
     # its last checkpoint left off instead of starting over.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
     resume = resume or restarted or t.auto_resume
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise CheckpointError(f"{run_dir}/checkpoints: no intact checkpoint to resume from")
+    ckpt = _agreed_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=True)
         check_same_base(ckpt, state, session)
+        check_same_run(ckpt, state, session)
         start_step, run_id = int(state["next_step"]), state.get("mlflow_run_id")
         if main:
             print(f"resuming from {ckpt} at step {start_step}")

@@ -25,6 +25,7 @@ from flora_train.launch_env import LaunchEnv, LaunchError, read_launch_env
 from flora_train.store import AdapterStore, OptimizerHyper
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
+from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Session:
     user_tokens: dict[str, int]  # target tokens per user in the training data (drives shard packing)
     launch: LaunchEnv
     base_fingerprint: str  # identity of the base's config and weights (checkpoints must match it)
+    fingerprint: RunFingerprint  # the data, plan and users this run trains (a resume must match them)
     zero: ZeroBase | None  # the DeepSpeed state of a ZeRO-3 base; None at stage 0
 
     def close(self) -> None:
@@ -222,6 +224,10 @@ def prepare_session(cfg: DictConfig) -> Session:
             f"{len(user_tokens)} user(s) cannot be sharded over {fdist.world_size()} ranks: every rank's store "
             "shard must own at least one user; start fewer processes"
         )
+    fingerprint = run_fingerprint(cfg, train)
+    disagreement = check_ranks_agree(cfg, fingerprint, evald)
+    if disagreement:
+        raise LaunchError(disagreement)
     store = make_store(cfg, layout, device, user_tokens)
     t = cfg.train
     planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed)
@@ -243,5 +249,6 @@ def prepare_session(cfg: DictConfig) -> Session:
         user_tokens=user_tokens,
         launch=launch,
         base_fingerprint=base_fingerprint(model_path, m.gguf_file),
+        fingerprint=fingerprint,
         zero=zero,
     )

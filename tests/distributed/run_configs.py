@@ -5,6 +5,7 @@ With ``check_base``, each rank also writes ``base-rank<R>.json``: the base bytes
 whether every gathered base weight still equals the checkpoint it was loaded from."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,8 +35,10 @@ def check_base(session) -> None:
 
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
+    # Overrides for one rank only (tests of ranks that disagree): torchrun sets RANK before any group exists.
+    extra = spec.get("rank_overrides", {}).get(os.environ.get("RANK", "0"), [])
     for overrides in spec["runs"]:
-        session = prepare_session(load_recipe(None, overrides))
+        session = prepare_session(load_recipe(None, [*overrides, *extra]))
         try:
             train_session(session, resume=spec.get("resume", False))
             if spec.get("check_base"):

@@ -90,3 +90,17 @@ def test_restore_onto_another_world_size(tmp_path, tiny_llama_dir):
     assert len(list(latest_checkpoint(at3).glob("store-*-of-00003.safetensors"))) == 3
     assert_same_adapters(saved_state(at3), ref, "2 -> 3 ranks")
     assert_same_adapters(saved_state(at1), ref, "2 -> 1 rank")
+
+
+def test_ranks_that_read_other_data_or_recipe_fail_naming_the_rank(tmp_path, tiny_llama_dir):
+    """Every rank checks at start that it read rank 0's data and recipe (one all-gather of hashes):
+    rank 1 pointed at a copy of the data that lags by one example fails the job before training."""
+    base = small_recipe(tmp_path, tiny_llama_dir)
+    train_path = Path(next(a.split("=", 1)[1] for a in base if a.startswith("data.train_path=")))
+    stale = tmp_path / "stale.jsonl"
+    stale.write_text("\n".join(train_path.read_text().splitlines()[:-1]) + "\n")
+    proc = run_many(2, [[*base, f"run_dir={tmp_path / 'run'}"]], tmp_path,
+                    rank_overrides={1: [f"data.train_path={stale}"]}, check=False)
+    assert proc.returncode != 0
+    assert "rank 1 read another training data and recipe than rank 0" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists(), "nothing was trained"

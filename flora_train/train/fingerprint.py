@@ -1,0 +1,87 @@
+"""What a run read and how it planned, in a few hashes: a resume checks that the data, the plan
+and the user set are the ones its checkpoint was trained on, and every rank checks at start that
+it read what rank 0 read (a lagging shared filesystem, a rank started with another recipe)."""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from flora_train import dist as fdist
+from flora_train.config import recipe_to_yaml
+
+# max_steps only cuts the same schedule short, so raising it to train longer is a plain resume.
+PLAN_KEYS = ("users_per_step", "examples_per_user", "epochs", "seed")
+
+
+def _digest(h: "hashlib._Hash") -> str:
+    return h.hexdigest()[:32]
+
+
+def examples_fingerprint(*parts: dict[str, list] | None) -> str:
+    """A hash of every example's user, tokens and labels (what training sees, after bad rows)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if part is None:
+            h.update(b"\x00none")
+            continue
+        for user, ids, labels in zip(part["user_id"], part["input_ids"], part["labels"]):
+            h.update(user.encode("utf-8", "surrogatepass") + b"\x00")
+            h.update(array("q", ids).tobytes() + b"\x01" + array("q", labels).tobytes() + b"\x02")
+    return _digest(h)
+
+
+@dataclass(frozen=True)
+class RunFingerprint:
+    data: str
+    plan: str
+    users: str
+    plan_keys: dict[str, Any]
+    user_count: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def changes(self, saved: dict[str, Any] | None) -> list[str]:
+        """What differs from a checkpoint's fingerprint, in words (empty when nothing does, or the
+        checkpoint predates fingerprints)."""
+        if not saved:
+            return []
+        out = []
+        if saved.get("data") != self.data:
+            out.append("the training data (examples, tokens or labels)")
+        if saved.get("plan") != self.plan:
+            old = saved.get("plan_keys", {})
+            keys = [f"train.{k}: {old.get(k)} -> {v}" for k, v in self.plan_keys.items() if old.get(k) != v]
+            out.append("the plan (" + ", ".join(keys or ["plan keys"]) + ")")
+        if saved.get("users") != self.users:
+            out.append(f"the user set ({saved.get('user_count')} -> {self.user_count} users)")
+        return out
+
+
+def run_fingerprint(cfg: DictConfig, train: dict[str, list]) -> RunFingerprint:
+    keys = {k: cfg.train[k] for k in PLAN_KEYS}
+    users = sorted(set(train["user_id"]))
+    h = hashlib.blake2b(digest_size=16)
+    for u in users:
+        h.update(u.encode("utf-8", "surrogatepass") + b"\x00")
+    plan = hashlib.blake2b(repr(sorted(keys.items())).encode(), digest_size=16)
+    return RunFingerprint(examples_fingerprint(train), _digest(plan), _digest(h), keys, len(users))
+
+
+def check_ranks_agree(cfg: DictConfig, fingerprint: RunFingerprint, eval_examples: dict[str, list] | None) -> str | None:
+    """Why this rank differs from rank 0 (None when it does not). Collective: one all-gather of
+    a few hashes; every rank gets every rank's answer, so all of them fail together."""
+    mine = (fingerprint.data, examples_fingerprint(eval_examples), hashlib.sha256(recipe_to_yaml(cfg).encode()).hexdigest())
+    everyone = fdist.all_gather_objects(mine)
+    what = ("training data", "evaluation data", "recipe")
+    for rank, theirs in enumerate(everyone):
+        diff = [w for w, a, b in zip(what, theirs, everyone[0]) if a != b]
+        if diff:
+            return (f"rank {rank} read another {' and '.join(diff)} than rank 0: every rank must read the same files and "
+                    "recipe (a shared filesystem that lags, or ranks started with other overrides)")
+    return None

@@ -1,0 +1,39 @@
+"""A resume knows its data: other data, another plan or another user set fail before training,
+naming what changed, unless the recipe says how to go on (train.on_data_change=new_phase)."""
+
+import json
+
+import pytest
+
+from flora_train.config import load_recipe
+from flora_train.train.checkpoint import CheckpointError
+from flora_train.train.run import run_training
+from tests.distributed.helpers import saved_state, small_recipe
+
+
+def test_resume_refuses_changed_data_plan_or_users(tmp_path, tiny_llama_dir):
+    base = [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={tmp_path / 'run'}", "train.max_steps=3",
+            "eval.at_end=false"]
+    run_training(load_recipe(None, base))
+    trained = saved_state(tmp_path / "run")
+    longer = [*base, "train.max_steps=6"]
+
+    with pytest.raises(CheckpointError, match=r"the plan \(train.users_per_step: 5 -> 4\)"):
+        run_training(load_recipe(None, [*longer, "train.users_per_step=4"]), resume=True)
+
+    train_path = next(a.split("=", 1)[1] for a in base if a.startswith("data.train_path="))
+    lines = open(train_path).read().splitlines()
+    edited = [json.dumps(dict(json.loads(lines[0]), completion=" changed")), *lines[1:]]
+    with open(train_path, "w") as f:
+        f.write("\n".join(edited) + "\n")
+    with pytest.raises(CheckpointError, match=r"the training data \(examples, tokens or labels\)"):
+        run_training(load_recipe(None, longer), resume=True)
+    assert saved_state(tmp_path / "run").keys() == trained.keys(), "a refused resume writes nothing"
+
+    with open(train_path, "w") as f:  # a user leaves the data: another user set as well
+        f.write("\n".join(l for l in lines if '"user-000011"' not in l) + "\n")
+    with pytest.raises(CheckpointError, match=r"the user set \(12 -> 11 users\)"):
+        run_training(load_recipe(None, longer), resume=True)
+
+    result = run_training(load_recipe(None, [*longer, "train.on_data_change=new_phase"]), resume=True)
+    assert result["steps"] > 3, "new_phase goes on from the checkpoint's step with the new data"
