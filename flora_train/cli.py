@@ -122,6 +122,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.launch import LaunchFailed
     from flora_train.launch_env import LaunchError
     from flora_train.train.checkpoint import CheckpointError
+    from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
     from flora_train.train.trainer import NonFiniteError
 
     try:
@@ -163,6 +164,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"flora-train: training stopped: {exc}", file=sys.stderr)
         return 3
+    except Preempted as exc:
+        print(f"flora-train: preempted: {exc}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     return 0
 
 

@@ -203,7 +203,10 @@ class TrainConfig:
     nonfinite: NonFinitePolicy = NonFinitePolicy.skip_users
     max_consecutive_nonfinite: int = 3
     log_every_steps: int = 10
-    checkpoint_every_steps: int = 0  # 0: only at the end
+    checkpoint_every_steps: int = 0  # 0: only at the end (and by time, below)
+    # Also checkpoint when this many minutes passed since the last one (0: off). SIGTERM/SIGUSR1
+    # always checkpoint and stop with exit code 143 so the scheduler requeues the run.
+    checkpoint_every_minutes: float = 30.0
     # Continue from the latest checkpoint in run_dir when there is one (as --resume does). A job
     # restarted by torchrun --max-restarts always does.
     auto_resume: bool = False
@@ -280,6 +283,12 @@ class LaunchConfig:
     namespace: str = "default"
     volume_claim: Optional[str] = None  # Kubernetes PVC holding run_dir
     env: dict[str, str] = field(default_factory=dict)  # environment of every training process
+    # Restarts: torchrun --max-restarts and the PyTorchJob's backoffLimit (a restarted run resumes
+    # from its last checkpoint: launched recipes set train.auto_resume).
+    max_restarts: int = 3
+    # Slurm signals the batch script this many seconds before the time limit or a preemption
+    # (--signal=B:USR1@N); the run checkpoints and the script requeues the job (--requeue).
+    preempt_grace_s: int = 300
 
 
 @dataclass

@@ -39,6 +39,8 @@ class Job:
 def make_job(cfg: DictConfig) -> Job:
     cfg = cfg.copy()
     cfg.run_dir = str(Path(cfg.run_dir).resolve())  # nodes may start elsewhere; the path must be absolute
+    # A scheduler that restarts or requeues the job starts the same recipe again: it must resume.
+    cfg.train.auto_resume = True
     return Job(cfg, Path(cfg.run_dir) / "launch" / "recipe.yaml")
 
 

@@ -67,16 +67,18 @@ def manifests(job: Job) -> list[dict[str, Any]]:
                         {"name": "runs", "persistentVolumeClaim": {"claimName": str(la.volume_claim)}}],
         },
     }
-    replicas = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": pod}}
+    # ExitCode: the operator restarts a pod that exits 128 or above (an eviction's SIGTERM, or
+    # flora-train's 143 after a preemption checkpoint) and fails the job on 1-127 (bad input).
+    replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": pod}}
     if la.nodes > 1:
-        replicas["Worker"] = {"replicas": int(la.nodes) - 1, "restartPolicy": "Never", "template": pod}
+        replicas["Worker"] = {"replicas": int(la.nodes) - 1, "restartPolicy": "ExitCode", "template": pod}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": {"name": f"{name}-recipe", "namespace": str(la.namespace)},
                   "data": {"recipe.yaml": recipe_to_yaml(cfg)}}
     pytorch_job = {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
         "metadata": {"name": name, "namespace": str(la.namespace)},
-        "spec": {"nprocPerNode": str(la.procs_per_node), "runPolicy": {"backoffLimit": 0}, "pytorchReplicaSpecs": replicas},
+        "spec": {"nprocPerNode": str(la.procs_per_node), "runPolicy": {"backoffLimit": int(la.max_restarts)}, "pytorchReplicaSpecs": replicas},
     }
     return [config_map, pytorch_job]
 

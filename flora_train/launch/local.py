@@ -20,11 +20,13 @@ def commands(job: Job, port: int | None = None) -> list[list[str]]:
     la = job.cfg.launch
     tail = ["-m", "flora_train.cli", "run", str(job.recipe_path)]
     if la.nodes == 1:
-        return [[job.python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={la.procs_per_node}", *tail]]
+        return [[job.python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={la.procs_per_node}",
+                 f"--max-restarts={la.max_restarts}", *tail]]
     port = port or _free_port()
     return [
         [job.python, "-m", "torch.distributed.run", f"--nnodes={la.nodes}", f"--node-rank={node}",
-         f"--nproc-per-node={la.procs_per_node}", "--master-addr=127.0.0.1", f"--master-port={port}", *tail]
+         f"--nproc-per-node={la.procs_per_node}", "--master-addr=127.0.0.1", f"--master-port={port}",
+         f"--max-restarts={la.max_restarts}", *tail]
         for node in range(la.nodes)
     ]
 

@@ -24,7 +24,9 @@ def sbatch_argv(job: Job, script: Path) -> list[str]:
     la = job.cfg.launch
     argv = ["sbatch", "--parsable", f"--job-name={job.name}", f"--nodes={la.nodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={la.cpus_per_proc * la.procs_per_node}", f"--time={la.time_limit}",
-            f"--output={log_path(job)}", f"--chdir={Path.cwd()}"]  # relative recipe paths mean what they mean here
+            f"--output={log_path(job)}", f"--open-mode=append",  # a requeued job appends to its log
+            f"--chdir={Path.cwd()}",  # relative recipe paths mean what they mean here
+            "--requeue", f"--signal=B:USR1@{int(la.preempt_grace_s)}"]
     if la.gpus_per_node:
         argv.append(f"--gpus-per-node={la.gpus_per_node}")
     for key in ("partition", "account", "qos"):
@@ -47,6 +49,7 @@ def render(job: Job) -> tuple[list[str], str]:
     script = Template(TEMPLATE.read_text()).substitute(
         submit=shlex.join(argv), procs=int(la.procs_per_node), nodes=int(la.nodes), port=int(la.port),
         exports=job.exports(), python=shlex.quote(job.python), recipe=shlex.quote(str(job.recipe_path)),
+        max_restarts=int(la.max_restarts),
     )
     return argv, script
 

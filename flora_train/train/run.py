@@ -3,6 +3,7 @@ checkpoint, compare with a shared adapter, export, track."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from flora_train.tracking import Tracker
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
 from flora_train.train.session import Session, make_row_init, prepare_session
+from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch
 from flora_train.train.trainer import NonFiniteError, StepStats, Trainer, TrainSettings
 
 log = logging.getLogger("flora_train")
@@ -214,14 +216,16 @@ def _print_summary(summary: dict[str, float], shared: dict[str, float] | None, c
 
 
 def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
-    session = prepare_session(cfg)
-    try:
-        return train_session(session, resume)
-    finally:
-        session.close()
+    # Signals are caught from the start: a preemption during set-up stops after the first step.
+    with PreemptionWatch(cfg.train.checkpoint_every_minutes) as watch:
+        session = prepare_session(cfg)
+        try:
+            return train_session(session, resume, watch)
+        finally:
+            session.close()
 
 
-def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
+def train_session(session: Session, resume: bool = False, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Trains (or resumes) a prepared session; the caller closes it."""
     cfg = session.cfg
     run_dir, t = session.run_dir, cfg.train
@@ -263,31 +267,44 @@ def train_session(session: Session, resume: bool = False) -> dict[str, Any]:
     bar = tqdm(total=total, initial=start_step, desc="train", disable=not (t.progress and main), unit="step")
     status = "FAILED"
     started = time.perf_counter()
+    own_watch = watch is None
+    watch = watch or PreemptionWatch(t.checkpoint_every_minutes)
+    watch.restart_clock()
     try:
-        plans = session.planner.steps(t.epochs, t.max_steps, start=start_step)
-        plan = next(plans, None)
-        while plan is not None:
-            following = next(plans, None)
-            st = trainer.train_step(plan, following)
-            meter.add(st)
-            step = plan.step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}", users_s=f"{st.users / st.seconds:.0f}")
-            if step % t.log_every_steps == 0 or step == total:
-                tracker.log_metrics(meter.metrics(), step=step)
-                meter.reset()
-            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and step < total:
-                checkpoint(step)
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and session.eval and step < total:
-                tracker.log_metrics(summarise(_evaluate_store(session, session.store)), step=step)
-            plan = following
+        with watch if own_watch else contextlib.nullcontext():
+            plans = session.planner.steps(t.epochs, t.max_steps, start=start_step)
+            plan = next(plans, None)
+            while plan is not None:
+                following = next(plans, None)
+                st = trainer.train_step(plan, following)
+                meter.add(st)
+                step = plan.step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}", users_s=f"{st.users / st.seconds:.0f}")
+                if step % t.log_every_steps == 0 or step == total:
+                    tracker.log_metrics(meter.metrics(), step=step)
+                    meter.reset()
+                stop, due = watch.poll()
+                if step < total and (due or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)):
+                    checkpoint(step)
+                    watch.checkpointed()
+                if stop and step < total:
+                    raise Preempted(f"stopped by {watch.signal_name} after step {step} of {total}; "
+                                    f"checkpointed, exiting with {REQUEUE_EXIT_CODE} to be run again")
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and session.eval and step < total:
+                    tracker.log_metrics(summarise(_evaluate_store(session, session.store)), step=step)
+                plan = following
         status = "FINISHED"
     except NonFiniteError:
         checkpoint(step)
         raise
+    except Preempted:
+        status = "KILLED"
+        tracker.end("KILLED")
+        raise
     finally:
         bar.close()
-        if status != "FINISHED":
+        if status == "FAILED":
             tracker.end("FAILED")
     train_seconds = time.perf_counter() - started
     store_totals = meter.store_counters()

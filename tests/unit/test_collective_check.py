@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent("""
     print(attempt(lambda: dist.all_to_all_single(torch.empty(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64),
                                                  group=dist.new_group(backend="nccl" if sys.argv[2] == "nccl" else None))))
     print(attempt(lambda: fdist.all_gather_objects({"a": 1})))
+    dist.destroy_process_group()  # left to interpreter teardown, gloo may abort the process
 """)
 
 
