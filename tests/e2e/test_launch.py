@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from flora_train.config import load_recipe
@@ -152,3 +154,42 @@ def test_k8s_writes_the_manifest_and_applies_it_with_kubectl(tmp_path):
     assert (tmp_path / "kubectl-args").read_text().split() == ["apply", "-f", str(manifest)]
     no_claim = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'n'}", "--scheduler", "k8s")
     assert no_claim.returncode == 2 and "launch.volume_claim" in no_claim.stderr
+
+
+def test_slurm_preemption_requeues_and_resumes_to_the_same_adapters(slurm, tmp_path):
+    """A real Slurm job signalled mid-run (USR1 to the batch script, as --signal=B:USR1 does before
+    a time limit or preemption) checkpoints, is requeued by its script, resumes by itself and ends
+    bitwise equal to the same job run without interruption."""
+    from tests.distributed.helpers import saved_state
+
+    common = [*SMALL, "train.epochs=80", "tracking.enabled=false", "train.compare_shared_baseline=false",
+              "export.format=none", "eval.at_end=false", "--procs-per-node", "2", "launch.cpus_per_proc=1",
+              "launch.env.OMP_NUM_THREADS=1"]
+    ref = launch("recipes/quickstart.yaml", *common, f"run_dir={tmp_path / 'ref'}", "--scheduler", "local")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run_dir = tmp_path / "cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **slurm}
+    job = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "launch", "recipes/quickstart.yaml", *common,
+                            f"run_dir={run_dir}", "--scheduler", "slurm", "--wait"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = run_dir / "recipe.yaml"  # written by rank 0 as training starts
+    deadline = time.monotonic() + 300
+    while not started.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    log = next((run_dir / "launch").glob("slurm-*.out"))
+    job_id = log.stem.split("-")[1]
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    text = log.read_text()
+    assert "flora_train job: requeueing" in text and "flora-train: preempted: stopped by SIGTERM" in text, text[-3000:]
+    assert "resuming from" in text
+    shown = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    assert "Restarts=1" in shown and "JobState=COMPLETED" in shown, shown
+    got, want = saved_state(run_dir), saved_state(tmp_path / "ref")
+    assert got.keys() == want.keys()
+    for user in want:
+        for key in want[user]:
+            assert torch.equal(got[user][key], want[user][key]), (user, key)
