@@ -34,10 +34,28 @@ class AdapterSlot:
         self._distinct: int | None = None
         self._views: dict[str, dict[str, torch.Tensor]] | None = None
         self._block: int | None = None
+        self._base_only = False
 
     @property
     def active(self) -> bool:
         return self._rows is not None
+
+    @property
+    def runs_base(self) -> bool:
+        return self._base_only
+
+    @contextmanager
+    def base_only(self) -> Iterator[None]:
+        """Runs the model as the plain base (no adapter) inside the block. Outside this block and
+        outside ``activate`` an adapted layer refuses to run: a forward that forgot its rows would
+        otherwise silently compute the base and train or score nothing."""
+        if self.active:
+            raise RuntimeError("adapter slot is active; base_only must not nest inside activate")
+        previous, self._base_only = self._base_only, True
+        try:
+            yield
+        finally:
+            self._base_only = previous
 
     @contextmanager
     def activate(self, rows: torch.Tensor, index: torch.Tensor) -> Iterator[None]:
@@ -108,7 +126,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 class AdaptedLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` (or GPT-2 ``Conv1D``); without an active slot it is the base layer."""
+    """Wraps a frozen ``nn.Linear`` (or GPT-2 ``Conv1D``); it runs as the base layer only inside
+    ``slot.base_only()``, and with each example's adapter inside ``slot.activate``."""
 
     def __init__(self, base: nn.Module, name: str, slot: AdapterSlot) -> None:
         super().__init__()
@@ -132,6 +151,11 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         current = self.slot.current(self.adapter_name)
         if current is None:
+            if not self.slot.runs_base:
+                raise RuntimeError(
+                    f"{self.adapter_name}: forward outside AdapterSlot.activate(rows, index); every example needs its "
+                    "user's rows (use `with slot.base_only():` to run the plain base on purpose)"
+                )
             return self.base_layer(x)
         params, index = current
         if x.shape[0] != index.shape[0]:

@@ -75,7 +75,7 @@ def _measure(method: str, rank: int, common: list[str], run_dir: Path, steps: in
             batch = {k: v.to(session.device) for k, v in collate(examples, session.pad_id).items()}
             sync()
             start = time.perf_counter()
-            with autocast:
+            with autocast, session.slot.base_only():
                 _limit_step(session.model, batch)
             sync()
             middle = time.perf_counter()

@@ -3,7 +3,8 @@
 Each row keeps its own step counter, so bias correction and a learning-rate schedule advance
 only when that user trains; a user's trajectory never depends on how many steps other users took.
 The update of one row is ``torch.optim.AdamW`` / ``Adagrad`` (``fused=True``) on a dense parameter
-holding that row alone: the same fused kernel runs on the rows where they live.
+holding that row alone: their public functional forms (``torch.optim.adamw.adamw``,
+``torch.optim.adagrad.adagrad``) run the same fused kernel on the rows where they live.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.optim.adagrad import adagrad
+from torch.optim.adamw import adamw
 
 from flora_train.store.table import Column, HotRowCache, RowTable
 
@@ -61,7 +64,8 @@ class RowwiseOptimizer:
             copies = {n: table.gather(n, rows).to(grads.device) for n in names}
             state = {n: list(copies[n].unbind()) for n in names}
         grad_rows = list(grads.to(torch.float32).unbind())
-        step_list = list(steps.to(device=grads.device, dtype=torch.float32).unbind())
+        # torch's functional optimizers count the step themselves: they are handed the step before.
+        step_list = list((steps - 1).to(device=grads.device, dtype=torch.float32).unbind())
         lr_values = lr.tolist()
         # The fused kernels take one learning rate; rows at different points of their schedules
         # run as one call per distinct rate (a handful: warm-up and decay are shared by most users).
@@ -78,10 +82,10 @@ class RowwiseOptimizer:
         h = self.hyper
         if h.name == "adamw":
             params, exp_avg, exp_avg_sq = state
-            torch._fused_adamw_(params, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, beta1=h.beta1, beta2=h.beta2,
-                                weight_decay=h.weight_decay, eps=h.eps, amsgrad=False, maximize=False)
+            adamw(params, grads, exp_avg, exp_avg_sq, [], steps, fused=True, amsgrad=False, beta1=h.beta1, beta2=h.beta2,
+                  lr=lr, weight_decay=h.weight_decay, eps=h.eps, maximize=False)
         else:
             params, sum_sq = state
             # Weight decay is L2 on the gradient, as in torch.optim.Adagrad.
-            torch._fused_adagrad_(params, grads, sum_sq, steps, lr=lr, lr_decay=0.0, weight_decay=h.weight_decay,
-                                  eps=h.eps, maximize=False)
+            adagrad(params, grads, sum_sq, steps, fused=True, lr=lr, lr_decay=0.0, weight_decay=h.weight_decay,
+                    eps=h.eps, maximize=False)

@@ -247,6 +247,7 @@ class ShardedAdapterStore:
 
     def steps(self, user_ids: Sequence[str]) -> torch.Tensor:
         """Step counters of users this rank owns."""
+        self._settle_prefetch()  # the counters are about to be updated: no background read in between
         return self.local.steps(user_ids)
 
     def apply(self, owned: OwnedStep, lr: torch.Tensor, keep: torch.Tensor | None = None) -> None:

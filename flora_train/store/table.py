@@ -15,7 +15,9 @@ offers the same two in front of a slower tier.
 
 from __future__ import annotations
 
+
 import math
+import threading
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +110,11 @@ class HotRowCache:
     ``gather``/``scatter`` take table row numbers like ``RowTable``'s. Rows a step asks for are
     made resident first (least recently used rows make room and are written back if changed), so
     the optimizer reads and writes them on the device. ``flush`` writes every changed row back.
+
+    The owner placement's prefetch thread reads through the cache while the main thread reads
+    step counters: every entry point holds one lock, so an eviction never interleaves with another
+    access. ``locate`` hands out slots for in-place updates after the lock is released: the
+    store settles its prefetch before it updates (``ShardedAdapterStore._settle_prefetch``).
     """
 
     def __init__(self, table: RowTable, capacity: int, device: torch.device | str) -> None:
@@ -125,6 +132,7 @@ class HotRowCache:
         self._tick = 0
         self.hits = 0
         self.misses = 0
+        self._lock = threading.RLock()
 
     def _slots(self, rows: torch.Tensor) -> torch.Tensor:
         wanted = rows.tolist()
@@ -167,28 +175,33 @@ class HotRowCache:
             self._dirty[slots] = False
 
     def gather(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        return self._cache[name].index_select(0, self._slots(rows.cpu()).to(self.device))
+        with self._lock:
+            return self._cache[name].index_select(0, self._slots(rows.cpu()).to(self.device))
 
     def scatter(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
-        slots = self._slots(rows.cpu())
-        data = self._cache[name]
-        data.index_copy_(0, slots.to(self.device), values.to(device=self.device, dtype=data.dtype))
-        self._dirty[slots] = True
+        with self._lock:
+            slots = self._slots(rows.cpu())
+            data = self._cache[name]
+            data.index_copy_(0, slots.to(self.device), values.to(device=self.device, dtype=data.dtype))
+            self._dirty[slots] = True
 
     def locate(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Makes ``rows`` resident and returns the cache's columns and their slots; the caller
         updates them in place, so they are marked changed."""
-        slots = self._slots(rows.cpu())
-        self._dirty[slots] = True
-        return self._cache, slots.to(self.device)
+        with self._lock:
+            slots = self._slots(rows.cpu())
+            self._dirty[slots] = True
+            return self._cache, slots.to(self.device)
 
     def invalidate(self) -> None:
         """Forgets every cached row without writing back (after the table was overwritten)."""
-        self._row_slot.clear()
-        self._slot_row.fill_(-1)
-        self._dirty.fill_(False)
-        self._last_used.zero_()
+        with self._lock:
+            self._row_slot.clear()
+            self._slot_row.fill_(-1)
+            self._dirty.fill_(False)
+            self._last_used.zero_()
 
     def flush(self) -> None:
-        self._write_back(torch.arange(self.capacity))
-        self.table.flush()
+        with self._lock:
+            self._write_back(torch.arange(self.capacity))
+            self.table.flush()

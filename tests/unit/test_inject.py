@@ -130,3 +130,14 @@ def test_batch_mismatch_is_reported():
     rows = layout.init_rows(torch.zeros(1, dtype=torch.int64))
     with slot.activate(rows, torch.zeros(3, dtype=torch.long)), pytest.raises(RuntimeError, match="adapter index"):
         net(torch.randn(2, 2))
+
+
+def test_forward_outside_activate_is_an_error_unless_base_only():
+    """Before, a forward that forgot ``slot.activate`` silently ran the plain base."""
+    net = nn.Sequential(nn.Linear(3, 4)).double()
+    want = net(torch.ones(2, 3, dtype=torch.float64))
+    slot, _ = inject_adapters(net, AdapterSpec(), ["0"])
+    with pytest.raises(RuntimeError, match=r"0: forward outside AdapterSlot.activate"):
+        net(torch.ones(2, 3, dtype=torch.float64))
+    with slot.base_only():
+        assert torch.equal(net(torch.ones(2, 3, dtype=torch.float64)), want)
