@@ -10,7 +10,6 @@ the process group is ``dist.init_from_env``.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +53,18 @@ def _int(env: Mapping[str, str], key: str) -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm hostlist: ``node[07-09,12],gpu1`` -> ``node07``."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise LaunchError(f"cannot read the Slurm node list {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]  # keeps zero padding: [07-09] -> 07
+    """The first host of a Slurm hostlist (``node[01-02]-ib`` -> ``node01-ib``,
+    ``gpu[1-2]x[3-4]`` -> ``gpu1x3``), expanded by python-hostlist as ``scontrol show hostnames``
+    expands it (suffixes, several brackets, zero padding)."""
+    import hostlist
+
+    try:
+        hosts = hostlist.expand_hostlist(nodelist.strip())
+    except hostlist.BadHostlist as exc:
+        raise LaunchError(f"cannot read the Slurm node list {nodelist!r}: {exc}") from None
+    if not hosts:
+        raise LaunchError(f"the Slurm node list {nodelist!r} names no host")
+    return hosts[0]
 
 
 def _slurm_port(env: Mapping[str, str]) -> int:

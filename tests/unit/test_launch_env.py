@@ -57,11 +57,39 @@ def test_broken_environments_are_named(env, message):
         read_launch_env(env)
 
 
-@pytest.mark.parametrize(
-    "nodes, host", [("node1", "node1"), ("n[01-04]", "n01"), ("a[3,5-7],b2", "a3"), ("c-1-[9-12]x", "c-1-9")]
-)
+FORMS = [("node1", "node1"), ("n[01-04]", "n01"), ("a[3,5-7],b2", "a3"), ("gpu[1-2]x[3-4]", "gpu1x3"),
+         ("node[01-02]-ib", "node01-ib"), ("c-1-[9-12]x", "c-1-9x"), ("r[10-11]n[007-009],login", "r10n007")]
+
+
+@pytest.mark.parametrize("nodes, host", FORMS)
 def test_first_host_of_a_slurm_nodelist(nodes, host):
+    """Before, suffixes were lost (``node[01-02]-ib`` -> ``node01``) and later brackets ignored."""
     assert first_host(nodes) == host
+
+
+def test_first_host_agrees_with_scontrol(tmp_path):
+    """The real ``scontrol show hostnames`` (Slurm is installed by `make test`) on every form this
+    Slurm accepts gives the same first host."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol") is None:
+        pytest.fail("scontrol not found: `make test` installs Debian's slurm-wlm")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\nPartitionName=p Nodes=ALL\n")
+    checked = 0
+    for nodes, host in FORMS:
+        proc = subprocess.run(["scontrol", "show", "hostnames", nodes], env={"SLURM_CONF": str(conf)},
+                              capture_output=True, text=True)
+        if proc.stdout.strip():  # this Slurm (22.05) refuses text after a bracket (node[01-02]-ib), exit code 0
+            assert proc.stdout.split()[0] == first_host(nodes) == host, nodes
+            checked += 1
+    assert checked >= 4
+
+
+def test_a_broken_nodelist_is_named():
+    with pytest.raises(LaunchError, match=r"cannot read the Slurm node list 'n\[01-'"):
+        first_host("n[01-")
 
 
 def test_accelerate_zero_stage_from_flags_and_config_file(tmp_path):
