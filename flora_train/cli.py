@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(be)
 
+    doc = sub.add_parser("doctor", help="self-check of the accelerator path: every method, bf16, ZeRO-3 offload, benches")
+    doc.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
+    doc.add_argument("--out", type=Path, default=Path("runs/doctor"))
+    doc.add_argument("--small", action="store_true", help="small models and benches (how the test suite runs it)")
+    doc.add_argument("--no-bench", action="store_true", help="skip the benchmark tables")
+
     ba = sub.add_parser("base", help="base-model utilities")
     ba_sub = ba.add_subparsers(dest="base_command", required=True)
     conv = ba_sub.add_parser("convert", help="convert a GGUF base once into a safetensors folder (for ZeRO-3, fast loads)")
@@ -160,6 +166,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from flora_train.bench.suites import run_bench
 
             run_bench(args)
+        elif args.command == "doctor":
+            from flora_train.doctor import doctor
+
+            return doctor(args.device, args.out, small=args.small, bench=not args.no_bench)
         elif args.command == "base":
             from flora_train.base.convert import convert_gguf
 

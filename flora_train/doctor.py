@@ -1,0 +1,104 @@
+"""`flora-train doctor`: a self-check of this machine's accelerator path, in a few minutes.
+
+On one GPU it runs, each in its own process (as users run them): a short training run of every
+method (FLoRA r1 and r4, LoRA r8, IA3) under bf16 autocast, a ZeRO-3 run with the base offloaded to
+the host on one rank, the process group a multi-GPU job makes (``cpu:gloo,cuda:nccl``, one rank)
+with every collective the trainer uses, and then the benchmark tables (layer, train, loss) on the
+device. Each check must finish with finite held-out figures; the summary and ``doctor.json`` hold
+what it measured (eval loss and accuracy, steps, seconds, and the bench tables). ``--device cpu`` runs the same checks on the CPU (the test
+suite does, at small sizes) so the script itself is known to work before it meets a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUN = ["recipes/quickstart.yaml", "data.synthetic.num_users=64", "data.synthetic.train_examples_per_user=8",
+       "data.synthetic.eval_examples_per_user=2", "train.epochs=4", "train.users_per_step=32",
+       "train.examples_per_user=4", "train.micro_batch_size=128", "train.progress=false",
+       "train.compare_shared_baseline=false", "tracking.enabled=false", "export.format=none"]
+CHECKS: dict[str, list[str]] = {
+    "flora r1, bf16": ["adapter.method=flora", "train.precision=bf16"],
+    "flora r4, bf16": ["adapter.method=flora", "adapter.rank=4", "train.precision=bf16"],
+    "lora r8, bf16": ["adapter.method=lora", "adapter.rank=8", "store.optimizer.lr=0.005", "train.precision=bf16"],
+    "ia3, bf16": ["adapter.method=ia3", "train.precision=bf16"],
+    "zero-3 + offload, 1 rank": ["base.zero_stage=3", "base.offload_params=cpu", "train.precision=bf16"],
+}
+COLLECTIVES = """
+import torch, torch.distributed as dist
+from flora_train import dist as fdist
+from flora_train.store.comm import RowExchange
+device = torch.device(__import__("sys").argv[1])
+dist.init_process_group(fdist.backend_for(device.type), store=dist.HashStore(), rank=0, world_size=1)
+fdist.check_collectives_if_asked()
+fdist.all_reduce(torch.ones(3)); fdist.all_reduce(torch.ones(3, device=device), "max")
+fdist.all_gather_objects({"ok": 1}); fdist.broadcast_object("x")
+ex = RowExchange(fdist.new_group(), 8, device)
+route = ex.route(torch.zeros(2, dtype=torch.int64), torch.tensor([0, 1]))
+rows = ex.send_rows(route, lambda r: torch.ones(len(r), 8, device=device)).wait()
+assert rows.device.type == ex.wire_device.type and float(rows.sum()) == 16.0
+ex.send_grads(route, torch.ones(2, 8, device=device))
+dist.destroy_process_group()
+print("collectives ok on", fdist.backend_for(device.type))
+"""
+
+
+def _run(name: str, extra: list[str], device: str, out: Path, small: bool) -> dict[str, Any]:
+    run_dir = out / name.replace(" ", "_").replace(",", "").replace("+", "plus")
+    size = ["base.tiny.hidden_size=32", "base.tiny.intermediate_size=64", "base.tiny.pretrain_steps=20",
+            "data.synthetic.num_users=16", "train.epochs=2"] if small else []
+    cmd = [sys.executable, "-m", "flora_train.cli", "run", *RUN, *size, *extra, f"train.device={device}",
+           f"run_dir={run_dir}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"ok": False, "seconds": seconds, "error": (proc.stderr or proc.stdout)[-1500:]}
+    result = json.loads((run_dir / "result.json").read_text())
+    loss = result.get("eval", {}).get("eval/loss_mean", float("nan"))
+    ok = loss == loss and result["steps"] > 0
+    return {"ok": ok, "seconds": seconds, "steps": result["steps"], "eval_loss": loss,
+            "eval_accuracy": result.get("eval", {}).get("eval/accuracy_mean"), "train_seconds": result["train_seconds"]}
+
+
+def doctor(device: str = "auto", out: Path = Path("runs/doctor"), small: bool = False, bench: bool = True) -> int:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"device": str(dev), "torch": torch.__version__, "checks": {}}
+    if dev.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(dev)
+        report["bf16"] = torch.cuda.is_bf16_supported()
+    print(f"flora-train doctor on {report.get('gpu', 'cpu')} (torch {torch.__version__})", flush=True)
+    env = {**os.environ, "FLORA_TRAIN_CHECK_COLLECTIVES": "cuda"}
+    proc = subprocess.run([sys.executable, "-c", COLLECTIVES, str(dev)], capture_output=True, text=True, env=env)
+    report["checks"]["collectives"] = {"ok": proc.returncode == 0, "detail": (proc.stdout or proc.stderr).strip()[-1500:]}
+    print(f"  {'collectives':28s} {'ok' if proc.returncode == 0 else 'FAILED'}", flush=True)
+    for name, extra in CHECKS.items():
+        r = _run(name, extra, str(dev), out, small)
+        report["checks"][name] = r
+        detail = f"eval loss {r['eval_loss']:.4f}, {r['steps']} steps in {r['train_seconds']:.1f}s" if r["ok"] else r["error"]
+        print(f"  {name:28s} {'ok' if r['ok'] else 'FAILED'}  {detail}", flush=True)
+    if bench:
+        from flora_train.bench.layer import bench_layer
+        from flora_train.bench.loss import bench_loss
+        from flora_train.bench.train import bench_train
+
+        widths = (256,) if small else (1024, 4096)
+        report["bench"] = {
+            "layer": bench_layer(widths, (1, 4, 16), (1, 64), device=str(dev), out=out / "bench", peft=not small),
+            "train": bench_train(steps=3, device=str(dev), out=out / "bench"),
+            "loss": bench_loss(str(dev), out / "bench"),
+        }
+    failed = [k for k, v in report["checks"].items() if not v["ok"]]
+    report["failed"] = failed
+    (out / "doctor.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"doctor: {len(report['checks']) - len(failed)} of {len(report['checks'])} checks passed; report {out / 'doctor.json'}")
+    return 1 if failed else 0

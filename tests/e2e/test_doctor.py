@@ -1,0 +1,25 @@
+"""`flora-train doctor` is the GPU self-check; on CPU (no GPU here) it must run every check to the
+end, so the script is known to work before it meets a GPU."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_doctor_runs_every_check_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "doctor", "--device", "cpu", "--small", "--no-bench",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    assert report["failed"] == [] and set(report["checks"]) == {
+        "collectives", "flora r1, bf16", "flora r4, bf16", "lora r8, bf16", "ia3, bf16", "zero-3 + offload, 1 rank"}
+    assert "collectives ok on gloo" in report["checks"]["collectives"]["detail"]
+    for name, check in report["checks"].items():
+        if name != "collectives":
+            assert check["steps"] > 0 and check["eval_loss"] == check["eval_loss"], name
