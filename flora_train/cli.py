@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write per-user adapters of a run")
     ex.add_argument("run_dir", type=Path)
-    ex.add_argument("--format", choices=["peft", "flora"], required=True)
+    ex.add_argument("--format", choices=["peft", "flora", "merged"], required=True,
+                    help="peft (LoRA, IA3), flora (any method) or merged (a full model folder per user)")
     ex.add_argument("--users", default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
     ex.add_argument("--out", type=Path, required=True)
 
@@ -68,6 +69,36 @@ def _parser() -> argparse.ArgumentParser:
     from flora_train.bench.suites import add_arguments
 
     add_arguments(be)
+
+    gen = sub.add_parser("generate", help="mixed-user batched generation: every prompt with its own user's adapter")
+    gen.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
+    gen.add_argument("--prompts", type=Path, required=True, help="JSONL: user_id + prompt (or messages) per line")
+    gen.add_argument("--out", type=Path, required=True, help="JSONL: user_id, prompt, completion per line")
+    gen.add_argument("--users", default=None, help="only these users' prompts (comma-separated or @FILE)")
+    gen.add_argument("--checkpoint", type=Path, default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--device", default="auto")
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible server; concurrent users batched into one forward")
+    srv.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--checkpoint", type=Path, default=None)
+    srv.add_argument("--model-name", default="flora", help="the model id clients name (optionally '<name>:<user_id>')")
+    srv.add_argument("--strict-users", action="store_true", help="404 for users never trained (default: the base model)")
+    srv.add_argument("--max-batch", type=int, default=32, help="prompts per forward at most")
+    srv.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    srv.add_argument("--max-prompt-tokens", type=int, default=None)
+    srv.add_argument("--device", default="auto")
 
     doc = sub.add_parser("doctor", help="self-check of the accelerator path: every method, bf16, ZeRO-3 offload, benches")
     doc.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
@@ -102,6 +133,35 @@ def _users_arg(value: str | None) -> list[str] | None:
     return [u for u in value.split(",") if u]
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from flora_train.inference import GenerationSettings, generate, load_trained
+    from flora_train.inference.prompts import read_prompts
+
+    users, prompts = read_prompts(args.prompts)
+    only = _users_arg(args.users)
+    if only:
+        keep = [i for i, u in enumerate(users) if u in set(only)]
+        users, prompts = [users[i] for i in keep], [prompts[i] for i in keep]
+    try:
+        settings = GenerationSettings(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.top_k,
+                                      args.num_beams, args.seed, tuple(args.stop), args.chat)
+    except ValueError as exc:
+        print(f"flora-train: error: {exc}", file=sys.stderr)
+        return 2
+    trained = load_trained(args.source, args.checkpoint, args.device)
+    results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", encoding="utf-8") as f:
+        for user, prompt, r in zip(users, prompts, results):
+            f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
+                                "adapter": "user" if r.user_known else "base"}, ensure_ascii=False) + "\n")
+    print(f"generated {stats.new_tokens} tokens for {stats.prompts} prompts in {stats.seconds:.1f}s "
+          f"({stats.tokens_per_s:.0f} tokens/s); {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -133,6 +193,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.config import RecipeError, load_recipe, recipe_to_yaml
     from flora_train.data import DataError
     from flora_train.export import ExportError
+    from flora_train.inference.trained import InferenceError
     from flora_train.launch import LaunchFailed
     from flora_train.launch_env import LaunchError
     from flora_train.train.checkpoint import CheckpointError
@@ -160,12 +221,32 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "export":
             from flora_train.export import export_adapters
 
+            if args.format == "merged":
+                from flora_train.merge import export_merged
+
+                users = _users_arg(args.users)
+                if not users:
+                    raise ExportError("--format merged writes a whole model per user: name them with --users a,b (or @FILE)")
+                index = export_merged(args.run_dir, users, args.out)
+                print(f"exported {len(index)} merged model folders to {args.out}")
+                return 0
             m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out)
             print(f"exported {m['num_users']} users ({m['format']}) to {args.out}")
         elif args.command == "bench":
             from flora_train.bench.suites import run_bench
 
             run_bench(args)
+        elif args.command == "generate":
+            return _generate(args)
+        elif args.command == "serve":
+            from flora_train.inference import load_trained
+            from flora_train.inference.server import serve
+
+            trained = load_trained(args.source, args.checkpoint, args.device)
+            print(f"serving {len(trained.users)} users' {trained.layout.spec.method} adapters on "
+                  f"http://{args.host}:{args.port} (model {args.model_name!r})", flush=True)
+            serve(trained, args.host, args.port, model_name=args.model_name, strict_users=args.strict_users,
+                  max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_prompt_tokens=args.max_prompt_tokens)
         elif args.command == "doctor":
             from flora_train.doctor import doctor
 
@@ -181,7 +262,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             task = SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
             for path in task.write(args.out):
                 print(path)
-    except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, LaunchError, LaunchFailed, FileNotFoundError) as exc:
+    except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, LaunchError, LaunchFailed,
+            FileNotFoundError, InferenceError) as exc:
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:

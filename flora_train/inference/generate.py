@@ -1,0 +1,148 @@
+"""Mixed-user generation: every prompt of one batch has its own user's adapter.
+
+The prompts are left-padded into one batch, the step's rows are the batch's distinct users, and
+``model.generate`` runs inside ``slot.activate`` with an index from each sequence to its user. Beam
+search keeps a sequence's beams next to each other (``num_beams`` copies per prompt), so the index
+is the prompts' index repeated per beam; greedy, sampling and beams use the KV cache as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flora_train.inference.trained import InferenceError, TrainedAdapters
+
+log = logging.getLogger("flora_train")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_beams: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chat: bool = False  # render each prompt with the tokenizer's chat template
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: int  # new tokens generated (before a stop string cut the text)
+    user_known: bool
+
+
+@dataclass
+class GenerationStats:
+    prompts: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    unknown_users: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def render_prompts(trained: TrainedAdapters, prompts: Sequence[Any], chat: bool) -> list[str]:
+    """Prompts as text: chat prompts (a string or a list of messages) through the chat template."""
+    tok = trained.tokenizer
+    if not chat:
+        if not all(isinstance(p, str) for p in prompts):
+            raise InferenceError("a prompt must be a string (or messages, with chat)")
+        return list(prompts)
+    if not getattr(tok, "chat_template", None):
+        raise InferenceError(f"chat prompts need a chat template, and the tokenizer of {trained.source.model_path!r} has none")
+    out = []
+    for p in prompts:
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        out.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return out
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    ends = [text.find(s) for s in stop if s and s in text]
+    return text[: min(ends)] if ends else text
+
+
+@torch.no_grad()
+def generate_batch(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[str],
+                   settings: GenerationSettings = GenerationSettings(), output_scores: bool = False) -> tuple[list[Generation], Any]:
+    """One batch: every prompt on its own user's adapter. Returns the generations and, with
+    ``output_scores``, the raw ``generate`` output (scores per step)."""
+    if len(prompts) != len(users):
+        raise InferenceError(f"{len(prompts)} prompts but {len(users)} users")
+    tok = trained.tokenizer
+    texts = render_prompts(trained, prompts, settings.chat)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not settings.chat).to(trained.device)
+    rows, index, unknown = trained.batch_rows(list(users))
+    if settings.num_beams > 1:
+        index = index.repeat_interleave(settings.num_beams)
+    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                  num_beams=settings.num_beams, pad_token_id=tok.pad_token_id,
+                                  return_dict_in_generate=True, output_scores=output_scores)
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+    with trained.slot.activate(rows, index):
+        out = trained.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
+    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    results = []
+    for k, seq in enumerate(new):
+        ids = seq.tolist()
+        if tok.eos_token_id in ids:
+            ids = ids[: ids.index(tok.eos_token_id)]
+        ids = [t for t in ids if t != tok.pad_token_id] if tok.pad_token_id != tok.eos_token_id else ids
+        text = _cut(tok.decode(ids, skip_special_tokens=True), settings.stop)
+        results.append(Generation(text, len(ids), users[k] in trained))
+    return results, out
+
+
+def generate(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[str],
+             settings: GenerationSettings = GenerationSettings(), batch_size: int = 16,
+             progress: bool = False) -> tuple[list[Generation], GenerationStats]:
+    """Every prompt with its own user's adapter, ``batch_size`` prompts (of mixed users) a batch.
+    Users never trained get the base model, named once in a warning."""
+    from tqdm import tqdm
+
+    stats = GenerationStats(prompts=len(prompts))
+    unknown = sorted({u for u in users if u not in trained})
+    if unknown:
+        stats.unknown_users = unknown
+        log.warning("users never trained get the base model: %s%s", ", ".join(map(repr, unknown[:10])),
+                    f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else "")
+    results: list[Generation] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
+    for s in range(0, len(prompts), batch_size):
+        batch, _ = generate_batch(trained, prompts[s : s + batch_size], users[s : s + batch_size], settings)
+        results.extend(batch)
+        stats.new_tokens += sum(g.tokens for g in batch)
+        stats.seconds = time.perf_counter() - start
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
+    bar.close()
+    return results, stats

@@ -1,0 +1,43 @@
+"""Prompt files for `flora-train generate`: JSONL rows with a user id and a prompt (or chat
+``messages``); a bad row is an error naming its file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flora_train.inference.trained import InferenceError
+
+
+def read_prompts(path: Path, user_column: str = "user_id") -> tuple[list[str], list[Any]]:
+    """``(users, prompts)``; a prompt is a string, or a list of chat messages."""
+    users, prompts = [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InferenceError(f"{path}: cannot read the prompts: {exc}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InferenceError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InferenceError(f"{where}: a row must be a JSON object")
+        user = row.get(user_column)
+        if not isinstance(user, str) or not user:
+            raise InferenceError(f"{where}: '{user_column}' must be a non-empty string, got {user!r}")
+        if isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        elif isinstance(row.get("messages"), list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                           for m in row["messages"]):
+            prompts.append(row["messages"])
+        else:
+            raise InferenceError(f"{where}: needs a 'prompt' string or a 'messages' list of {{role, content}}")
+        users.append(user)
+    if not users:
+        raise InferenceError(f"{path}: no prompts")
+    return users, prompts

@@ -1,0 +1,62 @@
+"""`flora-train export --format merged`: per user, an ordinary Hugging Face model folder with the
+user's adapter folded into the weights (FLoRA ``W ∘ mask``, LoRA ``W + s·BA``, IA3 ``W ∘ a``),
+loadable by ``AutoModelForCausalLM`` and so by any server, at the cost of a full copy per user."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flora_train.adapters.layer import is_conv1d
+
+
+def merged_state_dict(model: torch.nn.Module, base: dict[str, torch.Tensor], layout: Any, row: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``base`` (the plain model's state dict) with every adapted layer's weight (and, for IA3 on
+    output layers, bias) replaced by the user's merged one. Other tensors are shared, not copied."""
+    spec = layout.spec
+    out = dict(base)
+    for module in layout.slices:
+        views = {k: v[0] for k, v in layout.views(row.unsqueeze(0), module).items()}
+        transposed = is_conv1d(model.get_submodule(module))  # GPT-2's Conv1D keeps [in, out]
+        weight = base[f"{module}.weight"]
+        w = weight.t() if transposed else weight
+        merged = spec.impl.dense_weight(w.float(), {k: v.float() for k, v in views.items()}, spec.scaling)
+        out[f"{module}.weight"] = (merged.t() if transposed else merged).to(weight.dtype).contiguous()
+        if f"{module}.bias" in base:
+            bias = base[f"{module}.bias"]
+            merged_bias = spec.impl.dense_bias(bias.float(), {k: v.float() for k, v in views.items()})
+            out[f"{module}.bias"] = merged_bias.to(bias.dtype).contiguous()
+    return out
+
+
+def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Path | None = None,
+                  dtype: str = "float32") -> dict[str, str]:
+    """One merged model folder per user under ``out`` (``index.json`` maps users to folders)."""
+    from flora_train.base import load_frozen_model, load_tokenizer
+    from flora_train.export import ExportError, _inside, safe_folder_name
+    from flora_train.inference.trained import resolve_source
+
+    source = resolve_source(source_dir, checkpoint)
+    position = {u: i for i, u in enumerate(source.user_ids)}
+    unknown = [u for u in users if u not in position]
+    if unknown:
+        raise ExportError(f"unknown user(s) not in {source.label}: {', '.join(map(repr, unknown[:5]))}")
+    model = load_frozen_model(source.model_path, dtype, source.gguf_file, source.trust_remote_code)
+    tokenizer = load_tokenizer(source.model_path, source.gguf_file, source.trust_remote_code)
+    base = {k: v.detach() for k, v in model.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    index = {}
+    for user in users:
+        folder = safe_folder_name(user)
+        target = _inside(out, folder)
+        state = merged_state_dict(model, base, source.layout, source.rows[position[user]])
+        model.save_pretrained(target, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        (target / "flora_merged.json").write_text(json.dumps({"user_id": user, "base_model": source.model_path,
+                                                              "method": source.layout.spec.method, "from": source.label}))
+        index[user] = folder
+    (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
+    return index

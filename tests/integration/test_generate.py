@@ -1,0 +1,115 @@
+"""Mixed-user generation: a batch in which every prompt has its own user's adapter generates, token
+for token and logit for logit, what each user's prompt generates alone (left padding, greedy and
+beam search), for FLoRA, LoRA and IA3; a user never trained gets the base model."""
+
+import pytest
+import torch
+
+from flora_train.config import load_recipe
+from flora_train.inference import GenerationSettings, generate, generate_batch, load_trained
+from flora_train.train.run import run_training
+from tests.distributed.helpers import small_recipe
+
+PROMPTS = ["favourite colour of", "my city", "animal", "the fruit I like best is"]
+
+
+@pytest.fixture(scope="module", params=["flora", "lora", "ia3"])
+def trained(request, tmp_path_factory, tiny_llama_dir):
+    tmp = tmp_path_factory.mktemp(f"gen-{request.param}")
+    lr = {"flora": 0.05, "lora": 0.01, "ia3": 0.05}[request.param]
+    run_training(load_recipe(None, [*small_recipe(tmp, tiny_llama_dir), f"adapter.method={request.param}",
+                                    f"store.optimizer.lr={lr}", f"run_dir={tmp / 'run'}", "eval.at_end=false"]))
+    return load_trained(tmp / "run", device="cpu")
+
+
+def _alone(trained, prompt, user, settings):
+    (gen,), out = generate_batch(trained, [prompt], [user], settings, output_scores=True)
+    return gen, torch.stack(out.scores, dim=1)[0]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_mixed_batch_equals_each_user_alone(trained, beams):
+    users = ["user-000001", "user-000007", "user-000001", "user-000011"]
+    settings = GenerationSettings(max_new_tokens=8, num_beams=beams)
+    mixed, out = generate_batch(trained, PROMPTS, users, settings, output_scores=True)
+    scores = torch.stack(out.scores, dim=1)  # [batch * beams, steps, vocab]
+    assert len({g.text for g in mixed}) > 1
+    for k, (prompt, user) in enumerate(zip(PROMPTS, users)):
+        alone, alone_scores = _alone(trained, prompt, user, settings)
+        assert mixed[k].text == alone.text, (k, user)
+        if beams == 1:
+            steps = alone_scores.shape[0]
+            torch.testing.assert_close(scores[k, :steps], alone_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_users_differ_and_unknown_users_get_the_base(trained, caplog):
+    settings = GenerationSettings(max_new_tokens=6)
+    prompt = PROMPTS[3]
+    per_user = {u: generate_batch(trained, [prompt], [u], settings, output_scores=True)[1] for u in trained.users[:6]}
+    logits = [torch.stack(o.scores, 1)[0, 0] for o in per_user.values()]
+    assert any(not torch.allclose(logits[0], other) for other in logits[1:]), "users' adapters must differ"
+    with caplog.at_level("WARNING", logger="flora_train"):
+        results, stats = generate(trained, [prompt, prompt], ["never-trained", trained.users[0]], settings)
+    assert stats.unknown_users == ["never-trained"] and "never-trained" in caplog.text
+    assert not results[0].user_known and results[1].user_known
+    with trained.slot.base_only(), torch.no_grad():
+        enc = trained.tokenizer([prompt], return_tensors="pt")
+        base = trained.model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=trained.tokenizer.pad_token_id)
+    ids = base[0, enc["input_ids"].shape[1]:].tolist()
+    eos = trained.tokenizer.eos_token_id
+    ids = ids[: ids.index(eos)] if eos in ids else ids
+    assert results[0].text == trained.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_lora_generation_equals_peft_for_that_user(tmp_path, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from flora_train.export import export_adapters
+
+    run_dir = tmp_path / "run"
+    run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_llama_dir), "adapter.method=lora", "adapter.rank=4",
+                                    "store.optimizer.lr=0.01", f"run_dir={run_dir}", "eval.at_end=false"]))
+    trained = load_trained(run_dir, device="cpu")
+    export_adapters(run_dir, "peft", ["user-000005"], tmp_path / "peft")
+    folder = next(p for p in (tmp_path / "peft").iterdir() if p.is_dir())
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained.source.model_path), str(folder)).eval()
+    tok = trained.tokenizer
+    settings = GenerationSettings(max_new_tokens=8)
+    for prompt in PROMPTS:
+        (ours,), _ = generate_batch(trained, [prompt], ["user-000005"], settings)
+        enc = tok([prompt], return_tensors="pt")
+        with torch.no_grad():
+            theirs = peft_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        ids = theirs[0, enc["input_ids"].shape[1]:].tolist()
+        ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+        assert ours.text == tok.decode(ids, skip_special_tokens=True), prompt
+
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_chat_prompts_and_the_chat_endpoint(tmp_path, tiny_llama_dir):
+    from fastapi.testclient import TestClient
+
+    from flora_train.inference.server import create_app
+
+    run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={tmp_path / 'run'}", "eval.at_end=false"]))
+    trained = load_trained(tmp_path / "run", device="cpu")
+    settings = GenerationSettings(max_new_tokens=5, chat=True)
+    with pytest.raises(Exception, match="chat template"):
+        generate_batch(trained, ["hi"], ["user-000001"], settings)
+    trained.tokenizer.chat_template = TEMPLATE
+    chats = [[{"role": "user", "content": "favourite colour ?"}], "favourite city ?"]
+    mixed, _ = generate_batch(trained, chats, ["user-000001", "user-000004"], settings)
+    for k, user in enumerate(["user-000001", "user-000004"]):
+        (alone,), _ = generate_batch(trained, [chats[k]], [user], settings)
+        assert mixed[k].text == alone.text
+    with TestClient(create_app(trained)) as client:
+        r = client.post("/v1/chat/completions", json={"model": "flora:user-000001", "temperature": 0, "max_tokens": 5,
+                                                      "messages": chats[0]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == mixed[0].text
+        assert client.post("/v1/chat/completions", json={"messages": [], "user": "u"}).status_code == 400
