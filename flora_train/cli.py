@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="peft (LoRA, IA3), flora (any method) or merged (a full model folder per user)")
     ex.add_argument("--users", default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
     ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--base-model-id", default=None,
+                    help="peft: base_model_name_or_path to write (the model id your server loads; default: the run's base)")
 
     be = sub.add_parser("bench", help="side-by-side benchmarks: layer, train, e2e, store, zero or all")
     from flora_train.bench.suites import add_arguments
@@ -230,7 +232,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 index = export_merged(args.run_dir, users, args.out)
                 print(f"exported {len(index)} merged model folders to {args.out}")
                 return 0
-            m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out)
+            m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out, base_model_id=args.base_model_id)
             print(f"exported {m['num_users']} users ({m['format']}) to {args.out}")
         elif args.command == "bench":
             from flora_train.bench.suites import run_bench

@@ -85,8 +85,19 @@ def _peft_config(layout: AdapterLayout, base_model: str) -> dict[str, Any]:
     return spec.impl.peft_config(spec.rank, spec.alpha, targets, [m for m in targets if spec.is_feedforward(m)], base_model)
 
 
+def _base_details(run_dir: Path) -> dict[str, Any]:
+    """What loading the base and the untrained rows needs beyond its path (for serving an export)."""
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        return {}
+    from flora_train.config import load_recipe
+
+    cfg = load_recipe(recipe)
+    return {"gguf_file": cfg.base.gguf_file, "init_seed": cfg.store.init_seed}
+
+
 def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
-                    checkpoint: Path | None = None) -> dict[str, Any]:
+                    checkpoint: Path | None = None, base_model_id: str | None = None) -> dict[str, Any]:
     """Writes one folder per user under ``out`` plus ``index.json`` and ``manifest.json``, from
     ``checkpoint`` (one this process just wrote) or else the run's newest intact checkpoint."""
     layout, registry, rows, ckpt, state = _load_run(Path(run_dir), checkpoint)
@@ -96,7 +107,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
         raise ExportError(f"unknown export format {fmt!r}; expected peft or flora")
     selected = _select_users(registry, users)
     out.mkdir(parents=True, exist_ok=True)
-    base_model = str(state.get("model_path", ""))
+    base_model = base_model_id or str(state.get("model_path", ""))
     index = {}
     for user in selected:
         folder = safe_folder_name(user)
@@ -114,7 +125,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
         index[user] = folder
     (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
     manifest = {"format": fmt, "method": layout.spec.method, "rank": layout.spec.rank, "num_users": len(index),
-                "checkpoint": str(ckpt), "base_model": base_model}
+                "checkpoint": str(ckpt), "base_model": base_model, **_base_details(Path(run_dir))}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

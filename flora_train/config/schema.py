@@ -253,6 +253,9 @@ class ExportConfig:
     format: ExportFormat = ExportFormat.none  # export at the end of `run`
     users: list[str] = field(default_factory=list)  # empty: every user
     out: Optional[str] = None  # default: <run_dir>/export/<format>
+    # base_model_name_or_path written into PEFT exports: the model id the server (vLLM, LoRAX,
+    # AutoPeftModelForCausalLM) loads. Default: the base this run trained on (its path or hub id).
+    base_model_id: Optional[str] = None
 
 
 class Scheduler(str, Enum):

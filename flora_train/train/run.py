@@ -333,7 +333,8 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
         from flora_train.export import export_adapters
 
         out = Path(cfg.export.out) if cfg.export.out else run_dir / "export" / cfg.export.format.value
-        manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out, checkpoint=final)
+        manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out, checkpoint=final,
+                                   base_model_id=cfg.export.base_model_id)
         tracker.log_artifact(out / "manifest.json", "export")
         result["export"] = {"out": str(out), "users": manifest["num_users"]}
     tracker.log_metrics({"train/seconds": train_seconds, "base/resident_mib_per_rank": held / 2**20}, step=step)

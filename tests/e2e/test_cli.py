@@ -147,3 +147,28 @@ def test_zero3_in_one_process_needs_parameter_offload(tmp_path):
     result = json.loads((tmp_path / "offload" / "result.json").read_text())
     assert result["base"]["zero_stage"] == 3 and result["base"]["world_size"] == 1
     assert result["eval"]["eval/users"] == 24
+
+
+def test_peft_export_is_what_vllm_and_autopeft_load(lora_run, tmp_path):
+    """Keys end in lora_A.weight / lora_B.weight under base_model.model., target modules are name
+    suffixes, no modules_to_save, and base_model_name_or_path is loadable by AutoPeftModelForCausalLM
+    (or the id the recipe names in export.base_model_id)."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    out = lora_run / "export" / "peft"
+    folder = out / json.loads((out / "index.json").read_text())["user-000010"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert not config.get("modules_to_save")
+    keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+    assert keys and all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    ids = torch.randint(3, 200, (2, 9))
+    ours, _ = _trained_logits(lora_run, "user-000010", ids)
+    with torch.no_grad():
+        theirs = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    flora_train("export", str(lora_run), "--format", "peft", "--users", "user-000010", "--out", str(tmp_path / "v"),
+                "--base-model-id", "org/served-model")
+    served = json.loads(next((tmp_path / "v").glob("*/adapter_config.json")).read_text())
+    assert served["base_model_name_or_path"] == "org/served-model"

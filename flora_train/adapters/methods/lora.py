@@ -127,9 +127,14 @@ class Lora(AdapterMethod):
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], feedforward_modules: list[str],
                     base_model: str) -> dict[str, Any]:
+        # Module-name suffixes, as vLLM and LoRAX expect (they match target modules by the last
+        # name component). Where the run adapted only some of the layers a suffix names, PEFT
+        # gives the others a zero B: the identity, so the logits are unchanged.
+        suffixes = sorted({m.rsplit(".", 1)[-1] for m in target_modules})
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "target_modules": target_modules,
+            "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "target_modules": suffixes,
+            "modules_to_save": None,
             "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         }
 
