@@ -224,6 +224,11 @@ class EvalConfig:
     every_steps: int = 0  # 0: only at the end
     batch_size: int = 128
     at_end: bool = True
+    # Also complete each held-out prompt by generation (greedy, or beams) with the user's adapter
+    # and with the base, scoring exact match and ROUGE-L per user (see README "Evaluation").
+    generate: bool = False
+    max_new_tokens: int = 32
+    num_beams: int = 1
 
 
 @dataclass

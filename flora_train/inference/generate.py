@@ -85,6 +85,42 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.no_grad()
+def generate_tokens(model: torch.nn.Module, slot: Any, rows: torch.Tensor, index: torch.Tensor,
+                    prompt_ids: Sequence[Sequence[int]], pad_id: int, settings: GenerationSettings,
+                    output_scores: bool = False, synced_gpus: bool = False) -> tuple[list[list[int]], Any]:
+    """The core every caller shares: left-pads token prompts into one batch and generates with
+    every sequence on the adapter ``rows[index[i]]``. ``synced_gpus`` keeps ZeRO-3 ranks stepping
+    together until every rank is done (each forward gathers the base collectively)."""
+    device = rows.device
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    if settings.num_beams > 1:
+        index = index.repeat_interleave(settings.num_beams)
+    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                  num_beams=settings.num_beams, pad_token_id=pad_id, return_dict_in_generate=True,
+                                  output_scores=output_scores, synced_gpus=synced_gpus)
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+    with slot.activate(rows, index):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    return [seq.tolist() for seq in out.sequences[:, width:]], out
+
+
+def decode_new(tokenizer: Any, new_ids: list[int], stop: Sequence[str]) -> tuple[str, int]:
+    """The text of generated ids up to EOS (padding dropped) and a stop string; and the token count."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = new_ids[: new_ids.index(eos)] if eos is not None and eos in new_ids else new_ids
+    if pad is not None and pad != eos:
+        ids = [t for t in ids if t != pad]
+    return _cut(tokenizer.decode(ids, skip_special_tokens=True), stop), len(ids)
+
+
 def generate_batch(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[str],
                    settings: GenerationSettings = GenerationSettings(), output_scores: bool = False) -> tuple[list[Generation], Any]:
     """One batch: every prompt on its own user's adapter. Returns the generations and, with
@@ -92,32 +128,16 @@ def generate_batch(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequ
     if len(prompts) != len(users):
         raise InferenceError(f"{len(prompts)} prompts but {len(users)} users")
     tok = trained.tokenizer
-    texts = render_prompts(trained, prompts, settings.chat)
-    tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not settings.chat).to(trained.device)
-    rows, index, unknown = trained.batch_rows(list(users))
-    if settings.num_beams > 1:
-        index = index.repeat_interleave(settings.num_beams)
-    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                                  num_beams=settings.num_beams, pad_token_id=tok.pad_token_id,
-                                  return_dict_in_generate=True, output_scores=output_scores)
-    if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-    with trained.slot.activate(rows, index):
-        out = trained.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
-    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    texts = render_prompts(trained, prompts, settings.chat)
+    prompt_ids = tok(texts, add_special_tokens=not settings.chat)["input_ids"]
+    rows, index, _ = trained.batch_rows(list(users))
+    new, out = generate_tokens(trained.model, trained.slot, rows, index, prompt_ids, tok.pad_token_id, settings, output_scores)
     results = []
-    for k, seq in enumerate(new):
-        ids = seq.tolist()
-        if tok.eos_token_id in ids:
-            ids = ids[: ids.index(tok.eos_token_id)]
-        ids = [t for t in ids if t != tok.pad_token_id] if tok.pad_token_id != tok.eos_token_id else ids
-        text = _cut(tok.decode(ids, skip_special_tokens=True), settings.stop)
-        results.append(Generation(text, len(ids), users[k] in trained))
+    for k, ids in enumerate(new):
+        text, count = decode_new(tok, ids, settings.stop)
+        results.append(Generation(text, count, users[k] in trained))
     return results, out
 
 

@@ -27,6 +27,7 @@ from flora_train.store.sharding import ShardPlan
 from flora_train.tracking import Tracker
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
+from flora_train.train.generation_eval import run_generation_eval
 from flora_train.train.session import Session, make_row_init, prepare_session
 from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch
 from flora_train.train.trainer import NonFiniteError, StepStats, Trainer, TrainSettings
@@ -322,6 +323,8 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
         summary = summarise(per_user)
         tracker.log_metrics(summary, step=step)
         result["eval"] = summary
+        if cfg.eval.generate:
+            result["eval_generate"] = run_generation_eval(session, step, tracker)
         shared = None
         if t.compare_shared_baseline:
             shared = summarise(train_shared_baseline(session, total))
@@ -381,6 +384,8 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     if cfg.tracking.enabled and run_id:
         tracker.start(None, {}, recipe, resume_run_id=run_id)
         tracker.log_metrics(summary, step=step)
-        tracker.end("FINISHED")
+    if cfg.eval.generate:
+        summary.update(run_generation_eval(session, step, tracker))
+    tracker.end("FINISHED")
     _print_summary(summary, None, 1.0 / cfg.data.synthetic.num_values if cfg.data.synthetic is not None else None)
     return summary
