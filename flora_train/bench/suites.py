@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-SUITES = ("layer", "train", "e2e", "store", "zero", "loss")
+SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve")
 
 
 def _ints(text: str) -> list[int]:
@@ -46,6 +46,9 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--row-size", type=int, default=256, help="store: floats per row")
     be.add_argument("--step-users", type=int, default=64, help="store: users per step")
     be.add_argument("--world", type=int, default=2, help="zero: processes per run")
+    be.add_argument("--clients", type=int, default=16, help="serve: concurrent clients, each its own user")
+    be.add_argument("--requests", type=int, default=2, help="serve: requests per client")
+    be.add_argument("--new-tokens", type=int, default=16, help="serve: tokens generated per request")
     be.add_argument("overrides", nargs="*", help="train / zero: recipe overrides for every run (e.g. base.deepspeed...)")
 
 
@@ -98,6 +101,10 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
                     num_layers=_given(args.layers, ZERO_BASE["num_layers"]))
         return bench_zero(args.world, _given(args.steps, 6), users_per_step=_given(args.users_per_step, 8),
                           out=args.out, base=base, device=args.device, overrides=args.overrides)
+    if suite == "serve":
+        from flora_train.bench.serve import bench_serve
+
+        return bench_serve(args.clients, args.requests, args.new_tokens, args.device, args.out)
     if suite == "loss":
         from flora_train.bench.loss import bench_loss
 

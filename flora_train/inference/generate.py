@@ -32,6 +32,7 @@ class GenerationSettings:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     chat: bool = False  # render each prompt with the tokenizer's chat template
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks; vLLM's extension)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -103,6 +104,8 @@ def generate_tokens(model: torch.nn.Module, slot: Any, rows: torch.Tensor, index
     kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                                   num_beams=settings.num_beams, pad_token_id=pad_id, return_dict_in_generate=True,
                                   output_scores=output_scores, synced_gpus=synced_gpus)
+    if settings.ignore_eos:
+        kwargs["min_new_tokens"] = settings.max_new_tokens
     if settings.do_sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
         if settings.seed is not None:
@@ -112,10 +115,10 @@ def generate_tokens(model: torch.nn.Module, slot: Any, rows: torch.Tensor, index
     return [seq.tolist() for seq in out.sequences[:, width:]], out
 
 
-def decode_new(tokenizer: Any, new_ids: list[int], stop: Sequence[str]) -> tuple[str, int]:
+def decode_new(tokenizer: Any, new_ids: list[int], stop: Sequence[str], ignore_eos: bool = False) -> tuple[str, int]:
     """The text of generated ids up to EOS (padding dropped) and a stop string; and the token count."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids = new_ids[: new_ids.index(eos)] if eos is not None and eos in new_ids else new_ids
+    ids = new_ids[: new_ids.index(eos)] if eos is not None and eos in new_ids and not ignore_eos else new_ids
     if pad is not None and pad != eos:
         ids = [t for t in ids if t != pad]
     return _cut(tokenizer.decode(ids, skip_special_tokens=True), stop), len(ids)
@@ -136,7 +139,7 @@ def generate_batch(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequ
     new, out = generate_tokens(trained.model, trained.slot, rows, index, prompt_ids, tok.pad_token_id, settings, output_scores)
     results = []
     for k, ids in enumerate(new):
-        text, count = decode_new(tok, ids, settings.stop)
+        text, count = decode_new(tok, ids, settings.stop, settings.ignore_eos)
         results.append(Generation(text, count, users[k] in trained))
     return results, out
 

@@ -37,6 +37,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     user: str | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
 
 class CompletionRequest(_Common):
@@ -100,7 +101,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             raise ApiError(400, f"prompt of {prompt_tokens} tokens + max_tokens {new} exceeds the limit of {limit} tokens")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         return GenerationSettings(max_new_tokens=new, do_sample=req.temperature > 0, temperature=req.temperature or 1.0,
-                                  top_p=req.top_p, seed=req.seed, stop=stop, chat=chat)
+                                  top_p=req.top_p, seed=req.seed, stop=stop, chat=chat, ignore_eos=req.ignore_eos)
 
     async def run(prompt: Any, user: str, settings: GenerationSettings):
         try:

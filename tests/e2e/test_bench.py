@@ -122,3 +122,17 @@ def test_bench_e2e_against_one_peft_job_per_user(tmp_path):
     # The same LoRA, data, learning rate and steps per user: equal quality within seed noise.
     assert abs(result["flora_train"]["lora"]["loss_mean_sampled"] - peft["loss_mean_sampled"]) < 0.03
     assert "extrapolated" in out and "flora_train LoRA r8" in out
+
+
+def test_bench_serve_three_ways(tmp_path):
+    started = time.perf_counter()
+    out = _bench(tmp_path, "serve", "--clients", "4", "--requests", "2", "--new-tokens", "4")
+    wall = time.perf_counter() - started
+    result = json.loads((tmp_path / "bench_serve.json").read_text())
+    runs = {r["method"]: r for r in result["runs"]}
+    assert set(runs) == {"flora", "lora"} and set(runs["lora"]["ways"]) == {"batched", "one at a time", "PEFT, set_adapter per request"}
+    for r in runs.values():
+        for way in r["ways"].values():
+            assert way["tokens"] == 4 * 2 * 4  # every request generated exactly its tokens (EOS ignored)
+            assert 0 < way["p50_ms"] <= way["p99_ms"] and way["seconds"] < wall
+    assert "batched / PEFT set_adapter" in out
