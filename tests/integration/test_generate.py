@@ -113,3 +113,17 @@ def test_chat_prompts_and_the_chat_endpoint(tmp_path, tiny_llama_dir):
         body = r.json()
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == mixed[0].text
         assert client.post("/v1/chat/completions", json={"messages": [], "user": "u"}).status_code == 400
+
+
+def test_a_flora_export_folder_serves_like_its_run(trained, tmp_path):
+    from flora_train.export import export_adapters
+
+    run_dir = trained.source.label.split("/checkpoints/")[0]
+    export_adapters(run_dir, "flora", None, tmp_path / "export")
+    exported = load_trained(tmp_path / "export", device="cpu")
+    assert exported.users == trained.users and exported.layout.to_dict() == trained.layout.to_dict()
+    users = ["user-000003", "user-000010", "never-trained"]
+    settings = GenerationSettings(max_new_tokens=6)
+    want, _ = generate_batch(trained, PROMPTS[:3], users, settings)
+    got, _ = generate_batch(exported, PROMPTS[:3], users, settings)
+    assert [g.text for g in got] == [w.text for w in want]
