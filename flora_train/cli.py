@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="per-user held-out loss/accuracy of a run's latest checkpoint")
     ev.add_argument("run_dir", type=Path)
     ev.add_argument("--checkpoint", type=Path, default=None)
+    ev.add_argument("--data", type=Path, default=None, help="score another evaluation file (same columns as training)")
 
     ex = sub.add_parser("export", help="write per-user adapters of a run")
     ex.add_argument("run_dir", type=Path)
@@ -217,9 +218,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             overrides = [*args.overrides, *(f"launch.{k}={v}" for k, v in flags.items() if v is not None)]
             return launch(load_recipe(args.recipe, overrides), dry_run=args.dry_run, wait=args.wait)
         elif args.command == "eval":
-            from flora_train.train.run import run_eval
+            from flora_train.train.scoring import run_eval
 
-            run_eval(args.run_dir, args.checkpoint)
+            run_eval(args.run_dir, args.checkpoint, args.data)
         elif args.command == "export":
             from flora_train.export import export_adapters
 

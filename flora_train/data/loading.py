@@ -79,13 +79,15 @@ def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
             yield where, record
 
 
-def _table_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
+def _table_rows(path: Path, fmt: str, user_column: str) -> Iterator[tuple[str, Any]]:
     try:
         table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # pyarrow/pandas parse errors carry no row; name the file at least
         raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
     # CSV: line 1 is the header; multi-line quoted fields would shift this, so say "line" loosely.
     for i, record in enumerate(table):
+        if fmt == "csv" and isinstance(record.get(user_column), int):
+            record[user_column] = str(record[user_column])  # CSV has no types: the reader guessed a number
         yield (f"{path}:{i + 2}" if fmt == "csv" else f"{path}: row {i}"), record
 
 
@@ -94,8 +96,11 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows) -> dict[str, st
         bad.report(where, "not_an_object", f"expected an object with {cols.wanted}, got {type(record).__name__}")
         return None
     user = record.get(cols.user)
-    if isinstance(user, int) and not isinstance(user, bool):
-        user = str(user)
+    if user is not None and not isinstance(user, str):
+        # 42 and "42" would be two spellings of one user id (and 1.0 another): refuse rather than guess.
+        bad.report(where, "wrong_type_user", f"user id column '{cols.user}' must be a string, got "
+                   f"{type(user).__name__} {user!r}")
+        return None
     if not isinstance(user, str) or not user.strip():
         bad.report(where, "missing_user", f"missing or invalid user id column '{cols.user}' (got {user!r})")
         return None
@@ -128,7 +133,7 @@ def load_examples(path: str | Path, fmt: str, cols: Columns, bad: BadRows) -> da
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     fmt = detect_format(path, fmt)
-    rows = _jsonl_rows(path, bad) if fmt == "jsonl" else _table_rows(path, fmt)
+    rows = _jsonl_rows(path, bad) if fmt == "jsonl" else _table_rows(path, fmt, cols.user)
     try:
         kept = [r for where, rec in rows if (r := _check(rec, cols, where, bad)) is not None]
     except UnicodeDecodeError as exc:

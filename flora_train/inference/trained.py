@@ -11,11 +11,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
+from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, user_seed
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
 
 log = logging.getLogger("flora_train")

@@ -24,7 +24,7 @@ def sbatch_argv(job: Job, script: Path) -> list[str]:
     la = job.cfg.launch
     argv = ["sbatch", "--parsable", f"--job-name={job.name}", f"--nodes={la.nodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={la.cpus_per_proc * la.procs_per_node}", f"--time={la.time_limit}",
-            f"--output={log_path(job)}", f"--open-mode=append",  # a requeued job appends to its log
+            f"--output={log_path(job)}", "--open-mode=append",  # a requeued job appends to its log
             f"--chdir={Path.cwd()}",  # relative recipe paths mean what they mean here
             "--requeue", f"--signal=B:USR1@{int(la.preempt_grace_s)}"]
     if la.gpus_per_node:

@@ -26,6 +26,7 @@ from flora_train.launch_env import LaunchEnv, LaunchError, read_launch_env
 from flora_train.store import AdapterStore, OptimizerHyper
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
+from flora_train.train.trainer import TrainSettings
 from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
 
 
@@ -63,6 +64,28 @@ class Session:
     def user_total_steps(self) -> dict[str, int]:
         t = self.cfg.train
         return self.planner.user_step_counts(t.epochs, t.max_steps)
+
+
+def train_settings(session: Session) -> TrainSettings:
+    o, t = session.cfg.store.optimizer, session.cfg.train
+    return TrainSettings(
+        lr=o.lr,
+        schedule=o.schedule.value,
+        warmup_steps=o.warmup_steps,
+        min_lr_ratio=o.min_lr_ratio,
+        micro_batch_size=t.micro_batch_size,
+        nonfinite=t.nonfinite.value,
+        max_consecutive_nonfinite=t.max_consecutive_nonfinite,
+        autocast_dtype=session.autocast_dtype,
+    )
+
+
+def load_eval_file(session: Session, path: Path) -> dict[str, list]:
+    """Another evaluation file (`flora-train eval --data`), read and tokenised as the recipe's data is."""
+    d = session.cfg.data
+    bad = BadRows(policy=d.on_bad_row.value)
+    raw = load_examples(Path(path), "auto", _columns(session.cfg), bad)
+    return _as_lists(tokenize_examples(raw, session.tokenizer, d.max_length, d.add_eos, bad))
 
 
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:

@@ -28,6 +28,9 @@ GOOD = json.dumps({"user_id": "a", "prompt": "hi :", "completion": " red"})
         (json.dumps({"user_id": "a", "prompt": "x"}), "missing_completion"),
         (json.dumps(["not", "an", "object"]), "not_an_object"),
         (json.dumps({"user_id": "a\u0000b", "prompt": "x", "completion": "y"}), "invalid_user"),
+        # Before, an integer id was turned into "42" silently, merging it with the string id "42".
+        (json.dumps({"user_id": 42, "prompt": "x", "completion": "y"}), "wrong_type_user"),
+        (json.dumps({"user_id": 4.0, "prompt": "x", "completion": "y"}), "wrong_type_user"),
     ],
 )
 def test_bad_rows_name_file_and_line_or_are_counted(tmp_path, line, reason):
@@ -50,6 +53,8 @@ def test_parquet_csv_and_text_columns(tmp_path):
     for name in ("d.parquet", "d.csv"):
         ds = load_examples(tmp_path / name, "auto", cols, BadRows())
         assert ds["user_id"][:] == ["u1", "u2", "7"] and ds["text"][0] == "some text"
+    (tmp_path / "n.csv").write_text("uid,body\n17,numbers are ids in a CSV\n18,x\n")  # CSV has no types
+    assert load_examples(tmp_path / "n.csv", "auto", cols, BadRows())["user_id"][:] == ["17", "18"]
     (tmp_path / "e.csv").write_text("uid,body\nu1,ok\n,missing user\n")
     with pytest.raises(DataError, match=r"e\.csv:3: missing or invalid user id"):
         load_examples(tmp_path / "e.csv", "auto", cols, BadRows())

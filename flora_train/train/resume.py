@@ -1,0 +1,58 @@
+"""What a resume must agree on: which checkpoint (rank 0 decides), which base, which data, plan and
+users (the checkpoint's fingerprints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flora_train import dist as fdist
+from flora_train.train.checkpoint import CheckpointError, latest_checkpoint
+
+if TYPE_CHECKING:
+    from flora_train.train.session import Session
+
+
+def agreed_checkpoint(run_dir: Path) -> Path | None:
+    """Rank 0 picks the checkpoint to resume from and every rank takes its word: on a shared
+    filesystem that lags, ranks choosing their own "latest" could resume from different steps.
+    (Each rank's ``load_checkpoint`` then checks the chosen files are there at their sizes.)"""
+    choice: tuple[str | None, str | None] = (None, None)
+    if fdist.rank() == 0:
+        ckpt = latest_checkpoint(run_dir)
+        root = run_dir / "checkpoints"
+        if ckpt is None and root.is_dir() and any(root.iterdir()):
+            choice = (None, f"{root}: no intact checkpoint to resume from")
+        else:
+            choice = (str(ckpt) if ckpt else None, None)
+    path, error = fdist.broadcast_object(choice)
+    if error:
+        raise CheckpointError(error)
+    return Path(path) if path else None
+
+
+def check_same_run(ckpt: Path, state: dict[str, Any], session: "Session") -> None:
+    """Refuses to resume onto other data, another plan or another user set unless the recipe says
+    how to go on (``train.on_data_change: new_phase``)."""
+    changed = session.fingerprint.changes(state.get("fingerprint"))
+    if not changed:
+        return
+    if session.cfg.train.on_data_change.value == "error":
+        raise CheckpointError(
+            f"{ckpt}: since this checkpoint {'; '.join(changed)} changed. Resuming would train a different "
+            "schedule than the one the checkpoint belongs to. Restore the original data and recipe, start a new "
+            "run_dir, or set train.on_data_change=new_phase to plan the remaining steps from the new data"
+        )
+    if fdist.rank() == 0:
+        print(f"train.on_data_change=new_phase: {'; '.join(changed)} changed since {ckpt.name}; "
+              "the remaining steps are planned from the new data")
+
+
+def check_same_base(ckpt: Path, state: dict[str, Any], session: "Session") -> None:
+    """Refuses a checkpoint trained on another base (same shapes, other weights)."""
+    saved = state.get("base_fingerprint")
+    if saved is not None and saved != session.base_fingerprint:
+        raise CheckpointError(
+            f"{ckpt}: trained on base '{state.get('model_path')}' but this recipe's base is '{session.model_path}' "
+            "(config or weights differ); adapters only fit the base they were trained on"
+        )

@@ -1,0 +1,203 @@
+"""Held-out scoring of a run: per-user adapters, the base model (no adapter) and one adapter shared
+by every user, side by side; and `flora-train eval` on a finished or interrupted run.
+
+Users in the evaluation data who have no training data are named in a warning and left out of
+the per-user rows (an untrained adapter is the base: scoring it as "per-user" would flatter
+nothing and hide the gap). Users with training data but no evaluation rows are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from flora_train import dist as fdist
+from flora_train.config import load_recipe
+from flora_train.data import BatchPlanner
+from flora_train.launch_env import read_launch_env
+from flora_train.store import AdapterStore
+from flora_train.store.sharded import ShardedAdapterStore
+from flora_train.store.sharding import ShardPlan
+from flora_train.tracking import Tracker
+from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
+from flora_train.train.generation_eval import run_generation_eval
+from flora_train.train.resume import check_same_base
+from flora_train.train.session import Session, load_eval_file, make_row_init, prepare_session, train_settings
+from flora_train.train.trainer import Trainer
+
+log = logging.getLogger("flora_train")
+SHARED = "__shared__"
+SHARED_FILE = "shared_adapter.safetensors"
+
+
+def _owner(session: Session, user: str) -> int:
+    """Eval users are split by owner; users with no row by a stable hash."""
+    if user in session.store:
+        return session.store.owner(user)
+    return zlib.crc32(user.encode()) % session.store.world
+
+
+def evaluate_rows(session: Session, rows_for, users_filter=None) -> dict[str, UserEval]:
+    """Every rank evaluates the eval examples of the users it owns with ``rows_for(users)``; all
+    ranks get every result. ``users_filter(user)`` keeps only some users' examples."""
+    assert session.eval is not None
+    ev, rank = session.eval, session.store.rank
+    mine = [i for i, u in enumerate(ev["user_id"]) if _owner(session, u) == rank and (users_filter is None or users_filter(u))]
+    subset = {k: [v[i] for i in mine] for k, v in ev.items()}
+    batch_size = session.cfg.eval.batch_size
+    total_batches = int(fdist.all_reduce(torch.tensor([-(-len(mine) // batch_size)]), "max").item())
+    local = evaluate(session.model, session.slot, rows_for, subset, batch_size, session.pad_id, session.device,
+                     session.autocast_dtype, total_batches)
+    merged: dict[str, UserEval] = {}
+    for part in fdist.all_gather_objects(local):
+        merged.update(part)
+    return merged
+
+
+def evaluate_adapters(session: Session, store: ShardedAdapterStore) -> dict[str, UserEval]:
+    """Each trained user on its own adapter (users never trained are left out: see the module doc)."""
+
+    def rows_for(users: list[str]) -> torch.Tensor:
+        rows = store.row_init(users)  # the padding batches of an idle rank ask for "__pad__"
+        known = [u for u in users if u in store]
+        if known:
+            rows[[users.index(u) for u in known]] = store.read(known).to(rows)
+        return rows
+
+    return evaluate_rows(session, rows_for, lambda u: u in store)
+
+
+def evaluate_base(session: Session) -> dict[str, UserEval]:
+    """The same users on the frozen base alone (every user's untrained row is the identity)."""
+    return evaluate_rows(session, session.store.row_init, lambda u: u in session.store)
+
+
+def evaluate_shared(session: Session, row: torch.Tensor) -> dict[str, UserEval]:
+    shared = row.to(session.device).unsqueeze(0)
+    return evaluate_rows(session, lambda users: shared.expand(len(users), -1), lambda u: u in session.store)
+
+
+def coverage(session: Session) -> dict[str, Any]:
+    """Users in the eval data with no training data (named), and trained users with no eval rows."""
+    eval_users = set(session.eval["user_id"]) if session.eval else set()
+    untrained = sorted(u for u in eval_users if u not in session.store)
+    unscored = len(session.store) - len(eval_users - set(untrained))
+    if untrained and fdist.rank() == 0:
+        log.warning("%d user(s) in the evaluation data have no training data and are not scored: %s%s", len(untrained),
+                    ", ".join(map(repr, untrained[:10])), " ..." if len(untrained) > 10 else "")
+    return {"eval/users_without_training_data": float(len(untrained)), "eval/trained_users_without_eval_rows": float(unscored)}
+
+
+def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
+    """One adapter for every user, trained on the same examples for the same number of steps;
+    returns its row. Across ranks its single row is fetched by all of them and its gradients summed
+    at rank 0. The row is kept in ``run_dir/shared_adapter.safetensors`` for `flora-train eval`."""
+    local = AdapterStore(session.layout.row_size, make_row_init(session.layout, session.cfg.store.init_seed),
+                         session.store.hyper, "host", session.device)
+    store = ShardedAdapterStore(local, ShardPlan.balanced({SHARED: 1}, session.store.world), "fetch")
+    t = session.cfg.train
+    planner = BatchPlanner({SHARED: range(len(session.train["user_id"]))}, 1, t.users_per_step * t.examples_per_user, t.seed)
+    trainer = Trainer(session.model, session.slot, store, session.train, train_settings(session),
+                      {SHARED: steps}, session.pad_id, session.device)
+    plans = planner.steps(epochs=10**6, max_steps=steps)
+    trainer.fit(tqdm(plans, total=steps, desc="shared baseline", disable=not t.progress, leave=False))
+    row = store.fetch([SHARED], requires_grad=False).values.detach()[0].cpu()
+    if fdist.rank() == 0:
+        tmp = session.run_dir / (SHARED_FILE + ".tmp")
+        save_file({"row": row.contiguous()}, str(tmp), metadata={"steps": str(steps)})
+        os.replace(tmp, session.run_dir / SHARED_FILE)
+    return row
+
+
+def load_shared_row(run_dir: Path, row_size: int) -> torch.Tensor | None:
+    path = run_dir / SHARED_FILE
+    if not path.is_file():
+        return None
+    row = load_file(str(path))["row"]
+    return row if row.shape == (row_size,) else None
+
+
+def print_table(rows: list[tuple[str, dict[str, float]]], chance: float | None) -> None:
+    if fdist.rank() != 0:
+        return
+    print(f"\n{'':22s} {'users':>6s} {'acc mean':>9s} {'acc p10':>8s} {'acc p50':>8s} {'acc p90':>8s} {'loss mean':>10s}")
+    for name, s in rows:
+        print(
+            f"{name:22s} {int(s.get('eval/users', 0)):6d} {s.get('eval/accuracy_mean', float('nan')):9.3f} "
+            f"{s.get('eval/accuracy_p10', float('nan')):8.3f} {s.get('eval/accuracy_p50', float('nan')):8.3f} "
+            f"{s.get('eval/accuracy_p90', float('nan')):8.3f} {s.get('eval/loss_mean', float('nan')):10.4f}"
+        )
+    if chance is not None:
+        print(f"{'chance':22s} {'':6s} {chance:9.3f}")
+
+
+def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.Tensor | None) -> dict[str, Any]:
+    """Per-user, base and (when there is one) shared rows; logged, written and printed."""
+    cfg = session.cfg
+    per_user = evaluate_adapters(session, session.store)
+    if fdist.rank() == 0:
+        write_per_user(session.run_dir / "eval" / f"per_user-step{step}.jsonl", per_user)
+    summary = {**summarise(per_user), **coverage(session)}
+    base = summarise(evaluate_base(session), "eval_base")
+    out: dict[str, Any] = {"eval": summary, "eval_base": base}
+    table = [("per-user adapters", summary), ("base model", {k.replace("eval_base/", "eval/"): v for k, v in base.items()})]
+    if shared_row is not None:
+        shared = summarise(evaluate_shared(session, shared_row), "eval_shared")
+        out["eval_shared"] = shared
+        table.append(("one shared adapter", {k.replace("eval_shared/", "eval/"): v for k, v in shared.items()}))
+    tracker.log_metrics({**summary, **base, **out.get("eval_shared", {})}, step=step)
+    if cfg.eval.generate:
+        out["eval_generate"] = run_generation_eval(session, step, tracker)
+    print_table(table, 1.0 / cfg.data.synthetic.num_values if cfg.data.synthetic is not None else None)
+    return out
+
+
+def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = None) -> dict[str, Any]:
+    """Re-scores a finished (or interrupted) run from its latest checkpoint (or ``checkpoint``), on its
+    own evaluation data or on ``data``, and logs to its MLflow run."""
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    cfg = load_recipe(recipe)
+    if cfg.base.zero_stage == 3 and cfg.base.offload_params.value == "none" and not read_launch_env(os.environ).distributed:
+        print("evaluating in one process: the base is loaded whole (base.zero_stage=0); "
+              "start under torchrun to keep it partitioned")
+        cfg.base.zero_stage = 0
+    session = prepare_session(cfg)
+    try:
+        if data is not None:
+            session.eval = load_eval_file(session, data)
+        return _eval(session, cfg, run_dir, recipe, checkpoint)
+    finally:
+        session.close()
+
+
+def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkpoint: Path | None) -> dict[str, Any]:
+    ckpt = checkpoint or latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
+    state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=checkpoint is None)
+    check_same_base(ckpt, state, session)
+    if session.eval is None:
+        raise CheckpointError(f"{recipe}: the recipe has no evaluation data (data.eval_path or "
+                              "data.eval_examples_per_user); or score a file with --data")
+    step = int(state["next_step"])
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir)
+    run_id = state.get("mlflow_run_id")
+    if cfg.tracking.enabled and run_id:
+        tracker.start(None, {}, recipe, resume_run_id=run_id)
+    result = score_run(session, step, tracker, load_shared_row(run_dir, session.layout.row_size))
+    tracker.end("FINISHED")
+    if fdist.rank() == 0:
+        (run_dir / "eval" / f"summary-step{step}.json").write_text(json.dumps(result, indent=2))
+    return result
