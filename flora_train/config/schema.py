@@ -36,6 +36,7 @@ class DataFormat(str, Enum):
     jsonl = "jsonl"
     parquet = "parquet"
     csv = "csv"
+    arrow = "arrow"
 
 
 class BadRowPolicy(str, Enum):
@@ -160,8 +161,13 @@ class SyntheticDataConfig:
 
 @dataclass
 class DataConfig:
-    train_path: Optional[str] = None
-    eval_path: Optional[str] = None
+    # A file, a folder, a glob pattern, a list of these, or a dataset id (read with data.split /
+    # data.subset through datasets.load_dataset, offline from a local copy or the cache).
+    train_path: Any = None
+    eval_path: Any = None
+    split: str = "train"
+    eval_split: Optional[str] = None  # the eval split of a dataset id (default: data.split)
+    subset: Optional[str] = None
     synthetic: Optional[SyntheticDataConfig] = None  # written under <run_dir>/data when set
     format: DataFormat = DataFormat.auto
     user_column: str = "user_id"

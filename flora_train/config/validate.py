@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flora_train.adapters.functional import kernel_error
 from flora_train.config.schema import ExportFormat, Method
@@ -59,6 +59,11 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
                 _fail(source, "adapter.target_modules", f"not a valid regular expression: {exc}")
     elif not targets or not all(isinstance(t, str) and t for t in targets):
         _fail(source, "adapter.target_modules", "must be a non-empty list of module names, a regex or 'all-linear'")
+    for key in ("train_path", "eval_path"):
+        value = data[key]
+        items = list(value) if OmegaConf.is_list(value) else [value]
+        if value is not None and (not items or not all(isinstance(v, str) and v for v in items)):
+            _fail(source, f"data.{key}", "must be a path, a folder, a glob pattern, a dataset id or a list of them")
     if (data.train_path is None) == (data.synthetic is None):
         _fail(source, "data.train_path", "set exactly one of data.train_path and data.synthetic")
     if data.synthetic is not None and data.eval_path is not None:

@@ -1,4 +1,5 @@
-"""Read per-user examples from JSONL, Parquet or CSV into a ``datasets.Dataset``.
+"""Read per-user examples from JSONL (also gzipped), Parquet, CSV, Arrow or a dataset id into a
+``datasets.Dataset``.
 
 Every row is checked (a user id, and a non-empty text or completion of the right type); a bad row
 either stops the run with its file and line (``on_bad_row: error``) or is skipped and counted
@@ -7,6 +8,7 @@ either stops the run with its file and line (``on_bad_row: error``) or is skippe
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+
+from flora_train.data.sources import DataSource, SourceError, resolve_sources
 
 datasets.disable_progress_bars()
 
@@ -59,14 +63,16 @@ def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     suffixes = [s.lower() for s in path.suffixes]
-    for name, exts in (("jsonl", (".jsonl", ".json", ".ndjson")), ("parquet", (".parquet",)), ("csv", (".csv",))):
+    for name, exts in (("jsonl", (".jsonl", ".json", ".ndjson")), ("parquet", (".parquet",)), ("csv", (".csv",)),
+                       ("arrow", (".arrow",))):
         if any(s in exts for s in suffixes):
             return name
-    raise DataError(f"{path}: cannot tell the format from the file name; set data.format to jsonl, parquet or csv")
+    raise DataError(f"{path}: cannot tell the format from the file name; set data.format to jsonl, parquet, csv or arrow")
 
 
 def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8", errors="strict") as f:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -127,18 +133,39 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows) -> dict[str, st
     return out
 
 
-def load_examples(path: str | Path, fmt: str, cols: Columns, bad: BadRows) -> datasets.Dataset:
-    """Validated examples with columns ``user_id``, ``source`` and ``text`` or ``prompt``/``completion``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    fmt = detect_format(path, fmt)
-    rows = _jsonl_rows(path, bad) if fmt == "jsonl" else _table_rows(path, fmt, cols.user)
+def _dataset_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
     try:
-        kept = [r for where, rec in rows if (r := _check(rec, cols, where, bad)) is not None]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        table = datasets.load_dataset(source.dataset, source.subset, split=source.split)
+    except Exception as exc:  # offline with no local copy: datasets says what it looked for
+        raise DataError(f"{source.label}: cannot load the dataset ({type(exc).__name__}: {exc})") from None
+    for i, record in enumerate(table):
+        yield f"{source.label}: row {i}", record
+
+
+def _source_rows(source: DataSource, fmt: str, cols: Columns, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    if source.dataset is not None:
+        return _dataset_rows(source)
+    assert source.path is not None
+    file_fmt = detect_format(source.path, fmt)
+    return _jsonl_rows(source.path, bad) if file_fmt == "jsonl" else _table_rows(source.path, file_fmt, cols.user)
+
+
+def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str = "train", subset: str | None = None,
+                  key: str = "data.train_path") -> datasets.Dataset:
+    """Validated examples with columns ``user_id``, ``source`` and ``text`` or ``prompt``/``completion``
+    from every file or dataset ``spec`` names (see ``sources.resolve_sources``)."""
+    try:
+        sources = resolve_sources(spec, split, subset, key)
+    except SourceError as exc:
+        raise DataError(str(exc)) from None
+    kept = []
+    for source in sources:
+        try:
+            kept.extend(r for where, rec in _source_rows(source, fmt, cols, bad)
+                        if (r := _check(rec, cols, where, bad)) is not None)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{source.label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not kept:
-        raise DataError(f"{path}: no usable examples ({bad.total} bad rows)")
+        raise DataError(f"{', '.join(s.label for s in sources[:3])}: no usable examples ({bad.total} bad rows)")
     names = ["user_id", "source", *(["text"] if cols.text else ["prompt", "completion"])]
     return datasets.Dataset.from_dict({n: [r[n] for r in kept] for n in names})

@@ -104,13 +104,14 @@ def _columns(cfg: DictConfig) -> Columns:
     return Columns(user=d.user_column, text=d.text_column, prompt=d.prompt_column, completion=d.completion_column)
 
 
-def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path | None, str]:
+def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, str]:
     d = cfg.data
     if d.synthetic is not None:
         task = SyntheticTask(**OmegaConf.to_container(d.synthetic))  # type: ignore[arg-type]
         train_path, eval_path = task.write(run_dir / "data")
         return train_path, (eval_path if task.eval_examples_per_user else None), "jsonl"
-    return Path(d.train_path), (Path(d.eval_path) if d.eval_path else None), d.format.value
+    as_spec = lambda v: list(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v  # noqa: E731
+    return as_spec(d.train_path), (as_spec(d.eval_path) if d.eval_path else None), d.format.value
 
 
 def _hold_out(ds_users: list[str], k: int, seed: int) -> tuple[list[int], list[int]]:
@@ -196,8 +197,9 @@ def prepare_session(cfg: DictConfig) -> Session:
     bad = BadRows(policy=cfg.data.on_bad_row.value)
     cols = _columns(cfg)
     train_path, eval_path, fmt = _on_rank0_first(lambda: _data_paths(cfg, run_dir))
-    train_raw = load_examples(train_path, fmt, cols, bad)
-    eval_raw = load_examples(eval_path, fmt, cols, bad) if eval_path else None
+    d = cfg.data
+    train_raw = load_examples(train_path, fmt, cols, bad, d.split, d.subset)
+    eval_raw = load_examples(eval_path, fmt, cols, bad, d.eval_split or d.split, d.subset, key="data.eval_path") if eval_path else None
 
     m = cfg.base
     if m.tiny is not None:

@@ -152,3 +152,36 @@ def test_synthetic_task_has_hidden_per_user_rules(tmp_path):
     c = Counter(r["completion"] for r in rows if "colour" in r["prompt"])
     assert len(c) == 4 and max(c.values()) / min(c.values()) < 1.5
     assert task.write(tmp_path / "again")[0].read_text() == train.read_text()
+
+
+def test_folders_globs_lists_gzip_and_arrow(tmp_path):
+    import gzip
+
+    import datasets
+
+    rows = [{"user_id": f"u{i}", "prompt": "p", "completion": f" c{i}"} for i in range(6)]
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    _write_jsonl(tmp_path / "d" / "a.jsonl", [json.dumps(r) for r in rows[:2]])
+    with gzip.open(tmp_path / "d" / "sub" / "b.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows[2:4]) + "\n")
+    datasets.Dataset.from_list(rows[4:]).to_parquet(str(tmp_path / "c.parquet"))
+    table = datasets.Dataset.from_list(rows[4:])
+    import pyarrow as pa
+
+    # An Arrow stream file, as datasets writes its cache.
+    with pa.OSFile(str(tmp_path / "e.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.data.table.schema) as w:
+        w.write_table(table.data.table)
+    cols = Columns()
+    assert load_examples(tmp_path / "d", "auto", cols, BadRows())["user_id"][:] == ["u0", "u1", "u2", "u3"]
+    assert load_examples(str(tmp_path / "d" / "**" / "*.gz"), "auto", cols, BadRows())["user_id"][:] == ["u2", "u3"]
+    both = load_examples([str(tmp_path / "d" / "a.jsonl"), str(tmp_path / "c.parquet")], "auto", cols, BadRows())
+    assert both["user_id"][:] == ["u0", "u1", "u4", "u5"] and both["source"][2].endswith("c.parquet: row 0")
+    assert load_examples(tmp_path / "e.arrow", "auto", cols, BadRows())["completion"][:] == [" c4", " c5"]
+    with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as f:
+        f.write(json.dumps(rows[0]) + "\n{broken\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: malformed JSON"):
+        load_examples(tmp_path / "bad.jsonl.gz", "auto", cols, BadRows())
+    with pytest.raises(DataError, match=r"the pattern .*nothing\*\.jsonl' matches no data file"):
+        load_examples(str(tmp_path / "nothing*.jsonl"), "auto", cols, BadRows())
+    with pytest.raises(DataError, match=r"no-such-org/no-such-dataset\[train\]: cannot load the dataset"):
+        load_examples("no-such-org/no-such-dataset", "auto", cols, BadRows())
