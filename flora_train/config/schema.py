@@ -178,6 +178,9 @@ class DataConfig:
     on_bad_row: BadRowPolicy = BadRowPolicy.error
     # With no eval_path, hold out this many examples of each user (who has more than that) for eval.
     eval_examples_per_user: int = 0
+    # At most this many of a user's examples per epoch (a different window each epoch): keeps a user
+    # with 1,000x the median data from filling steps alone. null: all of them every epoch.
+    max_examples_per_user: Optional[int] = None
     add_eos: bool = True
 
 

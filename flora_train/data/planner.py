@@ -1,16 +1,20 @@
 """The user-aware batch planner: which examples of which users form each step.
 
 Per epoch, each user's examples are shuffled by a generator seeded from (seed, epoch, user) alone
-and cut into chunks of ``examples_per_user``. Chunks are then dealt round by round (every user's
-first chunk, then every user's second, ...), shuffled within a round, and packed
-``users_per_step`` users to a step (a user appears at most once per step). So a step is heterogeneous (many users, few examples each),
-every example is used exactly once per epoch, and a user's own sequence of batches does not
-depend on which other users exist. Everything is a pure function of the seed: a step can be
+and cut into chunks of ``examples_per_user``; with ``max_examples_per_user`` a user contributes at
+most that many examples an epoch (a different window of its shuffled data each epoch, so a power
+user's data is all seen over the epochs without drowning everyone else's). Steps are then packed
+``users_per_step`` users at a time, always taking the users with the most chunks left (ties in a
+seeded order), a user at most once per step. So a step is heterogeneous (many users, few
+examples each), every (kept) example is used exactly once per epoch, a user with many chunks is
+spread over the whole epoch instead of being left alone in a tail of one-user steps, and a user's
+own sequence of batches does not depend on which other users exist. Everything is a pure function of the seed: a step can be
 re-planned from its number alone, which is what resuming needs.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,10 +42,14 @@ class StepPlan:
 
 class BatchPlanner:
     def __init__(
-        self, user_examples: Mapping[str, Sequence[int]], users_per_step: int, examples_per_user: int, seed: int
+        self, user_examples: Mapping[str, Sequence[int]], users_per_step: int, examples_per_user: int, seed: int,
+        max_examples_per_user: int | None = None,
     ) -> None:
         if users_per_step < 1 or examples_per_user < 1:
             raise ValueError("users_per_step and examples_per_user must be >= 1")
+        if max_examples_per_user is not None and max_examples_per_user < 1:
+            raise ValueError("max_examples_per_user must be >= 1")
+        self.max_examples_per_user = max_examples_per_user
         self.user_examples = {u: list(ex) for u, ex in sorted(user_examples.items()) if ex}
         self.users_per_step = users_per_step
         self.examples_per_user = examples_per_user
@@ -51,6 +59,13 @@ class BatchPlanner:
     def user_chunks(self, user: str, epoch: int) -> list[tuple[int, ...]]:
         """The user's batches in this epoch, in order (depends only on seed, epoch and user)."""
         examples = list(self.user_examples[user])
+        cap = self.max_examples_per_user
+        if cap is not None and len(examples) > cap:
+            # One fixed shuffle of the user's data, read in windows of ``cap``: epoch e takes the
+            # e-th window (wrapping), so every example comes round.
+            random.Random(f"{self.seed}/cap/{user}").shuffle(examples)
+            start = (epoch * cap) % len(examples)
+            examples = (examples + examples)[start : start + cap]
         random.Random(f"{self.seed}/{epoch}/{user}").shuffle(examples)
         k = self.examples_per_user
         return [tuple(examples[i : i + k]) for i in range(0, len(examples), k)]
@@ -60,24 +75,33 @@ class BatchPlanner:
             return self._epoch_cache[1]
         chunks = {u: self.user_chunks(u, epoch) for u in self.user_examples}
         rng = random.Random(f"{self.seed}/{epoch}")
-        dealt: list[tuple[str, tuple[int, ...]]] = []
-        for r in range(max((len(c) for c in chunks.values()), default=0)):
-            round_users = [u for u, c in chunks.items() if len(c) > r]
-            rng.shuffle(round_users)
-            dealt.extend((u, chunks[u][r]) for u in round_users)
+        order = list(chunks)
+        rng.shuffle(order)
+        # A max-heap on chunks left (ties in the seeded order): each step takes the users_per_step
+        # users with most left, so the users with many chunks are spread over the whole epoch.
+        heap = [(-len(chunks[u]), tie, u) for tie, u in enumerate(order) if chunks[u]]
+        heapq.heapify(heap)
+        taken = {u: 0 for u in chunks}
         steps: list[tuple[tuple[str, tuple[int, ...]], ...]] = []
-        current: dict[str, tuple[int, ...]] = {}
-        for user, chunk in dealt:
-            # A user coming back within a step (at a round boundary) starts a new step instead of
-            # merging chunks: each user's batches stay exactly its chunks, whoever else exists.
-            if len(current) == self.users_per_step or user in current:
-                steps.append(tuple(current.items()))
-                current = {}
-            current[user] = chunk
-        if current:
-            steps.append(tuple(current.items()))
+        while heap:
+            picked = [heapq.heappop(heap) for _ in range(min(self.users_per_step, len(heap)))]
+            steps.append(tuple((u, chunks[u][taken[u]]) for _, _, u in picked))
+            for left, tie, u in picked:
+                taken[u] += 1
+                if left + 1 < 0:
+                    heapq.heappush(heap, (left + 1, tie, u))
         self._epoch_cache = (epoch, steps)
         return steps
+
+    def occupancy(self, epochs: int = 1) -> dict[str, float]:
+        """How full the steps are: examples per step over ``users_per_step * examples_per_user``
+        (mean and the worst step), and the share of steps with a single user."""
+        target = self.users_per_step * self.examples_per_user
+        fill = [sum(len(c) for _, c in groups) / target for e in range(epochs) for groups in self._epoch(e)]
+        alone = [len(groups) == 1 for e in range(epochs) for groups in self._epoch(e)]
+        if not fill:
+            return {"occupancy_mean": 0.0, "occupancy_min": 0.0, "single_user_steps": 0.0}
+        return {"occupancy_mean": sum(fill) / len(fill), "occupancy_min": min(fill), "single_user_steps": sum(alone) / len(alone)}
 
     def steps_per_epoch(self) -> int:
         return len(self._epoch(0))

@@ -9,13 +9,13 @@ from array import array
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flora_train import dist as fdist
 from flora_train.config import recipe_to_yaml
 
 # max_steps only cuts the same schedule short, so raising it to train longer is a plain resume.
-PLAN_KEYS = ("users_per_step", "examples_per_user", "epochs", "seed")
+PLAN_KEYS = ("train.users_per_step", "train.examples_per_user", "train.epochs", "train.seed", "data.max_examples_per_user")
 
 
 def _digest(h: "hashlib._Hash") -> str:
@@ -56,7 +56,7 @@ class RunFingerprint:
             out.append("the training data (examples, tokens or labels)")
         if saved.get("plan") != self.plan:
             old = saved.get("plan_keys", {})
-            keys = [f"train.{k}: {old.get(k)} -> {v}" for k, v in self.plan_keys.items() if old.get(k) != v]
+            keys = [f"{k}: {old.get(k)} -> {v}" for k, v in self.plan_keys.items() if old.get(k) != v]
             out.append("the plan (" + ", ".join(keys or ["plan keys"]) + ")")
         if saved.get("users") != self.users:
             out.append(f"the user set ({saved.get('user_count')} -> {self.user_count} users)")
@@ -64,7 +64,7 @@ class RunFingerprint:
 
 
 def run_fingerprint(cfg: DictConfig, train: dict[str, list]) -> RunFingerprint:
-    keys = {k: cfg.train[k] for k in PLAN_KEYS}
+    keys = {k: OmegaConf.select(cfg, k) for k in PLAN_KEYS}
     users = sorted(set(train["user_id"]))
     h = hashlib.blake2b(digest_size=16)
     for u in users:

@@ -91,6 +91,12 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
         return save_checkpoint(run_dir, at, session.store, session.layout, state, t.keep_checkpoints)
 
     total = session.planner.total_steps(t.epochs, t.max_steps)
+    occupancy = session.planner.occupancy()
+    tracker.log_metrics({f"plan/{k}": v for k, v in occupancy.items()}, step=start_step)
+    if occupancy["occupancy_mean"] < 0.5 and main:
+        log.warning("steps are %.0f%% full on average (%.0f%% hold a single user): a few users hold most of the data; "
+                    "data.max_examples_per_user caps a user's examples per epoch", 100 * occupancy["occupancy_mean"],
+                    100 * occupancy["single_user_steps"])
     meter, step = Meter(session.store), start_step
     bar = tqdm(total=total, initial=start_step, desc="train", disable=not (t.progress and main), unit="step")
     status = "FAILED"

@@ -259,7 +259,7 @@ def prepare_session(cfg: DictConfig) -> Session:
         raise LaunchError(disagreement)
     store = make_store(cfg, layout, device, user_tokens)
     t = cfg.train
-    planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed)
+    planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user)
     return Session(
         cfg=cfg,
         run_dir=run_dir,

@@ -185,3 +185,28 @@ def test_folders_globs_lists_gzip_and_arrow(tmp_path):
         load_examples(str(tmp_path / "nothing*.jsonl"), "auto", cols, BadRows())
     with pytest.raises(DataError, match=r"no-such-org/no-such-dataset\[train\]: cannot load the dataset"):
         load_examples("no-such-org/no-such-dataset", "auto", cols, BadRows())
+
+
+def test_skewed_users_are_spread_and_capped():
+    """A Zipf population (user k has ~4000/k examples; the first 1,000x the median). Before, the
+    power users' chunks were dealt round after round until only they were left: a long tail of
+    one-user steps. Now they are spread over the epoch, and the cap bounds the epoch."""
+    sizes = {f"u{k:04d}": max(2, 4000 // k) for k in range(1, 1001)}
+    sizes["u0001"] = 1000 * sorted(sizes.values())[500]
+    start, examples = 0, {}
+    for u, n in sizes.items():
+        examples[u], start = list(range(start, start + n)), start + n
+    assert sizes["u0001"] >= 1000 * sorted(sizes.values())[500]
+    plain = BatchPlanner(examples, 64, 2, 0)
+    occ = plain.occupancy()
+    capped = BatchPlanner(examples, 64, 2, 0, max_examples_per_user=16).occupancy()
+    assert capped["occupancy_mean"] > 0.9 and capped["single_user_steps"] == 0.0, capped
+    assert occ["single_user_steps"] > 0.5  # 4,000 chunks of one user need 4,000 steps: the cap is the way out
+    # Every example still used once per epoch without the cap; with it, each epoch a new window.
+    used = sorted(i for groups in plain._epoch(0) for _, c in groups for i in c)
+    assert used == list(range(start))
+    cap = BatchPlanner(examples, 64, 2, 0, max_examples_per_user=16)
+    seen = set()
+    for e in range(sizes["u0001"] // 16 + 1):
+        seen.update(i for c in cap.user_chunks("u0001", e) for i in c)
+    assert seen == set(examples["u0001"]), "over enough epochs every example of a capped user comes round"
