@@ -127,3 +127,14 @@ def test_a_flora_export_folder_serves_like_its_run(trained, tmp_path):
     want, _ = generate_batch(trained, PROMPTS[:3], users, settings)
     got, _ = generate_batch(exported, PROMPTS[:3], users, settings)
     assert [g.text for g in got] == [w.text for w in want]
+
+
+def test_seeded_sampling_repeats(trained):
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    users = ["user-000001", "user-000002"]
+    first, _ = generate_batch(trained, PROMPTS[:2], users, settings)
+    again, _ = generate_batch(trained, PROMPTS[:2], users, settings)
+    assert [g.text for g in first] == [g.text for g in again]
+    others = [generate_batch(trained, PROMPTS[:2], users, GenerationSettings(max_new_tokens=8, do_sample=True,
+                                                                              temperature=1.5, seed=s))[0] for s in range(8, 12)]
+    assert any([g.text for g in o] != [g.text for g in first] for o in others), "other seeds sample other text"
