@@ -174,6 +174,9 @@ class DataConfig:
     text_column: Optional[str] = None  # set for plain text (loss on every token) ...
     prompt_column: str = "prompt"  # ... otherwise prompt/completion (loss on completion only)
     completion_column: str = "completion"
+    # Chat rows: a column of {role, content} turns, rendered with the tokenizer's chat template;
+    # the loss is on the assistant turns only.
+    messages_column: Optional[str] = None
     max_length: int = 256
     on_bad_row: BadRowPolicy = BadRowPolicy.error
     # With no eval_path, hold out this many examples of each user (who has more than that) for eval.

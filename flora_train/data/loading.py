@@ -32,10 +32,40 @@ class Columns:
     text: str | None = None
     prompt: str = "prompt"
     completion: str = "completion"
+    messages: str | None = None  # chat rows: a list of {role, content} turns
+
+    @property
+    def kind(self) -> str:
+        return "messages" if self.messages else "text" if self.text else "prompt"
 
     @property
     def wanted(self) -> list[str]:
+        if self.messages:
+            return [self.user, self.messages]
         return [self.user, self.text] if self.text else [self.user, self.prompt, self.completion]
+
+    @property
+    def out_names(self) -> list[str]:
+        return {"messages": ["messages"], "text": ["text"], "prompt": ["prompt", "completion"]}[self.kind]
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(value: Any, user: str, column: str, where: str, bad: "BadRows") -> str | None:
+    """A chat row's turns as JSON text (one column type for any number of turns), or None if bad."""
+    if not isinstance(value, list) or not value:
+        bad.report(where, "wrong_type_messages", f"user {user!r}: column '{column}' must be a non-empty list of turns")
+        return None
+    for k, turn in enumerate(value):
+        if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(turn.get("content"), str)):
+            bad.report(where, "bad_turn", f"user {user!r}: turn {k} of '{column}' must be {{role: system|user|assistant, "
+                       f"content: string}}, got {turn!r:.80}")
+            return None
+    if not any(t["role"] == "assistant" and t["content"].strip() for t in value):
+        bad.report(where, "no_assistant_turn", f"user {user!r}: no assistant turn to learn from")
+        return None
+    return json.dumps([{"role": t["role"], "content": t["content"]} for t in value], ensure_ascii=False)
 
 
 @dataclass
@@ -114,6 +144,12 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows) -> dict[str, st
         bad.report(where, "invalid_user", f"user id {user!r} contains a NUL byte")
         return None
     out = {"user_id": user, "source": where}
+    if cols.messages:
+        messages = _check_messages(record.get(cols.messages), user, cols.messages, where, bad)
+        if messages is None:
+            return None
+        out["messages"] = messages
+        return out
     if cols.text:
         fields = [(cols.text, "text")]
     else:
@@ -167,5 +203,5 @@ def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str =
             raise DataError(f"{source.label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not kept:
         raise DataError(f"{', '.join(s.label for s in sources[:3])}: no usable examples ({bad.total} bad rows)")
-    names = ["user_id", "source", *(["text"] if cols.text else ["prompt", "completion"])]
+    names = ["user_id", "source", *cols.out_names]
     return datasets.Dataset.from_dict({n: [r[n] for r in kept] for n in names})

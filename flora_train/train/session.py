@@ -101,7 +101,8 @@ def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | No
 
 def _columns(cfg: DictConfig) -> Columns:
     d = cfg.data
-    return Columns(user=d.user_column, text=d.text_column, prompt=d.prompt_column, completion=d.completion_column)
+    return Columns(user=d.user_column, text=d.text_column, prompt=d.prompt_column, completion=d.completion_column,
+                   messages=d.messages_column)
 
 
 def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, str]:
@@ -203,9 +204,14 @@ def prepare_session(cfg: DictConfig) -> Session:
 
     m = cfg.base
     if m.tiny is not None:
-        texts = train_raw["text"] if "text" in train_raw.column_names else [
-            p + c for p, c in zip(train_raw["prompt"], train_raw["completion"])
-        ]
+        if "messages" in train_raw.column_names:
+            import json
+
+            texts = [" ".join(t["content"] for t in json.loads(m)) for m in train_raw["messages"]]
+        elif "text" in train_raw.column_names:
+            texts = train_raw["text"]
+        else:
+            texts = [p + c for p, c in zip(train_raw["prompt"], train_raw["completion"])]
         tiny = OmegaConf.to_container(m.tiny)
         model_path = str(_on_rank0_first(lambda: build_tiny_model(run_dir / "base_model", tiny, texts)))  # type: ignore[arg-type]
     else:

@@ -1,0 +1,73 @@
+"""Chat rows (`data.messages_column`): rendered with the tokenizer's chat template, the loss on the
+assistant turns only; a base without a template is refused with the key named; bad turns follow
+data.on_bad_row with file and line."""
+
+import json
+import shutil
+
+import pytest
+
+from flora_train.config import load_recipe
+from flora_train.data import IGNORE, BadRows, Columns, DataError, load_examples, tokenize_examples
+from flora_train.base import load_tokenizer
+from flora_train.train.run import run_training
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _chat(user, i):
+    return {"user_id": user, "messages": [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": f"favourite colour {i} ?"},
+                                          {"role": "assistant", "content": " blue"},
+                                          {"role": "user", "content": "and the city ?"},
+                                          {"role": "assistant", "content": " paris"}]}
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, tiny_llama_dir):
+    folder = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    tok = load_tokenizer(str(folder))
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_loss_on_assistant_turns_only(tmp_path, chat_model):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(_chat(f"u{i % 3}", i)) + "\n" for i in range(6)))
+    cols = Columns(messages="messages")
+    tok = load_tokenizer(str(chat_model))
+    ds = tokenize_examples(load_examples(path, "auto", cols, BadRows()), tok, 256, True, BadRows())
+    ids, labels = ds["input_ids"][0], ds["labels"][0]
+    learned = tok.decode([t for t, l in zip(ids, labels) if l != IGNORE])
+    assert learned.replace(" ", "") == "blue</s>paris</s>".replace(" ", ""), learned
+    assert "favourite" in tok.decode(ids) and "favourite" not in learned and "be brief" not in learned
+    plain = load_tokenizer(str(chat_model))
+    plain.chat_template = None
+    with pytest.raises(DataError, match="data.messages_column: chat rows need the tokenizer's chat template"):
+        tokenize_examples(load_examples(path, "auto", cols, BadRows()), plain, 256, True, BadRows())
+
+
+def test_bad_turns_name_file_and_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [_chat("a", 0), {"user_id": "a", "messages": [{"role": "robot", "content": "x"}]},
+            {"user_id": "a", "messages": [{"role": "user", "content": "only a question"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"c\.jsonl:2: user 'a': turn 0 of 'messages' must be"):
+        load_examples(path, "auto", Columns(messages="messages"), BadRows())
+    bad = BadRows("skip")
+    assert len(load_examples(path, "auto", Columns(messages="messages"), bad)) == 1
+    assert bad.counts == {"bad_turn": 1, "no_assistant_turn": 1}
+
+
+def test_a_run_trains_on_chat_rows(tmp_path, chat_model):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(_chat(f"user-{i % 4}", i)) + "\n" for i in range(16)))
+    result = run_training(load_recipe(None, [f"base.name_or_path={chat_model}", f"data.train_path={train}",
+                                             "data.messages_column=messages", "data.eval_examples_per_user=1",
+                                             f"run_dir={tmp_path / 'run'}", "train.users_per_step=4", "train.epochs=3",
+                                             "tracking.enabled=false", "train.progress=false",
+                                             "adapter.target_modules=[q_proj,v_proj]"]))
+    assert result["steps"] > 0 and result["eval"]["eval/users"] == 4
