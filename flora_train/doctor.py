@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-RUN = ["recipes/quickstart.yaml", "data.synthetic.num_users=64", "data.synthetic.train_examples_per_user=8",
+# The quickstart recipe of this checkout, wherever doctor is started from.
+RUN = [str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"), "data.synthetic.num_users=64", "data.synthetic.train_examples_per_user=8",
        "data.synthetic.eval_examples_per_user=2", "train.epochs=4", "train.users_per_step=32",
        "train.examples_per_user=4", "train.micro_batch_size=128", "train.progress=false",
        "train.compare_shared_baseline=false", "tracking.enabled=false", "export.format=none"]

@@ -75,13 +75,13 @@ def bench_loss(device: str, out: Path, spec: dict[str, Any] | None = None) -> di
             proc = subprocess.run([sys.executable, "-m", "flora_train.bench.loss", variant, json.dumps(spec)],
                                   capture_output=True, text=True, check=True)
             peaks[variant] = float(proc.stdout.strip().splitlines()[-1])
-    full_gib = spec["batch"] * spec["tokens"] * spec["vocab_size"] * 4 / 2**20
+    full_mib = spec["batch"] * spec["tokens"] * spec["vocab_size"] * 4 / 2**20
     result = {"machine": machine(dev), "device": str(dev), "spec": spec, "peak_mib": peaks,
               "ratio": peaks["full_logits"] / max(peaks["target_chunked"], 1e-9),
-              "float32_full_logits_mib": full_gib, "measure": "max_memory_allocated" if dev.type == "cuda" else "peak RSS"}
+              "float32_full_logits_mib": full_mib, "measure": "max_memory_allocated" if dev.type == "cuda" else "peak RSS"}
     write_json(out, "loss", result)
     print(f"loss memory ({result['measure']}, vocab {spec['vocab_size']}, {spec['batch']}x{spec['tokens']} tokens, "
-          f"{spec['target_fraction']:.0%} targets; one float32 copy of the logits = {full_gib:.0f} MiB)")
+          f"{spec['target_fraction']:.0%} targets; one float32 copy of the logits = {full_mib:.0f} MiB)")
     print(f"  full logits + float32 cross-entropy : {peaks['full_logits']:8.0f} MiB")
     print(f"  head + chunked CE at targets only   : {peaks['target_chunked']:8.0f} MiB   ({result['ratio']:.2f}x less)")
     return result

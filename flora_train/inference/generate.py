@@ -130,9 +130,7 @@ def generate_batch(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequ
     ``output_scores``, the raw ``generate`` output (scores per step)."""
     if len(prompts) != len(users):
         raise InferenceError(f"{len(prompts)} prompts but {len(users)} users")
-    tok = trained.tokenizer
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = trained.tokenizer  # load_tokenizer gives every tokenizer a pad token
     texts = render_prompts(trained, prompts, settings.chat)
     prompt_ids = tok(texts, add_special_tokens=not settings.chat)["input_ids"]
     rows, index, _ = trained.batch_rows(list(users))

@@ -30,7 +30,9 @@ from flora_train.store.sharding import ShardPlan
 from flora_train.tracking import Tracker
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
-from flora_train.train.generation_eval import run_generation_eval
+from flora_train.inference.generate import GenerationSettings
+from flora_train.train.generation_eval import (gather_generation, generation_eval, summarise_generation,
+                                               worse_than_base, write_generation_report)
 from flora_train.train.resume import check_same_base
 from flora_train.train.session import Session, load_eval_file, make_row_init, prepare_session, train_settings
 from flora_train.train.trainer import Trainer
@@ -47,17 +49,37 @@ def _owner(session: Session, user: str) -> int:
     return zlib.crc32(user.encode()) % session.store.world
 
 
-def evaluate_rows(session: Session, rows_for, users_filter=None) -> dict[str, UserEval]:
-    """Every rank evaluates the eval examples of the users it owns with ``rows_for(users)``; all
-    ranks get every result. ``users_filter(user)`` keeps only some users' examples."""
+def _my_examples(session: Session, users_filter=None) -> tuple[dict[str, list], int]:
+    """This rank's share of the eval examples (its owned users', filtered), and the most batches
+    any rank has of them (collective: idle ranks pad to it, ZeRO-3 gathers each layer together)."""
     assert session.eval is not None
     ev, rank = session.eval, session.store.rank
     mine = [i for i, u in enumerate(ev["user_id"]) if _owner(session, u) == rank and (users_filter is None or users_filter(u))]
-    subset = {k: [v[i] for i in mine] for k, v in ev.items()}
-    batch_size = session.cfg.eval.batch_size
-    total_batches = int(fdist.all_reduce(torch.tensor([-(-len(mine) // batch_size)]), "max").item())
-    local = evaluate(session.model, session.slot, rows_for, subset, batch_size, session.pad_id, session.device,
-                     session.autocast_dtype, total_batches)
+    size = session.cfg.eval.batch_size
+    total_batches = int(fdist.all_reduce(torch.tensor([-(-len(mine) // size)]), "max").item())
+    return {k: [v[i] for i in mine] for k, v in ev.items()}, total_batches
+
+
+def adapter_rows(store: ShardedAdapterStore):
+    """``rows_for(users)``: each owned user's trained row; any other name (an idle rank's padding
+    batch asks for "__pad__") gets its untrained row, the identity."""
+
+    def rows_for(users: list[str]) -> torch.Tensor:
+        rows = store.row_init(users)
+        known = [u for u in users if u in store]
+        if known:
+            rows[[users.index(u) for u in known]] = store.read(known).to(rows)
+        return rows
+
+    return rows_for
+
+
+def evaluate_rows(session: Session, rows_for, users_filter=None) -> dict[str, UserEval]:
+    """Every rank evaluates the eval examples of the users it owns with ``rows_for(users)``; all
+    ranks get every result. ``users_filter(user)`` keeps only some users' examples."""
+    subset, total_batches = _my_examples(session, users_filter)
+    local = evaluate(session.model, session.slot, rows_for, subset, session.cfg.eval.batch_size, session.pad_id,
+                     session.device, session.autocast_dtype, total_batches)
     merged: dict[str, UserEval] = {}
     for part in fdist.all_gather_objects(local):
         merged.update(part)
@@ -66,15 +88,7 @@ def evaluate_rows(session: Session, rows_for, users_filter=None) -> dict[str, Us
 
 def evaluate_adapters(session: Session, store: ShardedAdapterStore) -> dict[str, UserEval]:
     """Each trained user on its own adapter (users never trained are left out: see the module doc)."""
-
-    def rows_for(users: list[str]) -> torch.Tensor:
-        rows = store.row_init(users)  # the padding batches of an idle rank ask for "__pad__"
-        known = [u for u in users if u in store]
-        if known:
-            rows[[users.index(u) for u in known]] = store.read(known).to(rows)
-        return rows
-
-    return evaluate_rows(session, rows_for, lambda u: u in store)
+    return evaluate_rows(session, adapter_rows(store), lambda u: u in store)
 
 
 def evaluate_base(session: Session) -> dict[str, UserEval]:
@@ -160,6 +174,31 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
         out["eval_generate"] = run_generation_eval(session, step, tracker)
     print_table(table, 1.0 / cfg.data.synthetic.num_values if cfg.data.synthetic is not None else None)
     return out
+
+
+def run_generation_eval(session: Session, step: int, tracker: Tracker) -> dict[str, float]:
+    """``eval.generate`` for a prepared session: each rank generates for the users it owns (users
+    with no row by a stable hash), the results are gathered, rank 0 writes the per-user JSONL and the
+    gain histogram (an MLflow artifact), and the aggregates are logged."""
+    cfg, store = session.cfg, session.store
+    subset, total = _my_examples(session)
+    settings = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams)
+    synced = fdist.is_distributed() and session.zero is not None
+    local = generation_eval(session.model, session.slot, session.tokenizer, subset, adapter_rows(store), store.row_init,
+                            settings, cfg.eval.batch_size, session.device, total, synced)
+    per_user = gather_generation(local)
+    summary = summarise_generation(per_user)
+    if fdist.rank() == 0:
+        jsonl, png = write_generation_report(session.run_dir / "eval", step, per_user)
+        tracker.log_artifact(jsonl, "eval")
+        tracker.log_artifact(png, "eval")
+        worse = worse_than_base(per_user)
+        print(f"generation: exact match {summary.get('eval_gen/exact_match_mean', float('nan')):.3f} "
+              f"(base {summary.get('eval_gen/base_exact_match_mean', float('nan')):.3f}), ROUGE-L "
+              f"{summary.get('eval_gen/rouge_l_mean', float('nan')):.3f} (base {summary.get('eval_gen/base_rouge_l_mean', float('nan')):.3f}); "
+              f"{len(worse)} users worse than the base" + (f": {', '.join(worse[:10])}" if worse else ""))
+    tracker.log_metrics(summary, step=step)
+    return summary
 
 
 def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = None) -> dict[str, Any]:
