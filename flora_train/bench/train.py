@@ -71,7 +71,7 @@ def _measure(method: str, rank: int, common: list[str], run_dir: Path, steps: in
         ours, limit = [], []
         for i, plan in enumerate(plans):
             ids = [e for _, ex in plan.groups for e in ex]
-            examples = [{"input_ids": session.train["input_ids"][e], "labels": session.train["labels"][e]} for e in ids]
+            examples = [{"input_ids": session.train.input_ids(e), "labels": session.train.labels(e)} for e in ids]
             batch = {k: v.to(session.device) for k, v in collate(examples, session.pad_id).items()}
             sync()
             start = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+import pyarrow as pa
 
 from flora_train.data.sources import DataSource, SourceError, resolve_sources
 
@@ -194,14 +195,29 @@ def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str =
         sources = resolve_sources(spec, split, subset, key)
     except SourceError as exc:
         raise DataError(str(exc)) from None
-    kept = []
+    names = ["user_id", "source", *cols.out_names]
+    # Rows are gathered a batch at a time into Arrow, so a million rows never sit as Python dicts.
+    batches: list[pa.Table] = []
+    pending: dict[str, list[str]] = {n: [] for n in names}
+
+    def flush() -> None:
+        if pending["user_id"]:
+            batches.append(pa.table({n: pa.array(v, pa.string()) for n, v in pending.items()}))
+            for v in pending.values():
+                v.clear()
+
     for source in sources:
         try:
-            kept.extend(r for where, rec in _source_rows(source, fmt, cols, bad)
-                        if (r := _check(rec, cols, where, bad)) is not None)
+            for where, rec in _source_rows(source, fmt, cols, bad):
+                row = _check(rec, cols, where, bad)
+                if row is not None:
+                    for n in names:
+                        pending[n].append(row[n])
+                    if len(pending["user_id"]) >= 50_000:
+                        flush()
         except UnicodeDecodeError as exc:
             raise DataError(f"{source.label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not kept:
+    flush()
+    if not batches:
         raise DataError(f"{', '.join(s.label for s in sources[:3])}: no usable examples ({bad.total} bad rows)")
-    names = ["user_id", "source", *cols.out_names]
-    return datasets.Dataset.from_dict({n: [r[n] for r in kept] for n in names})
+    return datasets.Dataset(pa.concat_tables(batches))

@@ -50,7 +50,8 @@ class BatchPlanner:
         if max_examples_per_user is not None and max_examples_per_user < 1:
             raise ValueError("max_examples_per_user must be >= 1")
         self.max_examples_per_user = max_examples_per_user
-        self.user_examples = {u: list(ex) for u, ex in sorted(user_examples.items()) if ex}
+        # Kept as given (numpy index arrays for a big run): a user's list is made per epoch only.
+        self.user_examples = {u: ex for u, ex in sorted(user_examples.items()) if len(ex)}
         self.users_per_step = users_per_step
         self.examples_per_user = examples_per_user
         self.seed = seed
@@ -58,7 +59,8 @@ class BatchPlanner:
 
     def user_chunks(self, user: str, epoch: int) -> list[tuple[int, ...]]:
         """The user's batches in this epoch, in order (depends only on seed, epoch and user)."""
-        examples = list(self.user_examples[user])
+        ex = self.user_examples[user]
+        examples = ex.tolist() if hasattr(ex, "tolist") else list(ex)
         cap = self.max_examples_per_user
         if cap is not None and len(examples) > cap:
             # One fixed shuffle of the user's data, read in windows of ``cap``: epoch e takes the

@@ -8,6 +8,7 @@ cut off the very tokens the loss is on.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import datasets
@@ -38,61 +39,54 @@ def _chat_ids(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int]
     return ids, labels
 
 
+TOKENIZED = datasets.Features({
+    "user_id": datasets.Value("string"),
+    "source": datasets.Value("string"),
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+})
+
+
 def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add_eos: bool, bad: BadRows) -> datasets.Dataset:
+    """Columns ``user_id``, ``source``, ``input_ids`` and ``labels`` (int32); rows too long or with
+    nothing to learn from are bad rows. One batched ``datasets.map`` pass writes Arrow directly,
+    so no column of the result is ever a Python list of every example."""
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-    has_text = "text" in ds.column_names
-    if "messages" in ds.column_names:
-        return _tokenize_chat(ds, tokenizer, max_length, bad)
+    kind = "messages" if "messages" in ds.column_names else "text" if "text" in ds.column_names else "prompt"
+    if kind == "messages" and not getattr(tokenizer, "chat_template", None):
+        from flora_train.data.loading import DataError
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        ids, labels = [], []
-        if has_text:
-            # Labels are the inputs: position t is predicted from positions < t (shifted in the loss).
-            for enc in tokenizer(batch["text"])["input_ids"]:
-                ids.append(enc + eos)
-                labels.append(enc + eos)
-        else:
-            prompts = tokenizer(batch["prompt"])["input_ids"]
-            completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
-            for p, c in zip(prompts, completions):
-                ids.append(p + c + eos)
-                labels.append([IGNORE] * len(p) + c + eos)
-        return {"input_ids": ids, "labels": labels}
-
-    out = ds.map(encode, batched=True, remove_columns=[c for c in ("text", "prompt", "completion") if c in ds.column_names])
-    keep = []
-    for i, (ids, labels, source, user) in enumerate(zip(out["input_ids"], out["labels"], out["source"], out["user_id"])):
-        if len(ids) > max_length:
-            bad.report(source, "too_long", f"user {user!r}: {len(ids)} tokens > data.max_length={max_length}")
-        elif not any(t != IGNORE for t in labels[1:]):
-            bad.report(source, "no_target", f"user {user!r}: no tokens to learn from after tokenisation")
-        else:
-            keep.append(i)
-    return out if len(keep) == len(out) else out.select(keep)
-
-
-def _tokenize_chat(ds: datasets.Dataset, tokenizer: Any, max_length: int, bad: BadRows) -> datasets.Dataset:
-    import json
-
-    from flora_train.data.loading import DataError
-
-    if not getattr(tokenizer, "chat_template", None):
         raise DataError("data.messages_column: chat rows need the tokenizer's chat template, and this base's tokenizer "
                         "has none; use prompt/completion rows, or a base with a chat template")
-    ids, labels, keep = [], [], []
-    for i, (raw, source, user) in enumerate(zip(ds["messages"], ds["source"], ds["user_id"])):
-        rendered = _chat_ids(json.loads(raw), tokenizer)
-        if rendered is None:
-            bad.report(source, "template_not_prefix", f"user {user!r}: the chat template does not render this "
-                       "conversation turn by turn (its assistant turns cannot be located)")
-        elif len(rendered[0]) > max_length:
-            bad.report(source, "too_long", f"user {user!r}: {len(rendered[0])} tokens > data.max_length={max_length}")
-        else:
-            ids.append(rendered[0])
-            labels.append(rendered[1])
-            keep.append(i)
-    out = ds.select(keep).remove_columns(["messages"])
-    return out.add_column("input_ids", ids).add_column("labels", labels)
+
+    def encoded(batch: dict[str, list]) -> list[tuple[list[int], list[int]] | None]:
+        if kind == "messages":
+            return [_chat_ids(json.loads(raw), tokenizer) for raw in batch["messages"]]
+        if kind == "text":
+            # Labels are the inputs: position t is predicted from positions < t (shifted in the loss).
+            return [(enc + eos, enc + eos) for enc in tokenizer(batch["text"])["input_ids"]]
+        prompts = tokenizer(batch["prompt"])["input_ids"]
+        completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
+        return [(p + c + eos, [IGNORE] * len(p) + c + eos) for p, c in zip(prompts, completions)]
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"user_id": [], "source": [], "input_ids": [], "labels": []}
+        for pair, source, user in zip(encoded(batch), batch["source"], batch["user_id"]):
+            if pair is None:
+                bad.report(source, "template_not_prefix", f"user {user!r}: the chat template does not render this "
+                           "conversation turn by turn (its assistant turns cannot be located)")
+            elif len(pair[0]) > max_length:
+                bad.report(source, "too_long", f"user {user!r}: {len(pair[0])} tokens > data.max_length={max_length}")
+            elif not any(t != IGNORE for t in pair[1][1:]):
+                bad.report(source, "no_target", f"user {user!r}: no tokens to learn from after tokenisation")
+            else:
+                for name, value in zip(("user_id", "source", "input_ids", "labels"), (user, source, *pair)):
+                    out[name].append(value)
+        return out
+
+    # In memory and uncached: the function reports bad rows as it goes, so it must really run.
+    return ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, features=TOKENIZED,
+                  load_from_cache_file=False, keep_in_memory=True)
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,12 +13,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from flora_train.adapters import AdapterSlot
+from flora_train.data.examples import TokenizedExamples
 from flora_train.data.tokenize import IGNORE, collate
 from flora_train.train.loss import example_losses, target_logits
 
@@ -62,7 +63,7 @@ def evaluate(
     model: nn.Module,
     slot: AdapterSlot,
     rows_for: Callable[[list[str]], torch.Tensor],
-    examples: dict[str, list[Any]],
+    examples: TokenizedExamples,
     batch_size: int,
     pad_id: int,
     device: torch.device,
@@ -73,19 +74,19 @@ def evaluate(
 
     ``total_batches`` > the batches this rank's examples fill: the rest are one-token forwards, so
     every rank runs the same module sequence (ZeRO-3 gathers each layer collectively)."""
-    order = sorted(range(len(examples["user_id"])), key=lambda i: examples["user_id"][i])
+    order = np.argsort(examples.user_codes, kind="stable").tolist()
     results: dict[str, UserEval] = {}
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             ids = order[start : start + batch_size]
-            users = [examples["user_id"][i] for i in ids]
+            users = [examples.user(i) for i in ids]
             unique = list(dict.fromkeys(users))
             pos = {u: k for k, u in enumerate(unique)}
             index = torch.tensor([pos[u] for u in users], device=device)
             rows = rows_for(unique).to(device)
-            batch = collate([{"input_ids": examples["input_ids"][i], "labels": examples["labels"][i]} for i in ids], pad_id)
+            batch = collate([{"input_ids": examples.input_ids(i), "labels": examples.labels(i)} for i in ids], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
             with slot.activate(rows, index), ctx:

@@ -5,7 +5,6 @@ it read what rank 0 read (a lagging shared filesystem, a rank started with anoth
 from __future__ import annotations
 
 import hashlib
-from array import array
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flora_train import dist as fdist
 from flora_train.config import recipe_to_yaml
+from flora_train.data.examples import TokenizedExamples
 
 # max_steps only cuts the same schedule short, so raising it to train longer is a plain resume.
 PLAN_KEYS = ("train.users_per_step", "train.examples_per_user", "train.epochs", "train.seed", "data.max_examples_per_user")
@@ -22,16 +22,14 @@ def _digest(h: "hashlib._Hash") -> str:
     return h.hexdigest()[:32]
 
 
-def examples_fingerprint(*parts: dict[str, list] | None) -> str:
+def examples_fingerprint(*parts: TokenizedExamples | None) -> str:
     """A hash of every example's user, tokens and labels (what training sees, after bad rows)."""
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         if part is None:
             h.update(b"\x00none")
-            continue
-        for user, ids, labels in zip(part["user_id"], part["input_ids"], part["labels"]):
-            h.update(user.encode("utf-8", "surrogatepass") + b"\x00")
-            h.update(array("q", ids).tobytes() + b"\x01" + array("q", labels).tobytes() + b"\x02")
+        else:
+            part.update_hash(h)
     return _digest(h)
 
 
@@ -63,9 +61,9 @@ class RunFingerprint:
         return out
 
 
-def run_fingerprint(cfg: DictConfig, train: dict[str, list]) -> RunFingerprint:
+def run_fingerprint(cfg: DictConfig, train: TokenizedExamples) -> RunFingerprint:
     keys = {k: OmegaConf.select(cfg, k) for k in PLAN_KEYS}
-    users = sorted(set(train["user_id"]))
+    users = train.users()
     h = hashlib.blake2b(digest_size=16)
     for u in users:
         h.update(u.encode("utf-8", "surrogatepass") + b"\x00")
@@ -73,7 +71,7 @@ def run_fingerprint(cfg: DictConfig, train: dict[str, list]) -> RunFingerprint:
     return RunFingerprint(examples_fingerprint(train), _digest(plan), _digest(h), keys, len(users))
 
 
-def check_ranks_agree(cfg: DictConfig, fingerprint: RunFingerprint, eval_examples: dict[str, list] | None) -> str | None:
+def check_ranks_agree(cfg: DictConfig, fingerprint: RunFingerprint, eval_examples: TokenizedExamples | None) -> str | None:
     """Why this rank differs from rank 0 (None when it does not). Collective: one all-gather of
     a few hashes; every rank gets every rank's answer, so all of them fail together."""
     mine = (fingerprint.data, examples_fingerprint(eval_examples), hashlib.sha256(recipe_to_yaml(cfg).encode()).hexdigest())

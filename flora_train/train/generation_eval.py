@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from flora_train import dist as fdist
+from flora_train.data.examples import TokenizedExamples
 from flora_train.data.tokenize import IGNORE
 from flora_train.inference.generate import GenerationSettings, decode_new, generate_tokens
 
@@ -45,7 +47,7 @@ def _split(input_ids: list[int], labels: list[int], eos: int | None) -> tuple[li
     return input_ids[:first], target
 
 
-def generation_eval(model: torch.nn.Module, slot: Any, tokenizer: Any, examples: dict[str, list],
+def generation_eval(model: torch.nn.Module, slot: Any, tokenizer: Any, examples: TokenizedExamples,
                     adapter_rows: Callable[[list[str]], torch.Tensor], base_rows: Callable[[list[str]], torch.Tensor],
                     settings: GenerationSettings, batch_size: int, device: torch.device, total_batches: int = 0,
                     synced: bool = False) -> dict[str, UserGeneration]:
@@ -56,7 +58,7 @@ def generation_eval(model: torch.nn.Module, slot: Any, tokenizer: Any, examples:
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: dict[str, UserGeneration] = {}
-    order = sorted(range(len(examples["user_id"])), key=lambda i: examples["user_id"][i])
+    order = np.argsort(examples.user_codes, kind="stable").tolist()
     was_training = model.training
     model.eval()
     try:
@@ -68,8 +70,8 @@ def generation_eval(model: torch.nn.Module, slot: Any, tokenizer: Any, examples:
                 generate_tokens(model, slot, rows, torch.zeros(1, dtype=torch.long, device=device), [[pad]], pad,
                                 settings, synced_gpus=synced)
                 continue
-            users = [examples["user_id"][i] for i in ids]
-            split = [_split(examples["input_ids"][i], examples["labels"][i], eos) for i in ids]
+            users = [examples.user(i) for i in ids]
+            split = [_split(examples.input_ids(i).tolist(), examples.labels(i).tolist(), eos) for i in ids]
             if any(not prompt for prompt, _ in split):
                 raise ValueError("eval.generate needs prompt/completion examples (a `text` example has no prompt "
                                  "to complete); set eval.generate=false for text data")

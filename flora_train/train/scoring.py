@@ -23,6 +23,7 @@ from tqdm import tqdm
 from flora_train import dist as fdist
 from flora_train.config import load_recipe
 from flora_train.data import BatchPlanner
+from flora_train.data.examples import TokenizedExamples
 from flora_train.launch_env import read_launch_env
 from flora_train.store import AdapterStore
 from flora_train.store.sharded import ShardedAdapterStore
@@ -34,7 +35,8 @@ from flora_train.inference.generate import GenerationSettings
 from flora_train.train.generation_eval import (gather_generation, generation_eval, summarise_generation,
                                                worse_than_base, write_generation_report)
 from flora_train.train.resume import check_same_base
-from flora_train.train.session import Session, load_eval_file, make_row_init, prepare_session, train_settings
+from flora_train.train.data_setup import load_eval_file
+from flora_train.train.session import Session, make_row_init, prepare_session, train_settings
 from flora_train.train.trainer import Trainer
 
 log = logging.getLogger("flora_train")
@@ -49,15 +51,16 @@ def _owner(session: Session, user: str) -> int:
     return zlib.crc32(user.encode()) % session.store.world
 
 
-def _my_examples(session: Session, users_filter=None) -> tuple[dict[str, list], int]:
+def _my_examples(session: Session, users_filter=None) -> tuple[TokenizedExamples, int]:
     """This rank's share of the eval examples (its owned users', filtered), and the most batches
     any rank has of them (collective: idle ranks pad to it, ZeRO-3 gathers each layer together)."""
     assert session.eval is not None
     ev, rank = session.eval, session.store.rank
-    mine = [i for i, u in enumerate(ev["user_id"]) if _owner(session, u) == rank and (users_filter is None or users_filter(u))]
+    keep = {u for u in ev.users() if _owner(session, u) == rank and (users_filter is None or users_filter(u))}
+    mine = [i for i, u in enumerate(ev.user_codes) if ev.user_names[u] in keep]
     size = session.cfg.eval.batch_size
     total_batches = int(fdist.all_reduce(torch.tensor([-(-len(mine) // size)]), "max").item())
-    return {k: [v[i] for i in mine] for k, v in ev.items()}, total_batches
+    return ev.select(mine), total_batches
 
 
 def adapter_rows(store: ShardedAdapterStore):
@@ -103,7 +106,7 @@ def evaluate_shared(session: Session, row: torch.Tensor) -> dict[str, UserEval]:
 
 def coverage(session: Session) -> dict[str, Any]:
     """Users in the eval data with no training data (named), and trained users with no eval rows."""
-    eval_users = set(session.eval["user_id"]) if session.eval else set()
+    eval_users = set(session.eval.users()) if session.eval else set()
     untrained = sorted(u for u in eval_users if u not in session.store)
     unscored = len(session.store) - len(eval_users - set(untrained))
     if untrained and fdist.rank() == 0:
@@ -120,7 +123,7 @@ def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
                          session.store.hyper, "host", session.device)
     store = ShardedAdapterStore(local, ShardPlan.balanced({SHARED: 1}, session.store.world), "fetch")
     t = session.cfg.train
-    planner = BatchPlanner({SHARED: range(len(session.train["user_id"]))}, 1, t.users_per_step * t.examples_per_user, t.seed)
+    planner = BatchPlanner({SHARED: range(len(session.train))}, 1, t.users_per_step * t.examples_per_user, t.seed)
     trainer = Trainer(session.model, session.slot, store, session.train, train_settings(session),
                       {SHARED: steps}, session.pad_id, session.device)
     plans = planner.steps(epochs=10**6, max_steps=steps)
@@ -215,7 +218,7 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     session = prepare_session(cfg)
     try:
         if data is not None:
-            session.eval = load_eval_file(session, data)
+            session.eval = load_eval_file(session.cfg, session.tokenizer, data)
         return _eval(session, cfg, run_dir, recipe, checkpoint)
     finally:
         session.close()

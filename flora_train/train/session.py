@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
 from flora_train.adapters.layer import AdaptedLinear
 from flora_train.adapters.tuning import KernelTuner
-from flora_train.base import build_tiny_model, load_frozen_model, load_tokenizer, resolve_device
+from flora_train.base import load_frozen_model, resolve_device
 from flora_train.base.fingerprint import base_fingerprint
 from flora_train.base.loading import model_hidden_size
 from flora_train.base.zero import ZeroBase, ZeroSpec, check_zero_launch
 from flora_train.config import RecipeError
-from flora_train.data import BadRows, BatchPlanner, Columns, SyntheticTask, load_examples, tokenize_examples
+from flora_train.data import BadRows, BatchPlanner
+from flora_train.data.examples import TokenizedExamples
 from flora_train import dist as fdist
-from flora_train.data.tokenize import IGNORE
 from flora_train.launch_env import LaunchEnv, LaunchError, read_launch_env
 from flora_train.store import AdapterStore, OptimizerHyper
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
 from flora_train.train.trainer import TrainSettings
+from flora_train.train.data_setup import prepare_data
 from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
 
 
@@ -42,8 +42,8 @@ class Session:
     slot: AdapterSlot
     layout: AdapterLayout
     store: ShardedAdapterStore
-    train: dict[str, list]
-    eval: dict[str, list] | None
+    train: TokenizedExamples  # memory-mapped from the run's data cache
+    eval: TokenizedExamples | None
     planner: BatchPlanner
     bad_rows: BadRows
     user_tokens: dict[str, int]  # target tokens per user in the training data (drives shard packing)
@@ -80,14 +80,6 @@ def train_settings(session: Session) -> TrainSettings:
     )
 
 
-def load_eval_file(session: Session, path: Path) -> dict[str, list]:
-    """Another evaluation file (`flora-train eval --data`), read and tokenised as the recipe's data is."""
-    d = session.cfg.data
-    bad = BadRows(policy=d.on_bad_row.value)
-    raw = load_examples(Path(path), "auto", _columns(session.cfg), bad)
-    return _as_lists(tokenize_examples(raw, session.tokenizer, d.max_length, d.add_eos, bad))
-
-
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return None
@@ -99,59 +91,11 @@ def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | No
     return None
 
 
-def _columns(cfg: DictConfig) -> Columns:
-    d = cfg.data
-    return Columns(user=d.user_column, text=d.text_column, prompt=d.prompt_column, completion=d.completion_column,
-                   messages=d.messages_column)
-
-
-def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, str]:
-    d = cfg.data
-    if d.synthetic is not None:
-        task = SyntheticTask(**OmegaConf.to_container(d.synthetic))  # type: ignore[arg-type]
-        train_path, eval_path = task.write(run_dir / "data")
-        return train_path, (eval_path if task.eval_examples_per_user else None), "jsonl"
-    as_spec = lambda v: list(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v  # noqa: E731
-    return as_spec(d.train_path), (as_spec(d.eval_path) if d.eval_path else None), d.format.value
-
-
-def _hold_out(ds_users: list[str], k: int, seed: int) -> tuple[list[int], list[int]]:
-    """Per user with more than ``k`` examples, ``k`` of them (chosen by seed) go to evaluation."""
-    by_user: dict[str, list[int]] = {}
-    for i, u in enumerate(ds_users):
-        by_user.setdefault(u, []).append(i)
-    train, held = [], []
-    for u, idx in by_user.items():
-        if k and len(idx) > k:
-            idx = list(idx)
-            random.Random(f"{seed}/holdout/{u}").shuffle(idx)
-            held.extend(idx[:k])
-            train.extend(idx[k:])
-        else:
-            train.extend(idx)
-    return sorted(train), sorted(held)
-
-
-def _as_lists(ds: Any) -> dict[str, list]:
-    # Plain Python lists: the step loop indexes single examples, which Arrow makes slow.
-    return ds.select_columns(["user_id", "input_ids", "labels", "source"]).to_dict()
-
-
 def make_row_init(layout: AdapterLayout, seed: int):
     def init(user_ids):
         return layout.init_rows(torch.tensor([user_seed(seed, u) for u in user_ids], dtype=torch.int64))
 
     return init
-
-
-def _on_rank0_first(make):
-    """Rank 0 makes a shared file (synthetic data, the tiny base) before the others read it."""
-    if fdist.rank() == 0:
-        out = make()
-        fdist.barrier()
-        return out
-    fdist.barrier()
-    return make()  # finds rank 0's result in place (both are deterministic and cached)
 
 
 def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, user_tokens: dict[str, int]) -> ShardedAdapterStore:
@@ -195,28 +139,9 @@ def prepare_session(cfg: DictConfig) -> Session:
     fdist.init_from_env(device)
     if launch.distributed:
         _check_shared_run_dir(run_dir)
-    bad = BadRows(policy=cfg.data.on_bad_row.value)
-    cols = _columns(cfg)
-    train_path, eval_path, fmt = _on_rank0_first(lambda: _data_paths(cfg, run_dir))
-    d = cfg.data
-    train_raw = load_examples(train_path, fmt, cols, bad, d.split, d.subset)
-    eval_raw = load_examples(eval_path, fmt, cols, bad, d.eval_split or d.split, d.subset, key="data.eval_path") if eval_path else None
-
+    data = prepare_data(cfg)
+    train, evald, bad, tokenizer, model_path = data.train, data.eval, data.bad_rows, data.tokenizer, data.model_path
     m = cfg.base
-    if m.tiny is not None:
-        if "messages" in train_raw.column_names:
-            import json
-
-            texts = [" ".join(t["content"] for t in json.loads(m)) for m in train_raw["messages"]]
-        elif "text" in train_raw.column_names:
-            texts = train_raw["text"]
-        else:
-            texts = [p + c for p, c in zip(train_raw["prompt"], train_raw["completion"])]
-        tiny = OmegaConf.to_container(m.tiny)
-        model_path = str(_on_rank0_first(lambda: build_tiny_model(run_dir / "base_model", tiny, texts)))  # type: ignore[arg-type]
-    else:
-        model_path = m.name_or_path
-    tokenizer = load_tokenizer(model_path, m.gguf_file, m.trust_remote_code)
 
     def load() -> torch.nn.Module:
         return load_frozen_model(model_path, m.dtype, m.gguf_file, m.trust_remote_code, m.gradient_checkpointing)
@@ -240,20 +165,9 @@ def prepare_session(cfg: DictConfig) -> Session:
         zero.engage(model, [AdaptedLinear])
 
     d = cfg.data
-    train_tok = tokenize_examples(train_raw, tokenizer, d.max_length, d.add_eos, bad)
-    eval_tok = tokenize_examples(eval_raw, tokenizer, d.max_length, d.add_eos, bad) if eval_raw is not None else None
-    if eval_tok is None and d.eval_examples_per_user:
-        keep, held = _hold_out(list(train_tok["user_id"]), d.eval_examples_per_user, cfg.train.seed)
-        train_tok, eval_tok = train_tok.select(keep), train_tok.select(held)
-    train = _as_lists(train_tok)
-    evald = _as_lists(eval_tok) if eval_tok is not None and len(eval_tok) else None
-
-    by_user: dict[str, list[int]] = {}
-    user_tokens: dict[str, int] = {}
-    for i, (u, labels) in enumerate(zip(train["user_id"], train["labels"])):
-        by_user.setdefault(u, []).append(i)
-        user_tokens[u] = user_tokens.get(u, 0) + sum(1 for t in labels[1:] if t != IGNORE)
-    user_tokens = dict(sorted(user_tokens.items()))
+    by_user = train.by_user()
+    per_example = train.target_counts()
+    user_tokens = {u: int(per_example[idx].sum()) for u, idx in sorted(by_user.items())}
     if len(user_tokens) < fdist.world_size():
         raise LaunchError(
             f"{len(user_tokens)} user(s) cannot be sharded over {fdist.world_size()} ranks: every rank's store "

@@ -12,13 +12,13 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from flora_train import dist as fdist
 from flora_train.adapters import AdapterSlot
+from flora_train.data.examples import TokenizedExamples
 from flora_train.data.planner import StepPlan
 from flora_train.data.tokenize import IGNORE, collate
 from flora_train.store.sharded import OwnedStep, ShardedAdapterStore
@@ -62,7 +62,7 @@ class Trainer:
         model: nn.Module,
         slot: AdapterSlot,
         store: ShardedAdapterStore,
-        examples: dict[str, list[Any]],
+        examples: TokenizedExamples,
         settings: TrainSettings,
         user_total_steps: dict[str, int],
         pad_id: int,
@@ -71,8 +71,7 @@ class Trainer:
         self.model = model
         self.slot = slot
         self.store = store
-        self.input_ids: list[list[int]] = examples["input_ids"]
-        self.labels: list[list[int]] = examples["labels"]
+        self.examples = examples
         self.settings = settings
         self.user_total_steps = user_total_steps
         self.pad_id = pad_id
@@ -80,7 +79,7 @@ class Trainer:
         self.consecutive_faults = 0
         self.nonfinite_steps = 0
         self._planned: tuple[StepPlan, RankWork] | None = None
-        self.example_targets = [sum(1 for t in lab[1:] if t != IGNORE) for lab in self.labels]
+        self.example_targets = examples.target_counts()  # numpy: no Python int per example
         # Any row serves the padding micro-batch of an idle rank: its loss is multiplied by zero.
         self.null_row = store.row_init(["__null__"]).to(device).requires_grad_(True)
 
@@ -91,7 +90,7 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _batch(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate([{"input_ids": self.input_ids[i], "labels": self.labels[i]} for i in ids], self.pad_id)
+        batch = collate([{"input_ids": self.examples.input_ids(i), "labels": self.examples.labels(i)} for i in ids], self.pad_id)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _work(self, plan: StepPlan) -> RankWork:
@@ -125,7 +124,7 @@ class Trainer:
         user_tokens = torch.zeros(len(local_users), dtype=torch.long)
         for u, ex in plan.groups:
             if u in position:
-                user_tokens[position[u]] = sum(self.example_targets[i] for i in ex)
+                user_tokens[position[u]] = int(self.example_targets[list(ex)].sum())
         user_tokens = user_tokens.to(self.device)
         user_loss = torch.zeros(len(local_users), device=self.device)
         n_tokens = 0

@@ -1,0 +1,103 @@
+"""The run's tokenised data, written once as Arrow under ``run_dir/data_cache/<key>``.
+
+The key hashes everything the tokens depend on: the bytes of every source file (or a dataset's
+id, split and cache files), the columns and bad-row policy, the tokenizer, the length limit and
+the hold-out. A resume or a second run with the same inputs finds the folder and tokenises
+nothing; any change gives a new key, and the superseded folder is removed once the new one is
+complete. A folder is complete when its ``meta.json`` exists: it is written last, inside a
+temporary folder that is then renamed into place, so a killed build leaves no half cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from flora_train.data.examples import TokenizedExamples
+from flora_train.data.loading import BadRows
+from flora_train.data.sources import resolve_sources
+
+FORMAT_VERSION = 1  # bump when what is written (or how it is tokenised) changes
+COLUMNS = ["user_id", "source", "input_ids", "labels"]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sources_digest(spec: Any, split: str, subset: str | None, key: str) -> list[list[str]]:
+    """What ``spec`` names, by content: (file, hash) or (dataset, split, subset, its cache files)."""
+    out = []
+    for source in resolve_sources(spec, split, subset, key):
+        if source.path is not None:
+            out.append([str(source.path.resolve()), _file_digest(source.path)])
+        else:
+            try:
+                files = datasets.load_dataset(source.dataset, source.subset, split=source.split).cache_files
+            except Exception:  # unreadable: the load that follows reports it with the source named
+                files = []
+            out.append([source.label, *sorted(f"{f['filename']}:{os.path.getsize(f['filename'])}" for f in files)])
+    return out
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    for extra in (type(tokenizer).__name__, tokenizer.eos_token_id, tokenizer.bos_token_id, getattr(tokenizer, "chat_template", None)):
+        h.update(repr(extra).encode() + b"\x00")
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"version": FORMAT_VERSION, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "meta.json").is_file()
+
+
+def save(folder: Path, train: datasets.Dataset, evald: datasets.Dataset | None, bad: BadRows) -> None:
+    """Writes the folder atomically (temporary folder, meta.json last, rename) and removes the
+    run's superseded caches."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train.select_columns(COLUMNS).save_to_disk(str(tmp / "train"))
+    if evald is not None and len(evald):
+        evald.select_columns(COLUMNS).save_to_disk(str(tmp / "eval"))
+    meta = {"train_examples": len(train), "eval_examples": len(evald) if evald is not None else 0,
+            "bad_rows": {"policy": bad.policy, "counts": dict(bad.counts), "examples": bad.examples}}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    for other in folder.parent.iterdir():
+        if other != folder and not other.name.startswith("."):
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def load(folder: Path) -> tuple[TokenizedExamples, TokenizedExamples | None, BadRows]:
+    """The cached examples, memory-mapped (every rank maps the same pages), and the bad-row
+    counts of the build."""
+    meta = json.loads((folder / "meta.json").read_text())
+    train = TokenizedExamples(datasets.load_from_disk(str(folder / "train")).data.table)
+    evald = TokenizedExamples(datasets.load_from_disk(str(folder / "eval")).data.table) if (folder / "eval").is_dir() else None
+    b = meta["bad_rows"]
+    bad = BadRows(policy=b["policy"])
+    bad.counts.update(b["counts"])
+    bad.examples.extend(b["examples"])
+    return train, evald, bad
+
+
+def in_memory(ds: datasets.Dataset) -> TokenizedExamples:
+    """Examples straight from a tokenised dataset (``flora-train eval --data``: not cached)."""
+    return TokenizedExamples(ds.flatten_indices().select_columns(COLUMNS).data.table)

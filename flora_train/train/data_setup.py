@@ -1,0 +1,170 @@
+"""A run's data and tokenizer: rank 0 reads, checks and tokenises once into the run's data cache;
+every rank (rank 0 included) then memory-maps the cache.
+
+Other ranks never read the source files: they cannot disagree with rank 0 about them, and a
+million examples cost them the page cache they share, not a private copy each. An error on rank
+0 (a bad row, a missing file, a chat template the tokenizer lacks) is sent to every rank, so all
+of them stop with the same message instead of waiting for rank 0 forever.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from omegaconf import DictConfig, OmegaConf
+
+from flora_train import dist as fdist
+from flora_train.base import build_tiny_model, load_tokenizer
+from flora_train.config import RecipeError
+from flora_train.data import BadRows, Columns, DataError, SyntheticTask, load_examples, tokenize_examples
+from flora_train.data import cache
+from flora_train.data.examples import TokenizedExamples
+from flora_train.launch_env import LaunchError
+
+
+@dataclass
+class RunData:
+    train: TokenizedExamples
+    eval: TokenizedExamples | None
+    bad_rows: BadRows
+    model_path: str
+    tokenizer: Any
+    cache_dir: Path
+
+
+def columns(cfg: DictConfig) -> Columns:
+    d = cfg.data
+    return Columns(user=d.user_column, text=d.text_column, prompt=d.prompt_column, completion=d.completion_column,
+                   messages=d.messages_column)
+
+
+def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, str]:
+    d = cfg.data
+    if d.synthetic is not None:
+        task = SyntheticTask(**OmegaConf.to_container(d.synthetic))  # type: ignore[arg-type]
+        train_path, eval_path = task.write(run_dir / "data")
+        return train_path, (eval_path if task.eval_examples_per_user else None), "jsonl"
+    as_spec = lambda v: list(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v  # noqa: E731
+    return as_spec(d.train_path), (as_spec(d.eval_path) if d.eval_path else None), d.format.value
+
+
+def hold_out(users: list[str], k: int, seed: int) -> tuple[list[int], list[int]]:
+    """Per user with more than ``k`` examples, ``k`` of them (chosen by seed) go to evaluation."""
+    by_user: dict[str, list[int]] = {}
+    for i, u in enumerate(users):
+        by_user.setdefault(u, []).append(i)
+    train, held = [], []
+    for u, idx in by_user.items():
+        if k and len(idx) > k:
+            idx = list(idx)
+            random.Random(f"{seed}/holdout/{u}").shuffle(idx)
+            held.extend(idx[:k])
+            train.extend(idx[k:])
+        else:
+            train.extend(idx)
+    return sorted(train), sorted(held)
+
+
+def _texts(raw: datasets.Dataset) -> list[str]:
+    """The corpus a tiny base is built from (its tokenizer and short pretraining)."""
+    if "messages" in raw.column_names:
+        return [" ".join(t["content"] for t in json.loads(m)) for m in raw["messages"]]
+    if "text" in raw.column_names:
+        return raw["text"]
+    return [p + c for p, c in zip(raw["prompt"], raw["completion"])]
+
+
+class _Build:
+    """Rank 0's side: read, (build a tiny base,) tokenise and cache, unless the cache has it."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir, self.d = cfg, run_dir, cfg.data
+        self.bad = BadRows(policy=self.d.on_bad_row.value)
+        self.train_spec, self.eval_spec, self.fmt = _data_paths(cfg, run_dir)
+        self._raw: dict[str, datasets.Dataset | None] = {}
+
+    def raw(self, which: str) -> datasets.Dataset | None:
+        if which not in self._raw:
+            d, spec = self.d, self.train_spec if which == "train" else self.eval_spec
+            self._raw[which] = None if spec is None else load_examples(
+                spec, self.fmt, columns(self.cfg), self.bad, d.split if which == "train" else d.eval_split or d.split,
+                d.subset, key=f"data.{which}_path")
+        return self._raw[which]
+
+    def model_path(self) -> str:
+        m = self.cfg.base
+        if m.tiny is None:
+            return str(m.name_or_path)
+        raw = self.raw("train")
+        assert raw is not None
+        return str(build_tiny_model(self.run_dir / "base_model", OmegaConf.to_container(m.tiny), _texts(raw)))  # type: ignore[arg-type]
+
+    def key(self, tokenizer: Any) -> str:
+        d = self.d
+        return cache.cache_key({
+            "train": cache.sources_digest(self.train_spec, d.split, d.subset, "data.train_path"),
+            "eval": cache.sources_digest(self.eval_spec, d.eval_split or d.split, d.subset, "data.eval_path")
+            if self.eval_spec is not None else None,
+            "format": self.fmt, "columns": vars(columns(self.cfg)), "on_bad_row": d.on_bad_row.value,
+            "max_length": d.max_length, "add_eos": d.add_eos, "hold_out": d.eval_examples_per_user,
+            "seed": self.cfg.train.seed, "tokenizer": cache.tokenizer_digest(tokenizer),
+        })
+
+    def write(self, folder: Path, tokenizer: Any) -> None:
+        d = self.d
+        raw_train, raw_eval = self.raw("train"), self.raw("eval")
+        assert raw_train is not None
+        train = tokenize_examples(raw_train, tokenizer, d.max_length, d.add_eos, self.bad)
+        evald = tokenize_examples(raw_eval, tokenizer, d.max_length, d.add_eos, self.bad) if raw_eval is not None else None
+        if evald is None and d.eval_examples_per_user:
+            keep, held = hold_out(train["user_id"], d.eval_examples_per_user, self.cfg.train.seed)
+            train, evald = train.select(keep), train.select(held)
+        cache.save(folder, train, evald, self.bad)
+
+
+_PASSED_ON = {"DataError": DataError, "RecipeError": RecipeError, "LaunchError": LaunchError}
+
+
+def prepare_data(cfg: DictConfig) -> RunData:
+    """Collective: every rank calls it; rank 0 does the reading and tokenising."""
+    run_dir = Path(cfg.run_dir)
+    m = cfg.base
+    answer: tuple[str, str, str | None, str | None]
+    if fdist.rank() == 0:
+        try:
+            build = _Build(cfg, run_dir)
+            model_path = build.model_path()
+            tokenizer = load_tokenizer(model_path, m.gguf_file, m.trust_remote_code)
+            folder = run_dir / "data_cache" / build.key(tokenizer)
+            if not cache.is_complete(folder):
+                build.write(folder, tokenizer)
+            answer = (str(folder), model_path, None, None)
+        except Exception as exc:
+            fdist.broadcast_object(("", "", type(exc).__name__, str(exc)))
+            raise
+        fdist.broadcast_object(answer)
+    else:
+        answer = fdist.broadcast_object(None)
+        if answer[2] is not None:
+            raise _PASSED_ON.get(answer[2], RuntimeError)(answer[3] if answer[2] in _PASSED_ON else f"rank 0 failed "
+                                                          f"preparing the data: {answer[2]}: {answer[3]}")
+        tokenizer = load_tokenizer(answer[1], m.gguf_file, m.trust_remote_code)
+    folder = Path(answer[0])
+    if not cache.is_complete(folder):
+        raise LaunchError(f"rank {fdist.rank()} cannot see rank 0's data cache {folder}: put run_dir on a filesystem "
+                          "every node shares")
+    train, evald, bad = cache.load(folder)
+    return RunData(train, evald, bad, answer[1], tokenizer, folder)
+
+
+def load_eval_file(cfg: DictConfig, tokenizer: Any, path: Path) -> TokenizedExamples:
+    """Another evaluation file (`flora-train eval --data`), read and tokenised as the recipe's data is."""
+    d = cfg.data
+    bad = BadRows(policy=d.on_bad_row.value)
+    raw = load_examples(Path(path), "auto", columns(cfg), bad)
+    return cache.in_memory(tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, bad))
