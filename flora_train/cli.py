@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     da = sub.add_parser("data", help="data utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
     syn = da_sub.add_parser("synth", help="write a synthetic personalisation task as JSONL")
+    syn.add_argument("--task", choices=["rules", "persona_chat"], default="rules",
+                     help="rules: prompt/completion key->value rules (the quickstart); persona_chat: chat rows, each "
+                     "user's greeting and sign-off, plus retain.jsonl and general_eval.jsonl")
     syn.add_argument("--users", type=int, default=1000)
     syn.add_argument("--train-examples", type=int, default=16)
     syn.add_argument("--eval-examples", type=int, default=4)
@@ -261,9 +264,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"converted {args.folder}/{args.gguf_file} to {out}: use base.name_or_path={out} (no base.gguf_file)")
         elif args.command == "data":
             from flora_train.data import SyntheticTask
+            from flora_train.data.persona_chat import PersonaChatTask
 
-            task = SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
-            for path in task.write(args.out):
+            if args.task == "persona_chat":
+                chat = PersonaChatTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
+                paths = list(chat.write(args.out).values())
+            else:
+                paths = list(SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed).write(args.out))
+            for path in paths:
                 print(path)
     except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, LaunchError, LaunchFailed,
             FileNotFoundError, InferenceError) as exc:

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve")
+SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data")
 
 
 def _ints(text: str) -> list[int]:
@@ -49,6 +49,7 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--clients", type=int, default=16, help="serve: concurrent clients, each its own user")
     be.add_argument("--requests", type=int, default=2, help="serve: requests per client")
     be.add_argument("--new-tokens", type=int, default=16, help="serve: tokens generated per request")
+    be.add_argument("--data-examples", type=int, default=1_000_000, help="data: examples in the generated dataset")
     be.add_argument("overrides", nargs="*", help="train / zero: recipe overrides for every run (e.g. base.deepspeed...)")
 
 
@@ -109,6 +110,10 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         from flora_train.bench.loss import bench_loss
 
         return bench_loss(args.device, args.out)
+    if suite == "data":
+        from flora_train.bench.data import bench_data
+
+        return bench_data(args.data_examples, args.out)
     raise ValueError(f"unknown bench suite {suite!r}")
 
 

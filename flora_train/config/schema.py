@@ -147,15 +147,23 @@ class AdapterConfig:
     feedforward_modules: Optional[list[str]] = None
 
 
+class SyntheticTaskKind(str, Enum):
+    rules = "rules"  # each user a hidden key -> value rule (prompt/completion; the quickstart)
+    persona_chat = "persona_chat"  # each user's greeting and sign-off in chat replies (messages)
+
+
 @dataclass
 class SyntheticDataConfig:
-    """Synthetic personalisation task: each user has a hidden key -> value rule."""
+    """A synthetic personalisation task, written under <run_dir>/data (see data/synthetic.py and
+    data/persona_chat.py)."""
 
+    task: SyntheticTaskKind = SyntheticTaskKind.rules
     num_users: int = 1000
     train_examples_per_user: int = 16
     eval_examples_per_user: int = 4
     num_keys: int = 4
     num_values: int = 4
+    general_examples: int = 48  # persona_chat: user-anonymous questions (retain.jsonl + general_eval.jsonl)
     seed: int = 0
 
 
@@ -202,6 +210,24 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0
 
 
+class RetainTargets(str, Enum):
+    base = "base"
+    data = "data"
+
+
+@dataclass
+class RetainConfig:
+    """General, user-anonymous examples mixed into every user's steps, so that a user's adapter
+    keeps the base's behaviour outside the user's own data (see README "Keeping general ability")."""
+
+    path: Any = None  # a file, folder, glob or list, in the training data's row format; null: off
+    examples_per_user_step: int = 1  # retain examples added to each user's chunk of a step
+    # base: learn the frozen base's own greedy answer to each retain prompt (generated once at
+    # start; the file's completions are not used), which keeps adapters close to the base itself;
+    # data: learn the completions in the file.
+    targets: RetainTargets = RetainTargets.base
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -229,6 +255,7 @@ class TrainConfig:
     progress: bool = True
     # Also train one adapter shared by all users on the same data and report it beside the per-user ones.
     compare_shared_baseline: bool = False
+    retain: RetainConfig = field(default_factory=lambda: RetainConfig())
 
 
 @dataclass
@@ -241,6 +268,9 @@ class EvalConfig:
     generate: bool = False
     max_new_tokens: int = 32
     num_beams: int = 1
+    # General, user-anonymous prompts (training data's row format; completions unused): each user's
+    # adapter is scored on agreeing with the base's own greedy answer to them (eval/general_agreement).
+    general_path: Any = None
 
 
 @dataclass

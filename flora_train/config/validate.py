@@ -101,6 +101,18 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
         for leaf in ("num_users", "train_examples_per_user", "num_keys", "num_values"):
             if syn[leaf] <= 0:
                 _fail(source, f"data.synthetic.{leaf}", f"must be > 0, got {syn[leaf]}")
+        chat = syn.task.value == "persona_chat"
+        if chat and data.messages_column != "messages":
+            _fail(source, "data.messages_column", "data.synthetic.task=persona_chat writes chat rows: set it to messages")
+        if not chat and data.messages_column is not None:
+            _fail(source, "data.messages_column", f"data.synthetic.task={syn.task.value} writes prompt/completion rows: "
+                  "leave it unset")
+    if train.retain.examples_per_user_step < 1:
+        _fail(source, "train.retain.examples_per_user_step", f"must be >= 1, got {train.retain.examples_per_user_step}")
+    for key, value in (("train.retain.path", train.retain.path), ("eval.general_path", cfg.eval.general_path)):
+        items = list(value) if OmegaConf.is_list(value) else [value]
+        if value is not None and (not items or not all(isinstance(v, str) and v for v in items)):
+            _fail(source, key, "must be a path, a folder, a glob pattern, a dataset id or a list of them")
     opt = cfg.store.optimizer
     for leaf in ("beta1", "beta2"):
         if not 0.0 <= opt[leaf] < 1.0:

@@ -67,16 +67,17 @@ def is_complete(folder: Path) -> bool:
     return (folder / "meta.json").is_file()
 
 
-def save(folder: Path, train: datasets.Dataset, evald: datasets.Dataset | None, bad: BadRows) -> None:
+def save(folder: Path, parts: dict[str, datasets.Dataset | None], bad: BadRows) -> None:
     """Writes the folder atomically (temporary folder, meta.json last, rename) and removes the
-    run's superseded caches."""
+    run's superseded caches. ``parts``: "train" and any of "eval", "retain", "general"."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    train.select_columns(COLUMNS).save_to_disk(str(tmp / "train"))
-    if evald is not None and len(evald):
-        evald.select_columns(COLUMNS).save_to_disk(str(tmp / "eval"))
-    meta = {"train_examples": len(train), "eval_examples": len(evald) if evald is not None else 0,
-            "bad_rows": {"policy": bad.policy, "counts": dict(bad.counts), "examples": bad.examples}}
+    counts = {}
+    for name, ds in parts.items():
+        if ds is not None and len(ds):
+            ds.select_columns(COLUMNS).save_to_disk(str(tmp / name))
+            counts[name] = len(ds)
+    meta = {"examples": counts, "bad_rows": {"policy": bad.policy, "counts": dict(bad.counts), "examples": bad.examples}}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
@@ -85,17 +86,16 @@ def save(folder: Path, train: datasets.Dataset, evald: datasets.Dataset | None, 
             shutil.rmtree(other, ignore_errors=True)
 
 
-def load(folder: Path) -> tuple[TokenizedExamples, TokenizedExamples | None, BadRows]:
-    """The cached examples, memory-mapped (every rank maps the same pages), and the bad-row
-    counts of the build."""
+def load(folder: Path) -> tuple[dict[str, TokenizedExamples], BadRows]:
+    """The cached parts, memory-mapped (every rank maps the same pages), and the bad-row counts of
+    the build."""
     meta = json.loads((folder / "meta.json").read_text())
-    train = TokenizedExamples(datasets.load_from_disk(str(folder / "train")).data.table)
-    evald = TokenizedExamples(datasets.load_from_disk(str(folder / "eval")).data.table) if (folder / "eval").is_dir() else None
+    parts = {name: TokenizedExamples(datasets.load_from_disk(str(folder / name)).data.table) for name in meta["examples"]}
     b = meta["bad_rows"]
     bad = BadRows(policy=b["policy"])
     bad.counts.update(b["counts"])
     bad.examples.extend(b["examples"])
-    return train, evald, bad
+    return parts, bad
 
 
 def in_memory(ds: datasets.Dataset) -> TokenizedExamples:

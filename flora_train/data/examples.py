@@ -86,6 +86,15 @@ class TokenizedExamples:
             "source": pa.array([r.get("source", f"row {k}") for k, r in enumerate(rows)], pa.string()),
         }))
 
+    def concat(self, other: "TokenizedExamples") -> "TokenizedExamples":
+        """These examples, then ``other``'s (index ``len(self) + j`` is ``other``'s ``j``). Whole
+        tables only; the columns are chained, not copied."""
+        if self.rows is not None or other.rows is not None:
+            raise ValueError("concat joins whole tables, not views")
+        names = ["user_id", "input_ids", "labels", "source"]
+        first = self.table.select(names).replace_schema_metadata(None)
+        return TokenizedExamples(pa.concat_tables([first, other.table.select(names).replace_schema_metadata(None).cast(first.schema)]))
+
     def __len__(self) -> int:
         return self.table.num_rows if self.rows is None else len(self.rows)
 

@@ -128,11 +128,14 @@ def _table_rows(path: Path, fmt: str, user_column: str) -> Iterator[tuple[str, A
         yield (f"{path}:{i + 2}" if fmt == "csv" else f"{path}: row {i}"), record
 
 
-def _check(record: Any, cols: Columns, where: str, bad: BadRows) -> dict[str, str] | None:
+ANONYMOUS = "__general__"  # the user of rows that belong to no one (train.retain, eval.general_path)
+
+
+def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool = False) -> dict[str, str] | None:
     if not isinstance(record, dict):
         bad.report(where, "not_an_object", f"expected an object with {cols.wanted}, got {type(record).__name__}")
         return None
-    user = record.get(cols.user)
+    user = ANONYMOUS if anonymous else record.get(cols.user)
     if user is not None and not isinstance(user, str):
         # 42 and "42" would be two spellings of one user id (and 1.0 another): refuse rather than guess.
         bad.report(where, "wrong_type_user", f"user id column '{cols.user}' must be a string, got "
@@ -188,9 +191,10 @@ def _source_rows(source: DataSource, fmt: str, cols: Columns, bad: BadRows) -> I
 
 
 def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str = "train", subset: str | None = None,
-                  key: str = "data.train_path") -> datasets.Dataset:
+                  key: str = "data.train_path", anonymous: bool = False) -> datasets.Dataset:
     """Validated examples with columns ``user_id``, ``source`` and ``text`` or ``prompt``/``completion``
-    from every file or dataset ``spec`` names (see ``sources.resolve_sources``)."""
+    from every file or dataset ``spec`` names (see ``sources.resolve_sources``). ``anonymous``: rows
+    belong to no user (any user id column is ignored; ``user_id`` is ``ANONYMOUS``)."""
     try:
         sources = resolve_sources(spec, split, subset, key)
     except SourceError as exc:
@@ -209,7 +213,7 @@ def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str =
     for source in sources:
         try:
             for where, rec in _source_rows(source, fmt, cols, bad):
-                row = _check(rec, cols, where, bad)
+                row = _check(rec, cols, where, bad, anonymous)
                 if row is not None:
                     for n in names:
                         pending[n].append(row[n])

@@ -43,13 +43,17 @@ class StepPlan:
 class BatchPlanner:
     def __init__(
         self, user_examples: Mapping[str, Sequence[int]], users_per_step: int, examples_per_user: int, seed: int,
-        max_examples_per_user: int | None = None,
+        max_examples_per_user: int | None = None, retain: tuple[int, int, int] | None = None,
     ) -> None:
+        """``retain``: (first index, count, per chunk): ``per chunk`` of the examples
+        ``first .. first+count-1`` (user-anonymous, ``train.retain``) are added to each of a user's
+        chunks, drawn from (seed, epoch, user, chunk) alone."""
         if users_per_step < 1 or examples_per_user < 1:
             raise ValueError("users_per_step and examples_per_user must be >= 1")
         if max_examples_per_user is not None and max_examples_per_user < 1:
             raise ValueError("max_examples_per_user must be >= 1")
         self.max_examples_per_user = max_examples_per_user
+        self.retain = retain
         # Kept as given (numpy index arrays for a big run): a user's list is made per epoch only.
         self.user_examples = {u: ex for u, ex in sorted(user_examples.items()) if len(ex)}
         self.users_per_step = users_per_step
@@ -70,7 +74,12 @@ class BatchPlanner:
             examples = (examples + examples)[start : start + cap]
         random.Random(f"{self.seed}/{epoch}/{user}").shuffle(examples)
         k = self.examples_per_user
-        return [tuple(examples[i : i + k]) for i in range(0, len(examples), k)]
+        chunks = [tuple(examples[i : i + k]) for i in range(0, len(examples), k)]
+        if self.retain is None:
+            return chunks
+        first, count, per = self.retain
+        return [c + tuple(first + j for j in random.Random(f"{self.seed}/retain/{epoch}/{user}/{n}").sample(range(count), min(per, count)))
+                for n, c in enumerate(chunks)]
 
     def _epoch(self, epoch: int) -> list[tuple[tuple[str, tuple[int, ...]], ...]]:
         if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
@@ -98,7 +107,7 @@ class BatchPlanner:
     def occupancy(self, epochs: int = 1) -> dict[str, float]:
         """How full the steps are: examples per step over ``users_per_step * examples_per_user``
         (mean and the worst step), and the share of steps with a single user."""
-        target = self.users_per_step * self.examples_per_user
+        target = self.users_per_step * (self.examples_per_user + (self.retain[2] if self.retain else 0))
         fill = [sum(len(c) for _, c in groups) / target for e in range(epochs) for groups in self._epoch(e)]
         alone = [len(groups) == 1 for e in range(epochs) for groups in self._epoch(e)]
         if not fill:

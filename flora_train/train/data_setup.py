@@ -24,13 +24,20 @@ from flora_train.config import RecipeError
 from flora_train.data import BadRows, Columns, DataError, SyntheticTask, load_examples, tokenize_examples
 from flora_train.data import cache
 from flora_train.data.examples import TokenizedExamples
+from flora_train.data.persona_chat import PersonaChatTask
 from flora_train.launch_env import LaunchError
+
+
+PARTS = ("train", "eval", "retain", "general")
+KEYS = {"train": "data.train_path", "eval": "data.eval_path", "retain": "train.retain.path", "general": "eval.general_path"}
 
 
 @dataclass
 class RunData:
     train: TokenizedExamples
     eval: TokenizedExamples | None
+    retain: TokenizedExamples | None  # train.retain: user-anonymous examples mixed into users' steps
+    general: TokenizedExamples | None  # eval.general_path: prompts the adapters should answer as the base does
     bad_rows: BadRows
     model_path: str
     tokenizer: Any
@@ -45,12 +52,18 @@ def columns(cfg: DictConfig) -> Columns:
 
 def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, str]:
     d = cfg.data
-    if d.synthetic is not None:
-        task = SyntheticTask(**OmegaConf.to_container(d.synthetic))  # type: ignore[arg-type]
+    syn = d.synthetic
+    if syn is not None:
+        if syn.task.value == "persona_chat":
+            chat = PersonaChatTask(syn.num_users, syn.train_examples_per_user, syn.eval_examples_per_user,
+                                   syn.general_examples, syn.seed)
+            paths = chat.write(run_dir / "data")
+            return paths["train"], (paths["eval"] if chat.eval_examples_per_user else None), "jsonl"
+        task = SyntheticTask(syn.num_users, syn.train_examples_per_user, syn.eval_examples_per_user, syn.num_keys,
+                             syn.num_values, syn.seed)
         train_path, eval_path = task.write(run_dir / "data")
         return train_path, (eval_path if task.eval_examples_per_user else None), "jsonl"
-    as_spec = lambda v: list(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v  # noqa: E731
-    return as_spec(d.train_path), (as_spec(d.eval_path) if d.eval_path else None), d.format.value
+    return _spec(d.train_path), (_spec(d.eval_path) if d.eval_path else None), d.format.value
 
 
 def hold_out(users: list[str], k: int, seed: int) -> tuple[list[int], list[int]]:
@@ -85,16 +98,21 @@ class _Build:
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir, self.d = cfg, run_dir, cfg.data
         self.bad = BadRows(policy=self.d.on_bad_row.value)
-        self.train_spec, self.eval_spec, self.fmt = _data_paths(cfg, run_dir)
+        train_spec, eval_spec, self.fmt = _data_paths(cfg, run_dir)
+        self.specs = {"train": train_spec, "eval": eval_spec, "retain": _spec(cfg.train.retain.path),
+                      "general": _spec(cfg.eval.general_path)}
         self._raw: dict[str, datasets.Dataset | None] = {}
 
-    def raw(self, which: str) -> datasets.Dataset | None:
-        if which not in self._raw:
-            d, spec = self.d, self.train_spec if which == "train" else self.eval_spec
-            self._raw[which] = None if spec is None else load_examples(
-                spec, self.fmt, columns(self.cfg), self.bad, d.split if which == "train" else d.eval_split or d.split,
-                d.subset, key=f"data.{which}_path")
-        return self._raw[which]
+    def split(self, part: str) -> str:
+        return self.d.split if part == "train" else self.d.eval_split or self.d.split
+
+    def raw(self, part: str) -> datasets.Dataset | None:
+        if part not in self._raw:
+            spec = self.specs[part]
+            self._raw[part] = None if spec is None else load_examples(
+                spec, self.fmt, columns(self.cfg), self.bad, self.split(part), self.d.subset, key=KEYS[part],
+                anonymous=part in ("retain", "general"))
+        return self._raw[part]
 
     def model_path(self) -> str:
         m = self.cfg.base
@@ -107,9 +125,8 @@ class _Build:
     def key(self, tokenizer: Any) -> str:
         d = self.d
         return cache.cache_key({
-            "train": cache.sources_digest(self.train_spec, d.split, d.subset, "data.train_path"),
-            "eval": cache.sources_digest(self.eval_spec, d.eval_split or d.split, d.subset, "data.eval_path")
-            if self.eval_spec is not None else None,
+            **{part: cache.sources_digest(spec, self.split(part), d.subset, KEYS[part]) if spec is not None else None
+               for part, spec in self.specs.items()},
             "format": self.fmt, "columns": vars(columns(self.cfg)), "on_bad_row": d.on_bad_row.value,
             "max_length": d.max_length, "add_eos": d.add_eos, "hold_out": d.eval_examples_per_user,
             "seed": self.cfg.train.seed, "tokenizer": cache.tokenizer_digest(tokenizer),
@@ -117,14 +134,21 @@ class _Build:
 
     def write(self, folder: Path, tokenizer: Any) -> None:
         d = self.d
-        raw_train, raw_eval = self.raw("train"), self.raw("eval")
-        assert raw_train is not None
-        train = tokenize_examples(raw_train, tokenizer, d.max_length, d.add_eos, self.bad)
-        evald = tokenize_examples(raw_eval, tokenizer, d.max_length, d.add_eos, self.bad) if raw_eval is not None else None
-        if evald is None and d.eval_examples_per_user:
-            keep, held = hold_out(train["user_id"], d.eval_examples_per_user, self.cfg.train.seed)
-            train, evald = train.select(keep), train.select(held)
-        cache.save(folder, train, evald, self.bad)
+        parts = {}
+        for part in PARTS:
+            raw = self.raw(part)
+            parts[part] = tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, self.bad) if raw is not None else None
+        if not len(parts["train"]):
+            raise DataError(f"{KEYS['train']}: no example left after tokenisation ({self.bad.total} bad rows: "
+                            + "; ".join(self.bad.examples[:3]) + ")")
+        if parts["eval"] is None and d.eval_examples_per_user:
+            keep, held = hold_out(parts["train"]["user_id"], d.eval_examples_per_user, self.cfg.train.seed)
+            parts["train"], parts["eval"] = parts["train"].select(keep), parts["train"].select(held)
+        cache.save(folder, parts, self.bad)
+
+
+def _spec(value: Any) -> Any:
+    return list(value) if OmegaConf.is_list(value) else value
 
 
 _PASSED_ON = {"DataError": DataError, "RecipeError": RecipeError, "LaunchError": LaunchError}
@@ -158,8 +182,8 @@ def prepare_data(cfg: DictConfig) -> RunData:
     if not cache.is_complete(folder):
         raise LaunchError(f"rank {fdist.rank()} cannot see rank 0's data cache {folder}: put run_dir on a filesystem "
                           "every node shares")
-    train, evald, bad = cache.load(folder)
-    return RunData(train, evald, bad, answer[1], tokenizer, folder)
+    parts, bad = cache.load(folder)
+    return RunData(parts["train"], parts.get("eval"), parts.get("retain"), parts.get("general"), bad, answer[1], tokenizer, folder)
 
 
 def load_eval_file(cfg: DictConfig, tokenizer: Any, path: Path) -> TokenizedExamples:

@@ -15,7 +15,8 @@ from flora_train.config import recipe_to_yaml
 from flora_train.data.examples import TokenizedExamples
 
 # max_steps only cuts the same schedule short, so raising it to train longer is a plain resume.
-PLAN_KEYS = ("train.users_per_step", "train.examples_per_user", "train.epochs", "train.seed", "data.max_examples_per_user")
+PLAN_KEYS = ("train.users_per_step", "train.examples_per_user", "train.epochs", "train.seed", "data.max_examples_per_user",
+             "train.retain.examples_per_user_step")
 
 
 def _digest(h: "hashlib._Hash") -> str:
@@ -61,14 +62,16 @@ class RunFingerprint:
         return out
 
 
-def run_fingerprint(cfg: DictConfig, train: TokenizedExamples) -> RunFingerprint:
-    keys = {k: OmegaConf.select(cfg, k) for k in PLAN_KEYS}
+def run_fingerprint(cfg: DictConfig, train: TokenizedExamples, retain: TokenizedExamples | None = None) -> RunFingerprint:
+    # The retain key only counts when retain is on, so runs from before it existed still resume.
+    keys = {k: OmegaConf.select(cfg, k) for k in PLAN_KEYS if retain is not None or not k.startswith("train.retain")}
     users = train.users()
     h = hashlib.blake2b(digest_size=16)
     for u in users:
         h.update(u.encode("utf-8", "surrogatepass") + b"\x00")
     plan = hashlib.blake2b(repr(sorted(keys.items())).encode(), digest_size=16)
-    return RunFingerprint(examples_fingerprint(train), _digest(plan), _digest(h), keys, len(users))
+    data = examples_fingerprint(train) if retain is None else examples_fingerprint(train, retain)
+    return RunFingerprint(data, _digest(plan), _digest(h), keys, len(users))
 
 
 def check_ranks_agree(cfg: DictConfig, fingerprint: RunFingerprint, eval_examples: TokenizedExamples | None) -> str | None:

@@ -83,7 +83,7 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     if bad.total and main:
         print(f"skipped {bad.total} bad rows: " + "; ".join(bad.examples[:3]))
 
-    trainer = Trainer(session.model, session.slot, session.store, session.train, train_settings(session),
+    trainer = Trainer(session.model, session.slot, session.store, session.step_examples, train_settings(session),
                       session.user_total_steps(), session.pad_id, session.device)
 
     def checkpoint(at: int) -> Path:
@@ -97,7 +97,7 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
         log.warning("steps are %.0f%% full on average (%.0f%% hold a single user): a few users hold most of the data; "
                     "data.max_examples_per_user caps a user's examples per epoch", 100 * occupancy["occupancy_mean"],
                     100 * occupancy["single_user_steps"])
-    meter, step = Meter(session.store), start_step
+    meter, step, tokens = Meter(session.store), start_step, 0
     bar = tqdm(total=total, initial=start_step, desc="train", disable=not (t.progress and main), unit="step")
     status = "FAILED"
     started = time.perf_counter()
@@ -112,6 +112,7 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
                 following = next(plans, None)
                 st = trainer.train_step(plan, following)
                 meter.add(st)
+                tokens += st.tokens
                 step = plan.step + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}", users_s=f"{st.users / st.seconds:.0f}")
@@ -145,7 +146,8 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     final = checkpoint(step)
     held, whole = resident_base_bytes(session.model)
     result: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "checkpoint": str(final), "mlflow_run_id": tracker.known_run_id,
-                              "train_seconds": train_seconds, "users": len(session.store), "store": store_totals,
+                              "train_seconds": train_seconds, "train_tokens_per_s": tokens / max(train_seconds, 1e-9),
+                              "users": len(session.store), "store": store_totals,
                               "base": {"zero_stage": cfg.base.zero_stage, "world_size": fdist.world_size(),
                                        "launcher": session.launch.launcher,
                                        "resident_bytes_per_rank": held, "total_bytes": whole}}

@@ -36,6 +36,7 @@ from flora_train.train.generation_eval import (gather_generation, generation_eva
                                                worse_than_base, write_generation_report)
 from flora_train.train.resume import check_same_base
 from flora_train.train.data_setup import load_eval_file
+from flora_train.train.general_eval import base_answers, general_agreement
 from flora_train.train.session import Session, make_row_init, prepare_session, train_settings
 from flora_train.train.trainer import Trainer
 
@@ -175,7 +176,36 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
     tracker.log_metrics({**summary, **base, **out.get("eval_shared", {})}, step=step)
     if cfg.eval.generate:
         out["eval_generate"] = run_generation_eval(session, step, tracker)
-    print_table(table, 1.0 / cfg.data.synthetic.num_values if cfg.data.synthetic is not None else None)
+    syn = cfg.data.synthetic
+    print_table(table, 1.0 / syn.num_values if syn is not None and syn.task.value == "rules" else None)
+    if session.general is not None:
+        out.update(score_general(session, step, tracker, shared_row))
+    return out
+
+
+def score_general(session: Session, step: int, tracker: Tracker, shared_row: torch.Tensor | None) -> dict[str, Any]:
+    """``eval.general_path``: how often each user's adapter (and the shared one) still gives the
+    base's own greedy answer to general prompts (see ``general_eval.py``)."""
+    assert session.general is not None
+    answers = base_answers(session, session.general)
+    per_user = general_agreement(session, adapter_rows(session.store), answers)
+    out = {"eval_general": summarise(per_user, "eval_general")}
+    if fdist.rank() == 0:
+        write_per_user(session.run_dir / "eval" / f"general-step{step}.jsonl", per_user)
+    if shared_row is not None:
+        shared = shared_row.to(session.device).unsqueeze(0)
+        out["eval_general_shared"] = summarise(general_agreement(session, lambda users: shared.expand(len(users), -1),
+                                                                 answers), "eval_general_shared")
+    tracker.log_metrics({**out["eval_general"], **out.get("eval_general_shared", {})}, step=step)
+    if fdist.rank() == 0:
+        g, gs = out["eval_general"], out.get("eval_general_shared", {})
+        print(f"general prompts ({len(answers)}; agreement = the adapter's greedy answer is the base's own, base 1.000):")
+        print(f"  per-user adapters   agreement mean {g.get('eval_general/accuracy_mean', float('nan')):.3f} "
+              f"p10 {g.get('eval_general/accuracy_p10', float('nan')):.3f}, loss of the base's answer "
+              f"{g.get('eval_general/loss_mean', float('nan')):.4f}")
+        if gs:
+            print(f"  one shared adapter  agreement mean {gs.get('eval_general_shared/accuracy_mean', float('nan')):.3f}, "
+                  f"loss of the base's answer {gs.get('eval_general_shared/loss_mean', float('nan')):.4f}")
     return out
 
 

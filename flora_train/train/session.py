@@ -27,6 +27,7 @@ from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
 from flora_train.train.trainer import TrainSettings
 from flora_train.train.data_setup import prepare_data
+from flora_train.train.retain import base_targets
 from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
 
 
@@ -44,6 +45,8 @@ class Session:
     store: ShardedAdapterStore
     train: TokenizedExamples  # memory-mapped from the run's data cache
     eval: TokenizedExamples | None
+    retain: TokenizedExamples | None  # train.retain: indices len(train).. in step_examples
+    general: TokenizedExamples | None  # eval.general_path
     planner: BatchPlanner
     bad_rows: BadRows
     user_tokens: dict[str, int]  # target tokens per user in the training data (drives shard packing)
@@ -56,6 +59,11 @@ class Session:
         if self.zero is not None:
             self.zero.close()
             self.zero = None
+
+    @property
+    def step_examples(self) -> TokenizedExamples:
+        """What the planner's indices point into: the users' examples, then the retain examples."""
+        return self.train if self.retain is None else self.train.concat(self.retain)
 
     @property
     def pad_id(self) -> int:
@@ -173,13 +181,21 @@ def prepare_session(cfg: DictConfig) -> Session:
             f"{len(user_tokens)} user(s) cannot be sharded over {fdist.world_size()} ranks: every rank's store "
             "shard must own at least one user; start fewer processes"
         )
-    fingerprint = run_fingerprint(cfg, train)
-    disagreement = check_ranks_agree(cfg, fingerprint, evald)
-    if disagreement:
-        raise LaunchError(disagreement)
     store = make_store(cfg, layout, device, user_tokens)
     t = cfg.train
-    planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user)
+    retain = data.retain
+    if retain is not None and t.retain.targets.value == "base":
+        # The base's own answers to the retain prompts: what the adapters should keep giving.
+        retain = base_targets(model, slot, store.row_init, tokenizer, retain, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                              device, synced=fdist.is_distributed() and zero is not None)
+    fingerprint = run_fingerprint(cfg, train, retain)
+    disagreement = check_ranks_agree(cfg, fingerprint, evald)
+    if disagreement:
+        if zero is not None:
+            zero.close()
+        raise LaunchError(disagreement)
+    planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user,
+                           retain=(len(train), len(retain), t.retain.examples_per_user_step) if retain is not None else None)
     return Session(
         cfg=cfg,
         run_dir=run_dir,
@@ -193,6 +209,8 @@ def prepare_session(cfg: DictConfig) -> Session:
         store=store,
         train=train,
         eval=evald,
+        retain=retain,
+        general=data.general,
         planner=planner,
         bad_rows=bad,
         user_tokens=user_tokens,

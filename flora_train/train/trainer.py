@@ -177,7 +177,7 @@ class Trainer:
             users=len(step_users),
             examples=plan.num_examples,
             tokens=int(tokens.item()),
-            target_tokens=sum(self.example_targets[i] for _, ex in plan.groups for i in ex),
+            target_tokens=int(sum(self.example_targets[i] for _, ex in plan.groups for i in ex)),
             seconds=seconds,
             skipped_users=skipped,
             user_losses=dict(zip(step_users, loss_all.tolist())),

@@ -43,6 +43,14 @@ def _write(tmp_path, text):
          r"key 'base.deepspeed.zero_optimization.stage': is 2 but base.zero_stage is 3"),
         ("run_dir: x\n  bad: [indent\n", [], r"r\.yaml:2: not valid YAML"),
         (MINIMAL, ["adapter.kernel=bmm"], r"key 'adapter.kernel': bmm does not compute flora; use auto or one of stacked, rankwise"),
+        (MINIMAL, ["data.synthetic.task=persona_chat"], r"key 'data.messages_column': data.synthetic.task=persona_chat "
+         "writes chat rows: set it to messages"),
+        (MINIMAL, ["data.synthetic.task=poems"], r"invalid value for key 'data.synthetic.task'.*rules, persona_chat"),
+        (MINIMAL, ["train.retain.path=r.jsonl", "train.retain.examples_per_user_step=0"],
+         r"key 'train.retain.examples_per_user_step': must be >= 1, got 0"),
+        (MINIMAL, ["train.retain.targets=teacher"], r"invalid value for key 'train.retain.targets'.*base, data"),
+        (MINIMAL, ["base.tiny=null", "base.name_or_path=${package_dir:no_such_pkg_x}"],
+         r"package_dir:no_such_pkg_x.*the package 'no_such_pkg_x' is not installed"),
     ],
 )
 def test_recipe_errors_name_the_key(tmp_path, text, overrides, pattern):

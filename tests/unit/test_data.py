@@ -210,3 +210,24 @@ def test_skewed_users_are_spread_and_capped():
     for e in range(sizes["u0001"] // 16 + 1):
         seen.update(i for c in cap.user_chunks("u0001", e) for i in c)
     assert seen == set(examples["u0001"]), "over enough epochs every example of a capped user comes round"
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 5), st.integers(1, 3), st.integers(0, 3))
+def test_retain_examples_join_every_chunk_and_do_not_depend_on_other_users(n_retain, per_chunk, per_user, seed):
+    """train.retain: each of a user's chunks gets ``per_chunk`` distinct retain indices (after the
+    users' examples), drawn from (seed, epoch, user, chunk) alone: the user's own examples are
+    planned as without retain, and other users do not change what a user gets."""
+    users = {"x": range(0, 7), "y": range(7, 12)}
+    first = 12
+    plain = BatchPlanner(users, 2, per_user, seed)
+    mixed = BatchPlanner(users, 2, per_user, seed, retain=(first, n_retain, per_chunk))
+    alone = BatchPlanner({"x": range(0, 7), "z": range(40, 60)}, 3, per_user, seed, retain=(first, n_retain, per_chunk))
+    for epoch in range(3):
+        for old, new, solo in zip(plain.user_chunks("x", epoch), mixed.user_chunks("x", epoch), alone.user_chunks("x", epoch)):
+            own, extra = new[: len(old)], new[len(old):]
+            assert own == old and new == solo
+            assert len(extra) == len(set(extra)) == min(per_chunk, n_retain)
+            assert all(first <= i < first + n_retain for i in extra)
+    full = mixed.occupancy()
+    assert 0 < full["occupancy_mean"] <= 1.0

@@ -51,7 +51,7 @@ def test_the_cache_is_memory_mapped_not_read_into_memory(tmp_path, tiny_llama_di
                              "tracking.enabled=false", "data.eval_examples_per_user=0"])
     folder = data_setup.prepare_data(cfg).cache_dir
     before = pa.total_allocated_bytes()
-    examples, _, _ = cache.load(folder)
+    examples = cache.load(folder)[0]["train"]
     token_bytes = int(examples.lengths().sum()) * 4 * 2  # input_ids and labels, int32
     assert token_bytes > 2_000_000
     grown = pa.total_allocated_bytes() - before
@@ -117,3 +117,12 @@ def test_examples_read_the_same_from_any_chunking_and_view(data, chunk):
         changed = [dict(r) for r in plain]
         changed[-1] = {**changed[-1], "input_ids": changed[-1]["input_ids"] + [1], "labels": changed[-1]["labels"] + [1]}
         assert TokenizedExamples.from_rows(changed).fingerprint() != whole.fingerprint()
+
+
+def test_concat_joins_a_cached_table_and_rows_made_in_memory(tmp_path, tiny_llama_dir):
+    cfg = _cfg(tmp_path, tiny_llama_dir)
+    train = data_setup.prepare_data(cfg).train
+    extra = TokenizedExamples.from_rows([{"user_id": "__general__", "input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}])
+    both = train.concat(extra)
+    assert len(both) == len(train) + 1 and both.input_ids(len(train)).tolist() == [5, 6, 7]
+    assert both.input_ids(3).tolist() == train.input_ids(3).tolist() and both.user(len(train)) == "__general__"
