@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 
 def _quiet_libraries() -> None:
@@ -131,6 +132,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_footprint(cfg: Any) -> None:
+    """The per-user bytes of the recipe's adapter and optimizer, when the base's config is at hand
+    (a hub id with no local copy is not fetched: the line then says why it is missing)."""
+    from flora_train.store.footprint import describe, footprint
+
+    try:
+        print(describe(cfg, footprint(cfg)))
+    except Exception as exc:  # the recipe itself is valid; only the size estimate is unavailable
+        print(f"# per-user bytes: not computed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+
+
 def _users_arg(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -208,7 +220,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "validate":
-            print(recipe_to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+            cfg = load_recipe(args.recipe, args.overrides)
+            print(recipe_to_yaml(cfg), end="")
+            _print_footprint(cfg)
         elif args.command == "run":
             from flora_train.train.run import run_training
 

@@ -90,6 +90,10 @@ class AdapterLayout:
             self.slices[name] = per_module
         self.row_size = offset
 
+    def module_starts(self) -> tuple[int, ...]:
+        """Where each adapted module's numbers start in a row (row-wise optimizers group by them)."""
+        return tuple(min(sl.offset for sl in per.values()) for per in self.slices.values())
+
     def views(self, rows: torch.Tensor, module: str) -> dict[str, torch.Tensor]:
         """Per-user views ``[users, *shape]`` of one module's tensors inside ``rows [users, row_size]``."""
         users = rows.shape[0]

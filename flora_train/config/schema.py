@@ -64,6 +64,12 @@ class Precision(str, Enum):
 class OptimizerName(str, Enum):
     adamw = "adamw"
     adagrad = "adagrad"
+    rowwise_adagrad = "rowwise_adagrad"  # TorchRec's: one accumulator per row and module
+
+
+class StateDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"  # adamw's moments in half the bytes
 
 
 class Schedule(str, Enum):
@@ -203,6 +209,7 @@ class OptimizerConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    state_dtype: StateDtype = StateDtype.float32  # adamw's moments (the Adagrads keep float32)
     # Schedules advance with each user's own step counter, so a user's learning rate never
     # depends on how long other users have trained.
     schedule: Schedule = Schedule.constant

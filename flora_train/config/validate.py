@@ -114,6 +114,9 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
         if value is not None and (not items or not all(isinstance(v, str) and v for v in items)):
             _fail(source, key, "must be a path, a folder, a glob pattern, a dataset id or a list of them")
     opt = cfg.store.optimizer
+    if opt.state_dtype.value != "float32" and opt.name.value != "adamw":
+        _fail(source, "store.optimizer.state_dtype", f"{opt.state_dtype.value} moments are for adamw; "
+              f"{opt.name.value} keeps float32")
     for leaf in ("beta1", "beta2"):
         if not 0.0 <= opt[leaf] < 1.0:
             _fail(source, f"store.optimizer.{leaf}", f"must be in [0, 1), got {opt[leaf]}")

@@ -1,5 +1,11 @@
 """Row-wise sparse optimizers: state per row, updates only the rows they are given.
 
+``rowwise_adagrad`` is TorchRec/FBGEMM's row-wise Adagrad: one accumulator per row and adapted
+module (the mean of the squared gradient over the module's numbers), not one per number, so its
+state is a few floats per user instead of a copy of the adapter. AdamW's two moments may be kept
+in bfloat16 (``state_dtype``), half their bytes; they are read into float32 for the update and
+rounded to nearest on the way back.
+
 Each row keeps its own step counter, so bias correction and a learning-rate schedule advance
 only when that user trains; a user's trajectory never depends on how many steps other users took.
 The update of one row is ``torch.optim.AdamW`` / ``Adagrad`` (``fused=True``) on a dense parameter
@@ -20,6 +26,10 @@ from flora_train.store.table import Column, HotRowCache, RowTable
 RowAccess = RowTable | HotRowCache
 
 
+NAMES = ("adamw", "adagrad", "rowwise_adagrad")
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class OptimizerHyper:
     name: str = "adamw"
@@ -27,21 +37,48 @@ class OptimizerHyper:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    state_dtype: str = "float32"  # adamw's moments: float32 or bfloat16
+    # rowwise_adagrad: where each adapted module's numbers start in a row (the accumulators' groups);
+    # empty: the whole row is one group.
+    segments: tuple[int, ...] = ()
+
+    def state_bytes(self, row_size: int) -> int:
+        """Optimizer state per user: the step counter and the moments or accumulators."""
+        per = {"adamw": 2 * row_size * STATE_DTYPES[self.state_dtype].itemsize, "adagrad": 4 * row_size,
+               "rowwise_adagrad": 4 * max(1, len(self.segments))}[self.name]
+        return 8 + per
 
 
 class RowwiseOptimizer:
     """AdamW or Adagrad whose state is columns of the store's row table (so it lives with the rows)."""
 
     def __init__(self, hyper: OptimizerHyper) -> None:
-        if hyper.name not in ("adamw", "adagrad"):
-            raise ValueError(f"optimizer must be adamw or adagrad, got {hyper.name!r}")
+        if hyper.name not in NAMES:
+            raise ValueError(f"optimizer must be one of {', '.join(NAMES)}, got {hyper.name!r}")
+        if hyper.state_dtype not in STATE_DTYPES or (hyper.state_dtype != "float32" and hyper.name != "adamw"):
+            raise ValueError(f"state_dtype {hyper.state_dtype!r}: adamw's moments may be float32 or bfloat16; "
+                             "the Adagrads keep float32")
         self.hyper = hyper
-        self.moments = ("exp_avg", "exp_avg_sq") if hyper.name == "adamw" else ("sum_sq",)
+        self.moments = {"adamw": ("exp_avg", "exp_avg_sq"), "adagrad": ("sum_sq",), "rowwise_adagrad": ("sum_sq",)}[hyper.name]
+        self.state_dtype = STATE_DTYPES[hyper.state_dtype]
+        self._groups: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def columns(self, row_size: int) -> dict[str, Column]:
         cols = {"step": Column((), torch.int64)}
-        cols.update({name: Column((row_size,), torch.float32) for name in self.moments})
+        if self.hyper.name == "rowwise_adagrad":
+            cols["sum_sq"] = Column((max(1, len(self.hyper.segments)),), torch.float32)
+        else:
+            cols.update({name: Column((row_size,), self.state_dtype) for name in self.moments})
         return cols
+
+    def _group_index(self, row_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each number's group in a row, and each group's size."""
+        if self._groups is None or self._groups[0].numel() != row_size or self._groups[0].device != device:
+            starts = list(self.hyper.segments) or [0]
+            sizes = [b - a for a, b in zip(starts, [*starts[1:], row_size])]
+            group = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(sizes))
+            self._groups = (group.to(device), torch.tensor(sizes, dtype=torch.float32, device=device))
+        return self._groups
 
     @torch.no_grad()
     def update(self, table: RowAccess, rows: torch.Tensor, grads: torch.Tensor, lr: torch.Tensor) -> None:
@@ -52,16 +89,19 @@ class RowwiseOptimizer:
         made, which at LoRA on every linear layer is tens of MiB per step, read and written once
         by one fused kernel. Elsewhere (host rows, GPU compute, no cache) they are copied over and back.
         """
+        if self.hyper.name == "rowwise_adagrad":
+            return self._rowwise_adagrad(table, rows, grads, lr)
         names = ("rows", *self.moments)
         data, where = table.locate(rows)
-        in_place = data["rows"].device == grads.device
+        # bfloat16 moments are widened to float32 copies for the fused kernel.
+        in_place = data["rows"].device == grads.device and self.state_dtype == torch.float32
         if in_place:
             steps = data["step"].index_select(0, where) + 1
             data["step"].index_copy_(0, where, steps)
             state = {n: [data[n][i] for i in where.tolist()] for n in names}
         else:
             steps = table.gather("step", rows) + 1
-            copies = {n: table.gather(n, rows).to(grads.device) for n in names}
+            copies = {n: table.gather(n, rows).to(grads.device, torch.float32) for n in names}
             state = {n: list(copies[n].unbind()) for n in names}
         grad_rows = list(grads.to(torch.float32).unbind())
         # torch's functional optimizers count the step themselves: they are handed the step before.
@@ -76,7 +116,24 @@ class RowwiseOptimizer:
         if not in_place:
             table.scatter("step", rows, steps)
             for n in names:
-                table.scatter(n, rows, copies[n])
+                table.scatter(n, rows, copies[n] if n == "rows" else copies[n].to(self.state_dtype))
+
+    def _rowwise_adagrad(self, table: RowAccess, rows: torch.Tensor, grads: torch.Tensor, lr: torch.Tensor) -> None:
+        """``acc[g] += mean(grad[g]^2)`` per group ``g`` of a row, then ``w -= lr * grad / (sqrt(acc) + eps)``
+        (weight decay as L2 on the gradient, like torch.optim.Adagrad). One vectorised update for all rows."""
+        h = self.hyper
+        device = grads.device
+        w = table.gather("rows", rows).to(device)
+        acc = table.gather("sum_sq", rows).to(device)
+        g = grads.to(torch.float32)
+        if h.weight_decay:
+            g = g + h.weight_decay * w
+        group, sizes = self._group_index(w.shape[1], device)
+        acc = acc + torch.zeros_like(acc).index_add_(1, group, g * g) / sizes
+        w = w - lr.to(device, torch.float32).unsqueeze(1) * g / (acc.sqrt() + h.eps).index_select(1, group)
+        table.scatter("step", rows, table.gather("step", rows) + 1)
+        table.scatter("sum_sq", rows, acc)
+        table.scatter("rows", rows, w)
 
     def _fused(self, state: list[list[torch.Tensor]], grads: list[torch.Tensor], steps: list[torch.Tensor], lr: float) -> None:
         h = self.hyper

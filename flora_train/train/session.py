@@ -108,7 +108,8 @@ def make_row_init(layout: AdapterLayout, seed: int):
 
 def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, user_tokens: dict[str, int]) -> ShardedAdapterStore:
     o, st = cfg.store.optimizer, cfg.store
-    hyper = OptimizerHyper(name=o.name.value, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
+    hyper = OptimizerHyper(name=o.name.value, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                           state_dtype=o.state_dtype.value, segments=layout.module_starts())
     rank = fdist.rank()
     disk_dir = Path(st.disk_dir) if st.disk_dir else Path(cfg.run_dir) / "store_tier"
     local = AdapterStore(

@@ -106,3 +106,17 @@ def test_ranks_that_read_other_data_or_recipe_fail_naming_the_rank(tmp_path, tin
     assert proc.returncode != 0
     assert "rank 1 read another recipe than rank 0" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists(), "nothing was trained"
+
+
+def test_a_data_error_on_rank_0_stops_every_rank_with_its_message(tmp_path, tiny_llama_dir):
+    """Only rank 0 reads the data files; a bad row there must reach rank 1 (which would otherwise
+    wait for the data cache forever) as the same one-line error."""
+    base = small_recipe(tmp_path, tiny_llama_dir)
+    train_path = Path(next(a.split("=", 1)[1] for a in base if a.startswith("data.train_path=")))
+    with train_path.open("a") as f:
+        f.write('{"user_id": 7, "prompt": "p", "completion": " c"}\n')
+    lines = len(train_path.read_text().splitlines())
+    proc = run_many(2, [[*base, f"run_dir={tmp_path / 'run'}"]], tmp_path, check=False)
+    assert proc.returncode != 0
+    message = f"{train_path}:{lines}: user id column 'user_id' must be a string"
+    assert proc.stderr.count(message) >= 2, proc.stderr[-3000:]  # rank 0's error, and rank 1's copy of it
