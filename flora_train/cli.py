@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -91,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--batch-size", type=int, default=16)
     gen.add_argument("--device", default="auto")
+
+    us = sub.add_parser("users", help="who is in a run: steps, tokens, last held-out loss, export folders")
+    us.add_argument("run_dir", type=Path)
+    us.add_argument("--json", action="store_true", help="one JSON object per user instead of a table")
+
+    fg = sub.add_parser("forget", help="remove users from a run: checkpoints, exports, per-user files")
+    fg.add_argument("run_dir", type=Path)
+    fg.add_argument("--users", required=True, help="comma-separated user ids, or @FILE with one id per line")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server; concurrent users batched into one forward")
     srv.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
@@ -238,6 +247,27 @@ def _dispatch(args: argparse.Namespace) -> int:
             from flora_train.train.scoring import run_eval
 
             run_eval(args.run_dir, args.checkpoint, args.data)
+        elif args.command == "users":
+            from flora_train.lifecycle import list_users
+
+            rows = list_users(args.run_dir)
+            if args.json:
+                for r in rows:
+                    print(json.dumps(r, ensure_ascii=False))
+            else:
+                print(f"{'user':32s} {'steps':>6s} {'tokens':>8s} {'eval loss':>10s}  export")
+                for r in rows:
+                    loss = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
+                    tokens = "-" if r["tokens"] is None else str(r["tokens"])
+                    print(f"{r['user_id'][:32]:32s} {r['steps']:6d} {tokens:>8s} {loss:>10s}  {', '.join(r['export']) or '-'}")
+                print(f"{len(rows)} users")
+        elif args.command == "forget":
+            from flora_train.lifecycle import forget_users
+
+            out = forget_users(args.run_dir, _users_arg(args.users) or [])
+            print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
+                  f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
+                  f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
         elif args.command == "export":
             from flora_train.export import export_adapters
 

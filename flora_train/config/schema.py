@@ -259,6 +259,9 @@ class TrainConfig:
     # epochs, seed) or the user set differ from the checkpoint's (see README "Resume").
     on_data_change: DataChangePolicy = DataChangePolicy.error
     keep_checkpoints: int = 2
+    # Incremental checkpoints: each checkpoint holds only the users changed since the one before,
+    # and every Nth of a chain is full again (compaction). 1: every checkpoint is full.
+    full_checkpoint_every: int = 8
     progress: bool = True
     # Also train one adapter shared by all users on the same data and report it beside the per-user ones.
     compare_shared_baseline: bool = False

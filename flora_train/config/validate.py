@@ -82,6 +82,7 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
             "train.micro_batch_size",
             "train.log_every_steps",
             "train.keep_checkpoints",
+            "train.full_checkpoint_every",
             "train.max_consecutive_nonfinite",
             "eval.batch_size",
             "store.optimizer.lr",

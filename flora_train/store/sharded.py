@@ -267,36 +267,32 @@ class ShardedAdapterStore:
 
     # -- persistence: one shard file per owner, written in parallel ----------------------------
 
-    def save_shard(self, directory: Path, metadata: dict[str, str]) -> list[str]:
-        """Writes this rank's shard into ``directory`` (shared by all ranks); returns the file names."""
+    def save_shard(self, directory: Path, metadata: dict[str, str], delta: bool = False) -> list[str]:
+        """Writes this rank's shard into ``directory`` (shared by all ranks); returns the file names.
+        ``delta``: only the users changed since the checkpoint the store was last saved to or
+        loaded from (``local.saved_at``), so the bytes follow the rows the steps touched."""
         self._settle_prefetch()
-        users = self.local.registry.ids
+        rows = self.local.changed_rows() if delta else None
+        ids = self.local.registry.ids
+        users = ids if rows is None else [ids[r] for r in rows.tolist()]
         meta = {"row_size": str(self.row_size), "optimizer": self.hyper.name, "users": str(len(users)),
-                "rank": str(self.rank), "world": str(self.world), **metadata}
+                "rank": str(self.rank), "world": str(self.world), "delta": str(delta), **metadata}
         store_name = shard_file(self.rank, self.world, "store")
         users_name = shard_file(self.rank, self.world, "users")
-        save_file(self.local.state_tensors(), str(directory / store_name), metadata=meta)
+        save_file(self.local.state_tensors(rows), str(directory / store_name), metadata=meta)
         (directory / users_name).write_text(json.dumps({"user_ids": users}, ensure_ascii=False))
         return [store_name, users_name]
 
     def load_shards(self, directory: Path, plan: ShardPlan, fresh: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         """Takes this rank's users (under ``plan``, which may be for another world size than the
-        one that saved) out of every shard in ``directory``; users in ``fresh`` are new and get
-        initial rows. Nothing changes unless every shard reads cleanly."""
+        one that saved) out of every shard of ``directory`` and the checkpoints it builds on (a
+        delta's chain, oldest first, later ones overriding); users in ``fresh`` are new and get
+        initial rows. Only the rows this rank owns are read (safetensors slices). Nothing changes
+        unless every shard reads cleanly."""
         plan.check(self.world, str(directory / "shard_plan.json"))
         wanted = plan.users_of(self.rank)
         mine = set(wanted).difference(fresh)
-        ids: list[str] = []
-        parts: dict[str, list[torch.Tensor]] = {}
-        for path, users in iter_shards(directory):
-            take = [i for i, u in enumerate(users) if u in mine]
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    t = f.get_tensor(key)
-                    if t.shape[0] != len(users):
-                        raise ShardError(f"{path}: {key} has {t.shape[0]} rows for {len(users)} users")
-                    parts.setdefault(key, []).append(t[take])
-            ids.extend(users[i] for i in take)
+        ids, parts = _read_users(checkpoint_chain(directory), mine)
         missing = mine.difference(ids)
         if missing:
             raise ShardError(f"{directory}: no shard holds user {sorted(missing)[0]!r} (and {len(missing) - 1} more) of shard {self.rank}")
@@ -314,6 +310,15 @@ class ShardedAdapterStore:
         self._row_index = None
         self._prefetch = None
         self.local.load_state(wanted, tensors, str(directory))
+        # Equal to the checkpoint but for the fresh users: the next delta builds on it.
+        self.local.mark_saved(directory.name, [i for i, u in enumerate(wanted) if u in fresh])
+
+    def mark_saved(self, checkpoint: str) -> None:
+        self.local.mark_saved(checkpoint)
+
+    @property
+    def saved_at(self) -> str | None:
+        return self.local.saved_at
 
 
 def iter_shards(directory: Path):
@@ -342,11 +347,57 @@ def iter_shards(directory: Path):
         yield path, users
 
 
-def read_saved_rows(directory: Path) -> tuple[list[str], torch.Tensor]:
-    """Every saved user's id and adapter row ``[users, row_size]``, across all shards."""
-    ids, parts = [], []
-    for path, users in iter_shards(directory):
+def checkpoint_chain(directory: Path) -> list[Path]:
+    """The checkpoints ``directory`` is made of, oldest first: itself when it is full, else the
+    full checkpoint its deltas build on and each delta up to it (``chain`` in its manifest)."""
+    try:
+        chain = json.loads((directory / "manifest.json").read_text()).get("chain")
+    except (OSError, ValueError):
+        chain = None
+    return [directory.parent / name for name in chain] if chain else [directory]
+
+
+def _read_users(chain: list[Path], wanted: set[str] | None, keys: tuple[str, ...] | None = None
+                ) -> tuple[list[str], dict[str, list[torch.Tensor]]]:
+    """The ``wanted`` users' (all users' when None) saved tensors across a chain, the newest
+    copy of each; only their rows are read from each shard."""
+    latest: dict[str, tuple[Path, int]] = {}
+    users_of: dict[Path, list[str]] = {}
+    for member in chain:
+        for path, users in iter_shards(member):
+            users_of[path] = users
+            for i, u in enumerate(users):
+                if wanted is None or u in wanted:
+                    latest[u] = (path, i)
+    ids: list[str] = []
+    parts: dict[str, list[torch.Tensor]] = {}
+    for path, users in users_of.items():
+        take = [i for i, u in enumerate(users) if u in latest and latest[u][0] == path]
         with safe_open(str(path), framework="pt") as f:
-            parts.append(f.get_tensor("rows"))
-        ids.extend(users)
-    return ids, torch.cat(parts)
+            for key in (keys or f.keys()):
+                sl = f.get_slice(key)
+                if sl.get_shape()[0] != len(users):
+                    raise ShardError(f"{path}: {key} has {sl.get_shape()[0]} rows for {len(users)} users")
+                # Contiguous runs of wanted rows are read as slices: a rank reads its own rows only.
+                runs = _runs(take)
+                parts.setdefault(key, []).append(torch.cat([sl[a:b] for a, b in runs]) if runs else sl[0:0])
+        ids.extend(users[i] for i in take)
+    return ids, parts
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as half-open runs ``[a, b)``."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def read_saved_rows(directory: Path) -> tuple[list[str], torch.Tensor]:
+    """Every saved user's id and adapter row ``[users, row_size]``, across all shards (and the
+    checkpoints a delta builds on)."""
+    ids, parts = _read_users(checkpoint_chain(directory), None, ("rows",))
+    return ids, torch.cat(parts["rows"])

@@ -59,6 +59,10 @@ class AdapterStore:
         # The cache only pays when rows live away from the compute device.
         self.cache = HotRowCache(self.table, cache_rows, self.compute_device) if cache_rows and tier != "device" else None
         self.access: RowAccess = self.cache if self.cache is not None else self.table
+        # Rows changed since the checkpoint named ``saved_at`` (an incremental checkpoint writes
+        # only these). Touched by the training thread only; the prefetch thread never writes rows.
+        self._changed: set[int] = set()
+        self.saved_at: str | None = None
 
     def __len__(self) -> int:
         return len(self.registry)
@@ -77,6 +81,7 @@ class AdapterStore:
                 raise ValueError(f"row_init returned {tuple(init.shape)}, expected {(len(new), self.row_size)}")
             self.table.reserve(start + len(new))  # amortised growth: the table is never rebuilt per user
             self.registry.add(new)
+            self._changed.update(range(start, start + len(new)))
             self.table.scatter("rows", torch.arange(start, start + len(new)), init)
         return new
 
@@ -92,7 +97,9 @@ class AdapterStore:
 
     def write(self, user_ids: Sequence[str], values: torch.Tensor) -> None:
         """Overwrites the users' rows (e.g. loading an exported adapter); optimizer state is kept."""
-        self.access.scatter("rows", self.row_ids(user_ids), values)
+        rows = self.row_ids(user_ids)
+        self.access.scatter("rows", rows, values)
+        self._changed.update(rows.tolist())
 
     def steps(self, user_ids: Sequence[str]) -> torch.Tensor:
         """Each user's optimizer step counter (how many steps it has trained)."""
@@ -124,19 +131,31 @@ class AdapterStore:
         if row_ids.numel() == 0:
             return
         self.optimizer.update(self.access, row_ids, grad, lr)
+        self._changed.update(row_ids.tolist())
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every column of every user, keyed ``rows`` and ``optim.<state>``, on the CPU."""
+    def state_tensors(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every column of every user (or of table ``rows`` only), keyed ``rows`` and
+        ``optim.<state>``, on the CPU."""
         if self.cache is not None:
             self.cache.flush()
         n = len(self)
         out = {}
         for name in self.table.columns:
             key = name if name == "rows" else f"optim.{name}"
-            out[key] = self.table.column(name)[:n].detach().cpu().contiguous()
+            column = self.table.column(name)[:n]
+            out[key] = (column if rows is None else column.index_select(0, rows.to(column.device))).detach().cpu().contiguous()
         return out
+
+    def changed_rows(self) -> torch.Tensor:
+        """Table rows changed since ``saved_at``, in row order."""
+        return torch.tensor(sorted(self._changed), dtype=torch.int64)
+
+    def mark_saved(self, checkpoint: str | None, changed: Sequence[int] = ()) -> None:
+        """The store now equals ``checkpoint`` except for table rows ``changed``."""
+        self.saved_at = checkpoint
+        self._changed = set(changed)
 
     def load_state(self, user_ids: Sequence[str], tensors: dict[str, torch.Tensor], source: str) -> None:
         """Replaces this store's users, rows and optimizer state (``state_tensors``' layout)."""
@@ -157,6 +176,7 @@ class AdapterStore:
             self.table.scatter(name, idx, tensors[name if name == "rows" else f"optim.{name}"])
         if self.cache is not None:
             self.cache.invalidate()
+        self.mark_saved(None, range(n))  # nothing is known to be saved until the caller says so
 
     def save(self, directory: Path, metadata: dict[str, str] | None = None) -> None:
         """Writes ``store.safetensors`` and ``users.json`` into ``directory`` (which must exist)."""

@@ -7,6 +7,12 @@ written last, ``manifest.json`` with each file's size and SHA-256. It is assembl
 temporary name, fsynced, then renamed into place, so a crash mid-write leaves the previous
 checkpoint as the latest valid one. Only safetensors and JSON are read back. The run directory
 must be shared by all ranks (as on any cluster file system).
+
+Incremental: a checkpoint may be a *delta* that holds only the users whose rows changed since
+the checkpoint before it (its ``parent``); its manifest lists the ``chain`` from the last full
+checkpoint to itself, and restoring reads the chain oldest first, the newest copy of each user
+winning. Every ``full_every``-th checkpoint of a chain is full again (compaction), and pruning
+never deletes a checkpoint a kept one builds on.
 """
 
 from __future__ import annotations
@@ -46,30 +52,51 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
+def file_entry(path: Path) -> dict[str, Any]:
     _fsync(path)
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
+def _delta_parent(root: Path, saved_at: str | None, full_every: int) -> list[str]:
+    """The chain a new delta would extend (oldest first), or [] when it must be full: no parent
+    the store is known to equal, a parent that is not intact, or a chain ``full_every`` long."""
+    if not saved_at or full_every <= 1:
+        return []
+    try:
+        manifest = verify_checkpoint(root / saved_at, contents=False)
+    except CheckpointError:
+        return []
+    chain = manifest.get("chain") or [saved_at]
+    return chain if len(chain) < full_every else []
+
+
 def save_checkpoint(
-    run_dir: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout, trainer_state: dict[str, Any], keep: int
+    run_dir: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout, trainer_state: dict[str, Any], keep: int,
+    full_every: int = 1,
 ) -> Path:
     """Every rank writes and hashes its own shard in parallel; rank 0 adds the shared files and the
-    manifest, then renames the folder into place. Collective: all ranks call it together."""
+    manifest, then renames the folder into place. Collective: all ranks call it together.
+    ``full_every`` > 1: a delta on the previous checkpoint unless that would make the chain longer."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
+    # Every rank's store must equal the same parent for a delta; rank 0 decides for all.
+    same_parent = len(set(fdist.all_gather_objects(store.saved_at))) == 1
+    chain: list[str] = []
     if fdist.rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        if same_parent and store.saved_at != final.name:
+            chain = _delta_parent(root, store.saved_at, full_every)
+    chain = fdist.broadcast_object(chain)
     fdist.barrier()
     entries: dict[str, Any] = {}
     error = None
     try:
-        for name in store.save_shard(tmp, {"layout": json.dumps(layout.to_dict())}):
-            entries[name] = _file_entry(tmp / name)
+        for name in store.save_shard(tmp, {"layout": json.dumps(layout.to_dict())}, delta=bool(chain)):
+            entries[name] = file_entry(tmp / name)
     except OSError as exc:  # ENOSPC and friends: reported, the previous checkpoint stays the latest
         error = f"rank {fdist.rank()}: writing checkpoint {final.name} failed: {exc}"
     gathered = fdist.all_gather_objects((entries, error))
@@ -77,7 +104,8 @@ def save_checkpoint(
     if fdist.rank() == 0:
         try:
             if not errors:
-                _finish(tmp, final, step, store, layout, trainer_state, {k: v for ent, _ in gathered for k, v in ent.items()})
+                _finish(tmp, final, step, store, layout, trainer_state, {k: v for ent, _ in gathered for k, v in ent.items()},
+                        [*chain, final.name] if chain else [])
         except OSError as exc:
             errors.append(f"rank 0: finishing checkpoint {final.name} failed: {exc}")
         if errors:
@@ -87,11 +115,12 @@ def save_checkpoint(
     errors = fdist.broadcast_object(errors)  # rank 0 has the final word (it may have failed finishing)
     if errors:
         raise CheckpointError("; ".join(errors))
+    store.mark_saved(final.name)
     return final
 
 
 def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout,
-            trainer_state: dict[str, Any], files: dict[str, Any]) -> None:
+            trainer_state: dict[str, Any], files: dict[str, Any], chain: list[str]) -> None:
     shared = {
         "layout.json": layout.to_dict(),
         "shard_plan.json": store.plan.to_dict(),
@@ -99,8 +128,10 @@ def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layou
     }
     for name, obj in shared.items():
         (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-        files[name] = _file_entry(tmp / name)
+        files[name] = file_entry(tmp / name)
     manifest = {"step": step, "world": store.world, "users": len(store), "files": dict(sorted(files.items()))}
+    if chain:
+        manifest.update(kind="delta", parent=chain[-2], chain=chain)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _fsync(tmp / MANIFEST)
     if final.exists():
@@ -127,6 +158,12 @@ def verify_checkpoint(path: Path, contents: bool = True) -> dict[str, Any]:
             raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
         if f.stat().st_size != info["bytes"] or (contents and _sha256(f) != info["sha256"]):
             raise CheckpointError(f"{f}: does not match the manifest (corrupt or partial)")
+    for name in manifest.get("chain", [])[:-1]:  # a delta is only as good as what it builds on
+        member = path.parent / name
+        try:
+            verify_checkpoint(member, contents)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: builds on {name}, which is not intact ({exc})") from None
     return manifest
 
 
@@ -160,8 +197,16 @@ def prune_checkpoints(root: Path, keep: int) -> None:
             valid.append(path)
         except CheckpointError:
             continue
+    kept = valid[: max(keep, 1)]
+    needed = {p.name for p in kept}
+    for path in kept:  # and everything a kept delta builds on
+        try:
+            needed.update(json.loads((path / MANIFEST).read_text()).get("chain", []))
+        except (OSError, ValueError):
+            pass
     for path in valid[max(keep, 1) :]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.name not in needed:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_layout(path: Path, layout: AdapterLayout) -> None:

@@ -88,7 +88,8 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
 
     def checkpoint(at: int) -> Path:
         state = _trainer_state(session, at, tracker.known_run_id, trainer)
-        return save_checkpoint(run_dir, at, session.store, session.layout, state, t.keep_checkpoints)
+        return save_checkpoint(run_dir, at, session.store, session.layout, state, t.keep_checkpoints,
+                               t.full_checkpoint_every)
 
     total = session.planner.total_steps(t.epochs, t.max_steps)
     occupancy = session.planner.occupancy()

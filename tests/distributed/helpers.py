@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from flora_train.data import SyntheticTask
-from flora_train.store.sharded import iter_shards
+from flora_train.store.sharded import checkpoint_chain, iter_shards
 from flora_train.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,13 +45,14 @@ def run_many(nproc: int, runs: list[list[str]], tmp: Path, resume: bool = False,
     return torchrun(nproc, [str(WORKER), str(spec)], tmp, check=check)
 
 
-def saved_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+def saved_state(run_dir: Path, checkpoint: Path | None = None) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     out = {}
-    for path, users in iter_shards(latest_checkpoint(run_dir)):
-        tensors = load_file(str(path))
-        out.update({u: {k: v[i] for k, v in tensors.items()} for i, u in enumerate(users)})
+    for member in checkpoint_chain(checkpoint or latest_checkpoint(run_dir)):  # a delta's chain, oldest first
+        for path, users in iter_shards(member):
+            tensors = load_file(str(path))
+            out.update({u: {k: v[i] for k, v in tensors.items()} for i, u in enumerate(users)})
     return out
 
 

@@ -78,18 +78,21 @@ def test_restore_onto_another_world_size(tmp_path, tiny_llama_dir):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("tracking:\n  enabled: false\n")
     # Through the real CLI: torchrun -m flora_train.cli run ...
+    # Checkpoints every 2 steps: step 2 full, then deltas at 4, 6 and 7 (incremental checkpoints).
     torchrun(2, ["-m", "flora_train.cli", "run", str(recipe), *base, f"run_dir={first}", "train.max_steps=7",
-                 "store.placement=fetch"], tmp_path)
+                 "store.placement=fetch", "train.checkpoint_every_steps=2"], tmp_path)
     ckpt = latest_checkpoint(first)
     assert ckpt.name == "step-00000007" and len(list(ckpt.glob("store-*-of-00002.safetensors"))) == 2
+    chain = json.loads((ckpt / "manifest.json").read_text())["chain"]
+    assert chain == ["step-00000002", "step-00000004", "step-00000006", "step-00000007"], chain
     at3, at1 = tmp_path / "resumed-at-3", tmp_path / "resumed-at-1"
     shutil.copytree(first, at3)
     shutil.copytree(first, at1)
     torchrun(3, ["-m", "flora_train.cli", "run", str(recipe), *base, f"run_dir={at3}", "--resume"], tmp_path)
     run_training(load_recipe(None, [*base, f"run_dir={at1}"]), resume=True)
     assert len(list(latest_checkpoint(at3).glob("store-*-of-00003.safetensors"))) == 3
-    assert_same_adapters(saved_state(at3), ref, "2 -> 3 ranks")
-    assert_same_adapters(saved_state(at1), ref, "2 -> 1 rank")
+    assert_same_adapters(saved_state(at3), ref, "2 -> 3 ranks, from a delta chain")
+    assert_same_adapters(saved_state(at1), ref, "2 -> 1 rank, from a delta chain")
 
 
 def test_ranks_that_read_other_data_or_recipe_fail_naming_the_rank(tmp_path, tiny_llama_dir):

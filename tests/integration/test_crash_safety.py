@@ -117,21 +117,31 @@ def test_one_rank_killed_torchrun_restarts_and_resumes(tmp_path):
     assert assert_bitwise_equal(saved_state(run_dir), saved_state(ref_dir)) == 0.0
 
 
-def test_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, reference):
+@pytest.mark.parametrize("what, nth, extra, good, chain", [
+    # Saves every 4 steps: step 4 is full, step 8 a delta on it: killed while writing the delta.
+    ("a delta", 2, [], "step-00000004", ["step-00000004"]),
+    # With a chain of at most 2, step 12 is a compaction (full again): killed while writing it,
+    # the delta at step 8 and the full checkpoint it builds on both stay (keep_checkpoints=1).
+    ("a compaction", 3, ["train.full_checkpoint_every=2"], "step-00000008", ["step-00000004", "step-00000008"]),
+])
+def test_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, reference, what, nth, extra, good, chain):
     _, ref_state, _ = reference
     run_dir = tmp_path / "run"
-    env = {"FLORA_TEST_FAULT": "kill_in_save:2"}
-    proc = subprocess.run([sys.executable, str(DRIVER), *_cli(run_dir)[2:]], cwd=REPO, env={**_env(), **env},
+    env = {"FLORA_TEST_FAULT": f"kill_in_save:{nth}"}
+    proc = subprocess.run([sys.executable, str(DRIVER), *_cli(run_dir, *extra)[2:]], cwd=REPO, env={**_env(), **env},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL
-    good = latest_checkpoint(run_dir)
-    assert good is not None and good.name == "step-00000004"  # keep_checkpoints=1 kept the only good one
-    verify_checkpoint(good)
-    assert (run_dir / "checkpoints" / ".tmp-step-00000008").is_dir()  # the half-written one, never used
-    resumed = _run(_cli(run_dir, "--resume"))
+    latest = latest_checkpoint(run_dir)
+    assert latest is not None and latest.name == good, what
+    manifest = verify_checkpoint(latest)
+    assert manifest.get("chain", [good]) == chain
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == chain
+    half = run_dir / "checkpoints" / f".tmp-step-{4 * nth:08d}"
+    assert half.is_dir()  # the half-written one, never used
+    resumed = _run(_cli(run_dir, "--resume", *extra))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert assert_bitwise_equal(saved_state(run_dir), ref_state) == 0.0
-    assert not (run_dir / "checkpoints" / ".tmp-step-00000008").exists()
+    assert not half.exists()
 
 
 def test_disk_full_stops_the_run_with_its_last_checkpoint(tmp_path):

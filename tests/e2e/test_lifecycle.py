@@ -1,0 +1,83 @@
+"""User lifecycle through the CLI: `flora-train users` lists who is in a run; `flora-train forget`
+removes users so that no file of the run holds their rows' bytes, while every other user's
+checkpointed state and export stay bit-identical."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from flora_train.train.checkpoint import latest_checkpoint, list_checkpoints
+
+from tests.distributed.helpers import saved_state
+from tests.e2e.helpers import SMALL, flora_train
+
+
+def _windows(state: dict, user: str, others: list[bytes]) -> list[bytes]:
+    """Byte strings that identify ``user``'s saved tensors: 24-byte pieces of its row and moments
+    that occur in no other user's bytes."""
+    out = []
+    for key in ("rows", "optim.exp_avg", "optim.exp_avg_sq"):
+        data = state[user][key].contiguous().numpy().tobytes()
+        for start in range(0, len(data) - 24, max(4, len(data) // 8) // 4 * 4):
+            piece = data[start : start + 24]
+            if len(set(piece)) > 8 and not any(piece in o for o in others):
+                out.append(piece)
+    return out
+
+
+def _all_bytes(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
+    run_dir = tmp_path / "run"
+    flora_train("run", "recipes/quickstart.yaml", *SMALL, f"run_dir={run_dir}", "train.checkpoint_every_steps=3",
+                "train.keep_checkpoints=3", "train.full_checkpoint_every=2", "export.format=flora")
+    listed = flora_train("users", str(run_dir), "--json")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(rows) == 24 and all(r["steps"] > 0 and r["tokens"] > 0 and r["export"] for r in rows)
+    assert all(r["eval_loss"] is not None for r in rows)
+    table = flora_train("users", str(run_dir)).stdout
+    assert "user-000003" in table and table.rstrip().endswith("24 users")
+
+    gone, kept = ["user-000003", "user-000017"], [f"user-{i:06d}" for i in range(24) if i not in (3, 17)]
+    ckpts = list_checkpoints(run_dir)
+    assert len(ckpts) >= 2 and any("chain" in json.loads((c / "manifest.json").read_text()) for c in ckpts)
+    before = {c.name: saved_state(run_dir, c) for c in ckpts}
+    latest = before[latest_checkpoint(run_dir).name]
+    other_bytes = [latest[u][k].numpy().tobytes() for u in kept for k in latest[u]]
+    windows = [w for state in before.values() for u in gone if u in state for w in _windows(state, u, other_bytes)]
+    assert len(windows) > 10
+    everything = _all_bytes(run_dir)
+    assert any(w in b for w in windows for b in everything.values()), "the search finds the rows before forgetting"
+    export = run_dir / "export" / "flora"
+    index = json.loads((export / "index.json").read_text())
+    kept_exports = {u: _hashes(export / index[u]) for u in kept}
+
+    done = flora_train("forget", str(run_dir), "--users", ",".join(gone))
+    assert "forgot 2 user(s)" in done.stdout
+
+    for path, data in _all_bytes(run_dir).items():
+        for w in windows:
+            assert w not in data, f"{path} still holds bytes of a forgotten user's rows"
+        if path.suffix in (".json", ".jsonl"):
+            assert not any(u in data.decode("utf-8", "replace") for u in gone), path
+    assert [c.name for c in list_checkpoints(run_dir)] == [c.name for c in ckpts]
+    for c in list_checkpoints(run_dir):
+        after = saved_state(run_dir, c)
+        assert not set(gone) & set(after)
+        for u in set(before[c.name]) - set(gone):
+            for k, v in before[c.name][u].items():
+                assert torch.equal(after[u][k], v), (c.name, u, k)
+    index_after = json.loads((export / "index.json").read_text())
+    assert sorted(index_after) == sorted(kept)
+    assert {u: _hashes(export / index_after[u]) for u in kept} == kept_exports
+    assert len(flora_train("users", str(run_dir), "--json").stdout.splitlines()) == 22
+    bad = flora_train("forget", str(run_dir), "--users", "nobody", check=False)
+    assert bad.returncode == 2 and "no such user(s) in any checkpoint: 'nobody'" in bad.stderr
