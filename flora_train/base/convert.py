@@ -23,7 +23,13 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, dtype: str = "float32")
         raise ModelLoadError(f"--out {out} exists and is not empty; choose a new folder")
     model = load_frozen_model(folder, dtype, gguf_file)
     tokenizer = load_tokenizer(folder, gguf_file)
-    plain = AutoModelForCausalLM.from_config(model.config, torch_dtype=DTYPES[dtype])
+    config = model.config
+    # The GGUF loader records a "quantization_config" (quant_method gguf). Left in the folder, it
+    # makes transformers load it through its GGUF quantizer, outside zero.Init: every ZeRO-3 rank
+    # would hold the whole base again. The weights written here are plain, so it goes.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, torch_dtype=DTYPES[dtype])
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     tied = set(getattr(plain, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]

@@ -76,7 +76,8 @@ def _saved_adapter_loss(model_dir: Path, folder: Path, examples: list[dict[str, 
 def _flora_run(recipe: list[str], run_dir: Path) -> tuple[float, dict[str, float]]:
     """Wall seconds of `flora-train run` (base load to exported adapters), then the per-user eval."""
     from flora_train.config import load_recipe
-    from flora_train.train.run import run_eval, run_training
+    from flora_train.train.run import run_training
+    from flora_train.train.scoring import run_eval
 
     start = time.perf_counter()
     run_training(load_recipe(None, [*recipe, f"run_dir={run_dir}"]))

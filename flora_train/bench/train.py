@@ -54,7 +54,7 @@ def _limit_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
 def _measure(method: str, rank: int, common: list[str], run_dir: Path, steps: int, warmup: int) -> dict[str, Any]:
     from flora_train.config import load_recipe
     from flora_train.data.tokenize import collate
-    from flora_train.train.run import train_settings
+    from flora_train.train.session import train_settings
     from flora_train.train.session import prepare_session
     from flora_train.train.trainer import Trainer
 

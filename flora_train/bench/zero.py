@@ -55,7 +55,7 @@ def _worker(spec_path: Path) -> None:
     from flora_train import dist as fdist
     from flora_train.base.zero import resident_base_bytes
     from flora_train.config import load_recipe
-    from flora_train.train.run import train_settings
+    from flora_train.train.session import train_settings
     from flora_train.train.session import prepare_session
     from flora_train.train.trainer import Trainer
 

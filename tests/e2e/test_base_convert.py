@@ -3,6 +3,7 @@ ZeRO-3 at validation with the way through, converted once by `flora-train base c
 safetensors folder that gives the GGUF model's logits, and clear errors for wrong names."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ def test_convert_gives_the_gguf_models_logits_and_errors_name_the_key(smollm2, t
     done = flora_train("base", "convert", str(smollm2), "--gguf-file", GGUF, "--out", str(out))
     assert f"use base.name_or_path={out}" in done.stdout
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    # No trace of the GGUF quantizer: transformers would load the folder through it, outside zero.Init.
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 30, 216]])
     with torch.no_grad():
         want = load_frozen_model(str(smollm2), gguf_file=GGUF)(input_ids=ids).logits

@@ -9,7 +9,7 @@ from flora_train.data import StepPlan, SyntheticTask
 from flora_train.store import AdapterStore
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
-from flora_train.train.run import train_settings
+from flora_train.train.session import train_settings
 from flora_train.train.session import make_row_init, prepare_session
 from flora_train.train.trainer import Trainer
 

@@ -1,0 +1,114 @@
+"""The step loop of a run: train each planned step, log, checkpoint by steps or time, stop cleanly
+on a preemption signal, evaluate every ``eval.every_steps``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from flora_train import dist as fdist
+from flora_train.tracking import Tracker
+from flora_train.train.checkpoint import save_checkpoint
+from flora_train.train.evaluate import summarise
+from flora_train.train.meter import Meter
+from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch
+from flora_train.train.scoring import evaluate_adapters
+from flora_train.train.session import Session, train_settings
+from flora_train.train.trainer import NonFiniteError, Trainer
+
+log = logging.getLogger("flora_train")
+
+
+@dataclass
+class Trained:
+    step: int  # the next step to run: the steps done, counted from the start of the run
+    seconds: float
+    tokens: int
+    store_counters: dict[str, float]
+
+
+class TrainLoop:
+    def __init__(self, session: Session, tracker: Tracker) -> None:
+        self.session, self.tracker = session, tracker
+        self.trainer = Trainer(session.model, session.slot, session.store, session.step_examples, train_settings(session),
+                               session.user_total_steps(), session.pad_id, session.device)
+        t = session.cfg.train
+        self.total = session.planner.total_steps(t.epochs, t.max_steps)
+
+    def checkpoint(self, step: int) -> Path:
+        s, t = self.session, self.session.cfg.train
+        state = {
+            "next_step": step, "mlflow_run_id": self.tracker.known_run_id, "seed": t.seed,
+            "nonfinite_steps": self.trainer.nonfinite_steps, "model_path": s.model_path,
+            "base_fingerprint": s.base_fingerprint, "fingerprint": s.fingerprint.as_dict(),
+        }
+        return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints, t.full_checkpoint_every)
+
+    def log_plan(self, start: int) -> None:
+        occupancy = self.session.planner.occupancy()
+        self.tracker.log_metrics({f"plan/{k}": v for k, v in occupancy.items()}, step=start)
+        if occupancy["occupancy_mean"] < 0.5 and fdist.rank() == 0:
+            log.warning("steps are %.0f%% full on average (%.0f%% hold a single user): a few users hold most of the "
+                        "data; data.max_examples_per_user caps a user's examples per epoch",
+                        100 * occupancy["occupancy_mean"], 100 * occupancy["single_user_steps"])
+
+    def run(self, start: int, watch: PreemptionWatch | None = None) -> Trained:
+        """Steps ``start`` to the end of the plan. A preemption checkpoints and raises ``Preempted``;
+        a non-finite failure checkpoints what is good and re-raises."""
+        cfg, t, tracker = self.session.cfg, self.session.cfg.train, self.tracker
+        self.log_plan(start)
+        meter, step, tokens = Meter(self.session.store), start, 0
+        bar = tqdm(total=self.total, initial=start, desc="train", disable=not (t.progress and fdist.rank() == 0), unit="step")
+        status = "FAILED"
+        started = time.perf_counter()
+        own_watch = watch is None
+        watch = watch or PreemptionWatch(t.checkpoint_every_minutes)
+        watch.restart_clock()
+        try:
+            with watch if own_watch else contextlib.nullcontext():
+                plans = self.session.planner.steps(t.epochs, t.max_steps, start=start)
+                plan = next(plans, None)
+                while plan is not None:
+                    following = next(plans, None)
+                    st = self.trainer.train_step(plan, following)
+                    meter.add(st)
+                    tokens += st.tokens
+                    step = plan.step + 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}",
+                                    users_s=f"{st.users / st.seconds:.0f}")
+                    if step % t.log_every_steps == 0 or step == self.total:
+                        tracker.log_metrics(meter.metrics(), step=step)
+                        meter.reset()
+                    self._between_steps(step, watch)
+                    if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and self.session.eval and step < self.total:
+                        tracker.log_metrics(summarise(evaluate_adapters(self.session, self.session.store)), step=step)
+                    plan = following
+            status = "FINISHED"
+        except NonFiniteError:
+            self.checkpoint(step)
+            raise
+        except Preempted:
+            status = "KILLED"
+            tracker.end("KILLED")
+            raise
+        finally:
+            bar.close()
+            if status == "FAILED":
+                tracker.end("FAILED")
+        return Trained(step, time.perf_counter() - started, tokens, meter.store_counters())
+
+    def _between_steps(self, step: int, watch: PreemptionWatch) -> None:
+        t = self.session.cfg.train
+        stop, due = watch.poll()
+        if step < self.total and (due or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)):
+            self.checkpoint(step)
+            watch.checkpointed()
+        if stop and step < self.total:
+            raise Preempted(f"stopped by {watch.signal_name} after step {step} of {self.total}; "
+                            f"checkpointed, exiting with {REQUEUE_EXIT_CODE} to be run again")
