@@ -63,10 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write per-user adapters of a run")
     ex.add_argument("run_dir", type=Path)
-    ex.add_argument("--format", choices=["peft", "flora", "merged"], required=True,
+    ex.add_argument("--format", choices=["peft", "flora", "packed", "merged"], required=True,
                     help="peft (LoRA, IA3), flora (any method) or merged (a full model folder per user)")
     ex.add_argument("--users", default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
     ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--pack-size", type=int, default=4096, help="packed: users per pack file")
     ex.add_argument("--base-model-id", default=None,
                     help="peft: base_model_name_or_path to write (the model id your server loads; default: the run's base)")
 
@@ -280,7 +281,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 index = export_merged(args.run_dir, users, args.out)
                 print(f"exported {len(index)} merged model folders to {args.out}")
                 return 0
-            m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out, base_model_id=args.base_model_id)
+            if args.pack_size < 1:
+                raise ExportError(f"--pack-size must be >= 1, got {args.pack_size}")
+            m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out, base_model_id=args.base_model_id,
+                                pack_size=args.pack_size)
             print(f"exported {m['num_users']} users ({m['format']}) to {args.out}")
         elif args.command == "bench":
             from flora_train.bench.suites import run_bench

@@ -1,8 +1,12 @@
-"""Per-user adapters out of a run: PEFT folders (LoRA, IA3) or flora_train safetensors folders.
+"""Per-user adapters out of a run: PEFT folders (LoRA, IA3), flora_train safetensors folders, or
+packed files for populations where a folder per user is too many files.
 
 Each user gets a folder named from a sanitised form of its id plus a hash of the full id, so no
 id (``../../etc/passwd``, NUL bytes, unicode look-alikes) can name a path outside ``out`` or
-collide with another user's folder. ``index.json`` maps user ids to folders.
+collide with another user's folder. ``index.json`` maps user ids to folders. ``packed`` writes
+``pack-NNNNN.safetensors`` files of up to ``pack_size`` users' rows each (with their ids in the
+file's metadata) and an ``index.json`` of user -> [file, row]. Rows are streamed from the
+checkpoint's shards a chunk at a time, so export memory does not grow with the population.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flora_train.adapters import AdapterLayout
 from flora_train.store.registry import UserRegistry
-from flora_train.store.sharded import read_saved_rows
+from flora_train.store.sharded import iter_saved_rows, saved_user_ids
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
 FLORA_CONFIG = "flora_adapter_config.json"
@@ -43,7 +48,7 @@ def _inside(out: Path, folder: str) -> Path:
     return target
 
 
-def _load_run(run_dir: Path, checkpoint: Path | None) -> tuple[AdapterLayout, UserRegistry, torch.Tensor, Path, dict[str, Any]]:
+def _load_run(run_dir: Path, checkpoint: Path | None) -> tuple[AdapterLayout, UserRegistry, Path, dict[str, Any]]:
     if checkpoint is not None:
         ckpt = checkpoint
         verify_checkpoint(ckpt, contents=False)  # the caller wrote it (and hashed it) a moment ago
@@ -52,10 +57,9 @@ def _load_run(run_dir: Path, checkpoint: Path | None) -> tuple[AdapterLayout, Us
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
     layout = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
-    ids, rows = read_saved_rows(ckpt)  # every shard of the store, whatever world size saved it
-    registry = UserRegistry(ids)
+    registry = UserRegistry(saved_user_ids(ckpt))  # every shard, whatever world size saved it
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    return layout, registry, rows, ckpt, state
+    return layout, registry, ckpt, state
 
 
 def _select_users(registry: UserRegistry, users: list[str] | None) -> list[str]:
@@ -97,37 +101,77 @@ def _base_details(run_dir: Path) -> dict[str, Any]:
 
 
 def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
-                    checkpoint: Path | None = None, base_model_id: str | None = None) -> dict[str, Any]:
-    """Writes one folder per user under ``out`` plus ``index.json`` and ``manifest.json``, from
-    ``checkpoint`` (one this process just wrote) or else the run's newest intact checkpoint."""
-    layout, registry, rows, ckpt, state = _load_run(Path(run_dir), checkpoint)
+                    checkpoint: Path | None = None, base_model_id: str | None = None, pack_size: int = 4096) -> dict[str, Any]:
+    """Writes one folder per user under ``out`` (or packs, ``fmt="packed"``) plus ``index.json`` and
+    ``manifest.json``, from ``checkpoint`` (one this process just wrote) or else the run's newest
+    intact checkpoint."""
+    layout, registry, ckpt, state = _load_run(Path(run_dir), checkpoint)
     if fmt == "peft" and layout.spec.impl.peft_type is None:
         raise ExportError(f"PEFT has no {layout.spec.method} adapter matching flora_train's; use --format flora")
-    if fmt not in ("peft", "flora"):
-        raise ExportError(f"unknown export format {fmt!r}; expected peft or flora")
+    if fmt not in ("peft", "flora", "packed"):
+        raise ExportError(f"unknown export format {fmt!r}; expected peft, flora or packed")
     selected = _select_users(registry, users)
     out.mkdir(parents=True, exist_ok=True)
     base_model = base_model_id or str(state.get("model_path", ""))
-    index = {}
-    for user in selected:
-        folder = safe_folder_name(user)
-        target = _inside(out, folder)
-        target.mkdir(exist_ok=True)
-        row = rows[registry.row(user)]
-        if fmt == "peft":
-            save_file(_peft_tensors(layout, row), str(target / "adapter_model.safetensors"))
-            (target / "adapter_config.json").write_text(json.dumps(_peft_config(layout, base_model), indent=2))
-        else:
-            tensors = {f"{m}.{p}": v[0].contiguous() for m in layout.slices for p, v in layout.views(row.unsqueeze(0), m).items()}
-            save_file(tensors, str(target / FLORA_WEIGHTS), metadata={"user_id": user})
-            config = {"format": "flora_train", "user_id": user, "base_model": base_model, "layout": layout.to_dict()}
-            (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
-        index[user] = folder
+    index: dict[str, Any] = {}
+    pack: tuple[list[str], list[torch.Tensor]] = ([], [])
+
+    def flush_pack() -> None:
+        if pack[0]:
+            name = f"pack-{len({v[0] for v in index.values()}):05d}.safetensors"
+            save_file({"rows": torch.cat(pack[1]).contiguous()}, str(out / name), metadata={"users": json.dumps(pack[0])})
+            index.update({u: [name, i] for i, u in enumerate(pack[0])})
+            pack[0].clear()
+            pack[1].clear()
+
+    for chunk_users, chunk_rows in iter_saved_rows(ckpt, set(selected)):
+        if fmt == "packed":
+            for k in range(0, len(chunk_users), pack_size):
+                room = pack_size - len(pack[0])
+                pack[0].extend(chunk_users[k : k + room])
+                pack[1].append(chunk_rows[k : k + room])
+                if len(pack[0]) >= pack_size:
+                    flush_pack()
+            continue
+        for user, row in zip(chunk_users, chunk_rows):
+            folder = safe_folder_name(user)
+            target = _inside(out, folder)
+            target.mkdir(exist_ok=True)
+            if fmt == "peft":
+                save_file(_peft_tensors(layout, row), str(target / "adapter_model.safetensors"))
+                (target / "adapter_config.json").write_text(json.dumps(_peft_config(layout, base_model), indent=2))
+            else:
+                tensors = {f"{m}.{p}": v[0].contiguous() for m in layout.slices for p, v in layout.views(row.unsqueeze(0), m).items()}
+                save_file(tensors, str(target / FLORA_WEIGHTS), metadata={"user_id": user})
+                config = {"format": "flora_train", "user_id": user, "base_model": base_model, "layout": layout.to_dict()}
+                (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
+            index[user] = folder
+    flush_pack()
+    index = {u: index[u] for u in selected}  # the caller's order (or the checkpoint's), not the shards'
     (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
     manifest = {"format": fmt, "method": layout.spec.method, "rank": layout.spec.rank, "num_users": len(index),
                 "checkpoint": str(ckpt), "base_model": base_model, **_base_details(Path(run_dir))}
+    if fmt == "packed":
+        manifest["layout"] = layout.to_dict()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def read_packed(out: Path, users: list[str]) -> tuple[AdapterLayout, torch.Tensor]:
+    """The rows ``[len(users), row_size]`` of users in a packed export, and its layout."""
+    index = json.loads((out / "index.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    if manifest.get("format") != "packed":
+        raise ExportError(f"{out}: not a packed export")
+    missing = [u for u in users if u not in index]
+    if missing:
+        raise ExportError(f"{out}: no such user(s) in the export: {', '.join(map(repr, missing[:5]))}")
+    rows = []
+    for u in users:
+        name, i = index[u]
+        with safe_open(str(out / name), framework="pt") as f:
+            rows.append(f.get_slice("rows")[i : i + 1])
+    return AdapterLayout.from_dict(manifest["layout"]), torch.cat(rows)
 
 
 def load_flora_adapter(folder: Path) -> tuple[AdapterLayout, torch.Tensor]:

@@ -50,8 +50,10 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
             last[r["user_id"]] = r
     exports: dict[str, list[str]] = {}
     for index in sorted((run_dir / "export").glob("*/index.json")):
-        for user, folder in json.loads(index.read_text()).items():
-            exports.setdefault(user, []).append(str(index.parent / folder))
+        for user, where in json.loads(index.read_text()).items():
+            # A folder per user, or [pack file, row] in a packed export.
+            place = f"{index.parent / where[0]}#{where[1]}" if isinstance(where, list) else str(index.parent / where)
+            exports.setdefault(user, []).append(place)
     return [{"user_id": u, "steps": steps[u], "tokens": tokens.get(u), "eval_loss": last.get(u, {}).get("loss"),
              "eval_accuracy": last.get(u, {}).get("accuracy"), "export": exports.get(u, [])} for u in sorted(steps)]
 
@@ -125,9 +127,39 @@ def _filter_jsonl(path: Path, forget: set[str]) -> int:
     return len(lines) - len(kept)
 
 
+def _forget_packed(out: Path, index: dict[str, list], forget: set[str]) -> int:
+    """Rewrites each pack holding a forgotten user without it (a new file renamed in)."""
+    gone = [u for u in index if u in forget]
+    for name in sorted({index[u][0] for u in gone}):
+        path = out / name
+        with safe_open(str(path), framework="pt") as f:
+            users = json.loads((f.metadata() or {})["users"])
+            rows = f.get_tensor("rows")
+        keep = [i for i, u in enumerate(users) if u not in forget]
+        tmp = path.with_name(path.name + ".forget")
+        save_file({"rows": rows[keep].contiguous()}, str(tmp), metadata={"users": json.dumps([users[i] for i in keep])})
+        os.replace(tmp, path)
+        index.update({users[i]: [name, k] for k, i in enumerate(keep)})
+    for u in gone:
+        del index[u]
+    return len(gone)
+
+
 def _forget_exports(run_dir: Path, forget: set[str]) -> int:
     removed = 0
     for index_path in sorted((run_dir / "export").glob("*/index.json")):
+        manifest_path = index_path.with_name("manifest.json")
+        packed = manifest_path.is_file() and json.loads(manifest_path.read_text()).get("format") == "packed"
+        if packed:
+            index = json.loads(index_path.read_text())
+            n = _forget_packed(index_path.parent, index, forget)
+            if n:
+                removed += n
+                index_path.write_text(json.dumps(index, indent=2, ensure_ascii=False))
+                m = json.loads(manifest_path.read_text())
+                m["num_users"] = len(index)
+                manifest_path.write_text(json.dumps(m, indent=2, ensure_ascii=False))
+            continue
         folders = json.loads(index_path.read_text())  # user id -> folder
         gone = [u for u in folders if u in forget]
         for u in gone:

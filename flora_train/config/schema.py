@@ -82,6 +82,7 @@ class ExportFormat(str, Enum):
     none = "none"
     peft = "peft"
     flora = "flora"
+    packed = "packed"  # pack-NNNNN.safetensors of up to export.pack_size users each, for huge populations
 
 
 class StoreTier(str, Enum):
@@ -313,6 +314,7 @@ class ExportConfig:
     # base_model_name_or_path written into PEFT exports: the model id the server (vLLM, LoRAX,
     # AutoPeftModelForCausalLM) loads. Default: the base this run trained on (its path or hub id).
     base_model_id: Optional[str] = None
+    pack_size: int = 4096  # users per file of the packed format
 
 
 class Scheduler(str, Enum):

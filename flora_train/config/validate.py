@@ -7,7 +7,8 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from flora_train.adapters.functional import kernel_error
-from flora_train.config.schema import ExportFormat, Method
+from flora_train.adapters.methods import get_method
+from flora_train.config.schema import ExportFormat
 
 
 def _fail(source: str, key: str, message: str) -> None:
@@ -83,6 +84,7 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
             "train.log_every_steps",
             "train.keep_checkpoints",
             "train.full_checkpoint_every",
+            "export.pack_size",
             "train.max_consecutive_nonfinite",
             "eval.batch_size",
             "store.optimizer.lr",
@@ -144,7 +146,7 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
     kernel = kernel_error(cfg.adapter.method.value, cfg.adapter.kernel.value)
     if kernel:
         _fail(source, "adapter.kernel", kernel)
-    if cfg.export.format == ExportFormat.peft and cfg.adapter.method != Method.lora:
+    if cfg.export.format == ExportFormat.peft and get_method(cfg.adapter.method.value).peft_type is None:
         _fail(
             source,
             "export.format",

@@ -396,6 +396,36 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def saved_user_ids(directory: Path) -> list[str]:
+    """Every user saved in ``directory``'s chain (from the user lists alone: no tensor is read)."""
+    seen: dict[str, None] = {}
+    for member in checkpoint_chain(directory):
+        for _, users in iter_shards(member):
+            seen.update(dict.fromkeys(users))
+    return list(seen)
+
+
+def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int = 1024):
+    """``(user ids, rows [n, row_size])`` of the ``wanted`` users (all when None), at most ``chunk``
+    users at a time, shard by shard, reading only their rows: memory stays bounded by ``chunk``
+    rows however many users the checkpoint holds."""
+    latest: dict[str, tuple[Path, int]] = {}
+    users_of: dict[Path, list[str]] = {}
+    for member in checkpoint_chain(directory):
+        for path, users in iter_shards(member):
+            users_of[path] = users
+            for i, u in enumerate(users):
+                if wanted is None or u in wanted:
+                    latest[u] = (path, i)
+    for path, users in users_of.items():
+        take = [i for i, u in enumerate(users) if u in latest and latest[u][0] == path]
+        with safe_open(str(path), framework="pt") as f:
+            rows = f.get_slice("rows")
+            for k in range(0, len(take), chunk):
+                part = take[k : k + chunk]
+                yield [users[i] for i in part], torch.cat([rows[a:b] for a, b in _runs(part)])
+
+
 def read_saved_rows(directory: Path) -> tuple[list[str], torch.Tensor]:
     """Every saved user's id and adapter row ``[users, row_size]``, across all shards (and the
     checkpoints a delta builds on)."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from flora_train.export import read_packed
+from flora_train.lifecycle import list_users
 from flora_train.train.checkpoint import latest_checkpoint, list_checkpoints
 
 from tests.distributed.helpers import saved_state
@@ -46,7 +48,11 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     table = flora_train("users", str(run_dir)).stdout
     assert "user-000003" in table and table.rstrip().endswith("24 users")
 
+    packed = run_dir / "export" / "packed"
+    flora_train("export", str(run_dir), "--format", "packed", "--pack-size", "5", "--out", str(packed))
+    assert len(list(packed.glob("pack-*.safetensors"))) == 5  # 24 users, 5 a file
     gone, kept = ["user-000003", "user-000017"], [f"user-{i:06d}" for i in range(24) if i not in (3, 17)]
+    packed_before = read_packed(packed, kept)[1]
     ckpts = list_checkpoints(run_dir)
     assert len(ckpts) >= 2 and any("chain" in json.loads((c / "manifest.json").read_text()) for c in ckpts)
     before = {c.name: saved_state(run_dir, c) for c in ckpts}
@@ -78,6 +84,7 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     index_after = json.loads((export / "index.json").read_text())
     assert sorted(index_after) == sorted(kept)
     assert {u: _hashes(export / index_after[u]) for u in kept} == kept_exports
-    assert len(flora_train("users", str(run_dir), "--json").stdout.splitlines()) == 22
+    assert len(list_users(run_dir)) == 22
+    assert torch.equal(read_packed(packed, kept)[1], packed_before) and sorted(json.loads((packed / "index.json").read_text())) == sorted(kept)
     bad = flora_train("forget", str(run_dir), "--users", "nobody", check=False)
     assert bad.returncode == 2 and "no such user(s) in any checkpoint: 'nobody'" in bad.stderr

@@ -18,7 +18,7 @@ SLICE = [
     "train.retain.path=null",
     "data.synthetic.num_users=4", "data.synthetic.train_examples_per_user=6", "data.synthetic.eval_examples_per_user=3",
     "data.synthetic.general_examples=8", "train.epochs=3", "train.users_per_step=4", "train.examples_per_user=3",
-    "train.micro_batch_size=16", "export.format=none", "tracking.enabled=false", "train.progress=false",
+    "train.micro_batch_size=16", "eval.max_new_tokens=16", "export.format=none", "tracking.enabled=false", "train.progress=false",
 ]
 
 

@@ -117,31 +117,30 @@ def test_one_rank_killed_torchrun_restarts_and_resumes(tmp_path):
     assert assert_bitwise_equal(saved_state(run_dir), saved_state(ref_dir)) == 0.0
 
 
-@pytest.mark.parametrize("what, nth, extra, good, chain", [
-    # Saves every 4 steps: step 4 is full, step 8 a delta on it: killed while writing the delta.
-    ("a delta", 2, [], "step-00000004", ["step-00000004"]),
-    # With a chain of at most 2, step 12 is a compaction (full again): killed while writing it,
-    # the delta at step 8 and the full checkpoint it builds on both stay (keep_checkpoints=1).
-    ("a compaction", 3, ["train.full_checkpoint_every=2"], "step-00000008", ["step-00000004", "step-00000008"]),
-])
-def test_kill_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, reference, what, nth, extra, good, chain):
+def test_kill_during_a_delta_then_during_a_compaction_keeps_the_previous_checkpoint(tmp_path, reference):
+    """Checkpoints every 4 steps, chains of at most 2. The first run is killed while writing its
+    second checkpoint, a delta (step 8): step 4 stays the latest. Its resume writes step 8 (a delta
+    on 4) and is killed while writing step 12, a compaction into a full checkpoint: step 8 and the
+    step 4 it builds on both stay (keep_checkpoints=1). The last resume ends bitwise equal to an
+    uninterrupted run."""
     _, ref_state, _ = reference
     run_dir = tmp_path / "run"
-    env = {"FLORA_TEST_FAULT": f"kill_in_save:{nth}"}
-    proc = subprocess.run([sys.executable, str(DRIVER), *_cli(run_dir, *extra)[2:]], cwd=REPO, env={**_env(), **env},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL
-    latest = latest_checkpoint(run_dir)
-    assert latest is not None and latest.name == good, what
-    manifest = verify_checkpoint(latest)
-    assert manifest.get("chain", [good]) == chain
-    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == chain
-    half = run_dir / "checkpoints" / f".tmp-step-{4 * nth:08d}"
-    assert half.is_dir()  # the half-written one, never used
-    resumed = _run(_cli(run_dir, "--resume", *extra))
+    chains = {"a delta": (["step-00000004"], 8), "a compaction": (["step-00000004", "step-00000008"], 12)}
+    for what, (chain, half_step) in chains.items():
+        resume = ["--resume"] if what == "a compaction" else []
+        proc = subprocess.run([sys.executable, str(DRIVER), *_cli(run_dir, *resume, "train.full_checkpoint_every=2")[2:]],
+                              cwd=REPO, env={**_env(), "FLORA_TEST_FAULT": "kill_in_save:2"}, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == -signal.SIGKILL, (what, proc.stderr[-2000:])
+        latest = latest_checkpoint(run_dir)
+        assert latest is not None and latest.name == chain[-1], what
+        assert verify_checkpoint(latest).get("chain", chain) == chain, what
+        assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == chain, what
+        assert (run_dir / "checkpoints" / f".tmp-step-{half_step:08d}").is_dir(), what  # the half-written one, never used
+    resumed = _run(_cli(run_dir, "--resume", "train.full_checkpoint_every=2"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert assert_bitwise_equal(saved_state(run_dir), ref_state) == 0.0
-    assert not half.exists()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
 def test_disk_full_stops_the_run_with_its_last_checkpoint(tmp_path):

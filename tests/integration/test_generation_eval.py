@@ -76,7 +76,8 @@ def test_own_adapter_answers_far_more_often_than_another_users_or_a_shared_one(q
     run_training(load_recipe("recipes/quickstart.yaml", [*QUICK, f"run_dir={shared_run}", "data.synthetic=null",
                                                          f"data.train_path={shared_data}", "data.eval_examples_per_user=0",
                                                          f"base.name_or_path={run_dir / 'base_model'}", "base.tiny=null",
-                                                         "train.users_per_step=1", "eval.at_end=false"]))
+                                                         "train.users_per_step=1", "train.examples_per_user=16",
+                                                         "eval.at_end=false"]))
 
     def hit_rate(source, user_of) -> float:
         prompts = tmp_path / "prompts.jsonl"

@@ -1,0 +1,44 @@
+"""Export streams rows from the checkpoint's shards a chunk at a time (never the whole table), and
+the packed format holds the same rows as a folder per user."""
+
+import json
+
+import torch
+
+from flora_train.config import load_recipe
+from flora_train.data import SyntheticTask
+from flora_train.export import export_adapters, load_flora_adapter, read_packed
+from flora_train.store.sharded import iter_saved_rows, read_saved_rows
+from flora_train.train.checkpoint import latest_checkpoint
+from flora_train.train.run import run_training
+
+
+def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_llama_dir):
+    train, evalp = SyntheticTask(num_users=11, train_examples_per_user=4, eval_examples_per_user=1).write(tmp_path / "data")
+    run = tmp_path / "run"
+    run_training(load_recipe(None, [f"run_dir={run}", f"base.name_or_path={tiny_llama_dir}", f"data.train_path={train}",
+                                    f"data.eval_path={evalp}", "adapter.target_modules=[q_proj,v_proj]", "train.users_per_step=4",
+                                    "train.epochs=2", "train.checkpoint_every_steps=2", "store.optimizer.lr=0.05",
+                                    "tracking.enabled=false", "train.progress=false"]))
+    ckpt = latest_checkpoint(run)
+    ids, rows = read_saved_rows(ckpt)
+    want = dict(zip(ids, rows))
+    chunks = list(iter_saved_rows(ckpt, chunk=3))
+    assert max(len(u) for u, _ in chunks) <= 3 and sum(len(u) for u, _ in chunks) == 11
+    for users, part in chunks:
+        for u, r in zip(users, part):
+            assert torch.equal(r, want[u])
+    some = {"user-000002", "user-000007"}
+    assert sorted(u for users, _ in iter_saved_rows(ckpt, some, chunk=1) for u in users) == sorted(some)
+
+    folders = export_adapters(run, "flora", None, tmp_path / "flora")
+    packed = export_adapters(run, "packed", None, tmp_path / "packed", pack_size=4)
+    assert folders["num_users"] == packed["num_users"] == 11
+    assert len(list((tmp_path / "packed").glob("pack-*.safetensors"))) == 3
+    users = sorted(want)
+    layout, rows_packed = read_packed(tmp_path / "packed", users)
+    index = json.loads((tmp_path / "flora" / "index.json").read_text())
+    for u, r in zip(users, rows_packed):
+        _, row = load_flora_adapter(tmp_path / "flora" / index[u])
+        assert torch.equal(r, want[u]) and torch.equal(row, want[u])
+    assert layout.row_size == rows_packed.shape[1]
