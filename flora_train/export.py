@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from flora_train.adapters import AdapterLayout
 from flora_train.store.registry import UserRegistry
-from flora_train.store.sharded import iter_saved_rows, saved_user_ids
+from flora_train.store.saved import iter_saved_rows, saved_user_ids
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
 FLORA_CONFIG = "flora_adapter_config.json"

@@ -21,12 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flora_train.export import ExportError
-from flora_train.store.sharded import checkpoint_chain, iter_shards
+from flora_train.store.saved import checkpoint_chain, iter_shards
 from flora_train.train.checkpoint import MANIFEST, file_entry, latest_checkpoint, list_checkpoints
-
-
-def _saved_users(ckpt: Path) -> list[str]:
-    return [u for member in checkpoint_chain(ckpt) for _, users in iter_shards(member) for u in users]
 
 
 def list_users(run_dir: Path) -> list[dict[str, Any]]:
@@ -181,7 +177,7 @@ def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise ExportError(f"{run_dir}: no checkpoints (is it a run directory?)")
-    known = {u for c in ckpts if (c / MANIFEST).is_file() for member in [c] for _, us in iter_shards(member) for u in us}
+    known = {u for c in ckpts if (c / MANIFEST).is_file() for _, users_of in iter_shards(c) for u in users_of}
     unknown = [u for u in users if u not in known]
     if unknown:
         raise ExportError(f"{run_dir}: no such user(s) in any checkpoint: {', '.join(map(repr, unknown[:5]))}")

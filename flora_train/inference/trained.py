@@ -38,7 +38,7 @@ class Source:
 
 def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
     from flora_train.config import load_recipe
-    from flora_train.store.sharded import read_saved_rows
+    from flora_train.store.saved import read_saved_rows
     from flora_train.train.checkpoint import verify_checkpoint
 
     verify_checkpoint(ckpt)

@@ -18,7 +18,6 @@ import torch
 from flora_train import dist as fdist
 from flora_train.data.examples import IGNORE, TokenizedExamples
 from flora_train.inference.generate import GenerationSettings, generate_tokens
-from flora_train.train.evaluate import UserEval, evaluate
 
 if TYPE_CHECKING:
     from flora_train.train.session import Session
@@ -73,18 +72,3 @@ def general_examples(users: list[str], answers: list[tuple[list[int], list[int]]
     return TokenizedExamples.from_rows(
         {"user_id": u, "input_ids": p + a, "labels": [IGNORE] * len(p) + a, "source": f"general prompt {k}"}
         for u in users for k, (p, a) in enumerate(answers) if a)
-
-
-def general_agreement(session: Session, rows_for: Any, answers: list[tuple[list[int], list[int]]]) -> dict[str, UserEval]:
-    """Each trained user, on the rank that owns it, against the base's answers; all ranks get all."""
-    store = session.store
-    mine = [u for u in session.user_tokens if store.owner(u) == store.rank]
-    examples = general_examples(mine, answers)
-    size = session.cfg.eval.batch_size
-    total = int(fdist.all_reduce(torch.tensor([-(-len(examples) // size)]), "max").item())
-    local = evaluate(session.model, session.slot, rows_for, examples, size, session.pad_id, session.device,
-                     session.autocast_dtype, total)
-    merged: dict[str, UserEval] = {}
-    for part in fdist.all_gather_objects(local):
-        merged.update(part)
-    return merged

@@ -36,7 +36,7 @@ from flora_train.train.generation_eval import (gather_generation, generation_eva
                                                worse_than_base, write_generation_report)
 from flora_train.train.resume import check_same_base
 from flora_train.train.data_setup import load_eval_file
-from flora_train.train.general_eval import base_answers, general_agreement
+from flora_train.train.general_eval import base_answers, general_examples
 from flora_train.train.session import Session, make_row_init, prepare_session, train_settings
 from flora_train.train.trainer import Trainer
 
@@ -52,16 +52,18 @@ def _owner(session: Session, user: str) -> int:
     return zlib.crc32(user.encode()) % session.store.world
 
 
-def _my_examples(session: Session, users_filter=None) -> tuple[TokenizedExamples, int]:
-    """This rank's share of the eval examples (its owned users', filtered), and the most batches
-    any rank has of them (collective: idle ranks pad to it, ZeRO-3 gathers each layer together)."""
+def _most_batches(n: int, size: int) -> int:
+    """The most batches any rank has (collective): idle ranks pad to it, so every rank runs the same
+    module sequence (ZeRO-3 gathers each layer together)."""
+    return int(fdist.all_reduce(torch.tensor([-(-n // size)]), "max").item())
+
+
+def _my_examples(session: Session, users_filter=None) -> TokenizedExamples:
+    """This rank's share of the eval examples: its owned users', filtered."""
     assert session.eval is not None
     ev, rank = session.eval, session.store.rank
     keep = {u for u in ev.users() if _owner(session, u) == rank and (users_filter is None or users_filter(u))}
-    mine = [i for i, u in enumerate(ev.user_codes) if ev.user_names[u] in keep]
-    size = session.cfg.eval.batch_size
-    total_batches = int(fdist.all_reduce(torch.tensor([-(-len(mine) // size)]), "max").item())
-    return ev.select(mine), total_batches
+    return ev.select([i for i, u in enumerate(ev.user_codes) if ev.user_names[u] in keep])
 
 
 def adapter_rows(store: ShardedAdapterStore):
@@ -81,13 +83,26 @@ def adapter_rows(store: ShardedAdapterStore):
 def evaluate_rows(session: Session, rows_for, users_filter=None) -> dict[str, UserEval]:
     """Every rank evaluates the eval examples of the users it owns with ``rows_for(users)``; all
     ranks get every result. ``users_filter(user)`` keeps only some users' examples."""
-    subset, total_batches = _my_examples(session, users_filter)
-    local = evaluate(session.model, session.slot, rows_for, subset, session.cfg.eval.batch_size, session.pad_id,
-                     session.device, session.autocast_dtype, total_batches)
+    return evaluate_everywhere(session, rows_for, _my_examples(session, users_filter))
+
+
+def evaluate_everywhere(session: Session, rows_for, local: TokenizedExamples) -> dict[str, UserEval]:
+    """Each rank evaluates its ``local`` examples; every rank gets every rank's results."""
+    size = session.cfg.eval.batch_size
+    mine = evaluate(session.model, session.slot, rows_for, local, size, session.pad_id, session.device,
+                    session.autocast_dtype, _most_batches(len(local), size))
     merged: dict[str, UserEval] = {}
-    for part in fdist.all_gather_objects(local):
+    for part in fdist.all_gather_objects(mine):
         merged.update(part)
     return merged
+
+
+def general_agreement(session: Session, rows_for, answers: list[tuple[list[int], list[int]]]) -> dict[str, UserEval]:
+    """Each trained user, on the rank that owns it, against the base's answers to the general
+    prompts (see ``general_eval.py``); all ranks get all."""
+    store = session.store
+    mine = [u for u in session.user_tokens if store.owner(u) == store.rank]
+    return evaluate_everywhere(session, rows_for, general_examples(mine, answers))
 
 
 def evaluate_adapters(session: Session, store: ShardedAdapterStore) -> dict[str, UserEval]:
@@ -214,7 +229,8 @@ def run_generation_eval(session: Session, step: int, tracker: Tracker) -> dict[s
     with no row by a stable hash), the results are gathered, rank 0 writes the per-user JSONL and the
     gain histogram (an MLflow artifact), and the aggregates are logged."""
     cfg, store = session.cfg, session.store
-    subset, total = _my_examples(session)
+    subset = _my_examples(session)
+    total = _most_batches(len(subset), cfg.eval.batch_size)
     settings = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams)
     synced = fdist.is_distributed() and session.zero is not None
     local = generation_eval(session.model, session.slot, session.tokenizer, subset, adapter_rows(store), store.row_init,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from flora_train.data import SyntheticTask
-from flora_train.store.sharded import checkpoint_chain, iter_shards
+from flora_train.store.saved import checkpoint_chain, iter_shards
 from flora_train.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from tests.distributed.helpers import small_recipe
 def _ours(run_dir, model_dir, user, ids):
     from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters
     from flora_train.base import load_frozen_model
-    from flora_train.store.sharded import read_saved_rows
+    from flora_train.store.saved import read_saved_rows
     from flora_train.train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)

@@ -8,7 +8,7 @@ import torch
 
 from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
-from flora_train.store.sharded import read_saved_rows
+from flora_train.store.saved import read_saved_rows
 from flora_train.train.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 from flora_train.train.run import run_training
 from flora_train.train.session import prepare_session

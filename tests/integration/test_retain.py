@@ -9,7 +9,8 @@ import torch
 
 from flora_train.config import load_recipe
 from flora_train.data import IGNORE, SyntheticTask
-from flora_train.train.general_eval import general_agreement, base_answers
+from flora_train.train.general_eval import base_answers
+from flora_train.train.scoring import general_agreement
 from flora_train.train.run import run_training
 from flora_train.train.session import prepare_session
 

@@ -16,6 +16,12 @@ def test_every_shipped_recipe_validates(recipe):
     assert cfg.run_dir and cfg.adapter.rank >= 1
 
 
+def test_ia3_may_export_to_peft():
+    """PEFT has IA3 (export writes it); validate used to refuse every method but LoRA."""
+    cfg = load_recipe("recipes/smollm2-135m-ia3.yaml", ["export.format=peft"])
+    assert cfg.export.format.value == "peft"
+
+
 def _write(tmp_path, text):
     p = tmp_path / "r.yaml"
     p.write_text(text)

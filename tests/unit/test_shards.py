@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flora_train.store import AdapterStore, OptimizerHyper
-from flora_train.store.sharded import ShardedAdapterStore, iter_shards, read_saved_rows
+from flora_train.store.sharded import ShardedAdapterStore
+from flora_train.store.saved import iter_shards, read_saved_rows
 from flora_train.store.sharding import ShardError, ShardPlan
 
 ROW = 3

@@ -1,0 +1,126 @@
+"""Reading what checkpoints saved of the store: the shard files of one checkpoint folder (one
+``store-RRRRR-of-WWWWW.safetensors`` and user list per rank that saved it), the chain a delta
+builds on, and users' rows out of them by safetensors slices. Writing is ``ShardedAdapterStore``'s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from flora_train.store.sharding import ShardError
+
+
+def shard_file(rank: int, world: int, kind: str) -> str:
+    ext = "safetensors" if kind == "store" else "json"
+    return f"{kind}-{rank:05d}-of-{world:05d}.{ext}"
+
+
+def iter_shards(directory: Path):
+    """``(shard path, its user ids)`` for every store shard in ``directory``; a missing shard, a
+    shard without its user list or a user held by two shards is an error naming them."""
+    shards = sorted(directory.glob("store-*-of-*.safetensors"))
+    if not shards:
+        raise ShardError(f"{directory}: no store shards (store-NNNNN-of-NNNNN.safetensors)")
+    world = int(shards[0].stem.split("-of-")[1])
+    expected = {shard_file(r, world, "store") for r in range(world)}
+    names = {p.name for p in shards}
+    if names != expected:
+        gone = sorted(expected - names) or sorted(names - expected)
+        raise ShardError(f"{directory}: the store shards do not form one set of {world} (check {gone[0]})")
+    seen: dict[str, str] = {}
+    for path in shards:
+        users_path = directory / path.name.replace("store-", "users-").replace(".safetensors", ".json")
+        try:
+            users = json.loads(users_path.read_text())["user_ids"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ShardError(f"{users_path}: missing or corrupt user list of shard {path.name} ({exc})") from None
+        for u in users:
+            if u in seen:
+                raise ShardError(f"{directory}: user {u!r} is in two shards ({seen[u]} and {path.name})")
+            seen[u] = path.name
+        yield path, users
+
+
+def checkpoint_chain(directory: Path) -> list[Path]:
+    """The checkpoints ``directory`` is made of, oldest first: itself when it is full, else the
+    full checkpoint its deltas build on and each delta up to it (``chain`` in its manifest)."""
+    try:
+        chain = json.loads((directory / "manifest.json").read_text()).get("chain")
+    except (OSError, ValueError):
+        chain = None
+    return [directory.parent / name for name in chain] if chain else [directory]
+
+
+def _newest_copies(chain: list[Path], wanted: set[str] | None) -> dict[Path, tuple[list[str], list[int]]]:
+    """Per shard of a chain: its user list, and the indices of the ``wanted`` users (all when None)
+    whose newest copy it holds. Only user lists are read."""
+    latest: dict[str, tuple[Path, int]] = {}
+    users_of: dict[Path, list[str]] = {}
+    for member in chain:
+        for path, users in iter_shards(member):
+            users_of[path] = users
+            for i, u in enumerate(users):
+                if wanted is None or u in wanted:
+                    latest[u] = (path, i)
+    return {path: (users, [i for i, u in enumerate(users) if u in latest and latest[u][0] == path])
+            for path, users in users_of.items()}
+
+
+def read_users(chain: list[Path], wanted: set[str] | None, keys: tuple[str, ...] | None = None
+               ) -> tuple[list[str], dict[str, list[torch.Tensor]]]:
+    """The ``wanted`` users' (all users' when None) saved tensors across a chain, the newest
+    copy of each; only their rows are read from each shard (contiguous runs as slices)."""
+    ids: list[str] = []
+    parts: dict[str, list[torch.Tensor]] = {}
+    for path, (users, take) in _newest_copies(chain, wanted).items():
+        runs = _runs(take)
+        with safe_open(str(path), framework="pt") as f:
+            for key in (keys or f.keys()):
+                sl = f.get_slice(key)
+                if sl.get_shape()[0] != len(users):
+                    raise ShardError(f"{path}: {key} has {sl.get_shape()[0]} rows for {len(users)} users")
+                parts.setdefault(key, []).append(torch.cat([sl[a:b] for a, b in runs]) if runs else sl[0:0])
+        ids.extend(users[i] for i in take)
+    return ids, parts
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as half-open runs ``[a, b)``."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def saved_user_ids(directory: Path) -> list[str]:
+    """Every user saved in ``directory``'s chain (from the user lists alone: no tensor is read)."""
+    seen: dict[str, None] = {}
+    for member in checkpoint_chain(directory):
+        for _, users in iter_shards(member):
+            seen.update(dict.fromkeys(users))
+    return list(seen)
+
+
+def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int = 1024):
+    """``(user ids, rows [n, row_size])`` of the ``wanted`` users (all when None), at most ``chunk``
+    users at a time, shard by shard, reading only their rows: memory stays bounded by ``chunk``
+    rows however many users the checkpoint holds."""
+    for path, (users, take) in _newest_copies(checkpoint_chain(directory), wanted).items():
+        with safe_open(str(path), framework="pt") as f:
+            rows = f.get_slice("rows")
+            for k in range(0, len(take), chunk):
+                part = take[k : k + chunk]
+                yield [users[i] for i in part], torch.cat([rows[a:b] for a, b in _runs(part)])
+
+
+def read_saved_rows(directory: Path) -> tuple[list[str], torch.Tensor]:
+    """Every saved user's id and adapter row ``[users, row_size]``, across all shards (and the
+    checkpoints a delta builds on)."""
+    ids, parts = read_users(checkpoint_chain(directory), None, ("rows",))
+    return ids, torch.cat(parts["rows"])
