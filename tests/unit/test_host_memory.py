@@ -34,11 +34,18 @@ def _faults_per_step(**env: str) -> tuple[bool, int]:
 
 
 def test_freed_blocks_are_reused_unless_the_user_chose_otherwise():
-    applied, tuned = _faults_per_step()
-    assert applied, "glibc on Linux: the settings must apply"
-    opted_out, system = _faults_per_step(FLORA_TRAIN_MALLOC="system")
-    assert not opted_out
+    # Each setting twice, interleaved, keeping each one's fewest faults: the kernel reclaiming memory
+    # in the middle of one run (seen once in a full suite: 197k against 117k) does not decide it.
+    tuned_runs, system_runs = [], []
+    for _ in range(2):
+        applied, faults = _faults_per_step()
+        assert applied, "glibc on Linux: the settings must apply"
+        tuned_runs.append(faults)
+        opted_out, faults = _faults_per_step(FLORA_TRAIN_MALLOC="system")
+        assert not opted_out
+        system_runs.append(faults)
+    tuned, system = min(tuned_runs), min(system_runs)
     # Measured 11k against 48k faults per step on the bench machine.
-    assert tuned < system / 2, (tuned, system)
+    assert tuned < system / 2, (tuned_runs, system_runs)
     user_set, _ = _faults_per_step(MALLOC_TRIM_THRESHOLD_="131072")
     assert not user_set, "a user's own MALLOC_* setting wins"
