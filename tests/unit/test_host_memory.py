@@ -7,14 +7,16 @@ import subprocess
 import sys
 
 # A step's pattern: activations of a few sizes pile up in the forward and are freed in reverse,
-# with a gradient temporary of each size in between. Prints page faults per step once warm.
+# with a gradient temporary of each size in between. Every block is below the 32 MiB cap the
+# settings keep (larger ones are mmap'd either way). Prints page faults per step once warm and the
+# pages a step writes.
 STEP_PATTERN = """
 import random, resource, sys, torch
 from flora_train.host_memory import keep_freed_blocks
 applied = keep_freed_blocks()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 rng = random.Random(0)
-sizes = [rng.choice([2, 6, 23, 40]) << 18 for _ in range(60)]
+sizes = [rng.choice([2, 6, 23]) << 18 for _ in range(60)]
 def step():
     live = [torch.empty(n).fill_(1.0) for n in sizes]
     while live:
@@ -22,30 +24,32 @@ def step():
 for _ in range(2): step()
 before = faults()
 for _ in range(3): step()
-print(applied, (faults() - before) // 3)
+print(applied, (faults() - before) // 3, 2 * 4 * sum(sizes) // 4096)
 """
 
 
-def _faults_per_step(**env: str) -> tuple[bool, int]:
+def _faults_per_step(**env: str) -> tuple[bool, int, int]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "FLORA_TRAIN_MALLOC"}
     out = subprocess.run([sys.executable, "-c", STEP_PATTERN], env={**clean, **env}, check=True,
                          capture_output=True, text=True).stdout.split()
-    return out[0] == "True", int(out[1])
+    return out[0] == "True", int(out[1]), int(out[2])
 
 
 def test_freed_blocks_are_reused_unless_the_user_chose_otherwise():
-    # Each setting twice, interleaved, keeping each one's fewest faults: the kernel reclaiming memory
-    # in the middle of one run (seen once in a full suite: 197k against 117k) does not decide it.
-    tuned_runs, system_runs = [], []
-    for _ in range(2):
-        applied, faults = _faults_per_step()
+    # How many pages glibc's own heuristics give back depends on where import-time allocations
+    # happened to land (it moved with PYTHONHASHSEED from 3% to 76% of the pages a step writes, and a
+    # CI machine saw 116k and 521k faults for one setting). So the settings are held to an absolute
+    # bound instead of a ratio: with the heap kept, a warm step writes into pages it already has, and
+    # what faults is small objects (measured at most 0.6% over six hash seeds).
+    tuned, system = [], []
+    for seed in ("0", "1", "2"):
+        applied, faults, pages = _faults_per_step(PYTHONHASHSEED=seed)
         assert applied, "glibc on Linux: the settings must apply"
-        tuned_runs.append(faults)
-        opted_out, faults = _faults_per_step(FLORA_TRAIN_MALLOC="system")
+        tuned.append(faults)
+        opted_out, faults, _ = _faults_per_step(PYTHONHASHSEED=seed, FLORA_TRAIN_MALLOC="system")
         assert not opted_out
-        system_runs.append(faults)
-    tuned, system = min(tuned_runs), min(system_runs)
-    # Measured 11k against 48k faults per step on the bench machine.
-    assert tuned < system / 2, (tuned_runs, system_runs)
-    user_set, _ = _faults_per_step(MALLOC_TRIM_THRESHOLD_="131072")
+        system.append(faults)
+    assert max(tuned) < 0.02 * pages, (tuned, system, pages)
+    assert sum(system) > sum(tuned), (tuned, system)
+    user_set, _, _ = _faults_per_step(MALLOC_TRIM_THRESHOLD_="131072")
     assert not user_set, "a user's own MALLOC_* setting wins"
