@@ -4,7 +4,7 @@ Forgetting a user removes every copy of its adapter and of what was learnt or me
 from the run directory: its rows and optimizer state from every retained checkpoint (each
 rewritten beside the old one and renamed into place, manifest rehashed), its export folders and
 index entries, its lines in every JSONL file (per-user evaluations, their MLflow artifact copies,
-generated data), the tokenised data cache and the disk tier's files (both derived, rebuilt by the
+generated data), its data hash in each training phase's file, the tokenised data cache and the disk tier's files (both derived, rebuilt by the
 next run from the checkpoint and the data). Every other user's bytes are left exactly as they
 were. Source data outside the run directory belongs to its owner and is not touched.
 """
@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flora_train.export import ExportError
+from flora_train.train.phases import forget_in_phases
 from flora_train.store.saved import checkpoint_chain, iter_shards
 from flora_train.train.checkpoint import MANIFEST, file_entry, latest_checkpoint, list_checkpoints
 
@@ -91,7 +92,12 @@ def _rewrite_checkpoint(ckpt: Path, forget: set[str]) -> int:
         for changed in (path, users_path):
             manifest["files"][changed.name] = file_entry(changed)
     plan_path = tmp / "shard_plan.json"
-    plan = json.loads(plan_path.read_text())
+    if not plan_path.is_file():  # a delta naming its chain's plan: that file is rewritten on its own turn
+        holder = json.loads((ckpt.parent / manifest["shard_plan_in"] / "shard_plan.json").read_text())
+        manifest["users"] = sum(1 for u in holder["owners"] if u not in forget)
+        plan = {"owners": {}}
+    else:
+        plan = json.loads(plan_path.read_text())
     owners = {u: r for u, r in plan["owners"].items() if u not in forget}
     if len(owners) != len(plan["owners"]):
         plan["owners"] = owners
@@ -188,10 +194,11 @@ def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
     rows = sum(_rewrite_checkpoint(c, forget) for c in ckpts if (c / MANIFEST).is_file())
     exports = _forget_exports(run_dir, forget)
     lines = sum(_filter_jsonl(p, forget) for p in sorted(run_dir.rglob("*.jsonl")) if "checkpoints" not in p.parts)
+    phase_entries = forget_in_phases(run_dir, forget)
     derived = []
     for name in ("data_cache", "store_tier"):
         if (run_dir / name).exists():
             shutil.rmtree(run_dir / name)
             derived.append(name)
     return {"users": sorted(forget), "checkpoint_rows": rows, "checkpoints": len(ckpts), "export_folders": exports,
-            "jsonl_lines": lines, "removed_derived": derived}
+            "jsonl_lines": lines, "phase_entries": phase_entries, "removed_derived": derived}

@@ -61,6 +61,13 @@ class BatchPlanner:
         self.seed = seed
         self._epoch_cache: tuple[int, list[tuple[tuple[str, tuple[int, ...]], ...]]] | None = None
 
+    def restricted(self, users: Sequence[str]) -> "BatchPlanner":
+        """The same plan settings over ``users`` only (a phase that trains some users). A user's
+        own batches depend only on the seed, so they are the ones it would get in any plan."""
+        keep = set(users)
+        return BatchPlanner({u: ex for u, ex in self.user_examples.items() if u in keep}, self.users_per_step,
+                            self.examples_per_user, self.seed, self.max_examples_per_user, self.retain)
+
     def user_chunks(self, user: str, epoch: int) -> list[tuple[int, ...]]:
         """The user's batches in this epoch, in order (depends only on seed, epoch and user)."""
         ex = self.user_examples[user]
@@ -118,7 +125,12 @@ class BatchPlanner:
         return len(self._epoch(0))
 
     def total_steps(self, epochs: int, max_steps: int | None = None) -> int:
-        total = sum(len(self._epoch(e)) for e in range(epochs))
+        # Epochs past max_steps are never planned (each is a pass over every user: seconds at 10^6).
+        total = 0
+        for e in range(epochs):
+            if max_steps is not None and total >= max_steps:
+                break
+            total += len(self._epoch(e))
         return min(total, max_steps) if max_steps is not None else total
 
     def steps(self, epochs: int, max_steps: int | None = None, start: int = 0) -> Iterator[StepPlan]:

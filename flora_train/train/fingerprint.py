@@ -45,6 +45,9 @@ class RunFingerprint:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def users_or_data_changed(self, saved: dict[str, Any] | None) -> bool:
+        return bool(saved) and (saved.get("data") != self.data or saved.get("users") != self.users)
+
     def changes(self, saved: dict[str, Any] | None) -> list[str]:
         """What differs from a checkpoint's fingerprint, in words (empty when nothing does, or the
         checkpoint predates fingerprints)."""

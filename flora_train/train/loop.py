@@ -38,7 +38,7 @@ class TrainLoop:
         self.trainer = Trainer(session.model, session.slot, session.store, session.step_examples, train_settings(session),
                                session.user_total_steps(), session.pad_id, session.device)
         t = session.cfg.train
-        self.total = session.planner.total_steps(t.epochs, t.max_steps)
+        self.total = session.phase_plan.total_steps(t.epochs, t.max_steps)
 
     def checkpoint(self, step: int) -> Path:
         s, t = self.session, self.session.cfg.train
@@ -46,13 +46,14 @@ class TrainLoop:
             "next_step": step, "mlflow_run_id": self.tracker.known_run_id, "seed": t.seed,
             "nonfinite_steps": self.trainer.nonfinite_steps, "model_path": s.model_path,
             "base_fingerprint": s.base_fingerprint, "fingerprint": s.fingerprint.as_dict(),
+            "phase": s.phase_plan.phase.as_dict(),
         }
         return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints, t.full_checkpoint_every)
 
     def log_plan(self, start: int) -> None:
-        occupancy = self.session.planner.occupancy()
+        occupancy = self.session.phase_plan.planner.occupancy()
         self.tracker.log_metrics({f"plan/{k}": v for k, v in occupancy.items()}, step=start)
-        if occupancy["occupancy_mean"] < 0.5 and fdist.rank() == 0:
+        if self.total > start and occupancy["occupancy_mean"] < 0.5 and fdist.rank() == 0:
             log.warning("steps are %.0f%% full on average (%.0f%% hold a single user): a few users hold most of the "
                         "data; data.max_examples_per_user caps a user's examples per epoch",
                         100 * occupancy["occupancy_mean"], 100 * occupancy["single_user_steps"])
@@ -71,7 +72,7 @@ class TrainLoop:
         watch.restart_clock()
         try:
             with watch if own_watch else contextlib.nullcontext():
-                plans = self.session.planner.steps(t.epochs, t.max_steps, start=start)
+                plans = self.session.phase_plan.steps(t.epochs, t.max_steps, start=start)
                 plan = next(plans, None)
                 while plan is not None:
                     following = next(plans, None)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from flora_train import dist as fdist
 from flora_train.train.checkpoint import CheckpointError, latest_checkpoint
+from flora_train.train.phases import continue_phase, next_phase
 
 if TYPE_CHECKING:
     from flora_train.train.session import Session
@@ -33,19 +34,23 @@ def agreed_checkpoint(run_dir: Path) -> Path | None:
 
 def check_same_run(ckpt: Path, state: dict[str, Any], session: "Session") -> None:
     """Refuses to resume onto other data, another plan or another user set unless the recipe says
-    how to go on (``train.on_data_change: new_phase``)."""
-    changed = session.fingerprint.changes(state.get("fingerprint"))
-    if not changed:
-        return
-    if session.cfg.train.on_data_change.value == "error":
+    how to go on (``train.on_data_change: new_phase``); then sets the phase the run goes on with:
+    the checkpoint's, or a new one for the users whose data is new or changed (``phases.py``)."""
+    saved = state.get("fingerprint")
+    changed = session.fingerprint.changes(saved)
+    if changed and session.cfg.train.on_data_change.value == "error":
         raise CheckpointError(
             f"{ckpt}: since this checkpoint {'; '.join(changed)} changed. Resuming would train a different "
             "schedule than the one the checkpoint belongs to. Restore the original data and recipe, start a new "
-            "run_dir, or set train.on_data_change=new_phase to plan the remaining steps from the new data"
+            "run_dir, or set train.on_data_change=new_phase to train the new and changed users from here"
         )
-    if fdist.rank() == 0:
+    if session.fingerprint.users_or_data_changed(saved):
+        next_phase(session, ckpt, state)
+        return
+    if changed and fdist.rank() == 0:
         print(f"train.on_data_change=new_phase: {'; '.join(changed)} changed since {ckpt.name}; "
-              "the remaining steps are planned from the new data")
+              "the rest of the phase is planned with the new keys")
+    continue_phase(session, state)
 
 
 def check_same_base(ckpt: Path, state: dict[str, Any], session: "Session") -> None:

@@ -17,6 +17,7 @@ from flora_train.config import flatten, recipe_to_yaml
 from flora_train.tracking import Tracker
 from flora_train.train.checkpoint import load_checkpoint
 from flora_train.train.loop import Trained, TrainLoop
+from flora_train.train.phases import first_phase
 from flora_train.train.preemption import PreemptionWatch
 from flora_train.train.resume import agreed_checkpoint, check_same_base, check_same_run
 from flora_train.train.scoring import score_run, train_shared_baseline
@@ -45,12 +46,12 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
 
 def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
     """The step to start from and the MLflow run to continue: a checkpoint's when the run resumes
-    (asked to, ``train.auto_resume``, or restarted by torchrun --max-restarts), else step 0."""
+    (asked to, ``train.auto_resume``, or restarted by torchrun --max-restarts), else step 0. Sets
+    the phase the session trains (``phases.py``): a fresh run's, the checkpoint's, or a new one."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    if not (resume or restarted or session.cfg.train.auto_resume):
-        return 0, None
-    ckpt = agreed_checkpoint(session.run_dir)
+    ckpt = agreed_checkpoint(session.run_dir) if resume or restarted or session.cfg.train.auto_resume else None
     if ckpt is None:
+        first_phase(session)
         return 0, None
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=True)
     check_same_base(ckpt, state, session)
@@ -91,12 +92,14 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
     if session.eval is not None and cfg.eval.at_end:
         shared_row = train_shared_baseline(session, total) if cfg.train.compare_shared_baseline else None
         result.update(score_run(session, step, tracker, shared_row))
-    if cfg.export.format.value != "none" and main:
+    if cfg.export.format.value != "none":
         from flora_train.export import export_adapters
 
+        # Every rank writes the users its shard holds; rank 0 writes the index once all are done.
         out = Path(cfg.export.out) if cfg.export.out else run_dir / "export" / cfg.export.format.value
         manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out, checkpoint=final,
-                                   base_model_id=cfg.export.base_model_id, pack_size=cfg.export.pack_size)
+                                   base_model_id=cfg.export.base_model_id, pack_size=cfg.export.pack_size,
+                                   part=(fdist.rank(), fdist.world_size()), gather=fdist.all_gather_objects)
         tracker.log_artifact(out / "manifest.json", "export")
         result["export"] = {"out": str(out), "users": manifest["num_users"]}
     tracker.log_metrics({"train/seconds": trained.seconds, "base/resident_mib_per_rank": held / 2**20}, step=step)

@@ -29,6 +29,7 @@ from flora_train.train.trainer import TrainSettings
 from flora_train.train.data_setup import prepare_data
 from flora_train.train.retain import base_targets
 from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
+from flora_train.train.phases import Phase, PhasePlan
 
 
 @dataclass
@@ -54,6 +55,11 @@ class Session:
     base_fingerprint: str  # identity of the base's config and weights (checkpoints must match it)
     fingerprint: RunFingerprint  # the data, plan and users this run trains (a resume must match them)
     zero: ZeroBase | None  # the DeepSpeed state of a ZeRO-3 base; None at stage 0
+    phase_plan: PhasePlan = None  # type: ignore[assignment]  # what this run trains: phases.py sets it
+
+    def __post_init__(self) -> None:
+        if self.phase_plan is None:  # every user, from step 0, until a resume says otherwise
+            self.phase_plan = PhasePlan(self.planner, Phase(), {})
 
     def close(self) -> None:
         if self.zero is not None:
@@ -71,7 +77,7 @@ class Session:
 
     def user_total_steps(self) -> dict[str, int]:
         t = self.cfg.train
-        return self.planner.user_step_counts(t.epochs, t.max_steps)
+        return self.phase_plan.user_total_steps(t.epochs, t.max_steps)
 
 
 def train_settings(session: Session) -> TrainSettings:

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from flora_train.export import read_packed
@@ -85,6 +86,9 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     assert sorted(index_after) == sorted(kept)
     assert {u: _hashes(export / index_after[u]) for u in kept} == kept_exports
     assert len(list_users(run_dir)) == 22
+    phases = sorted((run_dir / "phases").glob("phase-*.parquet"))
+    assert phases and all(not set(gone) & set(pq.read_table(p).column("user_id").to_pylist()) for p in phases)
+    assert all(len(pq.read_table(p)) == 22 for p in phases), "the other users' data hashes stay"
     assert torch.equal(read_packed(packed, kept)[1], packed_before) and sorted(json.loads((packed / "index.json").read_text())) == sorted(kept)
     bad = flora_train("forget", str(run_dir), "--users", "nobody", check=False)
     assert bad.returncode == 2 and "no such user(s) in any checkpoint: 'nobody'" in bad.stderr

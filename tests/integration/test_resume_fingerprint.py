@@ -4,6 +4,7 @@ naming what changed, unless the recipe says how to go on (train.on_data_change=n
 import json
 
 import pytest
+import torch
 
 from flora_train.config import load_recipe
 from flora_train.train.checkpoint import CheckpointError
@@ -35,5 +36,10 @@ def test_resume_refuses_changed_data_plan_or_users(tmp_path, tiny_llama_dir):
     with pytest.raises(CheckpointError, match=r"the user set \(12 -> 11 users\)"):
         run_training(load_recipe(None, longer), resume=True)
 
+    with open(train_path, "w") as f:  # user 0's data changed and user 11 left: a new phase trains user 0 alone
+        f.write("\n".join(l for l in edited if '"user-000011"' not in l) + "\n")
     result = run_training(load_recipe(None, [*longer, "train.on_data_change=new_phase"]), resume=True)
     assert result["steps"] > 3, "new_phase goes on from the checkpoint's step with the new data"
+    after = saved_state(tmp_path / "run")
+    assert after["user-000000"]["optim.step"] > trained["user-000000"]["optim.step"]
+    assert all(torch.equal(after[u]["rows"], trained[u]["rows"]) for u in trained if u != "user-000000")

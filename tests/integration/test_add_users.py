@@ -1,0 +1,72 @@
+"""Adding users to a trained population (train.on_data_change=new_phase): the new users train from
+fresh rows exactly as they would alone, a user whose data changed goes on from its row, and every
+other user's row and optimizer state stay bit for bit."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from flora_train.config import load_recipe
+from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from flora_train.train.run import run_training
+from tests.distributed.helpers import ROW_TOL, saved_state, small_recipe
+
+NEW, CHANGED = ("user-000010", "user-000011"), "user-000002"
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_added_and_changed_users_train_and_the_others_are_untouched(tmp_path, tiny_llama_dir):
+    recipe = small_recipe(tmp_path, tiny_llama_dir)
+    train_path = tmp_path / "data" / "train.jsonl"
+    lines = train_path.read_text().splitlines()
+    first = [l for l in lines if json.loads(l)["user_id"] not in NEW]
+    base = [*recipe, "eval.at_end=false", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10"]
+    _write(train_path, first)
+    run_dir = tmp_path / "run"
+    phase0 = run_training(load_recipe(None, [*base, f"run_dir={run_dir}"]))
+    before = saved_state(run_dir)
+    assert set(before) == {f"user-{i:06d}" for i in range(10)}
+
+    changed = [json.dumps(dict(json.loads(l), completion=" changed")) if json.loads(l)["user_id"] == CHANGED else l
+               for l in lines]
+    _write(train_path, changed)
+    # A checkpoint part-way through phase 0: adding users there would strand the others mid-schedule.
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir, cut)
+    shutil.rmtree(latest_checkpoint(cut))
+    with pytest.raises(CheckpointError, match=r"stopped at step \d+ of phase 0, whose plan runs to step \d+"):
+        run_training(load_recipe(None, [*base, f"run_dir={cut}", "train.on_data_change=new_phase"]), resume=True)
+
+    grown = run_training(load_recipe(None, [*base, f"run_dir={run_dir}", "train.on_data_change=new_phase"]), resume=True)
+    after = saved_state(run_dir)
+    assert grown["steps"] > phase0["steps"]
+    assert set(after) == set(before) | set(NEW)
+    for user in set(before) - {CHANGED}:
+        for key, value in before[user].items():
+            assert torch.equal(after[user][key], value), (user, key)
+    assert after[CHANGED]["optim.step"] > before[CHANGED]["optim.step"]
+    assert not torch.equal(after[CHANGED]["rows"], before[CHANGED]["rows"])
+
+    # The new users alone, from scratch: the same rows (a user's batches and schedule depend only on
+    # the seed and its own data, and its row's init only on its id).
+    _write(train_path, [l for l in lines if json.loads(l)["user_id"] in NEW])
+    alone_dir = tmp_path / "alone"
+    run_training(load_recipe(None, [*base, f"run_dir={alone_dir}"]))
+    alone = saved_state(alone_dir)
+    for user in NEW:
+        assert torch.equal(after[user]["optim.step"], alone[user]["optim.step"]), user
+        torch.testing.assert_close(after[user]["rows"], alone[user]["rows"], **ROW_TOL)
+
+    # Resumed again on the same data, the phase is over: nothing trains, nothing moves.
+    _write(train_path, changed)
+    ckpts = len(list_checkpoints(run_dir))
+    again = run_training(load_recipe(None, [*base, f"run_dir={run_dir}", "train.on_data_change=new_phase"]), resume=True)
+    assert again["steps"] == grown["steps"] and len(list_checkpoints(run_dir)) >= ckpts
+    for user, cols in saved_state(run_dir).items():
+        for key, value in cols.items():
+            assert torch.equal(value, after[user][key]), (user, key)
