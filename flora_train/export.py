@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +102,17 @@ def _base_details(run_dir: Path) -> dict[str, Any]:
 
 
 def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
-                    checkpoint: Path | None = None, base_model_id: str | None = None, pack_size: int = 4096) -> dict[str, Any]:
+                    checkpoint: Path | None = None, base_model_id: str | None = None, pack_size: int = 4096,
+                    part: tuple[int, int] = (0, 1),
+                    gather: Callable[[Any], list[Any]] = lambda piece: [piece]) -> dict[str, Any]:
     """Writes one folder per user under ``out`` (or packs, ``fmt="packed"``) plus ``index.json`` and
     ``manifest.json``, from ``checkpoint`` (one this process just wrote) or else the run's newest
-    intact checkpoint."""
+    intact checkpoint.
+
+    Over ranks: each of ``n`` processes calls it with ``part=(k, n)`` and writes the users whose
+    rows rank ``k``'s shards hold (``k % n`` when the checkpoint was saved by another world size);
+    ``gather`` (an all-gather) collects every part's index, and part 0 writes ``index.json`` and
+    ``manifest.json`` once every part's files are written."""
     layout, registry, ckpt, state = _load_run(Path(run_dir), checkpoint)
     if fmt == "peft" and layout.spec.impl.peft_type is None:
         raise ExportError(f"PEFT has no {layout.spec.method} adapter matching flora_train's; use --format flora")
@@ -116,44 +124,60 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     index: dict[str, Any] = {}
     pack: tuple[list[str], list[torch.Tensor]] = ([], [])
 
+    prefix = "pack-" if part[1] == 1 else f"pack-{part[0]:05d}-"
+
     def flush_pack() -> None:
         if pack[0]:
-            name = f"pack-{len({v[0] for v in index.values()}):05d}.safetensors"
+            name = f"{prefix}{len({v[0] for v in index.values()}):05d}.safetensors"
             save_file({"rows": torch.cat(pack[1]).contiguous()}, str(out / name), metadata={"users": json.dumps(pack[0])})
             index.update({u: [name, i] for i, u in enumerate(pack[0])})
             pack[0].clear()
             pack[1].clear()
 
-    for chunk_users, chunk_rows in iter_saved_rows(ckpt, set(selected)):
-        if fmt == "packed":
-            for k in range(0, len(chunk_users), pack_size):
-                room = pack_size - len(pack[0])
-                pack[0].extend(chunk_users[k : k + room])
-                pack[1].append(chunk_rows[k : k + room])
-                if len(pack[0]) >= pack_size:
-                    flush_pack()
-            continue
-        for user, row in zip(chunk_users, chunk_rows):
-            folder = safe_folder_name(user)
-            target = _inside(out, folder)
-            target.mkdir(exist_ok=True)
-            if fmt == "peft":
-                save_file(_peft_tensors(layout, row), str(target / "adapter_model.safetensors"))
-                (target / "adapter_config.json").write_text(json.dumps(_peft_config(layout, base_model), indent=2))
-            else:
-                tensors = {f"{m}.{p}": v[0].contiguous() for m in layout.slices for p, v in layout.views(row.unsqueeze(0), m).items()}
-                save_file(tensors, str(target / FLORA_WEIGHTS), metadata={"user_id": user})
-                config = {"format": "flora_train", "user_id": user, "base_model": base_model, "layout": layout.to_dict()}
-                (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
-            index[user] = folder
-    flush_pack()
-    index = {u: index[u] for u in selected}  # the caller's order (or the checkpoint's), not the shards'
-    (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
+    def write_part() -> None:
+        for chunk_users, chunk_rows in iter_saved_rows(ckpt, set(selected), part=part):
+            if fmt == "packed":
+                for k in range(0, len(chunk_users), pack_size):
+                    room = pack_size - len(pack[0])
+                    pack[0].extend(chunk_users[k : k + room])
+                    pack[1].append(chunk_rows[k : k + room])
+                    if len(pack[0]) >= pack_size:
+                        flush_pack()
+                continue
+            for user, row in zip(chunk_users, chunk_rows):
+                folder = safe_folder_name(user)
+                target = _inside(out, folder)
+                target.mkdir(exist_ok=True)
+                if fmt == "peft":
+                    save_file(_peft_tensors(layout, row), str(target / "adapter_model.safetensors"))
+                    (target / "adapter_config.json").write_text(json.dumps(_peft_config(layout, base_model), indent=2))
+                else:
+                    tensors = {f"{m}.{p}": v[0].contiguous() for m in layout.slices for p, v in layout.views(row.unsqueeze(0), m).items()}
+                    save_file(tensors, str(target / FLORA_WEIGHTS), metadata={"user_id": user})
+                    config = {"format": "flora_train", "user_id": user, "base_model": base_model, "layout": layout.to_dict()}
+                    (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
+                index[user] = folder
+        flush_pack()
+
+    error = None
+    try:
+        write_part()
+    except OSError as exc:  # a full disk on one rank: every rank stops, none waits in the gather
+        error = f"rank {part[0]}: writing the export to {out} failed: {exc}"
+    pieces = gather((index, error))
+    failed = [e for _, e in pieces if e]
+    if failed:
+        raise ExportError("; ".join(failed))
+    merged = {u: place for piece, _ in pieces for u, place in piece.items()}
+    index = {u: merged[u] for u in selected}  # the caller's order (or the checkpoint's), not the shards'
     manifest = {"format": fmt, "method": layout.spec.method, "rank": layout.spec.rank, "num_users": len(index),
-                "checkpoint": str(ckpt), "base_model": base_model, **_base_details(Path(run_dir))}
+                "users_per_part": [len(p) for p, _ in pieces], "checkpoint": str(ckpt), "base_model": base_model,
+                **_base_details(Path(run_dir))}
     if fmt == "packed":
         manifest["layout"] = layout.to_dict()
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if part[0] == 0:
+        (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

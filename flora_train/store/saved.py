@@ -107,11 +107,20 @@ def saved_user_ids(directory: Path) -> list[str]:
     return list(seen)
 
 
-def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int = 1024):
+def shard_rank(path: Path) -> int:
+    """The rank that saved a ``store-RRRRR-of-WWWWW.safetensors`` shard."""
+    return int(path.stem.split("-")[1])
+
+
+def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int = 1024, part: tuple[int, int] = (0, 1)):
     """``(user ids, rows [n, row_size])`` of the ``wanted`` users (all when None), at most ``chunk``
     users at a time, shard by shard, reading only their rows: memory stays bounded by ``chunk``
-    rows however many users the checkpoint holds."""
+    rows however many users the checkpoint holds. ``part=(k, n)``: only the users whose newest copy
+    is in a shard saved by a rank ``r`` with ``r % n == k`` (``n`` processes split the work)."""
+    k, n = part
     for path, (users, take) in _newest_copies(checkpoint_chain(directory), wanted).items():
+        if shard_rank(path) % n != k:
+            continue
         with safe_open(str(path), framework="pt") as f:
             rows = f.get_slice("rows")
             for k in range(0, len(take), chunk):

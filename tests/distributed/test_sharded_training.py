@@ -13,8 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from flora_train.config import load_recipe
+from flora_train.export import load_flora_adapter, read_packed
 from flora_train.store.sharding import ShardPlan, partition_step
 from flora_train.train.checkpoint import latest_checkpoint
 from flora_train.train.run import run_training
@@ -50,9 +52,11 @@ def test_placements_and_tiers_match_one_process(tmp_path, tiny_llama_dir):
         2: [("owner", "host", 0), ("owner", "disk", 5), ("fetch", "host", 0), ("fetch", "disk", 7)],
         4: [("owner", "disk", 0), ("fetch", "host", 5)],
     }
+    # Two of the runs export at the end, every rank writing the users its shard holds.
+    exports = {(2, "owner", "host", 0): ["export.format=flora"], (4, "fetch", "host", 5): ["export.format=packed", "export.pack_size=2"]}
     for world, cases in configs.items():
         runs = [[*base, f"run_dir={tmp_path / f'w{world}-{p}-{t}-{c}'}", f"store.placement={p}", f"store.tier={t}",
-                 f"store.cache_rows={c}"] for p, t, c in cases]
+                 f"store.cache_rows={c}", *exports.get((world, p, t, c), [])] for p, t, c in cases]
         run_many(world, runs, tmp_path)
         fetch_bytes, split = expected_fetch_bytes(base, tmp_path, world)
         assert split, "the test plan must split some user's examples over ranks"
@@ -68,6 +72,27 @@ def test_placements_and_tiers_match_one_process(tmp_path, tiny_llama_dir):
                 assert counters["store/bytes_received"] == counters["store/bytes_sent"] == 2 * fetch_bytes
             if c:
                 assert counters["store/cache_hits"] + counters["store/cache_misses"] > 0
+            if (world, p, t, c) in exports:
+                _check_export_over_ranks(run_dir, world)
+
+
+def _check_export_over_ranks(run_dir: Path, world: int) -> None:
+    """Each rank wrote a part, and together they are every user's saved row."""
+    fmt = "packed" if (run_dir / "export" / "packed").is_dir() else "flora"
+    out = run_dir / "export" / fmt
+    manifest = json.loads((out / "manifest.json").read_text())
+    saved = saved_state(run_dir)
+    assert len(manifest["users_per_part"]) == world and all(manifest["users_per_part"]), manifest
+    assert sum(manifest["users_per_part"]) == manifest["num_users"] == len(saved)
+    users = sorted(saved)
+    if fmt == "packed":
+        packs = {name for name, _ in json.loads((out / "index.json").read_text()).values()}
+        assert {n.split("-")[1] for n in packs} == {f"{r:05d}" for r in range(world)}, packs
+        rows = read_packed(out, users)[1]
+    else:
+        index = json.loads((out / "index.json").read_text())
+        rows = torch.stack([load_flora_adapter(out / index[u])[1] for u in users])
+    assert torch.equal(rows, torch.stack([saved[u]["rows"] for u in users]))
 
 
 def test_restore_onto_another_world_size(tmp_path, tiny_llama_dir):
