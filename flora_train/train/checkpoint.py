@@ -105,7 +105,7 @@ def save_checkpoint(
         try:
             if not errors:
                 _finish(tmp, final, step, store, layout, trainer_state, {k: v for ent, _ in gathered for k, v in ent.items()},
-                        [*chain, final.name] if chain else [])
+                        [*chain, final.name] if chain else [], store.plan_saved_in if store.plan_saved_in in chain else None)
         except OSError as exc:
             errors.append(f"rank 0: finishing checkpoint {final.name} failed: {exc}")
         if errors:
@@ -116,22 +116,26 @@ def save_checkpoint(
     if errors:
         raise CheckpointError("; ".join(errors))
     store.mark_saved(final.name)
+    if store.plan_saved_in not in chain:
+        store.plan_saved_in = final.name
     return final
 
 
 def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout,
-            trainer_state: dict[str, Any], files: dict[str, Any], chain: list[str]) -> None:
-    shared = {
-        "layout.json": layout.to_dict(),
-        "shard_plan.json": store.plan.to_dict(),
-        "trainer_state.json": trainer_state,
-    }
+            trainer_state: dict[str, Any], files: dict[str, Any], chain: list[str], plan_in: str | None) -> None:
+    """``plan_in``: the checkpoint of the chain that already holds this shard plan (a delta with no
+    user added since names it instead of writing it again)."""
+    shared = {"layout.json": layout.to_dict(), "trainer_state.json": trainer_state}
+    if plan_in is None:
+        shared["shard_plan.json"] = store.plan.to_dict()
     for name, obj in shared.items():
         (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
         files[name] = file_entry(tmp / name)
     manifest = {"step": step, "world": store.world, "users": len(store), "files": dict(sorted(files.items()))}
     if chain:
         manifest.update(kind="delta", parent=chain[-2], chain=chain)
+    if plan_in is not None:
+        manifest["shard_plan_in"] = plan_in
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _fsync(tmp / MANIFEST)
     if final.exists():
@@ -216,11 +220,21 @@ def read_layout(path: Path, layout: AdapterLayout) -> None:
         raise CheckpointError(f"{path}: made for another model or adapter ({'; '.join(problems)}); refusing to load")
 
 
+def plan_file(path: Path) -> Path:
+    """Where checkpoint ``path``'s shard plan is: its own file, or that of the chain member its
+    manifest names (``shard_plan_in``)."""
+    try:
+        holder = json.loads((path / MANIFEST).read_text()).get("shard_plan_in")
+    except (OSError, ValueError):
+        holder = None
+    return (path.parent / holder if holder else path) / "shard_plan.json"
+
+
 def restore_plan(path: Path, world: int, user_tokens: dict[str, int]) -> tuple[ShardPlan, set[str]]:
     """The checkpoint's own shard plan when the world size is unchanged (every user keeps its
     owner), else a fresh balanced packing of the saved users and the data's users onto ``world``.
     Also returns the users new in the data (they get fresh rows)."""
-    source = path / "shard_plan.json"
+    source = plan_file(path)
     try:
         saved = ShardPlan.from_dict(json.loads(source.read_text()), str(source))
     except (OSError, ValueError) as exc:
@@ -246,6 +260,8 @@ def load_checkpoint(path: Path, store: ShardedAdapterStore, layout: AdapterLayou
         read_layout(path, layout)
         plan, fresh = restore_plan(path, store.world, user_tokens)
         store.load_shards(path, plan, fresh)
+        unchanged = not fresh and json.loads(plan_file(path).read_text())["world"] == store.world
+        store.plan_saved_in = plan_file(path).parent.name if unchanged else None
         if len(plan.owners) - len(fresh) != manifest.get("users"):
             raise CheckpointError(f"{path}: the shard plan names {len(plan.owners) - len(fresh)} users, the manifest {manifest.get('users')}")
         state = json.loads((path / "trainer_state.json").read_text())

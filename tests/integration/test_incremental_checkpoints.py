@@ -49,6 +49,9 @@ def test_deltas_hold_the_steps_users_and_restore_bitwise_like_full_checkpoints(t
             assert sorted(delta_users) == sorted(plans[k - 1].user_ids)
             ratio = (a / "store-00000-of-00001.safetensors").stat().st_size / (b / "store-00000-of-00001.safetensors").stat().st_size
             assert ratio < 3 / 20 + 0.05, ratio
+            # No user joined since the chain's full checkpoint: the delta names its shard plan
+            # instead of writing every user's owner again.
+            assert not (a / "shard_plan.json").exists() and manifest["shard_plan_in"] == manifest["chain"][0]
         ids, rows = read_saved_rows(a)
         assert sorted(ids) == sorted(session.user_tokens) and rows.shape[0] == 20
         # A store restored from the chain equals one restored from the full checkpoint.
