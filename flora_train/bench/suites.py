@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data")
+SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale")
 
 
 def _ints(text: str) -> list[int]:
@@ -29,8 +29,8 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
                     "train: (64)")
     be.add_argument("--hidden-size", type=int, default=None, help="train (512) / e2e (256) / zero (1024): width of the generated Llama")
     be.add_argument("--layers", type=int, default=None, help="train (4) / e2e (4) / zero (8): layers of the generated Llama")
-    be.add_argument("--steps", type=int, default=None, help="train (5) / zero (6): timed steps")
-    be.add_argument("--users-per-step", type=int, default=None, help="train (64, one example each) / zero (8)")
+    be.add_argument("--steps", type=int, default=None, help="train (5) / zero (6) / scale (16): timed steps")
+    be.add_argument("--users-per-step", type=int, default=None, help="train (64, one example each) / zero (8) / scale (64)")
     be.add_argument("--widths", type=_ints, default=[1024, 4096], help="layer: comma-separated layer widths")
     be.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8, 16], help="layer: comma-separated ranks")
     be.add_argument("--user-mix", default="1,8,64,all", help="layer: distinct users per batch (all = one per example)")
@@ -50,6 +50,8 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--requests", type=int, default=2, help="serve: requests per client")
     be.add_argument("--new-tokens", type=int, default=16, help="serve: tokens generated per request")
     be.add_argument("--data-examples", type=int, default=1_000_000, help="data: examples in the generated dataset")
+    be.add_argument("--populations", type=_ints, default=[1_000, 100_000, 1_000_000],
+                    help="scale: comma-separated population sizes, one training run each")
     be.add_argument("overrides", nargs="*", help="train / zero: recipe overrides for every run (e.g. base.deepspeed...)")
 
 
@@ -114,6 +116,10 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         from flora_train.bench.data import bench_data
 
         return bench_data(args.data_examples, args.out)
+    if suite == "scale":
+        from flora_train.bench.scale import bench_scale
+
+        return bench_scale(args.populations, _given(args.users_per_step, 64), _given(args.steps, 16), out=args.out)
     raise ValueError(f"unknown bench suite {suite!r}")
 
 

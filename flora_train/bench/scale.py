@@ -1,0 +1,273 @@
+"""`flora-train bench scale`: what a whole run costs as the population grows, with the same work a step.
+
+One real training run per population (``--populations``, default 10^3, 10^5, 10^6 users, one
+example each), each in a fresh process: the tiny Llama, FLoRA r1 on q/v, AdamW, the disk tier,
+``--users-per-step`` users a step. Per run:
+
+- step time: the median of ``--steps`` steps after warm-up (the real ``Trainer`` step: rows from the
+  store, forward/backward, row-wise update). The smallest population runs first and again last, so
+  the machine's drift over the bench shows instead of hiding in the ratio;
+- peak memory: the process's high-water RSS (``VmHWM``, which counts the store's mapped file pages
+  it touched) and its private memory (``RssAnon``) after each stage;
+- checkpoints: a full one, then ``--steps`` more steps, then an incremental one: seconds and bytes,
+  against the share of the population those steps touched;
+- restore (the newest checkpoint, its chain included, into a fresh store on its own disk tier) and
+  a packed export: seconds.
+
+Then the per-user state of each optimizer, measured from a store's columns, and the projection to
+10^8 users over 64 GPUs from those bytes (per-user bytes are what the population multiplies).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flora_train.bench.common import machine, write_json
+
+BASE = dict(architecture="llama", hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+            vocab_size=512, max_position_embeddings=64, seed=0, pretrain_steps=0)
+OPTIMIZERS = (("adamw", "float32"), ("adamw", "bfloat16"), ("rowwise_adagrad", "float32"))
+# Real bases for the projection (their shapes only: built on the meta device, nothing is downloaded).
+PROJECTED = {
+    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256),
+    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256),
+}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _status() -> dict[str, float]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) / 1024  # MiB
+    return out
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _write_data(path: Path, users: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(300)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for u in range(users):
+            f.write(json.dumps({"user_id": f"user-{u:07d}", "text": " ".join(rng.choice(words) for _ in range(6))}) + "\n")
+
+
+def measure_population(users: int, work: Path, model_dir: Path, users_per_step: int, steps: int, warmup: int) -> dict[str, Any]:
+    """One population's run, in this process (the bench starts a fresh process for each)."""
+    import torch
+
+    from flora_train.config import load_recipe
+    from flora_train.export import export_adapters
+    from flora_train.tracking import Tracker
+    from flora_train.train.checkpoint import load_checkpoint
+    from flora_train.train.loop import TrainLoop
+    from flora_train.train.session import make_store, prepare_session
+
+    data = work / f"data-{users}.jsonl"
+    if not data.is_file():
+        _write_data(data, users)
+    run_dir = work / f"run-{users}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [
+        f"base.name_or_path={model_dir}", f"data.train_path={data}", "data.text_column=text", "data.max_length=32",
+        "data.eval_examples_per_user=0", f"train.users_per_step={users_per_step}", "train.examples_per_user=1",
+        f"train.micro_batch_size={users_per_step}", "train.epochs=1000", f"train.max_steps={warmup + 2 * steps}",
+        "train.full_checkpoint_every=8", "train.keep_checkpoints=4", "train.progress=false", "tracking.enabled=false",
+        "eval.at_end=false", "adapter.method=flora", "adapter.rank=1", "adapter.target_modules=[q_proj,v_proj]",
+        "store.tier=disk", f"run_dir={run_dir}",
+    ]
+    memory = {}
+    started = time.perf_counter()
+    session = prepare_session(load_recipe(None, overrides))
+    setup_s = time.perf_counter() - started
+    memory["setup"] = _status()
+    try:
+        loop = TrainLoop(session, Tracker(False, "", "", run_dir))
+        plans = list(session.planner.steps(epochs=1000, max_steps=warmup + 2 * steps))
+        store = session.store
+
+        def train(some: list) -> list[float]:
+            seconds = []
+            for i, plan in enumerate(some):
+                t0 = time.perf_counter()
+                loop.trainer.train_step(plan, some[i + 1] if i + 1 < len(some) else None)
+                seconds.append(time.perf_counter() - t0)
+            return seconds
+
+        step_s = train(plans[: warmup + steps])[warmup:]
+        memory["trained"] = _status()
+        t0 = time.perf_counter()
+        full = loop.checkpoint(warmup + steps)
+        full_s, full_bytes = time.perf_counter() - t0, _bytes(full)
+        step_s += train(plans[warmup + steps :])
+        touched = len(store.local.changed_rows())
+        t0 = time.perf_counter()
+        delta = loop.checkpoint(warmup + 2 * steps)
+        delta_s, delta_bytes = time.perf_counter() - t0, _bytes(delta)
+        assert json.loads((delta / "manifest.json").read_text()).get("chain"), "the second checkpoint must be a delta"
+        memory["checkpointed"] = _status()
+
+        cfg = session.cfg.copy()
+        cfg.store.disk_dir = str(work / f"restore-tier-{users}")
+        shutil.rmtree(cfg.store.disk_dir, ignore_errors=True)
+        fresh = make_store(cfg, session.layout, session.device, session.user_tokens)
+        t0 = time.perf_counter()
+        load_checkpoint(delta, fresh, session.layout, session.user_tokens, verified=True)
+        restore_s = time.perf_counter() - t0
+        sample = sorted({u for p in plans for u in p.user_ids})[:64]
+        assert torch.equal(fresh.read(sample), store.read(sample)), "the restored store must hold the trained rows"
+        memory["restored"] = _status()
+        t0 = time.perf_counter()
+        manifest = export_adapters(run_dir, "packed", None, work / f"export-{users}", checkpoint=delta)
+        export_s = time.perf_counter() - t0
+        memory["exported"] = _status()
+        return {
+            "users": users, "row_floats": session.layout.row_size, "setup_s": setup_s,
+            "step_ms": [1e3 * s for s in step_s], "step_ms_p50": 1e3 * statistics.median(step_s),
+            "full_checkpoint_s": full_s, "full_checkpoint_bytes": full_bytes,
+            "delta_checkpoint_s": delta_s, "delta_checkpoint_bytes": delta_bytes, "rows_touched": touched,
+            "restore_s": restore_s, "export_s": export_s, "exported_users": manifest["num_users"],
+            "peak_rss_mib": max(m["VmHWM"] for m in memory.values()),
+            "peak_private_mib": max(m["RssAnon"] for m in memory.values()), "memory": memory,
+        }
+    finally:
+        session.close()
+        shutil.rmtree(run_dir / "store_tier", ignore_errors=True)
+        shutil.rmtree(work / f"restore-tier-{users}", ignore_errors=True)
+
+
+def state_bytes_per_user(row_floats: int, segments: list[int], users: int = 1000) -> dict[str, dict[str, int]]:
+    """Each optimizer's bytes per user, measured from a store's saved columns after one update."""
+    import torch
+
+    from flora_train.store import AdapterStore, OptimizerHyper
+
+    out = {}
+    for name, dtype in OPTIMIZERS:
+        store = AdapterStore(row_floats, lambda ids: torch.zeros(len(ids), row_floats), OptimizerHyper(
+            name=name, state_dtype=dtype, segments=segments))
+        ids = [f"u{i}" for i in range(users)]
+        store.add_users(ids)
+        rows = store.row_ids(ids)
+        store.update(rows, torch.ones(users, row_floats), torch.full((users,), 1e-3))
+        tensors = store.state_tensors()
+        state = sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "rows") // users
+        adapter = tensors["rows"].numel() * tensors["rows"].element_size() // users
+        out[f"{name}/{dtype}" if name == "adamw" else name] = {"adapter": adapter, "state": state, "total": adapter + state}
+    return out
+
+
+def projected_bytes(name: str, shape: dict[str, int], targets: list[str]) -> dict[str, Any]:
+    """FLoRA r1 on ``targets`` of a real base: per-user bytes of each optimizer (the formula the
+    measured table checks), and a GPU's share of 10^8 users over 64 GPUs."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from flora_train.adapters import AdapterSpec, inject_adapters
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape))
+    _, layout = inject_adapters(model, AdapterSpec("flora", 1, 1.0), targets)
+    per_user = _formula_bytes(layout.row_size, layout.module_starts())
+    return {"base": name, "targets": "all linear" if targets == ALL_LINEAR else ",".join(targets),
+            "row_floats": layout.row_size, "per_user": per_user,
+            "per_gpu_gib_1e8_users_64_gpus": {k: v * 10**8 / 64 / 2**30 for k, v in per_user.items()}}
+
+
+def _child(spec: str) -> None:
+    args = json.loads(spec)
+    result = measure_population(args["users"], Path(args["work"]), Path(args["model_dir"]), args["users_per_step"],
+                                args["steps"], args["warmup"])
+    Path(args["result"]).write_text(json.dumps(result))
+
+
+def bench_scale(populations: list[int], users_per_step: int = 64, steps: int = 16, warmup: int = 3,
+                out: Path = Path("runs/bench")) -> dict[str, Any]:
+    from flora_train.base import build_tiny_model
+
+    work = out / "scale"
+    work.mkdir(parents=True, exist_ok=True)
+    texts = [" ".join(f"w{(i * 7 + j) % 300}" for j in range(6)) for i in range(2000)]
+    model_dir = build_tiny_model(work / "base", BASE, texts)
+    order = sorted(populations)
+    order = order + [order[0]] if len(order) > 1 else order  # the smallest again last: the machine's drift
+    runs = []
+    for k, users in enumerate(order):
+        result_path = work / f"result-{k}.json"
+        spec = json.dumps({"users": users, "work": str(work), "model_dir": str(model_dir), "users_per_step": users_per_step,
+                           "steps": steps, "warmup": warmup, "result": str(result_path)})
+        print(f"bench scale: {users:,} users ...", flush=True)
+        subprocess.run([sys.executable, "-c", f"from flora_train.bench.scale import _child; _child({spec!r})"], check=True)
+        runs.append(json.loads(result_path.read_text()))
+    smallest = [r for r in runs if r["users"] == order[0]]
+    small_ms = statistics.mean(r["step_ms_p50"] for r in smallest)
+    for r in runs:
+        r["step_ratio_to_smallest"] = r["step_ms_p50"] / small_ms
+        r["delta_to_full_bytes"] = r["delta_checkpoint_bytes"] / r["full_checkpoint_bytes"]
+        r["touched_share"] = r["rows_touched"] / r["users"]
+    row_floats = runs[0]["row_floats"]
+    segments = _bench_segments(model_dir)
+    measured = state_bytes_per_user(row_floats, segments)
+    formula = _formula_bytes(row_floats, segments)
+    if {k: v["total"] for k, v in measured.items()} != formula:
+        raise AssertionError(f"per-user bytes measured {measured} differ from the formula the projection uses {formula}")
+    projection = [projected_bytes(name, shape, targets) for name, shape in PROJECTED.items()
+                  for targets in (["q_proj", "v_proj"], ALL_LINEAR)]
+    result = {"suite": "scale", "machine": machine(), "base": BASE, "users_per_step": users_per_step, "steps": steps,
+              "runs": runs, "state_bytes_per_user": measured, "projection": projection}
+    write_json(out, "scale", result)
+    _print(result, order[0])
+    return result
+
+
+def _formula_bytes(row_floats: int, segments: list[int]) -> dict[str, int]:
+    from flora_train.store import OptimizerHyper
+
+    return {f"{o}/{d}" if o == "adamw" else o: 4 * row_floats + OptimizerHyper(name=o, state_dtype=d, segments=segments).state_bytes(row_floats)
+            for o, d in OPTIMIZERS}
+
+
+def _bench_segments(model_dir: Path) -> list[int]:
+    from flora_train.adapters import AdapterSpec, inject_adapters
+    from flora_train.base import load_frozen_model
+
+    _, layout = inject_adapters(load_frozen_model(str(model_dir), "float32"), AdapterSpec("flora", 1, 1.0), ["q_proj", "v_proj"])
+    return layout.module_starts()
+
+
+def _print(result: dict[str, Any], smallest: int) -> None:
+    runs = result["runs"]
+    print(f"\nbench scale: tiny Llama 64x2, FLoRA r1 on q/v ({runs[0]['row_floats']} floats a user), AdamW, disk tier, "
+          f"{result['users_per_step']} users a step, {result['steps']} timed steps; {result['machine']}")
+    print(f"{'users':>10s} {'step ms':>8s} {'ratio':>6s} {'peak RSS':>9s} {'private':>8s} {'full ckpt':>16s} "
+          f"{'delta ckpt':>16s} {'delta/full':>10s} {'touched':>8s} {'restore':>8s} {'export':>8s}")
+    for r in runs:
+        print(f"{r['users']:>10,} {r['step_ms_p50']:>8.1f} {r['step_ratio_to_smallest']:>5.2f}x "
+              f"{r['peak_rss_mib']:>6.0f} MiB {r['peak_private_mib']:>4.0f} MiB "
+              f"{r['full_checkpoint_s']:>5.1f} s {r['full_checkpoint_bytes'] / 2**20:>6.0f} MiB "
+              f"{r['delta_checkpoint_s']:>5.2f} s {r['delta_checkpoint_bytes'] / 2**20:>6.1f} MiB "
+              f"{r['delta_to_full_bytes']:>10.4f} {r['touched_share']:>8.4f} {r['restore_s']:>6.1f} s {r['export_s']:>6.1f} s")
+    largest = max(runs, key=lambda r: r["users"])
+    print(f"step time {largest['users']:,} / {smallest:,} users (mean of its two runs): {largest['step_ratio_to_smallest']:.3f}x (target <= 1.1)")
+    print("\nper-user bytes, measured from the store's columns (adapter + optimizer state):")
+    for name, b in result["state_bytes_per_user"].items():
+        print(f"  {name:18s} {b['adapter']:>6,} + {b['state']:>6,} = {b['total']:>6,} B")
+    print("\nprojection, FLoRA r1, 10^8 users on 64 GPUs: each GPU's shard of adapters + optimizer state")
+    for p in result["projection"]:
+        per = ", ".join(f"{k} {v / 1024:,.2f} TiB" for k, v in p["per_gpu_gib_1e8_users_64_gpus"].items())
+        print(f"  {p['base']:13s} {p['targets']:14s} {p['row_floats']:>9,} floats a user: {per}")
