@@ -137,10 +137,12 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     def write_part() -> None:
         for chunk_users, chunk_rows in iter_saved_rows(ckpt, set(selected), part=part):
             if fmt == "packed":
-                for k in range(0, len(chunk_users), pack_size):
+                start = 0
+                while start < len(chunk_users):  # a pack fills across chunks and shards
                     room = pack_size - len(pack[0])
-                    pack[0].extend(chunk_users[k : k + room])
-                    pack[1].append(chunk_rows[k : k + room])
+                    pack[0].extend(chunk_users[start : start + room])
+                    pack[1].append(chunk_rows[start : start + room])
+                    start += room
                     if len(pack[0]) >= pack_size:
                         flush_pack()
                 continue

@@ -117,15 +117,15 @@ def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int 
     users at a time, shard by shard, reading only their rows: memory stays bounded by ``chunk``
     rows however many users the checkpoint holds. ``part=(k, n)``: only the users whose newest copy
     is in a shard saved by a rank ``r`` with ``r % n == k`` (``n`` processes split the work)."""
-    k, n = part
+    mine, parts = part
     for path, (users, take) in _newest_copies(checkpoint_chain(directory), wanted).items():
-        if shard_rank(path) % n != k:
+        if shard_rank(path) % parts != mine:
             continue
         with safe_open(str(path), framework="pt") as f:
             rows = f.get_slice("rows")
             for k in range(0, len(take), chunk):
-                part = take[k : k + chunk]
-                yield [users[i] for i in part], torch.cat([rows[a:b] for a, b in _runs(part)])
+                some = take[k : k + chunk]
+                yield [users[i] for i in some], torch.cat([rows[a:b] for a, b in _runs(some)])
 
 
 def read_saved_rows(directory: Path) -> tuple[list[str], torch.Tensor]:

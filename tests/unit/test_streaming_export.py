@@ -42,3 +42,11 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
         _, row = load_flora_adapter(tmp_path / "flora" / index[u])
         assert torch.equal(r, want[u]) and torch.equal(row, want[u])
     assert layout.row_size == rows_packed.shape[1]
+    # Packs fill across the chain's shards and chunks whatever their sizes: every user, once.
+    chain_packs = [len(users) for users, _ in iter_saved_rows(ckpt)]
+    assert len(chain_packs) > 1, "the test needs rows from more than one shard of a chain"
+    for size in (2, 3, 5, 7):
+        out = tmp_path / f"packed-{size}"
+        assert export_adapters(run, "packed", None, out, pack_size=size)["num_users"] == 11
+        assert torch.equal(read_packed(out, users)[1], rows_packed), size
+
