@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from flora_train.store import AdapterStore, OptimizerHyper
 from flora_train.store.sharded import ShardedAdapterStore
-from flora_train.store.sharding import ShardPlan, partition_step
+from flora_train.store.sharding import ShardPlan
 
 
 def gather_scatter_vs_memcpy(users: int, row_size: int, step_users: int, repeats: int) -> dict[str, float]:
@@ -62,7 +62,7 @@ def _wire_worker(rank: int, world: int, init_file: str, users: int, row_size: in
         for _ in range(steps):
             picks = torch.randperm(users, generator=g)[:step_users].tolist()
             pairs = [(f"user-{i}", k) for i in picks for k in range(4)]
-            work = partition_step(pairs, world, placement, plan.owners, 1 << 30)[rank]
+            work = store.work(pairs, 1 << 30)
             rows = store.fetch(work.user_ids)
             rows.values.grad = torch.ones_like(rows.values)
             owned = store.reduce_grads(rows)

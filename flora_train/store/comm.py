@@ -1,9 +1,10 @@
 """Moving rows between the ranks that own them and the ranks that need them (fetch placement).
 
-One exchange per step, TorchRec-style: each rank sends the owners the row numbers it needs (each
-row once; counts first, then ids, both by ``all_to_all_single``), owners answer with the rows, and
-after backward the gradients travel the same route in reverse and are summed at the owner. The
-row transfer can be started asynchronously (prefetch) and waited for later.
+One exchange per step, TorchRec-style: each rank sends the owners the keys of the rows it needs
+(each once; counts first, then keys, both by ``all_to_all_single``), owners resolve the keys to
+their own rows and answer with them, and after backward the gradients travel the same route in
+reverse and are summed at the owner. The row transfer can be started asynchronously (prefetch)
+and waited for later.
 
 Counters record what crossed the wire: a rank's traffic to itself is a local copy and not counted.
 """
@@ -77,16 +78,20 @@ class RowExchange:
     def _remote(self, counts: list[int]) -> int:
         return sum(c for r, c in enumerate(counts) if r != self.rank)
 
-    def route(self, owners: torch.Tensor, owner_rows: torch.Tensor) -> Route:
-        """Sends each owner the row numbers this rank needs (``owners[i]`` holds ``owner_rows[i]``;
-        each row at most once). Collective: every rank calls it in the same order."""
+    def route(self, owners: torch.Tensor, keys: torch.Tensor,
+              resolve: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows) -> Route:
+        """Sends each owner the keys of the rows this rank needs (``owners[i]`` holds ``keys[i]``;
+        each at most once); each owner turns the keys it receives into its table rows with
+        ``resolve`` (the identity when keys are row numbers). Collective: every rank calls it in
+        the same order."""
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=self.world).to(torch.int64)
         recv_counts = torch.empty(self.world, dtype=torch.int64)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        served = torch.empty(sum(recv), dtype=torch.int64)
-        dist.all_to_all_single(served, owner_rows[order].contiguous(), recv, send, group=self.group)
+        asked = torch.empty(sum(recv), dtype=torch.int64)
+        dist.all_to_all_single(asked, keys[order].contiguous(), recv, send, group=self.group)
+        served = resolve(asked)
         self.counters.rows_fetched += int(owners.numel())
         self.counters.rows_remote += self._remote(send)
         return Route(order, send, recv, served)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+
+import torch
+
+
+def user_key(user_id: str) -> int:
+    """A user's 63-bit key: what a rank sends an owner to ask for the user's row (an int64 on the
+    wire; the owner resolves it to its own row, so no rank assumes where another keeps a row)."""
+    digest = hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class UserRegistry:
     def __init__(self, user_ids: Iterable[str] = ()) -> None:
         self._ids: list[str] = []
         self._rows: dict[str, int] = {}
+        self._key_rows: dict[int, int] | None = None  # built on first use (only owners serving fetches need it)
         self.add(user_ids)
 
     def __len__(self) -> int:
@@ -33,7 +44,28 @@ class UserRegistry:
                 self._rows[uid] = len(self._ids)
                 self._ids.append(uid)
                 new.append(uid)
+        if self._key_rows is not None:
+            self._index_keys(new)
         return new
+
+    def _index_keys(self, user_ids: Iterable[str]) -> None:
+        assert self._key_rows is not None
+        for uid in user_ids:
+            key, row = user_key(uid), self._rows[uid]
+            other = self._key_rows.setdefault(key, row)
+            if other != row:
+                raise ValueError(f"users {self._ids[other]!r} and {uid!r} have the same 63-bit key; rename one of them")
+
+    def rows_for_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """The rows of the users with these keys (``user_key``), as an owner resolves a request."""
+        if self._key_rows is None:
+            self._key_rows = {}
+            self._index_keys(self._ids)
+        index = self._key_rows
+        try:
+            return torch.tensor([index[k] for k in keys.tolist()], dtype=torch.int64)
+        except KeyError as exc:
+            raise KeyError(f"asked for the row of a user this shard does not hold (key {exc.args[0]})") from None
 
     def row(self, user_id: str) -> int:
         try:

@@ -5,23 +5,15 @@ Ownership is a ``ShardPlan``: a balanced packing of users onto ranks by their to
 with every checkpoint, so a user keeps its owner for the life of a run; users that arrive later go
 to the least-loaded rank. A restore onto another world size packs again and moves rows.
 
-``partition_step`` splits one global step among the ranks:
-
-- ``owner``: each example runs on the rank that owns its user, so adapter rows never travel;
-- ``fetch``: the step's examples are cut into equal contiguous shares regardless of owner (a
-  user's examples may land on several ranks), and rows travel to where they are needed.
-
-Both give every rank the same number of micro-batches (ZeRO-3 needs the same module sequence on
-every rank); a rank with less work gets smaller, or empty, micro-batches.
+Which rank computes which examples of a step is the placement's (``placement/``): each gives
+every rank a ``RankWork``, the same number of micro-batches on every rank.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-PLACEMENTS = ("owner", "fetch")
 
 
 class ShardError(RuntimeError):
@@ -104,7 +96,8 @@ class RankWork:
         return list(dict.fromkeys(u for u, _ in self.pairs))
 
 
-def _split_even(items: list, parts: int) -> list[tuple]:
+def split_even(items: list, parts: int) -> list[tuple]:
+    """``items`` cut into ``parts`` contiguous runs whose lengths differ by at most one."""
     q, r = divmod(len(items), parts)
     out, start = [], 0
     for k in range(parts):
@@ -112,21 +105,3 @@ def _split_even(items: list, parts: int) -> list[tuple]:
         out.append(tuple(items[start:end]))
         start = end
     return out
-
-
-def partition_step(
-    pairs: Iterable[tuple[str, int]], world: int, placement: str, owner_of: Mapping[str, int], micro_batch_size: int
-) -> list[RankWork]:
-    """Each rank's micro-batches for a step's ``(user, example)`` pairs (a pure function: every rank
-    computes the same answer without talking to the others)."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"store.placement must be one of {PLACEMENTS}, got {placement!r}")
-    flat = list(pairs)
-    if placement == "owner":
-        shares: list[list[tuple[str, int]]] = [[] for _ in range(world)]
-        for user, ex in flat:
-            shares[owner_of[user]].append((user, ex))
-    else:
-        shares = [list(s) for s in _split_even(flat, world)]
-    n_micro = max(1, max(-(-len(s) // micro_batch_size) for s in shares))
-    return [RankWork(tuple(_split_even(s, n_micro))) for s in shares]

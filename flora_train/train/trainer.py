@@ -2,8 +2,7 @@
 with every example on its own user's adapter, then one row-wise optimizer step on those rows.
 
 Under ``torch.distributed`` every rank runs the same loop over the same global plan: it computes
-its share of the step (``partition_step``), the store moves rows and gradients as the placement
-needs, and two small all-reduces tell every rank each step user's loss and whether it was finite,
+its share of the step (the store's ``work``), the store's placement moves rows and gradients, and two small all-reduces tell every rank each step user's loss and whether it was finite,
 so every rank takes the same decisions."""
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from flora_train.data.examples import TokenizedExamples
 from flora_train.data.planner import StepPlan
 from flora_train.data.tokenize import IGNORE, collate
 from flora_train.store.sharded import OwnedStep, ShardedAdapterStore
-from flora_train.store.sharding import RankWork, partition_step
+from flora_train.store.sharding import RankWork
 from flora_train.train.loss import per_user_loss, target_logits
 from flora_train.train.schedule import per_user_lr
 
@@ -96,11 +95,7 @@ class Trainer:
     def _work(self, plan: StepPlan) -> RankWork:
         if self._planned is not None and self._planned[0] is plan:
             return self._planned[1]  # computed one step ahead for the prefetch
-        store = self.store
-        work = partition_step(
-            ((u, i) for u, ex in plan.groups for i in ex), store.world, store.placement,
-            store.plan.owners, self.settings.micro_batch_size,
-        )[store.rank]
+        work = self.store.work(((u, i) for u, ex in plan.groups for i in ex), self.settings.micro_batch_size)
         self._planned = (plan, work)
         return work
 

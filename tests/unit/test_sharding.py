@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flora_train.store.sharding import ShardError, ShardPlan, partition_step
+from flora_train.store.placement import partition_step
+from flora_train.store.sharding import ShardError, ShardPlan
 
 tokens_st = st.dictionaries(st.text("abcdef", min_size=1, max_size=4), st.integers(0, 500), min_size=1, max_size=60)
 
