@@ -112,6 +112,33 @@ def shard_rank(path: Path) -> int:
     return int(path.stem.split("-")[1])
 
 
+def newest_copies(chain: list[Path], wanted: set[str] | None) -> dict[Path, tuple[list[str], list[int]]]:
+    """Per shard of a chain, its user list and the indices of the ``wanted`` users whose newest copy
+    it holds, after checking each shard's tensors have one row per listed user (headers only)."""
+    copies = _newest_copies(chain, wanted)
+    for path, (users, _) in copies.items():
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if f.get_slice(key).get_shape()[0] != len(users):
+                    raise ShardError(f"{path}: {key} has {f.get_slice(key).get_shape()[0]} rows for {len(users)} users")
+    return copies
+
+
+def shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def iter_copies(copies: dict[Path, tuple[list[str], list[int]]], chunk: int):
+    """``(path, user ids, {key: tensor})`` of ``newest_copies``, at most ``chunk`` users at a time."""
+    for path, (users, take) in copies.items():
+        with safe_open(str(path), framework="pt") as f:
+            for k in range(0, len(take), chunk):
+                some = take[k : k + chunk]
+                runs = _runs(some)
+                yield path, [users[i] for i in some], {key: torch.cat([f.get_slice(key)[a:b] for a, b in runs]) for key in f.keys()}
+
+
 def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int = 1024, part: tuple[int, int] = (0, 1)):
     """``(user ids, rows [n, row_size])`` of the ``wanted`` users (all when None), at most ``chunk``
     users at a time, shard by shard, reading only their rows: memory stays bounded by ``chunk``

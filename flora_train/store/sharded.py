@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from flora_train import dist as fdist
 from flora_train.store.comm import CommCounters
 from flora_train.store.placement import OwnedStep, ShardedRows, make_placement
-from flora_train.store.saved import checkpoint_chain, read_users, shard_file
+from flora_train.store.saved import checkpoint_chain, iter_copies, newest_copies, shard_file, shard_shapes
 from flora_train.store.sharding import RankWork, ShardError, ShardPlan
 from flora_train.store.store import AdapterStore
 
@@ -148,34 +148,40 @@ class ShardedAdapterStore:
         (directory / users_name).write_text(json.dumps({"user_ids": users}, ensure_ascii=False))
         return [store_name, users_name]
 
-    def load_shards(self, directory: Path, plan: ShardPlan, fresh: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def load_shards(self, directory: Path, plan: ShardPlan, fresh: set[str] = frozenset(), chunk: int = 8192) -> None:  # type: ignore[assignment]
         """Takes this rank's users (under ``plan``, which may be for another world size than the
         one that saved) out of every shard of ``directory`` and the checkpoints it builds on (a
-        delta's chain, oldest first, later ones overriding); users in ``fresh`` are new and get
-        initial rows. Only the rows this rank owns are read (safetensors slices). Nothing changes
-        unless every shard reads cleanly."""
+        delta's chain, each user's newest copy); users in ``fresh`` are new and get initial rows.
+        Only the rows this rank owns are read (safetensors slices), ``chunk`` users at a time, so
+        a restore's memory does not grow with the population. User lists and tensor shapes are
+        all checked before the store changes."""
         plan.check(self.world, str(directory / "shard_plan.json"))
         wanted = plan.users_of(self.rank)
         mine = set(wanted).difference(fresh)
-        ids, parts = read_users(checkpoint_chain(directory), mine)
-        missing = mine.difference(ids)
-        if missing:
-            raise ShardError(f"{directory}: no shard holds user {sorted(missing)[0]!r} (and {len(missing) - 1} more) of shard {self.rank}")
+        copies = newest_copies(checkpoint_chain(directory), mine)
+        found = sum(len(take) for _, take in copies.values())
+        if found != len(mine):
+            held = {users[i] for users, take in copies.values() for i in take}
+            missing = sorted(mine.difference(held))
+            raise ShardError(f"{directory}: no shard holds user {missing[0]!r} (and {len(missing) - 1} more) of shard {self.rank}")
+        for path, (users, _) in copies.items():
+            self.local.check_state(len(users), shard_shapes(path), str(path))
+        position = {u: i for i, u in enumerate(wanted)}  # rows in plan order, as the plan lists them
+        self.placement.settle()
+        self.local.begin_load(wanted, str(directory))
+        for path, users, tensors in iter_copies(copies, chunk):
+            self.local.load_rows(torch.tensor([position[u] for u in users], dtype=torch.int64), tensors, str(path))
         new = [u for u in wanted if u in fresh]
-        if new:  # fresh rows and zero optimizer state, appended after the saved users
-            ids.extend(new)
-            for key, t in parts.items():
-                init = self.row_init(new) if key == "rows" else torch.zeros(len(new), *t[0].shape[1:], dtype=t[0].dtype)
-                t.append(init.to(t[0].dtype))
-        order = {u: i for i, u in enumerate(ids)}
-        # Rows in plan order, which is the order every rank assumes for the owner's row numbers.
-        perm = torch.tensor([order[u] for u in wanted], dtype=torch.int64)
-        tensors = {k: torch.cat(v)[perm] for k, v in parts.items()}
+        for k in range(0, len(new), chunk):  # fresh rows and zero optimizer state
+            some = new[k : k + chunk]
+            state = {name if name == "rows" else f"optim.{name}": torch.zeros(len(some), *col.shape, dtype=col.dtype)
+                     for name, col in self.local.table.columns.items()}
+            state["rows"] = self.row_init(some).to(state["rows"].dtype)
+            self.local.load_rows(torch.tensor([position[u] for u in some], dtype=torch.int64), state, str(directory))
         self.plan = plan
         self.placement.reset()
-        self.local.load_state(wanted, tensors, str(directory))
         # Equal to the checkpoint but for the fresh users: the next delta builds on it.
-        self.local.mark_saved(directory.name, [i for i, u in enumerate(wanted) if u in fresh])
+        self.local.mark_saved(directory.name, [position[u] for u in new])
 
     def mark_saved(self, checkpoint: str) -> None:
         self.local.mark_saved(checkpoint)

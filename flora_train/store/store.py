@@ -159,24 +159,35 @@ class AdapterStore:
 
     def load_state(self, user_ids: Sequence[str], tensors: dict[str, torch.Tensor], source: str) -> None:
         """Replaces this store's users, rows and optimizer state (``state_tensors``' layout)."""
-        n = len(user_ids)
+        self.check_state(len(user_ids), {k: tuple(t.shape) for k, t in tensors.items()}, source)
+        self.begin_load(user_ids, source)
+        self.load_rows(torch.arange(len(user_ids)), tensors, source)
+        self.mark_saved(None, range(len(user_ids)))  # nothing is known to be saved until the caller says so
+
+    def check_state(self, n: int, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+        """That ``n`` users' saved columns have this store's keys and shapes (before anything changes)."""
         for name, col in self.table.columns.items():
             key = name if name == "rows" else f"optim.{name}"
-            t = tensors.get(key)
-            if t is None:
+            if key not in shapes:
                 raise ValueError(f"{source}: {key} missing (saved with another optimizer than {self.hyper.name}?)")
-            if tuple(t.shape) != (n, *col.shape):
-                raise ValueError(f"{source}: {key} has shape {tuple(t.shape)}, expected {(n, *col.shape)} for {n} users")
-        self.registry = UserRegistry(user_ids)
-        if len(self.registry) != n:
+            if tuple(shapes[key]) != (n, *col.shape):
+                raise ValueError(f"{source}: {key} has shape {tuple(shapes[key])}, expected {(n, *col.shape)} for {n} users")
+
+    def begin_load(self, user_ids: Sequence[str], source: str) -> None:
+        """Replaces the users with ``user_ids`` (rows ``0..n-1`` in that order); ``load_rows`` fills them."""
+        registry = UserRegistry(user_ids)
+        if len(registry) != len(user_ids):
             raise ValueError(f"{source}: duplicate user ids")
-        self.table.reserve(n)
-        idx = torch.arange(n)
-        for name in self.table.columns:
-            self.table.scatter(name, idx, tensors[name if name == "rows" else f"optim.{name}"])
+        self.registry = registry
+        self.table.reserve(len(user_ids))
         if self.cache is not None:
             self.cache.invalidate()
-        self.mark_saved(None, range(n))  # nothing is known to be saved until the caller says so
+
+    def load_rows(self, rows: torch.Tensor, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Writes saved columns (``state_tensors``' keys) into table ``rows`` (a restore, a chunk at a time)."""
+        self.check_state(len(rows), {k: tuple(t.shape) for k, t in tensors.items()}, source)
+        for name in self.table.columns:
+            self.table.scatter(name, rows, tensors[name if name == "rows" else f"optim.{name}"])
 
     def save(self, directory: Path, metadata: dict[str, str] | None = None) -> None:
         """Writes ``store.safetensors`` and ``users.json`` into ``directory`` (which must exist)."""
