@@ -4,11 +4,13 @@ One real training run per population (``--populations``, default 10^3, 10^5, 10^
 example each), each in a fresh process: the tiny Llama, FLoRA r1 on q/v, AdamW, the disk tier,
 ``--users-per-step`` users a step. Per run:
 
-- step time: the median of ``--steps`` steps after warm-up (the real ``Trainer`` step: rows from the
-  store, forward/backward, row-wise update). The smallest population runs first and again last, so
-  the machine's drift over the bench shows instead of hiding in the ratio;
-- peak memory: the process's high-water RSS (``VmHWM``, which counts the store's mapped file pages
-  it touched) and its private memory (``RssAnon``) after each stage;
+- step time, side by side: the real ``Trainer`` step (rows from the store, forward/backward,
+  row-wise update) on the population's store, alternating step by step with the same step on a
+  store of the smallest population's first users, in the same process: the ratio of their medians
+  is what the population costs a step, whatever the machine's speed does meanwhile;
+- memory: the peak of private memory (``RssAnon``, sampled every 20 ms) and the high-water RSS
+  (``VmHWM``, which also counts the store's and the checkpoints' mapped file pages, shared with
+  the page cache and dropped under pressure);
 - checkpoints: a full one, then ``--steps`` more steps, then an incremental one: seconds and bytes,
   against the share of the population those steps touched;
 - restore (the newest checkpoint, its chain included, into a fresh store on its own disk tier) and
@@ -17,7 +19,6 @@ example each), each in a fresh process: the tiny Llama, FLoRA r1 on q/v, AdamW, 
 Then the per-user state of each optimizer, measured from a store's columns, and the projection to
 10^8 users over 64 GPUs from those bytes (per-user bytes are what the population multiplies).
 """
-
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,26 @@ def _status() -> dict[str, float]:
     return out
 
 
+class PrivatePeak:
+    """The highest ``RssAnon`` seen while it runs (a sampler thread; read after ``stop``)."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, every_s: float) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, _status()["RssAnon"])
+            self._stop.wait(every_s)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak_mib, _status()["RssAnon"])
+
+
 def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -68,9 +90,13 @@ def _write_data(path: Path, users: int, seed: int = 0) -> None:
             f.write(json.dumps({"user_id": f"user-{u:07d}", "text": " ".join(rng.choice(words) for _ in range(6))}) + "\n")
 
 
-def measure_population(users: int, work: Path, model_dir: Path, users_per_step: int, steps: int, warmup: int) -> dict[str, Any]:
+def measure_population(users: int, work: Path, model_dir: Path, users_per_step: int, steps: int, warmup: int,
+                       reference_users: int) -> dict[str, Any]:
     """One population's run, in this process (the bench starts a fresh process for each)."""
     import torch
+
+    from flora_train.train.session import train_settings
+    from flora_train.train.trainer import Trainer
 
     from flora_train.config import load_recipe
     from flora_train.export import export_adapters
@@ -93,6 +119,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         "store.tier=disk", f"run_dir={run_dir}",
     ]
     memory = {}
+    private = PrivatePeak()
     started = time.perf_counter()
     session = prepare_session(load_recipe(None, overrides))
     # The store's initial rows are written at set-up (to the disk tier's files); flushing them here
@@ -102,23 +129,37 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
     memory["setup"] = _status()
     try:
         loop = TrainLoop(session, Tracker(False, "", "", run_dir))
-        plans = list(session.planner.steps(epochs=1000, max_steps=warmup + 2 * steps))
+        total = warmup + 2 * steps
+        plans = list(session.planner.steps(epochs=1000, max_steps=total))
         store = session.store
+        # The reference: the same steps' shape on a store of the smallest population's first users.
+        ref_users = session.train.users()[:reference_users]
+        ref_cfg = session.cfg.copy()
+        ref_cfg.store.disk_dir = str(work / f"reference-tier-{users}")
+        shutil.rmtree(ref_cfg.store.disk_dir, ignore_errors=True)
+        ref_store = make_store(ref_cfg, session.layout, session.device, {u: session.user_tokens[u] for u in ref_users})
+        ref_planner = session.planner.restricted(ref_users)
+        ref_plans = list(ref_planner.steps(epochs=1000, max_steps=total))
+        ref = Trainer(session.model, session.slot, ref_store, session.step_examples, train_settings(session),
+                      ref_planner.user_step_counts(1000, total), session.pad_id, session.device)
+        os.sync()
 
-        def train(some: list) -> list[float]:
-            seconds = []
-            for i, plan in enumerate(some):
-                t0 = time.perf_counter()
-                loop.trainer.train_step(plan, some[i + 1] if i + 1 < len(some) else None)
-                seconds.append(time.perf_counter() - t0)
-            return seconds
+        def train(first: int, last: int) -> tuple[list[float], list[float]]:
+            ours, theirs = [], []
+            for i in range(first, last):
+                for trainer, some, times in ((loop.trainer, plans, ours), (ref, ref_plans, theirs)):
+                    t0 = time.perf_counter()
+                    trainer.train_step(some[i], some[i + 1] if i + 1 < last else None)
+                    times.append(time.perf_counter() - t0)
+            return ours, theirs
 
-        step_s = train(plans[: warmup + steps])[warmup:]
+        step_s, ref_s = (t[warmup:] for t in train(0, warmup + steps))
         memory["trained"] = _status()
         t0 = time.perf_counter()
         full = loop.checkpoint(warmup + steps)
         full_s, full_bytes = time.perf_counter() - t0, _bytes(full)
-        step_s += train(plans[warmup + steps :])
+        more, ref_more = train(warmup + steps, total)
+        step_s, ref_s = step_s + more, ref_s + ref_more
         touched = len(store.local.changed_rows())
         t0 = time.perf_counter()
         delta = loop.checkpoint(warmup + 2 * steps)
@@ -143,16 +184,20 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         return {
             "users": users, "row_floats": session.layout.row_size, "setup_s": setup_s,
             "step_ms": [1e3 * s for s in step_s], "step_ms_p50": 1e3 * statistics.median(step_s),
+            "reference_users": len(ref_users), "reference_step_ms": [1e3 * s for s in ref_s],
+            "reference_step_ms_p50": 1e3 * statistics.median(ref_s),
+            "step_ratio": statistics.median(step_s) / statistics.median(ref_s),
             "full_checkpoint_s": full_s, "full_checkpoint_bytes": full_bytes,
             "delta_checkpoint_s": delta_s, "delta_checkpoint_bytes": delta_bytes, "rows_touched": touched,
             "restore_s": restore_s, "export_s": export_s, "exported_users": manifest["num_users"],
             "peak_rss_mib": max(m["VmHWM"] for m in memory.values()),
-            "peak_private_mib": max(m["RssAnon"] for m in memory.values()), "memory": memory,
+            "peak_private_mib": private.stop(), "memory": memory,
         }
     finally:
         session.close()
         shutil.rmtree(run_dir / "store_tier", ignore_errors=True)
         shutil.rmtree(work / f"restore-tier-{users}", ignore_errors=True)
+        shutil.rmtree(work / f"reference-tier-{users}", ignore_errors=True)
 
 
 def state_bytes_per_user(row_floats: int, segments: list[int], users: int = 1000) -> dict[str, dict[str, int]]:
@@ -196,7 +241,7 @@ def projected_bytes(name: str, shape: dict[str, int], targets: list[str]) -> dic
 def _child(spec: str) -> None:
     args = json.loads(spec)
     result = measure_population(args["users"], Path(args["work"]), Path(args["model_dir"]), args["users_per_step"],
-                                args["steps"], args["warmup"])
+                                args["steps"], args["warmup"], args["reference_users"])
     Path(args["result"]).write_text(json.dumps(result))
 
 
@@ -209,19 +254,16 @@ def bench_scale(populations: list[int], users_per_step: int = 64, steps: int = 1
     texts = [" ".join(f"w{(i * 7 + j) % 300}" for j in range(6)) for i in range(2000)]
     model_dir = build_tiny_model(work / "base", BASE, texts)
     order = sorted(populations)
-    order = order + [order[0]] if len(order) > 1 else order  # the smallest again last: the machine's drift
     runs = []
     for k, users in enumerate(order):
         result_path = work / f"result-{k}.json"
         spec = json.dumps({"users": users, "work": str(work), "model_dir": str(model_dir), "users_per_step": users_per_step,
-                           "steps": steps, "warmup": warmup, "result": str(result_path)})
+                           "steps": steps, "warmup": warmup, "reference_users": order[0],
+                           "result": str(result_path)})
         print(f"bench scale: {users:,} users ...", flush=True)
         subprocess.run([sys.executable, "-c", f"from flora_train.bench.scale import _child; _child({spec!r})"], check=True)
         runs.append(json.loads(result_path.read_text()))
-    smallest = [r for r in runs if r["users"] == order[0]]
-    small_ms = statistics.mean(r["step_ms_p50"] for r in smallest)
     for r in runs:
-        r["step_ratio_to_smallest"] = r["step_ms_p50"] / small_ms
         r["delta_to_full_bytes"] = r["delta_checkpoint_bytes"] / r["full_checkpoint_bytes"]
         r["touched_share"] = r["rows_touched"] / r["users"]
     row_floats = runs[0]["row_floats"]
@@ -258,16 +300,17 @@ def _print(result: dict[str, Any], smallest: int) -> None:
     runs = result["runs"]
     print(f"\nbench scale: tiny Llama 64x2, FLoRA r1 on q/v ({runs[0]['row_floats']} floats a user), AdamW, disk tier, "
           f"{result['users_per_step']} users a step, {result['steps']} timed steps; {result['machine']}")
-    print(f"{'users':>10s} {'set-up':>7s} {'step ms':>8s} {'ratio':>6s} {'peak RSS':>9s} {'private':>8s} {'full ckpt':>16s} "
-          f"{'delta ckpt':>16s} {'delta/full':>10s} {'touched':>8s} {'restore':>8s} {'export':>8s}")
+    print(f"step ms: this population's store, and a {smallest:,}-user store alternating with it in the same process")
+    print(f"{'users':>10s} {'set-up':>7s} {'step ms':>8s} {'vs ' + format(smallest, ','):>9s} {'ratio':>6s} {'private':>8s} "
+          f"{'peak RSS':>9s} {'full ckpt':>16s} {'delta ckpt':>16s} {'delta/full':>10s} {'touched':>8s} {'restore':>8s} {'export':>8s}")
     for r in runs:
-        print(f"{r['users']:>10,} {r['setup_s']:>5.1f} s {r['step_ms_p50']:>8.1f} {r['step_ratio_to_smallest']:>5.2f}x "
-              f"{r['peak_rss_mib']:>6.0f} MiB {r['peak_private_mib']:>4.0f} MiB "
+        print(f"{r['users']:>10,} {r['setup_s']:>5.1f} s {r['step_ms_p50']:>8.1f} {r['reference_step_ms_p50']:>9.1f} "
+              f"{r['step_ratio']:>5.2f}x {r['peak_private_mib']:>4.0f} MiB {r['peak_rss_mib']:>5.0f} MiB "
               f"{r['full_checkpoint_s']:>5.1f} s {r['full_checkpoint_bytes'] / 2**20:>6.0f} MiB "
               f"{r['delta_checkpoint_s']:>5.2f} s {r['delta_checkpoint_bytes'] / 2**20:>6.1f} MiB "
               f"{r['delta_to_full_bytes']:>10.4f} {r['touched_share']:>8.4f} {r['restore_s']:>6.1f} s {r['export_s']:>6.1f} s")
     largest = max(runs, key=lambda r: r["users"])
-    print(f"step time {largest['users']:,} / {smallest:,} users (mean of its two runs): {largest['step_ratio_to_smallest']:.3f}x (target <= 1.1)")
+    print(f"step time {largest['users']:,} / {smallest:,} users, side by side: {largest['step_ratio']:.3f}x (target <= 1.1)")
     print("\nper-user bytes, measured from the store's columns (adapter + optimizer state):")
     for name, b in result["state_bytes_per_user"].items():
         print(f"  {name:18s} {b['adapter']:>6,} + {b['state']:>6,} = {b['total']:>6,} B")

@@ -145,13 +145,15 @@ def test_bench_scale_runs_each_population_and_checkpoints_by_rows_touched(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench_scale.json").read_text())
     runs = result["runs"]
-    assert [r["users"] for r in runs] == [40, 400, 40], "smallest first and again last"
+    assert [r["users"] for r in runs] == [40, 400]
     for r in runs:
-        assert len(r["step_ms"]) == 4 and r["step_ratio_to_smallest"] > 0
+        # Each population's steps alternate with a 40-user store's in the same process.
+        assert len(r["step_ms"]) == len(r["reference_step_ms"]) == 4 and r["reference_users"] == 40
+        assert r["step_ratio"] > 0 and r["peak_private_mib"] > 0
         # 2 steps of 8 users, one example each, touch at most 16 rows: the delta holds those alone.
         assert 0 < r["rows_touched"] <= 16 and r["exported_users"] == r["users"]
         assert r["delta_checkpoint_bytes"] < r["full_checkpoint_bytes"]
-        assert r["peak_rss_mib"] >= r["peak_private_mib"] > 0
+        assert r["peak_rss_mib"] > 0
     big = runs[1]
     # The delta's bytes follow the rows touched: a tenth of the population's full checkpoint, or less.
     assert big["delta_to_full_bytes"] < 0.1, big
@@ -160,4 +162,4 @@ def test_bench_scale_runs_each_population_and_checkpoints_by_rows_touched(tmp_pa
     assert bytes_["rowwise_adagrad"]["state"] < bytes_["adamw/bfloat16"]["state"]
     assert {(p["base"], p["targets"]) for p in result["projection"]} == {
         (b, t) for b in ("Llama-3.2-1B", "Llama-3.1-8B") for t in ("q_proj,v_proj", "all linear")}
-    assert "10^8 users on 64 GPUs" in proc.stdout and "step time 400 / 40 users" in proc.stdout
+    assert "10^8 users on 64 GPUs" in proc.stdout and "step time 400 / 40 users, side by side" in proc.stdout
