@@ -34,6 +34,9 @@ class StepRows:
         return {u: i for i, u in enumerate(self.user_ids)}
 
 
+INIT_CHUNK = 65_536  # users whose rows are initialised together when users are added
+
+
 class AdapterStore:
     """One shard's users: registry, a ``RowTable`` of rows + optimizer columns on a tier, and an
     optional hot-row cache on the compute device. ``ShardedAdapterStore`` places many of these."""
@@ -76,13 +79,17 @@ class AdapterStore:
         start = len(self)
         new = [u for u in dict.fromkeys(user_ids) if u not in self.registry]
         if new:
-            init = self.row_init(new)
-            if init.shape != (len(new), self.row_size):
-                raise ValueError(f"row_init returned {tuple(init.shape)}, expected {(len(new), self.row_size)}")
             self.table.reserve(start + len(new))  # amortised growth: the table is never rebuilt per user
+            # Initialised a chunk at a time: a million users' rows at once would be gigabytes of
+            # temporaries on top of the table.
+            for k in range(0, len(new), INIT_CHUNK):
+                some = new[k : k + INIT_CHUNK]
+                init = self.row_init(some)
+                if init.shape != (len(some), self.row_size):
+                    raise ValueError(f"row_init returned {tuple(init.shape)}, expected {(len(some), self.row_size)}")
+                self.table.scatter("rows", torch.arange(start + k, start + k + len(some)), init)
             self.registry.add(new)
             self._changed.update(range(start, start + len(new)))
-            self.table.scatter("rows", torch.arange(start, start + len(new)), init)
         return new
 
     def row_ids(self, user_ids: Sequence[str]) -> torch.Tensor:

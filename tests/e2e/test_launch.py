@@ -85,7 +85,8 @@ def test_bad_recipe_or_missing_sbatch_submits_nothing(tmp_path):
 
 def test_local_scheduler_returns_the_job_exit_code(tmp_path):
     ok = launch("recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'ok'}", "--procs-per-node", "2",
-                "train.compare_shared_baseline=false", "tracking.enabled=false")
+                "train.compare_shared_baseline=false", "tracking.enabled=false", "base.tiny.pretrain_steps=0",
+                "eval.at_end=false", "export.format=none")
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert json.loads((tmp_path / "ok" / "result.json").read_text())["base"]["world_size"] == 2
     bad = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'bad'}", "data.synthetic=null",
@@ -163,7 +164,7 @@ def test_slurm_preemption_requeues_and_resumes_to_the_same_adapters(slurm, tmp_p
     from tests.distributed.helpers import saved_state
 
     common = [*SMALL, "train.epochs=80", "tracking.enabled=false", "train.compare_shared_baseline=false",
-              "export.format=none", "eval.at_end=false", "--procs-per-node", "2", "launch.cpus_per_proc=1",
+              "export.format=none", "eval.at_end=false", "base.tiny.pretrain_steps=0", "--procs-per-node", "2", "launch.cpus_per_proc=1",
               "launch.env.OMP_NUM_THREADS=1"]
     ref = launch("recipes/quickstart.yaml", *common, f"run_dir={tmp_path / 'ref'}", "--scheduler", "local")
     assert ref.returncode == 0, ref.stderr[-3000:]
