@@ -8,7 +8,7 @@ example each), each in a fresh process: the tiny Llama, FLoRA r1 on q/v, AdamW, 
   row-wise update) on the population's store, alternating step by step with the same step on a
   store of the smallest population's first users, in the same process: the ratio of their medians
   is what the population costs a step, whatever the machine's speed does meanwhile;
-- memory: the peak of private memory (``RssAnon``, sampled every 20 ms) and the high-water RSS
+- memory: the peak of private memory (``RssAnon``, sampled every 20 ms by the parent process) and the high-water RSS
   (``VmHWM``, which also counts the store's and the checkpoints' mapped file pages, shared with
   the page cache and dropped under pressure);
 - checkpoints: a full one, then ``--steps`` more steps, then an incremental one: seconds and bytes,
@@ -28,7 +28,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,33 +47,27 @@ PROJECTED = {
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _status() -> dict[str, float]:
+def _status(path: Path = Path("/proc/self/status")) -> dict[str, float]:
     out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in path.read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmHWM", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0]) / 1024  # MiB
     return out
 
 
-class PrivatePeak:
-    """The highest ``RssAnon`` seen while it runs (a sampler thread; read after ``stop``)."""
-
-    def __init__(self, every_s: float = 0.02) -> None:
-        self.peak_mib = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
-        self._thread.start()
-
-    def _sample(self, every_s: float) -> None:
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, _status()["RssAnon"])
-            self._stop.wait(every_s)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak_mib, _status()["RssAnon"])
+def _private_peak(proc: subprocess.Popen, every_s: float = 0.02) -> float:
+    """The highest ``RssAnon`` (MiB) of ``proc`` until it exits, sampled from this process: a
+    thread inside it would need the GIL, which a long copy in C holds for seconds."""
+    peak = 0.0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            peak = max(peak, _status(status)["RssAnon"])
+        except (OSError, KeyError):
+            pass
+        time.sleep(every_s)
+    return peak
 
 
 def _bytes(folder: Path) -> int:
@@ -119,7 +112,6 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         "store.tier=disk", f"run_dir={run_dir}",
     ]
     memory = {}
-    private = PrivatePeak()
     started = time.perf_counter()
     session = prepare_session(load_recipe(None, overrides))
     # The store's initial rows are written at set-up (to the disk tier's files); flushing them here
@@ -196,7 +188,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
             "delta_checkpoint_s": delta_s, "delta_checkpoint_bytes": delta_bytes, "rows_touched": touched,
             "restore_s": restore_s, "export_s": export_s, "exported_users": manifest["num_users"],
             "peak_rss_mib": max(m["VmHWM"] for m in memory.values()),
-            "peak_private_mib": private.stop(), "memory": memory,
+            "memory": memory,
         }
     finally:
         session.close()
@@ -266,8 +258,11 @@ def bench_scale(populations: list[int], users_per_step: int = 64, steps: int = 1
                            "steps": steps, "warmup": warmup, "reference_users": order[0],
                            "result": str(result_path)})
         print(f"bench scale: {users:,} users ...", flush=True)
-        subprocess.run([sys.executable, "-c", f"from flora_train.bench.scale import _child; _child({spec!r})"], check=True)
-        runs.append(json.loads(result_path.read_text()))
+        proc = subprocess.Popen([sys.executable, "-c", f"from flora_train.bench.scale import _child; _child({spec!r})"])
+        peak = _private_peak(proc)
+        if proc.returncode:
+            raise RuntimeError(f"bench scale: the run with {users:,} users failed (exit code {proc.returncode})")
+        runs.append({**json.loads(result_path.read_text()), "peak_private_mib": peak})
     for r in runs:
         r["delta_to_full_bytes"] = r["delta_checkpoint_bytes"] / r["full_checkpoint_bytes"]
         r["touched_share"] = r["rows_touched"] / r["users"]

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from flora_train import dist as fdist
 from flora_train.store.comm import CommCounters
 from flora_train.store.placement import OwnedStep, ShardedRows, make_placement
 from flora_train.store.saved import checkpoint_chain, iter_copies, newest_copies, shard_file, shard_shapes
+from flora_train.store.shard_writer import save_rows
 from flora_train.store.sharding import RankWork, ShardError, ShardPlan
 from flora_train.store.store import AdapterStore
 
@@ -144,7 +144,8 @@ class ShardedAdapterStore:
                 "rank": str(self.rank), "world": str(self.world), "delta": str(delta), **metadata}
         store_name = shard_file(self.rank, self.world, "store")
         users_name = shard_file(self.rank, self.world, "users")
-        save_file(self.local.state_tensors(rows), str(directory / store_name), metadata=meta)
+        # A full shard is written a slice at a time: the columns are never copied whole.
+        save_rows(self.local.state_tensors(rows), directory / store_name, meta)
         (directory / users_name).write_text(json.dumps({"user_ids": users}, ensure_ascii=False))
         return [store_name, users_name]
 
