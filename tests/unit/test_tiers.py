@@ -93,7 +93,9 @@ def test_prefault_maps_a_steps_rows_so_their_update_takes_no_page_fault(tmp_path
             table.scatter(name, rows, torch.ones(len(rows), 1024))
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    assert faults_writing(torch.tensor([10, 2000, 3500])) >= 6, "cold rows fault (else this test shows nothing)"
+    # At least one fault: how many depends on what the kernel mapped around earlier faults (4 of
+    # the 6 pages faulted in a full suite run, 6 alone).
+    assert faults_writing(torch.tensor([10, 2000, 3500])) > 0, "cold rows fault (else this test shows nothing)"
     rows = torch.tensor([5, 900, 901, 3000])
     table.prefault(rows)
     assert faults_writing(rows) == 0
