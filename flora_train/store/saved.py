@@ -54,7 +54,7 @@ def checkpoint_chain(directory: Path) -> list[Path]:
     return [directory.parent / name for name in chain] if chain else [directory]
 
 
-def _newest_copies(chain: list[Path], wanted: set[str] | None) -> dict[Path, tuple[list[str], list[int]]]:
+def newest_copies(chain: list[Path], wanted: set[str] | None) -> dict[Path, tuple[list[str], list[int]]]:
     """Per shard of a chain: its user list, and the indices of the ``wanted`` users (all when None)
     whose newest copy it holds. Only user lists are read."""
     latest: dict[str, tuple[Path, int]] = {}
@@ -67,24 +67,6 @@ def _newest_copies(chain: list[Path], wanted: set[str] | None) -> dict[Path, tup
                     latest[u] = (path, i)
     return {path: (users, [i for i, u in enumerate(users) if u in latest and latest[u][0] == path])
             for path, users in users_of.items()}
-
-
-def read_users(chain: list[Path], wanted: set[str] | None, keys: tuple[str, ...] | None = None
-               ) -> tuple[list[str], dict[str, list[torch.Tensor]]]:
-    """The ``wanted`` users' (all users' when None) saved tensors across a chain, the newest
-    copy of each; only their rows are read from each shard (contiguous runs as slices)."""
-    ids: list[str] = []
-    parts: dict[str, list[torch.Tensor]] = {}
-    for path, (users, take) in _newest_copies(chain, wanted).items():
-        runs = _runs(take)
-        with safe_open(str(path), framework="pt") as f:
-            for key in (keys or f.keys()):
-                sl = f.get_slice(key)
-                if sl.get_shape()[0] != len(users):
-                    raise ShardError(f"{path}: {key} has {sl.get_shape()[0]} rows for {len(users)} users")
-                parts.setdefault(key, []).append(torch.cat([sl[a:b] for a, b in runs]) if runs else sl[0:0])
-        ids.extend(users[i] for i in take)
-    return ids, parts
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -112,31 +94,24 @@ def shard_rank(path: Path) -> int:
     return int(path.stem.split("-")[1])
 
 
-def newest_copies(chain: list[Path], wanted: set[str] | None) -> dict[Path, tuple[list[str], list[int]]]:
-    """Per shard of a chain, its user list and the indices of the ``wanted`` users whose newest copy
-    it holds, after checking each shard's tensors have one row per listed user (headers only)."""
-    copies = _newest_copies(chain, wanted)
-    for path, (users, _) in copies.items():
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if f.get_slice(key).get_shape()[0] != len(users):
-                    raise ShardError(f"{path}: {key} has {f.get_slice(key).get_shape()[0]} rows for {len(users)} users")
-    return copies
-
-
 def shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with safe_open(str(path), framework="pt") as f:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
-def iter_copies(copies: dict[Path, tuple[list[str], list[int]]], chunk: int):
-    """``(path, user ids, {key: tensor})`` of ``newest_copies``, at most ``chunk`` users at a time."""
+def iter_copies(copies: dict[Path, tuple[list[str], list[int]]], chunk: int, keys: tuple[str, ...] | None = None):
+    """``(path, user ids, {key: tensor})`` of ``newest_copies`` (every key, or ``keys``), at most
+    ``chunk`` users at a time, reading only their rows (contiguous runs as slices)."""
     for path, (users, take) in copies.items():
         with safe_open(str(path), framework="pt") as f:
+            for key in keys or f.keys():
+                if f.get_slice(key).get_shape()[0] != len(users):
+                    raise ShardError(f"{path}: {key} has {f.get_slice(key).get_shape()[0]} rows for {len(users)} users")
             for k in range(0, len(take), chunk):
                 some = take[k : k + chunk]
                 runs = _runs(some)
-                yield path, [users[i] for i in some], {key: torch.cat([f.get_slice(key)[a:b] for a, b in runs]) for key in f.keys()}
+                yield path, [users[i] for i in some], {key: torch.cat([f.get_slice(key)[a:b] for a, b in runs])
+                                                       for key in keys or f.keys()}
 
 
 def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int = 1024, part: tuple[int, int] = (0, 1)):
@@ -145,18 +120,18 @@ def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int 
     rows however many users the checkpoint holds. ``part=(k, n)``: only the users whose newest copy
     is in a shard saved by a rank ``r`` with ``r % n == k`` (``n`` processes split the work)."""
     mine, parts = part
-    for path, (users, take) in _newest_copies(checkpoint_chain(directory), wanted).items():
-        if shard_rank(path) % parts != mine:
-            continue
-        with safe_open(str(path), framework="pt") as f:
-            rows = f.get_slice("rows")
-            for k in range(0, len(take), chunk):
-                some = take[k : k + chunk]
-                yield [users[i] for i in some], torch.cat([rows[a:b] for a, b in _runs(some)])
+    copies = {path: held for path, held in newest_copies(checkpoint_chain(directory), wanted).items()
+              if shard_rank(path) % parts == mine}
+    for _, users, tensors in iter_copies(copies, chunk, ("rows",)):
+        yield users, tensors["rows"]
 
 
 def read_saved_rows(directory: Path) -> tuple[list[str], torch.Tensor]:
     """Every saved user's id and adapter row ``[users, row_size]``, across all shards (and the
     checkpoints a delta builds on)."""
-    ids, parts = read_users(checkpoint_chain(directory), None, ("rows",))
-    return ids, torch.cat(parts["rows"])
+    ids: list[str] = []
+    rows: list[torch.Tensor] = []
+    for users, part in iter_saved_rows(directory, chunk=1 << 30):
+        ids.extend(users)
+        rows.append(part)
+    return ids, torch.cat(rows)

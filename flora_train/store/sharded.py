@@ -105,7 +105,8 @@ class ShardedAdapterStore:
     def reduce_grads(self, rows: ShardedRows) -> OwnedStep:
         return self.placement.reduce_grads(rows)
 
-    def _check_local(self, users: Sequence[str]) -> None:
+    def check_local(self, users: Sequence[str]) -> None:
+        """Refuses users whose rows another rank holds (reads without communication)."""
         foreign = [u for u in users if not self.owns(u)]
         if foreign:
             raise ShardError(f"rank {self.rank} holds no row of user {foreign[0]!r} (shard {self.owner(foreign[0])} does)")
@@ -121,12 +122,12 @@ class ShardedAdapterStore:
 
     def read(self, user_ids: Sequence[str]) -> torch.Tensor:
         """Rows of users this rank owns (no communication)."""
-        self._check_local(user_ids)
+        self.check_local(user_ids)
         self.placement.settle()
         return self.local.read(user_ids)
 
     def write(self, user_ids: Sequence[str], values: torch.Tensor) -> None:
-        self._check_local(user_ids)
+        self.check_local(user_ids)
         self.placement.settle()
         self.local.write(user_ids, values)
 
@@ -170,15 +171,15 @@ class ShardedAdapterStore:
         position = {u: i for i, u in enumerate(wanted)}  # rows in plan order, as the plan lists them
         self.placement.settle()
         self.local.begin_load(wanted, str(directory))
-        for path, users, tensors in iter_copies(copies, chunk):
-            self.local.load_rows(torch.tensor([position[u] for u in users], dtype=torch.int64), tensors, str(path))
+        for _, users, tensors in iter_copies(copies, chunk):
+            self.local.load_rows(torch.tensor([position[u] for u in users], dtype=torch.int64), tensors)
         new = [u for u in wanted if u in fresh]
         for k in range(0, len(new), chunk):  # fresh rows and zero optimizer state
             some = new[k : k + chunk]
             state = {name if name == "rows" else f"optim.{name}": torch.zeros(len(some), *col.shape, dtype=col.dtype)
                      for name, col in self.local.table.columns.items()}
             state["rows"] = self.row_init(some).to(state["rows"].dtype)
-            self.local.load_rows(torch.tensor([position[u] for u in some], dtype=torch.int64), state, str(directory))
+            self.local.load_rows(torch.tensor([position[u] for u in some], dtype=torch.int64), state)
         self.plan = plan
         self.placement.reset()
         # Equal to the checkpoint but for the fresh users: the next delta builds on it.

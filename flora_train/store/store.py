@@ -168,7 +168,7 @@ class AdapterStore:
         """Replaces this store's users, rows and optimizer state (``state_tensors``' layout)."""
         self.check_state(len(user_ids), {k: tuple(t.shape) for k, t in tensors.items()}, source)
         self.begin_load(user_ids, source)
-        self.load_rows(torch.arange(len(user_ids)), tensors, source)
+        self.load_rows(torch.arange(len(user_ids)), tensors)
         self.mark_saved(None, range(len(user_ids)))  # nothing is known to be saved until the caller says so
 
     def check_state(self, n: int, shapes: dict[str, tuple[int, ...]], source: str) -> None:
@@ -190,9 +190,9 @@ class AdapterStore:
         if self.cache is not None:
             self.cache.invalidate()
 
-    def load_rows(self, rows: torch.Tensor, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Writes saved columns (``state_tensors``' keys) into table ``rows`` (a restore, a chunk at a time)."""
-        self.check_state(len(rows), {k: tuple(t.shape) for k, t in tensors.items()}, source)
+    def load_rows(self, rows: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+        """Writes saved columns (``state_tensors``' keys) into table ``rows`` (a restore, a chunk at a
+        time); the caller has checked their keys and shapes (``check_state``)."""
         for name in self.table.columns:
             self.table.scatter(name, rows, tensors[name if name == "rows" else f"optim.{name}"])
 

@@ -178,8 +178,8 @@ def next_phase(session: "Session", ckpt: Path, state: Mapping[str, Any]) -> None
             "users now would leave the others part-way through their schedule. Finish the run on the data it was "
             "started with (resume without the change, or set train.max_steps to stop where it is), then add the users"
         )
-    saved = phase_dir(session.run_dir) / (old.users_file or "")
-    before = read_phase_users(session.run_dir, old.users_file) if old.users_file and saved.is_file() else None
+    recorded = old.users_file is not None and (phase_dir(session.run_dir) / old.users_file).is_file()
+    before = read_phase_users(session.run_dir, old.users_file) if recorded else None
     now = user_data_hashes(session.train)
     train = changed_users(now, before.hashes if before else {})
     steps_before = gather_steps(session.store, train)

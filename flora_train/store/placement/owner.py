@@ -15,7 +15,6 @@ import torch
 
 from flora_train.store.comm import CommCounters, Route
 from flora_train.store.placement.base import OwnedStep, Placement, Prefetched, ShardedRows
-from flora_train.store.sharding import ShardError
 
 if TYPE_CHECKING:
     from flora_train.store.sharded import ShardedAdapterStore
@@ -36,23 +35,15 @@ class OwnerPlacement(Placement):
             out[owner_of[user]].append((user, ex))
         return out
 
-    def _check_local(self, users: list[str]) -> None:
-        foreign = [u for u in users if not self.store.owns(u)]
-        if foreign:
-            raise ShardError(
-                f"rank {self.store.rank} asked for rows of users it does not own in owner placement "
-                f"(e.g. {foreign[0]!r} on shard {self.store.owner(foreign[0])})"
-            )
-
     def _read(self, users: list[str]) -> tuple[torch.Tensor, Route | None]:
-        self._check_local(users)
+        self.store.check_local(users)
         self._counters.rows_fetched += len(users)
         if not users:
             return torch.empty(0, self.local.row_size, dtype=torch.float32), None
         return self.local.read(users), None
 
     def _start_prefetch(self, users: list[str]) -> Prefetched | None:
-        self._check_local(users)
+        self.store.check_local(users)
         local = self.local
         if local.cache is None and local.table.tier != "disk" and local.table.device == local.compute_device:
             return None  # rows already sit where they are computed on: nothing to overlap
