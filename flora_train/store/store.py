@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
 from flora_train.store.registry import UserRegistry
+from flora_train.store.shard_writer import save_rows
 from flora_train.store.table import Column, HotRowCache, RowTable
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
@@ -144,7 +145,9 @@ class AdapterStore:
 
     def state_tensors(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every column of every user (or of table ``rows`` only), keyed ``rows`` and
-        ``optim.<state>``, on the CPU."""
+        ``optim.<state>``, on the CPU. Whole columns of a host or disk table are views, not copies
+        (on the disk tier strided views of its records: copying them would put the whole table in
+        private memory); ``save_rows`` writes them a slice at a time."""
         if self.cache is not None:
             self.cache.flush()
         n = len(self)
@@ -152,7 +155,7 @@ class AdapterStore:
         for name in self.table.columns:
             key = name if name == "rows" else f"optim.{name}"
             column = self.table.column(name)[:n]
-            out[key] = (column if rows is None else column.index_select(0, rows.to(column.device))).detach().cpu().contiguous()
+            out[key] = (column if rows is None else column.index_select(0, rows.to(column.device))).detach().cpu()
         return out
 
     def changed_rows(self) -> torch.Tensor:
@@ -200,7 +203,7 @@ class AdapterStore:
         """Writes ``store.safetensors`` and ``users.json`` into ``directory`` (which must exist)."""
         meta = {"row_size": str(self.row_size), "optimizer": self.hyper.name, "users": str(len(self))}
         meta.update(metadata or {})
-        save_file(self.state_tensors(), str(directory / "store.safetensors"), metadata=meta)
+        save_rows(self.state_tensors(), directory / "store.safetensors", meta)
         self.registry.save(directory / "users.json")
 
     def load(self, directory: Path) -> None:
