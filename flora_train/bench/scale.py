@@ -106,7 +106,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
     overrides = [
         f"base.name_or_path={model_dir}", f"data.train_path={data}", "data.text_column=text", "data.max_length=32",
         "data.eval_examples_per_user=0", f"train.users_per_step={users_per_step}", "train.examples_per_user=1",
-        f"train.micro_batch_size={users_per_step}", "train.epochs=1000", f"train.max_steps={warmup + 2 * steps}",
+        f"train.micro_batch_size={users_per_step}", "train.epochs=1000", f"train.max_steps={2 * warmup + 3 * steps}",
         "train.full_checkpoint_every=8", "train.keep_checkpoints=4", "train.progress=false", "tracking.enabled=false",
         "eval.at_end=false", "adapter.method=flora", "adapter.rank=1", "adapter.target_modules=[q_proj,v_proj]",
         "store.tier=disk", f"run_dir={run_dir}",
@@ -121,7 +121,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
     memory["setup"] = _status()
     try:
         loop = TrainLoop(session, Tracker(False, "", "", run_dir))
-        total = warmup + 2 * steps
+        total = 2 * warmup + 3 * steps
         plans = list(session.planner.steps(epochs=1000, max_steps=total))
         store = session.store
         # The reference: the same steps' shape on a store of the smallest population's first users.
@@ -155,7 +155,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         t0 = time.perf_counter()
         os.sync()
         full_sync_s = time.perf_counter() - t0
-        more, ref_more = train(warmup + steps, total)
+        more, ref_more = train(warmup + steps, warmup + 2 * steps)
         step_s, ref_s = step_s + more, ref_s + ref_more
         touched = len(store.local.changed_rows())
         t0 = time.perf_counter()
@@ -171,19 +171,33 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         t0 = time.perf_counter()
         load_checkpoint(delta, fresh, session.layout, session.user_tokens, verified=True)
         restore_s = time.perf_counter() - t0
-        sample = sorted({u for p in plans for u in p.user_ids})[:64]
+        sample = sorted({u for p in plans[: warmup + 2 * steps] for u in p.user_ids})[:64]
         assert torch.equal(fresh.read(sample), store.read(sample)), "the restored store must hold the trained rows"
         memory["restored"] = _status()
         t0 = time.perf_counter()
         manifest = export_adapters(run_dir, "packed", None, work / f"export-{users}", checkpoint=delta)
         export_s = time.perf_counter() - t0
         memory["exported"] = _status()
+        # The same side by side with one compute thread: on this machine's 2 cores the store's
+        # prefetch thread (and the kernel's page work it causes) then has a core of its own, as it
+        # has on a GPU node, where the step computes on the device.
+        del fresh
+        shutil.rmtree(cfg.store.disk_dir, ignore_errors=True)
+        os.sync()  # the restored copy's gigabytes, written back before the next timed steps
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one_s, one_ref_s = (t[warmup:] for t in train(warmup + 2 * steps, total))
+        finally:
+            torch.set_num_threads(threads)
         return {
             "users": users, "row_floats": session.layout.row_size, "setup_s": setup_s,
             "step_ms": [1e3 * s for s in step_s], "step_ms_p50": 1e3 * statistics.median(step_s),
             "reference_users": len(ref_users), "reference_step_ms": [1e3 * s for s in ref_s],
             "reference_step_ms_p50": 1e3 * statistics.median(ref_s),
-            "step_ratio": statistics.median(step_s) / statistics.median(ref_s),
+            "step_ratio": statistics.median(step_s) / statistics.median(ref_s), "compute_threads": threads,
+            "one_thread_step_ms_p50": 1e3 * statistics.median(one_s),
+            "one_thread_step_ratio": statistics.median(one_s) / statistics.median(one_ref_s),
             "full_checkpoint_s": full_s, "full_checkpoint_sync_s": full_sync_s, "full_checkpoint_bytes": full_bytes,
             "delta_checkpoint_s": delta_s, "delta_checkpoint_bytes": delta_bytes, "rows_touched": touched,
             "restore_s": restore_s, "export_s": export_s, "exported_users": manifest["num_users"],
@@ -310,7 +324,9 @@ def _print(result: dict[str, Any], smallest: int) -> None:
               f"{r['delta_checkpoint_s']:>5.2f} s {r['delta_checkpoint_bytes'] / 2**20:>6.1f} MiB "
               f"{r['delta_to_full_bytes']:>10.4f} {r['touched_share']:>8.4f} {r['restore_s']:>6.1f} s {r['export_s']:>6.1f} s")
     largest = max(runs, key=lambda r: r["users"])
-    print(f"step time {largest['users']:,} / {smallest:,} users, side by side: {largest['step_ratio']:.3f}x (target <= 1.1)")
+    print(f"step time {largest['users']:,} / {smallest:,} users, side by side: {largest['step_ratio']:.3f}x with "
+          f"{largest['compute_threads']} compute threads, {largest['one_thread_step_ratio']:.3f}x with 1 (a core left to "
+          f"the store's prefetch thread; {largest['one_thread_step_ms_p50']:.1f} ms a step) (target <= 1.1)")
     print("\nper-user bytes, measured from the store's columns (adapter + optimizer state):")
     for name, b in result["state_bytes_per_user"].items():
         print(f"  {name:18s} {b['adapter']:>6,} + {b['state']:>6,} = {b['total']:>6,} B")
