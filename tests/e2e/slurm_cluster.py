@@ -16,8 +16,10 @@ SlurmUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 AuthType=auth/munge
-# How long a requeued job waits before it starts again (default 120 s): short for the tests.
-AuthInfo=cred_expire=10
+# How long a requeued job waits before it starts again (default 120 s, at least 5): short for the
+# tests; then the scheduling passes that start it run every 1-2 s instead of every 30-60.
+AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=2,bf_interval=1
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
