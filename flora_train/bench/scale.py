@@ -315,11 +315,11 @@ def _print(result: dict[str, Any], smallest: int) -> None:
     print(f"\nbench scale: tiny Llama 64x2, FLoRA r1 on q/v ({runs[0]['row_floats']} floats a user), AdamW, disk tier, "
           f"{result['users_per_step']} users a step, {result['steps']} timed steps; {result['machine']}")
     print(f"step ms: this population's store, and a {smallest:,}-user store alternating with it in the same process")
-    print(f"{'users':>10s} {'set-up':>7s} {'step ms':>8s} {'vs ' + format(smallest, ','):>9s} {'ratio':>6s} {'private':>8s} "
+    print(f"{'users':>10s} {'set-up':>7s} {'step ms':>8s} {'vs ' + format(smallest, ','):>9s} {'ratio':>6s} {'1 thread':>8s} {'private':>8s} "
           f"{'peak RSS':>9s} {'full ckpt':>16s} {'delta ckpt':>16s} {'delta/full':>10s} {'touched':>8s} {'restore':>8s} {'export':>8s}")
     for r in runs:
         print(f"{r['users']:>10,} {r['setup_s']:>5.1f} s {r['step_ms_p50']:>8.1f} {r['reference_step_ms_p50']:>9.1f} "
-              f"{r['step_ratio']:>5.2f}x {r['peak_private_mib']:>4.0f} MiB {r['peak_rss_mib']:>5.0f} MiB "
+              f"{r['step_ratio']:>5.2f}x {r['one_thread_step_ratio']:>7.2f}x {r['peak_private_mib']:>4.0f} MiB {r['peak_rss_mib']:>5.0f} MiB "
               f"{r['full_checkpoint_s']:>5.1f} s {r['full_checkpoint_bytes'] / 2**20:>6.0f} MiB "
               f"{r['delta_checkpoint_s']:>5.2f} s {r['delta_checkpoint_bytes'] / 2**20:>6.1f} MiB "
               f"{r['delta_to_full_bytes']:>10.4f} {r['touched_share']:>8.4f} {r['restore_s']:>6.1f} s {r['export_s']:>6.1f} s")
