@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flora_train.export import ExportError
-from flora_train.train.phases import forget_in_phases
+from flora_train.train.phases import check_phase_files, forget_in_phases
 from flora_train.store.saved import checkpoint_chain, iter_shards
 from flora_train.train.checkpoint import MANIFEST, file_entry, latest_checkpoint, list_checkpoints
 
@@ -188,6 +188,7 @@ def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
     if unknown:
         raise ExportError(f"{run_dir}: no such user(s) in any checkpoint: {', '.join(map(repr, unknown[:5]))}")
     forget = set(users)
+    check_phase_files(run_dir)
     # Half-written checkpoints and leftovers of an interrupted forget hold rows too.
     for stale in (run_dir / "checkpoints").glob(".*"):
         shutil.rmtree(stale, ignore_errors=True)

@@ -59,6 +59,9 @@ class PhaseUsers:
     steps_before: dict[str, int]
 
 
+PHASE_COLUMNS = {"user_id": pa.string(), "data_hash": pa.string(), "trained": pa.bool_(), "steps_before": pa.int64()}
+
+
 def phase_dir(run_dir: Path) -> Path:
     return run_dir / "phases"
 
@@ -83,19 +86,36 @@ def write_phase_users(run_dir: Path, index: int, users: PhaseUsers) -> str:
     trained = set(users.trained)
     ids = sorted(users.hashes)
     table = pa.table({
-        "user_id": pa.array(ids, pa.string()),
-        "data_hash": pa.array([users.hashes[u] for u in ids], pa.string()),
-        "trained": pa.array([u in trained for u in ids], pa.bool_()),
-        "steps_before": pa.array([users.steps_before.get(u, 0) for u in ids], pa.int64()),
-    })
+        "user_id": ids,
+        "data_hash": [users.hashes[u] for u in ids],
+        "trained": [u in trained for u in ids],
+        "steps_before": [users.steps_before.get(u, 0) for u in ids],
+    }, schema=pa.schema(PHASE_COLUMNS))
     tmp = folder / f".{name}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, folder / name)
     return name
 
 
+def read_phase_table(path: Path) -> pa.Table:
+    """A phase file, or a ``CheckpointError`` naming it when it is missing, unreadable or not one."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint's phase names this file, which says who the phase "
+                              "trains (was the run directory copied without its phases/ folder?)") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise CheckpointError(f"{path}: not a readable phase file ({exc}); it is written once, atomically, when "
+                              "a phase starts: restore it from a copy of the run directory") from None
+    names = set(table.schema.names)
+    wrong = sorted(k for k, t in PHASE_COLUMNS.items() if k not in names or table.schema.field(k).type != t)
+    if wrong:
+        raise CheckpointError(f"{path}: not a phase file (columns {', '.join(wrong)} missing or of another type)")
+    return table
+
+
 def read_phase_users(run_dir: Path, name: str) -> PhaseUsers:
-    table = pq.read_table(phase_dir(run_dir) / name).to_pydict()
+    table = read_phase_table(phase_dir(run_dir) / name).to_pydict()
     ids = table["user_id"]
     return PhaseUsers(
         hashes=dict(zip(ids, table["data_hash"])),
@@ -178,8 +198,8 @@ def next_phase(session: "Session", ckpt: Path, state: Mapping[str, Any]) -> None
             "users now would leave the others part-way through their schedule. Finish the run on the data it was "
             "started with (resume without the change, or set train.max_steps to stop where it is), then add the users"
         )
-    recorded = old.users_file is not None and (phase_dir(session.run_dir) / old.users_file).is_file()
-    before = read_phase_users(session.run_dir, old.users_file) if recorded else None
+    # A checkpoint from before phases were recorded names no file: every user then counts as changed.
+    before = read_phase_users(session.run_dir, old.users_file) if old.users_file is not None else None
     now = user_data_hashes(session.train)
     train = changed_users(now, before.hashes if before else {})
     steps_before = gather_steps(session.store, train)
@@ -194,12 +214,18 @@ def next_phase(session: "Session", ckpt: Path, state: Mapping[str, Any]) -> None
     set_phase(session, Phase(index, at, None, fdist.broadcast_object(name)), train, steps_before)
 
 
+def check_phase_files(run_dir: Path) -> None:
+    """Every phase file reads (before ``forget`` rewrites anything, so it never stops half-way)."""
+    for path in sorted(phase_dir(run_dir).glob("phase-*.parquet")):
+        read_phase_table(path)
+
+
 def forget_in_phases(run_dir: Path, forget: set[str]) -> int:
     """Rewrites each phase file without the forgotten users (``flora-train forget``); returns the
     entries removed."""
     removed = 0
     for path in sorted(phase_dir(run_dir).glob("phase-*.parquet")):
-        table = pq.read_table(path)
+        table = read_phase_table(path)
         keep = pc.invert(pc.is_in(table.column("user_id"), value_set=pa.array(sorted(forget), pa.string())))
         kept = table.filter(keep)
         if kept.num_rows == table.num_rows:
