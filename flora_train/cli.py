@@ -224,6 +224,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.inference.trained import InferenceError
     from flora_train.launch import LaunchFailed
     from flora_train.launch_env import LaunchError
+    from flora_train.store.registry import UserKeyCollision
     from flora_train.train.checkpoint import CheckpointError
     from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
     from flora_train.train.trainer import NonFiniteError
@@ -322,7 +323,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             for path in paths:
                 print(path)
     except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, LaunchError, LaunchFailed,
-            FileNotFoundError, InferenceError) as exc:
+            FileNotFoundError, InferenceError, UserKeyCollision) as exc:
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:

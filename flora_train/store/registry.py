@@ -17,6 +17,10 @@ def user_key(user_id: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+class UserKeyCollision(ValueError):
+    """Two users of one shard share a 63-bit key (about one chance in 10^7 for 10^6 users a shard)."""
+
+
 class UserRegistry:
     def __init__(self, user_ids: Iterable[str] = ()) -> None:
         self._ids: list[str] = []
@@ -54,14 +58,25 @@ class UserRegistry:
             key, row = user_key(uid), self._rows[uid]
             other = self._key_rows.setdefault(key, row)
             if other != row:
-                raise ValueError(f"users {self._ids[other]!r} and {uid!r} have the same 63-bit key; rename one of them")
+                raise UserKeyCollision(f"users {self._ids[other]!r} and {uid!r} have the same 63-bit key, which fetch "
+                                       "placement uses to ask for a row: rename one of them (or use store.placement=owner)")
 
-    def rows_for_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """The rows of the users with these keys (``user_key``), as an owner resolves a request."""
+    @property
+    def keys_indexed(self) -> bool:
+        return self._key_rows is not None
+
+    def index_keys(self) -> None:
+        """Indexes every user's key now, and each user added from now on as it is added, so a key
+        shared by two users is found when they are registered, not in the middle of a step."""
         if self._key_rows is None:
             self._key_rows = {}
             self._index_keys(self._ids)
+
+    def rows_for_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """The rows of the users with these keys (``user_key``), as an owner resolves a request."""
+        self.index_keys()
         index = self._key_rows
+        assert index is not None
         try:
             return torch.tensor([index[k] for k in keys.tolist()], dtype=torch.int64)
         except KeyError as exc:

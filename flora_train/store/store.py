@@ -188,6 +188,8 @@ class AdapterStore:
         registry = UserRegistry(user_ids)
         if len(registry) != len(user_ids):
             raise ValueError(f"{source}: duplicate user ids")
+        if self.registry.keys_indexed:
+            registry.index_keys()  # the restored users are checked as the ones they replace were
         self.registry = registry
         self.table.reserve(len(user_ids))
         if self.cache is not None:

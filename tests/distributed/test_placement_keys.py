@@ -68,3 +68,35 @@ def test_keys_resolve_to_rows_and_unknown_keys_are_named():
     with pytest.raises(KeyError, match="does not hold"):
         reg.rows_for_keys(torch.tensor([user_key("zz")]))
     assert 0 <= user_key("a") < 2**63 and user_key("a") != user_key("b")
+
+
+def _collision_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    # blake2b gives no collision to find; a weak key (the id's length) stands in for one.
+    from flora_train.store import registry as registry_module
+    from flora_train.store.registry import UserKeyCollision
+
+    registry_module.user_key = len
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        outcome = {}
+        for placement in ("owner", "fetch"):
+            store = ShardedAdapterStore(AdapterStore(ROW, lambda ids: torch.zeros(len(ids), ROW), OptimizerHyper()),
+                                        ShardPlan(world), placement=placement)
+            try:
+                store.add_users({f"user-{i}": 1 for i in range(4)})  # two a rank, each pair one key
+                outcome[placement] = "added"
+            except UserKeyCollision as exc:
+                outcome[placement] = str(exc)
+        Path(f"{out}.{rank}").write_text(json.dumps(outcome))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_users_with_one_key_are_refused_when_added_not_mid_step():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        mp.spawn(_collision_worker, args=(2, str(Path(tmp) / "init"), str(out)), nprocs=2)
+        outcomes = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    for outcome in outcomes:
+        assert outcome["owner"] == "added"  # owner placement sends no keys: nothing to refuse
+        assert "have the same 63-bit key" in outcome["fetch"] and "rename one of them" in outcome["fetch"], outcome

@@ -34,6 +34,7 @@ class FetchPlacement(Placement):
         self.exchange = RowExchange(fdist.new_group(), self.local.row_size, self.local.compute_device)
         self.prefetcher = RowExchange(fdist.new_group(), self.local.row_size, self.local.compute_device)
         self._keys: dict[str, int] = {}
+        self.local.registry.index_keys()  # an owner resolves keys: two users with one key fail at set-up
 
     @staticmethod
     def shares(pairs: list[tuple[str, int]], world: int, owner_of: Mapping[str, int]) -> list[list[tuple[str, int]]]:
