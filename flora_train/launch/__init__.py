@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flora_train.launch.job import Job, LaunchFailed, make_job
+from flora_train.launch_env import LaunchError
+
+
+def check_local_data(cfg: DictConfig) -> None:
+    """The recipe's training and evaluation data exist, checked before starting processes that
+    would each fail on them (and be restarted ``launch.max_restarts`` times). Only for jobs on
+    this machine: a cluster's nodes may see files this one does not."""
+    from flora_train.data.sources import SourceError, resolve_sources
+
+    d = cfg.data
+    if d.synthetic is not None:
+        return  # the run generates it
+    given = [("data.train_path", d.train_path, d.split)] + ([("data.eval_path", d.eval_path, d.eval_split or d.split)]
+                                                            if d.eval_path else [])
+    for key, spec, split in given:
+        try:
+            resolve_sources(OmegaConf.to_object(spec) if OmegaConf.is_list(spec) else spec, split, d.subset, key)
+        except SourceError as exc:
+            raise LaunchError(f"{exc} (checked before starting the job)") from None
 
 
 def launch(cfg: DictConfig, dry_run: bool = False, wait: bool = False) -> int:
@@ -14,6 +33,7 @@ def launch(cfg: DictConfig, dry_run: bool = False, wait: bool = False) -> int:
     if scheduler == "local":
         from flora_train.launch.local import run_local
 
+        check_local_data(job.cfg)
         return run_local(job, dry_run)
     if scheduler == "slurm":
         from flora_train.launch import slurm

@@ -40,7 +40,7 @@ def _container(job: Job) -> dict[str, Any]:
         "name": "pytorch",  # the training operator looks for this container name
         "image": str(la.image),
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "torch.distributed.run", "-m", "flora_train.cli", "run", f"{RECIPE_DIR}/recipe.yaml"],
+        "command": ["python", "-m", "flora_train.launch.torchrun", "-m", "flora_train.cli", "run", f"{RECIPE_DIR}/recipe.yaml"],
         "env": [{"name": str(k), "value": str(v)} for k, v in la.env.items()],
         "resources": {"limits": limits, "requests": dict(limits)},
         "volumeMounts": [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True},

@@ -10,6 +10,9 @@ import subprocess
 from flora_train.launch.job import Job, write_recipe
 
 
+TORCHRUN = "flora_train.launch.torchrun"  # torchrun, ending a failed job in one line (see that module)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -20,11 +23,11 @@ def commands(job: Job, port: int | None = None) -> list[list[str]]:
     la = job.cfg.launch
     tail = ["-m", "flora_train.cli", "run", str(job.recipe_path)]
     if la.nodes == 1:
-        return [[job.python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={la.procs_per_node}",
+        return [[job.python, "-m", TORCHRUN, "--standalone", f"--nproc-per-node={la.procs_per_node}",
                  f"--max-restarts={la.max_restarts}", *tail]]
     port = port or _free_port()
     return [
-        [job.python, "-m", "torch.distributed.run", f"--nnodes={la.nodes}", f"--node-rank={node}",
+        [job.python, "-m", TORCHRUN, f"--nnodes={la.nodes}", f"--node-rank={node}",
          f"--nproc-per-node={la.procs_per_node}", "--master-addr=127.0.0.1", f"--master-port={port}",
          f"--max-restarts={la.max_restarts}", *tail]
         for node in range(la.nodes)
