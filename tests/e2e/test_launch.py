@@ -34,7 +34,7 @@ def test_dry_run_prints_what_would_run_and_starts_nothing(tmp_path):
     run_dir = tmp_path / "r"
     local = launch("recipes/quickstart.yaml", f"run_dir={run_dir}", "--nodes", "2", "--procs-per-node", "2", "--dry-run")
     assert local.returncode == 0, local.stderr
-    assert local.stdout.count("torch.distributed.run --nnodes=2") == 2 and "--node-rank=1" in local.stdout
+    assert local.stdout.count("flora_train.launch.torchrun --nnodes=2") == 2 and "--node-rank=1" in local.stdout
     slurm = launch("recipes/quickstart.yaml", f"run_dir={run_dir}", "--scheduler", "slurm", "--nodes", "4",
                    "--gpus-per-node", "8", "--procs-per-node", "8", "--partition", "gpu", "--dry-run",
                    env={"PATH": "/nonexistent"})  # a dry run needs no sbatch
@@ -85,9 +85,20 @@ def test_bad_recipe_or_missing_sbatch_submits_nothing(tmp_path):
 
 def test_local_scheduler_returns_a_failed_jobs_exit_code(tmp_path):
     # A job that succeeds returns 0 through the local scheduler: the preemption test's reference run.
-    bad = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'bad'}", "data.synthetic=null",
-                 f"data.train_path={tmp_path / 'missing.jsonl'}")
-    assert bad.returncode != 0 and "missing.jsonl" in bad.stderr
+    # Data that is not there stops the launch before any process starts.
+    missing = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'missing'}", "data.synthetic=null",
+                     f"data.train_path={tmp_path / 'missing.jsonl'}")
+    assert missing.returncode == 2 and not (tmp_path / "missing" / "launch").exists()
+    assert f"data.train_path: data file not found: {tmp_path / 'missing.jsonl'} (checked before starting" in missing.stderr
+    # A job whose ranks fail on a bad row: their error, torchrun's one line with the rank's exit
+    # code (2: bad input), and no traceback from torchrun.
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"user_id": "u1", "prompt": "a", "completion": " b"}\nnot json\n')
+    bad = launch("recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'bad'}", "data.synthetic=null",
+                 f"data.train_path={bad_rows}", "--procs-per-node", "2", "launch.max_restarts=0")
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert f"{bad_rows}:2" in bad.stderr and "the job failed: rank " in bad.stderr and "exited with code 2" in bad.stderr
+    assert "Traceback" not in bad.stderr, bad.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -97,24 +108,13 @@ def slurm(tmp_path_factory):
     stop_cluster(pids)
 
 
-def test_quickstart_through_real_slurm(slurm, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = launch("recipes/quickstart.yaml", *SMALL, f"run_dir={run_dir}", "--scheduler", "slurm", "--procs-per-node", "2",
-                  "launch.cpus_per_proc=1", "launch.env.OMP_NUM_THREADS=1", "--wait", env=slurm)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Slurm job" in proc.stdout and "ended: COMPLETED, exit code 0" in proc.stdout
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["base"]["launcher"] == "torchrun" and result["base"]["world_size"] == 2
-    assert (run_dir / "export" / "flora" / "index.json").is_file()
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(result["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    # a failing job: its exit code and the cause come back
+def test_a_failed_slurm_job_returns_its_exit_code_and_cause(slurm, tmp_path):
+    # (A job that completes, with its tracking and export, is the preemption test's Slurm job.)
     bad = launch("recipes/quickstart.yaml", f"run_dir={tmp_path / 'bad'}", "data.synthetic=null",
                  f"data.train_path={tmp_path / 'missing.jsonl'}", "--scheduler", "slurm", "launch.cpus_per_proc=1",
-                 "--wait", env=slurm)
+                 "launch.max_restarts=0", "--wait", env=slurm)
     assert bad.returncode != 0 and "ended: FAILED" in bad.stdout and "flora-train: error:" in bad.stdout
+    assert "exited with code 2" in bad.stdout and "Traceback" not in bad.stdout, bad.stdout[-3000:]
 
 
 def test_srun_starts_flora_train_directly(slurm, tmp_path):
@@ -159,10 +159,11 @@ def test_slurm_preemption_requeues_and_resumes_to_the_same_adapters(slurm, tmp_p
     bitwise equal to the same job run without interruption."""
     from tests.distributed.helpers import saved_state
 
-    common = [*SMALL, "train.epochs=80", "tracking.enabled=false", "train.compare_shared_baseline=false",
-              "export.format=none", "eval.at_end=false", "base.tiny.pretrain_steps=0", "--procs-per-node", "2", "launch.cpus_per_proc=1",
-              "launch.env.OMP_NUM_THREADS=1"]
-    ref = launch("recipes/quickstart.yaml", *common, f"run_dir={tmp_path / 'ref'}", "--scheduler", "local")
+    common = [*SMALL, "train.epochs=80", "train.compare_shared_baseline=false", "base.tiny.pretrain_steps=0",
+              "--procs-per-node", "2", "launch.cpus_per_proc=1", "launch.env.OMP_NUM_THREADS=1"]
+    # The reference needs only its adapters: no evaluation, export or tracking (none changes a row).
+    ref = launch("recipes/quickstart.yaml", *common, f"run_dir={tmp_path / 'ref'}", "--scheduler", "local",
+                 "eval.at_end=false", "export.format=none", "tracking.enabled=false")
     assert ref.returncode == 0, ref.stderr[-3000:]  # the local scheduler returns the job's exit code
     assert json.loads((tmp_path / "ref" / "result.json").read_text())["base"]["world_size"] == 2
 
@@ -181,11 +182,20 @@ def test_slurm_preemption_requeues_and_resumes_to_the_same_adapters(slurm, tmp_p
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
     out, err = job.communicate(timeout=600)
     assert job.returncode == 0, out[-3000:] + err[-3000:]
+    assert "Slurm job" in out and "ended: COMPLETED, exit code 0" in out
     text = log.read_text()
     assert "flora_train job: requeueing" in text and "flora-train: preempted: stopped by SIGTERM" in text, text[-3000:]
-    assert "resuming from" in text
+    assert "resuming from" in text and "Traceback" not in text, text[-3000:]
     shown = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
     assert "Restarts=1" in shown and "JobState=COMPLETED" in shown, shown
+    # The requeued job finishes what a job does: its result, export and tracked run.
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["base"]["launcher"] == "torchrun" and result["base"]["world_size"] == 2
+    assert (run_dir / "export" / "flora" / "index.json").is_file()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
     got, want = saved_state(run_dir), saved_state(tmp_path / "ref")
     assert got.keys() == want.keys()
     for user in want:
