@@ -311,7 +311,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             from flora_train.base.convert import convert_gguf
 
             out = convert_gguf(args.folder, args.gguf_file, args.out, args.dtype)
-            print(f"converted {args.folder}/{args.gguf_file} to {out}: use base.name_or_path={out} (no base.gguf_file)")
+            print(f"converted {args.folder}/{args.gguf_file} to {out} (checked: the folder gives the GGUF model's logits, "
+                  f"bit for bit): use base.name_or_path={out} (no base.gguf_file)")
         elif args.command == "data":
             from flora_train.data import SyntheticTask
             from flora_train.data.persona_chat import PersonaChatTask

@@ -9,11 +9,25 @@ weights are copied into a model built from the same config.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from flora_train.base.loading import DTYPES, ModelLoadError, load_frozen_model, load_tokenizer
+
+
+PROBE = "The capital of France is Paris. 12 + 30 = 42."
+
+
+def check_same_logits(want: torch.nn.Module, got: torch.nn.Module, input_ids: torch.Tensor, what: str) -> None:
+    """``got`` gives ``want``'s logits on ``input_ids``, bit for bit (``ModelLoadError`` if not)."""
+    with torch.no_grad():
+        a, b = want(input_ids=input_ids).logits, got(input_ids=input_ids).logits
+    if a.shape != b.shape or not torch.equal(a, b):
+        diff = float((a - b).abs().max()) if a.shape == b.shape else float("nan")
+        raise ModelLoadError(f"{what}: its logits differ from the source model's on a probe (max |diff| {diff:.3g}, "
+                             f"shapes {tuple(a.shape)} and {tuple(b.shape)})")
 
 
 def convert_gguf(folder: str, gguf_file: str, out: Path, dtype: str = "float32") -> Path:
@@ -40,4 +54,12 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, dtype: str = "float32")
     with torch.no_grad():
         plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # The folder is checked as a run will load it: its logits must be the GGUF model's, bit for
+    # bit. A folder that is not is removed rather than left to be trained on.
+    try:
+        ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
+        check_same_logits(model, load_frozen_model(str(out), dtype), ids, f"the converted folder {out}")
+    except Exception:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
