@@ -14,7 +14,8 @@ example each), each in a fresh process: the tiny Llama, FLoRA r1 on q/v, AdamW, 
 - checkpoints: a full one, then ``--steps`` more steps, then an incremental one: seconds and bytes,
   against the share of the population those steps touched;
 - restore (the newest checkpoint, its chain included, into a fresh store on its own disk tier) and
-  a packed export: seconds.
+  a packed export: seconds;
+- the side-by-side step again with one compute thread, a core left to the store's prefetch thread.
 
 Then the per-user state of each optimizer, measured from a store's columns, and the projection to
 10^8 users over 64 GPUs from those bytes (per-user bytes are what the population multiplies).

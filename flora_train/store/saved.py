@@ -105,8 +105,9 @@ def iter_copies(copies: dict[Path, tuple[list[str], list[int]]], chunk: int, key
     for path, (users, take) in copies.items():
         with safe_open(str(path), framework="pt") as f:
             for key in keys or f.keys():
-                if f.get_slice(key).get_shape()[0] != len(users):
-                    raise ShardError(f"{path}: {key} has {f.get_slice(key).get_shape()[0]} rows for {len(users)} users")
+                rows = f.get_slice(key).get_shape()[0]
+                if rows != len(users):
+                    raise ShardError(f"{path}: {key} has {rows} rows for {len(users)} users")
             for k in range(0, len(take), chunk):
                 some = take[k : k + chunk]
                 runs = _runs(some)

@@ -40,4 +40,4 @@ def save_rows(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, 
             if t.dim() == 0:
                 t = t.reshape(1)
             for a in range(0, t.shape[0], chunk_rows):
-                f.write(t[a : a + chunk_rows].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                f.write(t[a : a + chunk_rows].cpu().contiguous().view(torch.uint8).numpy())  # its buffer, not a bytes copy

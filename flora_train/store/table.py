@@ -137,10 +137,10 @@ class RowTable:
         return self._data, rows.to(self.device)
 
     def prefault(self, rows: torch.Tensor) -> None:
-        """Maps the pages of ``rows`` in every column, writable, before they are read and updated
-        (disk tier). Rows of a large table that a step picks at random are mostly in pages this
-        process has not mapped, or that writeback made read-only again: a page fault each, about
-        400 a step at 10^5 users (``bench scale``). The prefetch thread calls this for the next
+        """Maps the pages of ``rows``' records, writable, before they are read and updated (disk
+        tier). Records of a large table that a step picks at random are mostly in pages this
+        process has not mapped, or that writeback made read-only again: a page fault each (about
+        400 a step at 10^5 users with a file per column, before records; ``bench scale``). The prefetch thread calls this for the next
         step, so the faults are taken there instead of in the training step. Other tiers: nothing."""
         if self._records is None or not _populate_write_works() or not rows.numel():
             return
