@@ -21,9 +21,10 @@ import torch
 from torch.optim.adagrad import adagrad
 from torch.optim.adamw import adamw
 
+from flora_train.store.disk_table import DiskTable
 from flora_train.store.table import Column, HotRowCache, RowTable
 
-RowAccess = RowTable | HotRowCache
+RowAccess = RowTable | DiskTable | HotRowCache
 
 
 NAMES = ("adamw", "adagrad", "rowwise_adagrad")
@@ -92,9 +93,12 @@ class RowwiseOptimizer:
         if self.hyper.name == "rowwise_adagrad":
             return self._rowwise_adagrad(table, rows, grads, lr)
         names = ("rows", *self.moments)
-        data, where = table.locate(rows)
-        # bfloat16 moments are widened to float32 copies for the fused kernel.
-        in_place = data["rows"].device == grads.device and self.state_dtype == torch.float32
+        # bfloat16 moments are widened to float32 copies for the fused kernel; the disk tier
+        # appends updated rows instead of writing them where they lie (disk_table.py).
+        in_place = table.updates_in_place and self.state_dtype == torch.float32
+        if in_place:
+            data, where = table.locate(rows)
+            in_place = data["rows"].device == grads.device
         if in_place:
             steps = data["step"].index_select(0, where) + 1
             data["step"].index_copy_(0, where, steps)
@@ -114,9 +118,8 @@ class RowwiseOptimizer:
             self._fused([[lst[i] for i in pick] for lst in (state[n] for n in names)], [grad_rows[i] for i in pick],
                         [step_list[i] for i in pick], value)
         if not in_place:
-            table.scatter("step", rows, steps)
-            for n in names:
-                table.scatter(n, rows, copies[n] if n == "rows" else copies[n].to(self.state_dtype))
+            table.scatter_columns(rows, {"step": steps, **{n: copies[n] if n == "rows" else copies[n].to(self.state_dtype)
+                                                           for n in names}})
 
     def _rowwise_adagrad(self, table: RowAccess, rows: torch.Tensor, grads: torch.Tensor, lr: torch.Tensor) -> None:
         """``acc[g] += mean(grad[g]^2)`` per group ``g`` of a row, then ``w -= lr * grad / (sqrt(acc) + eps)``
@@ -131,9 +134,7 @@ class RowwiseOptimizer:
         group, sizes = self._group_index(w.shape[1], device)
         acc = acc + torch.zeros_like(acc).index_add_(1, group, g * g) / sizes
         w = w - lr.to(device, torch.float32).unsqueeze(1) * g / (acc.sqrt() + h.eps).index_select(1, group)
-        table.scatter("step", rows, table.gather("step", rows) + 1)
-        table.scatter("sum_sq", rows, acc)
-        table.scatter("rows", rows, w)
+        table.scatter_columns(rows, {"step": table.gather("step", rows) + 1, "sum_sq": acc, "rows": w})
 
     def _fused(self, state: list[list[torch.Tensor]], grads: list[torch.Tensor], steps: list[torch.Tensor], lr: float) -> None:
         h = self.hyper

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
 from flora_train.store.registry import UserRegistry
 from flora_train.store.shard_writer import save_rows
+from flora_train.store.disk_table import DiskTable
 from flora_train.store.table import Column, HotRowCache, RowTable
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
@@ -59,7 +60,13 @@ class AdapterStore:
         self.registry = UserRegistry()
         self.optimizer = RowwiseOptimizer(hyper)
         columns = {"rows": Column((row_size,), torch.float32), **self.optimizer.columns(row_size)}
-        self.table = RowTable(columns, tier, self.compute_device, directory)
+        self.table: RowTable | DiskTable
+        if tier == "disk":
+            if directory is None:
+                raise ValueError("the disk tier needs a directory for its records file")
+            self.table = DiskTable(columns, directory)
+        else:
+            self.table = RowTable(columns, tier, self.compute_device)
         # The cache only pays when rows live away from the compute device.
         self.cache = HotRowCache(self.table, cache_rows, self.compute_device) if cache_rows and tier != "device" else None
         self.access: RowAccess = self.cache if self.cache is not None else self.table
@@ -146,16 +153,17 @@ class AdapterStore:
     def state_tensors(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every column of every user (or of table ``rows`` only), keyed ``rows`` and
         ``optim.<state>``, on the CPU. Whole columns of a host or disk table are views, not copies
-        (on the disk tier strided views of its records: copying them would put the whole table in
-        private memory); ``save_rows`` writes them a slice at a time."""
+        (on the disk tier strided views of its compacted records: copying them would put the
+        whole table in private memory); ``save_rows`` writes them a slice at a time. ``rows`` are
+        gathered (a delta checkpoint: the disk tier's log stays as it is)."""
         if self.cache is not None:
             self.cache.flush()
         n = len(self)
         out = {}
         for name in self.table.columns:
             key = name if name == "rows" else f"optim.{name}"
-            column = self.table.column(name)[:n]
-            out[key] = (column if rows is None else column.index_select(0, rows.to(column.device))).detach().cpu()
+            column = self.table.column(name)[:n] if rows is None else self.table.gather(name, rows)
+            out[key] = column.detach().cpu()
         return out
 
     def changed_rows(self) -> torch.Tensor:
@@ -198,8 +206,7 @@ class AdapterStore:
     def load_rows(self, rows: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
         """Writes saved columns (``state_tensors``' keys) into table ``rows`` (a restore, a chunk at a
         time); the caller has checked their keys and shapes (``check_state``)."""
-        for name in self.table.columns:
-            self.table.scatter(name, rows, tensors[name if name == "rows" else f"optim.{name}"])
+        self.table.scatter_columns(rows, {name: tensors[name if name == "rows" else f"optim.{name}"] for name in self.table.columns})
 
     def save(self, directory: Path, metadata: dict[str, str] | None = None) -> None:
         """Writes ``store.safetensors`` and ``users.json`` into ``directory`` (which must exist)."""

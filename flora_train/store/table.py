@@ -1,37 +1,33 @@
 """Storage tiers for the store's per-row columns (adapter rows and their optimizer state).
 
-A ``RowTable`` holds named columns of equal length, one entry per row, on one tier:
+A ``RowTable`` holds named columns of equal length, one entry per row, in memory:
 
 - ``device``: tensors on the compute device;
-- ``host``: tensors in host memory;
-- ``disk``: one memory-mapped file of records (``torch.from_file(shared=True)``), a user's row and
-  its optimizer state side by side in one record, so a population larger than RAM pages in only
-  the rows a step touches, and each user touched costs the pages of one record rather than a page
-  in every column's file (5,384 bytes for FLoRA r1 on q/v with AdamW: 2 pages instead of 5). The
-  columns are strided views of the records. Growing a disk table extends the file in place;
-  nothing is copied.
+- ``host``: tensors in host memory.
 
-Optimizer moments are columns of the same table, so they always live with their rows. Access goes
-through ``gather`` / ``scatter`` on row numbers, the only operations a step needs; ``HotRowCache``
-offers the same two in front of a slower tier.
+The ``disk`` tier (``DiskTable``, disk_table.py) keeps the same columns as records in one file, for
+populations larger than RAM. Optimizer moments are columns of the same table, so they always live
+with their rows. Access goes through ``gather`` / ``scatter`` (``scatter_columns``: several columns of
+the same rows at once) on row numbers, the only operations a step needs; ``locate`` hands out the
+rows' places for updates in place where a tier allows them (``updates_in_place``). ``HotRowCache``
+offers the same in front of a slower tier.
 """
 
 from __future__ import annotations
 
 
-import ctypes
-import functools
 import math
-import mmap
-import os
-import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from flora_train.store.disk_table import DiskTable
+
 TIERS = ("device", "host", "disk")
+MEMORY_TIERS = ("device", "host")
 
 
 @dataclass(frozen=True)
@@ -44,77 +40,26 @@ class Column:
         return math.prod(self.shape)
 
 
-PAGE = mmap.PAGESIZE
-MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in, writable, as a write to each would
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-@functools.cache
-def _populate_write_works() -> bool:
-    """Whether this kernel knows MADV_POPULATE_WRITE (older ones answer EINVAL: prefault is skipped)."""
-    if sys.platform != "linux":
-        return False
-    buf = mmap.mmap(-1, PAGE)
-    view = ctypes.c_char.from_buffer(buf)
-    ok = _LIBC.madvise(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(PAGE), MADV_POPULATE_WRITE) == 0
-    del view  # the buffer cannot close while a ctypes view of it exists
-    buf.close()
-    return ok
-
-
-def record_layout(columns: dict[str, Column]) -> tuple[int, dict[str, int]]:
-    """A record's size and each column's byte offset in it: the widest dtypes first, so every field
-    is aligned to its dtype, and the size rounded up to the widest (every record aligned alike)."""
-    offsets, end = {}, 0
-    for name in sorted(columns, key=lambda n: -columns[n].dtype.itemsize):
-        offsets[name] = end
-        end += columns[name].numel * columns[name].dtype.itemsize
-    widest = max((c.dtype.itemsize for c in columns.values()), default=1)
-    return -(-end // widest) * widest, offsets
-
-
 class RowTable:
-    def __init__(
-        self, columns: dict[str, Column], tier: str = "host", device: torch.device | str = "cpu", directory: Path | None = None
-    ) -> None:
-        if tier not in TIERS:
-            raise ValueError(f"store tier must be one of {TIERS}, got {tier!r}")
-        if tier == "disk" and directory is None:
-            raise ValueError("the disk tier needs a directory for its memory-mapped files")
+    updates_in_place = True
+
+    def __init__(self, columns: dict[str, Column], tier: str = "host", device: torch.device | str = "cpu") -> None:
+        if tier not in MEMORY_TIERS:
+            raise ValueError(f"a RowTable's tier is one of {MEMORY_TIERS} (the disk tier is a DiskTable), got {tier!r}")
         self.columns = dict(columns)
         self.tier = tier
         self.device = torch.device(device) if tier == "device" else torch.device("cpu")
-        self.directory = directory
         self.capacity = 0
         self._data: dict[str, torch.Tensor] = {}
-        self.record_bytes, self._offsets = record_layout(self.columns)
-        self._records: torch.Tensor | None = None  # disk: [capacity, record_bytes] uint8, mapped
-        if directory is not None and tier == "disk":
-            directory.mkdir(parents=True, exist_ok=True)
-            self._path().write_bytes(b"")  # a fresh table: stale bytes from an earlier process never leak in
         self._allocate(0)
 
-    def _path(self) -> Path:
-        assert self.directory is not None
-        return self.directory / "records.bin"
-
     def _allocate(self, capacity: int) -> None:
-        if self.tier == "disk":
-            path = self._path()
-            os.truncate(path, capacity * self.record_bytes)  # extends with zeros; existing rows stay where they are
-            records = torch.from_file(str(path), shared=True, size=capacity * self.record_bytes, dtype=torch.uint8)
-            self._records = records.view(capacity, self.record_bytes)
         for name, col in self.columns.items():
-            if self._records is not None:
-                start = self._offsets[name]
-                field = self._records[:, start : start + col.numel * col.dtype.itemsize].view(col.dtype)
-                self._data[name] = field.view(capacity, *col.shape) if col.shape else field.squeeze(-1)
-            else:
-                grown = torch.zeros(capacity, *col.shape, dtype=col.dtype, device=self.device)
-                old = self._data.get(name)
-                if old is not None and old.shape[0]:
-                    grown[: old.shape[0]] = old
-                self._data[name] = grown
+            grown = torch.zeros(capacity, *col.shape, dtype=col.dtype, device=self.device)
+            old = self._data.get(name)
+            if old is not None and old.shape[0]:
+                grown[: old.shape[0]] = old
+            self._data[name] = grown
         self.capacity = capacity
 
     def reserve(self, n: int) -> None:
@@ -136,28 +81,12 @@ class RowTable:
         """Where ``rows`` live: every column's tensor and the rows' positions in them, for updates in place."""
         return self._data, rows.to(self.device)
 
-    def prefault(self, rows: torch.Tensor) -> None:
-        """Maps the pages of ``rows``' records, writable, before they are read and updated (disk
-        tier). Records of a large table that a step picks at random are mostly in pages this
-        process has not mapped, or that writeback made read-only again: a page fault each (about
-        400 a step at 10^5 users with a file per column, before records; ``bench scale``). The prefetch thread calls this for the next
-        step, so the faults are taken there instead of in the training step. Other tiers: nothing."""
-        if self._records is None or not _populate_write_works() or not rows.numel():
-            return
-        base, size = self._records.data_ptr(), self.record_bytes
-        ranges: list[list[int]] = []
-        for r in sorted(set(rows.tolist())):  # each record's pages, merged where records share or touch pages
-            a = (base + r * size) & ~(PAGE - 1)
-            b = (base + (r + 1) * size + PAGE - 1) & ~(PAGE - 1)
-            if ranges and a <= ranges[-1][1]:
-                ranges[-1][1] = max(ranges[-1][1], b)
-            else:
-                ranges.append([a, b])
-        for a, b in ranges:
-            _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_POPULATE_WRITE)
+    def scatter_columns(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        for name, v in values.items():
+            self.scatter(name, rows, v)
 
     def flush(self) -> None:
-        """Nothing is buffered: memory-mapped pages reach the file when the OS writes them back."""
+        """Nothing is buffered."""
 
     @property
     def nbytes(self) -> int:
@@ -177,7 +106,9 @@ class HotRowCache:
     store settles its prefetch before it updates (``ShardedAdapterStore._settle_prefetch``).
     """
 
-    def __init__(self, table: RowTable, capacity: int, device: torch.device | str) -> None:
+    updates_in_place = True
+
+    def __init__(self, table: "RowTable | DiskTable", capacity: int, device: torch.device | str) -> None:
         if capacity < 1:
             raise ValueError("cache capacity must be >= 1")
         self.table = table
@@ -230,8 +161,8 @@ class HotRowCache:
         slots = slots[self._dirty[slots] & (self._slot_row[slots] >= 0)]
         if slots.numel():
             rows = self._slot_row[slots]
-            for name, data in self._cache.items():
-                self.table.scatter(name, rows, data.index_select(0, slots.to(self.device)))
+            dev_slots = slots.to(self.device)
+            self.table.scatter_columns(rows, {name: data.index_select(0, dev_slots) for name, data in self._cache.items()})
             self._dirty[slots] = False
 
     def gather(self, name: str, rows: torch.Tensor) -> torch.Tensor:
@@ -244,6 +175,10 @@ class HotRowCache:
             data = self._cache[name]
             data.index_copy_(0, slots.to(self.device), values.to(device=self.device, dtype=data.dtype))
             self._dirty[slots] = True
+
+    def scatter_columns(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        for name, v in values.items():
+            self.scatter(name, rows, v)
 
     def locate(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Makes ``rows`` resident and returns the cache's columns and their slots; the caller

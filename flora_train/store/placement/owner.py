@@ -48,13 +48,7 @@ class OwnerPlacement(Placement):
         if local.cache is None and local.table.tier != "disk" and local.table.device == local.compute_device:
             return None  # rows already sit where they are computed on: nothing to overlap
         self._counters.rows_fetched += len(users)
-        return Prefetched(users, future=self._pool.submit(self._read_ahead, users)) if users else None
-
-    def _read_ahead(self, users: list[str]) -> torch.Tensor:
-        """On the prefetch thread: maps the next step's pages of every column (disk tier) so its
-        update takes no page fault, then reads its rows."""
-        self.local.table.prefault(self.local.row_ids(users))
-        return self.local.read(users)
+        return Prefetched(users, future=self._pool.submit(self.local.read, users)) if users else None
 
     def _reduce(self, rows: ShardedRows, grad: torch.Tensor) -> OwnedStep:
         return OwnedStep(rows.user_ids, self.local.row_ids(rows.user_ids), grad)
