@@ -12,7 +12,7 @@ sequential I/O. Reads stay where they were: through a read-only use of the memor
 Layout: ``capacity`` home slots (row ``r`` starts at slot ``r``), then ``capacity`` log slots. A row
 lives at ``slot_of[r]``. Small writes (a step's update) append the rows' whole records at the log
 head and point ``slot_of`` there; the old copies become garbage. Large writes (adding users,
-restoring a checkpoint) are written where the rows are, a contiguous run of slots at a time. When
+restoring a checkpoint) are written where the rows are, through the map. When
 the log is full, and before whole columns are handed out (a full checkpoint), ``compact`` writes
 every row's live record back to its home slot in a fresh file, sequentially (at 10^6 users once per
 15,600 steps of 64 users, or at the full checkpoint that rewrites every row anyway). Slots past the
@@ -159,19 +159,24 @@ class DiskTable:
 
     def scatter_columns(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         """Writes ``values[name][i]`` into row ``rows[i]`` for each column given; the others keep
-        theirs. A row given twice keeps its last values."""
+        theirs. A row given twice in a step-sized write keeps its last values."""
         rows = rows.cpu()
         if not rows.numel():
             return
         with self._lock:
             slots = self._slot_of[rows]
+            if len(rows) >= IN_PLACE_ROWS:
+                # A bulk write (adding users, a restore) goes through the map where the rows are:
+                # rows numbered together sit together, so its pages are dirtied once each.
+                for name, v in values.items():
+                    field = self._field(self._records, name)
+                    field.index_copy_(0, slots, v.detach().to(device="cpu", dtype=field.dtype).reshape(len(rows), *field.shape[1:]))
+                return
             records = self._take(slots)
             for name, v in values.items():
-                self._field(records, name).copy_(v.detach().reshape(self._field(records, name).shape))
-            if len(rows) >= IN_PLACE_ROWS:
-                self._write_in_place(slots, records)
-            else:
-                self._append(rows, records)
+                field = self._field(records, name)
+                field.copy_(v.detach().reshape(field.shape))
+            self._append(rows, records)
 
     def _append(self, rows: torch.Tensor, records: torch.Tensor) -> None:
         last = {r: i for i, r in enumerate(rows.tolist())}  # a row given twice: its last record
@@ -183,14 +188,6 @@ class DiskTable:
         os.pwrite(self._fd, records.numpy(), self.head * self.record_bytes)
         self._slot_of.index_copy_(0, rows, torch.arange(self.head, self.head + len(rows)))
         self.head += len(rows)
-
-    def _write_in_place(self, slots: torch.Tensor, records: torch.Tensor) -> None:
-        order = torch.argsort(slots, stable=True)
-        slots, records = slots[order], records[order]
-        # Runs of consecutive slots, one pwrite each (a row given twice: a later write wins).
-        breaks = (torch.nonzero(slots[1:] != slots[:-1] + 1).squeeze(1) + 1).tolist()
-        for a, b in zip([0, *breaks], [*breaks, len(slots)]):
-            os.pwrite(self._fd, records[a:b].numpy(), int(slots[a]) * self.record_bytes)
 
     # -- what the other tiers have -----------------------------------------------------------------
 
