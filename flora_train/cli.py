@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse turns the error into one usage line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -120,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("--out", type=Path, default=Path("runs/doctor"))
     doc.add_argument("--small", action="store_true", help="small models and benches (how the test suite runs it)")
     doc.add_argument("--no-bench", action="store_true", help="skip the benchmark tables")
+    doc.add_argument("--jobs", type=_at_least_one, default=1,
+                     help="checks run at once (default 1: each check's seconds are its own; the suite runs 2 on CPU)")
 
     ba = sub.add_parser("base", help="base-model utilities")
     ba_sub = ba.add_subparsers(dest="base_command", required=True)
@@ -306,7 +319,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "doctor":
             from flora_train.doctor import doctor
 
-            return doctor(args.device, args.out, small=args.small, bench=not args.no_bench)
+            return doctor(args.device, args.out, small=args.small, bench=not args.no_bench, jobs=args.jobs)
         elif args.command == "base":
             from flora_train.base.convert import convert_gguf
 

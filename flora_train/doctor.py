@@ -5,7 +5,8 @@ method (FLoRA r1 and r4, LoRA r8, IA3) under bf16 autocast, a ZeRO-3 run with th
 the host on one rank, the process group a multi-GPU job makes (``cpu:gloo,cuda:nccl``, one rank)
 with every collective the trainer uses, and then the benchmark tables (layer, train, loss) on the
 device. Each check must finish with finite held-out figures; the summary and ``doctor.json`` hold
-what it measured (eval loss and accuracy, steps, seconds, and the bench tables). ``--device cpu`` runs the same checks on the CPU (the test
+what it measured (eval loss and accuracy, steps, seconds, and the bench tables). ``--jobs N`` runs
+N checks at once (their seconds then share the machine). ``--device cpu`` runs the same checks on the CPU (the test
 suite does, at small sizes) so the script itself is known to work before it meets a GPU.
 """
 
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,8 @@ def _run(name: str, extra: list[str], device: str, out: Path, small: bool) -> di
             "eval_accuracy": result.get("eval", {}).get("eval/accuracy_mean"), "train_seconds": result["train_seconds"]}
 
 
-def doctor(device: str = "auto", out: Path = Path("runs/doctor"), small: bool = False, bench: bool = True) -> int:
+def doctor(device: str = "auto", out: Path = Path("runs/doctor"), small: bool = False, bench: bool = True,
+           jobs: int = 1) -> int:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"device": str(dev), "torch": torch.__version__, "checks": {}}
@@ -82,11 +85,12 @@ def doctor(device: str = "auto", out: Path = Path("runs/doctor"), small: bool = 
     proc = subprocess.run([sys.executable, "-c", COLLECTIVES, str(dev)], capture_output=True, text=True, env=env)
     report["checks"]["collectives"] = {"ok": proc.returncode == 0, "detail": (proc.stdout or proc.stderr).strip()[-1500:]}
     print(f"  {'collectives':28s} {'ok' if proc.returncode == 0 else 'FAILED'}", flush=True)
-    for name, extra in CHECKS.items():
-        r = _run(name, extra, str(dev), out, small)
-        report["checks"][name] = r
-        detail = f"eval loss {r['eval_loss']:.4f}, {r['steps']} steps in {r['train_seconds']:.1f}s" if r["ok"] else r["error"]
-        print(f"  {name:28s} {'ok' if r['ok'] else 'FAILED'}  {detail}", flush=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each check is its own process; threads only wait
+        results = pool.map(lambda item: _run(item[0], item[1], str(dev), out, small), CHECKS.items())
+        for name, r in zip(CHECKS, results):
+            report["checks"][name] = r
+            detail = f"eval loss {r['eval_loss']:.4f}, {r['steps']} steps in {r['train_seconds']:.1f}s" if r["ok"] else r["error"]
+            print(f"  {name:28s} {'ok' if r['ok'] else 'FAILED'}  {detail}", flush=True)
     if bench:
         from flora_train.bench.layer import bench_layer
         from flora_train.bench.loss import bench_loss

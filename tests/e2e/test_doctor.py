@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_doctor_runs_every_check_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "doctor", "--device", "cpu", "--small", "--no-bench",
-                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--jobs", "2", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "doctor.json").read_text())
     assert report["failed"] == [] and set(report["checks"]) == {
@@ -23,3 +23,10 @@ def test_doctor_runs_every_check_on_cpu(tmp_path):
     for name, check in report["checks"].items():
         if name != "collectives":
             assert check["steps"] > 0 and check["eval_loss"] == check["eval_loss"], name
+
+
+def test_doctor_refuses_a_jobs_count_below_one():
+    proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "doctor", "--jobs", "0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "argument --jobs: must be a whole number >= 1, got '0'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -159,7 +159,7 @@ def test_slurm_preemption_requeues_and_resumes_to_the_same_adapters(slurm, tmp_p
     bitwise equal to the same job run without interruption."""
     from tests.distributed.helpers import saved_state
 
-    common = [*SMALL, "train.epochs=80", "train.compare_shared_baseline=false", "base.tiny.pretrain_steps=0",
+    common = [*SMALL, "train.epochs=40", "train.compare_shared_baseline=false", "base.tiny.pretrain_steps=0",
               "--procs-per-node", "2", "launch.cpus_per_proc=1", "launch.env.OMP_NUM_THREADS=1"]
     # The reference needs only its adapters: no evaluation, export or tracking (none changes a row).
     ref = launch("recipes/quickstart.yaml", *common, f"run_dir={tmp_path / 'ref'}", "--scheduler", "local",
