@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from flora_train.store.disk_table import DiskTable
 from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
 from flora_train.store.registry import UserRegistry
 from flora_train.store.shard_writer import save_rows
-from flora_train.store.disk_table import DiskTable
-from flora_train.store.table import Column, HotRowCache, RowTable
+from flora_train.store.table import TIERS, Column, HotRowCache, RowTable
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
 
@@ -61,6 +61,8 @@ class AdapterStore:
         self.optimizer = RowwiseOptimizer(hyper)
         columns = {"rows": Column((row_size,), torch.float32), **self.optimizer.columns(row_size)}
         self.table: RowTable | DiskTable
+        if tier not in TIERS:
+            raise ValueError(f"store tier must be one of {TIERS}, got {tier!r}")
         if tier == "disk":
             if directory is None:
                 raise ValueError("the disk tier needs a directory for its records file")

@@ -82,3 +82,8 @@ def test_disk_store_saves_its_records_without_copying_the_table(tmp_path):
     store.save(tmp_path / "ckpt")
     loaded = load_file(str(tmp_path / "ckpt" / "store.safetensors"))
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_an_unknown_tier_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match=r"store tier must be one of \('device', 'host', 'disk'\), got 'tape'"):
+        _store(tmp_path, "tape")
