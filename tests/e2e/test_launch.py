@@ -157,18 +157,28 @@ def test_slurm_preemption_requeues_and_resumes_to_the_same_adapters(slurm, tmp_p
     """A real Slurm job signalled mid-run (USR1 to the batch script, as --signal=B:USR1 does before
     a time limit or preemption) checkpoints, is requeued by its script, resumes by itself and ends
     bitwise equal to the same job run without interruption."""
-    from tests.distributed.helpers import saved_state
-
     common = [*SMALL, "train.epochs=40", "train.compare_shared_baseline=false", "base.tiny.pretrain_steps=0",
               "--procs-per-node", "2", "launch.cpus_per_proc=1", "launch.env.OMP_NUM_THREADS=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **slurm}
     # The reference needs only its adapters: no evaluation, export or tracking (none changes a row).
-    ref = launch("recipes/quickstart.yaml", *common, f"run_dir={tmp_path / 'ref'}", "--scheduler", "local",
-                 "eval.at_end=false", "export.format=none", "tracking.enabled=false")
-    assert ref.returncode == 0, ref.stderr[-3000:]  # the local scheduler returns the job's exit code
-    assert json.loads((tmp_path / "ref" / "result.json").read_text())["base"]["world_size"] == 2
+    # It runs beside the Slurm job, which spends most of its time waiting on the scheduler.
+    ref = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "launch", "recipes/quickstart.yaml", *common,
+                            f"run_dir={tmp_path / 'ref'}", "--scheduler", "local", "eval.at_end=false",
+                            "export.format=none", "tracking.enabled=false"],
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _preempt_and_compare(env, common, tmp_path, ref)
+    finally:
+        if ref.poll() is None:  # a failure above: the reference must not outlive the test
+            ref.kill()
+            ref.wait()
+
+
+def _preempt_and_compare(env: dict[str, str], common: list[str], tmp_path, ref: subprocess.Popen) -> None:
+    from tests.distributed.helpers import saved_state
 
     run_dir = tmp_path / "cut"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **slurm}
     job = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "launch", "recipes/quickstart.yaml", *common,
                             f"run_dir={run_dir}", "--scheduler", "slurm", "--wait"],
                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -182,6 +192,9 @@ def test_slurm_preemption_requeues_and_resumes_to_the_same_adapters(slurm, tmp_p
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
     out, err = job.communicate(timeout=600)
     assert job.returncode == 0, out[-3000:] + err[-3000:]
+    _, ref_err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, ref_err[-3000:]  # the local scheduler returns the job's exit code
+    assert json.loads((tmp_path / "ref" / "result.json").read_text())["base"]["world_size"] == 2
     assert "Slurm job" in out and "ended: COMPLETED, exit code 0" in out
     text = log.read_text()
     assert "flora_train job: requeueing" in text and "flora-train: preempted: stopped by SIGTERM" in text, text[-3000:]

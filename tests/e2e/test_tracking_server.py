@@ -51,15 +51,33 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    proc = start_server(port, tmp_path)
-    yield f"http://127.0.0.1:{port}"
-    stop_server(proc)
+class Server:
+    """One real server for the module (each start costs 8-10 s): the outage test stops and
+    restarts it on its port, and the fixture stops whichever process runs at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = start_server(self.port, root)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_server(self.proc)
+            self.proc = None
+
+    def start(self) -> None:
+        self.proc = start_server(self.port, self.root)
 
 
-def test_run_logs_to_remote_server(mlflow_server, tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("mlflow-server"))
+    yield s
+    s.stop()
+
+
+def test_run_logs_to_remote_server(server, tmp_path):
+    mlflow_server = server.url
     from mlflow.tracking import MlflowClient
 
     flora_train(
@@ -79,15 +97,13 @@ def test_run_logs_to_remote_server(mlflow_server, tmp_path):
     assert not (tmp_path / "run" / "mlflow.db").exists(), "a remote URI must not create the embedded store"
 
 
-def test_metrics_survive_a_server_outage(tmp_path, capfd):
+def test_metrics_survive_a_server_outage(server, tmp_path, capfd):
     """The server stops mid-run and comes back: nothing blocks, nothing is lost."""
     from mlflow.tracking import MlflowClient
 
     from flora_train.tracking import SPILL, Tracker
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(port, tmp_path)
+    url = server.url
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     recipe = run_dir / "recipe.yaml"
@@ -97,7 +113,7 @@ def test_metrics_survive_a_server_outage(tmp_path, capfd):
     assert run_id is not None
     for step in range(3):
         tracker.log_metrics({"train/loss": float(step)}, step=step, flush=True)
-    stop_server(server)
+    server.stop()
     started = time.monotonic()
     for step in range(3, 8):
         tracker.log_metrics({"train/loss": float(step)}, step=step, flush=True)
@@ -105,19 +121,16 @@ def test_metrics_survive_a_server_outage(tmp_path, capfd):
     assert tracker.offline and (run_dir / SPILL).is_file()
     assert len((run_dir / SPILL).read_text().splitlines()) == 5
     assert "is unreachable" in capfd.readouterr().err
-    server = start_server(port, tmp_path)
-    try:
-        time.sleep(0.3)
-        tracker.log_metrics({"train/loss": 8.0}, step=8, flush=True)
-        tracker.end("FINISHED")
-        assert not tracker.offline and not (run_dir / SPILL).exists()
-        assert "reachable again; sent 6 buffered metrics" in capfd.readouterr().err
-        client = MlflowClient(tracking_uri=url)
-        history = client.get_metric_history(run_id, "train/loss")
-        assert sorted(m.step for m in history) == list(range(9))
-        assert client.get_run(run_id).info.status == "FINISHED"
-    finally:
-        stop_server(server)
+    server.start()
+    time.sleep(0.3)
+    tracker.log_metrics({"train/loss": 8.0}, step=8, flush=True)
+    tracker.end("FINISHED")
+    assert not tracker.offline and not (run_dir / SPILL).exists()
+    assert "reachable again; sent 6 buffered metrics" in capfd.readouterr().err
+    client = MlflowClient(tracking_uri=url)
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(9))
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_training_runs_with_the_server_down_from_the_start(tmp_path):
