@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _at_least_one(text: str) -> int:
     """An argparse type: a whole number >= 1 (argparse turns the error into one usage line)."""
     try:
@@ -22,6 +21,7 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return value
+
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -106,8 +106,8 @@ class DiskTable:
 
     def _rebuild(self, capacity: int) -> None:
         old = self.capacity
-        if self.head <= old:  # nothing in the log: the rows are home, and the home slots stay put
-            self._map(capacity, torch.cat([self._slot_of, torch.arange(old, capacity)]))
+        if self.head <= old:  # nothing in the log: every row is home, and the home slots stay put
+            self._map(capacity, torch.arange(capacity))
             self.head = capacity
             return
         fresh = self._path.with_name(COMPACTING)
@@ -172,7 +172,10 @@ class DiskTable:
                     field = self._field(self._records, name)
                     field.index_copy_(0, slots, v.detach().to(device="cpu", dtype=field.dtype).reshape(len(rows), *field.shape[1:]))
                 return
-            records = self._take(slots)
+            # An optimizer step gives every column: nothing of the old records is kept, so they are
+            # not read again (the step gathered them moments ago).
+            every = values.keys() == self.columns.keys()
+            records = torch.zeros(len(rows), self.record_bytes, dtype=torch.uint8) if every else self._take(slots)
             for name, v in values.items():
                 field = self._field(records, name)
                 field.copy_(v.detach().reshape(field.shape))

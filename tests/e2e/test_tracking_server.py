@@ -77,14 +77,13 @@ def server(tmp_path_factory):
 
 
 def test_run_logs_to_remote_server(server, tmp_path):
-    mlflow_server = server.url
     from mlflow.tracking import MlflowClient
 
     flora_train(
-        "run", "recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'run'}", f"tracking.uri={mlflow_server}",
+        "run", "recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'run'}", f"tracking.uri={server.url}",
         "tracking.experiment=remote-test", "tracking.run_name=server-run", "train.compare_shared_baseline=true",
     )
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=server.url)
     exp = client.get_experiment_by_name("remote-test")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
