@@ -231,15 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from flora_train.base import ModelLoadError
-    from flora_train.config import RecipeError, load_recipe, recipe_to_yaml
-    from flora_train.data import DataError
+    from flora_train.config import load_recipe, recipe_to_yaml
+    from flora_train.errors import UserError
     from flora_train.export import ExportError
-    from flora_train.inference.trained import InferenceError
-    from flora_train.launch import LaunchFailed
-    from flora_train.launch_env import LaunchError
-    from flora_train.store.registry import UserKeyCollision
-    from flora_train.train.checkpoint import CheckpointError
     from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
     from flora_train.train.trainer import NonFiniteError
 
@@ -284,6 +278,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
                   f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
                   f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
+            for line in out["recovered"]:
+                print(f"completed an interrupted forget: {line}")
+            if out["removed_shared_adapter"]:
+                print("removed shared_adapter.safetensors: it was trained on the forgotten users' data too; retrain the "
+                      "shared baseline (a run with train.compare_shared_baseline=true) before comparing against it")
         elif args.command == "export":
             from flora_train.export import export_adapters
 
@@ -337,8 +336,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 paths = list(SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed).write(args.out))
             for path in paths:
                 print(path)
-    except (RecipeError, DataError, ExportError, CheckpointError, ModelLoadError, LaunchError, LaunchFailed,
-            FileNotFoundError, InferenceError, UserKeyCollision) as exc:
+    except (UserError, FileNotFoundError) as exc:  # bad input: one line, never a traceback
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:

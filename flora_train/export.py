@@ -24,15 +24,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flora_train.adapters import AdapterLayout
+from flora_train.errors import UserError
+from flora_train.run_dir.checkpoints import (
+    CheckpointError,
+    checkpoint_chain,
+    latest_checkpoint,
+    read_state,
+    saved_layout,
+    verify_checkpoint,
+)
 from flora_train.store.registry import UserRegistry
 from flora_train.store.saved import iter_saved_rows, saved_user_ids
-from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 
 FLORA_CONFIG = "flora_adapter_config.json"
 FLORA_WEIGHTS = "flora_adapter.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     pass
 
 
@@ -57,9 +65,9 @@ def _load_run(run_dir: Path, checkpoint: Path | None) -> tuple[AdapterLayout, Us
         ckpt = latest_checkpoint(run_dir)  # hashed through: the newest intact one
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
-    layout = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
-    registry = UserRegistry(saved_user_ids(ckpt))  # every shard, whatever world size saved it
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    layout = saved_layout(ckpt)
+    registry = UserRegistry(saved_user_ids(checkpoint_chain(ckpt)))  # every shard, whatever world size saved it
+    state = read_state(ckpt)
     return layout, registry, ckpt, state
 
 
@@ -135,7 +143,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
             pack[1].clear()
 
     def write_part() -> None:
-        for chunk_users, chunk_rows in iter_saved_rows(ckpt, set(selected), part=part):
+        for chunk_users, chunk_rows in iter_saved_rows(checkpoint_chain(ckpt), set(selected), part=part):
             if fmt == "packed":
                 start = 0
                 while start < len(chunk_users):  # a pack fills across chunks and shards

@@ -95,7 +95,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
     from flora_train.config import load_recipe
     from flora_train.export import export_adapters
     from flora_train.tracking import Tracker
-    from flora_train.train.checkpoint import load_checkpoint
+    from flora_train.run_dir.checkpoints import load_checkpoint
     from flora_train.train.loop import TrainLoop
     from flora_train.train.session import make_store, prepare_session
 

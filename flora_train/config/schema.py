@@ -259,6 +259,9 @@ class TrainConfig:
     # What a resume does when the data, the plan-shaping keys (users_per_step, examples_per_user,
     # epochs, seed) or the user set differ from the checkpoint's (see README "Resume").
     on_data_change: DataChangePolicy = DataChangePolicy.error
+    # A fresh run (no --resume) into a run_dir that holds checkpoints is refused; true moves the old
+    # run aside into run_dir/replaced/ first.
+    overwrite: bool = False
     keep_checkpoints: int = 2
     # Incremental checkpoints: each checkpoint holds only the users changed since the one before,
     # and every Nth of a chain is full again (compaction). 1: every checkpoint is full.

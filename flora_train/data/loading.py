@@ -19,11 +19,12 @@ import datasets
 import pyarrow as pa
 
 from flora_train.data.sources import DataSource, SourceError, resolve_sources
+from flora_train.errors import UserError
 
 datasets.disable_progress_bars()
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line (or row) and the user where known."""
 
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flora_train.errors import UserError
+
 SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     pass
 
 

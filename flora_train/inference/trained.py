@@ -16,11 +16,13 @@ import torch
 
 from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, user_seed
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
+from flora_train.errors import UserError
+from flora_train.run_dir import RunDir
 
 log = logging.getLogger("flora_train")
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """A source that cannot be served: not a run, checkpoint or export; a base that does not match."""
 
 
@@ -38,14 +40,14 @@ class Source:
 
 def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
     from flora_train.config import load_recipe
+    from flora_train.run_dir.checkpoints import checkpoint_chain, read_state, saved_layout, verify_checkpoint
     from flora_train.store.saved import read_saved_rows
-    from flora_train.train.checkpoint import verify_checkpoint
 
     verify_checkpoint(ckpt)
-    cfg = load_recipe(run_dir / "recipe.yaml")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    layout = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
-    ids, rows = read_saved_rows(ckpt)
+    cfg = load_recipe(RunDir(run_dir).recipe)
+    state = read_state(ckpt)
+    layout = saved_layout(ckpt)
+    ids, rows = read_saved_rows(checkpoint_chain(ckpt))
     return Source(str(state.get("model_path") or cfg.base.name_or_path), cfg.base.gguf_file, cfg.base.trust_remote_code,
                   layout, ids, rows, cfg.store.init_seed, str(ckpt))
 
@@ -73,17 +75,17 @@ def _from_export(folder: Path) -> Source:
 
 def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
     """Reads the adapters of a run directory, a checkpoint folder or a flora export folder."""
-    from flora_train.train.checkpoint import latest_checkpoint
+    from flora_train.run_dir.checkpoints import LAYOUT, latest_checkpoint
 
     path = Path(path)
     if checkpoint is not None:
         return _from_checkpoint(Path(checkpoint), path)
-    if (path / "recipe.yaml").is_file():
+    if RunDir(path).recipe.is_file():
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise InferenceError(f"{path}: no intact checkpoint to load adapters from")
         return _from_checkpoint(ckpt, path)
-    if (path / "layout.json").is_file() and (path.parent.parent / "recipe.yaml").is_file():
+    if (path / LAYOUT).is_file() and RunDir(path.parent.parent).recipe.is_file():
         return _from_checkpoint(path, path.parent.parent)
     if (path / "index.json").is_file() and (path / "manifest.json").is_file():
         return _from_export(path)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from flora_train.errors import UserError
 
-class LaunchFailed(RuntimeError):
+
+class LaunchFailed(UserError, RuntimeError):
     """The scheduler is missing, refused the job, or the job failed."""
 
 

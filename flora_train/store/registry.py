@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
+
+from flora_train.errors import UserError
 
 
 def user_key(user_id: str) -> int:
@@ -17,7 +17,7 @@ def user_key(user_id: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-class UserKeyCollision(ValueError):
+class UserKeyCollision(UserError, ValueError):
     """Two users of one shard share a 63-bit key (about one chance in 10^7 for 10^6 users a shard)."""
 
 
@@ -93,17 +93,3 @@ class UserRegistry:
 
     def user(self, row: int) -> str:
         return self._ids[row]
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"user_ids": self._ids}, ensure_ascii=False))
-
-    @classmethod
-    def load(cls, path: Path) -> "UserRegistry":
-        data = json.loads(path.read_text())
-        ids = data.get("user_ids") if isinstance(data, dict) else None
-        if not isinstance(ids, list):
-            raise ValueError(f"{path}: not a user registry (no 'user_ids' list)")
-        registry = cls(ids)
-        if len(registry) != len(ids):
-            raise ValueError(f"{path}: duplicate user ids in the registry")
-        return registry

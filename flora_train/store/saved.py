@@ -1,6 +1,7 @@
-"""Reading what checkpoints saved of the store: the shard files of one checkpoint folder (one
-``store-RRRRR-of-WWWWW.safetensors`` and user list per rank that saved it), the chain a delta
-builds on, and users' rows out of them by safetensors slices. Writing is ``ShardedAdapterStore``'s."""
+"""The store's shard files in a folder (one ``store-RRRRR-of-WWWWW.safetensors`` and user list
+``users-RRRRR-of-WWWWW.json`` per rank that saved it), and users' rows out of a chain of such
+folders (oldest first, each user's newest copy winning) by safetensors slices. Writing is
+``ShardedAdapterStore``'s; which folders make a chain is the run directory's (``run_dir``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def shard_file(rank: int, world: int, kind: str) -> str:
     return f"{kind}-{rank:05d}-of-{world:05d}.{ext}"
 
 
+def users_file(store_shard: Path) -> Path:
+    """The user list beside a store shard."""
+    rank, world = (int(x) for x in store_shard.stem.split("-", 1)[1].split("-of-"))
+    return store_shard.with_name(shard_file(rank, world, "users"))
+
+
 def iter_shards(directory: Path):
     """``(shard path, its user ids)`` for every store shard in ``directory``; a missing shard, a
     shard without its user list or a user held by two shards is an error naming them."""
@@ -32,7 +39,7 @@ def iter_shards(directory: Path):
         raise ShardError(f"{directory}: the store shards do not form one set of {world} (check {gone[0]})")
     seen: dict[str, str] = {}
     for path in shards:
-        users_path = directory / path.name.replace("store-", "users-").replace(".safetensors", ".json")
+        users_path = users_file(path)
         try:
             users = json.loads(users_path.read_text())["user_ids"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -42,16 +49,6 @@ def iter_shards(directory: Path):
                 raise ShardError(f"{directory}: user {u!r} is in two shards ({seen[u]} and {path.name})")
             seen[u] = path.name
         yield path, users
-
-
-def checkpoint_chain(directory: Path) -> list[Path]:
-    """The checkpoints ``directory`` is made of, oldest first: itself when it is full, else the
-    full checkpoint its deltas build on and each delta up to it (``chain`` in its manifest)."""
-    try:
-        chain = json.loads((directory / "manifest.json").read_text()).get("chain")
-    except (OSError, ValueError):
-        chain = None
-    return [directory.parent / name for name in chain] if chain else [directory]
 
 
 def newest_copies(chain: list[Path], wanted: set[str] | None) -> dict[Path, tuple[list[str], list[int]]]:
@@ -80,10 +77,10 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def saved_user_ids(directory: Path) -> list[str]:
-    """Every user saved in ``directory``'s chain (from the user lists alone: no tensor is read)."""
+def saved_user_ids(chain: list[Path]) -> list[str]:
+    """Every user saved in a chain (from the user lists alone: no tensor is read)."""
     seen: dict[str, None] = {}
-    for member in checkpoint_chain(directory):
+    for member in chain:
         for _, users in iter_shards(member):
             seen.update(dict.fromkeys(users))
     return list(seen)
@@ -97,6 +94,34 @@ def shard_rank(path: Path) -> int:
 def shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with safe_open(str(path), framework="pt") as f:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def saved_steps(chain: list[Path]) -> dict[str, int]:
+    """Every saved user's optimizer step counter (its newest copy), reading only that column."""
+    steps: dict[str, int] = {}
+    for _, users, tensors in iter_copies(newest_copies(chain, None), 1 << 20, ("optim.step",)):
+        steps.update(zip(users, tensors["optim.step"].tolist()))
+    return steps
+
+
+def without_users(path: Path, users: list[str], forget: set[str]) -> int:
+    """Rewrites store shard ``path`` (whose user list is ``users``) and its user list without the
+    ``forget`` users, as new files (no old page survives in them); returns how many it removed."""
+    from safetensors.torch import save_file
+
+    keep = [i for i, u in enumerate(users) if u not in forget]
+    if len(keep) == len(users):
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k)[keep].contiguous() for k in f.keys()}
+    meta["users"] = str(len(keep))
+    path.unlink()
+    save_file(tensors, str(path), metadata=meta)
+    listing = users_file(path)
+    listing.unlink()
+    listing.write_text(json.dumps({"user_ids": [users[i] for i in keep]}, ensure_ascii=False))
+    return len(users) - len(keep)
 
 
 def iter_copies(copies: dict[Path, tuple[list[str], list[int]]], chunk: int, keys: tuple[str, ...] | None = None):
@@ -115,24 +140,23 @@ def iter_copies(copies: dict[Path, tuple[list[str], list[int]]], chunk: int, key
                                                        for key in keys or f.keys()}
 
 
-def iter_saved_rows(directory: Path, wanted: set[str] | None = None, chunk: int = 1024, part: tuple[int, int] = (0, 1)):
+def iter_saved_rows(chain: list[Path], wanted: set[str] | None = None, chunk: int = 1024, part: tuple[int, int] = (0, 1)):
     """``(user ids, rows [n, row_size])`` of the ``wanted`` users (all when None), at most ``chunk``
     users at a time, shard by shard, reading only their rows: memory stays bounded by ``chunk``
     rows however many users the checkpoint holds. ``part=(k, n)``: only the users whose newest copy
     is in a shard saved by a rank ``r`` with ``r % n == k`` (``n`` processes split the work)."""
     mine, parts = part
-    copies = {path: held for path, held in newest_copies(checkpoint_chain(directory), wanted).items()
+    copies = {path: held for path, held in newest_copies(chain, wanted).items()
               if shard_rank(path) % parts == mine}
     for _, users, tensors in iter_copies(copies, chunk, ("rows",)):
         yield users, tensors["rows"]
 
 
-def read_saved_rows(directory: Path) -> tuple[list[str], torch.Tensor]:
-    """Every saved user's id and adapter row ``[users, row_size]``, across all shards (and the
-    checkpoints a delta builds on)."""
+def read_saved_rows(chain: list[Path]) -> tuple[list[str], torch.Tensor]:
+    """Every saved user's id and adapter row ``[users, row_size]``, across all shards of a chain."""
     ids: list[str] = []
     rows: list[torch.Tensor] = []
-    for users, part in iter_saved_rows(directory, chunk=1 << 30):
+    for users, part in iter_saved_rows(chain, chunk=1 << 30):
         ids.extend(users)
         rows.append(part)
     return ids, torch.cat(rows)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from flora_train import dist as fdist
 from flora_train.store.comm import CommCounters
 from flora_train.store.placement import OwnedStep, ShardedRows, make_placement
-from flora_train.store.saved import checkpoint_chain, iter_copies, newest_copies, shard_file, shard_shapes
+from flora_train.store.saved import iter_copies, newest_copies, shard_file, shard_shapes
 from flora_train.store.shard_writer import save_rows
 from flora_train.store.sharding import RankWork, ShardError, ShardPlan
 from flora_train.store.store import AdapterStore
@@ -150,17 +150,18 @@ class ShardedAdapterStore:
         (directory / users_name).write_text(json.dumps({"user_ids": users}, ensure_ascii=False))
         return [store_name, users_name]
 
-    def load_shards(self, directory: Path, plan: ShardPlan, fresh: set[str] = frozenset(), chunk: int = 8192) -> None:  # type: ignore[assignment]
+    def load_shards(self, chain: list[Path], plan: ShardPlan, fresh: set[str] = frozenset(), chunk: int = 8192) -> None:  # type: ignore[assignment]
         """Takes this rank's users (under ``plan``, which may be for another world size than the
-        one that saved) out of every shard of ``directory`` and the checkpoints it builds on (a
-        delta's chain, each user's newest copy); users in ``fresh`` are new and get initial rows.
+        one that saved) out of every shard of the folders of ``chain`` (oldest first, each user's
+        newest copy winning); users in ``fresh`` are new and get initial rows.
         Only the rows this rank owns are read (safetensors slices), ``chunk`` users at a time, so
         a restore's memory does not grow with the population. User lists and tensor shapes are
         all checked before the store changes."""
-        plan.check(self.world, str(directory / "shard_plan.json"))
+        directory = chain[-1]
+        plan.check(self.world, str(directory))
         wanted = plan.users_of(self.rank)
         mine = set(wanted).difference(fresh)
-        copies = newest_copies(checkpoint_chain(directory), mine)
+        copies = newest_copies(chain, mine)
         found = sum(len(take) for _, take in copies.values())
         if found != len(mine):
             held = {users[i] for users, take in copies.values() for i in take}

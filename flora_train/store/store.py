@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from flora_train.store.disk_table import DiskTable
 from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
 from flora_train.store.registry import UserRegistry
-from flora_train.store.shard_writer import save_rows
 from flora_train.store.table import TIERS, Column, HotRowCache, RowTable
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
@@ -177,13 +175,6 @@ class AdapterStore:
         self.saved_at = checkpoint
         self._changed = set(changed)
 
-    def load_state(self, user_ids: Sequence[str], tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Replaces this store's users, rows and optimizer state (``state_tensors``' layout)."""
-        self.check_state(len(user_ids), {k: tuple(t.shape) for k, t in tensors.items()}, source)
-        self.begin_load(user_ids, source)
-        self.load_rows(torch.arange(len(user_ids)), tensors)
-        self.mark_saved(None, range(len(user_ids)))  # nothing is known to be saved until the caller says so
-
     def check_state(self, n: int, shapes: dict[str, tuple[int, ...]], source: str) -> None:
         """That ``n`` users' saved columns have this store's keys and shapes (before anything changes)."""
         for name, col in self.table.columns.items():
@@ -209,16 +200,3 @@ class AdapterStore:
         """Writes saved columns (``state_tensors``' keys) into table ``rows`` (a restore, a chunk at a
         time); the caller has checked their keys and shapes (``check_state``)."""
         self.table.scatter_columns(rows, {name: tensors[name if name == "rows" else f"optim.{name}"] for name in self.table.columns})
-
-    def save(self, directory: Path, metadata: dict[str, str] | None = None) -> None:
-        """Writes ``store.safetensors`` and ``users.json`` into ``directory`` (which must exist)."""
-        meta = {"row_size": str(self.row_size), "optimizer": self.hyper.name, "users": str(len(self))}
-        meta.update(metadata or {})
-        save_rows(self.state_tensors(), directory / "store.safetensors", meta)
-        self.registry.save(directory / "users.json")
-
-    def load(self, directory: Path) -> None:
-        """Replaces this store's users, rows and optimizer state with those saved in ``directory``."""
-        path = directory / "store.safetensors"
-        registry = UserRegistry.load(directory / "users.json")
-        self.load_state(registry.ids, load_file(str(path)), str(path))

@@ -5,7 +5,8 @@ it read what rank 0 read (a lagging shared filesystem, a rank started with anoth
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +18,21 @@ from flora_train.data.examples import TokenizedExamples
 # max_steps only cuts the same schedule short, so raising it to train longer is a plain resume.
 PLAN_KEYS = ("train.users_per_step", "train.examples_per_user", "train.epochs", "train.seed", "data.max_examples_per_user",
              "train.retain.examples_per_user_step")
+
+
+# What a resumed run computes with: a change would silently train the rest of every user's schedule
+# differently from its start, so a resume refuses it whatever train.on_data_change says.
+TRAINING_KEYS = ("store.optimizer.name", "store.optimizer.lr", "store.optimizer.schedule", "store.optimizer.warmup_steps",
+                 "store.optimizer.min_lr_ratio", "store.optimizer.beta1", "store.optimizer.beta2", "store.optimizer.eps",
+                 "store.optimizer.weight_decay", "store.optimizer.state_dtype", "store.init_seed", "adapter.method",
+                 "adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.feedforward_modules", "train.precision")
+
+
+def _plain(value: Any) -> Any:
+    """A recipe value as JSON keeps it (enums by value, lists as lists)."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value)
+    return value.value if isinstance(value, Enum) else value
 
 
 def _digest(h: "hashlib._Hash") -> str:
@@ -41,6 +57,7 @@ class RunFingerprint:
     users: str
     plan_keys: dict[str, Any]
     user_count: int
+    training_keys: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +81,14 @@ class RunFingerprint:
             out.append(f"the user set ({saved.get('user_count')} -> {self.user_count} users)")
         return out
 
+    def training_changes(self, saved: dict[str, Any] | None) -> list[str]:
+        """``key: old -> new`` for every training key that differs (none for a checkpoint from
+        before these keys were recorded)."""
+        old = (saved or {}).get("training_keys")
+        if not old:
+            return []
+        return [f"{k}: {old.get(k)} -> {v}" for k, v in self.training_keys.items() if k in old and old[k] != v]
+
 
 def run_fingerprint(cfg: DictConfig, train: TokenizedExamples, retain: TokenizedExamples | None = None) -> RunFingerprint:
     # The retain key only counts when retain is on, so runs from before it existed still resume.
@@ -74,7 +99,8 @@ def run_fingerprint(cfg: DictConfig, train: TokenizedExamples, retain: Tokenized
         h.update(u.encode("utf-8", "surrogatepass") + b"\x00")
     plan = hashlib.blake2b(repr(sorted(keys.items())).encode(), digest_size=16)
     data = examples_fingerprint(train) if retain is None else examples_fingerprint(train, retain)
-    return RunFingerprint(data, _digest(plan), _digest(h), keys, len(users))
+    training = {k: _plain(OmegaConf.select(cfg, k)) for k in TRAINING_KEYS}
+    return RunFingerprint(data, _digest(plan), _digest(h), keys, len(users), training)
 
 
 def check_ranks_agree(cfg: DictConfig, fingerprint: RunFingerprint, eval_examples: TokenizedExamples | None) -> str | None:

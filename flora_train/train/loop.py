@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from flora_train import dist as fdist
 from flora_train.tracking import Tracker
-from flora_train.train.checkpoint import save_checkpoint
+from flora_train.run_dir.checkpoints import save_checkpoint
 from flora_train.train.evaluate import summarise
 from flora_train.train.meter import Meter
 from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch
@@ -46,9 +46,10 @@ class TrainLoop:
             "next_step": step, "mlflow_run_id": self.tracker.known_run_id, "seed": t.seed,
             "nonfinite_steps": self.trainer.nonfinite_steps, "model_path": s.model_path,
             "base_fingerprint": s.base_fingerprint, "fingerprint": s.fingerprint.as_dict(),
-            "phase": s.phase_plan.phase.as_dict(),
+            "phase": s.phase_plan.phase.as_dict(), "run_id": s.run_id,
         }
-        return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints, t.full_checkpoint_every)
+        return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints, t.full_checkpoint_every,
+                               s.run_id)
 
     def log_plan(self, start: int) -> None:
         occupancy = self.session.phase_plan.planner.occupancy()

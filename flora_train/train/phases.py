@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from flora_train import dist as fdist
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.planner import BatchPlanner, StepPlan
-from flora_train.train.checkpoint import CheckpointError
+from flora_train.run_dir import RunDir
+from flora_train.run_dir.checkpoints import CheckpointError
 
 if TYPE_CHECKING:
     from flora_train.train.session import Session
@@ -57,13 +58,14 @@ class PhaseUsers:
     hashes: dict[str, str]
     trained: list[str]
     steps_before: dict[str, int]
+    run_id: str | None = None  # the run that wrote it (schema metadata; None in files from before run ids)
 
 
 PHASE_COLUMNS = {"user_id": pa.string(), "data_hash": pa.string(), "trained": pa.bool_(), "steps_before": pa.int64()}
 
 
 def phase_dir(run_dir: Path) -> Path:
-    return run_dir / "phases"
+    return RunDir(run_dir).phases
 
 
 def user_data_hashes(examples: TokenizedExamples) -> dict[str, str]:
@@ -90,7 +92,7 @@ def write_phase_users(run_dir: Path, index: int, users: PhaseUsers) -> str:
         "data_hash": [users.hashes[u] for u in ids],
         "trained": [u in trained for u in ids],
         "steps_before": [users.steps_before.get(u, 0) for u in ids],
-    }, schema=pa.schema(PHASE_COLUMNS))
+    }, schema=pa.schema(PHASE_COLUMNS, metadata={"run_id": users.run_id} if users.run_id else None))
     tmp = folder / f".{name}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, folder / name)
@@ -114,13 +116,22 @@ def read_phase_table(path: Path) -> pa.Table:
     return table
 
 
-def read_phase_users(run_dir: Path, name: str) -> PhaseUsers:
-    table = read_phase_table(phase_dir(run_dir) / name).to_pydict()
+def read_phase_users(run_dir: Path, name: str, run_id: str | None = None) -> PhaseUsers:
+    """A phase file; with ``run_id``, one that another run wrote is refused (a file of a run that
+    was replaced must never plan this run's phase)."""
+    path = phase_dir(run_dir) / name
+    arrow = read_phase_table(path)
+    written_by = (arrow.schema.metadata or {}).get(b"run_id", b"").decode() or None
+    if run_id is not None and written_by != run_id:
+        raise CheckpointError(f"{path}: written by run {written_by}, but the checkpoint is of run {run_id}; the phase "
+                              "files of this run_dir belong to another run")
+    table = arrow.to_pydict()
     ids = table["user_id"]
     return PhaseUsers(
         hashes=dict(zip(ids, table["data_hash"])),
         trained=[u for u, t in zip(ids, table["trained"]) if t],
         steps_before={u: s for u, s in zip(ids, table["steps_before"]) if s},
+        run_id=written_by,
     )
 
 
@@ -174,7 +185,8 @@ def first_phase(session: "Session") -> None:
     """A fresh run's phase 0 trains every user; rank 0 records their data hashes for later phases."""
     name = None
     if fdist.rank() == 0:
-        name = write_phase_users(session.run_dir, 0, PhaseUsers(user_data_hashes(session.train), session.train.users(), {}))
+        name = write_phase_users(session.run_dir, 0, PhaseUsers(user_data_hashes(session.train), session.train.users(), {},
+                                                                 session.run_id))
     set_phase(session, Phase(0, 0, None, fdist.broadcast_object(name)), None, {})
 
 
@@ -184,7 +196,7 @@ def continue_phase(session: "Session", state: Mapping[str, Any]) -> None:
     if phase.index == 0 or phase.users_file is None:
         set_phase(session, phase, None, {})
         return
-    saved = read_phase_users(session.run_dir, phase.users_file)
+    saved = read_phase_users(session.run_dir, phase.users_file, session.run_id)
     set_phase(session, phase, saved.trained, saved.steps_before)
 
 
@@ -199,7 +211,7 @@ def next_phase(session: "Session", ckpt: Path, state: Mapping[str, Any]) -> None
             "started with (resume without the change, or set train.max_steps to stop where it is), then add the users"
         )
     # A checkpoint from before phases were recorded names no file: every user then counts as changed.
-    before = read_phase_users(session.run_dir, old.users_file) if old.users_file is not None else None
+    before = read_phase_users(session.run_dir, old.users_file, session.run_id) if old.users_file is not None else None
     now = user_data_hashes(session.train)
     train = changed_users(now, before.hashes if before else {})
     steps_before = gather_steps(session.store, train)
@@ -207,7 +219,7 @@ def next_phase(session: "Session", ckpt: Path, state: Mapping[str, Any]) -> None
     if fdist.rank() == 0:
         # Users absent from this data keep their last hash, so coming back unchanged is not a change.
         hashes = {**(before.hashes if before else {}), **now}
-        name = write_phase_users(session.run_dir, index, PhaseUsers(hashes, train, steps_before))
+        name = write_phase_users(session.run_dir, index, PhaseUsers(hashes, train, steps_before, session.run_id))
         why = "" if before else " (its checkpoint has no per-user data hashes, so every user counts as changed)"
         print(f"train.on_data_change=new_phase: phase {index} from step {at} trains {len(train)} user(s) whose data is "
               f"new or changed{why}; the other {len(now) - len(train)} keep their adapters as they are")

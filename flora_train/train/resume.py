@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flora_train import dist as fdist
-from flora_train.train.checkpoint import CheckpointError, latest_checkpoint
+from flora_train.run_dir import RunDir
+from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint
 from flora_train.train.phases import continue_phase, next_phase
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ def agreed_checkpoint(run_dir: Path) -> Path | None:
     choice: tuple[str | None, str | None] = (None, None)
     if fdist.rank() == 0:
         ckpt = latest_checkpoint(run_dir)
-        root = run_dir / "checkpoints"
+        root = RunDir(run_dir).checkpoints
         if ckpt is None and root.is_dir() and any(root.iterdir()):
             choice = (None, f"{root}: no intact checkpoint to resume from")
         else:
@@ -37,6 +38,12 @@ def check_same_run(ckpt: Path, state: dict[str, Any], session: "Session") -> Non
     how to go on (``train.on_data_change: new_phase``); then sets the phase the run goes on with:
     the checkpoint's, or a new one for the users whose data is new or changed (``phases.py``)."""
     saved = state.get("fingerprint")
+    retrained = session.fingerprint.training_changes(saved)
+    if retrained:
+        raise CheckpointError(
+            f"{ckpt}: since this checkpoint {'; '.join(retrained)} changed. The rest of every user's training would "
+            "differ from how it started. Restore the recipe's values to resume, or start a new run (another run_dir, "
+            "or train.overwrite=true)")
     changed = session.fingerprint.changes(saved)
     if changed and session.cfg.train.on_data_change.value == "error":
         raise CheckpointError(

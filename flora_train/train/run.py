@@ -15,8 +15,9 @@ from flora_train import dist as fdist
 from flora_train.base.zero import resident_base_bytes
 from flora_train.config import flatten, recipe_to_yaml
 from flora_train.tracking import Tracker
-from flora_train.train.checkpoint import load_checkpoint
+from flora_train.run_dir.checkpoints import load_checkpoint
 from flora_train.train.loop import Trained, TrainLoop
+from flora_train.run_dir.identity import new_run_id
 from flora_train.train.phases import first_phase
 from flora_train.train.preemption import PreemptionWatch
 from flora_train.train.resume import agreed_checkpoint, check_same_base, check_same_run
@@ -24,10 +25,16 @@ from flora_train.train.scoring import score_run, train_shared_baseline
 from flora_train.train.session import Session, prepare_session
 
 
+def wants_resume(cfg: DictConfig, resume: bool) -> bool:
+    """Asked to (``--resume``), ``train.auto_resume``, or restarted by torchrun --max-restarts."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    return resume or restarted or bool(cfg.train.auto_resume)
+
+
 def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     # Signals are caught from the start: a preemption during set-up stops after the first step.
     with PreemptionWatch(cfg.train.checkpoint_every_minutes) as watch:
-        session = prepare_session(cfg)
+        session = prepare_session(cfg, fresh=not wants_resume(cfg, resume))
         try:
             return train_session(session, resume, watch)
         finally:
@@ -48,12 +55,13 @@ def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
     """The step to start from and the MLflow run to continue: a checkpoint's when the run resumes
     (asked to, ``train.auto_resume``, or restarted by torchrun --max-restarts), else step 0. Sets
     the phase the session trains (``phases.py``): a fresh run's, the checkpoint's, or a new one."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    ckpt = agreed_checkpoint(session.run_dir) if resume or restarted or session.cfg.train.auto_resume else None
+    ckpt = agreed_checkpoint(session.run_dir) if wants_resume(session.cfg, resume) else None
     if ckpt is None:
+        session.run_id = fdist.broadcast_object(new_run_id())
         first_phase(session)
         return 0, None
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=True)
+    session.run_id = state.get("run_id")
     check_same_base(ckpt, state, session)
     check_same_run(ckpt, state, session)
     start = int(state["next_step"])
@@ -65,10 +73,10 @@ def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
 def start_tracking(session: Session, start_step: int, run_id: str | None) -> Tracker:
     """The MLflow run (continued on resume) with the recipe, its parameters and the bad-row counts."""
     cfg, run_dir = session.cfg, session.run_dir
-    recipe_path = run_dir / "recipe.yaml"
+    recipe_path = session.paths.recipe
     if fdist.rank() == 0:
         recipe_path.write_text(recipe_to_yaml(cfg))
-    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir)
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir, run_id=session.run_id)
     tracker.start(cfg.tracking.run_name, flatten(cfg), recipe_path, resume_run_id=run_id)
     bad = session.bad_rows
     tracker.log_metrics({"data/skipped_rows": float(bad.total), **{f"data/skipped_{k}": float(v) for k, v in bad.counts.items()}},
@@ -96,7 +104,7 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
         from flora_train.export import export_adapters
 
         # Every rank writes the users its shard holds; rank 0 writes the index once all are done.
-        out = Path(cfg.export.out) if cfg.export.out else run_dir / "export" / cfg.export.format.value
+        out = Path(cfg.export.out) if cfg.export.out else session.paths.export_dir(cfg.export.format.value)
         manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out, checkpoint=final,
                                    base_model_id=cfg.export.base_model_id, pack_size=cfg.export.pack_size,
                                    part=(fdist.rank(), fdist.world_size()), gather=fdist.all_gather_objects)
@@ -106,6 +114,6 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
     tracker.end("FINISHED")
     if not main:
         return result
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    session.paths.result.write_text(json.dumps(result, indent=2))
     print(f"\ntrained {len(session.store)} users for {step} steps in {trained.seconds:.1f}s; run dir {run_dir}")
     return result

@@ -28,8 +28,9 @@ from flora_train.launch_env import read_launch_env
 from flora_train.store import AdapterStore
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
+from flora_train.run_dir import RunDir
 from flora_train.tracking import Tracker
-from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
 from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
 from flora_train.inference.generate import GenerationSettings
 from flora_train.train.generation_eval import (gather_generation, generation_eval, summarise_generation,
@@ -42,7 +43,6 @@ from flora_train.train.trainer import Trainer
 
 log = logging.getLogger("flora_train")
 SHARED = "__shared__"
-SHARED_FILE = "shared_adapter.safetensors"
 
 
 def _owner(session: Session, user: str) -> int:
@@ -146,14 +146,15 @@ def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
     trainer.fit(tqdm(plans, total=steps, desc="shared baseline", disable=not t.progress, leave=False))
     row = store.fetch([SHARED], requires_grad=False).values.detach()[0].cpu()
     if fdist.rank() == 0:
-        tmp = session.run_dir / (SHARED_FILE + ".tmp")
+        path = session.paths.shared_adapter
+        tmp = path.with_name(path.name + ".tmp")
         save_file({"row": row.contiguous()}, str(tmp), metadata={"steps": str(steps)})
-        os.replace(tmp, session.run_dir / SHARED_FILE)
+        os.replace(tmp, path)
     return row
 
 
 def load_shared_row(run_dir: Path, row_size: int) -> torch.Tensor | None:
-    path = run_dir / SHARED_FILE
+    path = RunDir(run_dir).shared_adapter
     if not path.is_file():
         return None
     row = load_file(str(path))["row"]
@@ -179,7 +180,7 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
     cfg = session.cfg
     per_user = evaluate_adapters(session, session.store)
     if fdist.rank() == 0:
-        write_per_user(session.run_dir / "eval" / f"per_user-step{step}.jsonl", per_user)
+        write_per_user(session.paths.eval_file(f"per_user-step{step}.jsonl"), per_user)
     summary = {**summarise(per_user), **coverage(session)}
     base = summarise(evaluate_base(session), "eval_base")
     out: dict[str, Any] = {"eval": summary, "eval_base": base}
@@ -206,7 +207,7 @@ def score_general(session: Session, step: int, tracker: Tracker, shared_row: tor
     per_user = general_agreement(session, adapter_rows(session.store), answers)
     out = {"eval_general": summarise(per_user, "eval_general")}
     if fdist.rank() == 0:
-        write_per_user(session.run_dir / "eval" / f"general-step{step}.jsonl", per_user)
+        write_per_user(session.paths.eval_file(f"general-step{step}.jsonl"), per_user)
     if shared_row is not None:
         shared = shared_row.to(session.device).unsqueeze(0)
         out["eval_general_shared"] = summarise(general_agreement(session, lambda users: shared.expand(len(users), -1),
@@ -238,7 +239,7 @@ def run_generation_eval(session: Session, step: int, tracker: Tracker) -> dict[s
     per_user = gather_generation(local)
     summary = summarise_generation(per_user)
     if fdist.rank() == 0:
-        jsonl, png = write_generation_report(session.run_dir / "eval", step, per_user)
+        jsonl, png = write_generation_report(session.paths.eval, step, per_user)
         tracker.log_artifact(jsonl, "eval")
         tracker.log_artifact(png, "eval")
         worse = worse_than_base(per_user)
@@ -252,8 +253,12 @@ def run_generation_eval(session: Session, step: int, tracker: Tracker) -> dict[s
 
 def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = None) -> dict[str, Any]:
     """Re-scores a finished (or interrupted) run from its latest checkpoint (or ``checkpoint``), on its
-    own evaluation data or on ``data``, and logs to its MLflow run."""
-    recipe = run_dir / "recipe.yaml"
+    own evaluation data or on ``data``, and logs to an MLflow run of its own nested under the run's.
+
+    It takes the run directory's writer lock (its eval files and tracking are the run's), so it is
+    refused while the run trains. The rows come from the checkpoint into a store in memory: the
+    run's own store tier files (``store_tier/``) are never opened."""
+    recipe = RunDir(run_dir).recipe
     if not recipe.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
     cfg = load_recipe(recipe)
@@ -261,16 +266,18 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
         print("evaluating in one process: the base is loaded whole (base.zero_stage=0); "
               "start under torchrun to keep it partitioned")
         cfg.base.zero_stage = 0
+    cfg.store.tier, cfg.store.disk_dir, cfg.store.cache_rows = "host", None, 0
     session = prepare_session(cfg)
     try:
         if data is not None:
             session.eval = load_eval_file(session.cfg, session.tokenizer, data)
-        return _eval(session, cfg, run_dir, recipe, checkpoint)
+        return _eval(session, cfg, run_dir, recipe, checkpoint, data)
     finally:
         session.close()
 
 
-def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkpoint: Path | None) -> dict[str, Any]:
+def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkpoint: Path | None,
+          data: Path | None) -> dict[str, Any]:
     ckpt = checkpoint or latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
@@ -280,12 +287,11 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
         raise CheckpointError(f"{recipe}: the recipe has no evaluation data (data.eval_path or "
                               "data.eval_examples_per_user); or score a file with --data")
     step = int(state["next_step"])
-    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir)
-    run_id = state.get("mlflow_run_id")
-    if cfg.tracking.enabled and run_id:
-        tracker.start(None, {}, recipe, resume_run_id=run_id)
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir, kind="eval",
+                      parent_run_id=state.get("mlflow_run_id"), run_id=state.get("run_id"))
+    tracker.start(f"eval {ckpt.name}", {"checkpoint": str(ckpt), "data": str(data or "recipe")}, recipe)
     result = score_run(session, step, tracker, load_shared_row(run_dir, session.layout.row_size))
     tracker.end("FINISHED")
     if fdist.rank() == 0:
-        (run_dir / "eval" / f"summary-step{step}.json").write_text(json.dumps(result, indent=2))
+        session.paths.eval_file(f"summary-step{step}.json").write_text(json.dumps(result, indent=2))
     return result

@@ -25,6 +25,8 @@ from flora_train.launch_env import LaunchEnv, LaunchError, read_launch_env
 from flora_train.store import AdapterStore, OptimizerHyper
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
+from flora_train.run_dir import RunDir, RunLock
+from flora_train.run_dir.identity import claim
 from flora_train.train.trainer import TrainSettings
 from flora_train.train.data_setup import prepare_data
 from flora_train.train.retain import base_targets
@@ -55,16 +57,25 @@ class Session:
     base_fingerprint: str  # identity of the base's config and weights (checkpoints must match it)
     fingerprint: RunFingerprint  # the data, plan and users this run trains (a resume must match them)
     zero: ZeroBase | None  # the DeepSpeed state of a ZeRO-3 base; None at stage 0
+    lock: RunLock | None = None  # the run directory's writer lock (rank 0), released by close()
+    run_id: str | None = None  # the run's identity: new at a fresh start, the checkpoint's on resume
     phase_plan: PhasePlan = None  # type: ignore[assignment]  # what this run trains: phases.py sets it
 
     def __post_init__(self) -> None:
         if self.phase_plan is None:  # every user, from step 0, until a resume says otherwise
             self.phase_plan = PhasePlan(self.planner, Phase(), {})
 
+    @property
+    def paths(self) -> RunDir:
+        return RunDir(self.run_dir)
+
     def close(self) -> None:
         if self.zero is not None:
             self.zero.close()
             self.zero = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def step_examples(self) -> TokenizedExamples:
@@ -117,7 +128,7 @@ def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, use
     hyper = OptimizerHyper(name=o.name.value, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
                            state_dtype=o.state_dtype.value, segments=layout.module_starts())
     rank = fdist.rank()
-    disk_dir = Path(st.disk_dir) if st.disk_dir else Path(cfg.run_dir) / "store_tier"
+    disk_dir = Path(st.disk_dir) if st.disk_dir else RunDir(Path(cfg.run_dir)).store_tier
     local = AdapterStore(
         layout.row_size, make_row_init(layout, st.init_seed), hyper, st.tier.value, device,
         directory=disk_dir / f"rank-{rank:05d}", cache_rows=st.cache_rows,
@@ -133,7 +144,7 @@ def zero_spec(cfg: DictConfig) -> ZeroSpec:
 
 def _check_shared_run_dir(run_dir: Path) -> None:
     """Ranks on other nodes read what rank 0 writes under run_dir (data, base, checkpoints)."""
-    token = run_dir / ".rank0-token"
+    token = RunDir(run_dir).rank0_token
     if fdist.rank() == 0:
         token.write_text(str(os.getpid()))
     fdist.barrier()
@@ -144,7 +155,10 @@ def _check_shared_run_dir(run_dir: Path) -> None:
         "put run_dir on a filesystem every node shares", LaunchError)
 
 
-def prepare_session(cfg: DictConfig) -> Session:
+def prepare_session(cfg: DictConfig, fresh: bool | None = None) -> Session:
+    """Everything a run needs, with the run directory claimed for this process (``identity.claim``):
+    ``fresh`` says the run starts at step 0 (a directory holding another run's checkpoints is then
+    refused or, with ``train.overwrite``, moved aside); None: no such check (``eval``)."""
     run_dir = Path(cfg.run_dir)
     launch = read_launch_env(os.environ)
     spec = zero_spec(cfg)
@@ -152,6 +166,18 @@ def prepare_session(cfg: DictConfig) -> Session:
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device, launch.local_rank)
     fdist.init_from_env(device)
+    lock = claim(run_dir, fresh, cfg.train.overwrite)
+    try:
+        session = _prepare(cfg, run_dir, launch, spec, device)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    session.lock = lock
+    return session
+
+
+def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, device: torch.device) -> Session:
     if launch.distributed:
         _check_shared_run_dir(run_dir)
     data = prepare_data(cfg)
@@ -171,7 +197,7 @@ def prepare_session(cfg: DictConfig) -> Session:
     adapter_spec = AdapterSpec(method=a.method.value, rank=a.rank, alpha=a.alpha, kernel=a.kernel.value,
                                feedforward_modules=feedforward)
     # Kernel choices are kept per rank in the run directory, so a resumed run reuses them.
-    tuner = KernelTuner(run_dir / "kernels" / f"rank-{fdist.rank()}.json")
+    tuner = KernelTuner(RunDir(run_dir).kernel_record(fdist.rank()))
     try:
         slot, layout = inject_adapters(model, adapter_spec, targets, tuner)
     except ValueError as exc:  # no layer matched, or IA3 without feed-forward layers: the recipe's doing

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from flora_train.data import SyntheticTask
-from flora_train.store.saved import checkpoint_chain, iter_shards
-from flora_train.train.checkpoint import latest_checkpoint
+from flora_train.store.saved import iter_shards
+from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("run_configs.py")

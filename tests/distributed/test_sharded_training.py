@@ -19,7 +19,7 @@ from flora_train.config import load_recipe
 from flora_train.export import load_flora_adapter, read_packed
 from flora_train.store.placement import partition_step
 from flora_train.store.sharding import ShardPlan
-from flora_train.train.checkpoint import latest_checkpoint
+from flora_train.run_dir.checkpoints import latest_checkpoint
 from flora_train.train.run import run_training
 from flora_train.train.session import prepare_session
 

@@ -40,14 +40,14 @@ def _trained_logits(run_dir, user, ids):
     from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters
     from flora_train.base import load_frozen_model
     from flora_train.store.saved import read_saved_rows
-    from flora_train.train.checkpoint import latest_checkpoint
+    from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     saved = AdapterLayout.from_dict(json.loads((ckpt / "layout.json").read_text()))
     model = load_frozen_model(str(run_dir / "base_model"))
     slot, layout = inject_adapters(model, AdapterSpec(saved.spec.method, saved.spec.rank, saved.spec.alpha), [m for m, _, _ in saved.modules])
     assert layout.to_dict() == saved.to_dict()
-    saved_users, rows = read_saved_rows(ckpt)
+    saved_users, rows = read_saved_rows(checkpoint_chain(ckpt))
     row = rows[saved_users.index(user)]
     with torch.no_grad(), slot.activate(row[None], torch.zeros(ids.shape[0], dtype=torch.long)):
         return model(input_ids=ids).logits, row

@@ -11,7 +11,7 @@ import torch
 
 from flora_train.export import read_packed
 from flora_train.lifecycle import list_users
-from flora_train.train.checkpoint import latest_checkpoint, list_checkpoints
+from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints
 
 from tests.distributed.helpers import saved_state
 from tests.e2e.helpers import SMALL, flora_train

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flora_train.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
+from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints, verify_checkpoint
 
 from tests.distributed.helpers import saved_state
 from tests.e2e.helpers import SMALL

@@ -9,7 +9,7 @@ import torch
 from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
 from flora_train.store.saved import read_saved_rows
-from flora_train.train.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
+from flora_train.run_dir.checkpoints import checkpoint_chain, list_checkpoints, load_checkpoint, verify_checkpoint
 from flora_train.train.run import run_training
 from flora_train.train.session import prepare_session
 
@@ -52,7 +52,7 @@ def test_deltas_hold_the_steps_users_and_restore_bitwise_like_full_checkpoints(t
             # No user joined since the chain's full checkpoint: the delta names its shard plan
             # instead of writing every user's owner again.
             assert not (a / "shard_plan.json").exists() and manifest["shard_plan_in"] == manifest["chain"][0]
-        ids, rows = read_saved_rows(a)
+        ids, rows = read_saved_rows(checkpoint_chain(a))
         assert sorted(ids) == sorted(session.user_tokens) and rows.shape[0] == 20
         # A store restored from the chain equals one restored from the full checkpoint.
         load_checkpoint(a, session.store, session.layout, session.user_tokens)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flora_train.config import load_recipe
-from flora_train.train.checkpoint import CheckpointError
+from flora_train.run_dir.checkpoints import CheckpointError
 from flora_train.train.run import run_training
 from tests.distributed.helpers import saved_state, small_recipe
 

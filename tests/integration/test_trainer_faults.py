@@ -7,7 +7,7 @@ import torch
 
 from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
-from flora_train.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from flora_train.train.run import run_training
 from flora_train.train.session import train_settings
 from flora_train.train.session import prepare_session
@@ -57,6 +57,7 @@ def test_nonfinite_error_policy_and_consecutive_limit(tmp_path, tiny_llama_dir):
     _poison(s, plans[0].user_ids[0])
     with pytest.raises(NonFiniteError, match="train.nonfinite=error"):
         _trainer(s).train_step(plans[0])
+    s.close()  # its writer's lock: one session writes a run directory at a time
     s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir)))
     trainer = _trainer(s)
     for u in s.store.local.registry.ids:
@@ -86,7 +87,8 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_llama_dir):
 def test_checkpoint_from_another_adapter_is_refused(tmp_path, tiny_llama_dir):
     lora = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "adapter.method=lora", "adapter.rank=2")))
     path = save_checkpoint(lora.run_dir, 1, lora.store, lora.layout, {"next_step": 1}, keep=2)
-    flora = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "adapter.rank=2")))
+    flora = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "adapter.rank=2",
+                                                         f"run_dir={tmp_path / 'flora'}")))
     with pytest.raises(CheckpointError, match="made for another model or adapter"):
         load_checkpoint(path, flora.store, flora.layout, flora.user_tokens)
     (path / "store-00000-of-00001.safetensors").write_bytes(b"garbage")
@@ -122,7 +124,7 @@ def test_checkpoint_of_another_base_with_the_same_shapes_is_refused(tmp_path, ti
 
 
 def test_a_bit_flip_is_caught_by_every_reader_but_not_by_pruning(tmp_path, tiny_llama_dir):
-    from flora_train.train.checkpoint import verify_checkpoint
+    from flora_train.run_dir.checkpoints import verify_checkpoint
 
     s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir)))
     older = save_checkpoint(s.run_dir, 1, s.store, s.layout, {"next_step": 1}, keep=3)

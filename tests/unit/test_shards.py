@@ -38,12 +38,12 @@ def _fake_world(tmp_path, world: int) -> ShardPlan:
 
 def test_shards_saved_by_three_ranks_load_into_one(tmp_path):
     _fake_world(tmp_path, 3)
-    ids, rows = read_saved_rows(tmp_path)
+    ids, rows = read_saved_rows([tmp_path])
     assert sorted(ids) == USERS and torch.equal(rows, _init(ids))
     one = _store(ShardPlan.balanced({"other": 1}, 1))
     plan = ShardPlan.balanced({u: 1 for u in USERS}, 1)
     plan.add_users({"new": 1})
-    one.load_shards(tmp_path, plan, fresh={"new"})
+    one.load_shards([tmp_path], plan, fresh={"new"})
     assert torch.equal(one.read(USERS), _init(USERS)) and torch.equal(one.read(["new"]), _init(["new"]))
     assert one.local.registry.ids == plan.users_of(0)  # owners number rows in plan order
 
@@ -56,7 +56,7 @@ def test_damaged_shard_sets_are_refused_and_the_store_is_untouched(tmp_path):
 
     (tmp_path / "users-00001-of-00003.json").rename(tmp_path / "gone.json")
     with pytest.raises(ShardError, match="users-00001-of-00003.json: missing or corrupt user list"):
-        live.load_shards(tmp_path, plan)
+        live.load_shards([tmp_path], plan)
     (tmp_path / "gone.json").rename(tmp_path / "users-00001-of-00003.json")
 
     dup = json.loads((tmp_path / "users-00000-of-00003.json").read_text())
@@ -68,9 +68,9 @@ def test_damaged_shard_sets_are_refused_and_the_store_is_untouched(tmp_path):
 
     (tmp_path / "store-00002-of-00003.safetensors").unlink()
     with pytest.raises(ShardError, match="do not form one set of 3"):
-        live.load_shards(tmp_path, plan)
+        live.load_shards([tmp_path], plan)
     with pytest.raises(ShardError, match="no store shards"):
-        live.load_shards(tmp_path / "nowhere", plan)
+        live.load_shards([tmp_path / "nowhere"], plan)
     for key, value in live.local.state_tensors().items():
         assert torch.equal(value, before[key]), key
     assert live.local.registry.ids == ["keep"]
@@ -80,4 +80,4 @@ def test_a_user_missing_from_every_shard_is_named(tmp_path):
     _fake_world(tmp_path, 2)
     plan = ShardPlan.balanced({u: 1 for u in [*USERS, "stranger"]}, 1)
     with pytest.raises(ShardError, match="no shard holds user 'stranger'"):
-        _store(ShardPlan.balanced({"x": 1}, 1)).load_shards(tmp_path, plan)
+        _store(ShardPlan.balanced({"x": 1}, 1)).load_shards([tmp_path], plan)

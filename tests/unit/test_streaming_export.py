@@ -9,7 +9,7 @@ from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
 from flora_train.export import export_adapters, load_flora_adapter, read_packed
 from flora_train.store.saved import iter_saved_rows, read_saved_rows
-from flora_train.train.checkpoint import latest_checkpoint
+from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint
 from flora_train.train.run import run_training
 
 
@@ -21,15 +21,15 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
                                     "train.epochs=2", "train.checkpoint_every_steps=2", "store.optimizer.lr=0.05",
                                     "tracking.enabled=false", "train.progress=false"]))
     ckpt = latest_checkpoint(run)
-    ids, rows = read_saved_rows(ckpt)
+    ids, rows = read_saved_rows(checkpoint_chain(ckpt))
     want = dict(zip(ids, rows))
-    chunks = list(iter_saved_rows(ckpt, chunk=3))
+    chunks = list(iter_saved_rows(checkpoint_chain(ckpt), chunk=3))
     assert max(len(u) for u, _ in chunks) <= 3 and sum(len(u) for u, _ in chunks) == 11
     for users, part in chunks:
         for u, r in zip(users, part):
             assert torch.equal(r, want[u])
     some = {"user-000002", "user-000007"}
-    assert sorted(u for users, _ in iter_saved_rows(ckpt, some, chunk=1) for u in users) == sorted(some)
+    assert sorted(u for users, _ in iter_saved_rows(checkpoint_chain(ckpt), some, chunk=1) for u in users) == sorted(some)
 
     folders = export_adapters(run, "flora", None, tmp_path / "flora")
     packed = export_adapters(run, "packed", None, tmp_path / "packed", pack_size=4)
@@ -43,7 +43,7 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
         assert torch.equal(r, want[u]) and torch.equal(row, want[u])
     assert layout.row_size == rows_packed.shape[1]
     # Packs fill across the chain's shards and chunks whatever their sizes: every user, once.
-    chain_packs = [len(users) for users, _ in iter_saved_rows(ckpt)]
+    chain_packs = [len(users) for users, _ in iter_saved_rows(checkpoint_chain(ckpt))]
     assert len(chain_packs) > 1, "the test needs rows from more than one shard of a chain"
     for size in (2, 3, 5, 7):
         out = tmp_path / f"packed-{size}"

@@ -8,6 +8,10 @@ temporary name, fsynced, then renamed into place, so a crash mid-write leaves th
 checkpoint as the latest valid one. Only safetensors and JSON are read back. The run directory
 must be shared by all ranks (as on any cluster file system).
 
+Every manifest carries the ``run_id`` of the run that wrote it: a delta builds only on a parent of
+its own run, a chain with a member of another run is refused, and pruning deletes only the run's
+own checkpoints. A reader that passes over a newer broken checkpoint says so, naming it.
+
 Incremental: a checkpoint may be a *delta* that holds only the users whose rows changed since
 the checkpoint before it (its ``parent``); its manifest lists the ``chain`` from the last full
 checkpoint to itself, and restoring reads the chain oldest first, the newest copy of each user
@@ -22,18 +26,40 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flora_train import dist as fdist
 from flora_train.adapters import AdapterLayout
+from flora_train.errors import UserError, warn
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardError, ShardPlan
 
 MANIFEST = "manifest.json"
+LAYOUT = "layout.json"
+TRAINER_STATE = "trainer_state.json"
+SHARD_PLAN = "shard_plan.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / MANIFEST}: corrupt manifest ({exc})") from None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer state a checkpoint was written with (step, run id, fingerprints, phase)."""
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def saved_layout(path: Path) -> AdapterLayout:
+    return AdapterLayout.from_dict(json.loads((path / LAYOUT).read_text()))
 
 
 def _sha256(path: Path) -> str:
@@ -57,14 +83,17 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
-def _delta_parent(root: Path, saved_at: str | None, full_every: int) -> list[str]:
+def _delta_parent(root: Path, saved_at: str | None, full_every: int, run_id: str | None) -> list[str]:
     """The chain a new delta would extend (oldest first), or [] when it must be full: no parent
-    the store is known to equal, a parent that is not intact, or a chain ``full_every`` long."""
+    the store is known to equal, a parent that is not intact or of another run, or a chain
+    ``full_every`` long."""
     if not saved_at or full_every <= 1:
         return []
     try:
         manifest = verify_checkpoint(root / saved_at, contents=False)
     except CheckpointError:
+        return []
+    if manifest.get("run_id") != run_id:
         return []
     chain = manifest.get("chain") or [saved_at]
     return chain if len(chain) < full_every else []
@@ -72,11 +101,12 @@ def _delta_parent(root: Path, saved_at: str | None, full_every: int) -> list[str
 
 def save_checkpoint(
     run_dir: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout, trainer_state: dict[str, Any], keep: int,
-    full_every: int = 1,
+    full_every: int = 1, run_id: str | None = None,
 ) -> Path:
     """Every rank writes and hashes its own shard in parallel; rank 0 adds the shared files and the
     manifest, then renames the folder into place. Collective: all ranks call it together.
-    ``full_every`` > 1: a delta on the previous checkpoint unless that would make the chain longer."""
+    ``full_every`` > 1: a delta on the previous checkpoint unless that would make the chain longer.
+    ``run_id``: the run it belongs to (in the manifest; deltas and pruning stay inside the run)."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -89,7 +119,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         if same_parent and store.saved_at != final.name:
-            chain = _delta_parent(root, store.saved_at, full_every)
+            chain = _delta_parent(root, store.saved_at, full_every, run_id)
     chain = fdist.broadcast_object(chain)
     fdist.barrier()
     entries: dict[str, Any] = {}
@@ -105,13 +135,14 @@ def save_checkpoint(
         try:
             if not errors:
                 _finish(tmp, final, step, store, layout, trainer_state, {k: v for ent, _ in gathered for k, v in ent.items()},
-                        [*chain, final.name] if chain else [], store.plan_saved_in if store.plan_saved_in in chain else None)
+                        [*chain, final.name] if chain else [], store.plan_saved_in if store.plan_saved_in in chain else None,
+                        run_id)
         except OSError as exc:
             errors.append(f"rank 0: finishing checkpoint {final.name} failed: {exc}")
         if errors:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            prune_checkpoints(root, keep)
+            prune_checkpoints(root, keep, run_id)
     errors = fdist.broadcast_object(errors)  # rank 0 has the final word (it may have failed finishing)
     if errors:
         raise CheckpointError("; ".join(errors))
@@ -122,16 +153,19 @@ def save_checkpoint(
 
 
 def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout,
-            trainer_state: dict[str, Any], files: dict[str, Any], chain: list[str], plan_in: str | None) -> None:
+            trainer_state: dict[str, Any], files: dict[str, Any], chain: list[str], plan_in: str | None,
+            run_id: str | None) -> None:
     """``plan_in``: the checkpoint of the chain that already holds this shard plan (a delta with no
     user added since names it instead of writing it again)."""
-    shared = {"layout.json": layout.to_dict(), "trainer_state.json": trainer_state}
+    shared = {LAYOUT: layout.to_dict(), TRAINER_STATE: trainer_state}
     if plan_in is None:
-        shared["shard_plan.json"] = store.plan.to_dict()
+        shared[SHARD_PLAN] = store.plan.to_dict()
     for name, obj in shared.items():
         (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
         files[name] = file_entry(tmp / name)
     manifest = {"step": step, "world": store.world, "users": len(store), "files": dict(sorted(files.items()))}
+    if run_id is not None:
+        manifest["run_id"] = run_id
     if chain:
         manifest.update(kind="delta", parent=chain[-2], chain=chain)
     if plan_in is not None:
@@ -144,18 +178,16 @@ def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layou
     _fsync(final.parent)
 
 
+def fsync_dir(path: Path) -> None:
+    _fsync(path)
+
+
 def verify_checkpoint(path: Path, contents: bool = True) -> dict[str, Any]:
     """The manifest of a complete, intact checkpoint; raises ``CheckpointError`` naming the bad file.
 
     ``contents=False`` checks that every file is there at its recorded size without hashing it
     (a read of every byte: gigabytes for LoRA on every layer of many users)."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest_path}: corrupt manifest ({exc})") from None
+    manifest = read_manifest(path)
     for name, info in manifest.get("files", {}).items():
         f = path / name
         if not f.is_file():
@@ -165,10 +197,23 @@ def verify_checkpoint(path: Path, contents: bool = True) -> dict[str, Any]:
     for name in manifest.get("chain", [])[:-1]:  # a delta is only as good as what it builds on
         member = path.parent / name
         try:
-            verify_checkpoint(member, contents)
+            theirs = verify_checkpoint(member, contents).get("run_id")
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: builds on {name}, which is not intact ({exc})") from None
+        if theirs != manifest.get("run_id"):
+            raise CheckpointError(f"{path}: builds on {name}, which another run wrote (run {theirs}, not "
+                                  f"{manifest.get('run_id')}); refusing to restore a chain that mixes two runs")
     return manifest
+
+
+def checkpoint_chain(path: Path) -> list[Path]:
+    """The checkpoints ``path`` is made of, oldest first: itself when it is full, else the full
+    checkpoint its deltas build on and each delta up to it (``chain`` in its manifest)."""
+    try:
+        chain = read_manifest(path).get("chain")
+    except CheckpointError:
+        chain = None
+    return [path.parent / name for name in chain] if chain else [path]
 
 
 def list_checkpoints(run_dir_or_root: Path) -> list[Path]:
@@ -178,27 +223,40 @@ def list_checkpoints(run_dir_or_root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; newer broken ones are passed over."""
+def holds_checkpoints(run_dir: Path) -> bool:
+    """Whether a run already wrote checkpoints here (intact or not)."""
+    return bool(list_checkpoints(run_dir))
+
+
+def latest_checkpoint(run_dir: Path, warn_skipped: bool = True) -> Path | None:
+    """The newest checkpoint that verifies. Newer broken ones are passed over, each named in a
+    warning (a reader never falls back in silence)."""
+    skipped = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(path)
-        except CheckpointError:
+        except CheckpointError as exc:
+            skipped.append(str(exc))
             continue
+        if skipped and warn_skipped:
+            for why in skipped:
+                warn(f"skipping a broken checkpoint: {why}")
+            warn(f"using {path}, the newest intact checkpoint")
         return path
     return None
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Keeps the newest ``keep`` complete checkpoints; never deletes the newest complete one.
+def prune_checkpoints(root: Path, keep: int, run_id: str | None = None) -> None:
+    """Keeps the newest ``keep`` complete checkpoints of run ``run_id`` and every checkpoint they
+    build on; never deletes the newest complete one, nor another run's.
 
     Complete means every file at its manifest size: their bytes were hashed when written and are
     hashed again before anything reads them, so pruning does not re-read every checkpoint."""
     valid = []
     for path in reversed(list_checkpoints(root)):
         try:
-            verify_checkpoint(path, contents=False)
-            valid.append(path)
+            if verify_checkpoint(path, contents=False).get("run_id") == run_id:
+                valid.append(path)
         except CheckpointError:
             continue
     kept = valid[: max(keep, 1)]
@@ -214,7 +272,7 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 
 def read_layout(path: Path, layout: AdapterLayout) -> None:
-    saved = AdapterLayout.from_dict(json.loads((path / "layout.json").read_text()))
+    saved = saved_layout(path)
     problems = layout.compatible_with(saved)
     if problems:
         raise CheckpointError(f"{path}: made for another model or adapter ({'; '.join(problems)}); refusing to load")
@@ -227,7 +285,7 @@ def plan_file(path: Path) -> Path:
         holder = json.loads((path / MANIFEST).read_text()).get("shard_plan_in")
     except (OSError, ValueError):
         holder = None
-    return (path.parent / holder if holder else path) / "shard_plan.json"
+    return (path.parent / holder if holder else path) / SHARD_PLAN
 
 
 def restore_plan(path: Path, world: int, user_tokens: dict[str, int]) -> tuple[ShardPlan, set[str]]:
@@ -259,13 +317,69 @@ def load_checkpoint(path: Path, store: ShardedAdapterStore, layout: AdapterLayou
         manifest = verify_checkpoint(path, contents=not verified)
         read_layout(path, layout)
         plan, fresh = restore_plan(path, store.world, user_tokens)
-        store.load_shards(path, plan, fresh)
+        store.load_shards(checkpoint_chain(path), plan, fresh)
         unchanged = not fresh and json.loads(plan_file(path).read_text())["world"] == store.world
         store.plan_saved_in = plan_file(path).parent.name if unchanged else None
         if len(plan.owners) - len(fresh) != manifest.get("users"):
             raise CheckpointError(f"{path}: the shard plan names {len(plan.owners) - len(fresh)} users, the manifest {manifest.get('users')}")
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_state(path)
     except (CheckpointError, ShardError, ValueError, OSError) as exc:
         error = f"rank {fdist.rank()}: {exc}" if fdist.world_size() > 1 else str(exc)
     fdist.raise_if_any_failed(error, CheckpointError)
     return state
+
+
+# -- rewriting a checkpoint in place (``flora-train forget``) ----------------------------------
+# A checkpoint is never edited where it lies: a copy ``.rewrite-NAME`` is edited and re-manifested,
+# then swapped in by two renames (NAME -> .replaced-NAME, .rewrite-NAME -> NAME) and the old copy
+# removed. ``recover_rewrites`` finishes or undoes a swap a crash interrupted, so at every instant
+# exactly one intact copy of each checkpoint can be found, and a second run completes the first.
+
+
+def _rewrite_names(ckpt: Path) -> tuple[Path, Path]:
+    return ckpt.parent / f".rewrite-{ckpt.name}", ckpt.parent / f".replaced-{ckpt.name}"
+
+
+def recover_rewrites(root: Path) -> list[str]:
+    """Completes (or undoes) every interrupted rewrite under ``root``; returns what it did."""
+    done = []
+    if not root.is_dir():
+        return done
+    for old in sorted(root.glob(".replaced-step-*")):
+        ckpt = root / old.name[len(".replaced-"):]
+        new, _ = _rewrite_names(ckpt)
+        if not ckpt.exists():
+            try:
+                verify_checkpoint(new, contents=True) if new.exists() else None
+                ok = new.exists()
+            except CheckpointError:
+                ok = False
+            os.replace(new if ok else old, ckpt)  # the edited copy when it is whole, else the original
+            done.append(f"{ckpt.name}: {'finished' if ok else 'undid'} an interrupted rewrite")
+        shutil.rmtree(old, ignore_errors=True)
+    for new in sorted(root.glob(".rewrite-step-*")):  # edits that never reached the swap
+        shutil.rmtree(new, ignore_errors=True)
+    _fsync(root)
+    return done
+
+
+def rewrite_checkpoint(ckpt: Path, edit: Callable[[Path, dict[str, Any]], int | None]) -> None:
+    """Edits a copy of ``ckpt`` with ``edit(folder, manifest)`` (which rewrites files in it and
+    returns the new user count, or None when it is unchanged), re-hashes every file into a new manifest and
+    swaps the copy in. The chain and run id stay as they were."""
+    new, old = _rewrite_names(ckpt)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.copytree(ckpt, new)
+    manifest = read_manifest(new)
+    (new / MANIFEST).unlink()  # a copy without a manifest is never taken for a checkpoint
+    users = edit(new, manifest)
+    if users is not None:
+        manifest["users"] = users
+    manifest["files"] = {name: file_entry(new / name) for name in sorted(manifest["files"])}
+    (new / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync(new / MANIFEST)
+    _fsync(new)
+    os.replace(ckpt, old)
+    os.replace(new, ckpt)
+    _fsync(ckpt.parent)
+    shutil.rmtree(old)

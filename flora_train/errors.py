@@ -1,0 +1,16 @@
+"""One base class for every error a user's input can cause (a recipe key, a data file, a run
+directory, a checkpoint, a launch). The CLI catches ``UserError`` and prints one line, so a new
+error type raised for bad input can never escape as a traceback: it only has to derive from this."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a state of the user's files that the user can act on; its message says how."""
+
+
+def warn(message: str) -> None:
+    """A line the user should read (a fall-back taken, a server unreachable), on stderr."""
+    import sys
+
+    print(f"flora-train: warning: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,135 @@
+"""Where everything of a run lives on disk. The only code that joins a name onto a run directory:
+training, inference, export, lifecycle and the CLI ask this class for a path.
+
+```
+run_dir/
+  .lock                     the writer's lock (lock.py)
+  recipe.yaml               the recipe as trained (resolved)
+  checkpoints/step-NNNNNNNN one folder per checkpoint (checkpoints.py); .tmp-* while written
+  phases/phase-NNNNN.parquet who each training phase trains (train/phases.py)
+  shared_adapter.safetensors the adapter shared by every user (train.compare_shared_baseline)
+  eval/                     per-user evaluations, summaries, generation reports
+  export/<format>/          exports written by the run (index.json + manifest.json each)
+  data/ data_cache/ base_model/ kernels/ store_tier/   derived: rebuilt from the data and recipe
+  tracking-buffer*.jsonl    metrics not yet sent to MLflow
+  mlflow.db mlartifacts/    the embedded MLflow store (tracking.uri unset)
+  result.json               what the last finished run reported
+  replaced/                 runs moved aside by train.overwrite=true
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flora_train.run_dir.lock import LOCK_NAME
+
+# What a run leaves that is its own: train.overwrite moves these aside, checkpoints first (a run
+# directory without checkpoints holds no run to mix with). The data, its cache, a tiny base, the
+# kernel choices and the MLflow store (one database of many runs) stay for the next run.
+RUN_OWNED = ("checkpoints", "phases", "shared_adapter.safetensors", "eval", "export", "result.json", "recipe.yaml",
+             "tracking-buffer.jsonl", "tracking-buffer-eval.jsonl", "store_tier")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_NAME
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def phases(self) -> Path:
+        return self.path / "phases"
+
+    @property
+    def shared_adapter(self) -> Path:
+        return self.path / "shared_adapter.safetensors"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval"
+
+    def eval_file(self, name: str) -> Path:
+        return self.eval / name
+
+    def per_user_evals(self) -> list[Path]:
+        """``eval/per_user-stepN.jsonl`` files, oldest step first."""
+        return sorted(self.eval.glob("per_user-step*.jsonl"), key=lambda p: int(p.stem.split("step")[1]))
+
+    @property
+    def exports(self) -> Path:
+        return self.path / "export"
+
+    def export_dir(self, fmt: str) -> Path:
+        return self.exports / fmt
+
+    def export_indexes(self) -> list[Path]:
+        return sorted(self.exports.glob("*/index.json"))
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def data_cache(self) -> Path:
+        return self.path / "data_cache"
+
+    @property
+    def base_model(self) -> Path:
+        return self.path / "base_model"
+
+    def kernel_record(self, rank: int) -> Path:
+        return self.path / "kernels" / f"rank-{rank}.json"
+
+    @property
+    def store_tier(self) -> Path:
+        return self.path / "store_tier"
+
+    def tracking_buffer(self, kind: str = "train") -> Path:
+        return self.path / ("tracking-buffer.jsonl" if kind == "train" else f"tracking-buffer-{kind}.jsonl")
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.path / "mlflow.db"
+
+    @property
+    def mlartifacts(self) -> Path:
+        return self.path / "mlartifacts"
+
+    @property
+    def result(self) -> Path:
+        return self.path / "result.json"
+
+    @property
+    def launch(self) -> Path:
+        return self.path / "launch"
+
+    @property
+    def replaced(self) -> Path:
+        return self.path / "replaced"
+
+    @property
+    def rank0_token(self) -> Path:
+        return self.path / ".rank0-token"
+
+    @property
+    def derived(self) -> tuple[Path, ...]:
+        """Rebuilt by the next run from the data and a checkpoint (``forget`` removes them)."""
+        return (self.data_cache, self.store_tier)
