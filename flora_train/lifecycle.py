@@ -146,9 +146,7 @@ def _forget_packed(out: Path, forget: set[str]) -> int:
         del index[u]
     if gone:
         _write_json(out / "index.json", index)
-        manifest = json.loads((out / "manifest.json").read_text())
-        manifest["num_users"] = len(index)
-        _write_json(out / "manifest.json", manifest)
+    _count_users(out / "manifest.json", len(index))
     held = {where[0] for where in index.values()}
     for pack in out.glob("pack-*.safetensors"):  # the replaced packs (also those a killed forget left)
         if pack.name not in held:
@@ -160,8 +158,8 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> int:
     removed = 0
     for index_path in rd.export_indexes():
         manifest_path = index_path.with_name("manifest.json")
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        if manifest.get("format") == "packed":
+        packed = manifest_path.is_file() and json.loads(manifest_path.read_text()).get("format") == "packed"
+        if packed:
             removed += _forget_packed(index_path.parent, forget)
             continue
         folders = json.loads(index_path.read_text())  # user id -> folder
@@ -171,10 +169,19 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> int:
             removed += 1
         if gone:
             _write_json(index_path, folders)
-            if manifest:
-                manifest["num_users"] = len(folders)
-                _write_json(manifest_path, manifest)
+        _count_users(manifest_path, len(folders))
     return removed
+
+
+def _count_users(manifest_path: Path, users: int) -> None:
+    """The export manifest's user count, from its index (also when a killed forget wrote the index
+    and not the manifest)."""
+    if not manifest_path.is_file():
+        return
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("num_users") != users:
+        manifest["num_users"] = users
+        _write_json(manifest_path, manifest)
 
 
 def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def saved_steps(chain: list[Path]) -> dict[str, int]:
 def without_users(path: Path, users: list[str], forget: set[str]) -> int:
     """Rewrites store shard ``path`` (whose user list is ``users``) and its user list without the
     ``forget`` users, as new files (no old page survives in them); returns how many it removed."""
-    from safetensors.torch import save_file
+    from flora_train.store.shard_writer import save_rows
 
     keep = [i for i, u in enumerate(users) if u not in forget]
     if len(keep) == len(users):
@@ -117,7 +117,7 @@ def without_users(path: Path, users: list[str], forget: set[str]) -> int:
         tensors = {k: f.get_tensor(k)[keep].contiguous() for k in f.keys()}
     meta["users"] = str(len(keep))
     path.unlink()
-    save_file(tensors, str(path), metadata=meta)
+    save_rows(tensors, path, dict(sorted(meta.items())))  # the same bytes from the same rows (the header in order)
     listing = users_file(path)
     listing.unlink()
     listing.write_text(json.dumps({"user_ids": [users[i] for i in keep]}, ensure_ascii=False))

@@ -32,6 +32,7 @@ def expected_fetch_bytes(base: list[str], tmp: Path, world: int) -> tuple[int, b
     """Unique rows each rank needs from another rank, summed over the run, times row bytes; and
     whether some user's examples were split over ranks."""
     s = prepare_session(load_recipe(None, [*base, f"run_dir={tmp / 'plan'}"]))
+    s.close()  # only its plan and planner are needed (and its run_dir's lock is released)
     plan = ShardPlan.balanced(s.user_tokens, world)
     remote, split = 0, False
     for step in s.planner.steps(2):

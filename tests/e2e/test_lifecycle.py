@@ -4,13 +4,15 @@ checkpointed state and export stay bit-identical."""
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
 from flora_train.export import read_packed
-from flora_train.lifecycle import list_users
+from flora_train.lifecycle import forget_users, list_users
 from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints
 
 from tests.distributed.helpers import saved_state
@@ -67,8 +69,11 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     index = json.loads((export / "index.json").read_text())
     kept_exports = {u: _hashes(export / index[u]) for u in kept}
 
+    template = tmp_path / "template"
+    shutil.copytree(run_dir, template)
     done = flora_train("forget", str(run_dir), "--users", ",".join(gone))
     assert "forgot 2 user(s)" in done.stdout
+    assert "removed shared_adapter.safetensors" in done.stdout and not (run_dir / "shared_adapter.safetensors").exists()
 
     for path, data in _all_bytes(run_dir).items():
         for w in windows:
@@ -92,3 +97,52 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     assert torch.equal(read_packed(packed, kept)[1], packed_before) and sorted(json.loads((packed / "index.json").read_text())) == sorted(kept)
     bad = flora_train("forget", str(run_dir), "--users", "nobody", check=False)
     assert bad.returncode == 2 and "no such user(s) in any checkpoint: 'nobody'" in bad.stderr
+    _forget_killed_at_every_step(template, tmp_path / "killed", gone, _hashes(run_dir))
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs (not even an except clause of the code under test)."""
+
+
+# Every call by which forget changes the run directory.
+MUTATIONS = [(os, "replace"), (shutil, "rmtree"), (shutil, "copytree"), (Path, "unlink"), (Path, "write_text")]
+
+
+def _forget_killed_at_every_step(template: Path, work: Path, gone: list[str], clean: dict[str, str]) -> None:
+    """`forget` killed before its n-th change of the run directory, for every n, then run again,
+    leaves the run directory byte for byte as one uninterrupted `forget` does. (Before the journal
+    and the swap protocol a kill between the two renames of a checkpoint rewrite followed by a
+    second `forget` deleted both copies of that checkpoint.)"""
+    kills = journaled = 0
+    while True:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(template, work)
+        count = [0]
+        patches = []
+        for owner, name in MUTATIONS:
+            real = getattr(owner, name)
+
+            def wrapped(*args, _real=real, **kwargs):
+                count[0] += 1
+                if count[0] == kills + 1:
+                    raise Killed()
+                return _real(*args, **kwargs)
+
+            patches.append((owner, name, real))
+            setattr(owner, name, wrapped)
+        try:
+            forget_users(work, gone)
+            finished = True
+        except Killed:
+            finished = False
+        finally:
+            for owner, name, real in patches:
+                setattr(owner, name, real)
+        if finished:
+            break
+        kills += 1
+        journal = (work / "forget-pending.json").is_file()
+        journaled += journal
+        forget_users(work, gone[:1] if journal else gone)  # the journal names the rest
+        assert _hashes(work) == clean, f"killed before change {kills}, then run again: the run differs"
+    assert kills > 20 and journaled >= kills - 2, f"{kills} places to kill, {journaled} after the journal"

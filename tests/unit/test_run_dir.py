@@ -1,0 +1,81 @@
+"""The run directory's writer lock and run identity, on real files and real processes."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from flora_train.run_dir import RunLock, RunLocked
+from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, prune_checkpoints, verify_checkpoint
+from flora_train.run_dir.identity import RunDirInUse, claim
+
+HOLD = "import sys, time; from flora_train.run_dir import RunLock; RunLock(sys.argv[1], 'flora-train run x.yaml').acquire(); print('held', flush=True); time.sleep(600)"
+
+
+def _holder(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_never_blocks(tmp_path):
+    proc = _holder(tmp_path)
+    try:
+        with pytest.raises(RunLocked, match=rf"in use by `flora-train run x.yaml` \(pid {proc.pid} on host .+, since 20"):
+            RunLock(tmp_path).acquire()
+        with pytest.raises(RunDirInUse, match="in use by"):  # how training claims it
+            claim(tmp_path, fresh=True)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with RunLock(tmp_path, "second") as lock:  # the kernel dropped the dead process's lock
+        assert lock.held and json.loads((tmp_path / ".lock").read_text())["command"] == "second"
+    assert (tmp_path / ".lock").read_text() == ""  # released: it names no holder
+
+
+def _fake_checkpoint(root, step, run_id, chain=None, broken=False):
+    path = root / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    (path / "data.bin").write_bytes(b"x" * 8)
+    files = {"data.bin": {"bytes": 8, "sha256": hashlib.sha256(b"x" * 8 if not broken else b"y").hexdigest()}}
+    manifest = {"step": step, "files": files, "run_id": run_id}
+    if chain:
+        manifest.update(kind="delta", parent=chain[-2], chain=chain)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_a_chain_never_crosses_runs_and_pruning_keeps_other_runs(tmp_path, capfd):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 1, "old")
+    mixed = _fake_checkpoint(root, 2, "new", chain=["step-00000001", "step-00000002"])
+    with pytest.raises(CheckpointError, match="builds on step-00000001, which another run wrote"):
+        verify_checkpoint(mixed, contents=False)
+    for step in (3, 4, 5):
+        _fake_checkpoint(root, step, "new")
+    prune_checkpoints(root, keep=1, run_id="new")
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000002", "step-00000005"]
+    _fake_checkpoint(root, 6, "new", broken=True)
+    assert latest_checkpoint(tmp_path) == root / "step-00000005"
+    err = capfd.readouterr().err
+    assert f"skipping a broken checkpoint: {root / 'step-00000006' / 'data.bin'}: does not match the manifest" in err
+    assert f"using {root / 'step-00000005'}, the newest intact checkpoint" in err
+
+
+def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_it_overwrites(tmp_path, capsys):
+    _fake_checkpoint(tmp_path / "checkpoints", 1, "old")
+    (tmp_path / "phases").mkdir()
+    (tmp_path / "data").mkdir()
+    with pytest.raises(RunDirInUse, match="already holds a run's checkpoints.*--resume.*train.overwrite=true"):
+        claim(tmp_path, fresh=True)
+    claim(tmp_path, fresh=False).release()  # a resume takes it
+    lock = claim(tmp_path, fresh=True, overwrite=True)
+    lock.release()
+    (moved,) = (tmp_path / "replaced").iterdir()
+    assert moved.name.startswith("old-") and (moved / "checkpoints" / "step-00000001").is_dir()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "phases").exists()
+    assert (tmp_path / "data").is_dir(), "the data belongs to the user, not to the run"
+    assert f"moved the previous run in {tmp_path} to {moved}" in capsys.readouterr().out

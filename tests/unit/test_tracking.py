@@ -1,0 +1,135 @@
+"""The tracker's sender thread: a hung server costs the training thread nothing, and the queue it
+shares with the sender loses and repeats nothing under a flaky server."""
+
+import json
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from flora_train.tracking import Tracker
+
+
+@pytest.fixture
+def hung_server():
+    """A socket that accepts every connection and never answers (a server stuck in GC, a proxy
+    whose upstream hangs)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    sock.close()
+
+
+def test_a_hung_server_costs_the_training_thread_nothing(tmp_path, hung_server, monkeypatch, capfd):
+    # Before the sender thread every flushed log_metrics waited on the server for the HTTP timeout
+    # (15 s by default) on the training thread.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("run_dir: x\n")
+    tracker = Tracker(True, hung_server, "hung", tmp_path, end_timeout_s=1.0)
+    import mlflow.entities  # noqa: F401  (its import takes seconds: not the server's doing)
+    import mlflow.tracking  # noqa: F401
+
+    started = time.monotonic()
+    assert tracker.start("hung-run", {"a": "1"}, recipe, wait_s=0.5) is None
+    assert time.monotonic() - started < 3
+    worst = 0.0
+    for step in range(200):
+        t = time.monotonic()
+        tracker.log_metrics({"train/loss": float(step), "train/tokens": 1.0}, step=step, flush=True)
+        worst = max(worst, time.monotonic() - t)
+    assert worst < 0.05, f"a log call took {worst:.3f} s"
+    t = time.monotonic()
+    tracker.end("FINISHED")
+    assert time.monotonic() - t < 3, "end waits a bounded time"
+    lines = [json.loads(line) for line in tracker.spill_path.read_text().splitlines()]
+    assert len(lines) == 400 and [m["step"] for m in lines[::2]] == list(range(200))
+    assert "did not answer in time: 400 metrics were not sent" in capfd.readouterr().err
+
+
+class FlakyClient:
+    """Stands in for MlflowClient (no real server can be made to fail at random, call by call):
+    records what arrives, fails a third of the calls, answers after a random delay."""
+
+    def __init__(self, uri):
+        self.received, self.rng, self.lock = [], random.Random(0), threading.Lock()
+        self.terminated = None
+
+    def _maybe_fail(self):
+        time.sleep(self.rng.random() * 0.002)
+        if self.rng.random() < 0.33:
+            raise OSError("connection reset")
+
+    def get_experiment_by_name(self, name):
+        self._maybe_fail()
+        return None
+
+    def create_experiment(self, name, artifact_location=None):
+        return "1"
+
+    def create_run(self, exp_id, run_name=None, tags=None):
+        class Run:
+            class info:
+                run_id = "r1"
+
+        return Run
+
+    def log_batch(self, run_id, metrics=(), params=()):
+        self._maybe_fail()
+        with self.lock:
+            self.received.extend(metrics)
+
+    def log_artifact(self, run_id, path, folder=None):
+        self._maybe_fail()
+
+    def set_terminated(self, run_id, status):
+        self._maybe_fail()
+        self.terminated = status
+
+
+def test_the_queue_shared_with_the_sender_loses_and_repeats_nothing(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("x: 1\n")
+    clients = []
+
+    def factory(uri):
+        clients.append(FlakyClient(uri))
+        return clients[-1]
+
+    tracker = Tracker(True, "http://flaky", "stress", tmp_path, retry_s=0.0, client_factory=factory, end_timeout_s=60)
+    tracker.start("stress", {}, recipe, wait_s=0)
+
+    def producer(k):
+        for step in range(3000):
+            tracker.log_metrics({f"p{k}": float(step)}, step=step, flush=step % 7 == 0)
+
+    threads = [threading.Thread(target=producer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tracker.end("FINISHED")
+    got = clients[0].received
+    for k in range(3):
+        assert [m.step for m in got if m.key == f"p{k}"] == list(range(3000)), f"producer {k}: lost, repeated or reordered"
+    assert len(got) == 9000 and clients[0].terminated == "FINISHED"
+    assert not tracker.spill_path.exists(), "everything was sent: no backlog left on disk"
