@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from flora_train.run_dir import RunDir
+
 # The quickstart recipe of this checkout, wherever doctor is started from.
 RUN = [str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"), "data.synthetic.num_users=64", "data.synthetic.train_examples_per_user=8",
        "data.synthetic.eval_examples_per_user=2", "train.epochs=4", "train.users_per_step=32",
@@ -65,7 +67,7 @@ def _run(name: str, extra: list[str], device: str, out: Path, small: bool) -> di
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         return {"ok": False, "seconds": seconds, "error": (proc.stderr or proc.stdout)[-1500:]}
-    result = json.loads((run_dir / "result.json").read_text())
+    result = json.loads(RunDir(run_dir).result.read_text())
     loss = result.get("eval", {}).get("eval/loss_mean", float("nan"))
     ok = loss == loss and result["steps"] > 0
     return {"ok": ok, "seconds": seconds, "steps": result["steps"], "eval_loss": loss,

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from flora_train.adapters import AdapterLayout
 from flora_train.errors import UserError
+from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import (
     CheckpointError,
     checkpoint_chain,
@@ -100,7 +101,7 @@ def _peft_config(layout: AdapterLayout, base_model: str) -> dict[str, Any]:
 
 def _base_details(run_dir: Path) -> dict[str, Any]:
     """What loading the base and the untrained rows needs beyond its path (for serving an export)."""
-    recipe = run_dir / "recipe.yaml"
+    recipe = RunDir(run_dir).recipe
     if not recipe.is_file():
         return {}
     from flora_train.config import load_recipe

@@ -29,6 +29,7 @@ import torch
 
 from flora_train.bench.common import bench_device, machine, new_figure, save_figure, write_json
 from flora_train.bench.peft_job import TARGETS, tokenised, train_adapter
+from flora_train.run_dir import RunDir
 
 DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
                     num_kv_heads=4, vocab_size=512, max_position_embeddings=128, seed=0, pretrain_steps=300)
@@ -83,7 +84,7 @@ def _flora_run(recipe: list[str], run_dir: Path) -> tuple[float, dict[str, float
     run_training(load_recipe(None, [*recipe, f"run_dir={run_dir}"]))
     seconds = time.perf_counter() - start
     run_eval(run_dir)
-    (per_user_file,) = sorted((run_dir / "eval").glob("per_user-step*.jsonl"))[-1:]
+    (per_user_file,) = RunDir(run_dir).per_user_evals()[-1:]
     losses = {}
     for line in per_user_file.read_text().splitlines():
         row = json.loads(line)

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from flora_train.bench.common import machine, write_json
+from flora_train.run_dir import RunDir
+from flora_train.run_dir.checkpoints import read_manifest
 
 BASE = dict(architecture="llama", hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
             vocab_size=512, max_position_embeddings=64, seed=0, pretrain_steps=0)
@@ -89,15 +91,13 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
     """One population's run, in this process (the bench starts a fresh process for each)."""
     import torch
 
-    from flora_train.train.session import train_settings
-    from flora_train.train.trainer import Trainer
-
     from flora_train.config import load_recipe
     from flora_train.export import export_adapters
-    from flora_train.tracking import Tracker
     from flora_train.run_dir.checkpoints import load_checkpoint
+    from flora_train.tracking import Tracker
     from flora_train.train.loop import TrainLoop
-    from flora_train.train.session import make_store, prepare_session
+    from flora_train.train.session import make_store, prepare_session, train_settings
+    from flora_train.train.trainer import Trainer
 
     data = work / f"data-{users}.jsonl"
     if not data.is_file():
@@ -162,7 +162,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         t0 = time.perf_counter()
         delta = loop.checkpoint(warmup + 2 * steps)
         delta_s, delta_bytes = time.perf_counter() - t0, _bytes(delta)
-        assert json.loads((delta / "manifest.json").read_text()).get("chain"), "the second checkpoint must be a delta"
+        assert read_manifest(delta).get("chain"), "the second checkpoint must be a delta"
         memory["checkpointed"] = _status()
 
         cfg = session.cfg.copy()
@@ -207,7 +207,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         }
     finally:
         session.close()
-        shutil.rmtree(run_dir / "store_tier", ignore_errors=True)
+        shutil.rmtree(RunDir(run_dir).store_tier, ignore_errors=True)
         shutil.rmtree(work / f"restore-tier-{users}", ignore_errors=True)
         shutil.rmtree(work / f"reference-tier-{users}", ignore_errors=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from flora_train.errors import UserError
+from flora_train.run_dir import RunDir
 
 
 class LaunchFailed(UserError, RuntimeError):
@@ -43,7 +44,7 @@ def make_job(cfg: DictConfig) -> Job:
     cfg.run_dir = str(Path(cfg.run_dir).resolve())  # nodes may start elsewhere; the path must be absolute
     # A scheduler that restarts or requeues the job starts the same recipe again: it must resume.
     cfg.train.auto_resume = True
-    return Job(cfg, Path(cfg.run_dir) / "launch" / "recipe.yaml")
+    return Job(cfg, RunDir(Path(cfg.run_dir)).launch / "recipe.yaml")
 
 
 def write_recipe(job: Job) -> None:

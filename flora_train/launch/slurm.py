@@ -16,6 +16,7 @@ from pathlib import Path
 from string import Template
 
 from flora_train.launch.job import Job, LaunchFailed, write_recipe
+from flora_train.run_dir import RunDir
 
 TEMPLATE = Path(__file__).with_name("templates") / "slurm.sbatch"
 
@@ -39,7 +40,7 @@ def sbatch_argv(job: Job, script: Path) -> list[str]:
 
 def log_path(job: Job, job_id: str = "%j") -> Path:
     """The job's log; with no id, the sbatch pattern (``%j`` is the job id)."""
-    return Path(job.cfg.run_dir) / "launch" / f"slurm-{job_id}.out"
+    return RunDir(Path(job.cfg.run_dir)).launch / f"slurm-{job_id}.out"
 
 
 def render(job: Job) -> tuple[list[str], str]:

@@ -21,12 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from flora_train import dist as fdist
 from flora_train.base import build_tiny_model, load_tokenizer
 from flora_train.config import RecipeError
-from flora_train.data import BadRows, Columns, DataError, SyntheticTask, load_examples, tokenize_examples
-from flora_train.data import cache
+from flora_train.data import BadRows, Columns, DataError, SyntheticTask, cache, load_examples, tokenize_examples
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.persona_chat import PersonaChatTask
 from flora_train.launch_env import LaunchError
-
+from flora_train.run_dir import RunDir
 
 PARTS = ("train", "eval", "retain", "general")
 KEYS = {"train": "data.train_path", "eval": "data.eval_path", "retain": "train.retain.path", "general": "eval.general_path"}
@@ -57,11 +56,11 @@ def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, str]:
         if syn.task.value == "persona_chat":
             chat = PersonaChatTask(syn.num_users, syn.train_examples_per_user, syn.eval_examples_per_user,
                                    syn.general_examples, syn.seed)
-            paths = chat.write(run_dir / "data")
+            paths = chat.write(RunDir(run_dir).data)
             return paths["train"], (paths["eval"] if chat.eval_examples_per_user else None), "jsonl"
         task = SyntheticTask(syn.num_users, syn.train_examples_per_user, syn.eval_examples_per_user, syn.num_keys,
                              syn.num_values, syn.seed)
-        train_path, eval_path = task.write(run_dir / "data")
+        train_path, eval_path = task.write(RunDir(run_dir).data)
         return train_path, (eval_path if task.eval_examples_per_user else None), "jsonl"
     return _spec(d.train_path), (_spec(d.eval_path) if d.eval_path else None), d.format.value
 
@@ -120,7 +119,7 @@ class _Build:
             return str(m.name_or_path)
         raw = self.raw("train")
         assert raw is not None
-        return str(build_tiny_model(self.run_dir / "base_model", OmegaConf.to_container(m.tiny), _texts(raw)))  # type: ignore[arg-type]
+        return str(build_tiny_model(RunDir(self.run_dir).base_model, OmegaConf.to_container(m.tiny), _texts(raw)))  # type: ignore[arg-type]
 
     def key(self, tokenizer: Any) -> str:
         d = self.d
@@ -164,7 +163,7 @@ def prepare_data(cfg: DictConfig) -> RunData:
             build = _Build(cfg, run_dir)
             model_path = build.model_path()
             tokenizer = load_tokenizer(model_path, m.gguf_file, m.trust_remote_code)
-            folder = run_dir / "data_cache" / build.key(tokenizer)
+            folder = RunDir(run_dir).data_cache / build.key(tokenizer)
             if not cache.is_complete(folder):
                 build.write(folder, tokenizer)
             answer = (str(folder), model_path, None, None)

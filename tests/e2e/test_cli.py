@@ -108,15 +108,19 @@ def test_export_and_eval_errors(lora_run, tmp_path):
     assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr
 
 
-def test_eval_logs_to_the_same_run(lora_run):
+def test_eval_logs_to_a_run_nested_under_the_training_run(lora_run):
     from mlflow.tracking import MlflowClient
 
     proc = flora_train("eval", str(lora_run))
     assert "per-user adapters" in proc.stdout
     result = json.loads((lora_run / "result.json").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{lora_run / 'mlflow.db'}")
-    history = client.get_metric_history(result["mlflow_run_id"], "eval/accuracy_mean")
-    assert len(history) == 2 and history[0].value == pytest.approx(history[1].value)
+    trained = client.get_run(result["mlflow_run_id"])
+    (history,) = [client.get_metric_history(trained.info.run_id, "eval/accuracy_mean")]
+    assert len(history) == 1, "eval adds nothing to the training run"
+    (child,) = client.search_runs([trained.info.experiment_id], f"tags.mlflow.parentRunId = '{trained.info.run_id}'")
+    assert child.data.metrics["eval/accuracy_mean"] == pytest.approx(history[0].value)
+    assert child.data.tags["flora_train.kind"] == "eval" and trained.info.status == "FINISHED"
 
 
 def test_recipe_typo_fails_before_any_work(tmp_path):
