@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     fg = sub.add_parser("forget", help="remove users from a run: checkpoints, exports, per-user files")
     fg.add_argument("run_dir", type=Path)
     fg.add_argument("--users", required=True, help="comma-separated user ids, or @FILE with one id per line")
+    fg.add_argument("--retrain-shared", action="store_true",
+                    help="train the shared adapter again without the forgotten users' data (it is removed otherwise)")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server; concurrent users batched into one forward")
     srv.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
@@ -280,9 +282,17 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
             for line in out["recovered"]:
                 print(f"completed an interrupted forget: {line}")
-            if out["removed_shared_adapter"]:
-                print("removed shared_adapter.safetensors: it was trained on the forgotten users' data too; retrain the "
-                      "shared baseline (a run with train.compare_shared_baseline=true) before comparing against it")
+            if out["removed_shared_adapter"] and args.retrain_shared:
+                from flora_train.train.scoring import retrain_shared_baseline
+
+                n = retrain_shared_baseline(args.run_dir, set(out["users"]), out["shared_adapter_steps"])
+                print(f"retrained the shared adapter for {out['shared_adapter_steps']} steps on {n} examples of the "
+                      "remaining users")
+            elif out["removed_shared_adapter"]:
+                print("removed shared_adapter.safetensors: it was trained on the forgotten users' data too; retrain it "
+                      "with `flora-train forget --retrain-shared` (or a run with train.compare_shared_baseline=true)")
+            elif args.retrain_shared:
+                print("no shared adapter to retrain: this run has none (train it with train.compare_shared_baseline=true)")
         elif args.command == "export":
             from flora_train.export import export_adapters
 

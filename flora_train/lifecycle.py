@@ -216,8 +216,10 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     lines = sum(_filter_jsonl(p, forget) for p in sorted(rd.path.rglob("*.jsonl"))
                 if "checkpoints" not in p.relative_to(rd.path).parts)
     phase_entries = forget_in_phases(rd.path, forget)
-    shared = rd.shared_adapter.is_file()
-    if shared:
+    shared = None
+    if rd.shared_adapter.is_file():
+        with safe_open(str(rd.shared_adapter), framework="pt") as f:
+            shared = int((f.metadata() or {}).get("steps", 0))
         rd.shared_adapter.unlink()
     derived = []
     for path in rd.derived:
@@ -227,4 +229,4 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     pending_path.unlink()
     return {"users": sorted(forget), "checkpoint_rows": rows, "checkpoints": len(ckpts), "export_folders": exports,
             "jsonl_lines": lines, "phase_entries": phase_entries, "removed_derived": derived,
-            "removed_shared_adapter": shared, "recovered": recovered}
+            "removed_shared_adapter": shared is not None, "shared_adapter_steps": shared, "recovered": recovered}

@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
@@ -259,19 +260,42 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     refused while the run trains. The rows come from the checkpoint into a store in memory: the
     run's own store tier files (``store_tier/``) are never opened."""
     recipe = RunDir(run_dir).recipe
-    if not recipe.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    cfg = load_recipe(recipe)
-    if cfg.base.zero_stage == 3 and cfg.base.offload_params.value == "none" and not read_launch_env(os.environ).distributed:
-        print("evaluating in one process: the base is loaded whole (base.zero_stage=0); "
-              "start under torchrun to keep it partitioned")
-        cfg.base.zero_stage = 0
-    cfg.store.tier, cfg.store.disk_dir, cfg.store.cache_rows = "host", None, 0
-    session = prepare_session(cfg)
+    session = prepare_session(_recipe_beside_the_run(run_dir, "evaluating"))
     try:
         if data is not None:
             session.eval = load_eval_file(session.cfg, session.tokenizer, data)
-        return _eval(session, cfg, run_dir, recipe, checkpoint, data)
+        return _eval(session, session.cfg, run_dir, recipe, checkpoint, data)
+    finally:
+        session.close()
+
+
+def _recipe_beside_the_run(run_dir: Path, doing: str) -> DictConfig:
+    """The run's recipe for work done on a finished run (eval, retraining the shared adapter):
+    rows in memory (the run's store tier files are never opened), the base whole in one process."""
+    recipe = RunDir(run_dir).recipe
+    if not recipe.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    cfg = load_recipe(recipe)
+    # The directory it was asked about, not the one the recipe was written in: a run copied or moved
+    # elsewhere must never read or write its original's files.
+    cfg.run_dir = str(run_dir)
+    if cfg.base.zero_stage == 3 and cfg.base.offload_params.value == "none" and not read_launch_env(os.environ).distributed:
+        print(f"{doing} in one process: the base is loaded whole (base.zero_stage=0); "
+              "start under torchrun to keep it partitioned")
+        cfg.base.zero_stage = 0
+    cfg.store.tier, cfg.store.disk_dir, cfg.store.cache_rows = "host", None, 0
+    return cfg
+
+
+def retrain_shared_baseline(run_dir: Path, without: set[str], steps: int) -> int:
+    """``flora-train forget --retrain-shared``: the shared adapter trained again as the run trained it,
+    for ``steps`` steps, on the examples of every user but ``without``; returns how many examples."""
+    session = prepare_session(_recipe_beside_the_run(run_dir, "retraining the shared adapter"))
+    try:
+        keep = np.sort(np.concatenate([idx for u, idx in session.train.by_user().items() if u not in without]))
+        session.train = session.train.select(keep)
+        train_shared_baseline(session, steps)
+        return len(keep)
     finally:
         session.close()
 

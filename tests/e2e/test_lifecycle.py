@@ -98,6 +98,16 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     bad = flora_train("forget", str(run_dir), "--users", "nobody", check=False)
     assert bad.returncode == 2 and "no such user(s) in any checkpoint: 'nobody'" in bad.stderr
     _forget_killed_at_every_step(template, tmp_path / "killed", gone, _hashes(run_dir))
+    # The template still holds the shared adapter that the forgotten users' data trained.
+    old_shared = (template / "shared_adapter.safetensors").read_bytes()
+    shared = flora_train("forget", str(template), "--users", ",".join(gone), "--retrain-shared")
+    assert "retrained the shared adapter for" in shared.stdout and "on 176 examples of the remaining users" in shared.stdout
+    assert (template / "shared_adapter.safetensors").read_bytes() != old_shared
+    # The copy's recipe names the original run_dir: nothing may be written there (it was, before).
+    assert not (run_dir / "shared_adapter.safetensors").exists()
+    assert "one shared adapter" in flora_train("eval", str(template)).stdout  # and eval compares against it again
+    again = flora_train("forget", str(run_dir), "--users", "user-000005", "--retrain-shared")
+    assert "no shared adapter to retrain" in again.stdout
 
 
 class Killed(BaseException):
