@@ -267,11 +267,19 @@ def _dispatch(args: argparse.Namespace) -> int:
                 for r in rows:
                     print(json.dumps(r, ensure_ascii=False))
             else:
-                print(f"{'user':32s} {'steps':>6s} {'tokens':>8s} {'eval loss':>10s}  export")
+                selects = bool(rows) and "kept_step" in rows[0]
+                kept_head = f" {'kept':>11s} {'val loss':>9s} {'stopped':>8s}" if selects else ""
+                print(f"{'user':32s} {'steps':>6s} {'tokens':>8s} {'eval loss':>10s}{kept_head}  export")
                 for r in rows:
                     loss = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
                     tokens = "-" if r["tokens"] is None else str(r["tokens"])
-                    print(f"{r['user_id'][:32]:32s} {r['steps']:6d} {tokens:>8s} {loss:>10s}  {', '.join(r['export']) or '-'}")
+                    kept = ""
+                    if selects:  # the row it is served with: from which step (its phase's first: the identity)
+                        val = "-" if r["validation_loss"] is None or r["validation_loss"] != r["validation_loss"] else f"{r['validation_loss']:.4f}"
+                        step = "-" if r["kept_step"] is None else f"step {r['kept_step']}"
+                        stop = "-" if r["stopped_after"] is None else str(r["stopped_after"])
+                        kept = f" {step:>11s} {val:>9s} {stop:>8s}"
+                    print(f"{r['user_id'][:32]:32s} {r['steps']:6d} {tokens:>8s} {loss:>10s}{kept}  {', '.join(r['export']) or '-'}")
                 print(f"{len(rows)} users")
         elif args.command == "forget":
             from flora_train.lifecycle import forget_users

@@ -24,12 +24,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flora_train.adapters import AdapterLayout
+from flora_train.adapters.shared import SHARED_USER
 from flora_train.errors import UserError
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import (
     CheckpointError,
     checkpoint_chain,
     latest_checkpoint,
+    read_shared_adapter,
     read_state,
     saved_layout,
     verify_checkpoint,
@@ -39,6 +41,8 @@ from flora_train.store.saved import iter_saved_rows, saved_user_ids
 
 FLORA_CONFIG = "flora_adapter_config.json"
 FLORA_WEIGHTS = "flora_adapter.safetensors"
+# adapter.shared's adapter, once beside the users' (no user folder can be named so: they end in a hash).
+SHARED_FOLDER = "shared-adapter"
 
 
 class ExportError(UserError, ValueError):
@@ -128,6 +132,10 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     if fmt not in ("peft", "flora", "packed"):
         raise ExportError(f"unknown export format {fmt!r}; expected peft, flora or packed")
     selected = _select_users(registry, users)
+    saved_shared = read_shared_adapter(ckpt)
+    shared = None if saved_shared is None else (AdapterLayout.from_dict(json.loads(saved_shared[1]["layout"])), saved_shared[0]["row"])
+    if fmt == "peft" and shared is not None and shared[0].spec.impl.peft_type is None:
+        raise ExportError(f"PEFT has no {shared[0].spec.method} adapter for this run's shared adapter; use --format flora")
     out.mkdir(parents=True, exist_ok=True)
     base_model = base_model_id or str(state.get("model_path", ""))
     index: dict[str, Any] = {}
@@ -159,14 +167,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
                 folder = safe_folder_name(user)
                 target = _inside(out, folder)
                 target.mkdir(exist_ok=True)
-                if fmt == "peft":
-                    save_file(_peft_tensors(layout, row), str(target / "adapter_model.safetensors"))
-                    (target / "adapter_config.json").write_text(json.dumps(_peft_config(layout, base_model), indent=2))
-                else:
-                    tensors = {f"{m}.{p}": v[0].contiguous() for m in layout.slices for p, v in layout.views(row.unsqueeze(0), m).items()}
-                    save_file(tensors, str(target / FLORA_WEIGHTS), metadata={"user_id": user})
-                    config = {"format": "flora_train", "user_id": user, "base_model": base_model, "layout": layout.to_dict()}
-                    (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
+                _write_adapter(target, fmt, layout, row, user, base_model)
                 index[user] = folder
         flush_pack()
 
@@ -186,10 +187,37 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
                 **_base_details(Path(run_dir))}
     if fmt == "packed":
         manifest["layout"] = layout.to_dict()
+    if part[0] == 0 and shared is not None:
+        manifest["shared_adapter"] = _write_shared(out, fmt, shared, base_model)
     if part[0] == 0:
         (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _write_adapter(target: Path, fmt: str, layout: AdapterLayout, row: torch.Tensor, user: str, base_model: str) -> None:
+    """One adapter's folder: PEFT's files for ``fmt="peft"``, else the flora format."""
+    if fmt == "peft":
+        save_file(_peft_tensors(layout, row), str(target / "adapter_model.safetensors"))
+        (target / "adapter_config.json").write_text(json.dumps(_peft_config(layout, base_model), indent=2))
+    else:
+        _write_flora(target, layout, row, user, base_model)
+
+
+def _write_flora(target: Path, layout: AdapterLayout, row: torch.Tensor, user: str, base_model: str) -> None:
+    tensors = {f"{m}.{p}": v[0].contiguous() for m in layout.slices for p, v in layout.views(row.unsqueeze(0), m).items()}
+    save_file(tensors, str(target / FLORA_WEIGHTS), metadata={"user_id": user})
+    config = {"format": "flora_train", "user_id": user, "base_model": base_model, "layout": layout.to_dict()}
+    (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def _write_shared(out: Path, fmt: str, shared: tuple[AdapterLayout, torch.Tensor], base_model: str) -> str:
+    """The shared adapter once, beside the users': as PEFT for a peft export (to load under each
+    user's), else in the flora format. Returns its folder's name (the manifest's ``shared_adapter``)."""
+    target = out / SHARED_FOLDER
+    target.mkdir(exist_ok=True)
+    _write_adapter(target, fmt, *shared, SHARED_USER, base_model)
+    return SHARED_FOLDER
 
 
 def read_packed(out: Path, users: list[str]) -> tuple[AdapterLayout, torch.Tensor]:

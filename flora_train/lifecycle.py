@@ -28,9 +28,10 @@ from safetensors.torch import save_file
 
 from flora_train.export import ExportError
 from flora_train.run_dir import RunDir, RunLock
-from flora_train.run_dir.checkpoints import (SHARD_PLAN, checkpoint_chain, latest_checkpoint, list_checkpoints,
-                                             recover_rewrites, rewrite_checkpoint)
-from flora_train.store.saved import iter_shards, saved_steps, without_users
+from flora_train.run_dir.checkpoints import (SHARD_PLAN, SHARED_ADAPTER, checkpoint_chain, latest_checkpoint,
+                                             list_checkpoints)
+from flora_train.run_dir.rewrite import recover_rewrites, rewrite_checkpoint
+from flora_train.store.saved import iter_shards, saved_selection, saved_steps, without_users
 from flora_train.train.phases import check_phase_files, forget_in_phases
 
 PENDING = "forget-pending.json"
@@ -38,12 +39,14 @@ PENDING = "forget-pending.json"
 
 def list_users(run_dir: Path) -> list[dict[str, Any]]:
     """Per user: steps trained, target tokens in its training data, last held-out loss and
-    accuracy, and its export folder(s)."""
+    accuracy, its export folder(s) and, for a run that selects (``train.select``/``patience``), the
+    step its kept row is from, that row's validation loss and when it stopped."""
     rd = RunDir(run_dir)
     ckpt = latest_checkpoint(rd.path)
     if ckpt is None:
         raise ExportError(f"{run_dir}: no intact checkpoint (is it a run directory?)")
     steps = saved_steps(checkpoint_chain(ckpt))
+    selection = saved_selection(checkpoint_chain(ckpt))
     tokens = _tokens(rd)
     evals = rd.per_user_evals()
     last = {}
@@ -58,7 +61,9 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
             place = f"{index.parent / where[0]}#{where[1]}" if isinstance(where, list) else str(index.parent / where)
             exports.setdefault(user, []).append(place)
     return [{"user_id": u, "steps": steps[u], "tokens": tokens.get(u), "eval_loss": last.get(u, {}).get("loss"),
-             "eval_accuracy": last.get(u, {}).get("accuracy"), "export": exports.get(u, [])} for u in sorted(steps)]
+             "eval_accuracy": last.get(u, {}).get("accuracy"), "export": exports.get(u, []),
+             **({"kept_step": None, "validation_loss": None, "stopped_after": None, **selection.get(u, {})} if selection else {})}
+            for u in sorted(steps)]
 
 
 def _tokens(rd: RunDir) -> dict[str, int]:
@@ -203,6 +208,11 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     if unknown:
         raise ExportError(f"{rd.path}: no such user(s) in any checkpoint: {', '.join(map(repr, unknown[:5]))}")
     forget = set(users) | pending
+    layered = [c.name for c in ckpts if (c / SHARED_ADAPTER).is_file()]
+    if layered:
+        raise ExportError(f"{rd.path}: checkpoint {layered[-1]} holds a shared adapter (adapter.shared) trained on every "
+                          "user's data, and every personal row was trained on top of it: removing a user's rows would "
+                          "leave what was learnt from them; train the remaining users in a new run_dir instead")
     check_phase_files(rd.path)
     _write_json(pending_path, {"users": sorted(forget)})  # from here on, a second run completes this one
     for stale in rd.checkpoints.glob(".tmp-*"):  # half-written checkpoints of a dead run hold rows too

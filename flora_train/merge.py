@@ -47,6 +47,8 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
     model = load_frozen_model(source.model_path, dtype, source.gguf_file, source.trust_remote_code)
     tokenizer = load_tokenizer(source.model_path, source.gguf_file, source.trust_remote_code)
     base = {k: v.detach() for k, v in model.state_dict().items()}
+    if source.shared is not None:  # every user's row sits on the shared adapter: fold it first, once
+        base = merged_state_dict(model, base, source.shared.layout, source.shared.row)
     out.mkdir(parents=True, exist_ok=True)
     index = {}
     for user in users:

@@ -15,6 +15,7 @@ from torch import nn
 
 from flora_train.adapters.layer import AdaptedLinear, AdapterSlot, is_conv1d, linear_shape
 from flora_train.adapters.layout import AdapterLayout, AdapterSpec
+from flora_train.adapters.shared import SharedAdapter
 from flora_train.adapters.tuning import KernelTuner
 
 
@@ -59,28 +60,43 @@ def feedforward_modules(model: nn.Module, spec: AdapterSpec) -> tuple[str, ...]:
     return ()
 
 
-def inject_adapters(
-    model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str], tuner: KernelTuner | None = None
-) -> tuple[AdapterSlot, AdapterLayout]:
-    """Freezes ``model`` and replaces the targeted linear layers by ``AdaptedLinear`` in place.
-
-    Returns the slot through which a step hands the layers their rows and the row layout. The base
-    parameters are only frozen (``requires_grad=False``), never copied or modified.
-    """
-    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
-        raise ValueError("model already has adapters injected")
+def _resolved(model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str], what: str) -> tuple[AdapterSpec, list[str]]:
     names = match_target_modules(model, target_modules)
     if not names:
         sample = [n for n, m in model.named_modules() if n and _is_linear(m)][:8]
         raise ValueError(
-            f"adapter.target_modules={target_modules!r} matched no linear layer; linear layers look like {sample}"
+            f"{what}.target_modules={target_modules!r} matched no linear layer; linear layers look like {sample}"
         )
+    return dataclasses.replace(spec, feedforward_modules=feedforward_modules(model, spec)), names
+
+
+def inject_adapters(
+    model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str], tuner: KernelTuner | None = None,
+    shared: tuple[AdapterSpec, str | Sequence[str], int] | None = None,
+) -> tuple[AdapterSlot, AdapterLayout]:
+    """Freezes ``model`` and replaces the targeted linear layers by ``AdaptedLinear`` in place.
+
+    Returns the slot through which a step hands the layers their rows and the row layout. The base
+    parameters are only frozen (``requires_grad=False``), never copied or modified. ``shared``:
+    ``(spec, target_modules, seed)`` of a shared adapter (``shared.py``), put on the slot at its
+    identity init; the layers of both adapters' targets are wrapped.
+    """
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
+        raise ValueError("model already has adapters injected")
+    spec, names = _resolved(model, spec, target_modules, "adapter")
     model.requires_grad_(False)
-    spec = dataclasses.replace(spec, feedforward_modules=feedforward_modules(model, spec))
-    modules = [(name, *linear_shape(model.get_submodule(name))) for name in names]
-    layout = AdapterLayout(spec, modules)
+
+    def shapes(selected: list[str]) -> list[tuple[str, int, int]]:
+        return [(name, *linear_shape(model.get_submodule(name))) for name in selected]
+
+    layout = AdapterLayout(spec, shapes(names))
     slot = AdapterSlot(layout, tuner)
-    for name in names:
+    wrapped = list(names)
+    if shared is not None:
+        shared_spec, shared_names = _resolved(model, shared[0], shared[1], "adapter.shared")
+        slot.shared = SharedAdapter.initial(AdapterLayout(shared_spec, shapes(shared_names)), shared[2])
+        wrapped += [n for n in shared_names if n not in names]
+    for name in wrapped:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, AdaptedLinear(getattr(parent, child), name, slot))

@@ -17,13 +17,15 @@ from torch import nn
 
 from flora_train.adapters import functional as Fa
 from flora_train.adapters.layout import AdapterLayout
+from flora_train.adapters.shared import SharedAdapter
 from flora_train.adapters.tuning import KernelTuner
 
 
 class AdapterSlot:
     """The step's adapter rows, visible to every ``AdaptedLinear`` of one model while active.
 
-    It also carries the kernel tuner the layers consult under ``adapter.kernel: auto``.
+    It also carries the kernel tuner the layers consult under ``adapter.kernel: auto``, and the
+    shared adapter (``shared.py``) that every example goes through under its user's row, if any.
     """
 
     def __init__(self, layout: AdapterLayout, tuner: KernelTuner | None = None) -> None:
@@ -35,6 +37,8 @@ class AdapterSlot:
         self._views: dict[str, dict[str, torch.Tensor]] | None = None
         self._block: int | None = None
         self._base_only = False
+        self.shared: SharedAdapter | None = None
+        self._shared_views: dict[str, dict[str, torch.Tensor]] | None = None
 
     @property
     def active(self) -> bool:
@@ -73,10 +77,23 @@ class AdapterSlot:
         self._rows, self._index = rows, index.to(rows.device)
         self._views = self.layout.split(rows)
         self._block = _uniform_block(self._index, rows.shape[0])
+        self._shared_views = self.shared.split() if self.shared is not None else None
         try:
             yield
         finally:
             self._rows, self._index, self._distinct, self._views, self._block = None, None, None, None, None
+            self._shared_views = None
+
+    @contextmanager
+    def without_shared(self) -> Iterator[None]:
+        """Runs the personal rows on the plain base inside the block (the base model's own score)."""
+        if self.active:
+            raise RuntimeError("adapter slot is active; without_shared must not nest inside activate")
+        shared, self.shared = self.shared, None
+        try:
+            yield
+        finally:
+            self.shared = shared
 
     def distinct_users(self) -> int:
         """Distinct users in the active micro-batch (counted once per activation: one device sync)."""
@@ -86,10 +103,20 @@ class AdapterSlot:
         return self._distinct
 
     def current(self, module: str) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
-        if self._views is None:
+        """The active micro-batch's per-user tensors of ``module`` and the index; None when the slot is
+        not active or ``module`` is adapted by the shared adapter only."""
+        if self._views is None or module not in self._views:
             return None
         assert self._index is not None
         return self._views[module], self._index
+
+    def shared_weight(self, module: str, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's weight and bias with the shared adapter folded in (unchanged without one)."""
+        if self._shared_views is None or module not in self._shared_views:
+            return weight, bias
+        assert self.shared is not None
+        return self.shared.fold(self._shared_views[module], weight, bias)
 
     @property
     def block(self) -> int | None:
@@ -149,21 +176,23 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        current = self.slot.current(self.adapter_name)
-        if current is None:
+        if not self.slot.active:
             if not self.slot.runs_base:
                 raise RuntimeError(
                     f"{self.adapter_name}: forward outside AdapterSlot.activate(rows, index); every example needs its "
                     "user's rows (use `with slot.base_only():` to run the plain base on purpose)"
                 )
             return self.base_layer(x)
+        weight, bias = self.slot.shared_weight(self.adapter_name, self.weight, self.bias)
+        current = self.slot.current(self.adapter_name)
+        if current is None:  # a layer only the shared adapter adapts
+            return torch.nn.functional.linear(x, weight, bias)
         params, index = current
         if x.shape[0] != index.shape[0]:
             raise RuntimeError(
                 f"{self.adapter_name}: input batch {x.shape[0]} != {index.shape[0]} examples in the adapter index"
             )
         spec = self.slot.layout.spec
-        weight, bias = self.weight, self.bias
         kernel = spec.kernel
         block = self.slot.block
         if block is not None:

@@ -141,6 +141,30 @@ class BaseConfig:
 
 
 @dataclass
+class SharedAdapterConfig:
+    """A population adapter every example goes through, under each user's own (its own method, rank
+    and targets; replicated on every rank, not row-sharded). See README "Shared + personal"."""
+
+    method: Method = Method.lora
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: Any = "all-linear"
+    feedforward_modules: Optional[list[str]] = None
+    lr: float = 1e-3  # its own AdamW (the store's optimizer section sets betas, eps, weight decay)
+
+
+class Selection(str, Enum):
+    last = "last"  # every user keeps its last row
+    best = "best"  # each user keeps the best on its validation split of: its row at the identity (the
+    # shared adapter alone, or the base) and its row at each validation
+
+
+class SharedPhase(str, Enum):
+    first = "first"  # train the shared adapter on every user's data, freeze it, then the personal rows
+    joint = "joint"  # both in the same steps (the shared gradient sums every user's normalised loss)
+
+
+@dataclass
 class AdapterConfig:
     method: Method = Method.flora
     rank: int = 1
@@ -152,6 +176,7 @@ class AdapterConfig:
     # Feed-forward output layers (name suffixes) whose *input* IA3 scales, as PEFT does; null takes
     # PEFT's list for the architecture (down_proj for Llama, mlp.c_proj for GPT-2).
     feedforward_modules: Optional[list[str]] = None
+    shared: Optional[SharedAdapterConfig] = None  # null: personal adapters on the plain base
 
 
 class SyntheticTaskKind(str, Enum):
@@ -200,6 +225,11 @@ class DataConfig:
     # with 1,000x the median data from filling steps alone. null: all of them every epoch.
     max_examples_per_user: Optional[int] = None
     add_eos: bool = True
+    # A validation split per user, apart from the evaluation data (it chooses each user's kept
+    # adapter and early stopping; evaluation reports results): this fraction of each user's training
+    # examples, drawn per user from train.seed, or the rows of validation_path (a training-format source).
+    validation_fraction: float = 0.0
+    validation_path: Any = None
 
 
 @dataclass
@@ -268,7 +298,14 @@ class TrainConfig:
     full_checkpoint_every: int = 8
     progress: bool = True
     # Also train one adapter shared by all users on the same data and report it beside the per-user ones.
+    # (With adapter.shared that comparison is the shared adapter itself: nothing is trained twice.)
     compare_shared_baseline: bool = False
+    shared_phase: SharedPhase = SharedPhase.first  # with adapter.shared
+    shared_steps: Optional[int] = None  # shared_phase first: its steps (null: as many as the personal phase)
+    select: Selection = Selection.last
+    validate_every_steps: int = 0  # validation split losses every N steps (0: at each epoch's end); and at the end
+    # A user whose validation loss has not improved in this many validations leaves the plan (null: never).
+    patience: Optional[int] = None
     retain: RetainConfig = field(default_factory=lambda: RetainConfig())
 
 

@@ -26,6 +26,17 @@ def _positive(cfg: DictConfig, source: str, keys: list[str]) -> None:
             _fail(source, key, f"must be > 0, got {value}")
 
 
+def _check_targets(targets, source: str, key: str) -> None:
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                _fail(source, key, f"not a valid regular expression: {exc}")
+    elif not targets or not all(isinstance(t, str) and t for t in targets):
+        _fail(source, key, "must be a non-empty list of module names, a regex or 'all-linear'")
+
+
 def validate_recipe(cfg: DictConfig, source: str) -> None:
     base, data, train = cfg.base, cfg.data, cfg.train
     if (base.name_or_path is None) == (base.tiny is None):
@@ -51,15 +62,25 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
     if ds_stage is not None and ds_stage != base.zero_stage:
         _fail(source, "base.deepspeed.zero_optimization.stage",
               f"is {ds_stage} but base.zero_stage is {base.zero_stage}; set the stage through base.zero_stage only")
-    targets = cfg.adapter.target_modules
-    if isinstance(targets, str):
-        if targets != "all-linear":
-            try:
-                re.compile(targets)
-            except re.error as exc:
-                _fail(source, "adapter.target_modules", f"not a valid regular expression: {exc}")
-    elif not targets or not all(isinstance(t, str) and t for t in targets):
-        _fail(source, "adapter.target_modules", "must be a non-empty list of module names, a regex or 'all-linear'")
+    _check_targets(cfg.adapter.target_modules, source, "adapter.target_modules")
+    if not 0 <= data.validation_fraction < 1:
+        _fail(source, "data.validation_fraction", f"must be in [0, 1), got {data.validation_fraction}")
+    has_validation = data.validation_fraction > 0 or data.validation_path is not None
+    if data.validation_fraction > 0 and data.validation_path is not None:
+        _fail(source, "data.validation_fraction", "set data.validation_fraction or data.validation_path, not both")
+    for key, wanted in (("train.select", train.select.value == "best"), ("train.patience", train.patience is not None)):
+        if wanted and not has_validation:
+            _fail(source, key, "needs a validation split: set data.validation_fraction (e.g. 0.2) or data.validation_path")
+    _positive(cfg, source, ["train.patience"])
+    if train.validate_every_steps < 0:
+        _fail(source, "train.validate_every_steps", f"must be >= 0, got {train.validate_every_steps}")
+    shared = cfg.adapter.shared
+    if shared is not None:
+        _check_targets(shared.target_modules, source, "adapter.shared.target_modules")
+        _positive(cfg, source, ["adapter.shared.rank", "adapter.shared.alpha", "adapter.shared.lr", "train.shared_steps"])
+        if train.shared_phase.value == "joint" and train.shared_steps is not None:
+            _fail(source, "train.shared_steps", "is the length of shared_phase=first's own phase; with joint the shared "
+                  "adapter trains in every step (leave it null)")
     for key in ("train_path", "eval_path"):
         value = data[key]
         items = list(value) if OmegaConf.is_list(value) else [value]

@@ -69,7 +69,7 @@ def is_complete(folder: Path) -> bool:
 
 def save(folder: Path, parts: dict[str, datasets.Dataset | None], bad: BadRows) -> None:
     """Writes the folder atomically (temporary folder, meta.json last, rename) and removes the
-    run's superseded caches. ``parts``: "train" and any of "eval", "retain", "general"."""
+    run's superseded caches. ``parts``: "train" and any of "eval", "retain", "general", "validation"."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {}

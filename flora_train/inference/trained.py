@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, user_seed
+from flora_train.adapters.shared import SharedAdapter
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
 from flora_train.errors import UserError
 from flora_train.run_dir import RunDir
@@ -36,11 +37,13 @@ class Source:
     rows: torch.Tensor  # [users, row_size] float32
     init_seed: int
     label: str  # where the adapters came from, for messages
+    shared: SharedAdapter | None = None  # adapter.shared: under every user's row (the base's when None)
 
 
 def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
     from flora_train.config import load_recipe
-    from flora_train.run_dir.checkpoints import checkpoint_chain, read_state, saved_layout, verify_checkpoint
+    from flora_train.run_dir.checkpoints import (checkpoint_chain, read_shared_adapter, read_state, saved_layout,
+                                                 verify_checkpoint)
     from flora_train.store.saved import read_saved_rows
 
     verify_checkpoint(ckpt)
@@ -48,12 +51,16 @@ def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
     state = read_state(ckpt)
     layout = saved_layout(ckpt)
     ids, rows = read_saved_rows(checkpoint_chain(ckpt))
+    saved = read_shared_adapter(ckpt)
+    shared = None
+    if saved is not None:
+        shared = SharedAdapter(AdapterLayout.from_dict(json.loads(saved[1]["layout"])), saved[0]["row"])
     return Source(str(state.get("model_path") or cfg.base.name_or_path), cfg.base.gguf_file, cfg.base.trust_remote_code,
-                  layout, ids, rows, cfg.store.init_seed, str(ckpt))
+                  layout, ids, rows, cfg.store.init_seed, str(ckpt), shared)
 
 
 def _from_export(folder: Path) -> Source:
-    from flora_train.export import load_flora_adapter
+    from flora_train.export import SHARED_FOLDER, load_flora_adapter
 
     manifest = json.loads((folder / "manifest.json").read_text())
     if manifest.get("format") != "flora":
@@ -69,8 +76,9 @@ def _from_export(folder: Path) -> Source:
         rows.append(row)
     if layout is None:
         raise InferenceError(f"{folder}: the export holds no user")
+    shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
     return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False, layout, ids, torch.stack(rows),
-                  int(manifest.get("init_seed", 0)), str(folder))
+                  int(manifest.get("init_seed", 0)), str(folder), shared)
 
 
 def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
@@ -102,8 +110,17 @@ class TrainedAdapters:
         model = load_frozen_model(source.model_path, dtype, source.gguf_file, source.trust_remote_code)
         spec = source.layout.spec
         spec = AdapterSpec(spec.method, spec.rank, spec.alpha, feedforward_modules=spec.feedforward_modules)
-        self.slot, layout = inject_adapters(model, spec, [m for m, _, _ in source.layout.modules])
+        shared = None
+        if source.shared is not None:
+            s = source.shared.layout
+            shared = (AdapterSpec(s.spec.method, s.spec.rank, s.spec.alpha, feedforward_modules=s.spec.feedforward_modules),
+                      [m for m, _, _ in s.modules], 0)
+        self.slot, layout = inject_adapters(model, spec, [m for m, _, _ in source.layout.modules], shared=shared)
         problems = layout.compatible_with(source.layout)
+        if source.shared is not None:
+            assert self.slot.shared is not None
+            problems += [f"shared adapter {p}" for p in self.slot.shared.layout.compatible_with(source.shared.layout)]
+            self.slot.shared = SharedAdapter(self.slot.shared.layout, source.shared.row.to(self.device))
         if problems:
             raise InferenceError(f"{source.label}: the adapters do not fit base {source.model_path!r}: {'; '.join(problems)}")
         self.layout = layout

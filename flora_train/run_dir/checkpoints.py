@@ -26,7 +26,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from flora_train import dist as fdist
 from flora_train.adapters import AdapterLayout
@@ -38,6 +41,7 @@ MANIFEST = "manifest.json"
 LAYOUT = "layout.json"
 TRAINER_STATE = "trainer_state.json"
 SHARD_PLAN = "shard_plan.json"
+SHARED_ADAPTER = "shared_adapter.safetensors"  # adapter.shared: its row, moments and phase (rank 0 writes it)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -56,6 +60,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def read_state(path: Path) -> dict[str, Any]:
     """The trainer state a checkpoint was written with (step, run id, fingerprints, phase)."""
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def read_shared_adapter(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """A checkpoint's shared adapter ``(tensors, metadata)``, or None when the run has none."""
+    file = path / SHARED_ADAPTER
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def saved_layout(path: Path) -> AdapterLayout:
@@ -101,12 +114,13 @@ def _delta_parent(root: Path, saved_at: str | None, full_every: int, run_id: str
 
 def save_checkpoint(
     run_dir: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout, trainer_state: dict[str, Any], keep: int,
-    full_every: int = 1, run_id: str | None = None,
+    full_every: int = 1, run_id: str | None = None, shared: tuple[dict[str, Any], dict[str, str]] | None = None,
 ) -> Path:
     """Every rank writes and hashes its own shard in parallel; rank 0 adds the shared files and the
     manifest, then renames the folder into place. Collective: all ranks call it together.
     ``full_every`` > 1: a delta on the previous checkpoint unless that would make the chain longer.
-    ``run_id``: the run it belongs to (in the manifest; deltas and pruning stay inside the run)."""
+    ``run_id``: the run it belongs to (in the manifest; deltas and pruning stay inside the run).
+    ``shared``: the shared adapter's ``(tensors, metadata)``, whole in every checkpoint (one row)."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -136,7 +150,7 @@ def save_checkpoint(
             if not errors:
                 _finish(tmp, final, step, store, layout, trainer_state, {k: v for ent, _ in gathered for k, v in ent.items()},
                         [*chain, final.name] if chain else [], store.plan_saved_in if store.plan_saved_in in chain else None,
-                        run_id)
+                        run_id, shared)
         except OSError as exc:
             errors.append(f"rank 0: finishing checkpoint {final.name} failed: {exc}")
         if errors:
@@ -154,7 +168,7 @@ def save_checkpoint(
 
 def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layout: AdapterLayout,
             trainer_state: dict[str, Any], files: dict[str, Any], chain: list[str], plan_in: str | None,
-            run_id: str | None) -> None:
+            run_id: str | None, shared_adapter: tuple[dict[str, Any], dict[str, str]] | None = None) -> None:
     """``plan_in``: the checkpoint of the chain that already holds this shard plan (a delta with no
     user added since names it instead of writing it again)."""
     shared = {LAYOUT: layout.to_dict(), TRAINER_STATE: trainer_state}
@@ -163,6 +177,9 @@ def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layou
     for name, obj in shared.items():
         (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
         files[name] = file_entry(tmp / name)
+    if shared_adapter is not None:
+        save_file(shared_adapter[0], str(tmp / SHARED_ADAPTER), metadata=shared_adapter[1])
+        files[SHARED_ADAPTER] = file_entry(tmp / SHARED_ADAPTER)
     manifest = {"step": step, "world": store.world, "users": len(store), "files": dict(sorted(files.items()))}
     if run_id is not None:
         manifest["run_id"] = run_id
@@ -327,59 +344,3 @@ def load_checkpoint(path: Path, store: ShardedAdapterStore, layout: AdapterLayou
         error = f"rank {fdist.rank()}: {exc}" if fdist.world_size() > 1 else str(exc)
     fdist.raise_if_any_failed(error, CheckpointError)
     return state
-
-
-# -- rewriting a checkpoint in place (``flora-train forget``) ----------------------------------
-# A checkpoint is never edited where it lies: a copy ``.rewrite-NAME`` is edited and re-manifested,
-# then swapped in by two renames (NAME -> .replaced-NAME, .rewrite-NAME -> NAME) and the old copy
-# removed. ``recover_rewrites`` finishes or undoes a swap a crash interrupted, so at every instant
-# exactly one intact copy of each checkpoint can be found, and a second run completes the first.
-
-
-def _rewrite_names(ckpt: Path) -> tuple[Path, Path]:
-    return ckpt.parent / f".rewrite-{ckpt.name}", ckpt.parent / f".replaced-{ckpt.name}"
-
-
-def recover_rewrites(root: Path) -> list[str]:
-    """Completes (or undoes) every interrupted rewrite under ``root``; returns what it did."""
-    done = []
-    if not root.is_dir():
-        return done
-    for old in sorted(root.glob(".replaced-step-*")):
-        ckpt = root / old.name[len(".replaced-"):]
-        new, _ = _rewrite_names(ckpt)
-        if not ckpt.exists():
-            try:
-                verify_checkpoint(new, contents=True) if new.exists() else None
-                ok = new.exists()
-            except CheckpointError:
-                ok = False
-            os.replace(new if ok else old, ckpt)  # the edited copy when it is whole, else the original
-            done.append(f"{ckpt.name}: {'finished' if ok else 'undid'} an interrupted rewrite")
-        shutil.rmtree(old, ignore_errors=True)
-    for new in sorted(root.glob(".rewrite-step-*")):  # edits that never reached the swap
-        shutil.rmtree(new, ignore_errors=True)
-    _fsync(root)
-    return done
-
-
-def rewrite_checkpoint(ckpt: Path, edit: Callable[[Path, dict[str, Any]], int | None]) -> None:
-    """Edits a copy of ``ckpt`` with ``edit(folder, manifest)`` (which rewrites files in it and
-    returns the new user count, or None when it is unchanged), re-hashes every file into a new manifest and
-    swaps the copy in. The chain and run id stay as they were."""
-    new, old = _rewrite_names(ckpt)
-    shutil.rmtree(new, ignore_errors=True)
-    shutil.copytree(ckpt, new)
-    manifest = read_manifest(new)
-    (new / MANIFEST).unlink()  # a copy without a manifest is never taken for a checkpoint
-    users = edit(new, manifest)
-    if users is not None:
-        manifest["users"] = users
-    manifest["files"] = {name: file_entry(new / name) for name in sorted(manifest["files"])}
-    (new / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _fsync(new / MANIFEST)
-    _fsync(new)
-    os.replace(ckpt, old)
-    os.replace(new, ckpt)
-    _fsync(ckpt.parent)
-    shutil.rmtree(old)

@@ -69,6 +69,13 @@ class RunDir:
     def eval_file(self, name: str) -> Path:
         return self.eval / name
 
+    def validation_file(self, step: int) -> Path:
+        """Each user's validation (and evaluation) loss at a validation of ``train.select``/``patience``."""
+        return self.eval / f"validation-step{step}.jsonl"
+
+    def validation_files(self) -> list[Path]:
+        return sorted(self.eval.glob("validation-step*.jsonl"), key=lambda p: int(p.stem.split("step")[1]))
+
     def per_user_evals(self) -> list[Path]:
         """``eval/per_user-stepN.jsonl`` files, oldest step first."""
         return sorted(self.eval.glob("per_user-step*.jsonl"), key=lambda p: int(p.stem.split("step")[1]))

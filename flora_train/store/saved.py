@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from flora_train.store.selection import BEST_LOSS, BEST_STEP, KEPT, SEEN, STOPPED_AT, served_rows
 from flora_train.store.sharding import ShardError
 
 
@@ -148,8 +149,27 @@ def iter_saved_rows(chain: list[Path], wanted: set[str] | None = None, chunk: in
     mine, parts = part
     copies = {path: held for path, held in newest_copies(chain, wanted).items()
               if shard_rank(path) % parts == mine}
-    for _, users, tensors in iter_copies(copies, chunk, ("rows",)):
-        yield users, tensors["rows"]
+    for path, held in copies.items():
+        keys = ("rows", KEPT, SEEN) if KEPT in shard_shapes(path) else ("rows",)
+        for _, users, tensors in iter_copies({path: held}, chunk, keys):
+            # The row each user is served with: its kept row where a validation chose one.
+            yield users, tensors["rows"] if len(keys) == 1 else served_rows(tensors["rows"], tensors[KEPT], tensors[SEEN])
+
+
+def saved_selection(chain: list[Path]) -> dict[str, dict[str, float]]:
+    """Per user of a chain saved with ``train.select``/``train.patience``: the step its kept row is
+    from, its validation loss, and the step it stopped after (or None); empty for other runs."""
+    out: dict[str, dict[str, float]] = {}
+    copies = newest_copies(chain, None)
+    for path, held in copies.items():
+        if KEPT not in shard_shapes(path):
+            continue
+        for _, users, t in iter_copies({path: held}, 1 << 20, (BEST_STEP, BEST_LOSS, SEEN, STOPPED_AT)):
+            for i, u in enumerate(users):
+                if int(t[SEEN][i]):
+                    out[u] = {"kept_step": int(t[BEST_STEP][i]), "validation_loss": float(t[BEST_LOSS][i]),
+                              "stopped_after": int(t[STOPPED_AT][i]) - 1 if int(t[STOPPED_AT][i]) else None}
+    return out
 
 
 def read_saved_rows(chain: list[Path]) -> tuple[list[str], torch.Tensor]:

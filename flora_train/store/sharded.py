@@ -30,6 +30,7 @@ from flora_train.store.saved import iter_copies, newest_copies, shard_file, shar
 from flora_train.store.shard_writer import save_rows
 from flora_train.store.sharding import RankWork, ShardError, ShardPlan
 from flora_train.store.store import AdapterStore
+from flora_train.store.table import saved_key
 
 __all__ = ["OwnedStep", "ShardedAdapterStore", "ShardedRows"]
 
@@ -120,11 +121,24 @@ class ShardedAdapterStore:
         self.placement.settle()
         self.local.update(owned.row_ids, owned.grads, lr, keep)
 
-    def read(self, user_ids: Sequence[str]) -> torch.Tensor:
-        """Rows of users this rank owns (no communication)."""
+    def read(self, user_ids: Sequence[str], served: bool = False) -> torch.Tensor:
+        """Rows of users this rank owns (no communication); ``served``: the rows they are served with."""
         self.check_local(user_ids)
         self.placement.settle()
-        return self.local.read(user_ids)
+        return self.local.read(user_ids, served)
+
+    def validated(self, losses: dict[str, float], step: int, patience: int | None) -> None:
+        """Records a validation of every user this rank owns (``losses``: every user's; NaN or absent
+        where it had none)."""
+        mine = self.local.registry.ids
+        if mine:
+            self.placement.settle()
+            self.local.validated(mine, torch.tensor([losses.get(u, float("nan")) for u in mine]), step, patience)
+
+    def stopped(self) -> set[str]:
+        """Every rank's users that left the plan (collective)."""
+        self.placement.settle()
+        return {u for part in fdist.all_gather_objects(self.local.stopped()) for u in part}
 
     def write(self, user_ids: Sequence[str], values: torch.Tensor) -> None:
         self.check_local(user_ids)
@@ -177,7 +191,7 @@ class ShardedAdapterStore:
         new = [u for u in wanted if u in fresh]
         for k in range(0, len(new), chunk):  # fresh rows and zero optimizer state
             some = new[k : k + chunk]
-            state = {name if name == "rows" else f"optim.{name}": torch.zeros(len(some), *col.shape, dtype=col.dtype)
+            state = {saved_key(name): torch.zeros(len(some), *col.shape, dtype=col.dtype)
                      for name, col in self.local.table.columns.items()}
             state["rows"] = self.row_init(some).to(state["rows"].dtype)
             self.local.load_rows(torch.tensor([position[u] for u in some], dtype=torch.int64), state)

@@ -17,7 +17,8 @@ import torch
 from flora_train.store.disk_table import DiskTable
 from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
 from flora_train.store.registry import UserRegistry
-from flora_train.store.table import TIERS, Column, HotRowCache, RowTable
+from flora_train.store.selection import KEPT, SEEN, STOPPED_AT, select_update, selection_columns, served_rows
+from flora_train.store.table import TIERS, Column, HotRowCache, RowTable, saved_key
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
 
@@ -50,14 +51,17 @@ class AdapterStore:
         compute_device: torch.device | str = "cpu",
         directory: Path | None = None,
         cache_rows: int = 0,
+        select: bool = False,
     ) -> None:
+        """``select``: keep per-user selection columns beside the rows (``selection.py``)."""
         self.row_size = row_size
         self.row_init = row_init
         self.hyper = hyper
         self.compute_device = torch.device(compute_device)
         self.registry = UserRegistry()
         self.optimizer = RowwiseOptimizer(hyper)
-        columns = {"rows": Column((row_size,), torch.float32), **self.optimizer.columns(row_size)}
+        columns = {"rows": Column((row_size,), torch.float32), **self.optimizer.columns(row_size),
+                   **(selection_columns(row_size) if select else {})}
         self.table: RowTable | DiskTable
         if tier not in TIERS:
             raise ValueError(f"store tier must be one of {TIERS}, got {tier!r}")
@@ -103,12 +107,42 @@ class AdapterStore:
     def row_ids(self, user_ids: Sequence[str]) -> torch.Tensor:
         return torch.tensor(self.registry.rows(user_ids), dtype=torch.int64)
 
-    def read(self, user_ids: Sequence[str]) -> torch.Tensor:
-        """A copy of the users' rows ``[len(user_ids), row_size]``."""
+    @property
+    def selects(self) -> bool:
+        return KEPT in self.table.columns
+
+    def read(self, user_ids: Sequence[str], served: bool = False) -> torch.Tensor:
+        """A copy of the users' rows ``[len(user_ids), row_size]``; ``served``: the row each user is
+        served with (its kept row once a validation chose one, under ``train.select: best``)."""
+        rows = self.row_ids(user_ids)
+        access = self.access
         if self.cache is not None and len(user_ids) > self.cache.capacity:
             self.cache.flush()  # a bulk read (evaluation, export) reads through, leaving hot rows be
-            return self.table.gather("rows", self.row_ids(user_ids))
-        return self.access.gather("rows", self.row_ids(user_ids))
+            access = self.table
+        if served and self.selects:
+            return served_rows(access.gather("rows", rows), access.gather(KEPT, rows), access.gather(SEEN, rows))
+        return access.gather("rows", rows)
+
+    def validated(self, user_ids: Sequence[str], losses: torch.Tensor, step: int, patience: int | None) -> None:
+        """Records a validation at ``step`` (``losses``: NaN where a user had none; ``selection.py``)."""
+        if self.cache is not None:  # every user at once: through the table, the cache starting afresh
+            self.cache.flush()
+            self.cache.invalidate()
+        names = ["rows", *(n for n in self.table.columns if n.startswith("select."))]
+        for k in range(0, len(user_ids), INIT_CHUNK):
+            rows = self.row_ids(user_ids[k : k + INIT_CHUNK])
+            current = {n: self.table.gather(n, rows).cpu() for n in names}
+            self.table.scatter_columns(rows, select_update(current, losses[k : k + INIT_CHUNK].cpu(), step, patience))
+            self._changed.update(rows.tolist())
+
+    def stopped(self) -> list[str]:
+        """Users that left the plan (``train.patience``)."""
+        if not self.selects or not len(self):
+            return []
+        if self.cache is not None:
+            self.cache.flush()
+        at = self.table.gather(STOPPED_AT, torch.arange(len(self))).cpu()
+        return [self.registry.ids[i] for i in (at > 0).nonzero().squeeze(1).tolist()]
 
     def write(self, user_ids: Sequence[str], values: torch.Tensor) -> None:
         """Overwrites the users' rows (e.g. loading an exported adapter); optimizer state is kept."""
@@ -161,9 +195,8 @@ class AdapterStore:
         n = len(self)
         out = {}
         for name in self.table.columns:
-            key = name if name == "rows" else f"optim.{name}"
             column = self.table.column(name)[:n] if rows is None else self.table.gather(name, rows)
-            out[key] = column.detach().cpu()
+            out[saved_key(name)] = column.detach().cpu()
         return out
 
     def changed_rows(self) -> torch.Tensor:
@@ -178,9 +211,10 @@ class AdapterStore:
     def check_state(self, n: int, shapes: dict[str, tuple[int, ...]], source: str) -> None:
         """That ``n`` users' saved columns have this store's keys and shapes (before anything changes)."""
         for name, col in self.table.columns.items():
-            key = name if name == "rows" else f"optim.{name}"
+            key = saved_key(name)
             if key not in shapes:
-                raise ValueError(f"{source}: {key} missing (saved with another optimizer than {self.hyper.name}?)")
+                raise ValueError(f"{source}: {key} missing (saved with another optimizer than {self.hyper.name}, or "
+                                 "another train.select?)")
             if tuple(shapes[key]) != (n, *col.shape):
                 raise ValueError(f"{source}: {key} has shape {tuple(shapes[key])}, expected {(n, *col.shape)} for {n} users")
 
@@ -199,4 +233,4 @@ class AdapterStore:
     def load_rows(self, rows: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
         """Writes saved columns (``state_tensors``' keys) into table ``rows`` (a restore, a chunk at a
         time); the caller has checked their keys and shapes (``check_state``)."""
-        self.table.scatter_columns(rows, {name: tensors[name if name == "rows" else f"optim.{name}"] for name in self.table.columns})
+        self.table.scatter_columns(rows, {name: tensors[saved_key(name)] for name in self.table.columns})

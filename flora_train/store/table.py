@@ -40,6 +40,12 @@ class Column:
         return math.prod(self.shape)
 
 
+def saved_key(column: str) -> str:
+    """A column's key in a saved shard: ``rows``, the selection's ``select.*`` as they are, and
+    the optimizer's state as ``optim.<name>``."""
+    return column if column == "rows" or "." in column else f"optim.{column}"
+
+
 class RowTable:
     updates_in_place = True
 

@@ -27,8 +27,9 @@ from flora_train.data.persona_chat import PersonaChatTask
 from flora_train.launch_env import LaunchError
 from flora_train.run_dir import RunDir
 
-PARTS = ("train", "eval", "retain", "general")
-KEYS = {"train": "data.train_path", "eval": "data.eval_path", "retain": "train.retain.path", "general": "eval.general_path"}
+PARTS = ("train", "eval", "retain", "general", "validation")
+KEYS = {"train": "data.train_path", "eval": "data.eval_path", "retain": "train.retain.path", "general": "eval.general_path",
+        "validation": "data.validation_path"}
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RunData:
     eval: TokenizedExamples | None
     retain: TokenizedExamples | None  # train.retain: user-anonymous examples mixed into users' steps
     general: TokenizedExamples | None  # eval.general_path: prompts the adapters should answer as the base does
+    validation: TokenizedExamples | None  # each user's validation split (chooses kept adapters; reports nothing)
     bad_rows: BadRows
     model_path: str
     tokenizer: Any
@@ -65,21 +67,34 @@ def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, str]:
     return _spec(d.train_path), (_spec(d.eval_path) if d.eval_path else None), d.format.value
 
 
-def hold_out(users: list[str], k: int, seed: int) -> tuple[list[int], list[int]]:
-    """Per user with more than ``k`` examples, ``k`` of them (chosen by seed) go to evaluation."""
+def _hold_out(users: list[str], count, stream: str) -> tuple[list[int], list[int]]:
+    """(kept, held) example indices: ``count(n)`` of each user's n examples held out, drawn from a
+    stream of that user's own (``stream/user``), so a user's draw never depends on other users."""
     by_user: dict[str, list[int]] = {}
     for i, u in enumerate(users):
         by_user.setdefault(u, []).append(i)
-    train, held = [], []
+    train: list[int] = []
+    held: list[int] = []
     for u, idx in by_user.items():
-        if k and len(idx) > k:
-            idx = list(idx)
-            random.Random(f"{seed}/holdout/{u}").shuffle(idx)
+        k = count(len(idx))
+        if k:
+            random.Random(f"{stream}/{u}").shuffle(idx)
             held.extend(idx[:k])
             train.extend(idx[k:])
         else:
             train.extend(idx)
     return sorted(train), sorted(held)
+
+
+def hold_out(users: list[str], k: int, seed: int) -> tuple[list[int], list[int]]:
+    """Per user with more than ``k`` examples, ``k`` of them (chosen by seed) go to evaluation."""
+    return _hold_out(users, lambda n: k if k and n > k else 0, f"{seed}/holdout")
+
+
+def hold_out_fraction(users: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``floor(n * fraction)`` of each user's n examples go to its validation split; a user who would
+    be left with no training example, or has none to spare, holds none out."""
+    return _hold_out(users, lambda n: int(n * fraction) if 0 < int(n * fraction) < n else 0, f"{seed}/validation")
 
 
 def _texts(raw: datasets.Dataset) -> list[str]:
@@ -99,7 +114,7 @@ class _Build:
         self.bad = BadRows(policy=self.d.on_bad_row.value)
         train_spec, eval_spec, self.fmt = _data_paths(cfg, run_dir)
         self.specs = {"train": train_spec, "eval": eval_spec, "retain": _spec(cfg.train.retain.path),
-                      "general": _spec(cfg.eval.general_path)}
+                      "general": _spec(cfg.eval.general_path), "validation": _spec(self.d.validation_path)}
         self._raw: dict[str, datasets.Dataset | None] = {}
 
     def split(self, part: str) -> str:
@@ -128,6 +143,7 @@ class _Build:
                for part, spec in self.specs.items()},
             "format": self.fmt, "columns": vars(columns(self.cfg)), "on_bad_row": d.on_bad_row.value,
             "max_length": d.max_length, "add_eos": d.add_eos, "hold_out": d.eval_examples_per_user,
+            "validation_fraction": d.validation_fraction,
             "seed": self.cfg.train.seed, "tokenizer": cache.tokenizer_digest(tokenizer),
         })
 
@@ -143,6 +159,9 @@ class _Build:
         if parts["eval"] is None and d.eval_examples_per_user:
             keep, held = hold_out(parts["train"]["user_id"], d.eval_examples_per_user, self.cfg.train.seed)
             parts["train"], parts["eval"] = parts["train"].select(keep), parts["train"].select(held)
+        if parts["validation"] is None and d.validation_fraction:
+            keep, held = hold_out_fraction(parts["train"]["user_id"], d.validation_fraction, self.cfg.train.seed)
+            parts["train"], parts["validation"] = parts["train"].select(keep), parts["train"].select(held)
         cache.save(folder, parts, self.bad)
 
 
@@ -182,7 +201,8 @@ def prepare_data(cfg: DictConfig) -> RunData:
         raise LaunchError(f"rank {fdist.rank()} cannot see rank 0's data cache {folder}: put run_dir on a filesystem "
                           "every node shares")
     parts, bad = cache.load(folder)
-    return RunData(parts["train"], parts.get("eval"), parts.get("retain"), parts.get("general"), bad, answer[1], tokenizer, folder)
+    return RunData(parts["train"], parts.get("eval"), parts.get("retain"), parts.get("general"), parts.get("validation"), bad,
+                   answer[1], tokenizer, folder)
 
 
 def load_eval_file(cfg: DictConfig, tokenizer: Any, path: Path) -> TokenizedExamples:

@@ -25,13 +25,15 @@ PLAN_KEYS = ("train.users_per_step", "train.examples_per_user", "train.epochs", 
 TRAINING_KEYS = ("store.optimizer.name", "store.optimizer.lr", "store.optimizer.schedule", "store.optimizer.warmup_steps",
                  "store.optimizer.min_lr_ratio", "store.optimizer.beta1", "store.optimizer.beta2", "store.optimizer.eps",
                  "store.optimizer.weight_decay", "store.optimizer.state_dtype", "store.init_seed", "adapter.method",
-                 "adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.feedforward_modules", "train.precision")
+                 "adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.feedforward_modules", "train.precision",
+                 "adapter.shared", "train.shared_phase", "train.shared_steps", "train.select", "train.validate_every_steps",
+                 "train.patience")
 
 
 def _plain(value: Any) -> Any:
     """A recipe value as JSON keeps it (enums by value, lists as lists)."""
     if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value)
+        return OmegaConf.to_container(value, enum_to_str=True)
     return value.value if isinstance(value, Enum) else value
 
 

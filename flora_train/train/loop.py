@@ -18,6 +18,7 @@ from flora_train.train.evaluate import summarise
 from flora_train.train.meter import Meter
 from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch
 from flora_train.train.scoring import evaluate_adapters
+from flora_train.train.selection import Validator
 from flora_train.train.session import Session, train_settings
 from flora_train.train.trainer import NonFiniteError, Trainer
 
@@ -36,9 +37,10 @@ class TrainLoop:
     def __init__(self, session: Session, tracker: Tracker) -> None:
         self.session, self.tracker = session, tracker
         self.trainer = Trainer(session.model, session.slot, session.store, session.step_examples, train_settings(session),
-                               session.user_total_steps(), session.pad_id, session.device)
+                               session.user_total_steps(), session.pad_id, session.device, shared=session.shared)
         t = session.cfg.train
         self.total = session.phase_plan.total_steps(t.epochs, t.max_steps)
+        self.validator = Validator(session, self.total)
 
     def checkpoint(self, step: int) -> Path:
         s, t = self.session, self.session.cfg.train
@@ -49,7 +51,7 @@ class TrainLoop:
             "phase": s.phase_plan.phase.as_dict(), "run_id": s.run_id,
         }
         return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints, t.full_checkpoint_every,
-                               s.run_id)
+                               s.run_id, shared=s.shared.tensors() if s.shared is not None else None)
 
     def log_plan(self, start: int) -> None:
         occupancy = self.session.phase_plan.planner.occupancy()
@@ -73,20 +75,28 @@ class TrainLoop:
         watch.restart_clock()
         try:
             with watch if own_watch else contextlib.nullcontext():
+                validator = self.validator
+                validator.resume()
+                if validator.enabled and start == self.session.phase_plan.phase.start_step:
+                    tracker.log_metrics(validator.validate(start), step=start)  # the identity rows: the first candidate
                 plans = self.session.phase_plan.steps(t.epochs, t.max_steps, start=start)
                 plan = next(plans, None)
                 while plan is not None:
                     following = next(plans, None)
-                    st = self.trainer.train_step(plan, following)
-                    meter.add(st)
-                    tokens += st.tokens
+                    training = validator.training(plan)
+                    if training is not None:  # else every user of the step has stopped
+                        st = self.trainer.train_step(training, validator.training(following) if following else None)
+                        meter.add(st)
+                        tokens += st.tokens
+                        bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}",
+                                        users_s=f"{st.users / st.seconds:.0f}")
                     step = plan.step + 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}",
-                                    users_s=f"{st.users / st.seconds:.0f}")
-                    if step % t.log_every_steps == 0 or step == self.total:
+                    if meter.steps and (step % t.log_every_steps == 0 or step == self.total):
                         tracker.log_metrics(meter.metrics(), step=step)
                         meter.reset()
+                    if validator.due(step, plan, following):
+                        tracker.log_metrics(validator.validate(step), step=step)
                     self._between_steps(step, watch)
                     if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and self.session.eval and step < self.total:
                         tracker.log_metrics(summarise(evaluate_adapters(self.session, self.session.store)), step=step)

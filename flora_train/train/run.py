@@ -23,6 +23,7 @@ from flora_train.train.preemption import PreemptionWatch
 from flora_train.train.resume import agreed_checkpoint, check_same_base, check_same_run
 from flora_train.train.scoring import score_run, train_shared_baseline
 from flora_train.train.session import Session, prepare_session
+from flora_train.train.shared import load_shared, train_shared_phase
 
 
 def wants_resume(cfg: DictConfig, resume: bool) -> bool:
@@ -46,6 +47,12 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     start_step, run_id = resume_point(session, resume)
     tracker = start_tracking(session, start_step, run_id)
     loop = TrainLoop(session, tracker)
+    if session.shared is not None and session.shared.needs_phase():
+        # train.shared_phase=first: the shared adapter on every user's data, then frozen, and saved in
+        # a checkpoint of its own before any personal row trains (a crash after it never retrains it).
+        steps = session.cfg.train.shared_steps or loop.total - start_step
+        train_shared_phase(session, tracker, steps)
+        loop.checkpoint(start_step)
     trained = loop.run(start_step, watch)
     final = loop.checkpoint(trained.step)
     return finish(session, tracker, trained, final, loop.total)
@@ -61,6 +68,7 @@ def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
         first_phase(session)
         return 0, None
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=True)
+    load_shared(ckpt, session)
     session.run_id = state.get("run_id")
     check_same_base(ckpt, state, session)
     check_same_run(ckpt, state, session)
@@ -98,7 +106,9 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
                                        "launcher": session.launch.launcher,
                                        "resident_bytes_per_rank": held, "total_bytes": whole}}
     if session.eval is not None and cfg.eval.at_end:
-        shared_row = train_shared_baseline(session, total) if cfg.train.compare_shared_baseline else None
+        # With adapter.shared the comparison is the shared adapter itself: nothing is trained twice.
+        baseline = cfg.train.compare_shared_baseline and session.shared is None
+        shared_row = train_shared_baseline(session, total) if baseline else None
         result.update(score_run(session, step, tracker, shared_row))
     if cfg.export.format.value != "none":
         from flora_train.export import export_adapters

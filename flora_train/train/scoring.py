@@ -32,7 +32,7 @@ from flora_train.store.sharding import ShardPlan
 from flora_train.run_dir import RunDir
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
-from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
+from flora_train.train.evaluate import UserEval, evaluate, summarise, summarise_losses, write_per_user
 from flora_train.inference.generate import GenerationSettings
 from flora_train.train.generation_eval import (gather_generation, generation_eval, summarise_generation,
                                                worse_than_base, write_generation_report)
@@ -40,6 +40,8 @@ from flora_train.train.resume import check_same_base
 from flora_train.train.data_setup import load_eval_file
 from flora_train.train.general_eval import base_answers, general_examples
 from flora_train.train.session import Session, make_row_init, prepare_session, train_settings
+from flora_train.train.selection import best_global_moment
+from flora_train.train.shared import load_shared
 from flora_train.train.trainer import Trainer
 
 log = logging.getLogger("flora_train")
@@ -67,15 +69,16 @@ def _my_examples(session: Session, users_filter=None) -> TokenizedExamples:
     return ev.select([i for i, u in enumerate(ev.user_codes) if ev.user_names[u] in keep])
 
 
-def adapter_rows(store: ShardedAdapterStore):
-    """``rows_for(users)``: each owned user's trained row; any other name (an idle rank's padding
+def adapter_rows(store: ShardedAdapterStore, served: bool = True):
+    """``rows_for(users)``: each owned user's row (``served``: the one it is served with, its kept
+    row under ``train.select: best``; else its training row); any other name (an idle rank's padding
     batch asks for "__pad__") gets its untrained row, the identity."""
 
     def rows_for(users: list[str]) -> torch.Tensor:
         rows = store.row_init(users)
         known = [u for u in users if u in store]
         if known:
-            rows[[users.index(u) for u in known]] = store.read(known).to(rows)
+            rows[[users.index(u) for u in known]] = store.read(known, served=served).to(rows)
         return rows
 
     return rows_for
@@ -162,6 +165,16 @@ def load_shared_row(run_dir: Path, row_size: int) -> torch.Tensor | None:
     return row if row.shape == (row_size,) else None
 
 
+def against_shared(per_user: dict[str, UserEval], shared: dict[str, UserEval]) -> dict[str, float]:
+    """The share of users whose own adapter's held-out loss is lower (higher) than the shared adapter's."""
+    common = [u for u in per_user if u in shared]
+    if not common:
+        return {}
+    better = sum(per_user[u].loss < shared[u].loss for u in common)
+    worse = sum(per_user[u].loss > shared[u].loss for u in common)
+    return {"eval_shared/users_better": better / len(common), "eval_shared/users_worse": worse / len(common)}
+
+
 def print_table(rows: list[tuple[str, dict[str, float]]], chance: float | None) -> None:
     if fdist.rank() != 0:
         return
@@ -183,18 +196,36 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
     if fdist.rank() == 0:
         write_per_user(session.paths.eval_file(f"per_user-step{step}.jsonl"), per_user)
     summary = {**summarise(per_user), **coverage(session)}
-    base = summarise(evaluate_base(session), "eval_base")
+    with session.slot.without_shared():
+        base = summarise(evaluate_base(session), "eval_base")
     out: dict[str, Any] = {"eval": summary, "eval_base": base}
-    table = [("per-user adapters", summary), ("base model", {k.replace("eval_base/", "eval/"): v for k, v in base.items()})]
-    if shared_row is not None:
-        shared = summarise(evaluate_shared(session, shared_row), "eval_shared")
+    layered = session.shared is not None
+    kept = "(best of)" if cfg.train.select.value == "best" else ""
+    table = [(f"shared + personal {kept}".strip() if layered else f"per-user adapters {kept}".strip(), summary),
+             ("base model", {k.replace("eval_base/", "eval/"): v for k, v in base.items()})]
+    shared_users = None
+    if layered:  # adapter.shared: the shared adapter alone is every user at its identity row
+        shared_users = evaluate_base(session)
+    elif shared_row is not None:
+        shared_users = evaluate_shared(session, shared_row)
+    if shared_users is not None:
+        shared = {**summarise(shared_users, "eval_shared"), **against_shared(per_user, shared_users)}
         out["eval_shared"] = shared
-        table.append(("one shared adapter", {k.replace("eval_shared/", "eval/"): v for k, v in shared.items()}))
-    tracker.log_metrics({**summary, **base, **out.get("eval_shared", {})}, step=step)
+        table.append(("shared adapter" if layered else "one shared adapter",
+                      {k.replace("eval_shared/", "eval/"): v for k, v in shared.items()}))
+    moment = best_global_moment(session) if session.validation is not None else None
+    if moment is not None:  # the best single moment for everyone, chosen on the validation split too
+        out["eval_global"] = {**summarise_losses(moment[1], "eval_global"), "eval_global/step": float(moment[0])}
+        table.append((f"best global (step {moment[0]})", {k.replace("eval_global/", "eval/"): v for k, v in out["eval_global"].items()}))
+    tracker.log_metrics({**summary, **base, **out.get("eval_shared", {}), **out.get("eval_global", {})}, step=step)
     if cfg.eval.generate:
         out["eval_generate"] = run_generation_eval(session, step, tracker)
     syn = cfg.data.synthetic
     print_table(table, 1.0 / syn.num_values if syn is not None and syn.task.value == "rules" else None)
+    if "eval_shared" in out and fdist.rank() == 0:
+        e = out["eval_shared"]
+        print(f"users better than the shared adapter: {e['eval_shared/users_better']:.0%}, worse: "
+              f"{e['eval_shared/users_worse']:.0%} (held-out loss)")
     if session.general is not None:
         out.update(score_general(session, step, tracker, shared_row))
     return out
@@ -306,6 +337,7 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=checkpoint is None)
+    load_shared(ckpt, session)
     check_same_base(ckpt, state, session)
     if session.eval is None:
         raise CheckpointError(f"{recipe}: the recipe has no evaluation data (data.eval_path or "
@@ -314,7 +346,8 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir, kind="eval",
                       parent_run_id=state.get("mlflow_run_id"), run_id=state.get("run_id"))
     tracker.start(f"eval {ckpt.name}", {"checkpoint": str(ckpt), "data": str(data or "recipe")}, recipe)
-    result = score_run(session, step, tracker, load_shared_row(run_dir, session.layout.row_size))
+    shared_row = None if session.shared is not None else load_shared_row(run_dir, session.layout.row_size)
+    result = score_run(session, step, tracker, shared_row)
     tracker.end("FINISHED")
     if fdist.rank() == 0:
         session.paths.eval_file(f"summary-step{step}.json").write_text(json.dumps(result, indent=2))

@@ -32,6 +32,7 @@ from flora_train.train.data_setup import prepare_data
 from flora_train.train.retain import base_targets
 from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
 from flora_train.train.phases import Phase, PhasePlan
+from flora_train.train.shared import SharedTraining
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Session:
     eval: TokenizedExamples | None
     retain: TokenizedExamples | None  # train.retain: indices len(train).. in step_examples
     general: TokenizedExamples | None  # eval.general_path
+    validation: TokenizedExamples | None  # each user's validation split (train.select, train.patience)
     planner: BatchPlanner
     bad_rows: BadRows
     user_tokens: dict[str, int]  # target tokens per user in the training data (drives shard packing)
@@ -60,6 +62,7 @@ class Session:
     lock: RunLock | None = None  # the run directory's writer lock (rank 0), released by close()
     run_id: str | None = None  # the run's identity: new at a fresh start, the checkpoint's on resume
     phase_plan: PhasePlan = None  # type: ignore[assignment]  # what this run trains: phases.py sets it
+    shared: SharedTraining | None = None  # adapter.shared: the population adapter under every user's row
 
     def __post_init__(self) -> None:
         if self.phase_plan is None:  # every user, from step 0, until a resume says otherwise
@@ -123,6 +126,11 @@ def make_row_init(layout: AdapterLayout, seed: int):
     return init
 
 
+def selects(cfg: DictConfig) -> bool:
+    """Whether the run validates each user (its store then keeps selection columns)."""
+    return cfg.train.select.value == "best" or cfg.train.patience is not None
+
+
 def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, user_tokens: dict[str, int]) -> ShardedAdapterStore:
     o, st = cfg.store.optimizer, cfg.store
     hyper = OptimizerHyper(name=o.name.value, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
@@ -131,7 +139,7 @@ def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, use
     disk_dir = Path(st.disk_dir) if st.disk_dir else RunDir(Path(cfg.run_dir)).store_tier
     local = AdapterStore(
         layout.row_size, make_row_init(layout, st.init_seed), hyper, st.tier.value, device,
-        directory=disk_dir / f"rank-{rank:05d}", cache_rows=st.cache_rows,
+        directory=disk_dir / f"rank-{rank:05d}", cache_rows=st.cache_rows, select=selects(cfg),
     )
     plan = ShardPlan.balanced(user_tokens, fdist.world_size())
     return ShardedAdapterStore(local, plan, st.placement.value)
@@ -198,8 +206,15 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
                                feedforward_modules=feedforward)
     # Kernel choices are kept per rank in the run directory, so a resumed run reuses them.
     tuner = KernelTuner(RunDir(run_dir).kernel_record(fdist.rank()))
+    shared = None
+    if a.shared is not None:
+        s = a.shared
+        shared_spec = AdapterSpec(method=s.method.value, rank=s.rank, alpha=s.alpha,
+                                  feedforward_modules=None if s.feedforward_modules is None else tuple(s.feedforward_modules))
+        shared = (shared_spec, s.target_modules if isinstance(s.target_modules, str) else list(s.target_modules),
+                  cfg.store.init_seed)
     try:
-        slot, layout = inject_adapters(model, adapter_spec, targets, tuner)
+        slot, layout = inject_adapters(model, adapter_spec, targets, tuner, shared=shared)
     except ValueError as exc:  # no layer matched, or IA3 without feed-forward layers: the recipe's doing
         raise RecipeError(str(exc)) from None
     if zero is not None:
@@ -244,6 +259,7 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
         eval=evald,
         retain=retain,
         general=data.general,
+        validation=data.validation,
         planner=planner,
         bad_rows=bad,
         user_tokens=user_tokens,
@@ -251,4 +267,5 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
         base_fingerprint=base_fingerprint(model_path, m.gguf_file),
         fingerprint=fingerprint,
         zero=zero,
+        shared=SharedTraining(slot.shared, cfg, device) if slot.shared is not None else None,
     )

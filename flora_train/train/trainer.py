@@ -24,6 +24,7 @@ from flora_train.store.sharded import OwnedStep, ShardedAdapterStore
 from flora_train.store.sharding import RankWork
 from flora_train.train.loss import per_user_loss, target_logits
 from flora_train.train.schedule import per_user_lr
+from flora_train.train.shared import SharedTraining
 
 
 class NonFiniteError(RuntimeError):
@@ -66,7 +67,12 @@ class Trainer:
         user_total_steps: dict[str, int],
         pad_id: int,
         device: torch.device,
+        shared: SharedTraining | None = None,
+        train_personal: bool = True,
     ) -> None:
+        """``shared``: the shared adapter every example goes through (trained in the step unless it is
+        frozen); ``train_personal=False``: the personal rows take part at their current values
+        (the identity before training) and nothing of the store changes (``first``'s shared phase)."""
         self.model = model
         self.slot = slot
         self.store = store
@@ -75,6 +81,8 @@ class Trainer:
         self.user_total_steps = user_total_steps
         self.pad_id = pad_id
         self.device = device
+        self.shared = shared
+        self.train_personal = train_personal
         self.consecutive_faults = 0
         self.nonfinite_steps = 0
         self._planned: tuple[StepPlan, RankWork] | None = None
@@ -110,7 +118,9 @@ class Trainer:
         step_users = plan.user_ids
         work = self._work(plan)
         local_users = work.user_ids
-        rows = self.store.fetch(local_users, requires_grad=True)
+        rows = self.store.fetch(local_users, requires_grad=self.train_personal)
+        if self.shared is not None:
+            self.shared.begin_step()
         if next_plan is not None:
             self.store.prefetch(self._work(next_plan).user_ids, exclude=step_users)
         position = {u: i for i, u in enumerate(local_users)}
@@ -142,9 +152,11 @@ class Trainer:
             if contrib is not None:
                 user_loss += contrib
                 n_tokens += int(batch["attention_mask"].sum())
-        if rows.values.grad is None:  # a rank with no examples this step
-            rows.values.grad = torch.zeros_like(rows.values)
-        owned = self.store.reduce_grads(rows)
+        owned = None
+        if self.train_personal:
+            if rows.values.grad is None:  # a rank with no examples this step
+                rows.values.grad = torch.zeros_like(rows.values)
+            owned = self.store.reduce_grads(rows)
         # Every rank learns every step user's total loss, and which users must be skipped.
         step_pos = {u: i for i, u in enumerate(step_users)}
         loss_all = torch.zeros(len(step_users))
@@ -152,7 +164,9 @@ class Trainer:
             loss_all.index_add_(0, torch.tensor([step_pos[u] for u in local_users]), user_loss.detach().cpu())
         fdist.all_reduce(loss_all)
         ok_all = torch.ones(len(step_users))
-        if owned.user_ids:
+        if owned is None:
+            ok_all = torch.isfinite(loss_all).float()  # the same on every rank: the losses are all-reduced
+        elif owned.user_ids:
             owned_pos = torch.tensor([step_pos[u] for u in owned.user_ids])
             # A row sum is NaN or inf when any value is: one read of the gradients instead of a
             # full-size mask. It also flags finite gradients whose sum overflows float32 (values
@@ -162,6 +176,8 @@ class Trainer:
             ok_all[owned_pos] = finite.float()
         fdist.all_reduce(ok_all, "min")
         skipped = self._apply(owned, step_users, ok_all.bool(), step_pos)
+        if self.shared is not None:
+            self.shared.end_step(users_ok=not skipped)
         tokens = torch.tensor([n_tokens], dtype=torch.float64)
         fdist.all_reduce(tokens)
         seconds = time.perf_counter() - start
@@ -178,9 +194,9 @@ class Trainer:
             user_losses=dict(zip(step_users, loss_all.tolist())),
         )
 
-    def _apply(self, owned: OwnedStep, users: list[str], ok: torch.Tensor, step_pos: dict[str, int]) -> list[str]:
+    def _apply(self, owned: OwnedStep | None, users: list[str], ok: torch.Tensor, step_pos: dict[str, int]) -> list[str]:
         """Runs the owners' sparse step on rows whose loss and gradient are finite everywhere;
-        returns the skipped users (the same list on every rank)."""
+        returns the skipped users (the same list on every rank). ``owned`` None: no personal step."""
         bad = [u for u, good in zip(users, ok.tolist()) if not good]
         if bad:
             self.nonfinite_steps += 1
@@ -197,7 +213,7 @@ class Trainer:
                 bad = list(users)
         else:
             self.consecutive_faults = 0
-        if owned.user_ids:
+        if owned is not None and owned.user_ids:
             s = self.settings
             keep = ok[torch.tensor([step_pos[u] for u in owned.user_ids])]
             steps = self.store.steps(owned.user_ids) + 1

@@ -11,10 +11,12 @@ from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
 from flora_train.train.session import train_settings
 from flora_train.train.session import make_row_init, prepare_session
+from flora_train.train.shared import train_shared_phase
 from flora_train.train.trainer import Trainer
+from flora_train.tracking import Tracker
 
 
-def _session(tmp_path, model_dir, method, micro):
+def _session(tmp_path, model_dir, method, micro, extra=()):
     train, _ = SyntheticTask(num_users=6, train_examples_per_user=7, eval_examples_per_user=0, seed=3).write(tmp_path / "data")
     cfg = load_recipe(
         None,
@@ -38,6 +40,7 @@ def _session(tmp_path, model_dir, method, micro):
             "store.optimizer.weight_decay=0.01",
             "tracking.enabled=false",
             "store.tier=disk",  # the joint run reads through the disk tier and its prefetch; alone runs use host RAM
+            *extra,
         ],
     )
     return prepare_session(cfg)
@@ -75,3 +78,36 @@ def test_joint_equals_alone(tmp_path, tiny_llama_dir, method, dtype):
         alone.fit(own)
         torch.testing.assert_close(alone_store.read([user])[0], trained[k], **TOLERANCE[dtype])
         assert int(alone_store.steps([user])[0]) == int(s.store.steps([user])[0]) == len(own)
+
+
+def test_personal_rows_on_a_frozen_shared_adapter_stay_independent(tmp_path, tiny_llama_dir):
+    """``train.shared_phase: first``: the shared phase touches no personal row or step counter; after
+    it, users trained jointly on the frozen shared adapter equal each user trained alone on it."""
+    s = _session(tmp_path, tiny_llama_dir, "flora", micro=3,
+                 extra=["adapter.shared.method=lora", "adapter.shared.rank=2", "adapter.shared.lr=0.05"])
+    s.model.to(torch.float64)
+    users = sorted(s.user_total_steps())
+    before, shared_before = s.store.read(users), s.shared.row.detach().clone()
+    losses = train_shared_phase(s, Tracker(False, None, "x", s.run_dir), steps=6)
+    assert losses[-1] < losses[0] and s.shared.frozen and s.shared.steps == 6
+    assert (s.shared.row - shared_before).abs().max() > 1e-3, "the shared phase must train the shared adapter"
+    assert torch.equal(s.store.read(users), before) and int(s.store.steps(users).sum()) == 0
+    frozen = s.shared.row.detach().clone()
+    totals = s.user_total_steps()
+    plans = list(s.planner.steps(epochs=3))
+    Trainer(s.model, s.slot, s.store, s.train, train_settings(s), totals, s.pad_id, s.device, shared=s.shared).fit(plans)
+    assert torch.equal(s.shared.row, frozen), "a frozen shared adapter never changes"
+    trained = s.store.read(users)
+    for k, user in enumerate(users[:3]):
+        local = AdapterStore(s.layout.row_size, make_row_init(s.layout, s.cfg.store.init_seed), s.store.hyper)
+        alone_store = ShardedAdapterStore(local, ShardPlan.balanced({user: 1}, 1))
+        own = [StepPlan(p.step, p.epoch, ((user, dict(p.groups)[user]),)) for p in plans if user in p.user_ids]
+        Trainer(s.model, s.slot, alone_store, s.train, train_settings(s), totals, s.pad_id, s.device, shared=s.shared).fit(own)
+        torch.testing.assert_close(alone_store.read([user])[0], trained[k], **TOLERANCE[torch.float64])
+    # The same users on the plain base end elsewhere: the shared adapter is really under them.
+    local = AdapterStore(s.layout.row_size, make_row_init(s.layout, s.cfg.store.init_seed), s.store.hyper)
+    plain_store = ShardedAdapterStore(local, ShardPlan.balanced({users[0]: 1}, 1))
+    own = [StepPlan(p.step, p.epoch, ((users[0], dict(p.groups)[users[0]]),)) for p in plans if users[0] in p.user_ids]
+    with s.slot.without_shared():
+        Trainer(s.model, s.slot, plain_store, s.train, train_settings(s), totals, s.pad_id, s.device).fit(own)
+    assert (plain_store.read([users[0]])[0] - trained[0]).abs().max() > 1e-4

@@ -1,0 +1,93 @@
+"""Shared + personal adapters through the CLI: the shared phase, then personal rows on the frozen
+shared adapter; checkpointed and resumed bit for bit; scored beside the base and the shared adapter;
+exported (the shared adapter once, beside the users') and served from the run or the export alike;
+and the joint mode."""
+
+import json
+
+import torch
+
+from flora_train.inference.trained import load_trained
+from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints, read_shared_adapter
+
+from tests.distributed.helpers import saved_state
+from tests.e2e.helpers import SMALL, flora_train
+
+SHARED = [*SMALL, "adapter.shared.method=lora", "adapter.shared.rank=4", "adapter.shared.lr=0.01",
+          "adapter.shared.target_modules=all-linear", "train.shared_steps=6"]
+# Each user keeps its best row on a validation split; patience 1 stops users early.
+SELECT = ["data.validation_fraction=0.25", "train.select=best", "train.validate_every_steps=2", "train.patience=1"]
+
+
+def test_shared_then_personal_trains_resumes_exports_and_serves(tmp_path):
+    full = tmp_path / "full"
+    out = flora_train("run", "recipes/quickstart.yaml", *SHARED, *SELECT, f"run_dir={full}", "export.format=flora").stdout
+    assert "shared + personal (best of)" in out and "shared adapter" in out and "users better than the shared adapter" in out
+    assert "best global (step" in out  # the one moment for everyone that the validation split prefers
+    users = [json.loads(line) for line in flora_train("users", str(full), "--json").stdout.splitlines()]
+    assert len(users) == 24 and all(u["kept_step"] in (0, 2, 4, 6, 8, 10, 12) for u in users)
+    assert any(u["stopped_after"] is not None for u in users) and any(u["kept_step"] > 0 for u in users)
+    for u in users:  # a stopped user trains no more, and keeps a row from before it stopped
+        if u["stopped_after"] is not None:
+            assert u["kept_step"] < u["stopped_after"] and u["steps"] < 8
+    assert sorted(p.name for p in (full / "eval").glob("validation-step*.jsonl")) == sorted(
+        f"validation-step{k}.jsonl" for k in (0, 2, 4, 6, 8, 10, 12))
+    first, last = list_checkpoints(full)  # the shared phase's own checkpoint (step 0), then the end
+    assert first.name == "step-00000000"
+    (row0, meta0), (row1, meta1) = read_shared_adapter(first), read_shared_adapter(last)
+    assert meta0["frozen"] == meta1["frozen"] == "1" and meta0["steps"] == "6"
+    assert torch.equal(row0["row"], row1["row"]), "a frozen shared adapter never changes in the personal phase"
+    result = json.loads((full / "result.json").read_text())
+    assert result["eval_shared"]["eval_shared/users"] == 24
+    assert result["eval"]["eval/loss_mean"] < result["eval_base"]["eval_base/loss_mean"]
+
+    # Cut after 6 steps, then resumed: the same rows, moments, kept rows, stops and shared adapter, bit for bit.
+    cut = tmp_path / "cut"
+    flora_train("run", "recipes/quickstart.yaml", *SHARED, *SELECT, f"run_dir={cut}", "train.max_steps=6", "tracking.enabled=false")
+    flora_train("run", "recipes/quickstart.yaml", *SHARED, *SELECT, f"run_dir={cut}", "tracking.enabled=false", "--resume")
+    want, got = saved_state(full), saved_state(cut)
+    assert set(got) == set(want)
+    for user in want:
+        for key in want[user]:
+            assert torch.equal(got[user][key], want[user][key]), (user, key)
+    assert torch.equal(read_shared_adapter(latest_checkpoint(cut))[0]["row"], row1["row"])
+    changed = flora_train("run", "recipes/quickstart.yaml", *SHARED, *SELECT, f"run_dir={cut}", "adapter.shared.rank=2", "--resume",
+                          check=False)
+    assert changed.returncode == 2 and "adapter.shared" in changed.stderr and "Traceback" not in changed.stderr
+
+    # The export carries the shared adapter once; serving it equals serving the run.
+    export = full / "export" / "flora"
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["shared_adapter"] == "shared-adapter" and (export / "shared-adapter" / "flora_adapter.safetensors").is_file()
+    from_run, from_export = load_trained(full, device="cpu"), load_trained(export, device="cpu")
+    assert torch.equal(from_run.slot.shared.row, row1["row"]) and torch.equal(from_export.slot.shared.row, row1["row"])
+    # Both serve each user's kept row (where a validation chose one), not its last training row.
+    served = {u: torch.where(want[u]["select.seen"] > 0, want[u]["select.kept"], want[u]["rows"]) for u in want}
+    assert any(not torch.equal(served[u], want[u]["rows"]) for u in want)
+    for source in (from_run, from_export):
+        for user in want:
+            assert torch.equal(source.rows[source.position[user]].cpu(), served[user]), user
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"user_id": f"user-{i:06d}", "prompt": "favourite colour?"}) + "\n" for i in (1, 5, 9)))
+    texts = []
+    for source in (full, export):
+        target = tmp_path / f"gen-{len(texts)}.jsonl"
+        flora_train("generate", str(source), "--prompts", str(prompts), "--out", str(target), "--max-new-tokens", "6")
+        texts.append([json.loads(line)["completion"] for line in target.read_text().splitlines()])
+    assert texts[0] == texts[1] and len(texts[0]) == 3
+    refused = flora_train("forget", str(full), "--users", "user-000001", check=False)
+    assert refused.returncode == 2 and "holds a shared adapter" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_joint_trains_the_shared_adapter_in_every_step(tmp_path):
+    run = tmp_path / "joint"
+    joint = [a for a in SHARED if not a.startswith("train.shared_steps")] + ["train.shared_phase=joint", "tracking.enabled=false"]
+    refused = flora_train("run", "recipes/quickstart.yaml", *joint, "train.shared_steps=6", f"run_dir={run}", check=False)
+    assert refused.returncode == 2 and "train.shared_steps" in refused.stderr and "Traceback" not in refused.stderr
+    out = flora_train("run", "recipes/quickstart.yaml", *joint, f"run_dir={run}").stdout
+    assert "shared + personal" in out
+    [only] = list_checkpoints(run)  # no shared phase, so no checkpoint of its own
+    tensors, meta = read_shared_adapter(only)
+    state = json.loads((only / "trainer_state.json").read_text())
+    assert meta["frozen"] == "0" and meta["phase"] == "joint" and int(meta["steps"]) == state["next_step"] == 12
+    assert "optim.exp_avg" in tensors and tensors["optim.exp_avg"].abs().max() > 0

@@ -1,0 +1,83 @@
+"""Per-user selection in the store (``train.select: best``, ``train.patience``) against a plain
+replay of its definition, on every tier; and the per-user validation split."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flora_train.store import AdapterStore, OptimizerHyper
+from flora_train.store.selection import BEST_STEP, STOPPED_AT
+from flora_train.train.data_setup import hold_out_fraction
+
+ROW = 5
+
+
+def _reference(history: list[tuple[int, torch.Tensor, float]], patience: int | None):
+    """(kept row, its step, stopped after) from the definition: the first validation's row, then any
+    strictly lower finite loss; stopped once `patience` validations with a loss brought nothing better."""
+    kept, step, best, stale, stopped = None, None, math.nan, 0, None
+    for k, (at, row, loss) in enumerate(history):
+        if k == 0 or (math.isfinite(loss) and (not math.isfinite(best) or loss < best)):
+            if k == 0 or math.isfinite(loss):
+                kept, step, best, stale = row, at, loss, 0
+        elif math.isfinite(loss):
+            stale += 1
+        if patience is not None and stopped is None and stale >= patience:
+            stopped = at
+    return kept, step, stopped
+
+
+losses = st.one_of(st.just(math.nan), st.floats(0.5, 3.0, width=32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(losses, min_size=3, max_size=3), min_size=1, max_size=7), st.sampled_from([None, 1, 2, 3]),
+       st.sampled_from(["host", "disk", "cache"]), st.integers(0, 1000))
+def test_validations_keep_each_users_best_row_and_stop_it(tmp_path_factory, rounds, patience, tier, seed):
+    users = ["a", "b", "c"]
+    g = torch.Generator().manual_seed(seed)
+    store = AdapterStore(ROW, lambda ids: torch.ones(len(ids), ROW), OptimizerHyper(), "disk" if tier == "disk" else "host",
+                         directory=tmp_path_factory.mktemp("t") if tier == "disk" else None,
+                         cache_rows=3 if tier == "cache" else 0, select=True)
+    store.add_users(users)
+    history: dict[str, list] = {u: [] for u in users}
+    for k, round_losses in enumerate(rounds):
+        rows = torch.randn(3, ROW, generator=g)
+        store.write(users, rows)  # a step changed them
+        step = 10 * k
+        store.validated(users, torch.tensor(round_losses), step, patience)
+        for i, u in enumerate(users):
+            history[u].append((step, rows[i].clone(), float(torch.tensor(round_losses[i]))))
+    served = store.read(users, served=True)
+    state = store.state_tensors()
+    for i, u in enumerate(users):
+        kept, step, stopped = _reference(history[u], patience)
+        assert torch.equal(served[i], kept), (u, history[u])
+        assert int(state[BEST_STEP][i]) == step
+        assert int(state[STOPPED_AT][i]) == (0 if stopped is None else stopped + 1)
+    assert sorted(store.stopped()) == sorted(u for u in users if _reference(history[u], patience)[2] is not None)
+    assert torch.equal(store.read(users), rows)  # training reads its own row, never the kept one
+
+
+def test_a_user_never_validated_is_served_its_row():
+    store = AdapterStore(ROW, lambda ids: torch.full((len(ids), ROW), 2.0), OptimizerHyper(), select=True)
+    store.add_users(["x"])
+    assert torch.equal(store.read(["x"], served=True), torch.full((1, ROW), 2.0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=6), st.floats(0.05, 0.6), st.integers(0, 99))
+def test_validation_split_per_user(counts, fraction, seed):
+    users = [f"u{k}" for k, n in enumerate(counts) for _ in range(n)]
+    train, held = hold_out_fraction(users, fraction, seed)
+    assert sorted(train + held) == list(range(len(users)))
+    for k, n in enumerate(counts):
+        mine = sum(users[i] == f"u{k}" for i in held)
+        want = int(n * fraction)
+        assert mine == (want if 0 < want < n else 0)
+    # A user's draw does not depend on the other users.
+    alone = [f"u0"] * counts[0]
+    _, held_alone = hold_out_fraction(alone, fraction, seed)
+    assert held_alone == [i for i in held if users[i] == "u0"]
