@@ -98,6 +98,7 @@ class Tracker:
         self._offline_since: float | None = None
         self._next_try = 0.0
         self._last_flush = time.monotonic()
+        self._last_ok: float | None = None  # when a call to the server last succeeded
         self._thread: threading.Thread | None = None
         if self.uri.startswith(("http://", "https://")):
             # MLflow's defaults retry a dead server for minutes per call; the sender must come back.
@@ -189,12 +190,24 @@ class Tracker:
         whatever is left is in the buffer file."""
         if not self.enabled or self._client is None or self._thread is None:
             return
+        deadline = time.monotonic() + self.end_timeout_s
         with self._lock:
             self._final_status = status
-            self._next_try = 0.0  # one more try now, offline or not
-            self._requested += 1
-            self._cond.notify_all()
-        finished = self.drain(self.end_timeout_s)
+        while True:
+            with self._lock:
+                self._next_try = 0.0  # one more try now, offline or not
+                self._requested += 1
+                self._cond.notify_all()
+            finished = self.drain(max(deadline - time.monotonic(), 0.0))
+            with self._lock:
+                settled = self._final_status is None  # marked: everything before it was sent
+                # A server that answered lately (a flaky one) is tried again until the deadline: one
+                # failed call is no reason to leave the backlog and the run unmarked. One that has
+                # not answered for as long (down) gets that one more try.
+                answering = self._last_ok is not None and time.monotonic() - self._last_ok < self.end_timeout_s
+            if settled or not finished or not answering or time.monotonic() >= deadline:
+                break
+            time.sleep(min(max(self.retry_s, 0.05), max(deadline - time.monotonic(), 0.0)))
         with self._lock:
             self._closed = True
             self._spill_locked()
@@ -270,6 +283,7 @@ class Tracker:
                     break
                 self._client.log_batch(self.run_id, metrics=batch)
                 with self._lock:
+                    self._last_ok = time.monotonic()
                     del self._buffer[: len(batch)]
                     self._spilled = max(0, self._spilled - len(batch))
                 sent += len(batch)
@@ -299,6 +313,7 @@ class Tracker:
                 self._spill_locked()
             return
         with self._lock:
+            self._last_ok = time.monotonic()
             if self._closed:
                 return
             self._last_flush = now
