@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         code = _dispatch(args)
         clean = code == 0
         return code
+    except BrokenPipeError:  # the reader went away (`flora-train users RUN | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     finally:
         fdist.shutdown(clean)
 

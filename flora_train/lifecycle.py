@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from flora_train.export import ExportError
 from flora_train.run_dir import RunDir, RunLock
 from flora_train.run_dir.checkpoints import (SHARD_PLAN, SHARED_ADAPTER, checkpoint_chain, latest_checkpoint,
-                                             list_checkpoints)
+                                             list_checkpoints, read_state)
 from flora_train.run_dir.rewrite import recover_rewrites, rewrite_checkpoint
 from flora_train.store.saved import iter_shards, saved_selection, saved_steps, without_users
 from flora_train.train.phases import check_phase_files, forget_in_phases
@@ -47,6 +47,7 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
         raise ExportError(f"{run_dir}: no intact checkpoint (is it a run directory?)")
     steps = saved_steps(checkpoint_chain(ckpt))
     selection = saved_selection(checkpoint_chain(ckpt))
+    swept = read_state(ckpt).get("sweep", {}).get("chosen", {})  # train.sweep: each user's chosen rate
     tokens = _tokens(rd)
     evals = rd.per_user_evals()
     last = {}
@@ -62,7 +63,8 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
             exports.setdefault(user, []).append(place)
     return [{"user_id": u, "steps": steps[u], "tokens": tokens.get(u), "eval_loss": last.get(u, {}).get("loss"),
              "eval_accuracy": last.get(u, {}).get("accuracy"), "export": exports.get(u, []),
-             **({"kept_step": None, "validation_loss": None, "stopped_after": None, **selection.get(u, {})} if selection else {})}
+             **({"kept_step": None, "validation_loss": None, "stopped_after": None, **selection.get(u, {})} if selection else {}),
+             **({"lr": swept.get(u)} if swept else {})}
             for u in sorted(steps)]
 
 

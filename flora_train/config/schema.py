@@ -267,6 +267,14 @@ class RetainConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Per-user hyper-parameter sweep: K variants of every user trained as K rows in the same job; each
+    user keeps the variant with the best validation loss (train.select=best), the others are dropped."""
+
+    lr: list[float] = field(default_factory=list)  # the personal rows' learning rates (replace store.optimizer.lr)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     epochs: int = 1
@@ -307,6 +315,7 @@ class TrainConfig:
     # A user whose validation loss has not improved in this many validations leaves the plan (null: never).
     patience: Optional[int] = None
     retain: RetainConfig = field(default_factory=lambda: RetainConfig())
+    sweep: SweepConfig = field(default_factory=lambda: SweepConfig())
 
 
 @dataclass

@@ -72,6 +72,16 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
         if wanted and not has_validation:
             _fail(source, key, "needs a validation split: set data.validation_fraction (e.g. 0.2) or data.validation_path")
     _positive(cfg, source, ["train.patience"])
+    sweep = list(train.sweep.lr)
+    if sweep:
+        if not all(isinstance(v, (int, float)) and v > 0 for v in sweep) or len(set(sweep)) != len(sweep):
+            _fail(source, "train.sweep.lr", f"must be distinct learning rates > 0, got {sweep}")
+        if train.select.value != "best":
+            _fail(source, "train.select", "must be best with train.sweep.lr: each user keeps its variant whose kept row "
+                  "has the lowest validation loss")
+        if train.on_data_change.value == "new_phase":
+            _fail(source, "train.on_data_change", "new_phase with train.sweep.lr is not supported: a swept run's users "
+                  "are chosen once, at its end")
     if train.validate_every_steps < 0:
         _fail(source, "train.validate_every_steps", f"must be >= 0, got {train.validate_every_steps}")
     shared = cfg.adapter.shared

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -44,10 +44,13 @@ class BatchPlanner:
     def __init__(
         self, user_examples: Mapping[str, Sequence[int]], users_per_step: int, examples_per_user: int, seed: int,
         max_examples_per_user: int | None = None, retain: tuple[int, int, int] | None = None,
+        stream: Callable[[str], str] | None = None,
     ) -> None:
         """``retain``: (first index, count, per chunk): ``per chunk`` of the examples
         ``first .. first+count-1`` (user-anonymous, ``train.retain``) are added to each of a user's
-        chunks, drawn from (seed, epoch, user, chunk) alone."""
+        chunks, drawn from (seed, epoch, user, chunk) alone. ``stream(user)``: the name a user's
+        shuffles are drawn under (a sweep's variants draw their user's, so each gets the batches
+        its user would get alone); the user itself by default."""
         if users_per_step < 1 or examples_per_user < 1:
             raise ValueError("users_per_step and examples_per_user must be >= 1")
         if max_examples_per_user is not None and max_examples_per_user < 1:
@@ -59,6 +62,7 @@ class BatchPlanner:
         self.users_per_step = users_per_step
         self.examples_per_user = examples_per_user
         self.seed = seed
+        self.stream = stream
         self._epoch_cache: tuple[int, list[tuple[tuple[str, tuple[int, ...]], ...]]] | None = None
 
     def restricted(self, users: Sequence[str]) -> "BatchPlanner":
@@ -66,12 +70,13 @@ class BatchPlanner:
         own batches depend only on the seed, so they are the ones it would get in any plan."""
         keep = set(users)
         return BatchPlanner({u: ex for u, ex in self.user_examples.items() if u in keep}, self.users_per_step,
-                            self.examples_per_user, self.seed, self.max_examples_per_user, self.retain)
+                            self.examples_per_user, self.seed, self.max_examples_per_user, self.retain, self.stream)
 
     def user_chunks(self, user: str, epoch: int) -> list[tuple[int, ...]]:
         """The user's batches in this epoch, in order (depends only on seed, epoch and user)."""
         ex = self.user_examples[user]
         examples = ex.tolist() if hasattr(ex, "tolist") else list(ex)
+        user = self.stream(user) if self.stream is not None else user
         cap = self.max_examples_per_user
         if cap is not None and len(examples) > cap:
             # One fixed shuffle of the user's data, read in windows of ``cap``: epoch e takes the

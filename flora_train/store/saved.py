@@ -108,21 +108,28 @@ def saved_steps(chain: list[Path]) -> dict[str, int]:
 def without_users(path: Path, users: list[str], forget: set[str]) -> int:
     """Rewrites store shard ``path`` (whose user list is ``users``) and its user list without the
     ``forget`` users, as new files (no old page survives in them); returns how many it removed."""
+    return len(users) - keep_users(path, users, {u: u for u in users if u not in forget})
+
+
+def keep_users(path: Path, users: list[str], keep: dict[str, str]) -> int:
+    """Rewrites store shard ``path`` (user list ``users``) with only the users in ``keep``, each under
+    its new name ``keep[user]``, as new files; returns how many it kept (nothing is written when
+    every user stays under its own name)."""
     from flora_train.store.shard_writer import save_rows
 
-    keep = [i for i, u in enumerate(users) if u not in forget]
-    if len(keep) == len(users):
-        return 0
+    take = [i for i, u in enumerate(users) if u in keep]
+    if len(take) == len(users) and all(keep[u] == u for u in users):
+        return len(take)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k)[keep].contiguous() for k in f.keys()}
-    meta["users"] = str(len(keep))
+        tensors = {k: f.get_tensor(k)[take].contiguous() for k in f.keys()}
+    meta["users"] = str(len(take))
     path.unlink()
     save_rows(tensors, path, dict(sorted(meta.items())))  # the same bytes from the same rows (the header in order)
     listing = users_file(path)
     listing.unlink()
-    listing.write_text(json.dumps({"user_ids": [users[i] for i in keep]}, ensure_ascii=False))
-    return len(users) - len(keep)
+    listing.write_text(json.dumps({"user_ids": [keep[users[i]] for i in take]}, ensure_ascii=False))
+    return len(take)
 
 
 def iter_copies(copies: dict[Path, tuple[list[str], list[int]]], chunk: int, keys: tuple[str, ...] | None = None):

@@ -135,6 +135,11 @@ class ShardedAdapterStore:
             self.placement.settle()
             self.local.validated(mine, torch.tensor([losses.get(u, float("nan")) for u in mine]), step, patience)
 
+    def selection_losses(self) -> dict[str, float]:
+        """Every user's kept row's validation loss, from every rank (collective)."""
+        self.placement.settle()
+        return {u: v for part in fdist.all_gather_objects(self.local.best_losses()) for u, v in part.items()}
+
     def stopped(self) -> set[str]:
         """Every rank's users that left the plan (collective)."""
         self.placement.settle()

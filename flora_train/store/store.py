@@ -17,7 +17,7 @@ import torch
 from flora_train.store.disk_table import DiskTable
 from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
 from flora_train.store.registry import UserRegistry
-from flora_train.store.selection import KEPT, SEEN, STOPPED_AT, select_update, selection_columns, served_rows
+from flora_train.store.selection import BEST_LOSS, KEPT, SEEN, STOPPED_AT, select_update, selection_columns, served_rows
 from flora_train.store.table import TIERS, Column, HotRowCache, RowTable, saved_key
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
@@ -134,6 +134,17 @@ class AdapterStore:
             current = {n: self.table.gather(n, rows).cpu() for n in names}
             self.table.scatter_columns(rows, select_update(current, losses[k : k + INIT_CHUNK].cpu(), step, patience))
             self._changed.update(rows.tolist())
+
+    def best_losses(self) -> dict[str, float]:
+        """Each user's kept row's validation loss (NaN before its first validation)."""
+        if not self.selects or not len(self):
+            return {}
+        if self.cache is not None:
+            self.cache.flush()
+        every = torch.arange(len(self))
+        loss = self.table.gather(BEST_LOSS, every).cpu()
+        loss = torch.where(self.table.gather(SEEN, every).cpu() > 0, loss, torch.full_like(loss, float("nan")))
+        return dict(zip(self.registry.ids, loss.tolist()))
 
     def stopped(self) -> list[str]:
         """Users that left the plan (``train.patience``)."""

@@ -27,7 +27,7 @@ TRAINING_KEYS = ("store.optimizer.name", "store.optimizer.lr", "store.optimizer.
                  "store.optimizer.weight_decay", "store.optimizer.state_dtype", "store.init_seed", "adapter.method",
                  "adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.feedforward_modules", "train.precision",
                  "adapter.shared", "train.shared_phase", "train.shared_steps", "train.select", "train.validate_every_steps",
-                 "train.patience")
+                 "train.patience", "train.sweep")
 
 
 def _plain(value: Any) -> Any:

@@ -37,12 +37,14 @@ class TrainLoop:
     def __init__(self, session: Session, tracker: Tracker) -> None:
         self.session, self.tracker = session, tracker
         self.trainer = Trainer(session.model, session.slot, session.store, session.step_examples, train_settings(session),
-                               session.user_total_steps(), session.pad_id, session.device, shared=session.shared)
+                               session.user_total_steps(), session.pad_id, session.device, shared=session.shared,
+                               user_lr=session.user_lr())
         t = session.cfg.train
         self.total = session.phase_plan.total_steps(t.epochs, t.max_steps)
         self.validator = Validator(session, self.total)
 
-    def checkpoint(self, step: int) -> Path:
+    def checkpoint(self, step: int, full: bool = False) -> Path:
+        """``full``: a full checkpoint whatever the chain (a sweep rewrites it alone)."""
         s, t = self.session, self.session.cfg.train
         state = {
             "next_step": step, "mlflow_run_id": self.tracker.known_run_id, "seed": t.seed,
@@ -50,8 +52,9 @@ class TrainLoop:
             "base_fingerprint": s.base_fingerprint, "fingerprint": s.fingerprint.as_dict(),
             "phase": s.phase_plan.phase.as_dict(), "run_id": s.run_id,
         }
-        return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints, t.full_checkpoint_every,
-                               s.run_id, shared=s.shared.tensors() if s.shared is not None else None)
+        return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints,
+                               1 if full else t.full_checkpoint_every, s.run_id,
+                               shared=s.shared.tensors() if s.shared is not None else None)
 
     def log_plan(self, start: int) -> None:
         occupancy = self.session.phase_plan.planner.occupancy()
@@ -98,7 +101,9 @@ class TrainLoop:
                     if validator.due(step, plan, following):
                         tracker.log_metrics(validator.validate(step), step=step)
                     self._between_steps(step, watch)
-                    if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and self.session.eval and step < self.total:
+                    # (A sweep's users are scored once it has chosen: its rows are variants until then.)
+                    if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and self.session.eval and step < self.total
+                            and not t.sweep.lr):
                         tracker.log_metrics(summarise(evaluate_adapters(self.session, self.session.store)), step=step)
                     plan = following
             status = "FINISHED"

@@ -15,7 +15,7 @@ from flora_train import dist as fdist
 from flora_train.base.zero import resident_base_bytes
 from flora_train.config import flatten, recipe_to_yaml
 from flora_train.tracking import Tracker
-from flora_train.run_dir.checkpoints import load_checkpoint
+from flora_train.run_dir.checkpoints import load_checkpoint, read_state
 from flora_train.train.loop import Trained, TrainLoop
 from flora_train.run_dir.identity import new_run_id
 from flora_train.train.phases import first_phase
@@ -24,6 +24,7 @@ from flora_train.train.resume import agreed_checkpoint, check_same_base, check_s
 from flora_train.train.scoring import score_run, train_shared_baseline
 from flora_train.train.session import Session, prepare_session
 from flora_train.train.shared import load_shared, train_shared_phase
+from flora_train.train.sweep import check_not_collapsed, collapse
 
 
 def wants_resume(cfg: DictConfig, resume: bool) -> bool:
@@ -54,8 +55,15 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
         train_shared_phase(session, tracker, steps)
         loop.checkpoint(start_step)
     trained = loop.run(start_step, watch)
-    final = loop.checkpoint(trained.step)
-    return finish(session, tracker, trained, final, loop.total)
+    final = loop.checkpoint(trained.step, full=bool(session.cfg.train.sweep.lr))
+    sweep = None
+    if session.cfg.train.sweep.lr:  # each user keeps its best variant; the others leave store and checkpoints
+        sweep = collapse(session, final)
+        tracker.log_metrics({f"sweep/users_lr_{lr}": float(n) for lr, n in sweep["chosen_counts"].items()}, step=trained.step)
+        if fdist.rank() == 0:
+            print("per-user learning rates chosen on the validation split: "
+                  + ", ".join(f"{lr}: {n} users" for lr, n in sweep["chosen_counts"].items()))
+    return finish(session, tracker, trained, final, loop.total, sweep)
 
 
 def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
@@ -67,6 +75,7 @@ def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
         session.run_id = fdist.broadcast_object(new_run_id())
         first_phase(session)
         return 0, None
+    check_not_collapsed(read_state(ckpt), ckpt)
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=True)
     load_shared(ckpt, session)
     session.run_id = state.get("run_id")
@@ -94,7 +103,8 @@ def start_tracking(session: Session, start_step: int, run_id: str | None) -> Tra
     return tracker
 
 
-def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, total: int) -> dict[str, Any]:
+def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, total: int,
+           sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scores (per-user, base, shared), exports, logs and writes ``result.json``."""
     cfg, run_dir, step = session.cfg, session.run_dir, trained.step
     main = fdist.rank() == 0
@@ -105,6 +115,8 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
                               "base": {"zero_stage": cfg.base.zero_stage, "world_size": fdist.world_size(),
                                        "launcher": session.launch.launcher,
                                        "resident_bytes_per_rank": held, "total_bytes": whole}}
+    if sweep is not None:
+        result["sweep"] = sweep
     if session.eval is not None and cfg.eval.at_end:
         # With adapter.shared the comparison is the shared adapter itself: nothing is trained twice.
         baseline = cfg.train.compare_shared_baseline and session.shared is None

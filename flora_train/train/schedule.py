@@ -8,9 +8,10 @@ import torch
 
 
 def per_user_lr(
-    base_lr: float, schedule: str, warmup: int, min_ratio: float, step: torch.Tensor, total: torch.Tensor
+    base_lr: float | torch.Tensor, schedule: str, warmup: int, min_ratio: float, step: torch.Tensor, total: torch.Tensor
 ) -> torch.Tensor:
-    """``lr [users]`` for the step each user is about to take (``step`` counts from 1).
+    """``lr [users]`` for the step each user is about to take (``step`` counts from 1); ``base_lr``:
+    one rate, or each user's own (float64, a sweep's variants).
 
     Warm-up is linear over a user's first ``warmup`` steps; then the factor stays 1 (constant) or
     decays to ``min_ratio`` at the user's last planned step (``total``), linearly or on a cosine.

@@ -178,15 +178,15 @@ def against_shared(per_user: dict[str, UserEval], shared: dict[str, UserEval]) -
 def print_table(rows: list[tuple[str, dict[str, float]]], chance: float | None) -> None:
     if fdist.rank() != 0:
         return
-    print(f"\n{'':22s} {'users':>6s} {'acc mean':>9s} {'acc p10':>8s} {'acc p50':>8s} {'acc p90':>8s} {'loss mean':>10s}")
+    print(f"\n{'':30s} {'users':>6s} {'acc mean':>9s} {'acc p10':>8s} {'acc p50':>8s} {'acc p90':>8s} {'loss mean':>10s}")
     for name, s in rows:
         print(
-            f"{name:22s} {int(s.get('eval/users', 0)):6d} {s.get('eval/accuracy_mean', float('nan')):9.3f} "
+            f"{name:30s} {int(s.get('eval/users', 0)):6d} {s.get('eval/accuracy_mean', float('nan')):9.3f} "
             f"{s.get('eval/accuracy_p10', float('nan')):8.3f} {s.get('eval/accuracy_p50', float('nan')):8.3f} "
             f"{s.get('eval/accuracy_p90', float('nan')):8.3f} {s.get('eval/loss_mean', float('nan')):10.4f}"
         )
     if chance is not None:
-        print(f"{'chance':22s} {'':6s} {chance:9.3f}")
+        print(f"{'chance':30s} {'':6s} {chance:9.3f}")
 
 
 def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.Tensor | None) -> dict[str, Any]:
@@ -215,8 +215,9 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
                       {k.replace("eval_shared/", "eval/"): v for k, v in shared.items()}))
     moment = best_global_moment(session) if session.validation is not None else None
     if moment is not None:  # the best single moment for everyone, chosen on the validation split too
-        out["eval_global"] = {**summarise_losses(moment[1], "eval_global"), "eval_global/step": float(moment[0])}
-        table.append((f"best global (step {moment[0]})", {k.replace("eval_global/", "eval/"): v for k, v in out["eval_global"].items()}))
+        out["eval_global"] = summarise_losses(moment[1], "eval_global")
+        out["eval_global_setting"] = moment[0]
+        table.append((f"best global ({moment[0]})", {k.replace("eval_global/", "eval/"): v for k, v in out["eval_global"].items()}))
     tracker.log_metrics({**summary, **base, **out.get("eval_shared", {}), **out.get("eval_global", {})}, step=step)
     if cfg.eval.generate:
         out["eval_generate"] = run_generation_eval(session, step, tracker)

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 
 from flora_train import dist as fdist
 from flora_train.data.planner import StepPlan
+from flora_train.train.sweep import variant
 
 if TYPE_CHECKING:
+    from flora_train.data.examples import TokenizedExamples
     from flora_train.train.session import Session
 
 log = logging.getLogger("flora_train")
@@ -34,8 +36,7 @@ class Validator:
         self.enabled = session.validation is not None and (t.select.value == "best" or t.patience is not None)
         self.stopped: set[str] = set()
         if self.enabled:
-            users = set(session.user_tokens)
-            missing = sorted(users - set(session.validation.users()))  # type: ignore[union-attr]
+            missing = sorted(set(session.users()) - set(session.validation.users()))  # type: ignore[union-attr]
             if missing and fdist.rank() == 0:
                 log.warning("%d user(s) have too few examples to spare one for validation and keep the identity row "
                             "(the shared adapter, or the base): %s%s", len(missing), ", ".join(map(repr, missing[:10])),
@@ -65,46 +66,69 @@ class Validator:
 
     def validate(self, step: int) -> dict[str, float]:
         """Scores every user's validation split (and evaluation data) now, records it; returns metrics."""
-        from flora_train.train.scoring import adapter_rows, evaluate_everywhere, evaluate_rows
-
         s = self.session
         assert s.validation is not None
-        store = s.store
-        mine = s.validation.select([i for i, u in enumerate(s.validation.user_codes)
-                                    if s.validation.user_names[u] in store and store.owner(s.validation.user_names[u]) == store.rank])
-        rows_for = adapter_rows(store, served=False)
-        losses = {u: e.loss for u, e in evaluate_everywhere(s, rows_for, mine).items()}
-        evals = {u: e.loss for u, e in evaluate_rows(s, rows_for, lambda u: u in store).items()} if s.eval is not None else {}
-        store.validated(losses, step, self.patience)
-        stopped = store.stopped() if self.patience is not None else set()
+        lrs = list(s.cfg.train.sweep.lr)
+        losses: dict[str, float] = {}
+        evals: dict[str, float] = {}
+        lines = []
+        for k in range(max(len(lrs), 1)):  # a sweep's variants one after another (each pass is collective)
+            def name(user: str, k: int = k) -> str:
+                return variant(user, k) if lrs else user
+
+            val = self._scores(s.validation, name)
+            ev = self._scores(s.eval, name) if s.eval is not None else {}
+            losses.update({name(u): v for u, v in val.items()})
+            evals.update({name(u): v for u, v in ev.items()})
+            lines += [{"user_id": u, "variant": k if lrs else None, "validation_loss": val.get(u), "eval_loss": ev.get(u)}
+                      for u in s.users()]
+        s.store.validated(losses, step, self.patience)
+        stopped = s.store.stopped() if self.patience is not None else set()
         newly = stopped - self.stopped
         self.stopped = stopped
         if fdist.rank() == 0:
-            lines = [json.dumps({"user_id": u, "validation_loss": losses.get(u), "eval_loss": evals.get(u)})
-                     for u in sorted(s.user_tokens)]
             path = s.paths.validation_file(step)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(lines) + "\n")
+            path.write_text("".join(json.dumps(line) + "\n" for line in lines))
             if newly:
                 log.info("after step %d, %d user(s) stopped (no better validation loss in %d validations)", step,
                          len(newly), self.patience)
         finite = [v for v in losses.values() if math.isfinite(v)]
         return {"validation/loss_mean": sum(finite) / max(len(finite), 1), "validation/stopped_users": float(len(stopped))}
 
+    def _scores(self, examples: "TokenizedExamples", name) -> dict[str, float]:
+        """Each user's mean token loss on ``examples`` with the training row of ``name(user)``: every rank
+        scores the examples of the rows it owns; all ranks get every result."""
+        from flora_train.train.scoring import adapter_rows, evaluate_everywhere
 
-def best_global_moment(session: "Session") -> tuple[int, dict[str, float]] | None:
-    """The single validation moment (one step for every user) with the lowest mean validation loss,
-    and every user's evaluation loss then: the best one global setting, chosen on the validation
-    split like the per-user choice, so the two compare fairly."""
-    best: tuple[float, int, dict[str, float]] | None = None
+        store = self.session.store
+        names = examples.user_names
+        mine = examples.select([i for i, c in enumerate(examples.user_codes)
+                                if name(names[c]) in store and store.owner(name(names[c])) == store.rank])
+        rows = adapter_rows(store, served=False)
+        return {u: e.loss for u, e in evaluate_everywhere(self.session, lambda users: rows([name(u) for u in users]),
+                                                          mine).items()}
+
+
+def best_global_moment(session: "Session") -> tuple[str, dict[str, float]] | None:
+    """The single setting for every user (one validation moment, and under a sweep one rate) with the
+    lowest mean validation loss, and every user's evaluation loss then: the best global choice, made
+    on the validation split as the per-user choice is, so the two compare fairly."""
+    lrs = list(session.cfg.train.sweep.lr)
+    best: tuple[float, str, dict[str, float]] | None = None
     for path in session.paths.validation_files():
         step = int(path.stem.split("step")[1])
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-        val = [r["validation_loss"] for r in rows if r["validation_loss"] is not None and math.isfinite(r["validation_loss"])]
-        if not val:
-            continue
-        mean = sum(val) / len(val)
-        if best is None or mean < best[0]:
-            best = (mean, step, {r["user_id"]: r["eval_loss"] for r in rows if r["eval_loss"] is not None})
+        groups: dict[int | None, list[dict]] = {}
+        for line in path.read_text().splitlines():
+            if line:
+                row = json.loads(line)
+                groups.setdefault(row.get("variant"), []).append(row)
+        for k, rows in groups.items():
+            val = [r["validation_loss"] for r in rows if r["validation_loss"] is not None and math.isfinite(r["validation_loss"])]
+            if not val:
+                continue
+            mean = sum(val) / len(val)
+            if best is None or mean < best[0]:
+                label = f"step {step}" + (f", lr {lrs[k]}" if k is not None and k < len(lrs) else "")
+                best = (mean, label, {r["user_id"]: r["eval_loss"] for r in rows if r["eval_loss"] is not None})
     return None if best is None else (best[1], best[2])
-

@@ -33,6 +33,7 @@ from flora_train.train.retain import base_targets
 from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
 from flora_train.train.phases import Phase, PhasePlan
 from flora_train.train.shared import SharedTraining
+from flora_train.train.sweep import user_of, variant_lrs, variants_of
 
 
 @dataclass
@@ -89,6 +90,17 @@ class Session:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    def user_lr(self) -> dict[str, float] | None:
+        """Each row's own base learning rate under ``train.sweep.lr`` (None: ``store.optimizer.lr``)."""
+        lrs = [float(x) for x in self.cfg.train.sweep.lr]
+        if not lrs:
+            return None
+        return variant_lrs(self.users(), lrs)
+
+    def users(self) -> list[str]:
+        """The run's users (under a sweep, whose variants are the store's rows until it chooses)."""
+        return sorted({user_of(v) for v in self.user_tokens})
+
     def user_total_steps(self) -> dict[str, int]:
         t = self.cfg.train
         return self.phase_plan.user_total_steps(t.epochs, t.max_steps)
@@ -137,8 +149,15 @@ def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, use
                            state_dtype=o.state_dtype.value, segments=layout.module_starts())
     rank = fdist.rank()
     disk_dir = Path(st.disk_dir) if st.disk_dir else RunDir(Path(cfg.run_dir)).store_tier
+    init = make_row_init(layout, st.init_seed)
+    if cfg.train.sweep.lr:  # a variant starts where its user would alone: from the user's own seed
+        base_init = init
+
+        def init(user_ids):
+            return base_init([user_of(u) for u in user_ids])
+
     local = AdapterStore(
-        layout.row_size, make_row_init(layout, st.init_seed), hyper, st.tier.value, device,
+        layout.row_size, init, hyper, st.tier.value, device,
         directory=disk_dir / f"rank-{rank:05d}", cache_rows=st.cache_rows, select=selects(cfg),
     )
     plan = ShardPlan.balanced(user_tokens, fdist.world_size())
@@ -224,6 +243,9 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
     by_user = train.by_user()
     per_example = train.target_counts()
     user_tokens = {u: int(per_example[idx].sum()) for u, idx in sorted(by_user.items())}
+    sweep = len(cfg.train.sweep.lr)
+    if sweep:  # K variants of every user, each its own row on the user's examples (train/sweep.py)
+        by_user, user_tokens = variants_of(by_user, sweep), variants_of(user_tokens, sweep)
     if len(user_tokens) < fdist.world_size():
         raise LaunchError(
             f"{len(user_tokens)} user(s) cannot be sharded over {fdist.world_size()} ranks: every rank's store "
@@ -243,7 +265,8 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
             zero.close()
         raise LaunchError(disagreement)
     planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user,
-                           retain=(len(train), len(retain), t.retain.examples_per_user_step) if retain is not None else None)
+                           retain=(len(train), len(retain), t.retain.examples_per_user_step) if retain is not None else None,
+                           stream=user_of if sweep else None)
     return Session(
         cfg=cfg,
         run_dir=run_dir,

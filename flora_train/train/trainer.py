@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -69,10 +69,12 @@ class Trainer:
         device: torch.device,
         shared: SharedTraining | None = None,
         train_personal: bool = True,
+        user_lr: Mapping[str, float] | None = None,
     ) -> None:
         """``shared``: the shared adapter every example goes through (trained in the step unless it is
         frozen); ``train_personal=False``: the personal rows take part at their current values
-        (the identity before training) and nothing of the store changes (``first``'s shared phase)."""
+        (the identity before training) and nothing of the store changes (``first``'s shared phase);
+        ``user_lr``: a user's own base learning rate (a sweep's variants), else ``settings.lr``."""
         self.model = model
         self.slot = slot
         self.store = store
@@ -83,6 +85,7 @@ class Trainer:
         self.device = device
         self.shared = shared
         self.train_personal = train_personal
+        self.user_lr = dict(user_lr or {})
         self.consecutive_faults = 0
         self.nonfinite_steps = 0
         self._planned: tuple[StepPlan, RankWork] | None = None
@@ -218,7 +221,9 @@ class Trainer:
             keep = ok[torch.tensor([step_pos[u] for u in owned.user_ids])]
             steps = self.store.steps(owned.user_ids) + 1
             totals = torch.tensor([self.user_total_steps.get(u, 1) for u in owned.user_ids])
-            lr = per_user_lr(s.lr, s.schedule, s.warmup_steps, s.min_lr_ratio, steps, totals)
+            base = (torch.tensor([self.user_lr.get(u, s.lr) for u in owned.user_ids], dtype=torch.float64)
+                    if self.user_lr else s.lr)
+            lr = per_user_lr(base, s.schedule, s.warmup_steps, s.min_lr_ratio, steps, totals)
             self.store.apply(owned, lr, keep=keep)
         return bad
 

@@ -4,6 +4,8 @@ exported (the shared adapter once, beside the users') and served from the run or
 and the joint mode."""
 
 import json
+import subprocess
+import sys
 
 import torch
 
@@ -11,7 +13,7 @@ from flora_train.inference.trained import load_trained
 from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints, read_shared_adapter
 
 from tests.distributed.helpers import saved_state
-from tests.e2e.helpers import SMALL, flora_train
+from tests.e2e.helpers import REPO, SMALL, flora_train
 
 SHARED = [*SMALL, "adapter.shared.method=lora", "adapter.shared.rank=4", "adapter.shared.lr=0.01",
           "adapter.shared.target_modules=all-linear", "train.shared_steps=6"]
@@ -91,3 +93,40 @@ def test_joint_trains_the_shared_adapter_in_every_step(tmp_path):
     state = json.loads((only / "trainer_state.json").read_text())
     assert meta["frozen"] == "0" and meta["phase"] == "joint" and int(meta["steps"]) == state["next_step"] == 12
     assert "optim.exp_avg" in tensors and tensors["optim.exp_avg"].abs().max() > 0
+
+
+def test_a_learning_rate_sweep_keeps_each_users_best_rate(tmp_path):
+    """Two rates as two variants of every user in one job: each user keeps the rate whose kept row has
+    the lower validation loss, and its rows equal a run at that rate alone (the variants draw their
+    user's own batches; only the other rows sharing a step differ, so float32 reduction order)."""
+    common = [*SMALL, "data.validation_fraction=0.25", "train.select=best", "tracking.enabled=false"]
+    rates = (0.02, 0.2)
+    alone = {}
+    for lr in rates:
+        run = tmp_path / f"lr{lr}"
+        flora_train("run", "recipes/quickstart.yaml", *common, f"run_dir={run}", f"store.optimizer.lr={lr}")
+        alone[lr] = (saved_state(run), {u["user_id"]: u for u in map(json.loads, flora_train("users", str(run), "--json").stdout.splitlines())})
+    swept = tmp_path / "sweep"
+    out = flora_train("run", "recipes/quickstart.yaml", *common, f"run_dir={swept}", f"train.sweep.lr=[{rates[0]},{rates[1]}]").stdout
+    assert "per-user learning rates chosen on the validation split: 0.02:" in out
+    [only] = list_checkpoints(swept)  # the variants' checkpoints are gone; this one holds one row per user
+    chosen = json.loads((only / "trainer_state.json").read_text())["sweep"]["chosen"]
+    state = saved_state(swept)
+    assert sorted(state) == sorted(chosen) and len(chosen) == 24 and set(chosen.values()) <= set(rates)
+    decided = 0
+    for user, lr in chosen.items():
+        losses = {r: alone[r][1][user]["validation_loss"] for r in rates}
+        if abs(losses[rates[0]] - losses[rates[1]]) > 1e-3 * max(losses.values()):
+            assert lr == min(losses, key=losses.get), (user, losses, lr)
+            decided += 1
+        for key in ("rows", "optim.exp_avg", "optim.exp_avg_sq", "optim.step"):
+            torch.testing.assert_close(state[user][key], alone[lr][0][user][key], rtol=1e-3, atol=5e-5)
+    assert decided >= 12
+    resumed = flora_train("run", "recipes/quickstart.yaml", *common, f"run_dir={swept}", f"train.sweep.lr=[{rates[0]},{rates[1]}]",
+                          "--resume", check=False)
+    assert resumed.returncode == 2 and "sweep is done" in resumed.stderr and "Traceback" not in resumed.stderr
+    # A reader that goes away (`flora-train users RUN | head`) ends the command quietly, never a traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "users", str(swept), "--json"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # closed long before the command (seconds to import) writes its first line
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in proc.stderr.read()

@@ -78,6 +78,6 @@ def test_validation_split_per_user(counts, fraction, seed):
         want = int(n * fraction)
         assert mine == (want if 0 < want < n else 0)
     # A user's draw does not depend on the other users.
-    alone = [f"u0"] * counts[0]
+    alone = ["u0"] * counts[0]
     _, held_alone = hold_out_fraction(alone, fraction, seed)
     assert held_alone == [i for i in held if users[i] == "u0"]

@@ -1,0 +1,108 @@
+"""A per-user learning-rate sweep (``train.sweep.lr``): K variants of every user, trained as K rows
+of the same job (``user@sweepK``: each its own row, optimizer state, kept row and stop, on the
+user's own examples and validation split, at rate K), so one job tries K rates for every user at
+once. Rows are independent, so each variant trains exactly as a run at its rate alone would.
+
+At the end each user keeps the variant whose kept row has the lowest validation loss (ties: the
+lower K); the final checkpoint is rewritten (crash-safely, ``run_dir/rewrite.py``) to hold only the
+kept variants under their users' own names, every older checkpoint of the run (they hold every
+variant) is removed, and the store is restored from it, so scoring, export, generate, serve and
+``users`` see one row per user. The choice is in the checkpoint's trainer state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from flora_train import dist as fdist
+from flora_train.errors import UserError
+
+if TYPE_CHECKING:
+    from flora_train.train.session import Session
+
+SEP = "@sweep"
+
+
+def variant(user: str, k: int) -> str:
+    return f"{user}{SEP}{k}"
+
+
+def split_variant(name: str) -> tuple[str, int]:
+    """``(user, k)`` of a variant name (the last ``@sweepK``, so any user id round-trips)."""
+    user, _, k = name.rpartition(SEP)
+    return user, int(k)
+
+
+def user_of(name: str) -> str:
+    """The user a row belongs to: a variant's user, any other name itself."""
+    user, sep, k = name.rpartition(SEP)
+    return user if sep and k.isdigit() else name
+
+
+def variants_of(by_user: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """Every user's entry under each of its ``k`` variants' names."""
+    return {variant(u, j): v for u, v in by_user.items() for j in range(k)}
+
+
+def variant_lrs(users: list[str], lrs: list[float]) -> dict[str, float]:
+    return {variant(u, k): lr for u in users for k, lr in enumerate(lrs)}
+
+
+def choose(best_losses: Mapping[str, float], lrs: list[float]) -> dict[str, int]:
+    """Each user's variant: the lowest validation loss of its kept row (NaN counts as worst; ties: lower K)."""
+    scored: dict[str, list[float]] = {}
+    for name, loss in best_losses.items():
+        user, k = split_variant(name)
+        scored.setdefault(user, [math.inf] * len(lrs))[k] = loss if math.isfinite(loss) else math.inf
+    return {u: int(np.argmin(v)) for u, v in scored.items()}
+
+
+class SweepDone(UserError, RuntimeError):
+    """A resume onto a run whose sweep was already collapsed."""
+
+
+def check_not_collapsed(state: Mapping[str, Any], ckpt: Path) -> None:
+    if "sweep" in state:
+        raise SweepDone(f"{ckpt}: this run's sweep is done (each user kept its best rate: {ckpt}/trainer_state.json); "
+                        "export, serve or evaluate it, or start another run_dir to train again")
+
+
+def collapse(session: "Session", ckpt: Path) -> dict[str, Any]:
+    """Keeps each user's best variant in ``ckpt`` under the user's own name, drops the rest from it and
+    from the run's other checkpoints, and restores the store from it. Collective."""
+    from flora_train.run_dir.checkpoints import SHARD_PLAN, TRAINER_STATE, list_checkpoints, load_checkpoint
+    from flora_train.run_dir.rewrite import rewrite_checkpoint
+    from flora_train.store.saved import iter_shards, keep_users
+
+    lrs = [float(x) for x in session.cfg.train.sweep.lr]
+    chosen = choose(session.store.selection_losses(), lrs)
+    keep = {variant(u, k): u for u, k in chosen.items()}
+    if fdist.rank() == 0:
+        def edit(folder: Path, manifest: dict[str, Any]) -> int:
+            for path, users in iter_shards(folder):
+                keep_users(path, users, keep)
+            plan = json.loads((folder / SHARD_PLAN).read_text())
+            plan["owners"] = {keep[v]: r for v, r in plan["owners"].items() if v in keep}
+            (folder / SHARD_PLAN).write_text(json.dumps(plan, indent=2, ensure_ascii=False))
+            state = json.loads((folder / TRAINER_STATE).read_text())
+            state["sweep"] = {"lr": lrs, "chosen": {u: lrs[k] for u, k in sorted(chosen.items())}}
+            (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2, ensure_ascii=False))
+            return len(keep)
+
+        rewrite_checkpoint(ckpt, edit)
+        for other in list_checkpoints(session.run_dir):
+            if other != ckpt:
+                shutil.rmtree(other)
+    fdist.barrier()
+    real = {u: session.user_tokens[variant(u, 0)] for u in chosen}
+    session.user_tokens = real
+    load_checkpoint(ckpt, session.store, session.layout, real)
+    counts = Counter(lrs[k] for k in chosen.values())
+    return {"lr": lrs, "chosen_counts": {str(lr): counts.get(lr, 0) for lr in lrs}}
