@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,9 +35,19 @@ def package_dir(name: str) -> str:
     return str(Path(spec.origin).parent)
 
 
+def _register(name: str, resolver: Any) -> None:
+    """omegaconf 2.4 renamed register_new_resolver to register_resolver (and warns on the old name on
+    every run); in 2.3 register_resolver is the deprecated string-argument API. 2.4's takes
+    ``replace`` (as register_new_resolver does), 2.3's does not."""
+    if "replace" in inspect.signature(OmegaConf.register_resolver).parameters:
+        OmegaConf.register_resolver(name, resolver)
+    else:
+        OmegaConf.register_new_resolver(name, resolver)
+
+
 # Registered once, at import: resolvers are OmegaConf's own registry, and this one is pure.
 if not OmegaConf.has_resolver("package_dir"):
-    OmegaConf.register_new_resolver("package_dir", package_dir)
+    _register("package_dir", package_dir)
 
 
 def _key_lines(text: str) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """Recipes: schema errors name file, line and key; every shipped recipe validates."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,17 @@ def _write(tmp_path, text):
         (MINIMAL, ["train.retain.targets=teacher"], r"invalid value for key 'train.retain.targets'.*base, data"),
         (MINIMAL, ["base.tiny=null", "base.name_or_path=${package_dir:no_such_pkg_x}"],
          r"package_dir:no_such_pkg_x.*the package 'no_such_pkg_x' is not installed"),
+        (MINIMAL, ["train.select=best"], r"key 'train.select': needs a validation split: set data.validation_fraction"),
+        (MINIMAL, ["train.patience=2"], r"key 'train.patience': needs a validation split"),
+        (MINIMAL, ["data.validation_fraction=1.5"], r"key 'data.validation_fraction': must be in \[0, 1\)"),
+        (MINIMAL, ["data.validation_fraction=0.2", "train.sweep.lr=[0.1]"], r"key 'train.select': must be best with train.sweep.lr"),
+        (MINIMAL, ["data.validation_fraction=0.2", "train.select=best", "train.sweep.lr=[0.1,0.1]"],
+         r"key 'train.sweep.lr': must be distinct learning rates > 0"),
+        (MINIMAL, ["adapter.shared.target_modules=[]"], r"key 'adapter.shared.target_modules': must be a non-empty list"),
+        (MINIMAL, ["adapter.shared.rank=0"], r"key 'adapter.shared.rank': must be > 0"),
+        (MINIMAL, ["adapter.shared.method=dora"], r"invalid value for key 'adapter.shared.method'.*flora, lora, ia3"),
+        (MINIMAL, ["adapter.shared.rank=2", "train.shared_phase=joint", "train.shared_steps=5"],
+         r"key 'train.shared_steps': is the length of shared_phase=first's own phase"),
     ],
 )
 def test_recipe_errors_name_the_key(tmp_path, text, overrides, pattern):
@@ -68,3 +80,24 @@ def test_overrides_apply_with_types(tmp_path):
     cfg = load_recipe(_write(tmp_path, MINIMAL), ["train.epochs=5", "adapter.method=lora", "adapter.target_modules=[q_proj]"])
     assert cfg.train.epochs == 5 and cfg.adapter.method.value == "lora" and list(cfg.adapter.target_modules) == ["q_proj"]
     assert cfg.base.tiny.hidden_size == 64  # nested defaults are filled from the schema
+
+
+def test_loading_a_recipe_warns_nothing_on_the_pinned_and_the_newest_omegaconf(tmp_path):
+    """`pip install -e .` resolves omegaconf 2.4, whose register_new_resolver warns on every run (2.3's
+    register_resolver is the deprecated one): a recipe loads with warnings as errors on both."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check", "-d",
+                    str(tmp_path), "omegaconf==2.4.0"], check=True, capture_output=True)
+    [wheel] = tmp_path.glob("omegaconf-2.4.0-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "newest")
+    code = ("import omegaconf, sys; from flora_train.config import load_recipe; "
+            "load_recipe('recipes/smollm2-135m-flora-r1.yaml', ['adapter.shared.rank=4']); print(omegaconf.__version__)")
+    for path, version in ((None, "2.3.0"), (tmp_path / "newest", "2.4.0")):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if path is not None:
+            env["PYTHONPATH"] = str(path)
+        proc = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.strip() == version, proc.stderr[-2000:]
