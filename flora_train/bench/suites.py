@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale")
+SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale", "personal")
 
 
 def _ints(text: str) -> list[int]:
@@ -52,6 +52,12 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--data-examples", type=int, default=1_000_000, help="data: examples in the generated dataset")
     be.add_argument("--populations", type=_ints, default=[1_000, 100_000, 1_000_000],
                     help="scale: comma-separated population sizes, one training run each")
+    be.add_argument("--population", default="speeches,persona", help="personal: comma-separated speeches, persona")
+    be.add_argument("--seeds", type=_ints, default=[0, 1], help="personal: comma-separated seeds (two show the noise)")
+    be.add_argument("--tiny", action="store_true", help="personal: a small base built from the data instead of SmolLM2")
+    be.add_argument("--small-population", action="store_true", help="personal: 6 users a population (how the tests run it)")
+    be.add_argument("--settings", default=None, help="personal: only these settings (comma-separated names; default all)")
+    be.add_argument("--reuse", action="store_true", help="personal: read settings that finished with the same command")
     be.add_argument("overrides", nargs="*", help="train / zero: recipe overrides for every run (e.g. base.deepspeed...)")
 
 
@@ -120,6 +126,12 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         from flora_train.bench.scale import bench_scale
 
         return bench_scale(args.populations, _given(args.users_per_step, 64), _given(args.steps, 16), out=args.out)
+    if suite == "personal":
+        from flora_train.bench.personal import bench_personal
+
+        return bench_personal([p for p in args.population.split(",") if p], args.seeds, args.out, tiny=args.tiny,
+                              small=args.small_population, settings=args.settings.split(",") if args.settings else None,
+                              reuse=args.reuse)
     raise ValueError(f"unknown bench suite {suite!r}")
 
 

@@ -176,7 +176,9 @@ class AdapterConfig:
     # Feed-forward output layers (name suffixes) whose *input* IA3 scales, as PEFT does; null takes
     # PEFT's list for the architecture (down_proj for Llama, mlp.c_proj for GPT-2).
     feedforward_modules: Optional[list[str]] = None
-    shared: Optional[SharedAdapterConfig] = None  # null: personal adapters on the plain base
+    # null: personal adapters on the plain base. Setting any adapter.shared.* key turns it on (with
+    # the section's defaults for the rest).
+    shared: Optional[SharedAdapterConfig] = None
 
 
 class SyntheticTaskKind(str, Enum):

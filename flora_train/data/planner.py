@@ -126,6 +126,10 @@ class BatchPlanner:
             return {"occupancy_mean": 0.0, "occupancy_min": 0.0, "single_user_steps": 0.0}
         return {"occupancy_mean": sum(fill) / len(fill), "occupancy_min": min(fill), "single_user_steps": sum(alone) / len(alone)}
 
+    def epoch_lengths(self, epochs: int) -> list[int]:
+        """Steps in each of the first ``epochs`` epochs (the plan before any ``max_steps``)."""
+        return [len(self._epoch(e)) for e in range(epochs)]
+
     def steps_per_epoch(self) -> int:
         return len(self._epoch(0))
 

@@ -41,7 +41,7 @@ class TrainLoop:
                                user_lr=session.user_lr())
         t = session.cfg.train
         self.total = session.phase_plan.total_steps(t.epochs, t.max_steps)
-        self.validator = Validator(session, self.total)
+        self.validator = Validator(session)
 
     def checkpoint(self, step: int, full: bool = False) -> Path:
         """``full``: a full checkpoint whatever the chain (a sweep rewrites it alone)."""
@@ -98,7 +98,7 @@ class TrainLoop:
                     if meter.steps and (step % t.log_every_steps == 0 or step == self.total):
                         tracker.log_metrics(meter.metrics(), step=step)
                         meter.reset()
-                    if validator.due(step, plan, following):
+                    if validator.due(step):
                         tracker.log_metrics(validator.validate(step), step=step)
                     self._between_steps(step, watch)
                     # (A sweep's users are scored once it has chosen: its rows are variants until then.)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,15 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     start_step, run_id = resume_point(session, resume)
     tracker = start_tracking(session, start_step, run_id)
     loop = TrainLoop(session, tracker)
+    shared_seconds = None
     if session.shared is not None and session.shared.needs_phase():
         # train.shared_phase=first: the shared adapter on every user's data, then frozen, and saved in
         # a checkpoint of its own before any personal row trains (a crash after it never retrains it).
         steps = session.cfg.train.shared_steps or loop.total - start_step
+        began = time.perf_counter()
         train_shared_phase(session, tracker, steps)
+        shared_seconds = time.perf_counter() - began
+        tracker.log_metrics({"shared/seconds": shared_seconds}, step=start_step)
         loop.checkpoint(start_step)
     trained = loop.run(start_step, watch)
     final = loop.checkpoint(trained.step, full=bool(session.cfg.train.sweep.lr))
@@ -63,7 +68,7 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
         if fdist.rank() == 0:
             print("per-user learning rates chosen on the validation split: "
                   + ", ".join(f"{lr}: {n} users" for lr, n in sweep["chosen_counts"].items()))
-    return finish(session, tracker, trained, final, loop.total, sweep)
+    return finish(session, tracker, trained, final, loop.total, sweep, shared_seconds)
 
 
 def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
@@ -104,7 +109,7 @@ def start_tracking(session: Session, start_step: int, run_id: str | None) -> Tra
 
 
 def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, total: int,
-           sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+           sweep: dict[str, Any] | None = None, shared_seconds: float | None = None) -> dict[str, Any]:
     """Scores (per-user, base, shared), exports, logs and writes ``result.json``."""
     cfg, run_dir, step = session.cfg, session.run_dir, trained.step
     main = fdist.rank() == 0
@@ -117,6 +122,8 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
                                        "resident_bytes_per_rank": held, "total_bytes": whole}}
     if sweep is not None:
         result["sweep"] = sweep
+    if shared_seconds is not None:
+        result["shared_phase_seconds"] = shared_seconds
     if session.eval is not None and cfg.eval.at_end:
         # With adapter.shared the comparison is the shared adapter itself: nothing is trained twice.
         baseline = cfg.train.compare_shared_baseline and session.shared is None

@@ -197,7 +197,8 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
         write_per_user(session.paths.eval_file(f"per_user-step{step}.jsonl"), per_user)
     summary = {**summarise(per_user), **coverage(session)}
     with session.slot.without_shared():
-        base = summarise(evaluate_base(session), "eval_base")
+        base_users = evaluate_base(session)
+    base = summarise(base_users, "eval_base")
     out: dict[str, Any] = {"eval": summary, "eval_base": base}
     layered = session.shared is not None
     kept = "(best of)" if cfg.train.select.value == "best" else ""
@@ -208,6 +209,10 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
         shared_users = evaluate_base(session)
     elif shared_row is not None:
         shared_users = evaluate_shared(session, shared_row)
+    if fdist.rank() == 0:  # every user's base and shared scores too, for comparisons user by user
+        write_per_user(session.paths.eval_file(f"per_user_base-step{step}.jsonl"), base_users)
+        if shared_users is not None:
+            write_per_user(session.paths.eval_file(f"per_user_shared-step{step}.jsonl"), shared_users)
     if shared_users is not None:
         shared = {**summarise(shared_users, "eval_shared"), **against_shared(per_user, shared_users)}
         out["eval_shared"] = shared

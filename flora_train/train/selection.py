@@ -28,13 +28,22 @@ log = logging.getLogger("flora_train")
 
 
 class Validator:
-    def __init__(self, session: "Session", total: int) -> None:
+    def __init__(self, session: "Session") -> None:
         t = session.cfg.train
-        self.session, self.total = session, total
+        self.session = session
         self.every = t.validate_every_steps
         self.patience = t.patience
         self.enabled = session.validation is not None and (t.select.value == "best" or t.patience is not None)
         self.stopped: set[str] = set()
+        # Validations fall at steps of the uncapped plan (each epoch's end, and its last step), so a run
+        # cut short by train.max_steps and resumed with a larger one validates as one that never was.
+        self.start = session.phase_plan.phase.start_step
+        self.epoch_ends: set[int] = set()
+        self.end = self.start
+        if self.enabled:
+            for n in session.phase_plan.planner.epoch_lengths(t.epochs):
+                self.end += n
+                self.epoch_ends.add(self.end)
         if self.enabled:
             missing = sorted(set(session.users()) - set(session.validation.users()))  # type: ignore[union-attr]
             if missing and fdist.rank() == 0:
@@ -47,15 +56,15 @@ class Validator:
         if self.enabled:
             self.stopped = self.session.store.stopped()
 
-    def due(self, step: int, plan: StepPlan, following: StepPlan | None) -> bool:
+    def due(self, step: int) -> bool:
         """Whether to validate after global step ``step`` (the number of steps done)."""
         if not self.enabled:
             return False
-        if step >= self.total or following is None:
+        if step == self.end:
             return True
         if self.every:
-            return (step - self.session.phase_plan.phase.start_step) % self.every == 0
-        return following.epoch != plan.epoch
+            return (step - self.start) % self.every == 0
+        return step in self.epoch_ends
 
     def training(self, plan: StepPlan) -> StepPlan | None:
         """``plan`` without the users that left it (None when none is left)."""

@@ -61,3 +61,7 @@ def assert_same_adapters(got: dict, want: dict, label: str) -> None:
     for user, cols in want.items():
         assert torch.equal(got[user]["optim.step"], cols["optim.step"]), (label, user)
         torch.testing.assert_close(got[user]["rows"], cols["rows"], **ROW_TOL, msg=lambda m: f"{label} {user}: {m}")
+        if "select.kept" in cols:  # train.select: the same row kept, from the same step
+            assert torch.equal(got[user]["select.best_step"], cols["select.best_step"]), (label, user)
+            torch.testing.assert_close(got[user]["select.kept"], cols["select.kept"], **ROW_TOL,
+                                       msg=lambda m: f"{label} {user} kept: {m}")

@@ -19,7 +19,7 @@ from flora_train.config import load_recipe
 from flora_train.export import load_flora_adapter, read_packed
 from flora_train.store.placement import partition_step
 from flora_train.store.sharding import ShardPlan
-from flora_train.run_dir.checkpoints import latest_checkpoint
+from flora_train.run_dir.checkpoints import latest_checkpoint, read_shared_adapter
 from flora_train.train.run import run_training
 from flora_train.train.session import prepare_session
 
@@ -98,9 +98,15 @@ def _check_export_over_ranks(run_dir: Path, world: int) -> None:
 
 
 def test_restore_onto_another_world_size(tmp_path, tiny_llama_dir):
-    base = small_recipe(tmp_path, tiny_llama_dir)
+    # With a shared adapter (replicated: its gradient all-reduced) and per-user selection (kept rows are
+    # store columns, resharded with the rows), validated at every epoch's end.
+    base = [*small_recipe(tmp_path, tiny_llama_dir), "adapter.shared.method=lora", "adapter.shared.rank=2",
+            "adapter.shared.target_modules=[q_proj,o_proj]", "adapter.shared.lr=0.01", "data.validation_fraction=0.34",
+            "train.select=best"]
     run_training(load_recipe(None, [*base, f"run_dir={tmp_path / 'ref'}"]))
     ref = saved_state(tmp_path / "ref")
+    ref_shared = read_shared_adapter(latest_checkpoint(tmp_path / "ref"))[0]["row"]
+    assert any(not torch.equal(v["select.kept"], v["rows"]) for v in ref.values()), "some user keeps an earlier row"
     first = tmp_path / "saved-at-2"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("tracking:\n  enabled: false\n")
@@ -120,6 +126,8 @@ def test_restore_onto_another_world_size(tmp_path, tiny_llama_dir):
     assert len(list(latest_checkpoint(at3).glob("store-*-of-00003.safetensors"))) == 3
     assert_same_adapters(saved_state(at3), ref, "2 -> 3 ranks, from a delta chain")
     assert_same_adapters(saved_state(at1), ref, "2 -> 1 rank, from a delta chain")
+    for run in (first, at3, at1):  # one shared adapter, whatever the world size that trained it
+        torch.testing.assert_close(read_shared_adapter(latest_checkpoint(run))[0]["row"], ref_shared, rtol=1e-5, atol=1e-6)
 
 
 def test_ranks_that_read_other_data_or_recipe_fail_naming_the_rank(tmp_path, tiny_llama_dir):

