@@ -53,7 +53,10 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     if session.shared is not None and session.shared.needs_phase():
         # train.shared_phase=first: the shared adapter on every user's data, then frozen, and saved in
         # a checkpoint of its own before any personal row trains (a crash after it never retrains it).
-        steps = session.cfg.train.shared_steps or loop.total - start_step
+        # Default: as many steps as the personal phase's plan, before any max_steps (which only cuts
+        # the schedule short: a run cut and resumed must train the same shared adapter).
+        t = session.cfg.train
+        steps = t.shared_steps or session.phase_plan.planner.total_steps(t.epochs, None)
         began = time.perf_counter()
         train_shared_phase(session, tracker, steps)
         shared_seconds = time.perf_counter() - began

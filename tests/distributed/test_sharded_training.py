@@ -111,13 +111,13 @@ def test_restore_onto_another_world_size(tmp_path, tiny_llama_dir):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("tracking:\n  enabled: false\n")
     # Through the real CLI: torchrun -m flora_train.cli run ...
-    # Checkpoints every 2 steps: step 2 full, then deltas at 4, 6 and 7 (incremental checkpoints).
+    # The shared phase's checkpoint (step 0, full), then every 2 steps deltas at 2, 4, 6 and 7 (incremental).
     torchrun(2, ["-m", "flora_train.cli", "run", str(recipe), *base, f"run_dir={first}", "train.max_steps=7",
                  "store.placement=fetch", "train.checkpoint_every_steps=2"], tmp_path)
     ckpt = latest_checkpoint(first)
     assert ckpt.name == "step-00000007" and len(list(ckpt.glob("store-*-of-00002.safetensors"))) == 2
     chain = json.loads((ckpt / "manifest.json").read_text())["chain"]
-    assert chain == ["step-00000002", "step-00000004", "step-00000006", "step-00000007"], chain
+    assert chain == ["step-00000000", "step-00000002", "step-00000004", "step-00000006", "step-00000007"], chain
     at3, at1 = tmp_path / "resumed-at-3", tmp_path / "resumed-at-1"
     shutil.copytree(first, at3)
     shutil.copytree(first, at1)
