@@ -7,93 +7,31 @@ cross-field checks that OmegaConf cannot express live in ``validate.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Optional
 
 from omegaconf import MISSING
 
-
-class Method(str, Enum):
-    flora = "flora"
-    lora = "lora"
-    ia3 = "ia3"
-
-
-class Kernel(str, Enum):
-    """How an adapter method is computed. auto measures the method's kernels and keeps the fastest."""
-
-    auto = "auto"
-    bmm = "bmm"  # LoRA: gather each example's A, B; two batched matmuls
-    segment = "segment"  # LoRA: sort by user; one pair of GEMMs per user
-    loop = "loop"  # LoRA: one pair of GEMMs per user, no sort
-    stacked = "stacked"  # FLoRA: the r scaled inputs in one GEMM
-    rankwise = "rankwise"  # FLoRA: r GEMMs of the base's shape
-    fused = "fused"  # IA3: its only kernel
-
-
-class DataFormat(str, Enum):
-    auto = "auto"
-    jsonl = "jsonl"
-    parquet = "parquet"
-    csv = "csv"
-    arrow = "arrow"
-
-
-class BadRowPolicy(str, Enum):
-    error = "error"
-    skip = "skip"
-
-
-class DataChangePolicy(str, Enum):
-    error = "error"  # a resume whose data, plan or users changed fails before training
-    new_phase = "new_phase"  # the step counter goes on; the rest is planned from the new data
-
-
-class NonFinitePolicy(str, Enum):
-    skip_users = "skip_users"
-    skip_step = "skip_step"
-    error = "error"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class OptimizerName(str, Enum):
-    adamw = "adamw"
-    adagrad = "adagrad"
-    rowwise_adagrad = "rowwise_adagrad"  # TorchRec's: one accumulator per row and module
-
-
-class StateDtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"  # adamw's moments in half the bytes
-
-
-class Schedule(str, Enum):
-    constant = "constant"
-    linear = "linear"
-    cosine = "cosine"
-
-
-class ExportFormat(str, Enum):
-    none = "none"
-    peft = "peft"
-    flora = "flora"
-    packed = "packed"  # pack-NNNNN.safetensors of up to export.pack_size users each, for huge populations
-
-
-class StoreTier(str, Enum):
-    device = "device"
-    host = "host"
-    disk = "disk"
-
-
-class Placement(str, Enum):
-    owner = "owner"
-    fetch = "fetch"
+from flora_train.config.choices import (  # noqa: F401  (re-exported: the recipe's value sets)
+    Method,
+    Kernel,
+    DataFormat,
+    BadRowPolicy,
+    DataChangePolicy,
+    NonFinitePolicy,
+    Precision,
+    OptimizerName,
+    StateDtype,
+    Schedule,
+    ExportFormat,
+    StoreTier,
+    Placement,
+    OffloadDevice,
+    Selection,
+    SharedPhase,
+    SyntheticTaskKind,
+    RetainTargets,
+    Scheduler,
+)
 
 
 @dataclass
@@ -112,11 +50,6 @@ class TinyModelConfig:
     # Full-model training steps on the run's text (users unnamed) before any adapter: the base
     # learns the data's shared format, never a user's rule. 0 keeps the random initialisation.
     pretrain_steps: int = 200
-
-
-class OffloadDevice(str, Enum):
-    none = "none"
-    cpu = "cpu"
 
 
 @dataclass
@@ -153,17 +86,6 @@ class SharedAdapterConfig:
     lr: float = 1e-3  # its own AdamW (the store's optimizer section sets betas, eps, weight decay)
 
 
-class Selection(str, Enum):
-    last = "last"  # every user keeps its last row
-    best = "best"  # each user keeps the best on its validation split of: its row at the identity (the
-    # shared adapter alone, or the base) and its row at each validation
-
-
-class SharedPhase(str, Enum):
-    first = "first"  # train the shared adapter on every user's data, freeze it, then the personal rows
-    joint = "joint"  # both in the same steps (the shared gradient sums every user's normalised loss)
-
-
 @dataclass
 class AdapterConfig:
     method: Method = Method.flora
@@ -179,11 +101,6 @@ class AdapterConfig:
     # null: personal adapters on the plain base. Setting any adapter.shared.* key turns it on (with
     # the section's defaults for the rest).
     shared: Optional[SharedAdapterConfig] = None
-
-
-class SyntheticTaskKind(str, Enum):
-    rules = "rules"  # each user a hidden key -> value rule (prompt/completion; the quickstart)
-    persona_chat = "persona_chat"  # each user's greeting and sign-off in chat replies (messages)
 
 
 @dataclass
@@ -248,11 +165,6 @@ class OptimizerConfig:
     schedule: Schedule = Schedule.constant
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-
-
-class RetainTargets(str, Enum):
-    base = "base"
-    data = "data"
 
 
 @dataclass
@@ -366,12 +278,6 @@ class ExportConfig:
     # AutoPeftModelForCausalLM) loads. Default: the base this run trained on (its path or hub id).
     base_model_id: Optional[str] = None
     pack_size: int = 4096  # users per file of the packed format
-
-
-class Scheduler(str, Enum):
-    local = "local"
-    slurm = "slurm"
-    k8s = "k8s"
 
 
 @dataclass
