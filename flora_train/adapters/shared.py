@@ -14,8 +14,6 @@ adapter (``train.shared_phase: first`` after its phase) is folded without buildi
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from flora_train.adapters.layout import AdapterLayout
@@ -53,12 +51,7 @@ class SharedAdapter:
         in the weight's dtype (computed in float32 at least, so a bf16 base rounds once)."""
         impl, scaling = self.layout.spec.impl, self.layout.spec.scaling
         compute = torch.promote_types(weight.dtype, torch.float32)
-        folded = impl.dense_weight(weight.to(compute), {k: v.to(compute) for k, v in tensors.items()}, scaling)
-        new_bias = impl.dense_bias(None if bias is None else bias.to(compute), {k: v.to(compute) for k, v in tensors.items()})
+        tensors = {k: v.to(compute) for k, v in tensors.items()}
+        folded = impl.dense_weight(weight.to(compute), tensors, scaling)
+        new_bias = impl.dense_bias(None if bias is None else bias.to(compute), tensors)
         return folded.to(weight.dtype), (None if new_bias is None else new_bias.to(bias.dtype if bias is not None else weight.dtype))
-
-    def to(self, device: torch.device | str) -> "SharedAdapter":
-        return SharedAdapter(self.layout, self.row.to(device))
-
-    def describe(self) -> dict[str, Any]:
-        return self.layout.to_dict()

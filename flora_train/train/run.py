@@ -1,12 +1,13 @@
 """`flora-train run`, top to bottom: prepare the session, find where to start (a checkpoint on
-resume), train the planned steps (``loop.py``), checkpoint, then score per-user, base and shared
-adapters (``scoring.py``), export and write the result. ``train_session`` reads as that recipe."""
+resume), train the shared adapter's own phase when ``adapter.shared`` trains ``first`` (``shared.py``),
+train the planned steps (``loop.py``), checkpoint, let each user keep its best rate when sweeping
+(``sweep.py``), then score per-user, base and shared adapters (``scoring.py``), export and write the
+result. ``train_session`` reads as that recipe."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from flora_train.train.preemption import PreemptionWatch
 from flora_train.train.resume import agreed_checkpoint, check_same_base, check_same_run
 from flora_train.train.scoring import score_run, train_shared_baseline
 from flora_train.train.session import Session, prepare_session
-from flora_train.train.shared import load_shared, train_shared_phase
+from flora_train.train.shared import first_shared_phase, load_shared
 from flora_train.train.sweep import check_not_collapsed, collapse
 
 
@@ -49,28 +50,11 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     start_step, run_id = resume_point(session, resume)
     tracker = start_tracking(session, start_step, run_id)
     loop = TrainLoop(session, tracker)
-    shared_seconds = None
-    if session.shared is not None and session.shared.needs_phase():
-        # train.shared_phase=first: the shared adapter on every user's data, then frozen, and saved in
-        # a checkpoint of its own before any personal row trains (a crash after it never retrains it).
-        # Default: as many steps as the personal phase's plan, before any max_steps (which only cuts
-        # the schedule short: a run cut and resumed must train the same shared adapter).
-        t = session.cfg.train
-        steps = t.shared_steps or session.phase_plan.planner.total_steps(t.epochs, None)
-        began = time.perf_counter()
-        train_shared_phase(session, tracker, steps)
-        shared_seconds = time.perf_counter() - began
-        tracker.log_metrics({"shared/seconds": shared_seconds}, step=start_step)
-        loop.checkpoint(start_step)
+    shared_seconds = first_shared_phase(session, tracker, loop.checkpoint, start_step)
     trained = loop.run(start_step, watch)
-    final = loop.checkpoint(trained.step, full=bool(session.cfg.train.sweep.lr))
-    sweep = None
-    if session.cfg.train.sweep.lr:  # each user keeps its best variant; the others leave store and checkpoints
-        sweep = collapse(session, final)
-        tracker.log_metrics({f"sweep/users_lr_{lr}": float(n) for lr, n in sweep["chosen_counts"].items()}, step=trained.step)
-        if fdist.rank() == 0:
-            print("per-user learning rates chosen on the validation split: "
-                  + ", ".join(f"{lr}: {n} users" for lr, n in sweep["chosen_counts"].items()))
+    swept = bool(session.cfg.train.sweep.lr)
+    final = loop.checkpoint(trained.step, full=swept)
+    sweep = collapse(session, final, tracker, trained.step) if swept else None
     return finish(session, tracker, trained, final, loop.total, sweep, shared_seconds)
 
 

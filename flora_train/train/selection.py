@@ -1,6 +1,6 @@
 """Validation during training (``train.select: best``, ``train.patience``): when the personal phase
-begins, every ``train.validate_every_steps`` (or at each epoch's end) and after the last step, each
-user's validation split is scored in mixed-user batches with the user's current row; the store
+begins, every ``train.validate_every_steps`` (or at each epoch's end) and after the plan's last step,
+each user's validation split is scored in mixed-user batches with the user's current row; the store
 records it (``store/selection.py``: the kept row, early stopping), and the losses are written to
 ``eval/validation-stepN.jsonl`` beside each user's evaluation loss at the same moment, so the end
 of the run can report the single best global moment chosen on the validation split alone.
@@ -44,7 +44,6 @@ class Validator:
             for n in session.phase_plan.planner.epoch_lengths(t.epochs):
                 self.end += n
                 self.epoch_ends.add(self.end)
-        if self.enabled:
             missing = sorted(set(session.users()) - set(session.validation.users()))  # type: ignore[union-attr]
             if missing and fdist.rank() == 0:
                 log.warning("%d user(s) have too few examples to spare one for validation and keep the identity row "

@@ -11,8 +11,10 @@ of each other, as without it. ``joint`` trains it in every step beside the perso
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -126,6 +128,23 @@ def train_shared_phase(session: "Session", tracker: "Tracker", steps: int) -> li
     return losses
 
 
+def first_shared_phase(session: "Session", tracker: "Tracker", checkpoint: Callable[[int], Path], start: int) -> float | None:
+    """``train.shared_phase=first`` when its phase is still to run: the shared adapter on every user's
+    data, frozen, then a checkpoint of its own before any personal row trains (a crash after it never
+    retrains it). Its length defaults to the personal phase's plan before any max_steps (which only
+    cuts the schedule short: a run cut and resumed trains the same shared adapter). Returns its seconds."""
+    shared = session.shared
+    if shared is None or not shared.needs_phase():
+        return None
+    t = session.cfg.train
+    began = time.perf_counter()
+    train_shared_phase(session, tracker, t.shared_steps or session.phase_plan.planner.total_steps(t.epochs, None))
+    seconds = time.perf_counter() - began
+    tracker.log_metrics({"shared/seconds": seconds}, step=start)
+    checkpoint(start)
+    return seconds
+
+
 def load_shared(ckpt: Path, session: "Session") -> None:
     """The checkpoint's shared adapter into the session; a run and its checkpoint must agree on having one."""
     from flora_train.run_dir.checkpoints import CheckpointError, read_shared_adapter
@@ -137,10 +156,3 @@ def load_shared(ckpt: Path, session: "Session") -> None:
     if saved is not None and session.shared is not None:
         session.shared.load(*saved, label=str(ckpt))
 
-
-def shared_summary(shared: "SharedTraining | None") -> dict[str, Any]:
-    if shared is None:
-        return {}
-    d = shared.layout.to_dict()
-    return {"method": d["method"], "rank": d["rank"], "modules": len(d["modules"]), "size": d["row_size"],
-            "phase": shared.phase, "steps": shared.steps}

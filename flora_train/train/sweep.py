@@ -25,6 +25,7 @@ from flora_train import dist as fdist
 from flora_train.errors import UserError
 
 if TYPE_CHECKING:
+    from flora_train.tracking import Tracker
     from flora_train.train.session import Session
 
 SEP = "@sweep"
@@ -74,9 +75,10 @@ def check_not_collapsed(state: Mapping[str, Any], ckpt: Path) -> None:
                         "export, serve or evaluate it, or start another run_dir to train again")
 
 
-def collapse(session: "Session", ckpt: Path) -> dict[str, Any]:
+def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> dict[str, Any]:
     """Keeps each user's best variant in ``ckpt`` under the user's own name, drops the rest from it and
-    from the run's other checkpoints, and restores the store from it. Collective."""
+    from the run's other checkpoints, restores the store from it, and reports how many users chose
+    each rate. Collective."""
     from flora_train.run_dir.checkpoints import SHARD_PLAN, TRAINER_STATE, list_checkpoints, load_checkpoint
     from flora_train.run_dir.rewrite import rewrite_checkpoint
     from flora_train.store.saved import iter_shards, keep_users
@@ -105,4 +107,8 @@ def collapse(session: "Session", ckpt: Path) -> dict[str, Any]:
     session.user_tokens = real
     load_checkpoint(ckpt, session.store, session.layout, real)
     counts = Counter(lrs[k] for k in chosen.values())
+    tracker.log_metrics({f"sweep/users_lr_{lr}": float(counts.get(lr, 0)) for lr in lrs}, step=step)
+    if fdist.rank() == 0:
+        print("per-user learning rates chosen on the validation split: "
+              + ", ".join(f"{lr}: {counts.get(lr, 0)} users" for lr in lrs))
     return {"lr": lrs, "chosen_counts": {str(lr): counts.get(lr, 0) for lr in lrs}}
