@@ -36,7 +36,10 @@ def test_one_writer_and_a_rerun_never_mixes_two_runs(tmp_path):
               "train.checkpoint_every_steps=6", "train.full_checkpoint_every=1", "eval.at_end=false",
               "train.compare_shared_baseline=false"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    live = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "run", *recipe, "train.epochs=100000"], cwd=REPO,
+    # Long enough to outlive the refused commands (6 steps an epoch), short enough to plan in a moment:
+    # planning 100,000 epochs (total steps, each user's steps) cost the live run tens of seconds.
+    long = "train.epochs=2000"
+    live = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "run", *recipe, long], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -44,7 +47,7 @@ def test_one_writer_and_a_rerun_never_mixes_two_runs(tmp_path):
             time.sleep(0.5)
         assert live.poll() is None and list_checkpoints(run_dir), "the live run should be training and checkpointing"
         holder = f"pid {live.pid} on host"
-        for command in (["run", *recipe, "train.epochs=100000"], ["eval", str(run_dir)],
+        for command in (["run", *recipe, long], ["eval", str(run_dir)],
                         ["forget", str(run_dir), "--users", "user-000001"]):
             line = _error_line(flora_train(*command, check=False))
             assert "in use by `flora-train run recipes/quickstart.yaml" in line and holder in line, line
@@ -53,12 +56,12 @@ def test_one_writer_and_a_rerun_never_mixes_two_runs(tmp_path):
         live.wait()
     at = read_manifest(list_checkpoints(run_dir)[-1])["step"]
     old_id = read_manifest(list_checkpoints(run_dir)[-1])["run_id"]
-    resumed = flora_train("run", *recipe, "train.epochs=100000", f"train.max_steps={at + 2}", "--resume")
+    resumed = flora_train("run", *recipe, long, f"train.max_steps={at + 2}", "--resume")
     assert f"at step {at}" in resumed.stdout  # a dead holder never blocks
 
     line = _error_line(flora_train("run", *recipe, "store.optimizer.lr=0.002", check=False))
     assert "already holds a run's checkpoints" in line and "--resume" in line and "train.overwrite=true" in line
-    line = _error_line(flora_train("run", *recipe, "train.epochs=100000", f"train.max_steps={at + 4}",
+    line = _error_line(flora_train("run", *recipe, long, f"train.max_steps={at + 4}",
                                    "store.optimizer.lr=0.002", "adapter.alpha=8", "--resume", check=False))
     assert "store.optimizer.lr: 0.05 -> 0.002" in line and "adapter.alpha: 16.0 -> 8.0" in line, line
 
