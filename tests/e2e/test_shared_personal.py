@@ -130,3 +130,32 @@ def test_a_learning_rate_sweep_keeps_each_users_best_rate(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # closed long before the command (seconds to import) writes its first line
     assert proc.wait(timeout=120) == 141 and "Traceback" not in proc.stderr.read()
+
+
+def test_peft_export_of_lora_on_a_shared_lora_is_what_peft_computes(tmp_path):
+    """A peft export writes the shared LoRA once (shared-adapter/) and each user's LoRA: PEFT with both
+    adapters active gives flora_train's logits (LoRA deltas add, so the order of the two is free)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "lora"
+    flora_train("run", "recipes/quickstart.yaml", *SHARED, f"run_dir={run}", "adapter.method=lora", "adapter.rank=4",
+                "adapter.target_modules=[q_proj,v_proj]", "store.optimizer.lr=0.01", "export.format=peft",
+                "tracking.enabled=false", "eval.at_end=false")
+    out = run / "export" / "peft"
+    assert json.loads((out / "manifest.json").read_text())["shared_adapter"] == "shared-adapter"
+    index = json.loads((out / "index.json").read_text())
+    ours = load_trained(run, device="cpu")
+    ids = torch.randint(3, 200, (2, 9))
+    for user in ("user-000002", "user-000019"):
+        rows, pos, _ = ours.batch_rows([user, user])
+        with torch.no_grad(), ours.slot.activate(rows, pos):
+            want = ours.model(input_ids=ids).logits
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(run / "base_model")),
+                                          str(out / "shared-adapter"), adapter_name="shared")
+        model.load_adapter(str(out / index[user]), adapter_name="user")
+        model.base_model.set_adapter(["shared", "user"])
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+            model.base_model.set_adapter("user")  # the user's adapter alone is not what was trained
+            assert not torch.allclose(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
