@@ -247,6 +247,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             cfg = load_recipe(args.recipe, args.overrides)
             print(recipe_to_yaml(cfg), end="")
             _print_footprint(cfg)
+            from flora_train.train.data_setup import length_report
+
+            line, warning = length_report(cfg)
+            print(line)
+            if warning is not None:
+                print(f"flora-train: warning: {warning}", file=sys.stderr)
         elif args.command == "run":
             from flora_train.train.run import run_training
 

@@ -2,7 +2,13 @@
 
 The layer holds no adapter parameters. It reads them, for the duration of a step, from an
 ``AdapterSlot`` shared by every adapted layer of a model: the step's rows ``[users, row_size]``
-(one leaf tensor, so all gradients land in one place) and ``index [batch] -> user``. That slot is
+(one leaf tensor, so all gradients land in one place) and the index, which maps each example
+(``[batch]``) or each token (``[batch, seq]``: packed rows, where examples of different users share
+a row) to its user's row. Per-token routing runs every method's kernels with each token as an
+example of one token: FLoRA and IA3 scale each token by its user's vectors, LoRA gathers each
+token's A and B or runs one GEMM pair per user over its tokens (the segment kernel, Punica's SGMV
+shape), whichever the tuner measures faster. Training on packed rows and serving a continuous
+batch both route through it. That slot is
 the single narrow handle between the model and whoever owns the rows; nothing is threaded through
 Hugging Face forward signatures.
 """
@@ -63,20 +69,21 @@ class AdapterSlot:
 
     @contextmanager
     def activate(self, rows: torch.Tensor, index: torch.Tensor) -> Iterator[None]:
-        """Makes ``rows [users, row_size]`` the adapters of examples ``index [batch] -> users``.
+        """Makes ``rows [users, row_size]`` the adapters of examples ``index [batch] -> users``, or
+        of tokens ``index [batch, seq] -> users``.
 
         Run backward inside the block when the base uses activation checkpointing: recomputed
         forwards read the slot again.
         """
         if rows.dim() != 2 or rows.shape[1] != self.layout.row_size:
             raise ValueError(f"rows must be [users, {self.layout.row_size}], got {tuple(rows.shape)}")
-        if index.dim() != 1 or (index.numel() and int(index.max()) >= rows.shape[0]):
-            raise ValueError("index must be a 1-d tensor of row positions within rows")
+        if index.dim() not in (1, 2) or (index.numel() and int(index.max()) >= rows.shape[0]):
+            raise ValueError("index must be [batch] or [batch, seq] row positions within rows")
         if self.active:
             raise RuntimeError("adapter slot is already active; steps must not nest")
         self._rows, self._index = rows, index.to(rows.device)
         self._views = self.layout.split(rows)
-        self._block = _uniform_block(self._index, rows.shape[0])
+        self._block = _uniform_block(self._index, rows.shape[0]) if index.dim() == 1 else None
         self._shared_views = self.shared.split() if self.shared is not None else None
         try:
             yield
@@ -188,6 +195,8 @@ class AdaptedLinear(nn.Module):
         if current is None:  # a layer only the shared adapter adapts
             return torch.nn.functional.linear(x, weight, bias)
         params, index = current
+        if index.dim() == 2:
+            return self._per_token(x, weight, bias, params, index)
         if x.shape[0] != index.shape[0]:
             raise RuntimeError(
                 f"{self.adapter_name}: input batch {x.shape[0]} != {index.shape[0]} examples in the adapter index"
@@ -208,6 +217,20 @@ class AdaptedLinear(nn.Module):
             kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, x.shape, self.slot.distinct_users(),
                                             spec.scaling)
         return Fa.adapted_linear(spec.method, kernel, x, weight, bias, params, index, spec.scaling)
+
+    def _per_token(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   params: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """Each token on its own user's adapter: the tokens as a batch of one-token examples."""
+        if x.shape[:2] != index.shape:
+            raise RuntimeError(f"{self.adapter_name}: input tokens {tuple(x.shape[:2])} != the adapter index {tuple(index.shape)}")
+        tokens = x.reshape(-1, 1, x.shape[-1])
+        spec = self.slot.layout.spec
+        kernel = spec.kernel
+        if kernel == "auto":
+            kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, tokens.shape, self.slot.distinct_users(),
+                                            spec.scaling)
+        y = Fa.adapted_linear(spec.method, kernel, tokens, weight, bias, params, index.reshape(-1), spec.scaling)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"name={self.adapter_name}, in={self.in_features}, out={self.out_features}"

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale", "personal")
+SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale", "personal", "lengths")
 
 
 def _ints(text: str) -> list[int]:
@@ -54,7 +54,10 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
                     help="scale: comma-separated population sizes, one training run each")
     be.add_argument("--population", default="speeches,persona", help="personal: comma-separated speeches, persona")
     be.add_argument("--seeds", type=_ints, default=[0, 1], help="personal: comma-separated seeds (two show the noise)")
-    be.add_argument("--tiny", action="store_true", help="personal: a small base built from the data instead of SmolLM2")
+    be.add_argument("--tiny", action="store_true", help="personal: a small base built from the data instead of SmolLM2; "
+                    "lengths: a 32-wide base (how the tests run it)")
+    be.add_argument("--budget", type=int, default=4096, help="lengths: train.micro_batch_tokens of the grouped and packed settings")
+    be.add_argument("--length-users", type=int, default=32, help="lengths: users (16 examples each)")
     be.add_argument("--small-population", action="store_true", help="personal: 6 users a population (how the tests run it)")
     be.add_argument("--settings", default=None, help="personal: only these settings (comma-separated names; default all)")
     be.add_argument("--reuse", action="store_true", help="personal: read settings that finished with the same command")
@@ -132,6 +135,10 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         return bench_personal([p for p in args.population.split(",") if p], args.seeds, args.out, tiny=args.tiny,
                               small=args.small_population, settings=args.settings.split(",") if args.settings else None,
                               reuse=args.reuse)
+    if suite == "lengths":
+        from flora_train.bench.lengths import bench_lengths
+
+        return bench_lengths(args.out, users=args.length_users, budget=args.budget, tiny=args.tiny)
     raise ValueError(f"unknown bench suite {suite!r}")
 
 

@@ -195,7 +195,14 @@ class TrainConfig:
     max_steps: Optional[int] = None
     users_per_step: int = 64
     examples_per_user: int = 4  # per user per step
-    micro_batch_size: int = 64  # examples per forward/backward; a step accumulates its micro-batches
+    micro_batch_size: Optional[int] = 64  # examples per forward/backward; a step accumulates its micro-batches
+    # Tokens a micro-batch may compute (rows x padded width; packed: the row's length): the memory
+    # bound. Set, a step's examples are grouped by length under it (micro_batch_size, if set, still
+    # caps the examples); null: micro-batches of micro_batch_size examples in plan order.
+    micro_batch_tokens: Optional[int] = None
+    # Examples of any users concatenated into rows of micro_batch_tokens tokens, attention kept
+    # inside each example: no padding at all. Needs micro_batch_tokens.
+    packing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
     nonfinite: NonFinitePolicy = NonFinitePolicy.skip_users

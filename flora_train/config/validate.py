@@ -112,6 +112,7 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
             "train.users_per_step",
             "train.examples_per_user",
             "train.micro_batch_size",
+            "train.micro_batch_tokens",
             "train.log_every_steps",
             "train.keep_checkpoints",
             "train.full_checkpoint_every",
@@ -122,6 +123,13 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
             "store.optimizer.eps",
         ],
     )
+    if train.micro_batch_size is None and train.micro_batch_tokens is None:
+        _fail(source, "train.micro_batch_size", "null needs train.micro_batch_tokens: a micro-batch needs a size")
+    if train.packing and train.micro_batch_tokens is None:
+        _fail(source, "train.packing", "packs examples into rows of train.micro_batch_tokens tokens: set it too")
+    if train.micro_batch_tokens is not None and train.micro_batch_tokens < data.max_length:
+        _fail(source, "train.micro_batch_tokens", f"{train.micro_batch_tokens} tokens cannot hold an example of "
+              f"data.max_length={data.max_length} tokens; set it to at least that")
     for key in ("data.eval_examples_per_user", "train.checkpoint_every_steps", "eval.every_steps",
                 "store.optimizer.warmup_steps", "store.optimizer.weight_decay"):
         section, _, leaf = key.rpartition(".")

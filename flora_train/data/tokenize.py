@@ -90,15 +90,9 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads a list of tokenised examples into ``input_ids``, ``attention_mask``, ``labels``."""
-    width = max(len(e["input_ids"]) for e in examples)
-    n = len(examples)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        input_ids[i, :k] = torch.tensor(e["input_ids"])
-        labels[i, :k] = torch.tensor(e["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    """Right-pads a list of tokenised examples into ``input_ids``, ``attention_mask``, ``labels``
+    (``batching.pad`` as a dict, for callers that hand the tensors to a model themselves)."""
+    from flora_train.data.batching import pad
+
+    batch = pad([(e["input_ids"], e["labels"]) for e in examples], pad_id)
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}

@@ -20,10 +20,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from flora_train import dist as fdist
+from flora_train.data.batching import MicroBatching
 from flora_train.store.comm import CommCounters
 from flora_train.store.placement import OwnedStep, ShardedRows, make_placement
 from flora_train.store.saved import iter_copies, newest_copies, shard_file, shard_shapes
@@ -94,8 +96,9 @@ class ShardedAdapterStore:
 
     # -- one step: the placement's ---------------------------------------------------------------
 
-    def work(self, pairs: Iterable[tuple[str, int]], micro_batch_size: int) -> RankWork:
-        return self.placement.work(pairs, micro_batch_size)
+    def work(self, pairs: Iterable[tuple[str, int]], batching: MicroBatching | int,
+             lengths: np.ndarray | None = None) -> RankWork:
+        return self.placement.work(pairs, batching, lengths)
 
     def fetch(self, users: Sequence[str], requires_grad: bool = True) -> ShardedRows:
         return self.placement.fetch(users, requires_grad)

@@ -94,14 +94,3 @@ class RankWork:
     @property
     def user_ids(self) -> list[str]:
         return list(dict.fromkeys(u for u, _ in self.pairs))
-
-
-def split_even(items: list, parts: int) -> list[tuple]:
-    """``items`` cut into ``parts`` contiguous runs whose lengths differ by at most one."""
-    q, r = divmod(len(items), parts)
-    out, start = [], 0
-    for k in range(parts):
-        end = start + q + (1 if k < r else 0)
-        out.append(tuple(items[start:end]))
-        start = end
-    return out

@@ -4,6 +4,7 @@ on a preemption signal, evaluate every ``eval.every_steps``."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flora_train import dist as fdist
+from flora_train.data.length_check import PLANNED_STEPS, length_warning, real_token_share
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import save_checkpoint
 from flora_train.train.evaluate import summarise
@@ -57,8 +59,18 @@ class TrainLoop:
                                shared=s.shared.tensors() if s.shared is not None else None)
 
     def log_plan(self, start: int) -> None:
-        occupancy = self.session.phase_plan.planner.occupancy()
+        planner = self.session.phase_plan.planner
+        occupancy = planner.occupancy()
+        # The first steps' padding, from the lengths alone (an estimate for one rank; the steps'
+        # own plan/real_token_share follows as they run).
+        steps = [[(u, i) for u, ex in p.groups for i in ex] for p in itertools.islice(planner.steps(1), PLANNED_STEPS)]
+        lengths = self.trainer.example_lengths
+        batching = self.trainer.batching
+        occupancy["planned_real_token_share"] = real_token_share(steps, lengths, batching)
         self.tracker.log_metrics({f"plan/{k}": v for k, v in occupancy.items()}, step=start)
+        warning = length_warning(steps, lengths, batching, self.session.cfg.data.max_length)
+        if self.total > start and warning is not None and fdist.rank() == 0:
+            log.warning(warning)
         if self.total > start and occupancy["occupancy_mean"] < 0.5 and fdist.rank() == 0:
             log.warning("steps are %.0f%% full on average (%.0f%% hold a single user): a few users hold most of the "
                         "data; data.max_examples_per_user caps a user's examples per epoch",
@@ -92,7 +104,7 @@ class TrainLoop:
                         meter.add(st)
                         tokens += st.tokens
                         bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}",
-                                        users_s=f"{st.users / st.seconds:.0f}")
+                                        users_s=f"{st.users / st.seconds:.0f}", real=f"{st.real_token_share:.0%}")
                     step = plan.step + 1
                     bar.update(1)
                     if meter.steps and (step % t.log_every_steps == 0 or step == self.total):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flora_train.data.batching import Batch
 from flora_train.data.tokenize import IGNORE
 
 CHUNK = 1024  # target rows per float32 cross-entropy chunk: CHUNK x vocab x 4 bytes at a time
@@ -55,17 +56,40 @@ def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """The logits of the target positions only (``labels[:, 1:] != IGNORE``): the backbone runs on
     the whole batch, the head on the target rows. Every call runs the same modules in the same
     order (ZeRO-3 gathers each one collectively), with or without targets."""
+    return _target_rows(model, {"input_ids": input_ids, "attention_mask": attention_mask}, labels, None, int(labels.shape[0]))
+
+
+def batch_target_logits(model: nn.Module, batch: Batch) -> TargetLogits:
+    """``target_logits`` of a micro-batch, padded or packed. Packed, the model gets the examples'
+    restarting positions and bounds (what flash-attention's varlen path and ``flora_packed`` read)
+    and no mask, and no cache (transformers only treats restarting positions as packed examples
+    without one); each target belongs to the example of its token."""
+    if not batch.packed:
+        assert batch.attention_mask is not None
+        return target_logits(model, batch.input_ids, batch.attention_mask, batch.labels)
+    assert batch.cu_seqlens is not None and batch.example is not None
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False,
+              "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
+              "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
+    return _target_rows(model, inputs, batch.labels, batch.example, batch.examples)
+
+
+def _target_rows(model: nn.Module, inputs: dict, labels: torch.Tensor, example_of_token: torch.Tensor | None,
+                 examples: int) -> TargetLogits:
     target = labels[:, 1:]
     mask = target != IGNORE
     split = _head_split(model)
     if split is None:
-        rows = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+        rows = model(**inputs).logits[:, :-1][mask]
     else:
         backbone, head = split
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        rows = head(hidden[:, :-1][mask])
-    example = mask.nonzero()[:, 0]
-    return TargetLogits(rows, target[mask], example, int(labels.shape[0]))
+        rows = head(backbone(**inputs).last_hidden_state[:, :-1][mask])
+    if example_of_token is None:
+        return TargetLogits(rows, target[mask], mask.nonzero()[:, 0], examples)
+    # Packed: target t is token t+1, never an example's first token (its label is IGNORE), so it
+    # belongs to the example of token t+1.
+    example = example_of_token[:, 1:][mask]
+    return TargetLogits(rows, target[mask], example, examples)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -18,6 +18,7 @@ class Meter:
 
     def reset(self) -> None:
         self.steps, self.seconds, self.tokens, self.users, self.examples = 0, 0.0, 0, 0, 0
+        self.computed_tokens = 0
         self.loss_sum, self.skipped = 0.0, 0
         self.touched: set[str] = set()
 
@@ -25,6 +26,7 @@ class Meter:
         self.steps += 1
         self.seconds += st.seconds
         self.tokens += st.tokens
+        self.computed_tokens += st.computed_tokens
         self.users += st.users
         self.examples += st.examples
         self.loss_sum += st.loss if st.loss == st.loss else 0.0
@@ -44,6 +46,10 @@ class Meter:
         return {**self.store_counters(),
             "train/loss": self.loss_sum / max(self.steps, 1),
             "train/tokens_per_s": self.tokens / s,
+            # Real tokens over the tokens the base computed (padding included): how much of the
+            # compute trained anything (train.micro_batch_tokens and train.packing raise it).
+            "plan/real_token_share": self.tokens / max(self.computed_tokens, 1),
+            "train/padded_tokens": float(self.computed_tokens - self.tokens),
             "train/users_per_s": self.users / s,
             "train/examples_per_s": self.examples / s,
             "train/users_per_step": self.users / max(self.steps, 1),

@@ -16,6 +16,7 @@ from flora_train.adapters.tuning import KernelTuner
 from flora_train.base import load_frozen_model, resolve_device
 from flora_train.base.fingerprint import base_fingerprint
 from flora_train.base.loading import model_hidden_size
+from flora_train.base.packed_attention import use_packed_attention
 from flora_train.base.zero import ZeroBase, ZeroSpec, check_zero_launch
 from flora_train.config import RecipeError
 from flora_train.data import BadRows, BatchPlanner
@@ -114,6 +115,8 @@ def train_settings(session: Session) -> TrainSettings:
         warmup_steps=o.warmup_steps,
         min_lr_ratio=o.min_lr_ratio,
         micro_batch_size=t.micro_batch_size,
+        micro_batch_tokens=t.micro_batch_tokens,
+        packing=t.packing,
         nonfinite=t.nonfinite.value,
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
         autocast_dtype=session.autocast_dtype,
@@ -218,6 +221,9 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
     if spec.partitioned:
         zero = ZeroBase(spec, m.dtype, device, model_hidden_size(model_path, m.gguf_file, m.trust_remote_code))
     model = zero.load(load) if zero is not None else load().to(device)
+    if cfg.train.packing:  # examples share rows: attention must keep each to itself
+        use_packed_attention(model, device, autocast_dtype_for(cfg.train.precision.value, device) is not None
+                             or m.dtype in ("bfloat16", "float16"))
     a = cfg.adapter
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
     feedforward = None if a.feedforward_modules is None else tuple(a.feedforward_modules)

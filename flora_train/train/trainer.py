@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,10 +20,11 @@ from flora_train import dist as fdist
 from flora_train.adapters import AdapterSlot
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.planner import StepPlan
-from flora_train.data.tokenize import IGNORE, collate
+from flora_train.data.batching import Batch, MicroBatching, pack, pad
+from flora_train.data.tokenize import IGNORE
 from flora_train.store.sharded import OwnedStep, ShardedAdapterStore
 from flora_train.store.sharding import RankWork
-from flora_train.train.loss import per_user_loss, target_logits
+from flora_train.train.loss import batch_target_logits, per_user_loss
 from flora_train.train.schedule import per_user_lr
 from flora_train.train.shared import SharedTraining
 
@@ -37,10 +39,16 @@ class TrainSettings:
     schedule: str = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-    micro_batch_size: int = 64
+    micro_batch_size: int | None = 64  # None: only the token budget bounds a micro-batch
+    micro_batch_tokens: int | None = None
+    packing: bool = False
     nonfinite: str = "skip_users"  # skip_users | skip_step | error
     max_consecutive_nonfinite: int = 3
     autocast_dtype: torch.dtype | None = None
+
+    @property
+    def batching(self) -> MicroBatching:
+        return MicroBatching(self.micro_batch_size, self.micro_batch_tokens, self.packing)
 
 
 @dataclass
@@ -49,11 +57,16 @@ class StepStats:
     loss: float  # mean over the step's users of each user's mean token loss
     users: int
     examples: int
-    tokens: int
+    tokens: int  # real tokens (every rank)
     target_tokens: int
     seconds: float
     skipped_users: list[str] = field(default_factory=list)
     user_losses: dict[str, float] = field(default_factory=dict)
+    computed_tokens: int = 0  # tokens the base computed, padding included (every rank)
+
+    @property
+    def real_token_share(self) -> float:
+        return self.tokens / self.computed_tokens if self.computed_tokens else 1.0
 
 
 class Trainer:
@@ -90,6 +103,8 @@ class Trainer:
         self.nonfinite_steps = 0
         self._planned: tuple[StepPlan, RankWork] | None = None
         self.example_targets = examples.target_counts()  # numpy: no Python int per example
+        self.example_lengths = examples.lengths()  # from the Arrow offsets: grouping reads no tokens
+        self.batching = settings.batching
         # Any row serves the padding micro-batch of an idle rank: its loss is multiplied by zero.
         self.null_row = store.row_init(["__null__"]).to(device).requires_grad_(True)
 
@@ -99,22 +114,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _batch(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate([{"input_ids": self.examples.input_ids(i), "labels": self.examples.labels(i)} for i in ids], self.pad_id)
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def _batch(self, ids: list[int]) -> Batch:
+        examples = [(self.examples.input_ids(i), self.examples.labels(i)) for i in ids]
+        return (pack(examples) if self.batching.packing else pad(examples, self.pad_id)).to(self.device)
 
     def _work(self, plan: StepPlan) -> RankWork:
         if self._planned is not None and self._planned[0] is plan:
             return self._planned[1]  # computed one step ahead for the prefetch
-        work = self.store.work(((u, i) for u, ex in plan.groups for i in ex), self.settings.micro_batch_size)
+        work = self.store.work(((u, i) for u, ex in plan.groups for i in ex), self.batching, self.example_lengths)
         self._planned = (plan, work)
         return work
 
-    def _dummy_batch(self) -> dict[str, torch.Tensor]:
+    def _dummy_batch(self) -> Batch:
         """One pad sequence with no targets: keeps this rank's module sequence in step with ranks
         that have more micro-batches (ZeRO-3 gathers parameters collectively)."""
-        batch = collate([{"input_ids": [self.pad_id], "labels": [IGNORE]}], self.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return pad([(np.array([self.pad_id]), np.array([IGNORE]))], self.pad_id).to(self.device)
 
     def train_step(self, plan: StepPlan, next_plan: StepPlan | None = None) -> StepStats:
         start = time.perf_counter()
@@ -135,7 +149,7 @@ class Trainer:
                 user_tokens[position[u]] = int(self.example_targets[list(ex)].sum())
         user_tokens = user_tokens.to(self.device)
         user_loss = torch.zeros(len(local_users), device=self.device)
-        n_tokens = 0
+        n_tokens = computed = 0
         for mb in work.micro_batches:
             if mb:
                 batch = self._batch([i for _, i in mb])
@@ -144,9 +158,9 @@ class Trainer:
             else:
                 batch, pos = self._dummy_batch(), torch.zeros(1, dtype=torch.long, device=self.device)
                 values = self.null_row
-            with self.slot.activate(values, pos), self._autocast():
+            with self.slot.activate(values, batch.token_index(pos)), self._autocast():
                 # The head runs at target positions only (none in a padding batch, whose loss is 0).
-                t = target_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                t = batch_target_logits(self.model, batch)
                 if mb:
                     objective, contrib = per_user_loss(t, pos, user_tokens)
                 else:
@@ -154,7 +168,8 @@ class Trainer:
                 objective.backward()
             if contrib is not None:
                 user_loss += contrib
-                n_tokens += int(batch["attention_mask"].sum())
+                n_tokens += batch.real_tokens
+                computed += batch.computed_tokens
         owned = None
         if self.train_personal:
             if rows.values.grad is None:  # a rank with no examples this step
@@ -181,7 +196,7 @@ class Trainer:
         skipped = self._apply(owned, step_users, ok_all.bool(), step_pos)
         if self.shared is not None:
             self.shared.end_step(users_ok=not skipped)
-        tokens = torch.tensor([n_tokens], dtype=torch.float64)
+        tokens = torch.tensor([n_tokens, computed], dtype=torch.float64)
         fdist.all_reduce(tokens)
         seconds = time.perf_counter() - start
         finite = torch.isfinite(loss_all)
@@ -190,11 +205,12 @@ class Trainer:
             loss=float(loss_all[finite].mean()) if finite.any() else float("nan"),
             users=len(step_users),
             examples=plan.num_examples,
-            tokens=int(tokens.item()),
+            tokens=int(tokens[0]),
             target_tokens=int(sum(self.example_targets[i] for _, ex in plan.groups for i in ex)),
             seconds=seconds,
             skipped_users=skipped,
             user_losses=dict(zip(step_users, loss_all.tolist())),
+            computed_tokens=int(tokens[1]),
         )
 
     def _apply(self, owned: OwnedStep | None, users: list[str], ok: torch.Tensor, step_pos: dict[str, int]) -> list[str]:

@@ -14,7 +14,9 @@ HOSTILE = ["../../etc/passwd", "a/b\\c", "ü ñ 用户", "."]
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """A LoRA run on synthetic data whose first user ids are hostile strings."""
+    """A LoRA run on synthetic data whose first user ids are hostile strings, with the examples of
+    every user packed into shared rows (per-token adapter routing): what it exports must still
+    reproduce each user's own logits in PEFT."""
     from flora_train.data import SyntheticTask
 
     root = tmp_path_factory.mktemp("lora_run")
@@ -32,6 +34,7 @@ def lora_run(tmp_path_factory):
         "run", "recipes/quickstart.yaml", *SMALL, f"run_dir={run_dir}", "data.synthetic=null",
         f"data.train_path={paths[0]}", f"data.eval_path={paths[1]}", "adapter.method=lora", "adapter.rank=4",
         "store.optimizer.lr=0.01", "train.compare_shared_baseline=false", "export.format=peft",
+        "train.micro_batch_size=null", "train.micro_batch_tokens=96", "train.packing=true",
     )
     return run_dir
 
@@ -63,6 +66,9 @@ def test_run_tracks_to_embedded_mlflow(lora_run):
     assert run.info.status == "FINISHED"
     assert run.data.params["adapter.method"] == "lora" and run.data.params["adapter.rank"] == "4"
     assert {"train/loss", "train/tokens_per_s", "train/users_touched", "eval/accuracy_mean", "eval/accuracy_p50"} <= set(run.data.metrics)
+    # Packed rows compute no padding, as planned before the first step.
+    assert run.data.metrics["plan/real_token_share"] == run.data.metrics["plan/planned_real_token_share"] == 1.0
+    assert run.data.metrics["train/padded_tokens"] == 0
     assert not any(HOSTILE[0] in k or "user-0000" in k for k in run.data.metrics), "never a metric key per user"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "recipe.yaml" in artifacts and "export" in artifacts
@@ -139,6 +145,11 @@ def test_bad_data_row_names_file_and_line(tmp_path):
     assert proc.returncode == 2 and f"{data}:5: malformed JSON" in proc.stderr
     proc = flora_train(*args, "data.on_bad_row=skip", "train.compare_shared_baseline=false")
     assert "skipped 1 bad rows" in proc.stdout
+    # A missing file is one line too (it was SourceError's traceback, a type the CLI did not list).
+    proc = flora_train(*(a for a in args if not a.startswith("data.train_path=")), f"data.train_path={tmp_path / 'nope.jsonl'}",
+                       f"run_dir={tmp_path / 'r2'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"flora-train: error: data.train_path: data file not found: {tmp_path / 'nope.jsonl'}"
 
 
 def test_zero3_in_one_process_needs_parameter_offload(tmp_path):

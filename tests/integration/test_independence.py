@@ -1,6 +1,8 @@
 """Independence: N users trained jointly in heterogeneous batches end with the same adapters as
 each user trained alone on its own batches with the same optimizer (float32 tolerance)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,6 +80,39 @@ def test_joint_equals_alone(tmp_path, tiny_llama_dir, method, dtype):
         alone.fit(own)
         torch.testing.assert_close(alone_store.read([user])[0], trained[k], **TOLERANCE[dtype])
         assert int(alone_store.steps([user])[0]) == int(s.store.steps([user])[0]) == len(own)
+
+
+@pytest.mark.parametrize("method,batching", [("flora", "packing"), ("lora", "packing"), ("ia3", "tokens")])
+def test_packed_or_length_grouped_joint_run_equals_each_user_alone_padded(tmp_path, tiny_llama_dir, method, batching):
+    """Jointly with examples of every user packed into shared rows (per-token adapter routing,
+    attention kept inside each example), or grouped by length under a token budget; alone in
+    padded micro-batches of plan order. float64: the grouping changes nothing a user gets."""
+    extra = ["data.max_length=40", "train.micro_batch_tokens=40"] + (["train.packing=true"] if batching == "packing" else [])
+    s = _session(tmp_path, tiny_llama_dir, method, micro=3, extra=extra)
+    s.model.to(torch.float64)
+    assert s.model.config._attn_implementation == ("flora_packed" if batching == "packing" else "sdpa")
+    totals = s.user_total_steps()
+    plans = list(s.planner.steps(epochs=3))
+    settings = train_settings(s)
+    joint = Trainer(s.model, s.slot, s.store, s.train, settings, totals, s.pad_id, s.device)
+    stats = joint.fit(plans)
+    # The budget holds (40 tokens a micro-batch), and packing computes no padding at all.
+    lengths = s.train.lengths()
+    works = [joint._work(p) for p in plans]
+    assert all(len(mb) * max(lengths[i] for _, i in mb) <= 40 or batching == "packing" for w in works for mb in w.micro_batches if mb)
+    assert max(len(w.micro_batches) for w in works) > 1
+    if batching == "packing":
+        assert all(sum(lengths[i] for _, i in mb) <= 40 for w in works for mb in w.micro_batches)
+        assert all(st.computed_tokens == st.tokens for st in stats)
+    users = sorted(totals)
+    trained = s.store.read(users)
+    padded = dataclasses.replace(settings, micro_batch_tokens=None, packing=False)
+    for k, user in enumerate(users):
+        local = AdapterStore(s.layout.row_size, make_row_init(s.layout, s.cfg.store.init_seed), s.store.hyper)
+        alone_store = ShardedAdapterStore(local, ShardPlan.balanced({user: 1}, 1))
+        own = [StepPlan(p.step, p.epoch, ((user, dict(p.groups)[user]),)) for p in plans if user in p.user_ids]
+        Trainer(s.model, s.slot, alone_store, s.train, padded, totals, s.pad_id, s.device).fit(own)
+        torch.testing.assert_close(alone_store.read([user])[0], trained[k], **TOLERANCE[torch.float64])
 
 
 def test_personal_rows_on_a_frozen_shared_adapter_stay_independent(tmp_path, tiny_llama_dir):

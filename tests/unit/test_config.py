@@ -60,6 +60,11 @@ def _write(tmp_path, text):
          r"package_dir:no_such_pkg_x.*the package 'no_such_pkg_x' is not installed"),
         (MINIMAL, ["train.select=best"], r"key 'train.select': needs a validation split: set data.validation_fraction"),
         (MINIMAL, ["train.patience=2"], r"key 'train.patience': needs a validation split"),
+        (MINIMAL, ["train.micro_batch_size=null"], r"key 'train.micro_batch_size': null needs train.micro_batch_tokens"),
+        (MINIMAL, ["train.packing=true"], r"key 'train.packing': packs examples into rows of train.micro_batch_tokens"),
+        (MINIMAL, ["train.micro_batch_tokens=100"], r"key 'train.micro_batch_tokens': 100 tokens cannot hold an example of "
+                                                    r"data.max_length=256 tokens"),
+        (MINIMAL, ["train.micro_batch_tokens=0"], r"key 'train.micro_batch_tokens': must be > 0"),
         (MINIMAL, ["data.validation_fraction=1.5"], r"key 'data.validation_fraction': must be in \[0, 1\)"),
         (MINIMAL, ["data.validation_fraction=0.2", "train.sweep.lr=[0.1]"], r"key 'train.select': must be best with train.sweep.lr"),
         (MINIMAL, ["data.validation_fraction=0.2", "train.select=best", "train.sweep.lr=[0.1,0.1]"],

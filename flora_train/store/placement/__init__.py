@@ -7,6 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from flora_train.data.batching import MicroBatching
 from flora_train.store.placement.base import OwnedStep, Placement, ShardedRows, micro_batches
 from flora_train.store.placement.fetch import FetchPlacement
 from flora_train.store.placement.owner import OwnerPlacement
@@ -34,7 +37,7 @@ def make_placement(name: str, store: "ShardedAdapterStore") -> Placement:
 
 
 def partition_step(pairs: Iterable[tuple[str, int]], world: int, placement: str, owner_of: Mapping[str, int],
-                   micro_batch_size: int) -> list[RankWork]:
+                   batching: MicroBatching | int, lengths: np.ndarray | None = None) -> list[RankWork]:
     """Every rank's micro-batches of a step's ``(user, example)`` pairs under ``placement`` (a pure
     function: what each rank's ``Placement.work`` computes for itself)."""
-    return micro_batches(_strategy(placement).shares(list(pairs), world, owner_of), micro_batch_size)
+    return micro_batches(_strategy(placement).shares(list(pairs), world, owner_of), batching, lengths)

@@ -14,10 +14,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from flora_train.store.comm import CommCounters, PendingRows, Route
-from flora_train.store.sharding import RankWork, split_even
+from flora_train.data.batching import MicroBatching
+from flora_train.store.sharding import RankWork
 from flora_train.store.store import StepRows
 
 if TYPE_CHECKING:
@@ -52,11 +54,17 @@ class Prefetched:
         return self.future.result() if self.future is not None else self.pending.wait()  # type: ignore[union-attr]
 
 
-def micro_batches(shares: list[list[tuple[str, int]]], micro_batch_size: int) -> list[RankWork]:
+def micro_batches(shares: list[list[tuple[str, int]]], batching: MicroBatching | int,
+                  lengths: np.ndarray | None = None) -> list[RankWork]:
     """Every rank's share cut into the same number of micro-batches (ZeRO-3 needs the same module
-    sequence on every rank); a rank with less work gets smaller, or empty, micro-batches."""
-    n_micro = max(1, max(-(-len(s) // micro_batch_size) for s in shares))
-    return [RankWork(tuple(split_even(s, n_micro))) for s in shares]
+    sequence on every rank); a rank with less work gets smaller, or empty, micro-batches.
+    ``batching``: the policy (an int: that many examples a micro-batch); ``lengths``: every
+    example's token count (token budgets group by it)."""
+    if isinstance(batching, int):
+        batching = MicroBatching(examples=batching)
+    if batching.tokens is not None and lengths is None:
+        raise ValueError("token-budget micro-batches need the examples' lengths")
+    return [RankWork(mbs) for mbs in batching.align(shares, lengths if lengths is not None else np.zeros(0, np.int64))]
 
 
 class Placement(ABC):
@@ -92,10 +100,11 @@ class Placement(ABC):
 
     # -- the interface the trainer drives ------------------------------------------------------
 
-    def work(self, pairs: Iterable[tuple[str, int]], micro_batch_size: int) -> RankWork:
+    def work(self, pairs: Iterable[tuple[str, int]], batching: MicroBatching | int,
+             lengths: np.ndarray | None = None) -> RankWork:
         """This rank's micro-batches of a step's ``(user, example)`` pairs."""
         store = self.store
-        return micro_batches(self.shares(list(pairs), store.world, store.plan.owners), micro_batch_size)[store.rank]
+        return micro_batches(self.shares(list(pairs), store.world, store.plan.owners), batching, lengths)[store.rank]
 
     def fetch(self, users: Sequence[str], requires_grad: bool = True) -> ShardedRows:
         """The rows of ``users`` (unique) on the compute device as one leaf. Collective in fetch

@@ -18,7 +18,7 @@ from flora_train import dist as fdist
 from flora_train.store.comm import CommCounters, PendingRows, Route, RowExchange
 from flora_train.store.placement.base import OwnedStep, Placement, Prefetched, ShardedRows
 from flora_train.store.registry import user_key
-from flora_train.store.sharding import split_even
+from flora_train.data.batching import split_even
 
 if TYPE_CHECKING:
     from flora_train.store.sharded import ShardedAdapterStore

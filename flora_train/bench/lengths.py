@@ -1,0 +1,147 @@
+"""`flora-train bench lengths`: training throughput on examples of real-text lengths.
+
+Real users' examples are not of one length: paragraphs and chat turns run from a few tokens to
+hundreds (median ~60, a heavy tail). Four settings train the same users on the same plan, side by
+side, each in its own process (so each has its own peak memory):
+
+- ``padded``: today's micro-batches of ``micro_batch_size`` examples in plan order, each padded to
+  its longest member;
+- ``grouped``: ``train.micro_batch_tokens``: examples grouped by length under a token budget;
+- ``packed``: ``train.packing``: examples of any users concatenated into rows of the budget;
+- ``uniform``: the same number of real tokens with every example at the mean length, in padded
+  micro-batches (nothing to pad): the limit.
+
+Each reports real tokens a second (timed over the second epoch, after the kernel tuner has seen the
+shapes), the share of real tokens among those the base computed, the largest micro-batch in
+computed tokens (what activation memory follows) and the process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flora_train.bench.common import machine, write_json
+
+DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
+                    num_kv_heads=4, vocab_size=1024, max_position_embeddings=1024, seed=0, pretrain_steps=0)
+TINY_BASE = dict(DEFAULT_BASE, hidden_size=32, intermediate_size=64, num_layers=2, vocab_size=400)
+CONFIGS = (("flora", 1), ("lora", 8))
+SETTINGS = ("padded", "grouped", "packed", "uniform")
+TARGETS = {"packed": 0.9, "grouped": 0.6}  # real tokens/s against the uniform limit (this CPU)
+
+
+def _lengths(n: int, median: int, sigma: float, longest: int, seed: int) -> np.ndarray:
+    """Log-normal token counts (real text's shape: most short, a heavy tail), in [8, longest]."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(rng.lognormal(np.log(median), sigma, n)), 8, longest).astype(int)
+
+
+def _write(path: Path, users: int, lengths: list[int], seed: int) -> list[str]:
+    """JSONL of ``user_id`` / ``text``; a word "wNNN" is about two tokens of the locally built tokenizer."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(600)]
+    rows, texts = [], []
+    for k, n in enumerate(lengths):
+        text = " ".join(rng.choice(vocab) for _ in range(max(1, n // 2)))
+        rows.append(json.dumps({"user_id": f"user-{k % users:04d}", "text": text}))
+        texts.append(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    return texts
+
+
+def _one(spec: dict[str, Any]) -> dict[str, Any]:
+    """One setting in this process: two epochs, the second timed."""
+    from flora_train.config import load_recipe
+    from flora_train.train.session import prepare_session, train_settings
+    from flora_train.train.trainer import Trainer
+
+    session = prepare_session(load_recipe(None, spec["overrides"]))
+    try:
+        trainer = Trainer(session.model, session.slot, session.store, session.train, train_settings(session),
+                          session.user_total_steps(), session.pad_id, session.device)
+        epoch = session.planner.steps_per_epoch()
+        stats = trainer.fit(session.planner.steps(epochs=2))[epoch:]
+        lengths = session.train.lengths()
+        works = [trainer._work(p) for p in session.planner.steps(epochs=1)]
+        biggest = max((len(mb) * int(max(lengths[i] for _, i in mb)) if not trainer.batching.packing
+                       else int(sum(lengths[i] for _, i in mb))) for w in works for mb in w.micro_batches if mb)
+        seconds = sum(s.seconds for s in stats)
+        real, computed = sum(s.tokens for s in stats), sum(s.computed_tokens for s in stats)
+        return {"real_tokens_per_s": real / seconds, "real_share": real / computed, "seconds": seconds,
+                "real_tokens": real, "computed_tokens": computed, "biggest_micro_batch_tokens": biggest,
+                "micro_batches_per_step": statistics.fmean(len(w.micro_batches) for w in works),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "examples": len(lengths), "longest": int(lengths.max())}
+    finally:
+        session.close()
+
+
+def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_user: int = 16, median: int = 60,
+                  sigma: float = 0.9, longest: int = 768, budget: int = 4096, micro_batch_size: int = 16,
+                  tiny: bool = False, configs: tuple[tuple[str, int], ...] = CONFIGS) -> dict[str, Any]:
+    from flora_train.base import build_tiny_model
+
+    work = out / "lengths"
+    n = users * examples_per_user
+    lengths = _lengths(n, median, sigma, longest, seed=0)
+    mean = int(round(float(lengths.mean())))
+    texts = _write(work / "real.jsonl", users, lengths.tolist(), seed=0)
+    _write(work / "uniform.jsonl", users, [mean] * n, seed=1)
+    base = TINY_BASE if tiny else DEFAULT_BASE
+    model_dir = build_tiny_model(work / "base", dict(base), texts)
+    common = [f"base.name_or_path={model_dir}", "data.text_column=text", f"data.max_length={longest + 16}",
+              "data.eval_examples_per_user=0", f"train.users_per_step={max(1, users // 2)}", "train.examples_per_user=4",
+              "train.epochs=2", "train.precision=fp32", "train.device=cpu", "train.progress=false", "tracking.enabled=false",
+              "eval.at_end=false", "adapter.target_modules=all-linear"]
+    policy = {"padded": [f"train.micro_batch_size={micro_batch_size}"],
+              "grouped": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}"],
+              "packed": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}", "train.packing=true"],
+              "uniform": [f"train.micro_batch_size={micro_batch_size}"]}
+    runs: dict[str, dict[str, Any]] = {}
+    for method, rank in configs:
+        name = f"{method} r{rank}"
+        runs[name] = {}
+        for setting in SETTINGS:
+            data = work / ("uniform.jsonl" if setting == "uniform" else "real.jsonl")
+            overrides = [*common, f"data.train_path={data}", f"run_dir={work / f'{method}-{setting}'}",
+                         f"adapter.method={method}", f"adapter.rank={rank}", *policy[setting]]
+            proc = subprocess.run([sys.executable, "-m", "flora_train.bench.lengths", json.dumps({"overrides": overrides})],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"bench lengths: {name} {setting} failed:\n{proc.stderr[-3000:]}")
+            runs[name][setting] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"[{name}] {setting}: {runs[name][setting]['real_tokens_per_s']:.0f} real tokens/s", flush=True)
+        limit = runs[name]["uniform"]["real_tokens_per_s"]
+        for setting in SETTINGS:
+            runs[name][setting]["vs_limit"] = runs[name][setting]["real_tokens_per_s"] / limit
+    p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
+    result = {"suite": "lengths", "machine": machine(), "base": base, "examples": n, "users": users,
+              "lengths": {"median": p50, "p90": p90, "p99": p99, "max": int(lengths.max()), "mean": mean},
+              "budget": budget, "micro_batch_size": micro_batch_size, "targets": TARGETS, "runs": runs}
+    write_json(out, "lengths", result)
+    print(f"\nbench lengths: {n} examples of {users} users, lengths median {p50}, p90 {p90}, p99 {p99}, max "
+          f"{int(lengths.max())} tokens (uniform: {mean}); Llama {base['hidden_size']}x{base['num_layers']}, every linear "
+          f"layer adapted, fp32; padded: {micro_batch_size} examples a micro-batch; grouped and packed: {budget} tokens; "
+          f"{result['machine']}")
+    print(f"{'adapter':9s} {'setting':8s} {'real tok/s':>10s} {'vs limit':>9s} {'target':>7s} {'real share':>10s} "
+          f"{'max mb tokens':>13s} {'peak MiB':>9s}")
+    for name, by_setting in runs.items():
+        for setting, r in by_setting.items():
+            target = f"{TARGETS[setting]:.1f}x" if setting in TARGETS else "-"
+            print(f"{name:9s} {setting:8s} {r['real_tokens_per_s']:10.0f} {r['vs_limit']:8.2f}x {target:>7s} "
+                  f"{r['real_share']:10.0%} {r['biggest_micro_batch_tokens']:13d} {r['peak_rss_mib']:9.0f}")
+    return result
+
+
+if __name__ == "__main__":  # one setting, in its own process (its own peak memory)
+    print(json.dumps(_one(json.loads(sys.argv[1]))))

@@ -1,0 +1,133 @@
+"""Token budgets and packing: how a step becomes micro-batches, and packed ≡ padded.
+
+The exactness test runs real transformers models (Llama with grouped-query attention, GPT-2) in
+float64: each example's target logits and each user's row gradient from packed rows (per-token
+adapter routing, ``flora_packed`` attention) equal the padded computation's, for random lengths,
+users, methods and kernels, with and without a shared adapter under the personal rows."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flora_train.adapters import AdapterSpec, inject_adapters
+from flora_train.base.packed_attention import packed_groups, use_packed_attention
+from flora_train.data.batching import MicroBatching, pack, pad
+from flora_train.store.placement import partition_step
+from flora_train.train.loss import batch_target_logits, example_losses
+
+KERNELS = {"flora": ["stacked", "rankwise"], "lora": ["bmm", "segment", "loop"], "ia3": ["fused"]}
+
+
+def _model(arch: str, seed: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=50, max_position_embeddings=64))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=64))
+    return model.double().eval()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["llama", "gpt2"]), st.sampled_from(sorted(KERNELS)), st.integers(1, 3),
+       st.lists(st.integers(2, 12), min_size=1, max_size=7), st.integers(1, 3), st.booleans(), st.integers(0, 2**31 - 1))
+def test_packed_rows_equal_padded_rows_forward_and_backward(arch, method, rank, lengths, users, shared, seed):
+    g = torch.Generator().manual_seed(seed)
+    kernel = KERNELS[method][seed % len(KERNELS[method])]
+    model = _model(arch, seed % 997)
+    spec = AdapterSpec(method, rank, alpha=2.0, kernel=kernel)
+    shared_spec = (AdapterSpec("lora", 2, alpha=4.0), "all-linear", 0) if shared else None
+    slot, layout = inject_adapters(model, spec, "all-linear", shared=shared_spec)
+    if shared:
+        slot.shared.row = (0.2 * torch.randn(slot.shared.layout.row_size, generator=g, dtype=torch.float64))
+    rows = (1 + 0.3 * torch.randn(users, layout.row_size, generator=g, dtype=torch.float64)).requires_grad_()
+    examples = []
+    for n in lengths:
+        ids = torch.randint(0, 50, (n,), generator=g).numpy()
+        labels = ids.copy()
+        labels[: int(torch.randint(0, n - 1, (1,), generator=g))] = -100  # a prompt the loss skips (the last token stays)
+        examples.append((ids, labels))
+    user_of = torch.randint(0, users, (len(examples),), generator=g)
+    weights = torch.rand(len(examples), generator=g, dtype=torch.float64)
+
+    def run(batch):
+        with slot.activate(rows, batch.token_index(user_of)):
+            t = batch_target_logits(model, batch)
+            per_example = example_losses(t)
+            grad, = torch.autograd.grad((per_example.double() * weights).sum(), rows)
+        return t, per_example, grad
+
+    padded = run(pad(examples, pad_id=0))
+    use_packed_attention(model, torch.device("cpu"), half_precision=False)
+    packed = run(pack(examples))
+    # The same target logits in the same order (examples in order, positions in order).
+    torch.testing.assert_close(packed[0].logits, padded[0].logits, rtol=1e-9, atol=1e-9)
+    assert torch.equal(packed[0].example, padded[0].example) and torch.equal(packed[0].targets, padded[0].targets)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(packed[2], padded[2], rtol=1e-9, atol=1e-9)
+
+
+def test_a_packed_row_keeps_examples_apart_and_restarts_positions():
+    batch = pack([(np.array([5, 6, 7]), np.array([5, 6, 7])), (np.array([8, 9]), np.array([-100, 9]))])
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    assert batch.example.tolist() == [[0, 0, 0, 1, 1]]
+    # The first token of each example is never a target: no example learns from the one before it.
+    assert batch.labels.tolist() == [[-100, 6, 7, -100, 9]]
+    assert batch.cu_seqlens.tolist() == [0, 3, 5] and batch.max_seqlen == 3
+    assert batch.real_tokens == batch.computed_tokens == 5
+    assert batch.token_index(torch.tensor([4, 2])).tolist() == [[4, 4, 4, 2, 2]]
+    assert packed_groups([0, 3, 5, 13, 14]) == [(8, [(5, 8)]), (3, [(0, 3)]), (2, [(3, 2)]), (1, [(13, 1)])]
+    assert packed_groups([0, 8, 15, 22]) == [(8, [(0, 8), (15, 7), (8, 7)])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(40, 160), st.one_of(st.none(), st.integers(1, 9)),
+       st.booleans(), st.integers(1, 3))
+def test_micro_batches_hold_every_example_once_under_the_budget(lengths, budget, cap, packing, world):
+    pairs = [(f"u{k % 5}", k) for k in range(len(lengths))]
+    lengths = np.array(lengths)
+    batching = MicroBatching(cap, budget, packing)
+    owners = {f"u{k}": k % world for k in range(5)}
+    work = partition_step(pairs, world, "owner", owners, batching, lengths)
+    assert len({len(w.micro_batches) for w in work}) == 1, "every rank runs the same number of micro-batches"
+    seen = [p for w in work for p in w.pairs]
+    assert sorted(seen) == sorted(pairs)
+    for rank, w in enumerate(work):
+        assert all(owners[u] == rank for u, _ in w.pairs)
+        for mb in w.micro_batches:
+            if not mb:
+                continue
+            sizes = [int(lengths[i]) for _, i in mb]
+            computed = sum(sizes) if packing else len(mb) * max(sizes)
+            assert computed <= budget and (cap is None or len(mb) <= cap)
+            if packing:  # a row's examples in plan order
+                assert [i for _, i in mb] == sorted(i for _, i in mb)
+        real = sum(int(lengths[i]) for _, i in w.pairs)
+        used = [mb for mb in w.micro_batches if mb]
+        # Longest first: each micro-batch but the last could not have taken the next example.
+        if not packing and cap is None and used:
+            for a, b in zip(used, used[1:]):
+                assert (len(a) + 1) * max(int(lengths[i]) for _, i in a) > budget
+        assert real <= sum(budget for _ in used)
+    again = partition_step(pairs, world, "owner", owners, batching, lengths)
+    assert again == work, "a pure function of the step and the lengths"
+
+
+def test_count_micro_batches_are_as_before():
+    pairs = [("a", 0), ("a", 1), ("b", 2), ("b", 3), ("c", 4)]
+    work = partition_step(pairs, 1, "owner", {"a": 0, "b": 0, "c": 0}, 2)
+    assert work[0].micro_batches == ((("a", 0), ("a", 1)), (("b", 2), ("b", 3)), (("c", 4),))
+
+
+def test_a_token_budget_needs_lengths_and_a_size():
+    with pytest.raises(ValueError, match="lengths"):
+        partition_step([("a", 0)], 1, "owner", {"a": 0}, MicroBatching(None, 64))
+    with pytest.raises(ValueError, match="size"):
+        MicroBatching(None, None)
+    with pytest.raises(ValueError, match="packing"):
+        MicroBatching(8, None, True)
