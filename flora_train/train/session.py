@@ -34,7 +34,7 @@ from flora_train.train.retain import base_targets
 from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
 from flora_train.train.phases import Phase, PhasePlan
 from flora_train.train.shared import SharedTraining
-from flora_train.train.sweep import user_of, variant_lrs, variants_of
+from flora_train.train.sweep import user_of, variant, variant_lrs, variants_of
 
 
 @dataclass
@@ -90,6 +90,14 @@ class Session:
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+    def users_planner(self) -> BatchPlanner:
+        """The plan of the users themselves: under a sweep, one variant each (variant 0 draws its
+        user's own batches), so what trains on the users' data (the shared phase) sees each
+        example once an epoch, not once per variant."""
+        if not self.cfg.train.sweep.lr:
+            return self.planner
+        return self.planner.restricted([variant(u, 0) for u in self.users()])
 
     def user_lr(self) -> dict[str, float] | None:
         """Each row's own base learning rate under ``train.sweep.lr`` (None: ``store.optimizer.lr``)."""

@@ -117,7 +117,7 @@ def train_shared_phase(session: "Session", tracker: "Tracker", steps: int) -> li
     t = session.cfg.train
     trainer = Trainer(session.model, session.slot, session.store, session.step_examples, train_settings(session),
                       session.user_total_steps(), session.pad_id, session.device, shared=shared, train_personal=False)
-    plans = session.planner.steps(epochs=10**6, max_steps=steps)
+    plans = session.users_planner().steps(epochs=10**6, max_steps=steps)
     losses = []
     for st in trainer.fit(tqdm(plans, total=steps, desc="shared adapter", disable=not (t.progress and fdist.rank() == 0),
                                leave=False)):
@@ -138,7 +138,9 @@ def first_shared_phase(session: "Session", tracker: "Tracker", checkpoint: Calla
         return None
     t = session.cfg.train
     began = time.perf_counter()
-    train_shared_phase(session, tracker, t.shared_steps or session.phase_plan.planner.total_steps(t.epochs, None))
+    # (Under a sweep the personal phase plans every variant; the shared adapter trains on the users.)
+    steps = t.shared_steps or (session.users_planner() if t.sweep.lr else session.phase_plan.planner).total_steps(t.epochs, None)
+    train_shared_phase(session, tracker, steps)
     seconds = time.perf_counter() - began
     tracker.log_metrics({"shared/seconds": seconds}, step=start)
     checkpoint(start)

@@ -96,10 +96,14 @@ def test_joint_trains_the_shared_adapter_in_every_step(tmp_path):
 
 
 def test_a_learning_rate_sweep_keeps_each_users_best_rate(tmp_path):
-    """Two rates as two variants of every user in one job: each user keeps the rate whose kept row has
-    the lower validation loss, and its rows equal a run at that rate alone (the variants draw their
-    user's own batches; only the other rows sharing a step differ, so float32 reduction order)."""
-    common = [*SMALL, "data.validation_fraction=0.25", "train.select=best", "tracking.enabled=false"]
+    """Two rates as two variants of every user in one job, on a shared adapter: each user keeps the
+    rate whose kept row has the lower validation loss, and its rows equal a run at that rate alone
+    (the variants draw their user's own batches; only the other rows sharing a step differ, so
+    float32 reduction order). The shared adapter is the one a run without the sweep trains: it sees
+    each user's data once an epoch, not once per variant (it trained on every variant's, twice as
+    long, and the bench credited the sweep with a better shared adapter)."""
+    common = [*SMALL, "data.validation_fraction=0.25", "train.select=best", "tracking.enabled=false",
+              "adapter.shared.method=flora", "adapter.shared.rank=1", "adapter.shared.lr=0.05"]
     rates = (0.02, 0.2)
     alone = {}
     for lr in rates:
@@ -110,6 +114,12 @@ def test_a_learning_rate_sweep_keeps_each_users_best_rate(tmp_path):
     out = flora_train("run", "recipes/quickstart.yaml", *common, f"run_dir={swept}", f"train.sweep.lr=[{rates[0]},{rates[1]}]").stdout
     assert "per-user learning rates chosen on the validation split: 0.02:" in out
     [only] = list_checkpoints(swept)  # the variants' checkpoints are gone; this one holds one row per user
+    shared, meta = read_shared_adapter(only)
+    alone_shared, alone_meta = read_shared_adapter(list_checkpoints(tmp_path / f"lr{rates[0]}")[-1])
+    assert meta["steps"] == alone_meta["steps"]
+    assert sorted(shared) == sorted(alone_shared)
+    for key, value in alone_shared.items():
+        torch.testing.assert_close(shared[key], value, rtol=1e-5, atol=1e-7)
     chosen = json.loads((only / "trainer_state.json").read_text())["sweep"]["chosen"]
     state = saved_state(swept)
     assert sorted(state) == sorted(chosen) and len(chosen) == 24 and set(chosen.values()) <= set(rates)
