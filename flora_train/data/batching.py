@@ -31,6 +31,10 @@ import torch
 from flora_train.data.tokenize import IGNORE
 
 Pair = tuple[str, int]  # (user, example index)
+# What a micro-batch costs beyond its tokens, in tokens: a forward and backward's fixed work (module
+# calls, kernel launches, the head's gather). Measured on the CPU bench (tiny Llama 256x4): a few ms,
+# about 128 tokens' worth; length grouping trades padding against this.
+MICRO_BATCH_COST = 128
 
 
 def split_even(items: list, parts: int) -> list[tuple]:
@@ -76,18 +80,33 @@ class MicroBatching:
         return self._pack(pairs, order, lengths, cap) if self.packing else self._group(pairs, order, lengths, cap)
 
     def _group(self, pairs: list[Pair], order: list[int], lengths: np.ndarray, cap: int) -> list[tuple[Pair, ...]]:
-        """Consecutive runs of the length order, each as long as ``count x its longest <= tokens``."""
-        out: list[tuple[Pair, ...]] = []
-        current: list[int] = []
-        for k in order:
-            width = int(lengths[pairs[current[0]][1]]) if current else int(lengths[pairs[k][1]])
-            if current and (len(current) >= cap or (len(current) + 1) * width > self.tokens):  # type: ignore[operator]
-                out.append(tuple(pairs[j] for j in current))
-                current = []
-            current.append(k)
-        if current:
-            out.append(tuple(pairs[j] for j in current))
-        return out
+        """Consecutive runs of the length order, cut where padding plus a fixed cost per micro-batch
+        is least (each run holds ``count x its longest <= tokens``): a small dynamic program over
+        the cut points. Greedy filling to the budget put the shortest examples of a run beside its
+        longest (58% real on log-normal lengths); the cost of a micro-batch beyond its tokens
+        (``MICRO_BATCH_COST``) keeps it from cutting every example apart."""
+        width = np.array([int(lengths[pairs[k][1]]) for k in order], dtype=np.int64)
+        n = len(width)
+        best = np.zeros(n + 1, dtype=np.float64)
+        cut = np.zeros(n + 1, dtype=np.int64)
+        budget = int(self.tokens)  # type: ignore[arg-type]
+        for j in range(1, n + 1):
+            # Runs i..j-1; width is descending, so width[i] is the run's longest.
+            first = max(0, j - cap)
+            i = np.arange(first, j)
+            count = j - i
+            ok = count * width[first:j] <= budget
+            ok[-1] = True  # one example alone always fits (data.max_length <= the budget is validated)
+            cost = best[first:j] + count * width[first:j] + MICRO_BATCH_COST
+            cost[~ok] = np.inf
+            k = int(np.argmin(cost))
+            best[j], cut[j] = cost[k], first + k
+        runs = []
+        j = n
+        while j > 0:
+            runs.append(order[cut[j]:j])
+            j = cut[j]
+        return [tuple(pairs[k] for k in run) for run in reversed(runs)]
 
     def _pack(self, pairs: list[Pair], order: list[int], lengths: np.ndarray, cap: int) -> list[tuple[Pair, ...]]:
         """First fit, longest first, into rows of ``tokens``; each row's examples in plan order (a
