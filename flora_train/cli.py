@@ -126,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=32, help="prompts per forward at most")
     srv.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
     srv.add_argument("--max-prompt-tokens", type=int, default=None)
+    srv.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 with Retry-After")
     srv.add_argument("--device", default="auto")
 
     doc = sub.add_parser("doctor", help="self-check of the accelerator path: every method, bf16, ZeRO-3 offload, benches")
@@ -341,7 +342,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"serving {len(trained.users)} users' {trained.layout.spec.method} adapters on "
                   f"http://{args.host}:{args.port} (model {args.model_name!r})", flush=True)
             serve(trained, args.host, args.port, model_name=args.model_name, strict_users=args.strict_users,
-                  max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_prompt_tokens=args.max_prompt_tokens)
+                  max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_prompt_tokens=args.max_prompt_tokens,
+                  max_queue=args.max_queue)
         elif args.command == "doctor":
             from flora_train.doctor import doctor
 

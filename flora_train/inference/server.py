@@ -3,7 +3,10 @@
 ``/v1/completions`` and ``/v1/chat/completions`` take the user from the request's standard ``user``
 field or from a model name ``<base>:<user_id>``; ``/health`` says what is served. Concurrent
 requests of different users are batched into one forward by the ``Batcher`` (FLoRA's point: one
-base pass for many users). Bad requests get a 4xx with a message and never stop the server.
+base pass for many users). Bad requests get a 4xx with a message and never stop the server; a
+field this server does not implement (``logprobs``, ``echo``, ``stream: true``, ...) is a 400 that
+names it, never silently ignored. A full queue answers 429 with ``Retry-After``; ``/health`` is 503
+when the batching thread is not running.
 """
 
 from __future__ import annotations
@@ -16,20 +19,25 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from flora_train.inference.batcher import Batcher
+from flora_train.inference.batcher import Batcher, Overloaded
 from flora_train.inference.generate import GenerationSettings
 from flora_train.inference.trained import InferenceError, TrainedAdapters
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str
 
 
 class _Common(BaseModel):
+    # A field we do not implement must not be dropped silently (a client asking for logprobs would
+    # get null and believe it): pydantic refuses it, and the handler names it.
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
+    stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -62,9 +70,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users: bool = False, max_batch: int = 32,
                batch_window_ms: float = 10.0, max_prompt_tokens: int | None = None,
-               default_max_tokens: int = 16) -> FastAPI:
+               default_max_tokens: int = 16, max_queue: int = 256) -> FastAPI:
     app = FastAPI(title="flora_train", description="per-user adapters, batched across users")
-    batcher = Batcher(trained, max_batch=max_batch, window_s=batch_window_ms / 1000)
+    batcher = Batcher(trained, max_batch=max_batch, window_s=batch_window_ms / 1000, max_queue=max_queue)
     app.state.batcher = batcher
     config = getattr(trained.model, "config", None)
     limit = max_prompt_tokens or getattr(config, "max_position_embeddings", None) or 4096
@@ -73,11 +81,16 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "extra_forbidden":
+            return _error(400, f"unsupported field {where!r}: this server does not implement it")
         return _error(400, f"malformed request: {where + ': ' if where else ''}{first.get('msg', 'invalid body')}")
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        response = _error(exc.status, exc.message)
+        if exc.status == 429:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.on_event("shutdown")
     def _close() -> None:
@@ -94,6 +107,8 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         return user
 
     def settings_of(req: _Common, max_tokens: int | None, chat: bool, prompt_tokens: int) -> GenerationSettings:
+        if req.stream:
+            raise ApiError(400, "unsupported field 'stream': true: this server answers with one JSON body (stream=false)")
         if req.n != 1:
             raise ApiError(400, "n must be 1")
         new = max_tokens or default_max_tokens
@@ -105,7 +120,11 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
 
     async def run(prompt: Any, user: str, settings: GenerationSettings):
         try:
-            return await asyncio.wrap_future(batcher.submit(prompt, user, settings))
+            future = batcher.submit(prompt, user, settings)
+        except Overloaded as exc:
+            raise ApiError(429, f"server busy: {exc}; retry shortly") from None
+        try:
+            return await asyncio.wrap_future(future)
         except InferenceError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -113,11 +132,14 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         return {"prompt_tokens": prompt_tokens, "completion_tokens": new, "total_tokens": prompt_tokens + new}
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health() -> JSONResponse:
         s = batcher.stats()
-        return {"status": "ok", "model": model_name, "base": trained.source.model_path, "users": len(trained.users),
+        alive = batcher.alive
+        return JSONResponse(status_code=200 if alive else 503, content={
+                "status": "ok" if alive else "batching thread stopped", "model": model_name, "base": trained.source.model_path, "users": len(trained.users),
                 "method": trained.layout.spec.method, "batches": s.batches, "prompts": s.prompts,
-                "largest_batch": s.largest_batch, "new_tokens": s.new_tokens}
+                "largest_batch": s.largest_batch, "new_tokens": s.new_tokens, "waiting": batcher.waiting,
+                "dropped": s.dropped, "failed": s.failed})
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:

@@ -98,3 +98,42 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
                                        "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
     assert requests.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_fields_the_server_does_not_implement_are_named_not_ignored(server):
+    url, _ = server
+    post = lambda body: requests.post(f"{url}/v1/completions", json={"prompt": "hi", "user": "user-000001", **body}, timeout=60)  # noqa: E731
+    for field, value in (("logprobs", 2), ("echo", True), ("presence_penalty", 0.5)):
+        r = post({field: value})
+        assert r.status_code == 400 and f"unsupported field '{field}'" in r.json()["error"]["message"], (field, r.text)
+    r = post({"stream": True})
+    assert r.status_code == 400 and "'stream'" in r.json()["error"]["message"]
+    assert post({"stream": False, "max_tokens": 2}).status_code == 200
+
+
+def test_a_cancelled_request_or_a_failing_one_never_stops_the_batcher(server):
+    """The old thread resolved a future its caller had cancelled: InvalidStateError killed it and
+    every later request hung. Now a cancelled request is dropped, a failing one fails alone."""
+    from flora_train.inference.batcher import Batcher, Overloaded
+
+    _, run_dir = server
+    trained = load_trained(run_dir, device="cpu")
+    settings = GenerationSettings(max_new_tokens=3)
+    batcher = Batcher(trained, window_s=0.5)
+    gone = batcher.submit("favourite colour", "user-000001", settings)
+    assert gone.cancel(), "still queued: cancellable"
+    bad = batcher.submit(["not", "a", "string"], "user-000002", settings)  # a list is a prompt only with chat
+    good = batcher.submit("my city", "user-000003", GenerationSettings(max_new_tokens=4))
+    (alone,), _ = generate_batch(trained, ["my city"], ["user-000003"], GenerationSettings(max_new_tokens=4))
+    assert good.result(timeout=120).text == alone.text
+    with pytest.raises(Exception, match="must be a string"):
+        bad.result(timeout=60)
+    stats = batcher.stats()
+    assert batcher.alive and stats.dropped == 1 and stats.failed == 1
+    batcher.close()
+    assert not batcher.alive
+    small = Batcher(trained, max_queue=1)
+    small.close()  # no thread drains it now: one request waits, the next is refused
+    small.submit("a", "user-000001", settings)
+    with pytest.raises(Overloaded):
+        small.submit("b", "user-000001", settings)
