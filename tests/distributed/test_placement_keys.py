@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     # Every owner registers its users in reverse plan order before the store does.
     local.add_users(list(reversed(plan.users_of(rank))))
     store = ShardedAdapterStore(local, plan, "fetch")
-    work = store.work([(u, 0) for u in users], micro_batch_size=64)
+    work = store.work([(u, 0) for u in users], 64)
     rows = store.fetch(work.user_ids)
     got_rows = torch.equal(rows.values.detach(), torch.stack([_row_of(u) for u in work.user_ids]))
     rows.values.grad = torch.ones_like(rows.values)
