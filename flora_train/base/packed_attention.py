@@ -24,18 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "flora_packed"
 # Examples of length >= GROUP_RATIO x the group's longest share one SDPA call: their padding costs at
 # most 1/GROUP_RATIO^2 of the group's attention (1.8x); groups stay few (a handful a row).
 GROUP_RATIO = 0.75
-
-
-def _sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-          attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def packed_groups(bounds: list[int]) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -59,7 +53,7 @@ def flora_packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     attention) -> ``[1, tokens, heads, dim]``, each example of the row attending to itself only."""
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
-        return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"{NAME}: a packed batch is one row, got {query.shape[0]}")
     if key.shape[1] != query.shape[1]:

@@ -8,14 +8,21 @@ when padding would take more than a third of the compute.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from flora_train.data.batching import MicroBatching, Pair
+from flora_train.data.planner import BatchPlanner
 
 WASTE_LIMIT = 1 / 3  # padding above this share of the computed tokens is worth a warning
 PLANNED_STEPS = 1_000  # steps an estimate reads (a big run's first epoch is millions of examples)
+
+
+def planned_steps(planner: BatchPlanner) -> list[list[Pair]]:
+    """The first ``PLANNED_STEPS`` steps of the plan as ``(user, example)`` pairs."""
+    return [[(u, i) for u, ex in p.groups for i in ex] for p in itertools.islice(planner.steps(1), PLANNED_STEPS)]
 
 
 def real_token_share(steps: Iterable[Sequence[Pair]], lengths: np.ndarray, batching: MicroBatching) -> float:
@@ -36,18 +43,21 @@ def suggested_budget(lengths: np.ndarray, batching: MicroBatching, max_length: i
     return max(max_length, 1 << max(0, int(np.ceil(np.log2(max(per_batch, 1))))))
 
 
-def length_warning(steps: list[list[Pair]], lengths: np.ndarray, batching: MicroBatching, max_length: int) -> str | None:
-    """A one-paragraph warning naming the keys to set, or None when padding takes at most a third."""
+def padding_report(planner: BatchPlanner, lengths: np.ndarray, batching: MicroBatching,
+                   max_length: int) -> tuple[float, str | None]:
+    """The planned share of real tokens, and a one-paragraph warning naming the keys to set (None
+    when padding takes at most a third)."""
+    steps = planned_steps(planner)
     share = real_token_share(steps, lengths, batching)
     if share >= 1 - WASTE_LIMIT or not len(lengths):
-        return None
+        return share, None
     budget = batching.tokens or suggested_budget(lengths, batching, max_length)
     grouped = real_token_share(steps, lengths, MicroBatching(None, budget, False))
     packed = real_token_share(steps, lengths, MicroBatching(None, budget, True))
     now = (f"train.micro_batch_tokens={batching.tokens}" if batching.tokens is not None
            else f"train.micro_batch_size={batching.examples}")
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
-    return (f"the examples' lengths (median {p50}, p90 {p90}, p99 {p99}, max {int(lengths.max())} tokens) leave "
-            f"{share:.0%} of the tokens the base computes real at {now} (the rest is padding, computed forward and "
-            f"backward): set train.micro_batch_tokens={budget} ({grouped:.0%} real, micro-batches grouped by length) "
-            f"and train.packing=true ({packed:.0%})")
+    return share, (f"the examples' lengths (median {p50}, p90 {p90}, p99 {p99}, max {int(lengths.max())} tokens) leave "
+                   f"{share:.0%} of the tokens the base computes real at {now} (the rest is padding, computed forward "
+                   f"and backward): set train.micro_batch_tokens={budget} ({grouped:.0%} real, micro-batches grouped "
+                   f"by length) and train.packing=true ({packed:.0%})")

@@ -9,7 +9,6 @@ of them stop with the same message instead of waiting for rank 0 forever.
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -220,25 +219,16 @@ def length_report(cfg: DictConfig) -> tuple[str, str | None]:
     built) and the first epoch's plan cut as the recipe cuts it."""
     if cfg.base.tiny is not None or cfg.data.synthetic is not None:
         return "# padding: estimated when the run starts (base.tiny and synthetic data are built by the run)", None
-    import numpy as np
-
-    from flora_train.data.length_check import PLANNED_STEPS, length_warning, real_token_share
+    from flora_train.data.batching import MicroBatching
+    from flora_train.data.length_check import padding_report
     from flora_train.data.planner import BatchPlanner
-    from flora_train.train.trainer import TrainSettings
 
     build, d, t = _Build(cfg, Path(cfg.run_dir)), cfg.data, cfg.train
     tokenizer = load_tokenizer(str(cfg.base.name_or_path), cfg.base.gguf_file, cfg.base.trust_remote_code)
     raw = build.raw("train")
     assert raw is not None
-    tokens = tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, build.bad)
-    lengths = np.array([len(ids) for ids in tokens["input_ids"]], dtype=np.int64)
-    by_user: dict[str, list[int]] = {}
-    for i, user in enumerate(tokens["user_id"]):
-        by_user.setdefault(user, []).append(i)
-    planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user)
-    steps = [[(u, i) for u, ex in p.groups for i in ex] for p in itertools.islice(planner.steps(1), PLANNED_STEPS)]
-    batching = TrainSettings(lr=0.0, micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
-                             packing=t.packing).batching
-    share = real_token_share(steps, lengths, batching)
-    line = f"# padding: {share:.0%} of the tokens the base computes are real ({len(lengths)} examples, the first epoch's plan)"
-    return line, length_warning(steps, lengths, batching, d.max_length)
+    examples = cache.in_memory(tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, build.bad))
+    planner = BatchPlanner(examples.by_user(), t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user)
+    share, warning = padding_report(planner, examples.lengths(), MicroBatching(t.micro_batch_size, t.micro_batch_tokens,
+                                                                               t.packing), d.max_length)
+    return f"# padding: {share:.0%} of the tokens the base computes are real ({len(examples)} examples, the first epoch's plan)", warning

@@ -4,7 +4,6 @@ on a preemption signal, evaluate every ``eval.every_steps``."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flora_train import dist as fdist
-from flora_train.data.length_check import PLANNED_STEPS, length_warning, real_token_share
+from flora_train.data.length_check import padding_report
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import save_checkpoint
 from flora_train.train.evaluate import summarise
@@ -63,12 +62,9 @@ class TrainLoop:
         occupancy = planner.occupancy()
         # The first steps' padding, from the lengths alone (an estimate for one rank; the steps'
         # own plan/real_token_share follows as they run).
-        steps = [[(u, i) for u, ex in p.groups for i in ex] for p in itertools.islice(planner.steps(1), PLANNED_STEPS)]
-        lengths = self.trainer.example_lengths
-        batching = self.trainer.batching
-        occupancy["planned_real_token_share"] = real_token_share(steps, lengths, batching)
+        occupancy["planned_real_token_share"], warning = padding_report(
+            planner, self.trainer.example_lengths, self.trainer.batching, self.session.cfg.data.max_length)
         self.tracker.log_metrics({f"plan/{k}": v for k, v in occupancy.items()}, step=start)
-        warning = length_warning(steps, lengths, batching, self.session.cfg.data.max_length)
         if self.total > start and warning is not None and fdist.rank() == 0:
             log.warning(warning)
         if self.total > start and occupancy["occupancy_mean"] < 0.5 and fdist.rank() == 0:
