@@ -123,10 +123,17 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--checkpoint", type=Path, default=None)
     srv.add_argument("--model-name", default="flora", help="the model id clients name (optionally '<name>:<user_id>')")
     srv.add_argument("--strict-users", action="store_true", help="404 for users never trained (default: the base model)")
-    srv.add_argument("--max-batch", type=int, default=32, help="prompts per forward at most")
-    srv.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
-    srv.add_argument("--max-prompt-tokens", type=int, default=None)
+    srv.add_argument("--max-batch", type=_at_least_one, default=32, help="sequences generating at once at most")
+    srv.add_argument("--prefill-tokens", type=_at_least_one, default=512,
+                     help="prompt tokens prefilled per step at most: longer prompts are prefilled in chunks")
+    srv.add_argument("--max-prompt-tokens", type=int, default=None,
+                     help="prompt + max_tokens limit (default: the recipe's data.max_length, else the model's)")
     srv.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 with Retry-After")
+    srv.add_argument("--cache-users", type=_at_least_one, default=None,
+                     help="adapters held on the device at most (LRU, filled on demand; default: every user)")
+    srv.add_argument("--follow", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+                     help="serve each new intact checkpoint of the run as it appears (looks every SECONDS, default 5)")
+    srv.add_argument("--dtype", default=None, help="the base's dtype (default: the recipe's base.dtype)")
     srv.add_argument("--device", default="auto")
 
     doc = sub.add_parser("doctor", help="self-check of the accelerator path: every method, bf16, ZeRO-3 offload, benches")
@@ -338,12 +345,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             from flora_train.inference import load_trained
             from flora_train.inference.server import serve
 
-            trained = load_trained(args.source, args.checkpoint, args.device)
+            trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)
             print(f"serving {len(trained.users)} users' {trained.layout.spec.method} adapters on "
                   f"http://{args.host}:{args.port} (model {args.model_name!r})", flush=True)
             serve(trained, args.host, args.port, model_name=args.model_name, strict_users=args.strict_users,
-                  max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, max_prompt_tokens=args.max_prompt_tokens,
-                  max_queue=args.max_queue)
+                  max_batch=args.max_batch, prefill_tokens=args.prefill_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                  max_queue=args.max_queue, cache_users=args.cache_users, follow_s=args.follow)
         elif args.command == "doctor":
             from flora_train.doctor import doctor
 

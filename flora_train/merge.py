@@ -40,8 +40,7 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
     from flora_train.inference.trained import resolve_source
 
     source = resolve_source(source_dir, checkpoint)
-    position = {u: i for i, u in enumerate(source.user_ids)}
-    unknown = [u for u in users if u not in position]
+    unknown = [u for u in users if u not in source.rows]
     if unknown:
         raise ExportError(f"unknown user(s) not in {source.label}: {', '.join(map(repr, unknown[:5]))}")
     model = load_frozen_model(source.model_path, dtype, source.gguf_file, source.trust_remote_code)
@@ -54,7 +53,7 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
     for user in users:
         folder = safe_folder_name(user)
         target = _inside(out, folder)
-        state = merged_state_dict(model, base, source.layout, source.rows[position[user]])
+        state = merged_state_dict(model, base, source.layout, source.rows.read([user])[0])
         model.save_pretrained(target, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(target)
         (target / "flora_merged.json").write_text(json.dumps({"user_id": user, "base_model": source.model_path,

@@ -31,12 +31,14 @@ class GenerationSettings:
     num_beams: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's penalties on tokens already generated (the server's)
+    frequency_penalty: float = 0.0
     chat: bool = False  # render each prompt with the tokenizer's chat template
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks; vLLM's extension)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.do_sample and self.temperature <= 0:

@@ -1,60 +1,32 @@
 """`flora-train serve`: an OpenAI-compatible endpoint where every request has its own user's adapter.
 
-``/v1/completions`` and ``/v1/chat/completions`` take the user from the request's standard ``user``
-field or from a model name ``<base>:<user_id>``; ``/health`` says what is served. Concurrent
-requests of different users are batched into one forward by the ``Batcher`` (FLoRA's point: one
-base pass for many users). Bad requests get a 4xx with a message and never stop the server; a
-field this server does not implement (``logprobs``, ``echo``, ``stream: true``, ...) is a 400 that
-names it, never silently ignored. A full queue answers 429 with ``Retry-After``; ``/health`` is 503
-when the batching thread is not running.
+``/v1/completions`` and ``/v1/chat/completions`` take the user from the request's ``user`` field or
+a model name ``<name>:<user_id>`` (both given and different is a 400; neither: the base model).
+Requests are served by the ``Engine`` (continuous batching: many users' sequences in one forward,
+joining and leaving at every step), answered as one JSON body or streamed as server-sent events.
+Bad requests get a 4xx that names what is wrong and never stop the server; a field this server does
+not implement is a 400 naming it. A full queue answers 429 with ``Retry-After``; ``/health`` is 503
+when the engine's thread is not running; ``/metrics`` is Prometheus text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
-from typing import Any, Literal
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from flora_train.inference.batcher import Batcher, Overloaded
+from flora_train.inference import openai_api as api
+from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
 from flora_train.inference.generate import GenerationSettings
+from flora_train.inference.metrics import ServeMetrics
+from flora_train.inference.rows import AdapterCache
 from flora_train.inference.trained import InferenceError, TrainedAdapters
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class _Common(BaseModel):
-    # A field we do not implement must not be dropped silently (a client asking for logprobs would
-    # get null and believe it): pydantic refuses it, and the handler names it.
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = 1
-    stop: str | list[str] | None = None
-    user: str | None = None
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
-
-
-class CompletionRequest(_Common):
-    prompt: str
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 class ApiError(Exception):
@@ -65,28 +37,59 @@ class ApiError(Exception):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": "invalid_request_error"}})
+    kind = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+
+
+class _Answer:
+    """One request's events, moved from the engine's thread onto the handler's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Delta | Done | Failed] = asyncio.Queue()
+
+    def sink(self, event: Delta | Done | Failed) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)  # raises once the loop is gone
 
 
 def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users: bool = False, max_batch: int = 32,
-               batch_window_ms: float = 10.0, max_prompt_tokens: int | None = None,
-               default_max_tokens: int = 16, max_queue: int = 256) -> FastAPI:
+               prefill_tokens: int = 512, max_prompt_tokens: int | None = None, default_max_tokens: int = 16,
+               max_queue: int = 256, cache_users: int | None = None, follow_s: float | None = None) -> FastAPI:
     app = FastAPI(title="flora_train", description="per-user adapters, batched across users")
-    batcher = Batcher(trained, max_batch=max_batch, window_s=batch_window_ms / 1000, max_queue=max_queue)
-    app.state.batcher = batcher
+    capacity = cache_users or len(trained.users) + max_batch
+    if capacity < max_batch:
+        raise InferenceError(f"--cache-users {capacity} is below --max-batch {max_batch}: a full batch needs a row each")
+    cache = AdapterCache(trained.rows, trained.layout, trained.source.init_seed, capacity, trained.device)
+    engine = Engine(trained.model, trained.slot, trained.tokenizer, cache, max_batch=max_batch,
+                    prefill_tokens=prefill_tokens, max_queue=max_queue, autocast_dtype=trained.autocast_dtype)
+    metrics = ServeMetrics(lambda: engine.waiting, lambda: engine.running, lambda: engine.adapters.stats())
+    engine.observer = metrics
+    app.state.engine, app.state.metrics = engine, metrics
+    follower = None
+    if follow_s is not None:
+        from flora_train.inference.follow import Follower
+
+        follower = Follower(trained, engine, follow_s)
+    app.state.follower = follower
     config = getattr(trained.model, "config", None)
-    limit = max_prompt_tokens or getattr(config, "max_position_embeddings", None) or 4096
+    context = getattr(config, "max_position_embeddings", None) or 4096
+    limit = max_prompt_tokens or min(trained.source.max_length or context, context)
+    tok = trained.tokenizer
+    piece = api.TokenText(tok)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "extra_forbidden":
+            metrics.requests.labels("400").inc()
             return _error(400, f"unsupported field {where!r}: this server does not implement it")
+        metrics.requests.labels("400").inc()
         return _error(400, f"malformed request: {where + ': ' if where else ''}{first.get('msg', 'invalid body')}")
 
     @app.exception_handler(ApiError)
-    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+    async def _api(request: HttpRequest, exc: ApiError) -> JSONResponse:
+        metrics.requests.labels(str(exc.status)).inc()
         response = _error(exc.status, exc.message)
         if exc.status == 429:
             response.headers["Retry-After"] = "1"
@@ -94,84 +97,205 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
 
     @app.on_event("shutdown")
     def _close() -> None:
-        batcher.close()
+        if follower is not None:
+            follower.close()
+        engine.close()
 
-    def user_of(req: _Common) -> str:
-        user = req.user
-        if user is None and req.model and ":" in req.model:
-            user = req.model.split(":", 1)[1]
-        if not user:
-            raise ApiError(400, "name the adapter's user: the request's 'user' field, or model '<base>:<user_id>'")
-        if strict_users and user not in trained:
+    def user_of(req: api._Common) -> str | None:
+        named = None
+        if req.model and ":" in req.model:
+            base, named = req.model.split(":", 1)
+            if base != model_name:
+                raise ApiError(404, f"unknown model {base!r}: this server serves {model_name!r} ('{model_name}:<user_id>')")
+        elif req.model and req.model != model_name:
+            raise ApiError(404, f"unknown model {req.model!r}: this server serves {model_name!r} ('{model_name}:<user_id>')")
+        if named and req.user and named != req.user:
+            raise ApiError(400, f"two users named: model {req.model!r} and user {req.user!r}; name one")
+        user = named or req.user
+        if user and strict_users and user not in trained:
             raise ApiError(404, f"unknown user {user!r}: no adapter was trained for it")
-        return user
+        return user or None
 
-    def settings_of(req: _Common, max_tokens: int | None, chat: bool, prompt_tokens: int) -> GenerationSettings:
-        if req.stream:
-            raise ApiError(400, "unsupported field 'stream': true: this server answers with one JSON body (stream=false)")
+    def settings_of(req: api._Common, max_tokens: int | None, prompt_tokens: int, chat: bool, echo: bool) -> GenerationSettings:
         if req.n != 1:
             raise ApiError(400, "n must be 1")
-        new = max_tokens or default_max_tokens
+        room = limit - prompt_tokens
+        if room < 0:
+            raise ApiError(400, f"prompt of {prompt_tokens} tokens exceeds the limit of {limit} tokens")
+        new = max_tokens if max_tokens is not None else (room if chat else min(default_max_tokens, room))
         if prompt_tokens + new > limit:
             raise ApiError(400, f"prompt of {prompt_tokens} tokens + max_tokens {new} exceeds the limit of {limit} tokens")
+        if new == 0 and not echo:
+            raise ApiError(400, "max_tokens 0 generates nothing; it is for scoring a prompt with echo and logprobs")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        return GenerationSettings(max_new_tokens=new, do_sample=req.temperature > 0, temperature=req.temperature or 1.0,
-                                  top_p=req.top_p, seed=req.seed, stop=stop, chat=chat, ignore_eos=req.ignore_eos)
-
-    async def run(prompt: Any, user: str, settings: GenerationSettings):
         try:
-            future = batcher.submit(prompt, user, settings)
-        except Overloaded as exc:
-            raise ApiError(429, f"server busy: {exc}; retry shortly") from None
-        try:
-            return await asyncio.wrap_future(future)
-        except InferenceError as exc:
+            return GenerationSettings(max_new_tokens=new, do_sample=req.temperature > 0, temperature=req.temperature or 1.0,
+                                      top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stop,
+                                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                      ignore_eos=req.ignore_eos)
+        except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
-    def usage(prompt_tokens: int, new: int) -> dict[str, int]:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": new, "total_tokens": prompt_tokens + new}
+    def start(prompt_ids: list[int], user: str | None, settings: GenerationSettings, logprobs: int | None,
+              echo: bool) -> tuple[Request, _Answer]:
+        answer = _Answer()
+        request = Request(prompt_ids, user, settings, answer.sink, logprobs, echo)
+        try:
+            engine.submit(request)
+        except Overloaded as exc:
+            raise ApiError(429, f"server busy: {exc}; retry shortly") from None
+        return request, answer
+
+    async def events(request: Request, answer: _Answer, http: HttpRequest) -> AsyncIterator[Delta | Done]:
+        """The request's events until it is done; a client gone away cancels it (the engine drops it
+        at its next step)."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(answer.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        request.cancelled.set()
+                        return
+                    continue
+                if isinstance(event, Failed):
+                    if isinstance(event.error, (InferenceError, ValueError)):
+                        raise ApiError(400, str(event.error))
+                    raise ApiError(500, f"generation failed: {event.error}")
+                yield event
+                if isinstance(event, Done):
+                    return
+        finally:
+            request.cancelled.set()  # a no-op once done; otherwise the client left (or the stream was closed)
+
+    def sse(payload: dict[str, Any] | str) -> str:
+        return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+    def stream(req: api._Common, request: Request, answer: _Answer, http: HttpRequest, head: list[dict[str, Any]],
+               chunk: Callable[[Delta], dict[str, Any]], last: Callable[[Done], dict[str, Any]], rid: str, model: str,
+               obj: str) -> StreamingResponse:
+        """Server-sent events: ``head``, a chunk per delta, the finishing chunk, the usage chunk when
+        ``stream_options.include_usage``, then ``[DONE]``."""
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def body() -> AsyncIterator[str]:
+            for payload in head:
+                yield sse(payload)
+            try:
+                async for ev in events(request, answer, http):
+                    if isinstance(ev, Delta):
+                        yield sse(chunk(ev))
+                        continue
+                    yield sse(last(ev))
+                    if include_usage:
+                        yield sse(api.usage_chunk(rid, model, obj, api.usage(ev.prompt_tokens, ev.completion_tokens)))
+            except ApiError as exc:
+                yield sse({"error": {"message": exc.message, "type": "server_error"}})
+            yield sse("[DONE]")
+
+        metrics.requests.labels("200").inc()
+        return StreamingResponse(body(), media_type="text/event-stream")
 
     @app.get("/health")
     def health() -> JSONResponse:
-        s = batcher.stats()
-        alive = batcher.alive
+        s = engine.stats()
+        c = engine.adapters.stats()
+        alive = engine.alive
         return JSONResponse(status_code=200 if alive else 503, content={
-                "status": "ok" if alive else "batching thread stopped", "model": model_name, "base": trained.source.model_path, "users": len(trained.users),
-                "method": trained.layout.spec.method, "batches": s.batches, "prompts": s.prompts,
-                "largest_batch": s.largest_batch, "new_tokens": s.new_tokens, "waiting": batcher.waiting,
-                "dropped": s.dropped, "failed": s.failed})
+            "status": "ok" if alive else "engine stopped", "model": model_name, "base": trained.source.model_path,
+            "users": len(trained.users), "method": trained.layout.spec.method,
+            "checkpoint": follower.served if follower is not None else trained.source.label,
+            "adapters_version": engine.adapters.version,
+            "waiting": engine.waiting, "running": engine.running, "steps": s.steps, "requests": s.requests,
+            "new_tokens": s.new_tokens, "largest_batch": s.largest_batch, "most_users": s.most_users,
+            "joined_running": s.joined_running, "dropped": s.dropped, "failed": s.failed,
+            "cache": {"capacity": c.capacity, "resident": c.resident, "hits": c.hits, "misses": c.misses,
+                      "evictions": c.evictions}})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "flora_train"}]}
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "owned_by": "flora_train", "root": trained.source.model_path,
+            "users": len(trained.users), "method": trained.layout.spec.method,
+            "usage": f"model '{model_name}:<user_id>' or field 'user' selects a user's adapter; neither: the base model"}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> dict[str, Any]:
+    async def completions(req: api.CompletionRequest, http: HttpRequest) -> Any:
         user = user_of(req)
-        prompt_tokens = len(trained.tokenizer(req.prompt)["input_ids"])
-        settings = settings_of(req, req.max_tokens, False, prompt_tokens)
-        result = await run(req.prompt, user, settings)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or model_name,
-                "choices": [{"index": 0, "text": result.text, "logprobs": None,
-                             "finish_reason": "length" if result.tokens >= settings.max_new_tokens else "stop"}],
-                "usage": usage(prompt_tokens, result.tokens)}
+        prompt_ids = (await run_in_threadpool(tok, req.prompt))["input_ids"]
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty")
+        settings = settings_of(req, req.max_tokens, len(prompt_ids), False, req.echo)
+        request, answer = start(prompt_ids, user, settings, req.logprobs, req.echo)
+        rid, model = api.new_id("cmpl"), req.model or model_name
+        if req.stream:
+            offset = 0
+
+            def chunk(ev: Delta) -> dict[str, Any]:
+                nonlocal offset
+                lp = None
+                if req.logprobs is not None:
+                    lp, offset = api.completion_logprobs(ev.logprobs, piece, offset)
+                return api.completion_body(rid, model, req.prompt if ev.prompt else ev.text, lp, None, None, chunk=True)
+
+            return stream(req, request, answer, http, [], chunk, lambda ev: api.completion_body(
+                rid, model, "", None, ev.finish_reason, None, chunk=True), rid, model, "text_completion")
+        text, parts, offset, done = [], [], 0, None
+        async for ev in events(request, answer, http):
+            if isinstance(ev, Delta):
+                text.append(req.prompt if ev.prompt else ev.text)  # the prompt echoed as sent
+                if req.logprobs is not None:
+                    part, offset = api.completion_logprobs(ev.logprobs, piece, offset)
+                    parts.append(part)
+            else:
+                done = ev
+        if done is None:
+            raise ApiError(499, "client closed the request")
+        metrics.requests.labels("200").inc()
+        logprobs = api.merge_completion_logprobs(parts) if req.logprobs is not None else None
+        return api.completion_body(rid, model, "".join(text), logprobs, done.finish_reason,
+                                   api.usage(done.prompt_tokens, done.completion_tokens))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> dict[str, Any]:
+    async def chat(req: api.ChatRequest, http: HttpRequest) -> Any:
         user = user_of(req)
-        if not getattr(trained.tokenizer, "chat_template", None):
+        if not getattr(tok, "chat_template", None):
             raise ApiError(400, f"the base {trained.source.model_path!r} has no chat template; use /v1/completions")
-        messages = [m.model_dump() for m in req.messages]
-        rendered = trained.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_tokens = len(trained.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        settings = settings_of(req, req.max_completion_tokens or req.max_tokens, True, prompt_tokens)
-        result = await run(messages, user, settings)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model or model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": "length" if result.tokens >= settings.max_new_tokens else "stop"}],
-                "usage": usage(prompt_tokens, result.tokens)}
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+
+        def render() -> list[int]:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        prompt_ids = await run_in_threadpool(render)
+        settings = settings_of(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), True, False)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true")
+        request, answer = start(prompt_ids, user, settings, top, False)
+        rid, model = api.new_id("chatcmpl"), req.model or model_name
+        if req.stream:
+            return stream(req, request, answer, http, [api.chat_chunk(rid, model, {"role": "assistant", "content": ""})],
+                          lambda ev: api.chat_chunk(rid, model, {"content": ev.text},
+                                                    api.chat_logprobs(ev.logprobs, piece) if top is not None else None),
+                          lambda ev: api.chat_chunk(rid, model, {}, None, ev.finish_reason), rid, model, "chat.completion.chunk")
+        text, logprobs, done = [], [], None
+        async for ev in events(request, answer, http):
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+                if top is not None:
+                    logprobs.extend(api.chat_logprobs(ev.logprobs, piece))
+            else:
+                done = ev
+        if done is None:
+            raise ApiError(499, "client closed the request")
+        metrics.requests.labels("200").inc()
+        return api.chat_body(rid, model, "".join(text), logprobs if top is not None else None, done.finish_reason,
+                             api.usage(done.prompt_tokens, done.completion_tokens))
 
     return app
 

@@ -1,8 +1,10 @@
 """A frozen base with every trained user's adapter, ready to use: from a run directory (its newest
 intact checkpoint), one checkpoint, or a ``--format flora`` export folder.
 
-Users' rows stay in one table; a batch takes the rows of its distinct users and an index from each
-prompt to its user, exactly as training does, so one forward serves many users.
+Users' rows stay in the tier they were saved in (``rows.RowSource``: a checkpoint read by slices,
+an export folder per user) and are read when a batch needs them; a batch takes the rows of its
+distinct users and an index from each prompt to its user, exactly as training does, so one forward
+serves many users. The base is loaded in the recipe's dtype, and runs under the recipe's autocast.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, us
 from flora_train.adapters.shared import SharedAdapter
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
 from flora_train.errors import UserError
+from flora_train.inference.rows import CheckpointRows, ExportRows, RowSource
 from flora_train.run_dir import RunDir
 
 log = logging.getLogger("flora_train")
@@ -33,30 +36,37 @@ class Source:
     gguf_file: str | None
     trust_remote_code: bool
     layout: AdapterLayout
-    user_ids: list[str]
-    rows: torch.Tensor  # [users, row_size] float32
+    rows: RowSource
     init_seed: int
     label: str  # where the adapters came from, for messages
     shared: SharedAdapter | None = None  # adapter.shared: under every user's row (the base's when None)
+    dtype: str = "float32"  # base.dtype of the recipe it was trained with
+    precision: str = "auto"  # train.precision: the autocast it was trained (and is served) under
+    max_length: int | None = None  # data.max_length: the context the adapters were trained on
+    checkpoint: Path | None = None  # the checkpoint it was read from (None: an export)
+
+    @property
+    def user_ids(self) -> list[str]:
+        return self.rows.users
 
 
 def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
     from flora_train.config import load_recipe
     from flora_train.run_dir.checkpoints import (checkpoint_chain, read_shared_adapter, read_state, saved_layout,
                                                  verify_checkpoint)
-    from flora_train.store.saved import read_saved_rows
 
     verify_checkpoint(ckpt)
     cfg = load_recipe(RunDir(run_dir).recipe)
     state = read_state(ckpt)
     layout = saved_layout(ckpt)
-    ids, rows = read_saved_rows(checkpoint_chain(ckpt))
+    rows = CheckpointRows(checkpoint_chain(ckpt))
     saved = read_shared_adapter(ckpt)
     shared = None
     if saved is not None:
         shared = SharedAdapter(AdapterLayout.from_dict(json.loads(saved[1]["layout"])), saved[0]["row"])
     return Source(str(state.get("model_path") or cfg.base.name_or_path), cfg.base.gguf_file, cfg.base.trust_remote_code,
-                  layout, ids, rows, cfg.store.init_seed, str(ckpt), shared)
+                  layout, rows, cfg.store.init_seed, str(ckpt), shared, cfg.base.dtype, cfg.train.precision.value,
+                  cfg.data.max_length, ckpt)
 
 
 def _from_export(folder: Path) -> Source:
@@ -66,18 +76,14 @@ def _from_export(folder: Path) -> Source:
     if manifest.get("format") != "flora":
         raise InferenceError(f"{folder}: a {manifest.get('format')!r} export; serve a run directory or a --format flora export")
     index = json.loads((folder / "index.json").read_text())
-    layout, ids, rows = None, [], []
-    for user, sub in index.items():
-        user_layout, row = load_flora_adapter(folder / sub)
-        if layout is not None and layout.compatible_with(user_layout):
-            raise InferenceError(f"{folder / sub}: user {user!r} was exported with another layout than the others")
-        layout = layout or user_layout
-        ids.append(user)
-        rows.append(row)
-    if layout is None:
+    if not index:
         raise InferenceError(f"{folder}: the export holds no user")
+    for user, sub in index.items():
+        if not (folder / sub).is_dir():
+            raise InferenceError(f"{folder}: user {user!r}'s folder {sub!r} is missing")
+    layout, _ = load_flora_adapter(folder / next(iter(index.values())))
     shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
-    return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False, layout, ids, torch.stack(rows),
+    return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False, layout, ExportRows(folder, index, layout),
                   int(manifest.get("init_seed", 0)), str(folder), shared)
 
 
@@ -103,11 +109,15 @@ def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
 class TrainedAdapters:
     """The base with adapters injected, the tokenizer and every user's row."""
 
-    def __init__(self, source: Source, device: str | torch.device = "auto", dtype: str = "float32") -> None:
+    def __init__(self, source: Source, device: str | torch.device = "auto", dtype: str | None = None) -> None:
+        from flora_train.train.session import autocast_dtype_for
+
         self.source = source
         self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
         self.tokenizer = load_tokenizer(source.model_path, source.gguf_file, source.trust_remote_code)
-        model = load_frozen_model(source.model_path, dtype, source.gguf_file, source.trust_remote_code)
+        self.dtype = dtype or source.dtype
+        self.autocast_dtype = autocast_dtype_for(source.precision, self.device)
+        model = load_frozen_model(source.model_path, self.dtype, source.gguf_file, source.trust_remote_code)
         spec = source.layout.spec
         spec = AdapterSpec(spec.method, spec.rank, spec.alpha, feedforward_modules=spec.feedforward_modules)
         shared = None
@@ -125,33 +135,35 @@ class TrainedAdapters:
             raise InferenceError(f"{source.label}: the adapters do not fit base {source.model_path!r}: {'; '.join(problems)}")
         self.layout = layout
         self.model = model.to(self.device).eval()
-        self.rows = source.rows.to(self.device)
-        self.position = {u: i for i, u in enumerate(source.user_ids)}
+        self.rows = source.rows
 
     @property
     def users(self) -> list[str]:
-        return list(self.position)
+        return self.rows.users
 
     def __contains__(self, user: str) -> bool:
-        return user in self.position
+        return user in self.rows
+
+    def row(self, user: str) -> torch.Tensor:
+        """A trained user's row (float32, on the CPU)."""
+        return self.rows.read([user])[0]
 
     def batch_rows(self, users: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """``(rows [distinct users, D], index [len(users)], users never trained)``. A user never
         trained gets its untrained row, which is the identity: the base model's own output."""
         unique = list(dict.fromkeys(users))
-        unknown = [u for u in unique if u not in self.position]
-        rows = torch.empty(len(unique), self.layout.row_size, device=self.device)
-        known = [i for i, u in enumerate(unique) if u in self.position]
-        if known:
-            rows[known] = self.rows[[self.position[unique[i]] for i in known]]
+        unknown = [u for u in unique if u not in self.rows]
+        known = [u for u in unique if u in self.rows]
+        got = dict(zip(known, self.rows.read(known))) if known else {}
         if unknown:
             seeds = torch.tensor([user_seed(self.source.init_seed, u) for u in unknown], dtype=torch.int64)
-            rows[[i for i, u in enumerate(unique) if u not in self.position]] = self.layout.init_rows(seeds).to(self.device)
+            got.update(zip(unknown, self.layout.init_rows(seeds)))
+        rows = torch.stack([got[u] for u in unique]).to(self.device)
         pos = {u: i for i, u in enumerate(unique)}
         return rows, torch.tensor([pos[u] for u in users], device=self.device), unknown
 
 
 def load_trained(path: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "auto",
-                 dtype: str = "float32") -> TrainedAdapters:
+                 dtype: str | None = None) -> TrainedAdapters:
     """The base plus every user's adapter from a run directory, a checkpoint or a flora export."""
     return TrainedAdapters(resolve_source(Path(path), Path(checkpoint) if checkpoint else None), device, dtype)

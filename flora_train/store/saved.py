@@ -148,6 +148,14 @@ def iter_copies(copies: dict[Path, tuple[list[str], list[int]]], chunk: int, key
                                                        for key in keys or f.keys()}
 
 
+def iter_saved_rows_of(path: Path, users: list[str], take: list[int], chunk: int = 1024):
+    """``(user ids, rows)`` of the users at sorted indices ``take`` of one shard (whose user list is
+    ``users``): the rows they are served with, read by slices."""
+    keys = ("rows", KEPT, SEEN) if KEPT in shard_shapes(path) else ("rows",)
+    for _, ids, tensors in iter_copies({path: (users, take)}, chunk, keys):
+        yield ids, tensors["rows"] if len(keys) == 1 else served_rows(tensors["rows"], tensors[KEPT], tensors[SEEN])
+
+
 def iter_saved_rows(chain: list[Path], wanted: set[str] | None = None, chunk: int = 1024, part: tuple[int, int] = (0, 1)):
     """``(user ids, rows [n, row_size])`` of the ``wanted`` users (all when None), at most ``chunk``
     users at a time, shard by shard, reading only their rows: memory stays bounded by ``chunk``
@@ -156,11 +164,9 @@ def iter_saved_rows(chain: list[Path], wanted: set[str] | None = None, chunk: in
     mine, parts = part
     copies = {path: held for path, held in newest_copies(chain, wanted).items()
               if shard_rank(path) % parts == mine}
-    for path, held in copies.items():
-        keys = ("rows", KEPT, SEEN) if KEPT in shard_shapes(path) else ("rows",)
-        for _, users, tensors in iter_copies({path: held}, chunk, keys):
-            # The row each user is served with: its kept row where a validation chose one.
-            yield users, tensors["rows"] if len(keys) == 1 else served_rows(tensors["rows"], tensors[KEPT], tensors[SEEN])
+    for path, (users, take) in copies.items():
+        # The row each user is served with: its kept row where a validation chose one.
+        yield from iter_saved_rows_of(path, users, take, chunk)
 
 
 def saved_selection(chain: list[Path]) -> dict[str, dict[str, float]]:

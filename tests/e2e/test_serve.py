@@ -1,24 +1,35 @@
-"""`flora-train serve`, started for real on 127.0.0.1: concurrent requests of 16 distinct users each
-get their own user's completion (what `generate` gives that user alone) and are batched together;
-bad requests get a 4xx and the server keeps serving."""
+"""`flora-train serve`, started for real on 127.0.0.1 and asked by the official `openai` client:
+each user's text equals `generate` for that user alone, plain and streamed, completions and chat;
+logprobs equal the training loss's own teacher-forced scores; 32 concurrent requests of distinct
+users with their own lengths and seeds equal each request served alone while joining a running
+batch; stop strings end generation; bad requests get a 4xx naming the problem and never stop
+serving; /metrics is Prometheus text."""
 
-import json
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
+import torch
+from openai import OpenAI
 
 from flora_train.config import load_recipe
+from flora_train.data import SyntheticTask
 from flora_train.inference import GenerationSettings, generate_batch, load_trained
 from flora_train.train.run import run_training
-from tests.distributed.helpers import small_recipe
 from tests.e2e.helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+USERS = 32
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+PROMPTS = [f"quick : favourite {k} ?" for k in ("colour", "animal", "city", "fruit")]
 
 
 def _free_port() -> int:
@@ -27,16 +38,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_llama_dir):
-    tmp = tmp_path_factory.mktemp("serve")
-    run_dir = tmp / "run"
-    run_training(load_recipe(None, [*small_recipe(tmp, tiny_llama_dir), f"run_dir={run_dir}",
-                                    "eval.at_end=false"]))
+def start_server(run_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "serve", str(run_dir), "--port", str(port),
-                             "--strict-users", "--batch-window-ms", "50", "--device", "cpu"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -44,96 +49,277 @@ def server(tmp_path_factory, tiny_llama_dir):
             raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
         try:
             if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return proc, url
         except requests.ConnectionError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        raise AssertionError("server never answered /health")
-    yield url, run_dir
+    proc.kill()
+    raise AssertionError("server never answered /health")
+
+
+def stop_server(proc: subprocess.Popen) -> str:
     proc.terminate()
-    proc.wait(timeout=30)
+    _, err = proc.communicate(timeout=30)
+    return err
 
 
-def test_sixteen_concurrent_users_get_their_own_completions(server):
-    url, run_dir = server
-    trained = load_trained(run_dir, device="cpu")
-    users = trained.users[:12] + trained.users[:4]  # 16 requests; 12 distinct users, 4 of them twice
-    prompts = [f"quick : favourite {k} ?" for k in ("colour", "animal", "city", "fruit")] * 4
-
-    def ask(i: int) -> requests.Response:
-        body = {"prompt": prompts[i], "max_tokens": 6, "temperature": 0}
-        if i % 2:
-            body["user"] = users[i]
-        else:
-            body["model"] = f"flora:{users[i]}"
-        return requests.post(f"{url}/v1/completions", json=body, timeout=120)
-
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(ask, range(16)))
-    for i, r in enumerate(answers):
-        assert r.status_code == 200, r.text
-        body = r.json()
-        (alone,), _ = generate_batch(trained, [prompts[i]], [users[i]], GenerationSettings(max_new_tokens=6))
-        assert body["choices"][0]["text"] == alone.text, (i, users[i])
-        assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == alone.tokens
-    health = requests.get(f"{url}/health", timeout=5).json()
-    assert health["prompts"] >= 16 and health["largest_batch"] > 1, health  # concurrent users shared forwards
+def run_args(tmp: Path, model_dir: Path, *extra: str) -> list[str]:
+    train, _ = SyntheticTask(num_users=USERS, train_examples_per_user=4, eval_examples_per_user=0).write(tmp / "data")
+    return [f"base.name_or_path={model_dir}", f"data.train_path={train}", "adapter.target_modules=[q_proj,v_proj,down_proj]",
+            "train.users_per_step=16", "train.examples_per_user=2", "train.micro_batch_size=16", "train.epochs=2",
+            "store.optimizer.lr=0.05", "tracking.enabled=false", "train.progress=false", "eval.at_end=false",
+            f"run_dir={tmp / 'run'}", *extra]
 
 
-def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
-    url, run_dir = server
-    post = lambda path, **kw: requests.post(f"{url}{path}", timeout=60, **kw)  # noqa: E731
-    bad = post("/v1/completions", data="{not json", headers={"content-type": "application/json"})
-    assert bad.status_code == 400 and "malformed request" in bad.json()["error"]["message"]
-    assert post("/v1/completions", json={"prompt": 3, "user": "user-000001"}).status_code == 400
-    unknown = post("/v1/completions", json={"prompt": "hi", "user": "nobody"})
-    assert unknown.status_code == 404 and "unknown user 'nobody'" in unknown.json()["error"]["message"]
-    assert post("/v1/completions", json={"prompt": "hi"}).status_code == 400  # no user named
-    huge = post("/v1/completions", json={"prompt": "favourite colour " * 400, "user": "user-000001", "max_tokens": 4})
-    assert huge.status_code == 400 and "exceeds the limit" in huge.json()["error"]["message"]
-    chat = post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "user": "user-000001"})
-    assert chat.status_code == 400 and "no chat template" in chat.json()["error"]["message"]
-    ok = post("/v1/completions", json={"prompt": "quick : favourite colour ?", "user": "user-000001", "max_tokens": 3,
-                                       "temperature": 0})
-    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
-    assert requests.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+def train_run(tmp: Path, model_dir: Path, *extra: str) -> Path:
+    run_training(load_recipe(None, run_args(tmp, model_dir, *extra)))
+    return tmp / "run"
 
 
-def test_fields_the_server_does_not_implement_are_named_not_ignored(server):
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny Llama with a chat template, so chat completions have something to render."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat_base") / "tiny"
+    shutil.copytree(tiny_llama_dir, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, chat_model):
+    run_dir = train_run(tmp_path_factory.mktemp("serve"), chat_model)
+    proc, url = start_server(run_dir, "--strict-users", "--max-batch", "12", "--prefill-tokens", "24",
+                             "--cache-users", "16")
+    yield url, run_dir
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def trained(server):
+    return load_trained(server[1], device="cpu")
+
+
+def client(url: str) -> OpenAI:
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_the_openai_client_gets_each_users_own_text_plain_and_streamed(server, trained):
     url, _ = server
-    post = lambda body: requests.post(f"{url}/v1/completions", json={"prompt": "hi", "user": "user-000001", **body}, timeout=60)  # noqa: E731
-    for field, value in (("logprobs", 2), ("echo", True), ("presence_penalty", 0.5)):
-        r = post({field: value})
-        assert r.status_code == 400 and f"unsupported field '{field}'" in r.json()["error"]["message"], (field, r.text)
-    r = post({"stream": True})
-    assert r.status_code == 400 and "'stream'" in r.json()["error"]["message"]
-    assert post({"stream": False, "max_tokens": 2}).status_code == 200
+    users = trained.users[:8]
+    chat_messages = [{"role": "user", "content": p} for p in PROMPTS]
+
+    def ask(i: int) -> tuple[str, str, str, str, object]:
+        c, user, prompt = client(url), users[i], PROMPTS[i % 4]
+        plain = c.completions.create(model=f"flora:{user}", prompt=prompt, max_tokens=6, temperature=0)
+        chunks = list(c.completions.create(model="flora", user=user, prompt=prompt, max_tokens=6, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}))
+        chat = c.chat.completions.create(model=f"flora:{user}", messages=[chat_messages[i % 4]], max_tokens=5, temperature=0)
+        chat_chunks = list(c.chat.completions.create(model=f"flora:{user}", messages=[chat_messages[i % 4]], max_tokens=5,
+                                                     temperature=0, stream=True))
+        streamed = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        chat_streamed = "".join(ch.choices[0].delta.content or "" for ch in chat_chunks if ch.choices)
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens and not chunks[-1].choices
+        assert chat_chunks[0].choices[0].delta.role == "assistant"
+        return plain, streamed, chat, chat_streamed, chunks
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    for i, (plain, streamed, chat, chat_streamed, chunks) in enumerate(answers):
+        user = users[i]
+        (alone,), _ = generate_batch(trained, [PROMPTS[i % 4]], [user], GenerationSettings(max_new_tokens=6))
+        (chat_alone,), _ = generate_batch(trained, [[chat_messages[i % 4]]], [user], GenerationSettings(max_new_tokens=5, chat=True))
+        assert plain.choices[0].text == alone.text == streamed, (i, user)
+        assert plain.usage.completion_tokens == alone.tokens and plain.object == "text_completion"
+        assert plain.choices[0].finish_reason == ("length" if alone.tokens == 6 else "stop")
+        assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1, "streamed in several chunks"
+        assert chat.choices[0].message.content == chat_alone.text == chat_streamed, (i, user)
+    models = client(url).models.list().data
+    assert [m.id for m in models] == ["flora"] and "flora:<user_id>" in models[0].model_extra["usage"]
 
 
-def test_a_cancelled_request_or_a_failing_one_never_stops_the_batcher(server):
-    """The old thread resolved a future its caller had cancelled: InvalidStateError killed it and
-    every later request hung. Now a cancelled request is dropped, a failing one fails alone."""
-    from flora_train.inference.batcher import Batcher, Overloaded
+def test_logprobs_equal_the_teacher_forced_scores_of_training(server, trained):
+    """``echo`` + ``logprobs`` + ``max_tokens: 0`` (how harnesses score a continuation) gives each
+    token's log-probability; they equal log-softmax of the logits the training loss scores."""
+    from flora_train.data.tokenize import IGNORE
+    from flora_train.train.loss import target_logits
 
-    _, run_dir = server
-    trained = load_trained(run_dir, device="cpu")
-    settings = GenerationSettings(max_new_tokens=3)
-    batcher = Batcher(trained, window_s=0.5)
-    gone = batcher.submit("favourite colour", "user-000001", settings)
-    assert gone.cancel(), "still queued: cancellable"
-    bad = batcher.submit(["not", "a", "string"], "user-000002", settings)  # a list is a prompt only with chat
-    good = batcher.submit("my city", "user-000003", GenerationSettings(max_new_tokens=4))
-    (alone,), _ = generate_batch(trained, ["my city"], ["user-000003"], GenerationSettings(max_new_tokens=4))
-    assert good.result(timeout=120).text == alone.text
-    with pytest.raises(Exception, match="must be a string"):
-        bad.result(timeout=60)
-    stats = batcher.stats()
-    assert batcher.alive and stats.dropped == 1 and stats.failed == 1
-    batcher.close()
-    assert not batcher.alive
-    small = Batcher(trained, max_queue=1)
-    small.close()  # no thread drains it now: one request waits, the next is refused
-    small.submit("a", "user-000001", settings)
-    with pytest.raises(Overloaded):
-        small.submit("b", "user-000001", settings)
+    url, _ = server
+    user, prompt = trained.users[3], "quick : favourite city ? my city is the best"
+    scored = client(url).completions.create(model=f"flora:{user}", prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt and lp.token_logprobs[0] is None and scored.usage.completion_tokens == 0
+    ids = torch.tensor([trained.tokenizer(prompt)["input_ids"]])
+    rows, index, _ = trained.batch_rows([user])
+    with torch.no_grad(), trained.slot.activate(rows, index):
+        t = target_logits(trained.model, ids, torch.ones_like(ids), ids.clone())
+    want = torch.log_softmax(t.logits.float(), -1).gather(1, t.targets.view(-1, 1)).squeeze(1)
+    assert IGNORE not in t.targets.tolist() and len(lp.token_logprobs) == ids.shape[1]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-4), (lp.token_logprobs[1:], want)
+    for top, chosen in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]):
+        assert 1 <= len(top) <= 3 and max(top.values()) >= chosen - 1e-6  # (byte tokens may share a text)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    other = client(url).completions.create(model=f"flora:{trained.users[4]}", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    gap = (torch.tensor(other.choices[0].logprobs.token_logprobs[1:]) - want).abs().max()
+    assert gap > 1e-3, "another user's adapter scores differently (else serving each user's own proves nothing)"
+    # Generated tokens' logprobs, and chat's logprobs.content, score the tokens returned.
+    gen = client(url).completions.create(model=f"flora:{user}", prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
+    assert len(gen.choices[0].logprobs.token_logprobs) == gen.usage.completion_tokens
+    assert all(v <= 0 for v in gen.choices[0].logprobs.token_logprobs)
+    chat = client(url).chat.completions.create(model=f"flora:{user}", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+
+
+def test_32_concurrent_requests_of_their_own_settings_equal_each_served_alone(server, trained):
+    """Distinct users, distinct max_tokens, half sampling with seeds: every answer is what the same
+    request gets alone, while requests join a running batch of several users."""
+    url, _ = server
+    users = trained.users[:USERS]
+    before = requests.get(f"{url}/health", timeout=5).json()
+
+    def body(i: int) -> dict:
+        b = {"model": f"flora:{users[i]}", "prompt": PROMPTS[i % 4], "max_tokens": 3 + i % 13, "ignore_eos": True}
+        b.update({"temperature": 0.9, "top_p": 0.95, "seed": 1000 + i} if i % 2 else {"temperature": 0})
+        return b
+
+    def post(i: int) -> dict:
+        r = requests.post(f"{url}/v1/completions", json=body(i), timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(USERS) as pool:
+        together = list(pool.map(post, range(USERS)))
+    after = requests.get(f"{url}/health", timeout=5).json()
+    alone = [post(i) for i in range(USERS)]
+    for i in range(USERS):
+        assert together[i]["choices"][0]["text"] == alone[i]["choices"][0]["text"], (i, body(i))
+        assert together[i]["usage"]["completion_tokens"] == body(i)["max_tokens"]
+    assert len({a["choices"][0]["text"] for a in together}) > USERS // 2, "users and seeds give different text"
+    assert after["joined_running"] > before["joined_running"], after  # requests joined a batch already decoding
+    assert after["largest_batch"] > 1 and after["most_users"] > 1, after
+    assert after["cache"]["evictions"] > 0 and after["cache"]["resident"] <= 16, after  # 32 users through 16 rows
+
+
+def test_stop_strings_end_generation_where_they_appear(server, trained):
+    url, _ = server
+    user = trained.users[5]
+    c = client(url)
+    full = c.completions.create(model=f"flora:{user}", prompt=PROMPTS[1], max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    stop = next(text[k : k + 2] for k in range(2, len(text) - 2) if text[k : k + 2].strip() and text[k : k + 2] not in text[:k + 1])
+    cut = c.completions.create(model=f"flora:{user}", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=[stop, "never"],
+                               extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 12, "generation stopped at the stop string, not at max_tokens"
+    streamed = c.completions.create(model=f"flora:{user}", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=stop,
+                                    stream=True, extra_body={"ignore_eos": True})
+    chunks = list(streamed)
+    assert "".join(ch.choices[0].text for ch in chunks) == cut.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
+    url, run_dir = server
+    post = lambda body, path="/v1/completions": requests.post(f"{url}{path}", json=body, timeout=60)  # noqa: E731
+    bad = requests.post(f"{url}/v1/completions", data="{not json", headers={"content-type": "application/json"}, timeout=60)
+    assert bad.status_code == 400 and "malformed request" in bad.json()["error"]["message"]
+    cases = [
+        ({"prompt": 3, "user": "user-000001"}, 400, "prompt"),
+        ({"prompt": "hi", "user": "nobody"}, 404, "unknown user 'nobody'"),
+        ({"prompt": "hi", "model": "flora:user-000001", "user": "user-000002"}, 400, "two users named"),
+        ({"prompt": "hi", "model": "gpt-4"}, 404, "unknown model 'gpt-4'"),
+        ({"prompt": "favourite colour " * 400, "user": "user-000001", "max_tokens": 4}, 400, "exceeds the limit"),
+        ({"prompt": "hi", "user": "user-000001", "logit_bias": {"1": 5}}, 400, "unsupported field 'logit_bias'"),
+        ({"prompt": "hi", "user": "user-000001", "suffix": "x"}, 400, "unsupported field 'suffix'"),
+        ({"prompt": "hi", "user": "user-000001", "n": 2}, 400, "n must be 1"),
+        ({"prompt": "hi", "user": "user-000001", "max_tokens": 0}, 400, "max_tokens 0"),
+        ({"prompt": "hi", "user": "user-000001", "temperature": 3}, 400, "temperature"),
+    ]
+    for body, status, words in cases:
+        r = post(body)
+        assert r.status_code == status and words in r.json()["error"]["message"], (body, r.status_code, r.text)
+    chat = post({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "/v1/chat/completions")
+    assert chat.status_code == 400 and "top_logprobs needs logprobs" in chat.json()["error"]["message"]
+    base = post({"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0})  # no user: the base model
+    assert base.status_code == 200 and base.json()["usage"]["completion_tokens"] >= 1
+    assert requests.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+    # The default context is the recipe's data.max_length (256), capped by the model's (64 here).
+    room = post({"messages": [{"role": "user", "content": "hi"}], "user": "user-000001", "temperature": 0,
+                 "ignore_eos": True}, "/v1/chat/completions").json()
+    assert room["usage"]["total_tokens"] == 64, room["usage"]  # chat without max_tokens: up to the context
+
+
+def test_metrics_are_prometheus_text_with_requests_tokens_latency_and_cache(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = server
+    requests.post(f"{url}/v1/completions", json={"prompt": "hi", "user": "user-000002", "max_tokens": 2}, timeout=60)
+    requests.post(f"{url}/v1/completions", json={"prompt": "hi", "user": "user-000002", "bogus": 1}, timeout=60)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=5).text) for s in fam.samples}
+    get = lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))), 0)  # noqa: E731
+    assert get("flora_requests_total", status="200") >= 1 and get("flora_requests_total", status="400") >= 1
+    assert get("flora_completion_tokens_total") >= 2 and get("flora_prompt_tokens_total") >= 1
+    assert get("flora_time_to_first_token_seconds_count") >= 1 and get("flora_inter_token_latency_seconds_count") >= 1
+    assert get("flora_batch_occupancy_count") >= 1 and get("flora_adapter_cache_capacity") == 16
+    assert get("flora_adapter_cache_hits_total") + get("flora_adapter_cache_misses_total") >= 2
+    assert ("flora_queue_depth", ()) in samples and ("flora_running_requests", ()) in samples
+
+
+def test_follow_serves_each_new_checkpoint_without_a_failed_request(tmp_path, chat_model):
+    """A resumed run writes new checkpoints while clients keep asking: answers switch to the new
+    adapters (scores equal the new checkpoint's), no request fails, and a corrupt newer checkpoint
+    is named in a warning and passed over."""
+    from flora_train.run_dir.checkpoints import latest_checkpoint
+
+    run_dir = train_run(tmp_path, chat_model, "train.max_steps=2")
+    first = latest_checkpoint(run_dir)
+    proc, url = start_server(run_dir, "--follow", "0.2")
+    user, prompt = "user-000007", "quick : favourite city ? my city"
+    score = lambda: requests.post(f"{url}/v1/completions", json={  # noqa: E731
+        "model": f"flora:{user}", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}, timeout=60)
+    statuses, stop = [], threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            statuses.append(score().status_code)
+
+    before = score().json()["choices"][0]["logprobs"]["token_logprobs"]
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    try:
+        run_training(load_recipe(None, run_args(tmp_path, chat_model, "train.checkpoint_every_steps=1")), resume=True)
+        newest = latest_checkpoint(run_dir)
+        assert newest != first
+        deadline = time.monotonic() + 30
+        while requests.get(f"{url}/health", timeout=5).json()["checkpoint"] != str(newest) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = requests.get(f"{url}/health", timeout=5).json()
+        if health["checkpoint"] != str(newest):
+            stop.set()
+            raise AssertionError(f"{health}\n{stop_server(proc)[-3000:]}")
+        assert health["adapters_version"] >= 1, health
+        broken = newest.parent / "step-99999999"
+        shutil.copytree(newest, broken)
+        next(p for p in broken.rglob("*.safetensors")).write_bytes(b"torn")
+        time.sleep(1.0)
+        assert requests.get(f"{url}/health", timeout=5).json()["checkpoint"] == str(newest)
+    finally:
+        stop.set()
+        asker.join()
+    after = score().json()["choices"][0]["logprobs"]["token_logprobs"]
+    err = stop_server(proc)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    shutil.rmtree(broken)
+    fresh = load_trained(run_dir, device="cpu")
+    ids = torch.tensor([fresh.tokenizer(prompt)["input_ids"]])
+    rows, index, _ = fresh.batch_rows([user])
+    with torch.no_grad(), fresh.slot.activate(rows, index):
+        want = torch.log_softmax(fresh.model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    assert torch.allclose(torch.tensor(after[1:]), want, atol=1e-4)
+    assert (torch.tensor(before[1:]) - want).abs().max() > 1e-3, "the new checkpoint scores differently"
+    assert "step-99999999 does not verify" in err, err[-2000:]

@@ -68,7 +68,7 @@ def test_shared_then_personal_trains_resumes_exports_and_serves(tmp_path):
     assert any(not torch.equal(served[u], want[u]["rows"]) for u in want)
     for source in (from_run, from_export):
         for user in want:
-            assert torch.equal(source.rows[source.position[user]].cpu(), served[user]), user
+            assert torch.equal(source.row(user), served[user]), user
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"user_id": f"user-{i:06d}", "prompt": "favourite colour?"}) + "\n" for i in (1, 5, 9)))
     texts = []

@@ -1,0 +1,89 @@
+"""`serve --follow`: the server watches its run and serves each new intact checkpoint.
+
+A thread looks for the run's newest intact checkpoint every ``interval_s``. A new one (full or
+delta) is indexed in the background (its user lists; rows are read by slices when asked for) into
+a fresh adapter cache, which the engine swaps in between two steps: requests that start later get
+it, requests already running finish on the adapters they started with. A corrupt newest checkpoint
+is passed over with a warning (the run directory's reader does that) and the old one keeps serving;
+one whose adapters no longer fit the served base is refused with a warning the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from flora_train.inference.engine import Engine
+from flora_train.inference.rows import AdapterCache, CheckpointRows
+from flora_train.inference.trained import InferenceError, TrainedAdapters
+
+log = logging.getLogger("flora_train")
+
+
+class Follower:
+    def __init__(self, trained: TrainedAdapters, engine: Engine, interval_s: float) -> None:
+        if trained.source.checkpoint is None:
+            raise InferenceError(f"{trained.source.label}: --follow watches a run directory; this is an export")
+        self.trained, self.engine, self.interval_s = trained, engine, interval_s
+        self.run_dir = trained.source.checkpoint.parent.parent
+        self._lock = threading.Lock()
+        self._served = str(trained.source.checkpoint)
+        self._refused: set[str] = set()  # intact, but not servable by this server
+        self._unverified: dict[str, int] = {}  # newer than the newest intact: how many looks found it so
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="flora-follow", daemon=True)
+        self._thread.start()
+
+    @property
+    def served(self) -> str:
+        with self._lock:
+            return self._served
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 - watching must never stop serving
+                log.warning("--follow: %s; still serving %s", exc, self.served)
+
+    def check(self) -> bool:
+        """Swaps in the newest intact checkpoint if it is new; True when it did."""
+        from flora_train.run_dir.checkpoints import (checkpoint_chain, latest_checkpoint, list_checkpoints,
+                                                     read_shared_adapter, saved_layout)
+
+        newest = latest_checkpoint(self.run_dir, warn_skipped=False)
+        for path in reversed(list_checkpoints(self.run_dir)):
+            if newest is not None and path.name <= newest.name:
+                break
+            # One being written does not verify yet either: named once, when a second look finds it
+            # still broken, and looked at again every time (it may yet complete).
+            self._unverified[str(path)] = looks = self._unverified.get(str(path), 0) + 1
+            if looks == 2:
+                log.warning("--follow: %s does not verify (corrupt or incomplete); still serving %s", path, self.served)
+        if newest is None or str(newest) == self.served or str(newest) in self._refused:
+            return False
+        problems = saved_layout(newest).compatible_with(self.trained.layout)
+        shared = read_shared_adapter(newest)
+        current = self.trained.slot.shared
+        if (shared is None) != (current is None) or (shared is not None and not shared[0]["row"].equal(current.row.cpu())):
+            problems.append("its shared adapter differs from the served one (restart the server to serve it)")
+        if problems:
+            self._refused.add(str(newest))
+            log.warning("--follow: not serving %s: %s; still serving %s", newest, "; ".join(problems), self.served)
+            return False
+        old = self.engine.adapters
+        rows = CheckpointRows(checkpoint_chain(Path(newest)))
+        self.engine.swap_adapters(AdapterCache(rows, self.trained.layout, self.trained.source.init_seed,
+                                               old.table.shape[0], old.table.device, old.version + 1))
+        with self._lock:
+            self._served = str(newest)
+        log.warning("--follow: now serving %s (adapters version %d)", newest, old.version + 1)
+        return True
+
+
+__all__ = ["Follower"]

@@ -1,0 +1,138 @@
+"""OpenAI's completions and chat completions as clients send and read them: the request schemas
+(a field we do not implement is refused, never dropped), and the bodies, stream chunks and logprobs
+we answer with. No model or engine here: the server wires these to the engine."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flora_train.inference.sampling import TokenLogprob
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    # A field we do not implement must not be dropped silently (a client asking for it would get
+    # nothing and believe it): pydantic refuses it, and the handler names it.
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0: off
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    n: int = 1
+    stop: str | list[str] | None = None
+    user: str | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+
+
+class CompletionRequest(_Common):
+    prompt: str
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class TokenText:
+    """Token ids as the text pieces logprobs name them by."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def completion_logprobs(items: list[TokenLogprob], piece: TokenText, offset: int) -> tuple[dict[str, Any], int]:
+    """The legacy completions ``logprobs`` object of ``items``, text offsets starting at ``offset``;
+    and the offset after them."""
+    tokens, offsets = [], []
+    for t in items:
+        text = piece(t.token)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [({piece(i): lp for i, lp in t.top} if t.logprob is not None else None) for t in items],
+            "text_offset": offsets}, offset
+
+
+def merge_completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not parts:
+        return None
+    return {k: [x for p in parts for x in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def chat_logprobs(items: list[TokenLogprob], piece: TokenText) -> list[dict[str, Any]]:
+    def entry(token: int, lp: float) -> dict[str, Any]:
+        text = piece(token)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return [{**entry(t.token, t.logprob if t.logprob is not None else 0.0), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+            for t in items]
+
+
+def completion_body(rid: str, model: str, text: str, logprobs: dict[str, Any] | None, finish: str | None,
+                    use: dict[str, int] | None, chunk: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body
+
+
+def chat_body(rid: str, model: str, text: str, logprobs: list[dict[str, Any]] | None, finish: str,
+              use: dict[str, int]) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": {"content": logprobs} if logprobs is not None else None, "finish_reason": finish}],
+            "usage": use}
+
+
+def chat_chunk(rid: str, model: str, delta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None,
+               finish: str | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": {"content": logprobs} if logprobs else None,
+                         "finish_reason": finish}]}
+
+
+def usage_chunk(rid: str, model: str, obj: str, use: dict[str, int]) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}
+
+
+__all__ = ["ChatRequest", "CompletionRequest", "Message", "TokenText", "chat_body", "chat_chunk", "chat_logprobs",
+           "completion_body", "completion_logprobs", "merge_completion_logprobs", "new_id", "usage", "usage_chunk"]

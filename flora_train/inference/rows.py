@@ -1,0 +1,220 @@
+"""Where served users' rows live, and the bounded device cache of the hot ones.
+
+A ``RowSource`` answers ``read(users) -> [n, row_size]`` from the tier the rows were saved in,
+without loading the population: a run's checkpoint chain is indexed once (its user lists only)
+and read by safetensors slices; a ``--format flora`` export reads a user's folder. ``AdapterCache``
+holds at most ``capacity`` rows on the device, least recently used out first, filled on demand;
+a row in use by a running request is pinned and never evicted. It is the same idea as the
+store's hot-row cache, for serving: 10^5 users served from a 256-row device table.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from flora_train.adapters import AdapterLayout, user_seed
+
+
+class RowSource(Protocol):
+    label: str
+
+    def __contains__(self, user: str) -> bool: ...
+
+    @property
+    def users(self) -> list[str]: ...
+
+    def read(self, users: list[str]) -> torch.Tensor:
+        """Rows ``[len(users), row_size]`` float32 of trained users, in order."""
+        ...
+
+
+class TensorRows:
+    """Rows already in memory (tests, small populations)."""
+
+    def __init__(self, users: list[str], rows: torch.Tensor, label: str = "memory") -> None:
+        self.label = label
+        self._position = {u: i for i, u in enumerate(users)}
+        self._rows = rows
+
+    def __contains__(self, user: str) -> bool:
+        return user in self._position
+
+    @property
+    def users(self) -> list[str]:
+        return list(self._position)
+
+    def read(self, users: list[str]) -> torch.Tensor:
+        return self._rows[[self._position[u] for u in users]]
+
+
+class CheckpointRows:
+    """A checkpoint chain's rows, read by slices: only the user lists are read up front."""
+
+    def __init__(self, chain: list[Path]) -> None:
+        from flora_train.store.saved import newest_copies
+
+        self.label = str(chain[-1])
+        self._where: dict[str, tuple[Path, int]] = {}
+        self._listing: dict[Path, list[str]] = {}
+        for path, (users, take) in newest_copies(chain, None).items():
+            self._listing[path] = users
+            for i in take:
+                self._where[users[i]] = (path, i)
+
+    def __contains__(self, user: str) -> bool:
+        return user in self._where
+
+    @property
+    def users(self) -> list[str]:
+        return list(self._where)
+
+    def read(self, users: list[str]) -> torch.Tensor:
+        from flora_train.store.saved import iter_saved_rows_of
+
+        by_path: dict[Path, list[int]] = {}
+        for u in users:
+            path, i = self._where[u]
+            by_path.setdefault(path, []).append(i)
+        got: dict[str, torch.Tensor] = {}
+        for path, take in by_path.items():
+            listing = self._listing[path]
+            for ids, rows in iter_saved_rows_of(path, listing, sorted(set(take))):
+                got.update(zip(ids, rows))
+        return torch.stack([got[u] for u in users]).float()
+
+
+class ExportRows:
+    """A ``--format flora`` export: one folder per user, read when the user is first asked for."""
+
+    def __init__(self, folder: Path, index: dict[str, str], layout: AdapterLayout) -> None:
+        self.label = str(folder)
+        self._folder = folder
+        self._index = index
+        self._layout = layout
+
+    def __contains__(self, user: str) -> bool:
+        return user in self._index
+
+    @property
+    def users(self) -> list[str]:
+        return list(self._index)
+
+    def read(self, users: list[str]) -> torch.Tensor:
+        from flora_train.export import load_flora_adapter
+
+        rows = []
+        for u in users:
+            layout, row = load_flora_adapter(self._folder / self._index[u])
+            if self._layout.compatible_with(layout):
+                raise ValueError(f"{self._folder / self._index[u]}: user {u!r} was exported with another layout than the others")
+            rows.append(row)
+        return torch.stack(rows).float()
+
+
+@dataclass
+class CacheStats:
+    capacity: int
+    resident: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class CacheFull(RuntimeError):
+    """Every cached row is pinned by a running request."""
+
+
+class AdapterCache:
+    """``capacity`` rows on the device. ``acquire(user)`` returns the row's slot and pins it;
+    ``release(slot)`` unpins. Users never trained (and ``None``: the base model) get their
+    untrained row, the identity. Called from the serving thread; ``stats`` from any."""
+
+    def __init__(self, source: RowSource, layout: AdapterLayout, init_seed: int, capacity: int,
+                 device: torch.device, version: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f"the adapter cache needs at least one row, got {capacity}")
+        self.source, self.layout, self.init_seed, self.version = source, layout, init_seed, version
+        self.table = torch.zeros(capacity, layout.row_size, device=device)
+        self._slot_of: OrderedDict[str | None, int] = OrderedDict()  # least recently used first
+        self._user_at: dict[int, str | None] = {}
+        self._free = list(range(capacity - 1, -1, -1))
+        self._pins = [0] * capacity
+        self._lock = threading.Lock()
+        self._stats = CacheStats(capacity)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(**vars(self._stats))
+
+    def _load(self, users: list[str | None]) -> torch.Tensor:
+        trained = [u for u in users if u is not None and u in self.source]
+        got = dict(zip(trained, self.source.read(trained))) if trained else {}
+        missing = [u for u in users if u not in got]
+        if missing:
+            seeds = torch.tensor([user_seed(self.init_seed, u or "") for u in missing], dtype=torch.int64)
+            got.update(zip(missing, self.layout.init_rows(seeds)))
+        return torch.stack([got[u] for u in users])
+
+    def acquire_many(self, users: list[str | None]) -> list[int]:
+        """Slots of ``users`` (pinned once per entry), loading the missing ones in one read."""
+        with self._lock:  # the resident ones are pinned first, so making room never evicts them
+            resident = [u for u in users if u in self._slot_of]
+            for u in resident:
+                self._pins[self._slot_of[u]] += 1
+        need = [u for u in dict.fromkeys(users) if u not in self._slot_of]
+        taken: list[int] = []
+        try:
+            for _ in need:
+                taken.append(self._take_slot())
+            if need:
+                self.table[taken] = self._load(need).to(self.table.device, self.table.dtype)
+        except Exception:
+            with self._lock:
+                for u in resident:
+                    self._pins[self._slot_of[u]] -= 1
+                self._free.extend(taken)
+            raise
+        with self._lock:
+            for u, slot in zip(need, taken):
+                self._slot_of[u] = slot
+                self._user_at[slot] = u
+            for u in users:
+                if u not in resident:
+                    self._pins[self._slot_of[u]] += 1
+                self._slot_of.move_to_end(u)
+            self._stats.misses += len(need)
+            self._stats.hits += len(users) - len(need)
+            self._stats.resident = len(self._slot_of)
+            return [self._slot_of[u] for u in users]
+
+    def acquire(self, user: str | None) -> int:
+        return self.acquire_many([user])[0]
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._pins[slot] -= 1
+
+    def _take_slot(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            for user, slot in self._slot_of.items():
+                if not self._pins[slot]:
+                    del self._slot_of[user]
+                    del self._user_at[slot]
+                    self._stats.evictions += 1
+                    return slot
+        raise CacheFull(f"all {self.table.shape[0]} cached adapters are in use; raise --cache-users")
+
+    def pinned(self) -> int:
+        with self._lock:
+            return sum(1 for p in self._pins if p)
+
+
+__all__ = ["AdapterCache", "CacheFull", "CacheStats", "CheckpointRows", "ExportRows", "RowSource", "TensorRows"]
