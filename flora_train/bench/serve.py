@@ -1,25 +1,31 @@
-"""`flora-train bench serve`: the server under concurrent clients, each with its own user.
+"""`flora-train bench serve`: the server under a realistic workload, each request its own user.
 
-For FLoRA r1 and LoRA r8 (a tiny Llama, users trained briefly), one set of requests (``clients``
-distinct users, ``requests`` each, ``new_tokens`` generated per request, EOS ignored so every
-request costs the same) is served three ways, side by side in one run:
+For FLoRA r1 and LoRA r8 (a tiny Llama, ``users`` users trained briefly), one workload: ``requests``
+requests of distinct users arriving as a Poisson process (``rate`` a second), ``max_tokens`` drawn
+from 8-128, half of them sampling with a seed, EOS ignored so every request costs what it asked
+for. It is served side by side in one run:
 
-- ``batched``: all clients at once against `flora-train serve`'s app (uvicorn on 127.0.0.1), which
-  batches concurrent users into one forward;
+- ``continuous batching``: each request sent at its arrival time to `flora-train serve`'s app
+  (uvicorn on 127.0.0.1), streamed, so time to first token and inter-token latency are measured;
 - ``one at a time``: the same requests sent one after another to the same server;
+- ``small adapter cache``: as the first, with ``--cache-users`` at half the users (rows evicted and
+  read again from the checkpoint);
 - ``PEFT, set_adapter per request`` (LoRA): one ``PeftModel`` holding every user's exported adapter,
   ``set_adapter`` + ``generate`` per request, one after another, as a server built on PEFT would.
 
-It reports tokens/s and p50/p99 latency per way, and the ratios.
+It reports tokens/s, p50/p99 time to first token and inter-token latency per way, and the ratios.
 """
 
 from __future__ import annotations
 
+import json
+import random
 import socket
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +56,16 @@ def _train(work: Path, method: str, rank: int, users: int, device: str) -> Path:
     return run_dir
 
 
-def _percentiles(latencies: list[float]) -> dict[str, float]:
+def _percentiles(name: str, latencies: list[float]) -> dict[str, float]:
     ordered = sorted(latencies)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50_ms": 1e3 * statistics.median(ordered), "p99_ms": 1e3 * pick(0.99)}
+    return {f"{name}_p50_ms": 1e3 * statistics.median(ordered), f"{name}_p99_ms": 1e3 * pick(0.99)}
 
 
 class _Server:
     """The serve app in uvicorn on a background thread (what `flora-train serve` runs)."""
 
-    def __init__(self, trained: Any, max_batch: int) -> None:
+    def __init__(self, trained: Any, max_batch: int, cache_users: int | None = None) -> None:
         import uvicorn
 
         from flora_train.inference.server import create_app
@@ -67,8 +73,8 @@ class _Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(trained, max_batch=max_batch, batch_window_ms=5),
-                                                    host="127.0.0.1", port=self.port, log_level="warning"))
+        app = create_app(trained, max_batch=max_batch, cache_users=cache_users, max_queue=4096)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -79,39 +85,82 @@ class _Server:
         self.thread.join(timeout=30)
 
 
-def _http_way(url: str, jobs: list[tuple[str, str]], new_tokens: int, concurrency: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Job:
+    user: str
+    prompt: str
+    max_tokens: int
+    sampled: bool
+    seed: int
+    arrival_s: float
+
+
+def workload(users: list[str], count: int, rate: float, max_tokens: int = 128, seed: int = 0) -> list[Job]:
+    rng = random.Random(seed)
+    prompts = [f"quick : favourite {k} ?" for k in ("colour", "animal", "city", "fruit")]
+    t, jobs = 0.0, []
+    for i in range(count):
+        t += rng.expovariate(rate)
+        jobs.append(Job(users[i % len(users)], prompts[i % len(prompts)], rng.randint(min(8, max_tokens), max_tokens), i % 2 == 1, i, t))
+    return jobs
+
+
+def _stream_one(url: str, job: Job, session: Any) -> dict[str, float]:
+    body = {"prompt": job.prompt, "user": job.user, "max_tokens": job.max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    body.update({"temperature": 0.8, "top_p": 0.95, "seed": job.seed} if job.sampled else {"temperature": 0})
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with session.post(f"{url}/v1/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                last = time.perf_counter()
+                first = first or last
+    end = time.perf_counter()
+    first = first or end
+    return {"ttft": first - start, "itl": ((last or end) - first) / max(tokens - 1, 1), "tokens": tokens, "end": end}
+
+
+def _http_way(url: str, jobs: list[Job], concurrent: bool) -> dict[str, Any]:
     import requests
 
-    session_local = threading.local()
+    local = threading.local()
 
-    def one(job: tuple[str, str]) -> tuple[float, int]:
-        s = getattr(session_local, "s", None) or requests.Session()
-        session_local.s = s
-        start = time.perf_counter()
-        r = s.post(f"{url}/v1/completions", json={"prompt": job[1], "user": job[0], "max_tokens": new_tokens,
-                                                  "temperature": 0, "ignore_eos": True}, timeout=600)
-        r.raise_for_status()
-        return time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
+    def one(job: Job, t0: float) -> dict[str, float]:
+        s = getattr(local, "s", None) or requests.Session()
+        local.s = s
+        if concurrent:
+            time.sleep(max(0.0, t0 + job.arrival_s - time.perf_counter()))
+        return _stream_one(url, job, s)
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        done = list(pool.map(one, jobs))
-    wall = time.perf_counter() - start
-    tokens = sum(t for _, t in done)
-    return {"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall, **_percentiles([l for l, _ in done])}
+    if concurrent:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            done = list(pool.map(lambda j: one(j, start), jobs))
+    else:
+        done = [one(j, start) for j in jobs]
+    wall = max(d["end"] for d in done) - start
+    tokens = sum(d["tokens"] for d in done)
+    return {"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            **_percentiles("ttft", [d["ttft"] for d in done]), **_percentiles("itl", [d["itl"] for d in done])}
 
 
-def _peft_way(run_dir: Path, trained: Any, jobs: list[tuple[str, str]], new_tokens: int, work: Path) -> dict[str, Any]:
+def _peft_way(run_dir: Path, trained: Any, jobs: list[Job], work: Path) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from flora_train.export import export_adapters
 
-    users = sorted({u for u, _ in jobs})
+    users = sorted({j.user for j in jobs})
     out = work / "peft"
     export_adapters(run_dir, "peft", users, out)
-    import json
-
     index = json.loads((out / "index.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(trained.source.model_path).to(trained.device).eval()
     model = PeftModel.from_pretrained(base, str(out / index[users[0]]), adapter_name=users[0])
@@ -121,57 +170,64 @@ def _peft_way(run_dir: Path, trained: Any, jobs: list[tuple[str, str]], new_toke
     tok = trained.tokenizer
     latencies, tokens = [], 0
     start = time.perf_counter()
-    for user, prompt in jobs:
+    for job in jobs:
         t = time.perf_counter()
-        model.set_adapter(user)
-        enc = tok([prompt], return_tensors="pt").to(trained.device)
+        model.set_adapter(job.user)
+        enc = tok([job.prompt], return_tensors="pt").to(trained.device)
+        sampling = dict(do_sample=True, temperature=0.8, top_p=0.95) if job.sampled else dict(do_sample=False)
+        torch.manual_seed(job.seed)
         with torch.no_grad():
-            seq = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+            seq = model.generate(**enc, max_new_tokens=job.max_tokens, min_new_tokens=job.max_tokens,
+                                 pad_token_id=tok.pad_token_id, **sampling)
         tokens += seq.shape[1] - enc["input_ids"].shape[1]
         latencies.append(time.perf_counter() - t)
     wall = time.perf_counter() - start
-    return {"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall, **_percentiles(latencies)}
+    return {"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall, **_percentiles("latency", latencies)}
 
 
-def bench_serve(clients: int = 16, requests: int = 2, new_tokens: int = 16, device: str = "auto",
+def bench_serve(users: int = 64, requests: int = 64, rate: float = 8.0, max_tokens: int = 128, device: str = "auto",
                 out: Path = Path("runs/bench")) -> dict[str, Any]:
     from flora_train.inference import load_trained
 
     dev = bench_device(device)
     work = out / "serve"
-    prompts = [f"quick : favourite {k} ?" for k in ("colour", "animal", "city", "fruit")]
     runs = []
     for method, rank in (("flora", 1), ("lora", 8)):
-        run_dir = _train(work / "train", method, rank, max(clients, 16), dev.type)
+        run_dir = _train(work / "train", method, rank, users, dev.type)
         trained = load_trained(run_dir, device=dev)
-        users = trained.users[:clients]
-        jobs = [(users[c], prompts[(c + r) % len(prompts)]) for r in range(requests) for c in range(clients)]
-        server = _Server(trained, max_batch=clients)
-        try:
-            url = f"http://127.0.0.1:{server.port}"
-            _http_way(url, jobs[:2], new_tokens, 1)  # warm-up
-            ways = {"batched": _http_way(url, jobs, new_tokens, clients),
-                    "one at a time": _http_way(url, jobs, new_tokens, 1)}
-        finally:
-            server.close()
+        jobs = workload(trained.users[:users], requests, rate, max_tokens)
+        ways: dict[str, Any] = {}
+        for way, cache_users in (("continuous batching", None), ("small adapter cache", max(users // 2, 32))):
+            server = _Server(trained, max_batch=32, cache_users=cache_users)
+            try:
+                url = f"http://127.0.0.1:{server.port}"
+                _http_way(url, jobs[:2], concurrent=False)  # warm-up
+                ways[way] = _http_way(url, jobs, concurrent=True)
+                if cache_users is None:
+                    ways["one at a time"] = _http_way(url, jobs, concurrent=False)
+                else:
+                    ways[way]["cache_users"] = cache_users
+            finally:
+                server.close()
         if method == "lora":
-            ways["PEFT, set_adapter per request"] = _peft_way(run_dir, trained, jobs, new_tokens, work / method)
-        runs.append({"method": method, "rank": rank, "ways": ways,
-                     "speedup_vs_one_at_a_time": ways["batched"]["tokens_per_s"] / ways["one at a time"]["tokens_per_s"]})
+            ways["PEFT, set_adapter per request"] = _peft_way(run_dir, trained, jobs, work / method)
+        best = ways["continuous batching"]["tokens_per_s"]
+        runs.append({"method": method, "rank": rank, "ways": ways, "speedup_vs_one_at_a_time": best / ways["one at a time"]["tokens_per_s"]})
         if "PEFT, set_adapter per request" in ways:
-            runs[-1]["speedup_vs_peft"] = ways["batched"]["tokens_per_s"] / ways["PEFT, set_adapter per request"]["tokens_per_s"]
-    result = {"suite": "serve", "machine": machine(dev), "device": dev.type, "clients": clients,
-              "requests_per_client": requests, "new_tokens": new_tokens, "base": DEFAULT_BASE, "runs": runs}
+            runs[-1]["speedup_vs_peft"] = best / ways["PEFT, set_adapter per request"]["tokens_per_s"]
+    result = {"suite": "serve", "machine": machine(dev), "device": dev.type, "users": users, "requests": requests,
+              "rate_per_s": rate, "max_tokens": max_tokens, "base": DEFAULT_BASE, "runs": runs}
     write_json(out, "serve", result)
-    print(f"bench serve: {clients} concurrent clients, each its own user, {requests} requests each, {new_tokens} new "
-          f"tokens per request; Llama {DEFAULT_BASE['hidden_size']}x{DEFAULT_BASE['num_layers']}; {result['machine']}")
-    print(f"{'adapter':10s} {'way':32s} {'tokens/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    print(f"bench serve: {requests} requests of {users} users, Poisson arrivals at {rate}/s, max_tokens 8-{max_tokens}, half "
+          f"sampling; Llama {DEFAULT_BASE['hidden_size']}x{DEFAULT_BASE['num_layers']}; {result['machine']}")
+    print(f"{'adapter':10s} {'way':32s} {'tokens/s':>9s} {'TTFT p50':>9s} {'p99':>8s} {'ITL p50':>8s} {'p99':>7s}  (ms)")
+    fmt = lambda m, k: f"{m[k]:.1f}" if k in m else "-"  # noqa: E731
     for r in runs:
         for way, m in r["ways"].items():
-            print(f"{r['method'] + ' r' + str(r['rank']):10s} {way:32s} {m['tokens_per_s']:>9.1f} {m['p50_ms']:>8.1f} {m['p99_ms']:>8.1f}")
-        line = f"  batched / one at a time: {r['speedup_vs_one_at_a_time']:.2f}x tokens/s"
+            print(f"{r['method'] + ' r' + str(r['rank']):10s} {way:32s} {m['tokens_per_s']:>9.1f} {fmt(m, 'ttft_p50_ms'):>9s} "
+                  f"{fmt(m, 'ttft_p99_ms'):>8s} {fmt(m, 'itl_p50_ms'):>8s} {fmt(m, 'itl_p99_ms'):>7s}")
+        line = f"  continuous batching / one at a time: {r['speedup_vs_one_at_a_time']:.2f}x tokens/s"
         if "speedup_vs_peft" in r:
-            line += f"; batched / PEFT set_adapter: {r['speedup_vs_peft']:.2f}x"
+            line += f"; / PEFT set_adapter: {r['speedup_vs_peft']:.2f}x"
         print(line)
     return result

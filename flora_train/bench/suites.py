@@ -46,9 +46,10 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--row-size", type=int, default=256, help="store: floats per row")
     be.add_argument("--step-users", type=int, default=64, help="store: users per step")
     be.add_argument("--world", type=int, default=2, help="zero: processes per run")
-    be.add_argument("--clients", type=int, default=16, help="serve: concurrent clients, each its own user")
-    be.add_argument("--requests", type=int, default=2, help="serve: requests per client")
-    be.add_argument("--new-tokens", type=int, default=16, help="serve: tokens generated per request")
+    be.add_argument("--serve-users", type=int, default=64, help="serve: users (each request is one user's)")
+    be.add_argument("--serve-requests", type=int, default=64, help="serve: requests in the workload")
+    be.add_argument("--rate", type=float, default=8.0, help="serve: mean arrivals a second (Poisson)")
+    be.add_argument("--max-tokens", type=int, default=128, help="serve: max_tokens is drawn from 8 to this")
     be.add_argument("--data-examples", type=int, default=1_000_000, help="data: examples in the generated dataset")
     be.add_argument("--populations", type=_ints, default=[1_000, 100_000, 1_000_000],
                     help="scale: comma-separated population sizes, one training run each")
@@ -116,7 +117,7 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
     if suite == "serve":
         from flora_train.bench.serve import bench_serve
 
-        return bench_serve(args.clients, args.requests, args.new_tokens, args.device, args.out)
+        return bench_serve(args.serve_users, args.serve_requests, args.rate, args.max_tokens, args.device, args.out)
     if suite == "loss":
         from flora_train.bench.loss import bench_loss
 

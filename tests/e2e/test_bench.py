@@ -124,18 +124,24 @@ def test_bench_e2e_against_one_peft_job_per_user(tmp_path):
     assert "extrapolated" in out and "flora_train LoRA r8" in out
 
 
-def test_bench_serve_three_ways(tmp_path):
+def test_bench_serve_four_ways(tmp_path):
     started = time.perf_counter()
-    out = _bench(tmp_path, "serve", "--clients", "4", "--requests", "2", "--new-tokens", "4")
+    out = _bench(tmp_path, "serve", "--serve-users", "8", "--serve-requests", "8", "--rate", "40", "--max-tokens", "12")
     wall = time.perf_counter() - started
     result = json.loads((tmp_path / "bench_serve.json").read_text())
     runs = {r["method"]: r for r in result["runs"]}
-    assert set(runs) == {"flora", "lora"} and set(runs["lora"]["ways"]) == {"batched", "one at a time", "PEFT, set_adapter per request"}
+    assert set(runs) == {"flora", "lora"}
+    assert set(runs["lora"]["ways"]) == {"continuous batching", "one at a time", "small adapter cache", "PEFT, set_adapter per request"}
+    from flora_train.bench.serve import workload
+
+    asked = sum(j.max_tokens for j in workload([f"u{i}" for i in range(8)], 8, 40, 12))
     for r in runs.values():
-        for way in r["ways"].values():
-            assert way["tokens"] == 4 * 2 * 4  # every request generated exactly its tokens (EOS ignored)
-            assert 0 < way["p50_ms"] <= way["p99_ms"] and way["seconds"] < wall
-    assert "batched / PEFT set_adapter" in out
+        for name, way in r["ways"].items():
+            assert way["tokens"] == asked, name  # every request generated exactly its tokens (EOS ignored)
+            assert way["seconds"] < wall
+            if name != "PEFT, set_adapter per request":
+                assert 0 < way["ttft_p50_ms"] <= way["ttft_p99_ms"] and 0 < way["itl_p50_ms"] <= way["itl_p99_ms"]
+    assert "continuous batching / one at a time" in out and "/ PEFT set_adapter" in out
 
 
 def test_bench_scale_runs_each_population_and_checkpoints_by_rows_touched(tmp_path):
