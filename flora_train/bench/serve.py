@@ -185,7 +185,7 @@ def _peft_way(run_dir: Path, trained: Any, jobs: list[Job], work: Path) -> dict[
     return {"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall, **_percentiles("latency", latencies)}
 
 
-def bench_serve(users: int = 64, requests: int = 64, rate: float = 8.0, max_tokens: int = 128, device: str = "auto",
+def bench_serve(users: int = 64, requests: int = 64, rate: float = 32.0, max_tokens: int = 128, device: str = "auto",
                 out: Path = Path("runs/bench")) -> dict[str, Any]:
     from flora_train.inference import load_trained
 

@@ -48,7 +48,7 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--world", type=int, default=2, help="zero: processes per run")
     be.add_argument("--serve-users", type=int, default=64, help="serve: users (each request is one user's)")
     be.add_argument("--serve-requests", type=int, default=64, help="serve: requests in the workload")
-    be.add_argument("--rate", type=float, default=8.0, help="serve: mean arrivals a second (Poisson)")
+    be.add_argument("--rate", type=float, default=32.0, help="serve: mean arrivals a second (Poisson)")
     be.add_argument("--max-tokens", type=int, default=128, help="serve: max_tokens is drawn from 8 to this")
     be.add_argument("--data-examples", type=int, default=1_000_000, help="data: examples in the generated dataset")
     be.add_argument("--populations", type=_ints, default=[1_000, 100_000, 1_000_000],
