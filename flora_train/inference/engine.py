@@ -52,6 +52,13 @@ class _Sequence:
     text: TextStream
     generated: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
+    ended: bool = False  # its Done or Failed was sent
+    released: bool = False  # its adapter pin was given back
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.adapters.release(self.slot)
 
 
 @dataclass
@@ -164,10 +171,12 @@ class Engine:
             self._drop_cancelled()
             if self._prefill is None:
                 self._prefill = self._admit()
+            if self._waiting:  # read the next newcomers' rows while this step computes
+                self._adapters.prefetch([r.user for r in list(self._waiting)[: self.max_batch]])
             if self._prefill is not None:
-                self._guarded(self._prefill_chunk, lambda: [s for s in self._prefill.seqs] if self._prefill else [])
+                self._guarded(self._prefill_chunk, list(self._prefill.seqs))
             if self._running:
-                self._guarded(self._decode_step, lambda: list(self._running))
+                self._guarded(self._decode_step, list(self._running))
             with self._lock:
                 self._stats.busy_s += time.perf_counter() - start
         for req in [*self._waiting, *[s.req for s in self._running]] + ([s.req for s in self._prefill.seqs] if self._prefill else []):
@@ -186,16 +195,16 @@ class Engine:
         except queue.Empty:
             return
 
-    def _guarded(self, work: Callable[[], None], members: Callable[[], list[_Sequence]]) -> None:
-        """Runs one forward's work; if it raises, the sequences in that forward fail, nothing else."""
+    def _guarded(self, work: Callable[[], None], members: list[_Sequence]) -> None:
+        """Runs one forward's work; if it raises, the sequences in that forward fail, nothing else
+        (those it had already finished keep their ``Done``)."""
         try:
             work()
         except Exception as exc:  # noqa: BLE001 - a failing request must not stop the engine
-            log.warning("a batch of %d requests failed: %s", len(members()), exc)
-            failed = members()
-            if self._prefill is not None and set(failed) & set(self._prefill.seqs):
+            log.warning("a batch of %d requests failed: %s", len(members), exc)
+            if self._prefill is not None and set(members) & set(self._prefill.seqs):
                 self._prefill = None
-            self._remove(failed, Failed(exc))
+            self._remove([s for s in members if not s.ended], Failed(exc))
 
     def _emit(self, req: Request, event: Delta | Done | Failed) -> None:
         try:
@@ -226,8 +235,9 @@ class Engine:
             self._stats.failed += len(seqs) if failure is not None else 0
         self._step_rows = None
         for s in seqs:
-            s.adapters.release(s.slot)
+            s.release()
             if failure is not None:
+                s.ended = True
                 self._emit(s.req, failure)
 
     def _admit(self) -> _Prefill | None:
@@ -307,7 +317,8 @@ class Engine:
         staying: list[int] = []
         for i, s in enumerate(p.seqs):
             if s.req.cancelled.is_set():
-                s.adapters.release(s.slot)
+                s.release()
+                s.ended = True  # its caller left: nothing more is sent
                 with self._lock:
                     self._stats.dropped += 1
                 continue
@@ -315,12 +326,12 @@ class Engine:
                 self._echo(s, p.echo.get(i, []))
             if s.req.settings.max_new_tokens == 0:
                 self._finish(s, "length")
-                s.adapters.release(s.slot)
+                s.release()
                 continue
             if not self._accept(s, last[i]):
                 staying.append(i)
             else:
-                s.adapters.release(s.slot)
+                s.release()
         p.kv.keep(staying)
         self._kv.join(p.kv)
         with self._lock:
@@ -362,13 +373,18 @@ class Engine:
             st.most_users = max(st.most_users, int(self._step_rows[0].shape[0]))
         if self.observer is not None:
             self.observer.on_step(len(seqs))
-        self._remove([s for i, s in enumerate(seqs) if self._accept(s, logits[i])])
+        greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
+        self._remove([s for i, s in enumerate(seqs) if self._accept(s, logits[i], greedy[i])])
 
-    def _accept(self, s: _Sequence, logits: torch.Tensor) -> bool:
-        """Chooses ``s``'s next token from its logits, emits it; True when ``s`` is finished."""
+    def _accept(self, s: _Sequence, logits: torch.Tensor, greedy: int | None = None) -> bool:
+        """Chooses ``s``'s next token from its logits (``greedy``: the batch's argmax, computed once
+        for every row), emits it; True when ``s`` is finished."""
         st = s.req.settings
-        scores = penalised(logits, s.generated, st.presence_penalty, st.frequency_penalty)
-        token = sample(scores, st.temperature if st.do_sample else 0.0, st.top_k, st.top_p, s.generator)
+        if greedy is not None and not st.do_sample and not st.presence_penalty and not st.frequency_penalty:
+            token = greedy
+        else:
+            scores = penalised(logits, s.generated, st.presence_penalty, st.frequency_penalty)
+            token = sample(scores, st.temperature if st.do_sample else 0.0, st.top_k, st.top_p, s.generator)
         s.generated.append(token)
         now = time.monotonic()
         if self.observer is not None:
@@ -401,6 +417,7 @@ class Engine:
             self._stats.requests += 1
         if self.observer is not None:
             self.observer.on_finish(len(s.req.prompt_ids), len(s.generated))
+        s.ended = True
         self._emit(s.req, Done(reason, len(s.req.prompt_ids), len(s.generated), s.adapters.version))
 
 

@@ -19,7 +19,8 @@ class _CacheCollector:
 
     def collect(self):
         s = self._stats()
-        for name, value in (("hits", s.hits), ("misses", s.misses), ("evictions", s.evictions)):
+        for name, value in (("hits", s.hits), ("misses", s.misses), ("evictions", s.evictions),
+                            ("prefetched", s.prefetched)):
             yield CounterMetricFamily(f"flora_adapter_cache_{name}", f"adapter cache {name}", value=value)
         yield GaugeMetricFamily("flora_adapter_cache_resident", "adapters on the device", value=s.resident)
         yield GaugeMetricFamily("flora_adapter_cache_capacity", "adapters the device cache holds", value=s.capacity)

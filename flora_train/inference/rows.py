@@ -2,9 +2,11 @@
 
 A ``RowSource`` answers ``read(users) -> [n, row_size]`` from the tier the rows were saved in,
 without loading the population: a run's checkpoint chain is indexed once (its user lists only)
-and read by safetensors slices; a ``--format flora`` export reads a user's folder. ``AdapterCache``
-holds at most ``capacity`` rows on the device, least recently used out first, filled on demand;
-a row in use by a running request is pinned and never evicted. It is the same idea as the
+and read by safetensors slices; a ``--format packed`` export is read by slices the same way; a
+``--format flora`` export reads a user's folder. ``AdapterCache``
+holds at most ``capacity`` rows on the device, least recently used out first, filled on demand
+(and read ahead for queued requests by a background reader); a row in use by a running request is
+pinned and never evicted. It is the same idea as the
 store's hot-row cache, for serving: 10^5 users served from a 256-row device table.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -117,6 +120,38 @@ class ExportRows:
         return torch.stack(rows).float()
 
 
+class PackedRows:
+    """A ``--format packed`` export: ``pack-NNNNN.safetensors`` files of many users' rows, read by
+    slices (the index of users to ``[file, row]`` is read once)."""
+
+    def __init__(self, folder: Path, index: dict[str, list]) -> None:
+        self.label = str(folder)
+        self._folder = folder
+        self._index = index
+
+    def __contains__(self, user: str) -> bool:
+        return user in self._index
+
+    @property
+    def users(self) -> list[str]:
+        return list(self._index)
+
+    def read(self, users: list[str]) -> torch.Tensor:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[tuple[int, str]]] = {}
+        for u in users:
+            name, i = self._index[u]
+            by_file.setdefault(name, []).append((int(i), u))
+        got: dict[str, torch.Tensor] = {}
+        for name, wanted in by_file.items():
+            with safe_open(str(self._folder / name), framework="pt") as f:
+                rows = f.get_slice("rows")
+                for i, u in wanted:
+                    got[u] = rows[i : i + 1][0]
+        return torch.stack([got[u] for u in users]).float()
+
+
 @dataclass
 class CacheStats:
     capacity: int
@@ -124,6 +159,8 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    prefetched: int = 0  # misses whose row a prefetch had already read
+    staged: int = 0  # rows read ahead, not yet asked for
 
 
 class CacheFull(RuntimeError):
@@ -147,14 +184,42 @@ class AdapterCache:
         self._pins = [0] * capacity
         self._lock = threading.Lock()
         self._stats = CacheStats(capacity)
+        self._staged: OrderedDict[str, torch.Tensor] = OrderedDict()  # prefetched rows, host side
+        self._prefetching: set[str] = set()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="flora-prefetch")
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(**vars(self._stats))
+            return CacheStats(**{**vars(self._stats), "staged": len(self._staged)})
+
+    def prefetch(self, users: list[str | None]) -> None:
+        """Reads the rows of queued requests' users in the background (host side, at most
+        ``capacity`` staged), so admitting them later does not wait on the source."""
+        with self._lock:
+            todo = [u for u in dict.fromkeys(users) if u is not None and u not in self._slot_of
+                    and u not in self._staged and u not in self._prefetching and u in self.source]
+            self._prefetching.update(todo)
+        if todo:
+            self._reader.submit(self._stage, todo)
+
+    def _stage(self, users: list[str]) -> None:
+        try:
+            rows = self.source.read(users)
+        except Exception:  # noqa: BLE001 - admission reads it again and fails that request alone
+            rows = None
+        with self._lock:
+            self._prefetching.difference_update(users)
+            if rows is not None:
+                self._staged.update(zip(users, rows))
+                while len(self._staged) > self.table.shape[0]:
+                    self._staged.popitem(last=False)
 
     def _load(self, users: list[str | None]) -> torch.Tensor:
-        trained = [u for u in users if u is not None and u in self.source]
-        got = dict(zip(trained, self.source.read(trained))) if trained else {}
+        with self._lock:
+            got: dict[str | None, torch.Tensor] = {u: self._staged.pop(u) for u in users if u in self._staged}
+            self._stats.prefetched += len(got)
+        trained = [u for u in users if u is not None and u not in got and u in self.source]
+        got.update(zip(trained, self.source.read(trained)) if trained else {})
         missing = [u for u in users if u not in got]
         if missing:
             seeds = torch.tensor([user_seed(self.init_seed, u or "") for u in missing], dtype=torch.int64)
@@ -217,4 +282,5 @@ class AdapterCache:
             return sum(1 for p in self._pins if p)
 
 
-__all__ = ["AdapterCache", "CacheFull", "CacheStats", "CheckpointRows", "ExportRows", "RowSource", "TensorRows"]
+__all__ = ["AdapterCache", "CacheFull", "CacheStats", "CheckpointRows", "ExportRows", "PackedRows", "RowSource",
+           "TensorRows"]

@@ -210,7 +210,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             "new_tokens": s.new_tokens, "largest_batch": s.largest_batch, "most_users": s.most_users,
             "joined_running": s.joined_running, "dropped": s.dropped, "failed": s.failed,
             "cache": {"capacity": c.capacity, "resident": c.resident, "hits": c.hits, "misses": c.misses,
-                      "evictions": c.evictions}})
+                      "evictions": c.evictions, "prefetched": c.prefetched}})
 
     @app.get("/metrics")
     def prometheus() -> Response:

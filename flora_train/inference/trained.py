@@ -1,5 +1,5 @@
 """A frozen base with every trained user's adapter, ready to use: from a run directory (its newest
-intact checkpoint), one checkpoint, or a ``--format flora`` export folder.
+intact checkpoint), one checkpoint, or a ``--format flora`` or ``--format packed`` export folder.
 
 Users' rows stay in the tier they were saved in (``rows.RowSource``: a checkpoint read by slices,
 an export folder per user) and are read when a batch needs them; a batch takes the rows of its
@@ -20,7 +20,7 @@ from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, us
 from flora_train.adapters.shared import SharedAdapter
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
 from flora_train.errors import UserError
-from flora_train.inference.rows import CheckpointRows, ExportRows, RowSource
+from flora_train.inference.rows import CheckpointRows, ExportRows, PackedRows, RowSource
 from flora_train.run_dir import RunDir
 
 log = logging.getLogger("flora_train")
@@ -73,16 +73,21 @@ def _from_export(folder: Path) -> Source:
     from flora_train.export import SHARED_FOLDER, load_flora_adapter
 
     manifest = json.loads((folder / "manifest.json").read_text())
-    if manifest.get("format") != "flora":
-        raise InferenceError(f"{folder}: a {manifest.get('format')!r} export; serve a run directory or a --format flora export")
+    if manifest.get("format") not in ("flora", "packed"):
+        raise InferenceError(f"{folder}: a {manifest.get('format')!r} export; serve a run directory, or a --format flora "
+                             "or --format packed export")
     index = json.loads((folder / "index.json").read_text())
     if not index:
         raise InferenceError(f"{folder}: the export holds no user")
+    shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
+    if manifest["format"] == "packed":
+        return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False,
+                      AdapterLayout.from_dict(manifest["layout"]), PackedRows(folder, index),
+                      int(manifest.get("init_seed", 0)), str(folder), shared)
     for user, sub in index.items():
         if not (folder / sub).is_dir():
             raise InferenceError(f"{folder}: user {user!r}'s folder {sub!r} is missing")
     layout, _ = load_flora_adapter(folder / next(iter(index.values())))
-    shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
     return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False, layout, ExportRows(folder, index, layout),
                   int(manifest.get("init_seed", 0)), str(folder), shared)
 

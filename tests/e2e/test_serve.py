@@ -288,31 +288,30 @@ def test_follow_serves_each_new_checkpoint_without_a_failed_request(tmp_path, ch
         while not stop.is_set():
             statuses.append(score().status_code)
 
-    before = score().json()["choices"][0]["logprobs"]["token_logprobs"]
-    asker = threading.Thread(target=keep_asking)
-    asker.start()
     try:
-        run_training(load_recipe(None, run_args(tmp_path, chat_model, "train.checkpoint_every_steps=1")), resume=True)
-        newest = latest_checkpoint(run_dir)
-        assert newest != first
-        deadline = time.monotonic() + 30
-        while requests.get(f"{url}/health", timeout=5).json()["checkpoint"] != str(newest) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        health = requests.get(f"{url}/health", timeout=5).json()
-        if health["checkpoint"] != str(newest):
+        before = score().json()["choices"][0]["logprobs"]["token_logprobs"]
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        try:
+            run_training(load_recipe(None, run_args(tmp_path, chat_model, "train.checkpoint_every_steps=1")), resume=True)
+            newest = latest_checkpoint(run_dir)
+            assert newest != first
+            deadline = time.monotonic() + 30
+            while requests.get(f"{url}/health", timeout=5).json()["checkpoint"] != str(newest) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            health = requests.get(f"{url}/health", timeout=5).json()
+            assert health["checkpoint"] == str(newest) and health["adapters_version"] >= 1, health
+            broken = newest.parent / "step-99999999"
+            shutil.copytree(newest, broken)
+            next(p for p in broken.rglob("*.safetensors")).write_bytes(b"torn")
+            time.sleep(1.0)
+            assert requests.get(f"{url}/health", timeout=5).json()["checkpoint"] == str(newest)
+        finally:
             stop.set()
-            raise AssertionError(f"{health}\n{stop_server(proc)[-3000:]}")
-        assert health["adapters_version"] >= 1, health
-        broken = newest.parent / "step-99999999"
-        shutil.copytree(newest, broken)
-        next(p for p in broken.rglob("*.safetensors")).write_bytes(b"torn")
-        time.sleep(1.0)
-        assert requests.get(f"{url}/health", timeout=5).json()["checkpoint"] == str(newest)
+            asker.join()
+        after = score().json()["choices"][0]["logprobs"]["token_logprobs"]
     finally:
-        stop.set()
-        asker.join()
-    after = score().json()["choices"][0]["logprobs"]["token_logprobs"]
-    err = stop_server(proc)
+        err = stop_server(proc)
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     shutil.rmtree(broken)
     fresh = load_trained(run_dir, device="cpu")

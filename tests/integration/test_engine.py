@@ -197,3 +197,48 @@ def test_the_kv_cache_keeps_each_row_exact_through_joins_and_leaves(trained):
         want = run(alone, [p + n])
         assert torch.allclose(got[k], want[0], atol=1e-5), k
     assert batch.length == len(prompts[1]) + 1, "columns padding every remaining row were trimmed"
+
+
+def test_prefetched_rows_are_the_rows_read_and_the_cache_stays_bounded(trained):
+    """Rows read ahead for queued users are the rows the source gives; users never trained and the
+    base are not read ahead (their rows are made, not read); the LRU evicts only unpinned rows."""
+    from flora_train.inference.rows import CacheFull
+
+    cache = AdapterCache(trained.rows, trained.layout, trained.source.init_seed, 3, trained.device)
+    cache.prefetch(["user-000001", "user-000002", None, "never-trained"])
+    deadline = time.monotonic() + 10
+    while cache.stats().staged < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.stats().staged == 2
+    slots = cache.acquire_many(["user-000001", "user-000002", "user-000001"])
+    assert slots[0] == slots[2] and cache.stats().prefetched == 2 and cache.stats().misses == 2
+    for user, slot in zip(["user-000001", "user-000002"], slots):
+        assert torch.equal(cache.table[slot], trained.row(user))
+    base = cache.acquire(None)
+    with pytest.raises(CacheFull):  # three rows, all pinned
+        cache.acquire("user-000003")
+    cache.release(slots[1])
+    cache.acquire("user-000003")  # user-000002's row was the only unpinned one
+    assert cache.stats().evictions == 1 and cache.stats().resident == 3
+    from flora_train.adapters import user_seed
+
+    untrained = trained.layout.init_rows(torch.tensor([user_seed(trained.source.init_seed, "")]))[0]
+    assert torch.equal(cache.table[base], untrained)  # the base model: an untrained row, the identity
+
+
+def test_packed_and_flora_exports_serve_the_runs_rows_read_by_user(trained, tmp_path):
+    """Serving reads a user's row from where it was saved: a packed export (slices of its pack
+    files) and a flora export (the user's folder) give the run's rows, and the same text."""
+    from flora_train.export import export_adapters
+
+    run_dir = trained.source.checkpoint.parent.parent
+    users = trained.users[:3]
+    (alone,), _ = generate_batch(trained, [PROMPT], [users[1]], GenerationSettings(max_new_tokens=5))
+    for fmt in ("packed", "flora"):
+        export_adapters(run_dir, fmt, None, tmp_path / fmt)
+        served = load_trained(tmp_path / fmt, device="cpu")
+        assert set(served.users) == set(trained.users), fmt
+        for user in users:
+            assert torch.equal(served.row(user), trained.row(user)), (fmt, user)
+        (text,), _ = generate_batch(served, [PROMPT], [users[1]], GenerationSettings(max_new_tokens=5))
+        assert text.text == alone.text, fmt
