@@ -185,8 +185,52 @@ def _peft_way(run_dir: Path, trained: Any, jobs: list[Job], work: Path) -> dict[
     return {"seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall, **_percentiles("latency", latencies)}
 
 
+def _population_way(work: Path, population: int, requests: int, rate: float, max_tokens: int, device: torch.device,
+                    cache_users: int = 256) -> dict[str, Any]:
+    """A run of ``population`` users (FLoRA r1 on q/v of a small Llama, one example each, one step:
+    its full checkpoint holds every user) served with ``cache_users`` rows on the device, each
+    request a different user drawn from the whole population: every request misses the cache and
+    reads its row from the checkpoint by slices. Private memory (RssAnon) is measured around it."""
+    from flora_train.base import build_tiny_model
+    from flora_train.bench.scale import BASE, _status
+    from flora_train.config import load_recipe
+    from flora_train.data import SyntheticTask
+    from flora_train.inference import load_trained
+    from flora_train.train.run import run_training
+
+    task = SyntheticTask(num_users=population, train_examples_per_user=1, eval_examples_per_user=0)
+    train, _ = task.write(work / "data")
+    texts = [e["prompt"] + e["completion"] for i in range(200) for e in task.examples(i, "train", 1)]
+    model_dir = build_tiny_model(work / "base", dict(BASE, max_position_embeddings=256), texts)
+    run_dir = work / "flora-r1"
+    start = time.perf_counter()
+    run_training(load_recipe(None, [
+        f"base.name_or_path={model_dir}", f"data.train_path={train}", "adapter.method=flora", "adapter.rank=1",
+        "adapter.target_modules=[q_proj,v_proj]", f"run_dir={run_dir}", f"train.users_per_step={min(population, 4096)}",
+        "train.examples_per_user=1", "train.max_steps=1", "train.progress=false", "tracking.enabled=false",
+        "eval.at_end=false", f"train.device={device.type}", "store.optimizer.lr=0.05"]))
+    trained_s = time.perf_counter() - start
+    before = _status()["RssAnon"]
+    trained = load_trained(run_dir, device=device)
+    loaded = _status()["RssAnon"]
+    picked = random.Random(1).sample(trained.users, requests)
+    server = _Server(trained, max_batch=32, cache_users=cache_users)
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        way = _http_way(url, workload(picked, requests, rate, max_tokens), concurrent=True)
+        import requests as http
+
+        cache = http.get(f"{url}/health", timeout=30).json()["cache"]
+    finally:
+        server.close()
+    served = _status()["RssAnon"]
+    return {**way, "population": len(trained.users), "cache_users": cache_users, "cache": cache, "train_s": trained_s,
+            "population_rows_mib": len(trained.users) * trained.layout.row_size * 4 / 2**20,
+            "rss_load_mib": loaded - before, "rss_serve_mib": served - loaded}
+
+
 def bench_serve(users: int = 64, requests: int = 64, rate: float = 32.0, max_tokens: int = 128, device: str = "auto",
-                out: Path = Path("runs/bench")) -> dict[str, Any]:
+                out: Path = Path("runs/bench"), population: int = 100_000) -> dict[str, Any]:
     from flora_train.inference import load_trained
 
     dev = bench_device(device)
@@ -215,8 +259,9 @@ def bench_serve(users: int = 64, requests: int = 64, rate: float = 32.0, max_tok
         runs.append({"method": method, "rank": rank, "ways": ways, "speedup_vs_one_at_a_time": best / ways["one at a time"]["tokens_per_s"]})
         if "PEFT, set_adapter per request" in ways:
             runs[-1]["speedup_vs_peft"] = best / ways["PEFT, set_adapter per request"]["tokens_per_s"]
+    big = _population_way(work / "population", population, requests, rate, max_tokens, dev) if population else None
     result = {"suite": "serve", "machine": machine(dev), "device": dev.type, "users": users, "requests": requests,
-              "rate_per_s": rate, "max_tokens": max_tokens, "base": DEFAULT_BASE, "runs": runs}
+              "rate_per_s": rate, "max_tokens": max_tokens, "base": DEFAULT_BASE, "runs": runs, "population": big}
     write_json(out, "serve", result)
     print(f"bench serve: {requests} requests of {users} users, Poisson arrivals at {rate}/s, max_tokens 8-{max_tokens}, half "
           f"sampling; Llama {DEFAULT_BASE['hidden_size']}x{DEFAULT_BASE['num_layers']}; {result['machine']}")
@@ -230,4 +275,9 @@ def bench_serve(users: int = 64, requests: int = 64, rate: float = 32.0, max_tok
         if "speedup_vs_peft" in r:
             line += f"; / PEFT set_adapter: {r['speedup_vs_peft']:.2f}x"
         print(line)
+    if big:
+        print(f"flora r1 on q/v, {big['population']:,} users ({big['population_rows_mib']:.0f} MiB of rows), "
+              f"--cache-users {big['cache_users']}, every request another user: {big['tokens_per_s']:.1f} tokens/s, "
+              f"TTFT p50 {big['ttft_p50_ms']:.1f} ms p99 {big['ttft_p99_ms']:.1f} ms; private memory +{big['rss_load_mib']:.0f} MiB "
+              f"to load, +{big['rss_serve_mib']:.0f} MiB serving; cache {big['cache']}")
     return result

@@ -50,6 +50,8 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--serve-requests", type=int, default=64, help="serve: requests in the workload")
     be.add_argument("--rate", type=float, default=32.0, help="serve: mean arrivals a second (Poisson)")
     be.add_argument("--max-tokens", type=int, default=128, help="serve: max_tokens is drawn from 8 to this")
+    be.add_argument("--serve-population", type=int, default=100_000,
+                    help="serve: users of the run served with a 256-user adapter cache (0: skip)")
     be.add_argument("--data-examples", type=int, default=1_000_000, help="data: examples in the generated dataset")
     be.add_argument("--populations", type=_ints, default=[1_000, 100_000, 1_000_000],
                     help="scale: comma-separated population sizes, one training run each")
@@ -117,7 +119,8 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
     if suite == "serve":
         from flora_train.bench.serve import bench_serve
 
-        return bench_serve(args.serve_users, args.serve_requests, args.rate, args.max_tokens, args.device, args.out)
+        return bench_serve(args.serve_users, args.serve_requests, args.rate, args.max_tokens, args.device, args.out,
+                           args.serve_population)
     if suite == "loss":
         from flora_train.bench.loss import bench_loss
 

@@ -126,7 +126,8 @@ def test_bench_e2e_against_one_peft_job_per_user(tmp_path):
 
 def test_bench_serve_four_ways(tmp_path):
     started = time.perf_counter()
-    out = _bench(tmp_path, "serve", "--serve-users", "8", "--serve-requests", "8", "--rate", "40", "--max-tokens", "12")
+    out = _bench(tmp_path, "serve", "--serve-users", "8", "--serve-requests", "8", "--rate", "40", "--max-tokens", "12",
+                 "--serve-population", "300")
     wall = time.perf_counter() - started
     result = json.loads((tmp_path / "bench_serve.json").read_text())
     runs = {r["method"]: r for r in result["runs"]}
@@ -142,6 +143,9 @@ def test_bench_serve_four_ways(tmp_path):
             if name != "PEFT, set_adapter per request":
                 assert 0 < way["ttft_p50_ms"] <= way["ttft_p99_ms"] and 0 < way["itl_p50_ms"] <= way["itl_p99_ms"]
     assert "continuous batching / one at a time" in out and "/ PEFT set_adapter" in out
+    big = result["population"]  # 300 users through a 256-row cache, each request another user
+    assert big["population"] == 300 and big["cache"]["misses"] == 8 and big["cache"]["resident"] == 8, big
+    assert big["tokens"] == asked and "300 users" in out
 
 
 def test_bench_scale_runs_each_population_and_checkpoints_by_rows_touched(tmp_path):
