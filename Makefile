@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REQS := requirements/constraints.txt requirements/runtime.txt requirements/test.txt pyproject.toml
 
-.PHONY: quickstart test install system-deps bench-store clean
+.PHONY: quickstart test install system-deps bench-store clean docs
 
 install: $(STAMP)
 
@@ -43,3 +43,8 @@ bench-store: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
+
+# The documentation site (MkDocs, Material theme) on http://127.0.0.1:8000; `make test` builds it
+# with --strict (tests/unit/test_docs.py).
+docs: $(STAMP)
+	$(BIN)/mkdocs serve

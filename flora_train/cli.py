@@ -42,7 +42,7 @@ def _quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn that it fell back
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flora-train", description="Jointly fine-tune thousands of per-user adapters.")
     # The deepspeed launcher passes --local_rank=N to every process; LOCAL_RANK carries the same.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -214,15 +214,21 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as `flora-train` reads it: recipe overrides (``key.sub=value``) may come
+    anywhere, before or after options (plain argparse takes positionals only before them)."""
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse cannot take positionals after options; let recipe overrides come anywhere.
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     _quiet_libraries()
