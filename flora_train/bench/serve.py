@@ -22,6 +22,8 @@ import json
 import random
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -190,12 +192,12 @@ def _population_way(work: Path, population: int, requests: int, rate: float, max
     """A run of ``population`` users (FLoRA r1 on q/v of a small Llama, one example each, one step:
     its full checkpoint holds every user) served with ``cache_users`` rows on the device, each
     request a different user drawn from the whole population: every request misses the cache and
-    reads its row from the checkpoint by slices. Private memory (RssAnon) is measured around it."""
+    reads its row from the checkpoint by slices. The server runs as `flora-train serve` in its own
+    process; its private memory (RssAnon) is read when it has started and after the workload."""
     from flora_train.base import build_tiny_model
     from flora_train.bench.scale import BASE, _status
     from flora_train.config import load_recipe
     from flora_train.data import SyntheticTask
-    from flora_train.inference import load_trained
     from flora_train.train.run import run_training
 
     task = SyntheticTask(num_users=population, train_examples_per_user=1, eval_examples_per_user=0)
@@ -210,23 +212,43 @@ def _population_way(work: Path, population: int, requests: int, rate: float, max
         "train.examples_per_user=1", "train.max_steps=1", "train.progress=false", "tracking.enabled=false",
         "eval.at_end=false", f"train.device={device.type}", "store.optimizer.lr=0.05"]))
     trained_s = time.perf_counter() - start
-    before = _status()["RssAnon"]
-    trained = load_trained(run_dir, device=device)
-    loaded = _status()["RssAnon"]
-    picked = random.Random(1).sample(trained.users, requests)
-    server = _Server(trained, max_batch=32, cache_users=cache_users)
+    # The server in its own process, as `flora-train serve` runs: its private memory is its own.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "serve", str(run_dir), "--port", str(port),
+                             "--device", device.type, "--cache-users", str(cache_users)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{server.port}"
-        way = _http_way(url, workload(picked, requests, rate, max_tokens), concurrent=True)
         import requests as http
 
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+            try:
+                if http.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except http.ConnectionError:
+                time.sleep(0.2)
+        status = Path(f"/proc/{proc.pid}/status")
+        loaded = _status(status)["RssAnon"]
+        health = http.get(f"{url}/health", timeout=30).json()
+        picked = random.Random(1).sample(range(health["users"]), requests)
+        users = [f"user-{i:06d}" for i in picked]
+        way = _http_way(url, workload(users, requests, rate, max_tokens), concurrent=True)
+        served = _status(status)["RssAnon"]
         cache = http.get(f"{url}/health", timeout=30).json()["cache"]
     finally:
-        server.close()
-    served = _status()["RssAnon"]
-    return {**way, "population": len(trained.users), "cache_users": cache_users, "cache": cache, "train_s": trained_s,
-            "population_rows_mib": len(trained.users) * trained.layout.row_size * 4 / 2**20,
-            "rss_load_mib": loaded - before, "rss_serve_mib": served - loaded}
+        proc.terminate()
+        proc.wait(timeout=60)
+    from flora_train.run_dir.checkpoints import latest_checkpoint, saved_layout
+
+    row_bytes = saved_layout(latest_checkpoint(run_dir)).row_size * 4
+    return {**way, "population": health["users"], "cache_users": cache_users, "cache": cache, "train_s": trained_s,
+            "population_rows_mib": health["users"] * row_bytes / 2**20,
+            "server_private_mib_loaded": loaded, "server_private_mib_served": served}
 
 
 def bench_serve(users: int = 64, requests: int = 64, rate: float = 32.0, max_tokens: int = 128, device: str = "auto",
@@ -278,6 +300,7 @@ def bench_serve(users: int = 64, requests: int = 64, rate: float = 32.0, max_tok
     if big:
         print(f"flora r1 on q/v, {big['population']:,} users ({big['population_rows_mib']:.0f} MiB of rows), "
               f"--cache-users {big['cache_users']}, every request another user: {big['tokens_per_s']:.1f} tokens/s, "
-              f"TTFT p50 {big['ttft_p50_ms']:.1f} ms p99 {big['ttft_p99_ms']:.1f} ms; private memory +{big['rss_load_mib']:.0f} MiB "
-              f"to load, +{big['rss_serve_mib']:.0f} MiB serving; cache {big['cache']}")
+              f"TTFT p50 {big['ttft_p50_ms']:.1f} ms p99 {big['ttft_p99_ms']:.1f} ms; the server's private memory "
+              f"{big['server_private_mib_loaded']:.0f} MiB started, {big['server_private_mib_served']:.0f} MiB after; "
+              f"cache {big['cache']}")
     return result
