@@ -95,6 +95,18 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, lr: floa
     model.eval()
 
 
+def _save(model: torch.nn.Module, directory: Path) -> None:
+    """The folder ``save_pretrained`` writes (config, generation config, ``model.safetensors``
+    with tied weights once), without its first call's import of DeepSpeed (1 s in every process
+    that builds a tiny model: most of the test suite's runs)."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
 def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
     """Writes (or reuses, when config and corpus match) a tiny model folder; returns its path."""
     from transformers import AutoModelForCausalLM
@@ -114,7 +126,7 @@ def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
         model = AutoModelForCausalLM.from_config(config)
         if cfg.get("pretrain_steps", 0):
             pretrain(model, tokenizer, texts, cfg["pretrain_steps"], seed=cfg["seed"])
-    model.save_pretrained(directory)
+    _save(model, directory)
     tokenizer.save_pretrained(directory)
     stamp.write_text(json.dumps({"fingerprint": fingerprint.hexdigest(), "config": cfg}))
     return directory
