@@ -37,7 +37,7 @@ import torch
 from flora_train.inference.kv_cache import SlotKV
 from flora_train.inference.request import Delta, Done, Failed, Overloaded, Request
 from flora_train.inference.rows import AdapterCache, CacheFull
-from flora_train.inference.sampling import TokenLogprob, logprobs_of, new_generator, penalised, sample
+from flora_train.inference.sampling import TokenLogprob, logprobs_of, new_generator, penalised, sample_rows
 from flora_train.inference.text_stream import TextStream
 
 log = logging.getLogger("flora_train")
@@ -314,6 +314,9 @@ class Engine:
             return
         self._prefill = None
         last = logits[:, -1]
+        first = self._choose(p.seqs, last)
+        with self._lock:
+            self._stats.new_tokens += sum(1 for s in p.seqs if s.req.settings.max_new_tokens and not s.req.cancelled.is_set())
         staying: list[int] = []
         for i, s in enumerate(p.seqs):
             if s.req.cancelled.is_set():
@@ -328,7 +331,7 @@ class Engine:
                 self._finish(s, "length")
                 s.release()
                 continue
-            if not self._accept(s, last[i]):
+            if not self._accept(s, last[i], first[i]):
                 staying.append(i)
             else:
                 s.release()
@@ -373,25 +376,36 @@ class Engine:
             st.most_users = max(st.most_users, int(self._step_rows[0].shape[0]))
         if self.observer is not None:
             self.observer.on_step(len(seqs))
-        greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
-        self._remove([s for i, s in enumerate(seqs) if self._accept(s, logits[i], greedy[i])])
+        tokens = self._choose(seqs, logits)
+        self._remove([s for i, s in enumerate(seqs) if self._accept(s, logits[i], tokens[i])])
+        with self._lock:
+            self._stats.new_tokens += len(seqs)
 
-    def _accept(self, s: _Sequence, logits: torch.Tensor, greedy: int | None = None) -> bool:
-        """Chooses ``s``'s next token from its logits (``greedy``: the batch's argmax, computed once
-        for every row), emits it; True when ``s`` is finished."""
+    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Every sequence's next token: greedy rows from one batched argmax, the others (sampling,
+        or penalties) through ``sample_rows`` with their own settings and generators."""
+        tokens = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
+        rest = [i for i, s in enumerate(seqs) if s.req.settings.do_sample or s.req.settings.presence_penalty
+                or s.req.settings.frequency_penalty]
+        if rest:
+            sts = [seqs[i].req.settings for i in rest]
+            scores = torch.stack([penalised(logits[i], seqs[i].generated, st.presence_penalty, st.frequency_penalty)
+                                  for i, st in zip(rest, sts)])
+            picked = sample_rows(scores, [st.temperature if st.do_sample else 0.0 for st in sts], [st.top_k for st in sts],
+                                 [st.top_p for st in sts], [seqs[i].generator for i in rest])
+            for i, token in zip(rest, picked):
+                tokens[i] = token
+        return tokens
+
+    def _accept(self, s: _Sequence, logits: torch.Tensor, token: int) -> bool:
+        """Appends ``s``'s next token and emits it (``logits``: its row, for logprobs); True when
+        ``s`` is finished."""
         st = s.req.settings
-        if greedy is not None and not st.do_sample and not st.presence_penalty and not st.frequency_penalty:
-            token = greedy
-        else:
-            scores = penalised(logits, s.generated, st.presence_penalty, st.frequency_penalty)
-            token = sample(scores, st.temperature if st.do_sample else 0.0, st.top_k, st.top_p, s.generator)
         s.generated.append(token)
         now = time.monotonic()
         if self.observer is not None:
             self.observer.on_token(now - (s.last_token_at or s.req.submitted), first=not s.last_token_at)
         s.last_token_at = now
-        with self._lock:
-            self._stats.new_tokens += 1
         lp = logprobs_of(logits.view(1, -1), torch.tensor([token], device=logits.device), s.req.logprobs or 0) \
             if s.req.logprobs is not None else []
         if token in self.eos and not st.ignore_eos:
@@ -408,7 +422,7 @@ class Engine:
             rest = s.text.flush()
             if rest:
                 self._emit(s.req, Delta(rest))
-            self._finish(s, "length")
+            self._finish(s, "stop" if s.text.stopped else "length")
             return True
         return False
 

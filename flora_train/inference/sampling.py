@@ -37,21 +37,29 @@ def penalised(logits: torch.Tensor, generated: list[int], presence: float, frequ
     return out
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
-    """One token from ``logits [vocab]``; ``temperature == 0`` is greedy."""
-    if temperature == 0:
-        return int(logits.argmax())
-    scores = logits.float() / temperature
-    if 0 < top_k < scores.numel():
-        kth = torch.topk(scores, top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1:
-        ordered, order = scores.sort(descending=True)
-        probs = ordered.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        drop = probs.cumsum(-1) - probs >= top_p
-        scores = scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+                generators: list[torch.Generator]) -> list[int]:
+    """One token per row of ``logits [rows, vocab]``, each row with its own settings and generator
+    (``temperature == 0``: greedy). Truncation is one batched pass over the rows sorted once: top-k
+    keeps the ``k`` best, top-p the smallest prefix whose mass reaches ``p`` (the token crossing it
+    included); then each row draws from its own generator, so a row's token never depends on the
+    other rows."""
+    rows, vocab = logits.shape
+    device = logits.device
+    scale = torch.tensor([t if t > 0 else 1.0 for t in temperature], device=device).unsqueeze(1)
+    ordered, order = (logits.float() / scale).sort(dim=-1, descending=True)
+    keep = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device).unsqueeze(1)
+    ordered = ordered.masked_fill(torch.arange(vocab, device=device).unsqueeze(0) >= keep, float("-inf"))
+    probs = ordered.softmax(-1)
+    mass = torch.tensor(top_p, device=device).unsqueeze(1)
+    probs = ordered.masked_fill(probs.cumsum(-1) - probs >= mass, float("-inf")).softmax(-1)
+    out = []
+    for i in range(rows):
+        if temperature[i] <= 0:
+            out.append(int(order[i, 0]))
+        else:
+            out.append(int(order[i, torch.multinomial(probs[i], 1, generator=generators[i])]))
+    return out
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
@@ -67,4 +75,4 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[To
     return [TokenLogprob(int(t), lp, tp) for t, lp, tp in zip(tokens.tolist(), chosen, tops)]
 
 
-__all__ = ["TokenLogprob", "logprobs_of", "new_generator", "penalised", "sample"]
+__all__ = ["TokenLogprob", "logprobs_of", "new_generator", "penalised", "sample_rows"]

@@ -1,0 +1,39 @@
+"""Incremental detokenization with stop strings: whatever the tokens (random ids of a byte-level
+BPE, partial UTF-8 characters included), the text released piece by piece is the full decode,
+cut before the first stop string, and nothing is released past a stop string."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flora_train.inference.text_stream import TextStream
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    from flora_train.base import load_tokenizer
+
+    return load_tokenizer(str(tiny_llama_dir))
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_released_text_is_the_full_decode_cut_at_the_stop_string(tokenizer, data):
+    vocab = len(tokenizer)
+    ids = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=40))
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    stop = []
+    if full and data.draw(st.booleans()):
+        a = data.draw(st.integers(0, len(full) - 1))
+        stop = [full[a : a + data.draw(st.integers(1, 4))]]
+    stream = TextStream(tokenizer, stop)
+    out = []
+    for token in ids:
+        out.append(stream.add(token))
+        if stream.stopped:
+            break
+    if not stream.stopped:
+        out.append(stream.flush())
+    want = full[: full.find(stop[0])] if stop and stop[0] in full else full
+    assert "".join(out) == want
+    assert stream.stopped == bool(stop and stop[0] in full)
