@@ -35,8 +35,11 @@ system-deps:
 		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q slurm-wlm munge >/dev/null; }; \
 	fi
 
+# Two pytest workers, one core each, a test file per worker at a time (a file's module fixtures,
+# e.g. the Slurm cluster or a served run, start once). Most tests wait on subprocesses, servers or
+# schedulers part of the time: one worker used 1.2 of the 2 cores.
 test: $(STAMP) system-deps
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench-store: $(STAMP)
 	$(BIN)/flora-train bench store
