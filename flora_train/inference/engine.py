@@ -29,7 +29,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,52 +37,10 @@ from flora_train.inference.kv_cache import SlotKV
 from flora_train.inference.request import Delta, Done, Failed, Overloaded, Request
 from flora_train.inference.rows import AdapterCache, CacheFull
 from flora_train.inference.sampling import TokenLogprob, logprobs_of, new_generator, penalised, sample_rows
+from flora_train.inference.sequences import EngineStats, PrefillGroup, Sequence, step_rows
 from flora_train.inference.text_stream import TextStream
 
 log = logging.getLogger("flora_train")
-
-
-@dataclass(eq=False)
-class _Sequence:
-    req: Request
-    adapters: AdapterCache
-    slot: int
-    generator: torch.Generator
-    text: TextStream
-    generated: list[int] = field(default_factory=list)
-    last_token_at: float = 0.0
-    ended: bool = False  # its Done or Failed was sent
-    released: bool = False  # its adapter pin was given back
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.adapters.release(self.slot)
-
-
-@dataclass
-class _Prefill:
-    seqs: list[_Sequence]
-    ids: torch.Tensor  # [rows, width] left-padded prompts
-    mask: torch.Tensor
-    kv: SlotKV
-    offset: int = 0
-    echo: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # row -> its prompt's logprobs
-    carry: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> the last chunk's last logits
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0  # decode steps
-    prefill_chunks: int = 0
-    requests: int = 0  # finished (any reason)
-    new_tokens: int = 0
-    largest_batch: int = 0  # sequences in one decode step
-    most_users: int = 0  # distinct adapters in one decode step
-    joined_running: int = 0  # requests that joined a batch already decoding
-    dropped: int = 0  # cancelled or disconnected before finishing
-    failed: int = 0
-    busy_s: float = 0.0
 
 
 class Engine:
@@ -104,9 +61,9 @@ class Engine:
         self._next_adapters: AdapterCache | None = None
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
         self._waiting: deque[Request] = deque()
-        self._running: list[_Sequence] = []
+        self._running: list[Sequence] = []
         self._kv = SlotKV.empty(0, self.device)
-        self._prefill: _Prefill | None = None
+        self._prefill: PrefillGroup | None = None
         self._step_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._closing = False
         self._lock = threading.Lock()
@@ -195,7 +152,7 @@ class Engine:
         except queue.Empty:
             return
 
-    def _guarded(self, work: Callable[[], None], members: list[_Sequence]) -> None:
+    def _guarded(self, work: Callable[[], None], members: list[Sequence]) -> None:
         """Runs one forward's work; if it raises, the sequences in that forward fail, nothing else
         (those it had already finished keep their ``Done``)."""
         try:
@@ -220,7 +177,7 @@ class Engine:
             self._stats.dropped += len(gone)
         self._remove([s for s in self._running if s.req.cancelled.is_set()], dropped=True)
 
-    def _remove(self, seqs: list[_Sequence], failure: Failed | None = None, dropped: bool = False) -> None:
+    def _remove(self, seqs: list[Sequence], failure: Failed | None = None, dropped: bool = False) -> None:
         """Running or prefilling sequences leave: their KV rows and adapter pins are freed; the
         failed get ``failure`` (finished ones already had their ``Done``)."""
         if not seqs:
@@ -240,10 +197,10 @@ class Engine:
                 s.ended = True
                 self._emit(s.req, failure)
 
-    def _admit(self) -> _Prefill | None:
+    def _admit(self) -> PrefillGroup | None:
         """The next group of waiting requests to prefill together: as many as fit the batch and,
         beyond the first, the prefill budget."""
-        group: list[_Sequence] = []
+        group: list[Sequence] = []
         tokens = 0
         adapters = self._adapters
         while self._waiting and len(self._running) + len(group) < self.max_batch:
@@ -263,7 +220,7 @@ class Engine:
             with self._lock:
                 self._waiting.popleft()
             tokens += len(req.prompt_ids)
-            group.append(_Sequence(req, adapters, slot, new_generator(req.settings.seed, self.device),
+            group.append(Sequence(req, adapters, slot, new_generator(req.settings.seed, self.device),
                                    TextStream(self.tokenizer, req.settings.stop)))
         if not group:
             return None
@@ -277,17 +234,9 @@ class Engine:
             n = len(s.req.prompt_ids)
             ids[i, width - n:] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
             mask[i, width - n:] = 1
-        return _Prefill(group, ids.to(self.device), mask.to(self.device), SlotKV.empty(len(group), self.device))
+        return PrefillGroup(group, ids.to(self.device), mask.to(self.device), SlotKV.empty(len(group), self.device))
 
-    def _rows(self, seqs: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = list(dict.fromkeys((id(s.adapters), s.slot) for s in seqs))
-        where = {k: i for i, k in enumerate(keys)}
-        tables = {id(s.adapters): s.adapters.table for s in seqs}
-        rows = torch.stack([tables[a][slot] for a, slot in keys])
-        index = torch.tensor([where[(id(s.adapters), s.slot)] for s in seqs], device=self.device)
-        return rows, index
-
-    def _forward(self, seqs: list[_Sequence], kv: SlotKV, ids: torch.Tensor, new_mask: torch.Tensor,
+    def _forward(self, seqs: list[Sequence], kv: SlotKV, ids: torch.Tensor, new_mask: torch.Tensor,
                  rows: tuple[torch.Tensor, torch.Tensor], all_logits: bool) -> torch.Tensor:
         attention_mask, positions = kv.step_inputs(new_mask)
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
@@ -304,12 +253,12 @@ class Engine:
         cols = max(1, self.prefill_tokens // len(p.seqs))
         a, b = p.offset, min(width, p.offset + cols)
         echo = any(s.req.echo for s in p.seqs)
-        logits = self._forward(p.seqs, p.kv, p.ids[:, a:b], p.mask[:, a:b], self._rows(p.seqs), all_logits=echo)
+        logits = self._forward(p.seqs, p.kv, p.ids[:, a:b], p.mask[:, a:b], step_rows(p.seqs, self.device), all_logits=echo)
         p.offset = b
         with self._lock:
             self._stats.prefill_chunks += 1
         if echo:
-            self._echo_chunk(p, logits, a, b)
+            p.collect_echo(logits, a, b)
         if b < width:
             return
         self._prefill = None
@@ -341,31 +290,14 @@ class Engine:
             self._running.extend(p.seqs[i] for i in staying)
         self._step_rows = None
 
-    def _echo_chunk(self, p: _Prefill, logits: torch.Tensor, a: int, b: int) -> None:
-        """Each echoed prompt token's log-probability given the tokens before it (the first one's is
-        None), from this chunk's logits and the previous chunk's last column."""
-        width = p.ids.shape[1]
-        for i, s in enumerate(p.seqs):
-            if not s.req.echo:
-                continue
-            start = width - len(s.req.prompt_ids)
-            out = p.echo.setdefault(i, [])
-            for col in range(max(a, start), b):
-                if col == start:
-                    out.append(TokenLogprob(int(p.ids[i, col]), None, []))
-                    continue
-                scores = logits[i, col - 1 - a] if col > a else p.carry[i]
-                out.extend(logprobs_of(scores.view(1, -1), p.ids[i, col].view(1), s.req.logprobs or 0))
-            p.carry[i] = logits[i, -1]
-
-    def _echo(self, s: _Sequence, prompt_logprobs: list[TokenLogprob]) -> None:
+    def _echo(self, s: Sequence, prompt_logprobs: list[TokenLogprob]) -> None:
         text = self.tokenizer.decode(s.req.prompt_ids, skip_special_tokens=False)
         self._emit(s.req, Delta(text, prompt_logprobs if s.req.logprobs is not None else [], prompt=True))
 
     def _decode_step(self) -> None:
         seqs = self._running
         if self._step_rows is None:
-            self._step_rows = self._rows(seqs)
+            self._step_rows = step_rows(seqs, self.device)
         ids = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
         ones = torch.ones(len(seqs), 1, dtype=torch.long, device=self.device)
         logits = self._forward(seqs, self._kv, ids, ones, self._step_rows, all_logits=False)[:, -1]
@@ -381,7 +313,7 @@ class Engine:
         with self._lock:
             self._stats.new_tokens += len(seqs)
 
-    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Every sequence's next token: greedy rows from one batched argmax, the others (sampling,
         or penalties) through ``sample_rows`` with their own settings and generators."""
         tokens = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
@@ -397,7 +329,7 @@ class Engine:
                 tokens[i] = token
         return tokens
 
-    def _accept(self, s: _Sequence, logits: torch.Tensor, token: int) -> bool:
+    def _accept(self, s: Sequence, logits: torch.Tensor, token: int) -> bool:
         """Appends ``s``'s next token and emits it (``logits``: its row, for logprobs); True when
         ``s`` is finished."""
         st = s.req.settings
@@ -426,7 +358,7 @@ class Engine:
             return True
         return False
 
-    def _finish(self, s: _Sequence, reason: str) -> None:
+    def _finish(self, s: Sequence, reason: str) -> None:
         with self._lock:
             self._stats.requests += 1
         if self.observer is not None:

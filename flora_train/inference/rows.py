@@ -37,52 +37,51 @@ class RowSource(Protocol):
         ...
 
 
-class TensorRows:
-    """Rows already in memory (tests, small populations)."""
+class _IndexedRows:
+    """A source whose users are the keys of an index to where each row lives."""
 
-    def __init__(self, users: list[str], rows: torch.Tensor, label: str = "memory") -> None:
+    def __init__(self, label: str, index: dict) -> None:
         self.label = label
-        self._position = {u: i for i, u in enumerate(users)}
-        self._rows = rows
+        self._index = index
 
     def __contains__(self, user: str) -> bool:
-        return user in self._position
+        return user in self._index
 
     @property
     def users(self) -> list[str]:
-        return list(self._position)
+        return list(self._index)
+
+
+class TensorRows(_IndexedRows):
+    """Rows already in memory (tests, small populations)."""
+
+    def __init__(self, users: list[str], rows: torch.Tensor, label: str = "memory") -> None:
+        super().__init__(label, {u: i for i, u in enumerate(users)})
+        self._rows = rows
 
     def read(self, users: list[str]) -> torch.Tensor:
-        return self._rows[[self._position[u] for u in users]]
+        return self._rows[[self._index[u] for u in users]]
 
 
-class CheckpointRows:
+class CheckpointRows(_IndexedRows):
     """A checkpoint chain's rows, read by slices: only the user lists are read up front."""
 
     def __init__(self, chain: list[Path]) -> None:
         from flora_train.store.saved import newest_copies
 
-        self.label = str(chain[-1])
-        self._where: dict[str, tuple[Path, int]] = {}
+        super().__init__(str(chain[-1]), {})
         self._listing: dict[Path, list[str]] = {}
         for path, (users, take) in newest_copies(chain, None).items():
             self._listing[path] = users
             for i in take:
-                self._where[users[i]] = (path, i)
-
-    def __contains__(self, user: str) -> bool:
-        return user in self._where
-
-    @property
-    def users(self) -> list[str]:
-        return list(self._where)
+                self._index[users[i]] = (path, i)
 
     def read(self, users: list[str]) -> torch.Tensor:
         from flora_train.store.saved import iter_saved_rows_of
 
         by_path: dict[Path, list[int]] = {}
         for u in users:
-            path, i = self._where[u]
+            path, i = self._index[u]
             by_path.setdefault(path, []).append(i)
         got: dict[str, torch.Tensor] = {}
         for path, take in by_path.items():
@@ -92,21 +91,13 @@ class CheckpointRows:
         return torch.stack([got[u] for u in users]).float()
 
 
-class ExportRows:
+class ExportRows(_IndexedRows):
     """A ``--format flora`` export: one folder per user, read when the user is first asked for."""
 
     def __init__(self, folder: Path, index: dict[str, str], layout: AdapterLayout) -> None:
-        self.label = str(folder)
+        super().__init__(str(folder), index)
         self._folder = folder
-        self._index = index
         self._layout = layout
-
-    def __contains__(self, user: str) -> bool:
-        return user in self._index
-
-    @property
-    def users(self) -> list[str]:
-        return list(self._index)
 
     def read(self, users: list[str]) -> torch.Tensor:
         from flora_train.export import load_flora_adapter
@@ -120,21 +111,13 @@ class ExportRows:
         return torch.stack(rows).float()
 
 
-class PackedRows:
+class PackedRows(_IndexedRows):
     """A ``--format packed`` export: ``pack-NNNNN.safetensors`` files of many users' rows, read by
     slices (the index of users to ``[file, row]`` is read once)."""
 
     def __init__(self, folder: Path, index: dict[str, list]) -> None:
-        self.label = str(folder)
+        super().__init__(str(folder), index)
         self._folder = folder
-        self._index = index
-
-    def __contains__(self, user: str) -> bool:
-        return user in self._index
-
-    @property
-    def users(self) -> list[str]:
-        return list(self._index)
 
     def read(self, users: list[str]) -> torch.Tensor:
         from safetensors import safe_open
