@@ -151,7 +151,8 @@ class DataConfig:
     add_eos: bool = True  # end every completion with the tokenizer's EOS token
     # A validation split per user, apart from the evaluation data (it chooses each user's kept
     # adapter and early stopping; evaluation reports results): this fraction of each user's training
-    # examples, drawn per user from train.seed, or the rows of validation_path (a training-format source).
+    # examples, drawn per user from train.seed (held out of the personal rows; the shared phase trains
+    # on it too), or the rows of validation_path (a training-format source).
     validation_fraction: float = 0.0
     validation_path: Any = None  # a validation source instead of validation_fraction
 

@@ -94,7 +94,40 @@ def hold_out(users: list[str], k: int, seed: int) -> tuple[list[int], list[int]]
 def hold_out_fraction(users: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """``floor(n * fraction)`` of each user's n examples go to its validation split; a user who would
     be left with no training example, or has none to spare, holds none out."""
-    return _hold_out(users, lambda n: int(n * fraction) if 0 < int(n * fraction) < n else 0, f"{seed}/validation")
+    return _hold_out(users, lambda n: _validation_count(n, fraction), f"{seed}/validation")
+
+
+def _validation_count(n: int, fraction: float) -> int:
+    k = int(n * fraction)
+    return k if 0 < k < n else 0
+
+
+def rejoin_validation(train: TokenizedExamples, validation: TokenizedExamples, fraction: float,
+                      seed: int) -> tuple[TokenizedExamples, dict[str, list[int]]]:
+    """The training data as it was before ``hold_out_fraction`` took each user's validation split:
+    ``train`` then ``validation`` joined, and each user's indices into that in the user's original
+    order (the seeded draw is replayed per user), so a planner over them plans exactly what it would
+    have planned without the split."""
+    joined, offset = train.concat(validation), len(train)
+    kept, held = train.by_user(), validation.by_user()
+    out: dict[str, list[int]] = {}
+    for u in sorted(set(kept) | set(held)):
+        t_idx = [int(i) for i in kept.get(u, [])]
+        v_idx = [offset + int(i) for i in held.get(u, [])]
+        n = len(t_idx) + len(v_idx)
+        k = _validation_count(n, fraction)
+        if k != len(v_idx):
+            raise DataError(f"user {u!r}: {len(v_idx)} validation examples where data.validation_fraction={fraction} "
+                            f"of {n} holds out {k}; the data cache does not match the recipe")
+        positions = list(range(n))  # _hold_out's draw: a shuffle depends only on the list's length
+        random.Random(f"{seed}/validation/{u}").shuffle(positions)
+        held_at, order = sorted(positions[:k]), [0] * n
+        for rank, p in enumerate(held_at):
+            order[p] = v_idx[rank]
+        for rank, p in enumerate(sorted(positions[k:])):
+            order[p] = t_idx[rank]
+        out[u] = order
+    return joined, out
 
 
 def _texts(raw: datasets.Dataset) -> list[str]:

@@ -29,7 +29,7 @@ from flora_train.store.sharding import ShardPlan
 from flora_train.run_dir import RunDir, RunLock
 from flora_train.run_dir.identity import claim
 from flora_train.train.trainer import TrainSettings
-from flora_train.train.data_setup import prepare_data
+from flora_train.train.data_setup import prepare_data, rejoin_validation
 from flora_train.train.retain import base_targets
 from flora_train.train.fingerprint import RunFingerprint, check_ranks_agree, run_fingerprint
 from flora_train.train.phases import Phase, PhasePlan
@@ -99,6 +99,24 @@ class Session:
             return self.planner
         return self.planner.restricted([variant(u, 0) for u in self.users()])
 
+    def shared_data(self) -> tuple[TokenizedExamples, BatchPlanner]:
+        """What ``first``'s shared phase trains on, and its plan: every user's training examples,
+        the validation split drawn from them (``data.validation_fraction``) given back. The split
+        chooses each user's personal row; the shared adapter is chosen for nobody, and holding the
+        split out of it cost every user (speeches, 2 of 8 pieces held out: 0.007-0.046 of held-out
+        loss for each of the 8). So selection does not change the shared adapter: it is the one the
+        same run without selection trains, and the identity candidate is that adapter itself."""
+        d, t = self.cfg.data, self.cfg.train
+        if self.validation is None or not d.validation_fraction or d.validation_path is not None:
+            return self.step_examples, self.users_planner()
+        joined, by_user = rejoin_validation(self.train, self.validation, d.validation_fraction, t.seed)
+        if t.sweep.lr:  # the users' own plan: each as its variant 0, drawing its user's batches
+            by_user = {variant(u, 0): idx for u, idx in by_user.items()}
+        retain_at = len(joined)
+        if self.retain is not None:
+            joined = joined.concat(self.retain)
+        return joined, make_planner(self.cfg, by_user, retain_at, self.retain)
+
     def user_lr(self) -> dict[str, float] | None:
         """Each row's own base learning rate under ``train.sweep.lr`` (None: ``store.optimizer.lr``)."""
         lrs = [float(x) for x in self.cfg.train.sweep.lr]
@@ -113,6 +131,14 @@ class Session:
     def user_total_steps(self) -> dict[str, int]:
         t = self.cfg.train
         return self.phase_plan.user_total_steps(t.epochs, t.max_steps)
+
+
+def make_planner(cfg: DictConfig, by_user: dict[str, Any], retain_at: int, retain: TokenizedExamples | None) -> BatchPlanner:
+    """The recipe's plan over ``by_user`` (index lists), the retain examples at ``retain_at..``."""
+    t = cfg.train
+    return BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed, cfg.data.max_examples_per_user,
+                        retain=(retain_at, len(retain), t.retain.examples_per_user_step) if retain is not None else None,
+                        stream=user_of if t.sweep.lr else None)
 
 
 def train_settings(session: Session) -> TrainSettings:
@@ -278,9 +304,7 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
         if zero is not None:
             zero.close()
         raise LaunchError(disagreement)
-    planner = BatchPlanner(by_user, t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user,
-                           retain=(len(train), len(retain), t.retain.examples_per_user_step) if retain is not None else None,
-                           stream=user_of if sweep else None)
+    planner = make_planner(cfg, by_user, len(train), retain)
     return Session(
         cfg=cfg,
         run_dir=run_dir,

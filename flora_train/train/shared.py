@@ -107,17 +107,19 @@ class SharedTraining:
 
 
 def train_shared_phase(session: "Session", tracker: "Tracker", steps: int) -> list[float]:
-    """``first``: the shared adapter alone for ``steps`` steps of the run's own plan (every user's data,
-    each user's loss normalised by its own tokens), then frozen. Returns the step losses."""
+    """``first``: the shared adapter alone for ``steps`` steps of its plan (every user's training data,
+    a validation split drawn from it included: ``Session.shared_data``; each user's loss normalised by
+    its own tokens), then frozen. Returns the step losses."""
     from flora_train.train.session import train_settings
     from flora_train.train.trainer import Trainer
 
     shared = session.shared
     assert shared is not None
     t = session.cfg.train
-    trainer = Trainer(session.model, session.slot, session.store, session.step_examples, train_settings(session),
+    examples, planner = session.shared_data()
+    trainer = Trainer(session.model, session.slot, session.store, examples, train_settings(session),
                       session.user_total_steps(), session.pad_id, session.device, shared=shared, train_personal=False)
-    plans = session.users_planner().steps(epochs=10**6, max_steps=steps)
+    plans = planner.steps(epochs=10**6, max_steps=steps)
     losses = []
     for st in trainer.fit(tqdm(plans, total=steps, desc="shared adapter", disable=not (t.progress and fdist.rank() == 0),
                                leave=False)):
@@ -138,8 +140,8 @@ def first_shared_phase(session: "Session", tracker: "Tracker", checkpoint: Calla
         return None
     t = session.cfg.train
     began = time.perf_counter()
-    # (Under a sweep the personal phase plans every variant; the shared adapter trains on the users.)
-    steps = t.shared_steps or (session.users_planner() if t.sweep.lr else session.phase_plan.planner).total_steps(t.epochs, None)
+    # (Its own plan: the users' data with any validation split given back, each user once under a sweep.)
+    steps = t.shared_steps or session.shared_data()[1].total_steps(t.epochs, None)
     train_shared_phase(session, tracker, steps)
     seconds = time.perf_counter() - began
     tracker.log_metrics({"shared/seconds": seconds}, step=start)

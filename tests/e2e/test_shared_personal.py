@@ -39,6 +39,11 @@ def test_shared_then_personal_trains_resumes_exports_and_serves(tmp_path):
     (row0, meta0), (row1, meta1) = read_shared_adapter(first), read_shared_adapter(last)
     assert meta0["frozen"] == meta1["frozen"] == "1" and meta0["steps"] == "6"
     assert torch.equal(row0["row"], row1["row"]), "a frozen shared adapter never changes in the personal phase"
+    # Selection does not change the shared adapter: it trains on the validation split too, so it is
+    # the one the same recipe without selection trains, bit for bit (the identity candidate is it).
+    plain = tmp_path / "plain"
+    flora_train("run", "recipes/quickstart.yaml", *SHARED, f"run_dir={plain}", "train.max_steps=1", "tracking.enabled=false")
+    assert torch.equal(read_shared_adapter(list_checkpoints(plain)[0])[0]["row"], row0["row"])
     result = json.loads((full / "result.json").read_text())
     assert result["eval_shared"]["eval_shared/users"] == 24
     assert result["eval"]["eval/loss_mean"] < result["eval_base"]["eval_base/loss_mean"]

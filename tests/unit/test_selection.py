@@ -3,13 +3,17 @@ replay of its definition, on every tier; and the per-user validation split."""
 
 import math
 
+import datasets
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flora_train.store import AdapterStore, OptimizerHyper
 from flora_train.store.selection import BEST_STEP, STOPPED_AT
-from flora_train.train.data_setup import hold_out_fraction
+from flora_train.data import DataError
+from flora_train.data.cache import in_memory
+from flora_train.train.data_setup import hold_out_fraction, rejoin_validation
 
 ROW = 5
 
@@ -81,3 +85,23 @@ def test_validation_split_per_user(counts, fraction, seed):
     alone = ["u0"] * counts[0]
     _, held_alone = hold_out_fraction(alone, fraction, seed)
     assert held_alone == [i for i in held if users[i] == "u0"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.floats(0.05, 0.6), st.integers(0, 99), st.randoms())
+def test_the_shared_adapter_gets_the_validation_split_back_in_its_original_order(counts, fraction, seed, rnd):
+    """``rejoin_validation`` undoes ``hold_out_fraction``: each user's examples in the order the
+    unsplit data had them (what makes the shared phase's plan the one a run without selection makes)."""
+    users = [f"u{k}" for k, n in enumerate(counts) for _ in range(n)]
+    rnd.shuffle(users)  # users interleaved, as rows of a real file are
+    table = datasets.Dataset.from_dict({"user_id": users, "source": ["train"] * len(users),
+                                        "input_ids": [[i, i + 1] for i in range(len(users))],
+                                        "labels": [[i, i + 1] for i in range(len(users))]})
+    keep, held = hold_out_fraction(users, fraction, seed)
+    train, validation = in_memory(table.select(keep)), in_memory(table.select(held))
+    joined, by_user = rejoin_validation(train, validation, fraction, seed)
+    for u in set(users):
+        assert [int(joined.input_ids(i)[0]) for i in by_user[u]] == [i for i, v in enumerate(users) if v == u]
+    if held:  # a cache written with another fraction is named, not silently misread
+        with pytest.raises(DataError, match="validation examples"):
+            rejoin_validation(train, validation, fraction / 10 if fraction > 0.1 else 0.9, seed)
