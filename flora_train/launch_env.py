@@ -32,6 +32,7 @@ class LaunchEnv:
     # What `accelerate launch --use_deepspeed` asked for, to be checked against the recipe.
     launcher_zero_stage: int | None = None
     launcher_offload_params: str | None = None
+    local_world_size: int = 1  # processes on this node (LOCAL_WORLD_SIZE, LOCAL_SIZE, SLURM_NTASKS_PER_NODE)
 
     @property
     def distributed(self) -> bool:
@@ -93,6 +94,15 @@ def _accelerate_zero(env: Mapping[str, str]) -> tuple[int | None, str | None]:
     return stage_int, (str(offload).lower() if offload not in (None, "", "None", "auto") else None)
 
 
+def _local_world(env: Mapping[str, str]) -> int:
+    """Processes on this node, as the launcher says it (1 where it says nothing)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = env.get(key, "").split("(")[0].split(",")[0]  # Slurm may write "2(x3)" or "2,1"
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
     zero_stage, offload = _accelerate_zero(env)
     if "WORLD_SIZE" in env and int(env.get("WORLD_SIZE") or 1) > 1:
@@ -112,7 +122,7 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
         if not 0 <= rank < world:
             raise LaunchError(f"RANK={rank} is outside WORLD_SIZE={world}")
         return LaunchEnv(launcher, rank, world, int(env.get("LOCAL_RANK", "0") or 0), env["MASTER_ADDR"],
-                         _int(env, "MASTER_PORT"), zero_stage, offload)
+                         _int(env, "MASTER_PORT"), zero_stage, offload, _local_world(env))
     # srun sets SLURM_STEP_NUM_TASKS for the tasks of a job step; an sbatch script (the batch step,
     # one process) has SLURM_NTASKS too, and must not wait for tasks that will never come.
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env and _int(env, "SLURM_STEP_NUM_TASKS") > 1:
@@ -122,5 +132,5 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
         port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else _slurm_port(env)
         return LaunchEnv("srun", _int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS"),
                          int(env.get("SLURM_LOCALID", "0")), env.get("MASTER_ADDR") or first_host(nodes), port,
-                         zero_stage, offload)
+                         zero_stage, offload, _local_world(env))
     return LaunchEnv("single", launcher_zero_stage=zero_stage, launcher_offload_params=offload)

@@ -18,11 +18,22 @@ class ModelLoadError(UserError, RuntimeError):
     pass
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present; a bare ``cuda`` is the local rank's GPU (one GPU per process)."""
+def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """``auto`` picks CUDA when present; a bare ``cuda`` is the local rank's GPU (one GPU per process).
+    ``cuda:N`` with more than one process on the node is refused, not remapped: every process reads
+    the same recipe, so all of them would take GPU N and NCCL fails on the duplicate GPU (and
+    remapping N silently would make the key mean two things)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"train.device={name!r} is not a device: {exc}") from None
+    if device.type == "cuda" and device.index is not None and (local_world_size > 1 or local_rank > 0):
+        raise ModelLoadError(
+            f"train.device={name!r} would put all {max(local_world_size, local_rank + 1)} processes of this node on GPU "
+            f"{device.index}; set train.device=cuda (each process takes its local rank's GPU) and choose GPUs with "
+            "CUDA_VISIBLE_DEVICES")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"train.device={name!r} but no CUDA device is available")
     if device.type == "cuda" and device.index is None:

@@ -45,6 +45,11 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
         _fail(source, "base.gguf_file", "needs base.name_or_path (the folder holding the GGUF file)")
     if base.dtype not in ("float32", "bfloat16", "float16"):
         _fail(source, "base.dtype", f"must be float32, bfloat16 or float16, got {base.dtype!r}")
+    if base.dtype == "float16":
+        # Refused rather than scaled: adapter gradients below float16's 6e-8 would flush to zero with
+        # no error, and bfloat16 gives the same memory with float32's range (no scaler needed).
+        _fail(source, "base.dtype", "float16 trains without loss scaling (adapter gradients underflow to zero "
+              "silently); use bfloat16: the same memory, float32's range")
     if base.tiny is not None and base.tiny.architecture not in ("llama", "gpt2"):
         _fail(source, "base.tiny.architecture", f"must be llama or gpt2, got {base.tiny.architecture!r}")
     if base.zero_stage not in (0, 3):

@@ -92,34 +92,45 @@ def _target_rows(model: nn.Module, inputs: dict, labels: torch.Tensor, example_o
     return TargetLogits(rows, target[mask], example, examples)
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
+def _chunked_cross_entropy(device_type: str) -> type[torch.autograd.Function]:
     """Per-row cross-entropy in float32, ``CHUNK`` rows at a time; the backward recomputes each
-    chunk's softmax from the (compute-dtype) logits instead of keeping a float32 copy."""
+    chunk's softmax from the (compute-dtype) logits instead of keeping a float32 copy. One class per
+    device type: ``custom_fwd``/``custom_bwd`` record and restore that device's autocast state, so
+    the backward (run outside autocast) computes as its forward did."""
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:  # type: ignore[override]
-        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for s in range(0, logits.shape[0], chunk):
-            out[s : s + chunk] = F.cross_entropy(logits[s : s + chunk].float(), targets[s : s + chunk], reduction="none")
-        ctx.save_for_backward(logits, targets)
-        ctx.chunk = chunk
-        return out
+    class ChunkedCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        @torch.amp.custom_fwd(device_type=device_type)
+        def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:  # type: ignore[override]
+            out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+            for s in range(0, logits.shape[0], chunk):
+                out[s : s + chunk] = F.cross_entropy(logits[s : s + chunk].float(), targets[s : s + chunk], reduction="none")
+            ctx.save_for_backward(logits, targets)
+            ctx.chunk = chunk
+            return out
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        logits, targets = ctx.saved_tensors
-        out = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.chunk):
-            p = torch.log_softmax(logits[s : s + ctx.chunk].float(), dim=-1).exp_()
-            rows = torch.arange(p.shape[0], device=p.device)
-            p[rows, targets[s : s + ctx.chunk]] -= 1.0
-            out[s : s + ctx.chunk] = p.mul_(grad[s : s + ctx.chunk, None])
-        return out, None, None
+        @staticmethod
+        @torch.amp.custom_bwd(device_type=device_type)
+        def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+            logits, targets = ctx.saved_tensors
+            out = torch.empty_like(logits)
+            for s in range(0, logits.shape[0], ctx.chunk):
+                p = torch.log_softmax(logits[s : s + ctx.chunk].float(), dim=-1).exp_()
+                rows = torch.arange(p.shape[0], device=p.device)
+                p[rows, targets[s : s + ctx.chunk]] -= 1.0
+                out[s : s + ctx.chunk] = p.mul_(grad[s : s + ctx.chunk, None])
+            return out, None, None
+
+    return ChunkedCrossEntropy
+
+
+_CROSS_ENTROPY = {d: _chunked_cross_entropy(d) for d in ("cpu", "cuda")}
 
 
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """``F.cross_entropy(logits.float(), targets, reduction="none")`` without the full float32 copy."""
-    return _ChunkedCrossEntropy.apply(logits, targets, chunk or CHUNK)
+    function = _CROSS_ENTROPY.get(logits.device.type, _CROSS_ENTROPY["cpu"])
+    return function.apply(logits, targets, chunk or CHUNK)
 
 
 def example_losses(t: TargetLogits) -> torch.Tensor:

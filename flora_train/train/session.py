@@ -228,7 +228,7 @@ def prepare_session(cfg: DictConfig, fresh: bool | None = None) -> Session:
     spec = zero_spec(cfg)
     check_zero_launch(spec, launch)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device, launch.local_rank)
+    device = resolve_device(cfg.train.device, launch.local_rank, launch.local_world_size)
     fdist.init_from_env(device)
     lock = claim(run_dir, fresh, cfg.train.overwrite)
     try:

@@ -158,13 +158,14 @@ class Trainer:
             else:
                 batch, pos = self._dummy_batch(), torch.zeros(1, dtype=torch.long, device=self.device)
                 values = self.null_row
-            with self.slot.activate(values, batch.token_index(pos)), self._autocast():
-                # The head runs at target positions only (none in a padding batch, whose loss is 0).
-                t = batch_target_logits(self.model, batch)
-                if mb:
-                    objective, contrib = per_user_loss(t, pos, user_tokens)
-                else:
-                    objective, contrib = t.logits.float().sum() * 0.0, None
+            with self.slot.activate(values, batch.token_index(pos)):
+                with self._autocast():  # the forward only: PyTorch documents backward under autocast against
+                    # The head runs at target positions only (none in a padding batch, whose loss is 0).
+                    t = batch_target_logits(self.model, batch)
+                    if mb:
+                        objective, contrib = per_user_loss(t, pos, user_tokens)
+                    else:
+                        objective, contrib = t.logits.float().sum() * 0.0, None
                 objective.backward()
             if contrib is not None:
                 user_loss += contrib

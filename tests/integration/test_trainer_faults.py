@@ -101,7 +101,18 @@ def test_bf16_autocast_keeps_float32_rows(tmp_path, tiny_llama_dir):
     s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, "train.precision=bf16")))
     assert s.autocast_dtype == torch.bfloat16
     before = s.store.local.state_tensors()["rows"].clone()
+    # Backward runs outside autocast, as PyTorch prescribes (the forward's state comes back only
+    # inside custom functions, through custom_bwd): seen from a hook on the step's rows.
+    in_backward, fetch = [], s.store.fetch
+
+    def watched(*args, **kwargs):
+        rows = fetch(*args, **kwargs)
+        rows.values.register_hook(lambda g: in_backward.append(torch.is_autocast_enabled("cpu")))
+        return rows
+
+    s.store.fetch = watched
     stats = _trainer(s).train_step(next(s.planner.steps(1)))
+    assert len(in_backward) == 2 and not any(in_backward)  # one backward a micro-batch, none under autocast
     rows = s.store.local.state_tensors()["rows"]
     assert rows.dtype == torch.float32 and torch.isfinite(rows).all() and not torch.equal(rows, before)
     assert stats.loss == stats.loss and not stats.skipped_users

@@ -3,8 +3,9 @@
 import importlib.util
 
 import pytest
+import torch
 
-from flora_train.base.loading import ModelLoadError, check_source, looks_local
+from flora_train.base.loading import ModelLoadError, check_source, looks_local, resolve_device
 
 
 def test_missing_gguf_package_is_named(monkeypatch, tmp_path):
@@ -21,3 +22,22 @@ def test_paths_and_hub_ids():
     with pytest.raises(ModelLoadError, match="no such folder"):
         check_source("/no/such/folder", None)
     check_source("HuggingFaceTB/SmolLM2-135M", None)  # a hub id is left to from_pretrained
+
+
+def test_an_explicit_gpu_is_refused_when_the_node_runs_several_processes():
+    """``train.device: cuda:0`` under torchrun put every rank on GPU 0 (NCCL then fails on the
+    duplicate GPU). It is refused on any machine before CUDA is looked at; a lone process may name one."""
+    from flora_train.launch_env import read_launch_env
+
+    env = {"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+           "TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2"}
+    launch = read_launch_env(env)
+    assert launch.local_world_size == 2
+    for local_rank, local_world in ((launch.local_rank, launch.local_world_size), (0, 2), (1, 1)):
+        with pytest.raises(ModelLoadError, match=r"train.device='cuda:0' would put all 2 processes of this node on GPU 0; "
+                                                 r"set train.device=cuda"):
+            resolve_device("cuda:0", local_rank, local_world)
+    assert read_launch_env({**env, "LOCAL_WORLD_SIZE": "", "SLURM_NTASKS_PER_NODE": "8(x2)"}).local_world_size == 8
+    assert resolve_device("cpu", 1, 2) == torch.device("cpu")
+    with pytest.raises(ModelLoadError, match="is not a device"):
+        resolve_device("gpu0")

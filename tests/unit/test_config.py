@@ -58,6 +58,7 @@ def _write(tmp_path, text):
         (MINIMAL, ["train.retain.targets=teacher"], r"invalid value for key 'train.retain.targets'.*base, data"),
         (MINIMAL, ["base.tiny=null", "base.name_or_path=${package_dir:no_such_pkg_x}"],
          r"package_dir:no_such_pkg_x.*the package 'no_such_pkg_x' is not installed"),
+        (MINIMAL, ["base.dtype=float16"], r"key 'base.dtype': float16 trains without loss scaling .*use bfloat16"),
         (MINIMAL, ["train.select=best"], r"key 'train.select': needs a validation split: set data.validation_fraction"),
         (MINIMAL, ["train.patience=2"], r"key 'train.patience': needs a validation split"),
         (MINIMAL, ["train.micro_batch_size=null"], r"key 'train.micro_batch_size': null needs train.micro_batch_tokens"),

@@ -21,7 +21,7 @@ TORCH = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0
 )
 def test_torch_environment_from_any_launcher(extra, launcher):
     env = read_launch_env({**TORCH, **extra})
-    assert env == LaunchEnv(launcher, 3, 4, 1, "10.0.0.1", 29400)
+    assert env == LaunchEnv(launcher, 3, 4, 1, "10.0.0.1", 29400, local_world_size=int(extra.get("LOCAL_SIZE", 1)))
     assert env.torch_environ() == TORCH
 
 
