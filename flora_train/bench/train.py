@@ -4,7 +4,8 @@ The limit is the same step on the same batch with the base frozen and no adapter
 the language-model loss, and backward into the activations (what any adapter needs at least).
 The flora_train step is the real one: fetch the users' rows from the store, forward and backward
 with every example under its own adapter, reduce, and the row-wise optimizer update. Steps of the
-two kinds alternate, so drift in the machine's speed hits both alike.
+two kinds alternate, so drift in the machine's speed hits both alike. Then, for each tier the
+rows can live on, the bytes a step moves between the host and the compute device.
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ def _measure(method: str, rank: int, common: list[str], run_dir: Path, steps: in
         session.close()
 
 
+# Where the rows and their optimizer state live (store.tier, store.cache_rows): the bytes each
+# moves between the host and the compute device per step (counted the same on any device).
+TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("host", ("store.tier=host",)), ("device", ("store.tier=device",)), ("disk", ("store.tier=disk",)),
+    ("host + cache", ("store.tier=host", "store.cache_rows=4096")))
+
+
+def _bytes_per_step(method: str, rank: int, common: list[str], run_dir: Path, tier: Sequence[str], steps: int) -> dict[str, Any]:
+    """One tier's bytes host->device and device->host per step over ``steps`` training steps (after one
+    to warm a cache), through the store's own counters (``store/bytes_h2d``, ``store/bytes_d2h``)."""
+    from flora_train.config import load_recipe
+    from flora_train.train.session import prepare_session, train_settings
+    from flora_train.train.trainer import Trainer
+
+    session = prepare_session(load_recipe(None, [*common, f"run_dir={run_dir}", f"adapter.method={method}",
+                                                 f"adapter.rank={rank}", *tier]))
+    try:
+        trainer = Trainer(session.model, session.slot, session.store, session.train, train_settings(session),
+                          session.user_total_steps(), session.pad_id, session.device)
+        plans = list(session.planner.steps(epochs=1000, max_steps=1 + steps))
+        trainer.train_step(plans[0])
+        before = session.store.transfers()
+        for plan in plans[1:]:
+            trainer.train_step(plan)
+        after = session.store.transfers()
+        return {k: (after[k] - before[k]) / steps for k in after}
+    finally:
+        session.close()
+
+
 def bench_train(users: int = 64, tokens: int = 64, steps: int = 5, warmup: int = 2,
                 configs: Sequence[tuple[str, int, float]] = CONFIGS, base: dict[str, Any] | None = None,
                 device: str = "auto", out: Path = Path("runs/bench"), overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -116,6 +147,12 @@ def bench_train(users: int = 64, tokens: int = 64, steps: int = 5, warmup: int =
     for method, rank, target in configs:
         run = _measure(method, rank, common, work / f"{method}-r{rank}", steps, warmup)
         run["target"] = target
+        run["bytes_per_step"] = {name: _bytes_per_step(method, rank, common, work / f"{method}-r{rank}-{name.replace(' + ', '-')}",
+                                                       tier, 2) for name, tier in TIERS}
+        # Before the host tier's optimizer moved to the host (issue 26): the step's rows up for the
+        # compute, then rows and both AdamW moments up for the update and back after it.
+        row_bytes = 4 * run["row_floats"] * run["users_per_step"]
+        run["bytes_per_step_before"] = {"bytes_h2d": 4 * row_bytes, "bytes_d2h": 3 * row_bytes}
         runs.append(run)
     result = {"suite": "train", "machine": machine(dev), "device": dev.type, "precision": precision,
               "base": base_cfg, "tokens_per_example": tokens, "steps": steps, "runs": runs}
@@ -138,4 +175,15 @@ def bench_train(users: int = 64, tokens: int = 64, steps: int = 5, warmup: int =
         ok = "ok" if r["ratio"] <= r["target"] else "MISSED"
         print(f"{r['method'] + ' r' + str(r['rank']):12s} {r['ours_ms_p50']:>12.1f} {r['limit_ms_p50']:>13.1f} "
               f"{r['ratio']:>6.3f}x {r['target']:>6.2f}x  {ok}")
+    print("bytes between host and compute device per step (store/bytes_h2d, store/bytes_d2h; AdamW, "
+          f"{users} users a step; the same on any device):")
+    print(f"{'adapter':12s} {'tier':14s} {'h2d MiB':>9s} {'d2h MiB':>9s} {'vs before':>10s}")
+    for r in runs:
+        before = sum(r["bytes_per_step_before"].values())
+        print(f"{r['method'] + ' r' + str(r['rank']):12s} {'host (before)':14s} {r['bytes_per_step_before']['bytes_h2d'] / 2**20:>9.3f} "
+              f"{r['bytes_per_step_before']['bytes_d2h'] / 2**20:>9.3f} {'1.00x':>10s}")
+        for name, b in r["bytes_per_step"].items():
+            moved = b["bytes_h2d"] + b["bytes_d2h"]
+            print(f"{'':12s} {name:14s} {b['bytes_h2d'] / 2**20:>9.3f} {b['bytes_d2h'] / 2**20:>9.3f} "
+                  f"{(f'{before / moved:.2f}x fewer' if moved else 'none'):>10s}")
     return result

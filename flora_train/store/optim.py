@@ -85,10 +85,12 @@ class RowwiseOptimizer:
     def update(self, table: RowAccess, rows: torch.Tensor, grads: torch.Tensor, lr: torch.Tensor) -> None:
         """Updates table ``rows [n]`` (weights, moments, step counters) from ``grads [n, D]``.
 
-        ``lr [n]`` is each row's learning rate for this step. Where the table lives on the
-        gradients' device, the rows are updated in place: no copy of the weights or moments is
-        made, which at LoRA on every linear layer is tens of MiB per step, read and written once
-        by one fused kernel. Elsewhere (host rows, GPU compute, no cache) they are copied over and back.
+        ``lr [n]`` is each row's learning rate for this step. The store hands the gradients over
+        where the table lives (the host for host rows: the moments never cross, ``transfer.py``),
+        so rows of an in-place table are updated where they lie: no copy of the weights or moments
+        is made, which at LoRA on every linear layer is tens of MiB per step, read and written once
+        by one fused kernel (torch's fused CPU kernel on the host). bfloat16 moments and the disk
+        tier gather, update and scatter back, on the same device.
         """
         if self.hyper.name == "rowwise_adagrad":
             return self._rowwise_adagrad(table, rows, grads, lr)

@@ -90,6 +90,10 @@ class ShardedAdapterStore:
     def counters(self) -> CommCounters:
         return self.placement.counters()
 
+    def transfers(self) -> dict[str, int]:
+        """Bytes this rank moved between host homes and the compute device (store/transfer.py)."""
+        return self.local.link.transfers.as_dict()
+
     def cache_stats(self) -> tuple[int, int]:
         c = self.local.cache
         return (c.hits, c.misses) if c is not None else (0, 0)
@@ -107,7 +111,11 @@ class ShardedAdapterStore:
         self.placement.prefetch(users, exclude)
 
     def reduce_grads(self, rows: ShardedRows) -> OwnedStep:
-        return self.placement.reduce_grads(rows)
+        """The step's gradients summed at their owners, already on their way to the rows' home
+        (the step's loss and finiteness collectives run while they travel)."""
+        owned = self.placement.reduce_grads(rows)
+        owned.download = self.local.download(owned.grads)
+        return owned
 
     def check_local(self, users: Sequence[str]) -> None:
         """Refuses users whose rows another rank holds (reads without communication)."""
@@ -122,7 +130,7 @@ class ShardedAdapterStore:
 
     def apply(self, owned: OwnedStep, lr: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         self.placement.settle()
-        self.local.update(owned.row_ids, owned.grads, lr, keep)
+        self.local.update(owned.row_ids, owned.download or owned.grads, lr, keep)
 
     def read(self, user_ids: Sequence[str], served: bool = False) -> torch.Tensor:
         """Rows of users this rank owns (no communication); ``served``: the rows they are served with."""

@@ -19,6 +19,7 @@ from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
 from flora_train.store.registry import UserRegistry
 from flora_train.store.selection import BEST_LOSS, KEPT, SEEN, STOPPED_AT, select_update, selection_columns, served_rows
 from flora_train.store.table import TIERS, Column, HotRowCache, RowTable, saved_key
+from flora_train.store.transfer import Download, HostLink, Upload
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
 
@@ -71,8 +72,11 @@ class AdapterStore:
             self.table = DiskTable(columns, directory)
         else:
             self.table = RowTable(columns, tier, self.compute_device)
-        # The cache only pays when rows live away from the compute device.
-        self.cache = HotRowCache(self.table, cache_rows, self.compute_device) if cache_rows and tier != "device" else None
+        # The cache only pays when rows live away from the compute device. Rows whose home is the
+        # host (no cache) cross to the device for a step and their gradients come back (transfer.py).
+        cached = bool(cache_rows) and tier != "device"
+        self.link = HostLink(host_home=tier != "device" and not cached, compute=self.compute_device)
+        self.cache = HotRowCache(self.table, cache_rows, self.compute_device, self.link.transfers) if cached else None
         self.access: RowAccess = self.cache if self.cache is not None else self.table
         # Rows changed since the checkpoint named ``saved_at`` (an incremental checkpoint writes
         # only these). Touched by the training thread only; the prefetch thread never writes rows.
@@ -169,8 +173,21 @@ class AdapterStore:
         if len(set(user_ids)) != len(user_ids):
             raise ValueError("fetch takes each user once")
         row_ids = self.row_ids(user_ids)
-        values = self.access.gather("rows", row_ids).to(self.compute_device)
+        values = self.link.upload(self.step_rows(row_ids)).wait()
         return StepRows(list(user_ids), row_ids, values.requires_grad_(requires_grad))
+
+    def step_rows(self, row_ids: torch.Tensor) -> torch.Tensor:
+        """Table rows read for a step's compute, where they live (counted if they leave the host)."""
+        return self.link.leaving(self.access.gather("rows", row_ids))
+
+    def upload(self, user_ids: Sequence[str], background: bool = False) -> Upload:
+        """The users' rows for a step, on their way to the compute device."""
+        return self.link.upload(self.step_rows(self.row_ids(user_ids)), background)
+
+    def download(self, grad: torch.Tensor) -> Download:
+        """Starts a step's gradients towards their rows' home: the optimizer runs where the state
+        lives (the host for host and disk tiers: the moments never cross)."""
+        return self.link.download(grad, self.access.device)
 
     def apply(self, step: StepRows, lr: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """One optimizer step on the step's rows from ``step.values.grad``.
@@ -183,8 +200,11 @@ class AdapterStore:
             raise RuntimeError("no gradient on the step's rows; did backward run inside the adapter slot?")
         self.update(step.row_ids, grad, lr, keep)
 
-    def update(self, row_ids: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """The optimizer step on table rows ``row_ids`` from their gradients, in the table."""
+    def update(self, row_ids: torch.Tensor, grad: torch.Tensor | Download, lr: torch.Tensor,
+               keep: torch.Tensor | None = None) -> None:
+        """The optimizer step on table rows ``row_ids`` from their gradients, where the rows live
+        (``grad``: on any device, or a ``download`` already on its way there)."""
+        grad = (grad if isinstance(grad, Download) else self.download(grad)).wait()
         if keep is not None and not bool(keep.all()):
             sel = keep.cpu().nonzero().squeeze(1)
             row_ids, grad, lr = row_ids[sel], grad[sel.to(grad.device)], lr[sel]

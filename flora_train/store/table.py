@@ -25,6 +25,7 @@ import torch
 
 if TYPE_CHECKING:
     from flora_train.store.disk_table import DiskTable
+    from flora_train.store.transfer import Transfers
 
 TIERS = ("device", "host", "disk")
 MEMORY_TIERS = ("device", "host")
@@ -114,10 +115,13 @@ class HotRowCache:
 
     updates_in_place = True
 
-    def __init__(self, table: "RowTable | DiskTable", capacity: int, device: torch.device | str) -> None:
+    def __init__(self, table: "RowTable | DiskTable", capacity: int, device: torch.device | str,
+                 transfers: "Transfers | None" = None) -> None:
+        """``transfers``: where the rows (every column) it loads and writes back are counted."""
         if capacity < 1:
             raise ValueError("cache capacity must be >= 1")
         self.table = table
+        self.transfers = transfers
         self.capacity = capacity
         self.device = torch.device(device)
         self.columns = table.columns
@@ -158,7 +162,10 @@ class HotRowCache:
         missing_t = torch.tensor(missing, dtype=torch.int64)
         dev_slots = victims_t.to(self.device)
         for name, data in self._cache.items():
-            data.index_copy_(0, dev_slots, self.table.gather(name, missing_t).to(self.device))
+            loaded = self.table.gather(name, missing_t)
+            if self.transfers is not None:
+                self.transfers.add(h2d=loaded.numel() * loaded.element_size())
+            data.index_copy_(0, dev_slots, loaded.to(self.device))
         self._slot_row[victims_t] = missing_t
         self._row_slot.update(zip(missing, victims))
         self._dirty[victims_t] = False
@@ -168,7 +175,10 @@ class HotRowCache:
         if slots.numel():
             rows = self._slot_row[slots]
             dev_slots = slots.to(self.device)
-            self.table.scatter_columns(rows, {name: data.index_select(0, dev_slots) for name, data in self._cache.items()})
+            back = {name: data.index_select(0, dev_slots) for name, data in self._cache.items()}
+            if self.transfers is not None:
+                self.transfers.add(d2h=sum(v.numel() * v.element_size() for v in back.values()))
+            self.table.scatter_columns(rows, back)
             self._dirty[slots] = False
 
     def gather(self, name: str, rows: torch.Tensor) -> torch.Tensor:

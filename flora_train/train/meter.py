@@ -36,7 +36,7 @@ class Meter:
     def store_counters(self) -> dict[str, float]:
         """The store's traffic summed over ranks, totals since the start of this process.
         Collective: every rank calls it at the same step."""
-        counters = self.store.counters.as_dict()
+        counters = {**self.store.counters.as_dict(), **self.store.transfers()}
         counters["cache_hits"], counters["cache_misses"] = self.store.cache_stats()
         values = fdist.all_reduce(torch.tensor(list(counters.values()), dtype=torch.float64))
         return {f"store/{k}": float(v) for k, v in zip(counters, values.tolist())}

@@ -90,6 +90,13 @@ def test_bench_train_reports_both_targets_over_the_limit(tmp_path):
         assert r["ratio"] > 0 and r["ours_ms_p50"] > 0 and r["limit_ms_p50"] > 0
     assert runs[("flora", 1)]["target"] == 1.15 and runs[("lora", 8)]["target"] == 1.25
     assert "limit ms p50" in out
+    for r in runs.values():  # the host tier moves a step's rows up and their gradients down, never the moments
+        rows = 4 * r["row_floats"] * 8
+        moved = r["bytes_per_step"]
+        assert moved["host"] == moved["disk"] == {"bytes_h2d": rows, "bytes_d2h": rows}
+        assert moved["device"] == moved["host + cache"] == {"bytes_h2d": 0, "bytes_d2h": 0}  # every user stays cached
+        assert sum(r["bytes_per_step_before"].values()) / sum(moved["host"].values()) == 3.5
+    assert "3.50x fewer" in out
 
 
 def test_bench_e2e_against_one_peft_job_per_user(tmp_path):

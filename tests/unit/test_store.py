@@ -16,11 +16,11 @@ def _layout(method="lora"):
     return AdapterLayout(AdapterSpec(method, rank=2), [("m1", 5, 3), ("m2", 3, 4)])
 
 
-def _store(layout, hyper=OptimizerHyper(), seed=0):
+def _store(layout, hyper=OptimizerHyper(), seed=0, **where):
     def init(ids):
         return layout.init_rows(torch.tensor([user_seed(seed, u) for u in ids], dtype=torch.int64))
 
-    return AdapterStore(layout.row_size, init, hyper)
+    return AdapterStore(layout.row_size, init, hyper, **where)
 
 
 def test_registry_rows_in_arrival_order():
@@ -59,12 +59,21 @@ def test_uniform_stream_looks_uniform():
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
 
 
+PATHS = {"host": {}, "device": {"tier": "device"}, "disk": {"tier": "disk"}, "host+cache": {"cache_rows": 3}}
+
+
 @pytest.mark.parametrize("name", ["adamw", "adagrad"])
-def test_rowwise_step_equals_torch_optimizer_on_that_row(name):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_rowwise_step_equals_torch_optimizer_on_that_row(name, path, tmp_path):
+    """Bit for bit torch's fused optimizer on every path the rows can live on, and the bytes each
+    path moves between the host and the compute device: a host home sends a step's rows and takes
+    back their gradients, never the moments (counted on CPU as a GPU would move them)."""
     layout = _layout()
     hyper = OptimizerHyper(name=name, weight_decay=0.01)
-    store = _store(layout, hyper)
+    store = _store(layout, hyper, directory=tmp_path, **PATHS[path])
     store.add_users([f"u{i}" for i in range(6)])
+    row_bytes = layout.row_size * 4
+    moved = {"bytes_h2d": 0, "bytes_d2h": 0}
     # The fused kernel is the one the store runs, so it matches bit for bit; the reference
     # single-tensor implementation differs only by float32 rounding.
     ref = torch.nn.Parameter(store.read(["u3"])[0].clone())
@@ -83,12 +92,22 @@ def test_rowwise_step_equals_torch_optimizer_on_that_row(name):
         full[0] += 1.0 if len(users) == 2 else 0.0
         rows.values.grad = full
         store.apply(rows, torch.full((len(users),), 0.05))
+        if path in ("host", "disk"):  # rows up, gradients down: 1x the row each way, the moments stay
+            moved = {"bytes_h2d": moved["bytes_h2d"] + len(users) * row_bytes, "bytes_d2h": moved["bytes_d2h"] + len(users) * row_bytes}
+        if path != "host+cache":
+            assert store.link.transfers.as_dict() == moved
         ref.grad, plain.grad = grad, grad.clone()
         opt.step()
         opt_plain.step()
         assert torch.equal(store.read(["u3"])[0], ref.detach())
         torch.testing.assert_close(store.read(["u3"])[0], plain.detach(), rtol=1e-6, atol=1e-7)
     assert store.steps(["u3", "u1", "u0"]).tolist() == [5, 2, 0]
+    if path == "host+cache":  # the cache keeps every column on the device: what it loads crosses whole
+        state = sum(max(c.numel, 1) * c.dtype.itemsize for c in store.table.columns.values())  # a row's columns
+        # u3 and u1 loaded once each in the steps, u0 by the step-counter read; nothing written back yet
+        assert store.link.transfers.as_dict() == {"bytes_h2d": 3 * state, "bytes_d2h": 0}
+        store.read(["u0", "u1", "u2", "u3", "u4"])  # a bulk read writes the two changed rows back first
+        assert store.link.transfers.as_dict() == {"bytes_h2d": 3 * state, "bytes_d2h": 2 * state}
 
 
 def test_absent_and_skipped_rows_are_untouched():

@@ -21,6 +21,7 @@ from flora_train.store.comm import CommCounters, PendingRows, Route
 from flora_train.data.batching import MicroBatching
 from flora_train.store.sharding import RankWork
 from flora_train.store.store import StepRows
+from flora_train.store.transfer import Download
 
 if TYPE_CHECKING:
     from flora_train.store.sharded import ShardedAdapterStore
@@ -40,6 +41,7 @@ class OwnedStep:
     user_ids: list[str]
     row_ids: torch.Tensor
     grads: torch.Tensor
+    download: Download | None = None  # the gradients on their way to the rows' home (started by the store)
 
 
 @dataclass
@@ -51,7 +53,9 @@ class Prefetched:
     future: Future | None = None
 
     def values(self) -> torch.Tensor:
-        return self.future.result() if self.future is not None else self.pending.wait()  # type: ignore[union-attr]
+        if self.future is not None:  # an Upload from the read thread: waited for here, where it is used
+            return self.future.result().wait()
+        return self.pending.wait()  # type: ignore[union-attr]
 
 
 def micro_batches(shares: list[list[tuple[str, int]]], batching: MicroBatching | int,

@@ -50,7 +50,7 @@ class FetchPlacement(Placement):
         owners = torch.tensor([self.store.owner(u) for u in users], dtype=torch.int64)
         keys = torch.tensor([self._key(u) for u in users], dtype=torch.int64)
         route = exchange.route(owners, keys, resolve=self.local.registry.rows_for_keys)
-        return exchange.send_rows(route, lambda served: self.local.access.gather("rows", served), async_op)
+        return exchange.send_rows(route, self.local.step_rows, async_op)
 
     def _read(self, users: list[str]) -> tuple[torch.Tensor, Route | None]:
         pending = self._request(self.exchange, users, async_op=False)
@@ -72,7 +72,8 @@ class FetchPlacement(Placement):
         unique, inverse = torch.unique(all_rows, return_inverse=True)
         summed = torch.zeros(unique.numel(), self.local.row_size, dtype=torch.float32).index_add_(0, inverse, all_grads.cpu())
         users = [self.local.registry.user(int(r)) for r in unique.tolist()]
-        return OwnedStep(users, unique, summed.to(self.local.compute_device))
+        # Summed on the host: rows whose home is the host are updated there (store/transfer.py).
+        return OwnedStep(users, unique, summed if self.local.link.host_home else summed.to(self.local.compute_device))
 
     def counters(self) -> CommCounters:
         total = CommCounters()

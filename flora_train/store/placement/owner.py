@@ -40,7 +40,7 @@ class OwnerPlacement(Placement):
         self._counters.rows_fetched += len(users)
         if not users:
             return torch.empty(0, self.local.row_size, dtype=torch.float32), None
-        return self.local.read(users), None
+        return self.local.upload(users).wait(), None
 
     def _start_prefetch(self, users: list[str]) -> Prefetched | None:
         self.store.check_local(users)
@@ -48,7 +48,7 @@ class OwnerPlacement(Placement):
         if local.cache is None and local.table.tier != "disk" and local.table.device == local.compute_device:
             return None  # rows already sit where they are computed on: nothing to overlap
         self._counters.rows_fetched += len(users)
-        return Prefetched(users, future=self._pool.submit(self.local.read, users)) if users else None
+        return Prefetched(users, future=self._pool.submit(self.local.upload, users, True)) if users else None
 
     def _reduce(self, rows: ShardedRows, grad: torch.Tensor) -> OwnedStep:
         return OwnedStep(rows.user_ids, self.local.row_ids(rows.user_ids), grad)
