@@ -132,6 +132,7 @@ class ZeroBase:
         self.config = deepspeed_config(spec, dtype, hidden_size)
         self._hf_config: Any = HfDeepSpeedConfig(self.config)  # transformers holds only a weak reference
         self.engine: Any = None
+        self.forward_starts = 0  # times ZeRO-3's start-of-forward hook ran (engage counts them)
 
     def load(self, loader: Callable[[], nn.Module]) -> nn.Module:
         from flora_train.base.loading import ModelLoadError
@@ -158,6 +159,25 @@ class ZeroBase:
             self.engine, *_ = deepspeed.initialize(model=model, config=self.config)
         except (ValueError, TypeError) as exc:  # DeepSpeed's config validation
             raise LaunchError(f"DeepSpeed rejected the config built from base.*: {exc}") from None
+        # ZeRO-3's start-of-forward hook (on the root module) resets the parameter coordinator's
+        # step: the trace it prefetches from, and its per-step bookkeeping. Counted here, so a run
+        # can show that every forward entered through the root (``forward_through_root``).
+        coordinator = self.engine.optimizer.get_param_coordinator()
+        reset = coordinator.reset_step
+
+        def counted_reset() -> None:
+            self.forward_starts += 1
+            reset()
+
+        coordinator.reset_step = counted_reset
+        self._coordinator = coordinator
+
+    def hook_report(self) -> dict[str, Any]:
+        """What DeepSpeed's root hooks did: how many forwards they started, and whether the
+        coordinator completed a trace of the module order (what its prefetch follows)."""
+        coordinator = getattr(self, "_coordinator", None)
+        return {"forward_starts": self.forward_starts,
+                "trace_complete": bool(coordinator is not None and coordinator.is_complete_trace())}
 
     def close(self) -> None:
         """Lets a later base in the same process load unpartitioned."""
@@ -203,3 +223,20 @@ def gathered(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield {names[n]: p for n, p in params.items()}
+
+
+def forward_through_root(model: nn.Module, forward: Callable[[], Any]) -> Any:
+    """Runs ``forward()`` (which calls some of ``model``'s submodules, e.g. the backbone, then the
+    head on target rows only) as ``model``'s own forward, through ``model.__call__``: the root
+    module's hooks run as they do for ``model(...)``. DeepSpeed ZeRO-3 hangs its start-of-forward
+    (coordinator reset, trace, prefetch) and end-of-forward hooks on the root; calling submodules
+    directly skipped them. Any forward set on the instance (accelerate's hooks) is put back."""
+    had = model.__dict__.get("forward")
+    model.forward = lambda *_args, **_kwargs: forward()
+    try:
+        return model()
+    finally:
+        if had is None:
+            del model.forward
+        else:
+            model.forward = had

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flora_train.base.zero import forward_through_root
 from flora_train.data.batching import Batch
 from flora_train.data.tokenize import IGNORE
 
@@ -83,7 +84,8 @@ def _target_rows(model: nn.Module, inputs: dict, labels: torch.Tensor, example_o
         rows = model(**inputs).logits[:, :-1][mask]
     else:
         backbone, head = split
-        rows = head(backbone(**inputs).last_hidden_state[:, :-1][mask])
+        # Entered through the root module, as DeepSpeed ZeRO-3's hooks expect (base/zero.py).
+        rows = forward_through_root(model, lambda: head(backbone(**inputs).last_hidden_state[:, :-1][mask]))
     if example_of_token is None:
         return TargetLogits(rows, target[mask], mask.nonzero()[:, 0], examples)
     # Packed: target t is token t+1, never an example's first token (its label is IGNORE), so it

@@ -107,6 +107,8 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
                               "base": {"zero_stage": cfg.base.zero_stage, "world_size": fdist.world_size(),
                                        "launcher": session.launch.launcher,
                                        "resident_bytes_per_rank": held, "total_bytes": whole}}
+    if session.zero is not None:  # before scoring: what DeepSpeed's root hooks did in training
+        result["base"]["zero_hooks"] = session.zero.hook_report()
     if sweep is not None:
         result["sweep"] = sweep
     if shared_seconds is not None:
