@@ -150,6 +150,11 @@ class KernelTuner:
     def __init__(self, path: Path | None = None, repeats: int = 3) -> None:
         self.path = path
         self.repeats = repeats
+        # Frozen (a server, once tuned at start-up): an unmeasured shape takes the nearest measured
+        # shape's choice instead of timing kernels on a live request.
+        self.frozen = False
+        self.unmeasured: dict[str, str] = {}  # frozen: shapes answered from a neighbour, and the choice given
+        self._keys: dict[str, KernelKey] = {}
         self.choices: dict[str, str] = {}
         self.timings: dict[str, dict[str, float]] = {}  # what was measured in this process, for reports
         if path is not None and path.exists():
@@ -177,6 +182,10 @@ class KernelTuner:
         chosen = self.choices.get(text)
         if chosen in candidates:
             return chosen
+        if self.frozen:
+            chosen = self._nearest(key, candidates)
+            self.unmeasured[text] = chosen
+            return chosen
         # Timed at the bucket's shape, scaled down to at most MEASURE_ROWS token rows (keeping the
         # users-per-example mix): the choice costs a bounded few seconds however large the batch.
         batch_m, users_m = key.batch, min(key.users, key.batch)
@@ -192,8 +201,26 @@ class KernelTuner:
         chosen = min(timings, key=timings.__getitem__)
         self.timings[text] = timings
         self.choices[text] = chosen
+        self._keys[text] = key
         self._save()
         return chosen
+
+    def freeze(self) -> None:
+        """No more measuring: later unmeasured shapes take their nearest measured neighbour's kernel."""
+        self.frozen = True
+
+    def _nearest(self, key: KernelKey, candidates: tuple[str, ...]) -> str:
+        """The choice measured for the closest shape of the same layer, method and mode (distance in
+        powers of two over batch, users and tokens); the method's first kernel if there is none."""
+        def far(other: KernelKey) -> int:
+            return sum(abs(a.bit_length() - b.bit_length()) for a, b in
+                       ((key.batch, other.batch), (key.users, other.users), (key.tokens, other.tokens)))
+
+        same = [(far(k), text) for text, k in self._keys.items()
+                if (k.method, k.rank, k.in_features, k.out_features, k.dtype, k.device, k.backward) ==
+                (key.method, key.rank, key.in_features, key.out_features, key.dtype, key.device, key.backward)
+                and self.choices.get(text) in candidates]
+        return self.choices[min(same)[1]] if same else candidates[0]
 
     def _save(self) -> None:
         if self.path is None:

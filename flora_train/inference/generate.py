@@ -8,6 +8,8 @@ is the prompts' index repeated per beam; greedy, sampling and beams use the KV c
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 from collections.abc import Sequence
@@ -90,10 +92,12 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 @torch.no_grad()
 def generate_tokens(model: torch.nn.Module, slot: Any, rows: torch.Tensor, index: torch.Tensor,
                     prompt_ids: Sequence[Sequence[int]], pad_id: int, settings: GenerationSettings,
-                    output_scores: bool = False, synced_gpus: bool = False) -> tuple[list[list[int]], Any]:
+                    output_scores: bool = False, synced_gpus: bool = False,
+                    autocast_dtype: torch.dtype | None = None) -> tuple[list[list[int]], Any]:
     """The core every caller shares: left-pads token prompts into one batch and generates with
     every sequence on the adapter ``rows[index[i]]``. ``synced_gpus`` keeps ZeRO-3 ranks stepping
-    together until every rank is done (each forward gathers the base collectively)."""
+    together until every rank is done (each forward gathers the base collectively);
+    ``autocast_dtype``: the recipe's autocast (bf16 on CUDA), as training computed."""
     device = rows.device
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
@@ -112,7 +116,8 @@ def generate_tokens(model: torch.nn.Module, slot: Any, rows: torch.Tensor, index
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-    with slot.activate(rows, index):
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with slot.activate(rows, index), autocast:
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
     return [seq.tolist() for seq in out.sequences[:, width:]], out
 
@@ -136,7 +141,8 @@ def generate_batch(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequ
     texts = render_prompts(trained, prompts, settings.chat)
     prompt_ids = tok(texts, add_special_tokens=not settings.chat)["input_ids"]
     rows, index, _ = trained.batch_rows(list(users))
-    new, out = generate_tokens(trained.model, trained.slot, rows, index, prompt_ids, tok.pad_token_id, settings, output_scores)
+    new, out = generate_tokens(trained.model, trained.slot, rows, index, prompt_ids, tok.pad_token_id, settings, output_scores,
+                               autocast_dtype=trained.autocast_dtype)
     results = []
     for k, ids in enumerate(new):
         text, count = decode_new(tok, ids, settings.stop, settings.ignore_eos)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,9 +25,12 @@ from starlette.concurrency import run_in_threadpool
 from flora_train.inference import openai_api as api
 from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
 from flora_train.inference.generate import GenerationSettings
+from flora_train.inference.kernels import tune_for_serving
 from flora_train.inference.metrics import ServeMetrics
 from flora_train.inference.rows import AdapterCache
 from flora_train.inference.trained import InferenceError, TrainedAdapters
+
+log = logging.getLogger("flora_train")
 
 
 class ApiError(Exception):
@@ -60,6 +64,9 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
     if capacity < max_batch:
         raise InferenceError(f"--cache-users {capacity} is below --max-batch {max_batch}: a full batch needs a row each")
     cache = AdapterCache(trained.rows, trained.layout, trained.source.init_seed, capacity, trained.device)
+    tuned = tune_for_serving(trained.model, trained.slot, max_batch, prefill_tokens, trained.autocast_dtype)
+    if tuned["measured"]:
+        log.info("kernels tuned for serving before the first request: %d shapes in %.1fs", tuned["measured"], tuned["seconds"])
     engine = Engine(trained.model, trained.slot, trained.tokenizer, cache, max_batch=max_batch,
                     prefill_tokens=prefill_tokens, max_queue=max_queue, autocast_dtype=trained.autocast_dtype)
     metrics = ServeMetrics(lambda: engine.waiting, lambda: engine.running, lambda: engine.adapters.stats())

@@ -1,0 +1,59 @@
+"""Kernel choices for serving, made before the first request.
+
+Under ``adapter.kernel: auto`` the tuner times the method's kernels the first time a shape bucket
+is seen. A server must not do that on a live request (the request would wait seconds, on the
+device every other request shares). So at start-up the engine's shapes are measured for each
+distinct adapted layer: decode steps (``b`` sequences of one token, ``u`` distinct users, for every
+power of two up to ``max_batch``) and prefill chunks (``b`` prompts of ``prefill_tokens // b``
+tokens); then the tuner is frozen, and a shape it never saw takes its nearest measured neighbour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+
+from flora_train.adapters.functional import kernels_for
+from flora_train.adapters.layer import AdaptedLinear
+from flora_train.adapters.tuning import bucket
+
+
+def serving_shapes(max_batch: int, prefill_tokens: int) -> list[tuple[int, int, int]]:
+    """(sequences, distinct users, tokens) buckets the engine's forwards fall in."""
+    shapes = []
+    b = 1
+    while b <= bucket(max_batch):
+        for u in (1 << k for k in range(b.bit_length())):  # 1, 2, 4 .. b users
+            shapes.append((b, u, 1))  # a decode step
+            shapes.append((b, u, bucket(max(1, prefill_tokens // b))))  # a prefill chunk
+        b *= 2
+    return list(dict.fromkeys(shapes))
+
+
+def tune_for_serving(model: torch.nn.Module, slot: Any, max_batch: int, prefill_tokens: int,
+                     autocast_dtype: torch.dtype | None) -> dict[str, Any]:
+    """Measures every kernel choice the engine's shapes need, then freezes the tuner. Returns what
+    it did (choices measured, seconds)."""
+    spec, tuner = slot.layout.spec, slot.tuner
+    started = time.perf_counter()
+    before = len(tuner.timings)
+    if spec.kernel == "auto" and len(kernels_for(spec.method, spec.rank)) > 1:
+        personal = {name for name, _, _ in slot.layout.modules}  # layers the shared adapter alone adapts run plain
+        layers: dict[tuple[int, int, bool, torch.dtype], AdaptedLinear] = {}
+        for module in model.modules():
+            if isinstance(module, AdaptedLinear) and module.adapter_name in personal:
+                w = module.weight
+                layers.setdefault((w.shape[0], w.shape[1], module.bias is not None, w.dtype), module)
+        device = next(iter(layers.values())).weight.device if layers else torch.device("cpu")
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            for layer in layers.values():
+                for b, u, t in serving_shapes(max_batch, prefill_tokens):
+                    tuner.choose(spec.method, spec.rank, layer.weight, layer.bias,
+                                 torch.Size([b, t, layer.weight.shape[1]]), u, spec.scaling)
+    tuner.freeze()
+    return {"measured": len(tuner.timings) - before, "seconds": time.perf_counter() - started}
