@@ -2,9 +2,11 @@
 
 On one GPU it runs, each in its own process (as users run them): a short training run of every
 method (FLoRA r1 and r4, LoRA r8, IA3) under bf16 autocast, a ZeRO-3 run with the base offloaded to
-the host on one rank, the process group a multi-GPU job makes (``cpu:gloo,cuda:nccl``, one rank)
-with every collective the trainer uses, and then the benchmark tables (layer, train, loss) on the
-device. Each check must finish with finite held-out figures; the summary and ``doctor.json`` hold
+the host on one rank (its root hooks must run every forward), LoRA on the device tier, the process
+group a multi-GPU job makes (``cpu:gloo,cuda:nccl``, one rank) with every collective the trainer
+uses, that a float16 recipe is refused naming bf16, and then the benchmark tables (layer, train
+with bytes host<->device per tier, loss, lengths, serve) on the device. Host-tier runs must move
+equal bytes up (rows) and down (gradients): the moments stay on the host. Each check must finish with finite held-out figures; the summary and ``doctor.json`` hold
 what it measured (eval loss and accuracy, steps, seconds, and the bench tables). ``--jobs N`` runs
 N checks at once (their seconds then share the machine). ``--device cpu`` runs the same checks on the CPU (the test
 suite does, at small sizes) so the script itself is known to work before it meets a GPU.
@@ -36,7 +38,25 @@ CHECKS: dict[str, list[str]] = {
     "lora r8, bf16": ["adapter.method=lora", "adapter.rank=8", "store.optimizer.lr=0.005", "train.precision=bf16"],
     "ia3, bf16": ["adapter.method=ia3", "train.precision=bf16"],
     "zero-3 + offload, 1 rank": ["base.zero_stage=3", "base.offload_params=cpu", "train.precision=bf16"],
+    "lora r8, device tier": ["adapter.method=lora", "adapter.rank=8", "store.optimizer.lr=0.005", "train.precision=bf16",
+                             "store.tier=device"],
 }
+
+
+def _expectations(name: str, result: dict[str, Any]) -> str | None:
+    """What a check's run must show beyond finite figures (None: it does)."""
+    store = result.get("store", {})
+    up, down = store.get("store/bytes_h2d", 0.0), store.get("store/bytes_d2h", 0.0)
+    if "device tier" in name:
+        if up or down:
+            return f"the device tier moved {up:.0f} bytes up and {down:.0f} down; it should move none"
+    elif not (up > 0 and down == up):  # host tier: rows up, their gradients down, the moments never
+        return f"the host tier moved {up:.0f} bytes up and {down:.0f} down; rows up and gradients down should be equal"
+    if "zero-3" in name:
+        hooks = result.get("base", {}).get("zero_hooks", {})
+        if not (hooks.get("forward_starts", 0) >= result["steps"] and hooks.get("trace_complete")):
+            return f"ZeRO-3's start-of-forward hook did not run every step: {hooks}"
+    return None
 COLLECTIVES = """
 import torch, torch.distributed as dist
 from flora_train import dist as fdist
@@ -69,9 +89,22 @@ def _run(name: str, extra: list[str], device: str, out: Path, small: bool) -> di
         return {"ok": False, "seconds": seconds, "error": (proc.stderr or proc.stdout)[-1500:]}
     result = json.loads(RunDir(run_dir).result.read_text())
     loss = result.get("eval", {}).get("eval/loss_mean", float("nan"))
-    ok = loss == loss and result["steps"] > 0
-    return {"ok": ok, "seconds": seconds, "steps": result["steps"], "eval_loss": loss,
-            "eval_accuracy": result.get("eval", {}).get("eval/accuracy_mean"), "train_seconds": result["train_seconds"]}
+    problem = None if loss == loss and result["steps"] > 0 else f"eval loss {loss} after {result['steps']} steps"
+    problem = problem or _expectations(name, result)
+    store = result.get("store", {})
+    return {"ok": problem is None, "seconds": seconds, "steps": result["steps"], "eval_loss": loss,
+            "eval_accuracy": result.get("eval", {}).get("eval/accuracy_mean"), "train_seconds": result["train_seconds"],
+            "bytes_h2d_per_step": store.get("store/bytes_h2d", 0.0) / result["steps"],
+            "bytes_d2h_per_step": store.get("store/bytes_d2h", 0.0) / result["steps"],
+            "zero_hooks": result.get("base", {}).get("zero_hooks"), **({"error": problem} if problem else {})}
+
+
+def _float16_refused() -> dict[str, Any]:
+    """float16 has no loss scaling here: a recipe asking for it must stop at validation, naming bf16."""
+    proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "validate", *RUN[:1], "base.dtype=float16"],
+                          capture_output=True, text=True)
+    ok = proc.returncode == 2 and "bfloat16" in proc.stderr and "Traceback" not in proc.stderr
+    return {"ok": ok, "detail": proc.stderr.strip()[-500:], **({} if ok else {"error": proc.stderr[-1500:] or proc.stdout[-1500:]})}
 
 
 def doctor(device: str = "auto", out: Path = Path("runs/doctor"), small: bool = False, bench: bool = True,
@@ -87,15 +120,22 @@ def doctor(device: str = "auto", out: Path = Path("runs/doctor"), small: bool = 
     proc = subprocess.run([sys.executable, "-c", COLLECTIVES, str(dev)], capture_output=True, text=True, env=env)
     report["checks"]["collectives"] = {"ok": proc.returncode == 0, "detail": (proc.stdout or proc.stderr).strip()[-1500:]}
     print(f"  {'collectives':28s} {'ok' if proc.returncode == 0 else 'FAILED'}", flush=True)
+    fp16 = _float16_refused()
+    report["checks"]["float16 refused"] = fp16
+    print(f"  {'float16 refused':28s} {'ok' if fp16['ok'] else 'FAILED'}", flush=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each check is its own process; threads only wait
         results = pool.map(lambda item: _run(item[0], item[1], str(dev), out, small), CHECKS.items())
         for name, r in zip(CHECKS, results):
             report["checks"][name] = r
-            detail = f"eval loss {r['eval_loss']:.4f}, {r['steps']} steps in {r['train_seconds']:.1f}s" if r["ok"] else r["error"]
+            detail = (f"eval loss {r['eval_loss']:.4f}, {r['steps']} steps in {r['train_seconds']:.1f}s, "
+                      f"{r['bytes_h2d_per_step'] / 2**20:.2f}/{r['bytes_d2h_per_step'] / 2**20:.2f} MiB up/down a step"
+                      if r["ok"] else r["error"])
             print(f"  {name:28s} {'ok' if r['ok'] else 'FAILED'}  {detail}", flush=True)
     if bench:
         from flora_train.bench.layer import bench_layer
+        from flora_train.bench.lengths import bench_lengths
         from flora_train.bench.loss import bench_loss
+        from flora_train.bench.serve import bench_serve
         from flora_train.bench.train import bench_train
 
         widths = (256,) if small else (1024, 4096)
@@ -103,6 +143,8 @@ def doctor(device: str = "auto", out: Path = Path("runs/doctor"), small: bool = 
             "layer": bench_layer(widths, (1, 4, 16), (1, 64), device=str(dev), out=out / "bench", peft=not small),
             "train": bench_train(steps=3, device=str(dev), out=out / "bench"),
             "loss": bench_loss(str(dev), out / "bench"),
+            "lengths": bench_lengths(out / "bench", users=16 if small else 32, tiny=small),
+            "serve": bench_serve(16, 32, 32.0, 32, str(dev), out / "bench", population=0),
         }
     failed = [k for k, v in report["checks"].items() if not v["ok"]]
     report["failed"] = failed

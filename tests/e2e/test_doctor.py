@@ -18,11 +18,18 @@ def test_doctor_runs_every_check_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "doctor.json").read_text())
     assert report["failed"] == [] and set(report["checks"]) == {
-        "collectives", "flora r1, bf16", "flora r4, bf16", "lora r8, bf16", "ia3, bf16", "zero-3 + offload, 1 rank"}
+        "collectives", "float16 refused", "flora r1, bf16", "flora r4, bf16", "lora r8, bf16", "ia3, bf16",
+        "zero-3 + offload, 1 rank", "lora r8, device tier"}
     assert "collectives ok on gloo" in report["checks"]["collectives"]["detail"]
+    assert "base.dtype" in report["checks"]["float16 refused"]["detail"]
     for name, check in report["checks"].items():
-        if name != "collectives":
+        if name not in ("collectives", "float16 refused"):
             assert check["steps"] > 0 and check["eval_loss"] == check["eval_loss"], name
+            # The host tier moves a step's rows up and their gradients down, the same bytes; the device tier none.
+            moved = (check["bytes_h2d_per_step"], check["bytes_d2h_per_step"])
+            assert moved == (0, 0) if "device tier" in name else moved[0] == moved[1] > 0, (name, moved)
+    hooks = report["checks"]["zero-3 + offload, 1 rank"]["zero_hooks"]
+    assert hooks["trace_complete"] and hooks["forward_starts"] >= report["checks"]["zero-3 + offload, 1 rank"]["steps"]
 
 
 def test_doctor_refuses_a_jobs_count_below_one():
