@@ -255,6 +255,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.export import ExportError
     from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
     from flora_train.train.trainer import NonFiniteError
+    from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
 
     try:
         if args.command == "validate":
@@ -387,6 +388,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     except Preempted as exc:
         print(f"flora-train: preempted: {exc}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
+    except LostPeers as exc:
+        print(f"flora-train: error: {exc}", file=sys.stderr)
+        return LOST_PEERS_EXIT_CODE
     return 0
 
 

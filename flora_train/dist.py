@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flora_train.launch_env import LaunchEnv, read_launch_env
+from flora_train.launch_env import LaunchEnv, LaunchError, read_launch_env
 
 
 def is_distributed() -> bool:
@@ -40,9 +40,26 @@ def backend_for(device_type: str) -> str:
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
 
+# Joining: how long a process waits for the others to start (imports, a restarted node's agent).
+# Collectives get ``train.collective_timeout_s`` once every rank is in (``_set_pg_timeout``: torch
+# offers no public way to give a group's start-up and its collectives different timeouts).
+STARTUP_TIMEOUT = timedelta(minutes=30)
+
+
 def new_group() -> dist.ProcessGroup:
-    """A group over every rank with the default group's backends (both devices on GPUs)."""
-    return dist.new_group(backend=dist.get_backend_config())
+    """A group over every rank with the default group's backends (both devices on GPUs) and its
+    collective timeout (joined under the start-up one: ranks create groups at their own pace)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    group = dist.new_group(backend=dist.get_backend_config(), timeout=STARTUP_TIMEOUT)
+    _set_pg_timeout(collective_timeout(), group)
+    return group
+
+
+def collective_timeout(group: dist.ProcessGroup | None = None) -> timedelta:
+    """The timeout a group's collectives run under (its CPU backend's, the default group's by default)."""
+    group = group or dist.group.WORLD
+    return group._get_backend(torch.device("cpu")).options._timeout
 
 
 def serves(group: dist.ProcessGroup | None, device_type: str) -> bool:
@@ -51,9 +68,10 @@ def serves(group: dist.ProcessGroup | None, device_type: str) -> bool:
     return any(part.split(":")[0] == device_type for part in config.split(",")) if ":" in config else True
 
 
-def init_from_env(device: torch.device, env: Mapping[str, str] | None = None) -> LaunchEnv:
+def init_from_env(device: torch.device, env: Mapping[str, str] | None = None, timeout_s: float = 1800.0) -> LaunchEnv:
     """Joins the job the launcher started this process in (torchrun, accelerate launch, deepspeed,
-    srun: see ``launch_env``); a single process joins nothing. Returns what was read."""
+    srun: see ``launch_env``); a single process joins nothing. ``timeout_s``: how long a collective
+    waits for the other ranks (``train.collective_timeout_s``). Returns what was read."""
     launch = read_launch_env(os.environ if env is None else env)
     if is_distributed() or not launch.distributed:
         return launch
@@ -61,17 +79,33 @@ def init_from_env(device: torch.device, env: Mapping[str, str] | None = None) ->
     backend = backend_for(device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = timedelta(minutes=int(os.environ.get("FLORA_DIST_TIMEOUT_MIN", "30")))
+    from torch.distributed.distributed_c10d import _set_pg_timeout
     from torch.distributed.rendezvous import rendezvous
 
-    store, _, _ = next(rendezvous("env://", launch.rank, launch.world_size, timeout=timeout))
-    # torchrun --max-restarts may hand a restarted job the store of the failed attempt: without a
-    # prefix per attempt, gloo reads the dead processes' addresses and the restart never connects.
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"flora_train/attempt_{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+    store, _, _ = next(rendezvous("env://", launch.rank, launch.world_size, timeout=STARTUP_TIMEOUT))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = _attempt_store(store)
+    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=STARTUP_TIMEOUT)
+    _set_pg_timeout(timedelta(seconds=timeout_s))
     check_collectives_if_asked()
     return launch
+
+
+def _attempt_store(store: dist.Store) -> dist.Store:
+    """torchrun's agent store is shared by every rendezvous round: a restarted round finds the
+    failed round's keys there, and gloo would read the dead processes' addresses. One node has one
+    agent, whose restart count every worker shares: a prefix per attempt keeps rounds apart. Over
+    several nodes the counts differ (a node restarted for a peer's failure does not count it), so
+    no prefix can: each round needs its own store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which
+    ``flora-train launch`` and ``python -m flora_train.launch.torchrun`` set)."""
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+    if nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+        raise LaunchError(
+            f"torchrun --max-restarts over {nodes} nodes shares its agent's store between restart rounds, and a "
+            "restarted round would read the failed round's addresses and hang: start it with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment, or through python -m "
+            "flora_train.launch.torchrun (flora-train launch does), which sets it")
+    return dist.PrefixStore(f"flora_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def check_collectives_if_asked() -> None:
@@ -134,3 +168,20 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         else:
             dist.all_reduce(tensor, ops[op])
     return tensor
+
+
+LOST_PEERS_EXIT_CODE = 4  # after 2 (bad input), 3 (non-finite training); 143 is a preemption
+
+
+class LostPeers(RuntimeError):
+    """A collective failed: another rank died, or the network between the nodes went down for
+    longer than ``train.collective_timeout_s``. The job stops; what its checkpoints hold is intact."""
+
+
+def lost_peers(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective rather than a bug: torch's distributed errors (NCCL's
+    are ``DistBackendError``) and gloo's transport errors, which come as plain ``RuntimeError``
+    naming gloo's source (a timed-out receive, a closed connection)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return is_distributed() and isinstance(exc, RuntimeError) and "gloo" in str(exc)

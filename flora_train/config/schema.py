@@ -214,6 +214,9 @@ class TrainConfig:
     # inside each example: no padding at all. Needs micro_batch_tokens.
     packing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # A collective (all-reduce, row exchange) that waits longer than this for another rank, a rank
+    # that died or a network that went down, fails the job with the last checkpoint intact.
+    collective_timeout_s: float = 1800.0
     precision: Precision = Precision.auto  # auto: bf16 autocast where the device does bf16 natively, else fp32
     # skip_users: a user with a non-finite loss or gradient skips the step (the others train); error: stop
     nonfinite: NonFinitePolicy = NonFinitePolicy.skip_users

@@ -123,6 +123,7 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
             "train.full_checkpoint_every",
             "export.pack_size",
             "train.max_consecutive_nonfinite",
+            "train.collective_timeout_s",
             "eval.batch_size",
             "store.optimizer.lr",
             "store.optimizer.eps",

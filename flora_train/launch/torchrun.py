@@ -5,11 +5,12 @@ raised through ``@record``), and a signalled agent with ``SignalException``'s. T
 already printed the cause (``flora-train: error: ...`` names the key, file or user), so this
 runs the same torchrun (its own argument parser and ``run``) and, when it fails, says which rank
 failed with which exit code, and exits with that code: 2 for bad input, 143 for a preempted run,
-instead of torchrun's 1 for everything.
+instead of torchrun's 1 for everything. Every restart round gets a fresh rendezvous store.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -20,6 +21,10 @@ from torch.distributed.run import parse_args, run
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Each rendezvous round gets its own store (hosted by the round's rank 0) instead of the agent's
+    # store shared by every round: a restarted round then never reads the failed round's keys,
+    # whichever node restarted and however many times (``dist.init_from_env``).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(args)
     except ChildFailedError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class TrainLoop:
             "nonfinite_steps": self.trainer.nonfinite_steps, "model_path": s.model_path,
             "base_fingerprint": s.base_fingerprint, "fingerprint": s.fingerprint.as_dict(),
             "phase": s.phase_plan.phase.as_dict(), "run_id": s.run_id,
+            "elastic_job": os.environ.get("TORCHELASTIC_RUN_ID"),  # torchrun's job: its restarts resume this run
         }
         return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints,
                                1 if full else t.full_checkpoint_every, s.run_id,

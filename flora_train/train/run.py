@@ -17,7 +17,7 @@ from flora_train import dist as fdist
 from flora_train.base.zero import resident_base_bytes
 from flora_train.config import flatten, recipe_to_yaml
 from flora_train.tracking import Tracker
-from flora_train.run_dir.checkpoints import load_checkpoint, read_state
+from flora_train.run_dir.checkpoints import latest_checkpoint, load_checkpoint, read_state
 from flora_train.train.loop import Trained, TrainLoop
 from flora_train.run_dir.identity import new_run_id
 from flora_train.train.phases import first_phase
@@ -30,9 +30,19 @@ from flora_train.train.sweep import check_not_collapsed, collapse
 
 
 def wants_resume(cfg: DictConfig, resume: bool) -> bool:
-    """Asked to (``--resume``), ``train.auto_resume``, or restarted by torchrun --max-restarts."""
+    """Asked to (``--resume``), ``train.auto_resume``, or restarted by torchrun: its restart count,
+    or a checkpoint of this very torchrun job (``TORCHELASTIC_RUN_ID``). A node restarted because
+    another node's workers failed keeps its restart count at 0, so the count alone misses it."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    return resume or restarted or bool(cfg.train.auto_resume)
+    return resume or restarted or bool(cfg.train.auto_resume) or _same_elastic_job(Path(cfg.run_dir))
+
+
+def _same_elastic_job(run_dir: Path) -> bool:
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not job or not run_dir.is_dir():
+        return False
+    ckpt = latest_checkpoint(run_dir, warn_skipped=False)
+    return ckpt is not None and read_state(ckpt).get("elastic_job") == job
 
 
 def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
@@ -41,6 +51,17 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         session = prepare_session(cfg, fresh=not wants_resume(cfg, resume))
         try:
             return train_session(session, resume, watch)
+        except RuntimeError as exc:
+            if not fdist.lost_peers(exc):
+                raise
+            last = latest_checkpoint(session.run_dir)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise fdist.LostPeers(
+                f"rank {fdist.rank()} of {fdist.world_size()} lost the job ({first}): another rank died, or the "
+                f"network between the nodes was down for longer than train.collective_timeout_s="
+                f"{cfg.train.collective_timeout_s:g}. "
+                + (f"The last checkpoint, {last}, is intact: start the job again to resume from it"
+                   if last is not None else "No checkpoint was written yet: start the job again")) from None
         finally:
             session.close()
 

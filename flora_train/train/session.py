@@ -229,7 +229,7 @@ def prepare_session(cfg: DictConfig, fresh: bool | None = None) -> Session:
     check_zero_launch(spec, launch)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device, launch.local_rank, launch.local_world_size)
-    fdist.init_from_env(device)
+    fdist.init_from_env(device, timeout_s=cfg.train.collective_timeout_s)
     lock = claim(run_dir, fresh, cfg.train.overwrite)
     try:
         session = _prepare(cfg, run_dir, launch, spec, device)
