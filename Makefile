@@ -28,11 +28,12 @@ quickstart: $(STAMP)
 	$(BIN)/flora-train run recipes/quickstart.yaml
 
 # The launcher tests start a real one-node Slurm (Debian's slurm-wlm and munge) on localhost.
+# Slurm and munge (a controller and daemon on localhost), iproute2 (the two-host test's namespaces).
 system-deps:
-	@if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then \
+	@if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v ip >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
-		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q slurm-wlm munge >/dev/null; }; \
+		$$SUDO apt-get install -y -q slurm-wlm munge iproute2 >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q slurm-wlm munge iproute2 >/dev/null; }; \
 	fi
 
 # Two pytest workers, one core each, a test file per worker at a time (a file's module fixtures,
