@@ -134,3 +134,11 @@ def read_launch_env(env: Mapping[str, str]) -> LaunchEnv:
                          int(env.get("SLURM_LOCALID", "0")), env.get("MASTER_ADDR") or first_host(nodes), port,
                          zero_stage, offload, _local_world(env))
     return LaunchEnv("single", launcher_zero_stage=zero_stage, launcher_offload_params=offload)
+
+
+def elastic_job(env: Mapping[str, str]) -> str | None:
+    """torchrun's job id (``--rdzv-id``; a fresh uuid under ``--standalone``), which every restart
+    round of the job keeps. None outside torchrun, and at torchrun's default ``none`` (every job
+    with a static rendezvous has it, so it tells no job from another)."""
+    job = env.get("TORCHELASTIC_RUN_ID", "")
+    return None if job in ("", "none") else job

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from flora_train import dist as fdist
 from flora_train.data.length_check import padding_report
+from flora_train.launch_env import elastic_job
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import save_checkpoint
 from flora_train.train.evaluate import summarise
@@ -53,7 +54,7 @@ class TrainLoop:
             "nonfinite_steps": self.trainer.nonfinite_steps, "model_path": s.model_path,
             "base_fingerprint": s.base_fingerprint, "fingerprint": s.fingerprint.as_dict(),
             "phase": s.phase_plan.phase.as_dict(), "run_id": s.run_id,
-            "elastic_job": os.environ.get("TORCHELASTIC_RUN_ID"),  # torchrun's job: its restarts resume this run
+            "elastic_job": elastic_job(os.environ),  # torchrun's job: its restarts resume this run
         }
         return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints,
                                1 if full else t.full_checkpoint_every, s.run_id,

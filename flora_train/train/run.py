@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from flora_train import dist as fdist
 from flora_train.base.zero import resident_base_bytes
 from flora_train.config import flatten, recipe_to_yaml
+from flora_train.launch_env import elastic_job
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import latest_checkpoint, load_checkpoint, read_state
 from flora_train.train.loop import Trained, TrainLoop
@@ -38,8 +39,8 @@ def wants_resume(cfg: DictConfig, resume: bool) -> bool:
 
 
 def _same_elastic_job(run_dir: Path) -> bool:
-    job = os.environ.get("TORCHELASTIC_RUN_ID")
-    if not job or not run_dir.is_dir():
+    job = elastic_job(os.environ)
+    if job is None or not run_dir.is_dir():
         return False
     ckpt = latest_checkpoint(run_dir, warn_skipped=False)
     return ckpt is not None and read_state(ckpt).get("elastic_job") == job

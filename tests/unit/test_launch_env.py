@@ -5,7 +5,7 @@ import json
 import pytest
 
 from flora_train.base.zero import ZeroSpec, check_zero_launch, deepspeed_config
-from flora_train.launch_env import LaunchEnv, LaunchError, first_host, read_launch_env
+from flora_train.launch_env import elastic_job, LaunchEnv, LaunchError, first_host, read_launch_env
 
 TORCH = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
 
@@ -122,3 +122,10 @@ def test_deepspeed_config_follows_the_base_and_takes_extras():
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
     assert cfg["gradient_clipping"] == 0.0  # DeepSpeed 0.19 would clip at 1.0 otherwise
+
+
+def test_a_torchrun_job_is_known_by_its_rendezvous_id_but_not_by_the_default_one():
+    """A restarted round of the same torchrun job resumes its checkpoints; torchrun's default id
+    ``none`` is every static-rendezvous job's, so it must not make a fresh job resume another's."""
+    assert elastic_job({"TORCHELASTIC_RUN_ID": "slurm-1234"}) == "slurm-1234"
+    assert elastic_job({"TORCHELASTIC_RUN_ID": "none"}) is None and elastic_job({}) is None
