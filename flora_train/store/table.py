@@ -164,7 +164,7 @@ class HotRowCache:
         for name, data in self._cache.items():
             loaded = self.table.gather(name, missing_t)
             if self.transfers is not None:
-                self.transfers.add(h2d=loaded.numel() * loaded.element_size())
+                self.transfers.add(h2d=loaded.nbytes)
             data.index_copy_(0, dev_slots, loaded.to(self.device))
         self._slot_row[victims_t] = missing_t
         self._row_slot.update(zip(missing, victims))
@@ -177,7 +177,7 @@ class HotRowCache:
             dev_slots = slots.to(self.device)
             back = {name: data.index_select(0, dev_slots) for name, data in self._cache.items()}
             if self.transfers is not None:
-                self.transfers.add(d2h=sum(v.numel() * v.element_size() for v in back.values()))
+                self.transfers.add(d2h=sum(v.nbytes for v in back.values()))
             self.table.scatter_columns(rows, back)
             self._dirty[slots] = False
 

@@ -43,10 +43,6 @@ class Transfers:
             return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 @dataclass
 class Upload:
     """Rows on their way to the compute device (``wait`` on the thread that computes with them)."""
@@ -89,7 +85,7 @@ class HostLink:
     def leaving(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` read out of their home for a step: counted when the home is the host."""
         if self.host_home:
-            self.transfers.add(h2d=nbytes(rows))
+            self.transfers.add(h2d=rows.nbytes)
         return rows
 
     def upload(self, rows: torch.Tensor, background: bool = False) -> Upload:
@@ -112,7 +108,7 @@ class HostLink:
         """A step's gradients to their rows' ``home`` device, started now, waited for by the
         optimizer; counted when the home is the host."""
         if self.host_home:
-            self.transfers.add(d2h=nbytes(grads))
+            self.transfers.add(d2h=grads.nbytes)
         if grads.device == home:
             return Download(grads)
         if grads.device.type != "cuda" or home.type != "cpu":

@@ -18,7 +18,7 @@ from flora_train.base.zero import resident_base_bytes
 from flora_train.config import flatten, recipe_to_yaml
 from flora_train.launch_env import elastic_job
 from flora_train.tracking import Tracker
-from flora_train.run_dir.checkpoints import latest_checkpoint, load_checkpoint, read_state
+from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, read_state
 from flora_train.train.loop import Trained, TrainLoop
 from flora_train.run_dir.identity import new_run_id
 from flora_train.train.phases import first_phase
@@ -42,8 +42,14 @@ def _same_elastic_job(run_dir: Path) -> bool:
     job = elastic_job(os.environ)
     if job is None or not run_dir.is_dir():
         return False
-    ckpt = latest_checkpoint(run_dir, warn_skipped=False)
-    return ckpt is not None and read_state(ckpt).get("elastic_job") == job
+    # The newest checkpoint's state names its job; the resume that follows verifies the checkpoint
+    # (verifying it here too would read every shard twice at each start).
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            return read_state(ckpt).get("elastic_job") == job
+        except (OSError, ValueError):  # a checkpoint cut short before its state was written
+            continue
+    return False
 
 
 def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
