@@ -62,14 +62,17 @@ def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 def batch_target_logits(model: nn.Module, batch: Batch) -> TargetLogits:
     """``target_logits`` of a micro-batch, padded or packed. Packed, the model gets the examples'
-    restarting positions and bounds (what flash-attention's varlen path and ``flora_packed`` read)
-    and no mask, and no cache (transformers only treats restarting positions as packed examples
-    without one); each target belongs to the example of its token."""
+    restarting positions and bounds (what flash-attention's varlen path and ``flora_packed`` read,
+    ``base/packed_attention.py``), no cache, and a mask of ones: with it transformers builds no
+    mask at all (both attentions keep examples apart by the bounds), where without one it would
+    build a [tokens, tokens] block-diagonal mask from the positions that neither reads. Each target
+    belongs to the example of its token."""
     if not batch.packed:
         assert batch.attention_mask is not None
         return target_logits(model, batch.input_ids, batch.attention_mask, batch.labels)
     assert batch.cu_seqlens is not None and batch.example is not None
-    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False,
+    inputs = {"input_ids": batch.input_ids, "attention_mask": torch.ones_like(batch.input_ids),
+              "position_ids": batch.position_ids, "use_cache": False,
               "cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
               "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
     return _target_rows(model, inputs, batch.labels, batch.example, batch.examples)

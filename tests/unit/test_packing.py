@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flora_train.adapters import AdapterSpec, inject_adapters
-from flora_train.base.packed_attention import packed_groups, use_packed_attention
+from flora_train.base.packed_attention import example_lengths, use_packed_attention
 from flora_train.data.batching import MicroBatching, pack, pad
 from flora_train.store.placement import partition_step
 from flora_train.train.loss import batch_target_logits, example_losses
@@ -81,8 +81,7 @@ def test_a_packed_row_keeps_examples_apart_and_restarts_positions():
     assert batch.cu_seqlens.tolist() == [0, 3, 5] and batch.max_seqlen == 3
     assert batch.real_tokens == batch.computed_tokens == 5
     assert batch.token_index(torch.tensor([4, 2])).tolist() == [[4, 4, 4, 2, 2]]
-    assert packed_groups([0, 3, 5, 13, 14]) == [(8, [(5, 8)]), (3, [(0, 3)]), (2, [(3, 2)]), (1, [(13, 1)])]
-    assert packed_groups([0, 8, 15, 22]) == [(8, [(0, 8), (15, 7), (8, 7)])]
+    assert example_lengths(batch.cu_seqlens) == [3, 2]
 
 
 @settings(max_examples=60, deadline=None)
