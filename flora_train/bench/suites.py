@@ -61,6 +61,8 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
                     "lengths: a 32-wide base (how the tests run it)")
     be.add_argument("--budget", type=int, default=4096, help="lengths: train.micro_batch_tokens of the grouped and packed settings")
     be.add_argument("--length-users", type=int, default=32, help="lengths: users (16 examples each)")
+    be.add_argument("--length-repeats", type=int, default=2,
+                    help="lengths: runs of each setting, round-robin; each keeps its best")
     be.add_argument("--small-population", action="store_true", help="personal: 6 users a population (how the tests run it)")
     be.add_argument("--settings", default=None, help="personal: only these settings (comma-separated names; default all)")
     be.add_argument("--reuse", action="store_true", help="personal: read settings that finished with the same command")
@@ -142,7 +144,7 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
     if suite == "lengths":
         from flora_train.bench.lengths import bench_lengths
 
-        return bench_lengths(args.out, users=args.length_users, budget=args.budget, tiny=args.tiny)
+        return bench_lengths(args.out, users=args.length_users, budget=args.budget, tiny=args.tiny, repeats=args.length_repeats)
     raise ValueError(f"unknown bench suite {suite!r}")
 
 
