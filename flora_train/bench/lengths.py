@@ -11,8 +11,8 @@ side, each in its own process (so each has its own peak memory):
 - ``uniform``: the same number of real tokens with every example at the mean length, in padded
   micro-batches (nothing to pad): the limit.
 
-Each reports real tokens a second (timed over the second epoch, after the kernel tuner has seen the
-shapes; with ``repeats`` the settings run round-robin that many times and each keeps its best, so
+Each reports real tokens a second (its best of three timed epochs, after a first in which the
+kernel tuner meets the shapes; with ``repeats`` the settings run round-robin that many times and each keeps its best, so
 a slow spell of the machine cannot land on one setting only), the share of real tokens among those the base computed, the largest micro-batch in
 computed tokens (what activation memory follows) and the process's peak resident memory.
 """
@@ -61,7 +61,9 @@ def _write(path: Path, users: int, lengths: list[int], seed: int) -> list[str]:
 
 
 def _one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One setting in this process: two epochs, the second timed."""
+    """One setting in this process: a first epoch (the kernel tuner meets the shapes), then
+    ``timed_epochs`` epochs, each timed; the best one counts (the machine's slow spells last
+    seconds, about an epoch)."""
     from flora_train.config import load_recipe
     from flora_train.train.session import prepare_session, train_settings
     from flora_train.train.trainer import Trainer
@@ -71,14 +73,18 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
         trainer = Trainer(session.model, session.slot, session.store, session.train, train_settings(session),
                           session.user_total_steps(), session.pad_id, session.device)
         epoch = session.planner.steps_per_epoch()
-        stats = trainer.fit(session.planner.steps(epochs=2))[epoch:]
+        timed = spec.get("timed_epochs", 3)
+        stats = trainer.fit(session.planner.steps(epochs=1 + timed))[epoch:]
+        epochs = [stats[k * epoch:(k + 1) * epoch] for k in range(timed)]
+        rates = [sum(s.tokens for s in e) / sum(s.seconds for s in e) for e in epochs]
         lengths = session.train.lengths()
         works = [trainer._work(p) for p in session.planner.steps(epochs=1)]
         biggest = max((len(mb) * int(max(lengths[i] for _, i in mb)) if not trainer.batching.packing
                        else int(sum(lengths[i] for _, i in mb))) for w in works for mb in w.micro_batches if mb)
         seconds = sum(s.seconds for s in stats)
         real, computed = sum(s.tokens for s in stats), sum(s.computed_tokens for s in stats)
-        return {"real_tokens_per_s": real / seconds, "real_share": real / computed, "seconds": seconds,
+        return {"real_tokens_per_s": max(rates), "epoch_real_tokens_per_s": rates, "real_share": real / computed,
+                "seconds": seconds,
                 "real_tokens": real, "computed_tokens": computed, "biggest_micro_batch_tokens": biggest,
                 "micro_batches_per_step": statistics.fmean(len(w.micro_batches) for w in works),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -89,7 +95,8 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
 
 def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_user: int = 16, median: int = 60,
                   sigma: float = 0.9, longest: int = 768, budget: int = 4096, micro_batch_size: int = 16,
-                  tiny: bool = False, configs: tuple[tuple[str, int], ...] = CONFIGS, repeats: int = 2) -> dict[str, Any]:
+                  tiny: bool = False, configs: tuple[tuple[str, int], ...] = CONFIGS, repeats: int = 2,
+                  timed_epochs: int = 3) -> dict[str, Any]:
     from flora_train.base import build_tiny_model
 
     work = out / "lengths"
@@ -102,7 +109,7 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
     model_dir = build_tiny_model(work / "base", dict(base), texts)
     common = [f"base.name_or_path={model_dir}", "data.text_column=text", f"data.max_length={longest + 16}",
               "data.eval_examples_per_user=0", f"train.users_per_step={max(1, users // 2)}", "train.examples_per_user=4",
-              "train.epochs=2", "train.precision=fp32", "train.device=cpu", "train.progress=false", "tracking.enabled=false",
+              f"train.epochs={1 + timed_epochs}", "train.precision=fp32", "train.device=cpu", "train.progress=false", "tracking.enabled=false",
               "eval.at_end=false", "adapter.target_modules=all-linear"]
     policy = {"padded": [f"train.micro_batch_size={micro_batch_size}"],
               "grouped": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}"],
@@ -118,7 +125,8 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
                 run_dir = work / f"{method}-{setting}-{attempt}"
                 overrides = [*common, f"data.train_path={data}", f"run_dir={run_dir}",
                              f"adapter.method={method}", f"adapter.rank={rank}", *policy[setting]]
-                proc = subprocess.run([sys.executable, "-m", "flora_train.bench.lengths", json.dumps({"overrides": overrides})],
+                spec = {"overrides": overrides, "timed_epochs": timed_epochs}
+                proc = subprocess.run([sys.executable, "-m", "flora_train.bench.lengths", json.dumps(spec)],
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"bench lengths: {name} {setting} failed:\n{proc.stderr[-3000:]}")
@@ -134,12 +142,13 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
     result = {"suite": "lengths", "machine": machine(), "base": base, "examples": n, "users": users,
               "lengths": {"median": p50, "p90": p90, "p99": p99, "max": int(lengths.max()), "mean": mean},
-              "budget": budget, "micro_batch_size": micro_batch_size, "targets": TARGETS, "repeats": repeats, "runs": runs}
+              "budget": budget, "micro_batch_size": micro_batch_size, "targets": TARGETS, "repeats": repeats,
+              "timed_epochs": timed_epochs, "runs": runs}
     write_json(out, "lengths", result)
     print(f"\nbench lengths: {n} examples of {users} users, lengths median {p50}, p90 {p90}, p99 {p99}, max "
           f"{int(lengths.max())} tokens (uniform: {mean}); Llama {base['hidden_size']}x{base['num_layers']}, every linear "
           f"layer adapted, fp32; padded: {micro_batch_size} examples a micro-batch; grouped and packed: {budget} tokens; "
-          f"best of {repeats} runs each; {result['machine']}")
+          f"best epoch of {timed_epochs} in each of {repeats} runs; {result['machine']}")
     print(f"{'adapter':9s} {'setting':8s} {'real tok/s':>10s} {'vs limit':>9s} {'target':>7s} {'real share':>10s} "
           f"{'max mb tokens':>13s} {'peak MiB':>9s}")
     for name, by_setting in runs.items():

@@ -84,6 +84,26 @@ def test_a_packed_row_keeps_examples_apart_and_restarts_positions():
     assert example_lengths(batch.cu_seqlens) == [3, 2]
 
 
+@pytest.mark.parametrize("attention", ["flora_packed", "flash_attention_2"])
+def test_a_packed_forward_builds_no_mask(attention):
+    """Both attentions that read a packed row's bounds get no mask: transformers builds none from
+    the ones the packed forward passes (flash-attention then takes its varlen path over the bounds,
+    which needs a GPU to run; its mask decision is transformers' code and runs here). Without them
+    it would build a [tokens, tokens] block-diagonal mask from the restarting positions."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = _model("llama", 0)
+    use_packed_attention(model, torch.device("cpu"), half_precision=False)  # registers flora_packed
+    model.config._attn_implementation = attention
+    batch = pack([(np.arange(5), np.arange(5)), (np.arange(3), np.arange(3))])
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    ones = torch.ones_like(batch.input_ids)
+    assert create_causal_mask(model.config, embeds, ones, None, position_ids=batch.position_ids) is None
+    if attention == "flora_packed":  # the trap it avoids: no mask, and the positions make one
+        mask = create_causal_mask(model.config, embeds, None, None, position_ids=batch.position_ids)
+        assert mask is not None and not bool(mask[0, 0, 5, 4])  # example 2 cannot see example 1
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(40, 160), st.one_of(st.none(), st.integers(1, 9)),
        st.booleans(), st.integers(1, 3))
