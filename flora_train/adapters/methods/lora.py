@@ -32,10 +32,10 @@ def lora_linear(
     """``x @ W^T + bias + scaling * (x @ A^T) @ B^T`` per example.
 
     ``lora_a [batch|users, r, in]``, ``lora_b [batch|users, out, r]``. Kernels: ``bmm`` gathers
-    each example's A and B and runs two batched matmuls; ``segment`` sorts examples by user and runs
-    one pair of GEMMs per distinct user over all of that user's tokens (Punica SGMV / mLoRA style,
-    no per-example copies of A and B); ``loop`` is the same per-user loop without sorting (a
-    reference). All three compute the same function.
+    each example's A and B and runs two batched matmuls; ``segment`` runs one pair of GEMMs per run
+    of one user's adjacent examples, or per user after sorting a scattered batch (Punica SGMV /
+    mLoRA style, no per-example copies of A and B), in place into the base output; ``loop`` is a
+    per-user loop through autograd (a reference). All three compute the same function.
     """
     x3, shape = as_3d(x)
     batch = x3.shape[0]
