@@ -33,7 +33,7 @@ NAME = "flora_packed"
 
 def example_lengths(bounds: torch.Tensor) -> list[int]:
     """Each example's token count from a row's bounds (cu_seqlens), empty examples included."""
-    starts = [int(b) for b in bounds.tolist()]
+    starts = bounds.tolist()
     return [end - start for start, end in zip(starts, starts[1:])]
 
 

@@ -12,9 +12,10 @@ side, each in its own process (so each has its own peak memory):
   micro-batches (nothing to pad): the limit.
 
 Each reports real tokens a second (its best of three timed epochs, after a first in which the
-kernel tuner meets the shapes; with ``repeats`` the settings run round-robin that many times and each keeps its best, so
-a slow spell of the machine cannot land on one setting only), the share of real tokens among those the base computed, the largest micro-batch in
-computed tokens (what activation memory follows) and the process's peak resident memory.
+kernel tuner meets the shapes; with ``repeats`` the settings run round-robin that many times and
+each keeps its best, so a slow spell of the machine cannot land on one setting only), the share of
+real tokens among those the base computed, the largest micro-batch in computed tokens (what
+activation memory follows) and the process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
     model_dir = build_tiny_model(work / "base", dict(base), texts)
     common = [f"base.name_or_path={model_dir}", "data.text_column=text", f"data.max_length={longest + 16}",
               "data.eval_examples_per_user=0", f"train.users_per_step={max(1, users // 2)}", "train.examples_per_user=4",
-              f"train.epochs={1 + timed_epochs}", "train.precision=fp32", "train.device=cpu", "train.progress=false", "tracking.enabled=false",
-              "eval.at_end=false", "adapter.target_modules=all-linear"]
+              f"train.epochs={1 + timed_epochs}", "train.precision=fp32", "train.device=cpu", "train.progress=false",
+              "tracking.enabled=false", "eval.at_end=false", "adapter.target_modules=all-linear"]
     policy = {"padded": [f"train.micro_batch_size={micro_batch_size}"],
               "grouped": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}"],
               "packed": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}", "train.packing=true"],

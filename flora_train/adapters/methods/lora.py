@@ -120,24 +120,23 @@ def _runs(index: torch.Tensor, rows_per_example: int) -> list[tuple[int, int, in
 def _segmented(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                lora_b: torch.Tensor, index: torch.Tensor, scaling: float) -> torch.Tensor:
     """The base layer plus each example's update, one GEMM pair per run of one user's examples (the
-    planner's order and a packed row's tokens come in such runs); a scattered index is sorted by
-    user first. Rows are ``x3`` flattened to ``[batch * tokens, in]``, so the base GEMM's output is
-    the tensor the runs write into (not a view of one)."""
+    planner's order and a packed row's tokens come in such runs). A scattered batch is computed
+    sorted by user and put back in its order after. Rows are ``x3`` flattened to
+    ``[batch * tokens, in]``, so the base GEMM's output is the tensor the runs write into (not a
+    view of one)."""
     batch, tokens, width = x3.shape
-    out = F.linear(x3.reshape(batch * tokens, width), weight, bias)
-    dtype = out.dtype  # the compute dtype (bf16 under autocast)
-    a, b = lora_a.to(dtype), lora_b.to(dtype)
     runs = _runs(index, tokens)
-    if runs is not None:
-        return _SegmentLora.apply(out, x3.reshape(batch * tokens, width).to(dtype), a, b, scaling, runs)
-    order = torch.argsort(index, stable=True)
-    sorted_x = x3.index_select(0, order).reshape(batch * tokens, width).to(dtype)
-    sorted_runs = _runs(index[order], tokens)
-    assert sorted_runs is not None  # sorted: one run per user
-    delta = _SegmentLora.apply(torch.zeros_like(out), sorted_x, a, b, 1.0, sorted_runs)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return out.view(batch, tokens, -1).add_(delta.view(batch, tokens, -1).index_select(0, inverse), alpha=scaling)
+    order = None
+    if runs is None:
+        order = torch.argsort(index, stable=True)
+        x3 = x3.index_select(0, order)
+        runs = _runs(index[order], tokens)
+        assert runs is not None  # sorted: one run per user
+    flat = x3.reshape(batch * tokens, width)
+    out = F.linear(flat, weight, bias)
+    dtype = out.dtype  # the compute dtype (bf16 under autocast)
+    y = _SegmentLora.apply(out, flat.to(dtype), lora_a.to(dtype), lora_b.to(dtype), scaling, runs).view(batch, tokens, -1)
+    return y if order is None else y.index_select(0, torch.argsort(order))  # argsort of a permutation: its inverse
 
 
 def _delta_loop(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
