@@ -1,13 +1,16 @@
 """`flora-train bench lengths`: training throughput on examples of real-text lengths.
 
 Real users' examples are not of one length: paragraphs and chat turns run from a few tokens to
-hundreds (median ~60, a heavy tail). Four settings train the same users on the same plan, side by
+hundreds (median ~60, a heavy tail). Five settings train the same users on the same plan, side by
 side, each in its own process (so each has its own peak memory):
 
 - ``padded``: today's micro-batches of ``micro_batch_size`` examples in plan order, each padded to
   its longest member;
 - ``grouped``: ``train.micro_batch_tokens``: examples grouped by length under a token budget;
 - ``packed``: ``train.packing``: examples of any users concatenated into rows of the budget;
+- ``packed_uniform``: the uniform examples below packed as ``packed`` packs: what packing itself
+  costs, apart from the lengths (a long example's attention grows with its length squared, so
+  real lengths carry more attention work than the same tokens at the mean length);
 - ``uniform``: the same number of real tokens with every example at the mean length, in padded
   micro-batches (nothing to pad): the limit.
 
@@ -37,7 +40,7 @@ DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=688
                     num_kv_heads=4, vocab_size=1024, max_position_embeddings=1024, seed=0, pretrain_steps=0)
 TINY_BASE = dict(DEFAULT_BASE, hidden_size=32, intermediate_size=64, num_layers=2, vocab_size=400)
 CONFIGS = (("flora", 1), ("lora", 8))
-SETTINGS = ("padded", "grouped", "packed", "uniform")
+SETTINGS = ("padded", "grouped", "packed", "packed_uniform", "uniform")
 TARGETS = {"packed": 0.9, "grouped": 0.6}  # real tokens/s against the uniform limit (this CPU)
 
 
@@ -116,13 +119,14 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
               "grouped": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}"],
               "packed": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}", "train.packing=true"],
               "uniform": [f"train.micro_batch_size={micro_batch_size}"]}
+    policy["packed_uniform"] = policy["packed"]
     runs: dict[str, dict[str, Any]] = {}
     for method, rank in configs:
         name = f"{method} r{rank}"
         runs[name] = {}
         for attempt in range(repeats):
             for setting in SETTINGS:
-                data = work / ("uniform.jsonl" if setting == "uniform" else "real.jsonl")
+                data = work / ("uniform.jsonl" if setting.endswith("uniform") else "real.jsonl")
                 run_dir = work / f"{method}-{setting}-{attempt}"
                 overrides = [*common, f"data.train_path={data}", f"run_dir={run_dir}",
                              f"adapter.method={method}", f"adapter.rank={rank}", *policy[setting]]
@@ -141,22 +145,30 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
         for setting in SETTINGS:
             runs[name][setting]["vs_limit"] = runs[name][setting]["real_tokens_per_s"] / limit
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
+    # Attention work per token grows with the example's length: real lengths' against the mean's.
+    attention_work = float((lengths.astype(float) ** 2).mean() / lengths.mean() / mean)
     result = {"suite": "lengths", "machine": machine(), "base": base, "examples": n, "users": users,
               "lengths": {"median": p50, "p90": p90, "p99": p99, "max": int(lengths.max()), "mean": mean},
+              "attention_work_vs_uniform": attention_work,
               "budget": budget, "micro_batch_size": micro_batch_size, "targets": TARGETS, "repeats": repeats,
               "timed_epochs": timed_epochs, "runs": runs}
     write_json(out, "lengths", result)
     print(f"\nbench lengths: {n} examples of {users} users, lengths median {p50}, p90 {p90}, p99 {p99}, max "
-          f"{int(lengths.max())} tokens (uniform: {mean}); Llama {base['hidden_size']}x{base['num_layers']}, every linear "
-          f"layer adapted, fp32; padded: {micro_batch_size} examples a micro-batch; grouped and packed: {budget} tokens; "
+          f"{int(lengths.max())} tokens (uniform: {mean}; attention work a token {attention_work:.2f}x the uniform's); "
+          f"Llama {base['hidden_size']}x{base['num_layers']}, every linear layer adapted, fp32; "
+          f"padded: {micro_batch_size} examples a micro-batch; grouped and packed: {budget} tokens; "
           f"best epoch of {timed_epochs} in each of {repeats} runs; {result['machine']}")
-    print(f"{'adapter':9s} {'setting':8s} {'real tok/s':>10s} {'vs limit':>9s} {'target':>7s} {'real share':>10s} "
+    print(f"{'adapter':9s} {'setting':14s} {'real tok/s':>10s} {'vs limit':>9s} {'target':>7s} {'real share':>10s} "
           f"{'max mb tokens':>13s} {'peak MiB':>9s}")
     for name, by_setting in runs.items():
         for setting, r in by_setting.items():
             target = f"{TARGETS[setting]:.1f}x" if setting in TARGETS else "-"
-            print(f"{name:9s} {setting:8s} {r['real_tokens_per_s']:10.0f} {r['vs_limit']:8.2f}x {target:>7s} "
+            print(f"{name:9s} {setting:14s} {r['real_tokens_per_s']:10.0f} {r['vs_limit']:8.2f}x {target:>7s} "
                   f"{r['real_share']:10.0%} {r['biggest_micro_batch_tokens']:13d} {r['peak_rss_mib']:9.0f}")
+    for name, by_setting in runs.items():
+        own, lengths_cost = by_setting["packed_uniform"]["vs_limit"], by_setting["packed"]["vs_limit"]
+        print(f"{name}: packing itself {own:.2f}x the limit (uniform lengths, packed); the real lengths "
+              f"{lengths_cost / own:.2f}x that (attention example by example, {attention_work:.2f}x the work a token)")
     return result
 
 
