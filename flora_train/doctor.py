@@ -143,7 +143,8 @@ def doctor(device: str = "auto", out: Path = Path("runs/doctor"), small: bool = 
             "layer": bench_layer(widths, (1, 4, 16), (1, 64), device=str(dev), out=out / "bench", peft=not small),
             "train": bench_train(steps=3, device=str(dev), out=out / "bench"),
             "loss": bench_loss(str(dev), out / "bench"),
-            "lengths": bench_lengths(out / "bench", users=16 if small else 32, tiny=small, repeats=1, timed_epochs=1),
+            "lengths": bench_lengths(out / "bench", users=16 if small else 32, tiny=small, repeats=1, timed_epochs=1,
+                                 device=str(dev)),
             "serve": bench_serve(16, 32, 32.0, 32, str(dev), out / "bench", population=0),
         }
     failed = [k for k, v in report["checks"].items() if not v["ok"]]

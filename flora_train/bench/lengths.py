@@ -18,7 +18,9 @@ Each reports real tokens a second (its best of three timed epochs, after a first
 kernel tuner meets the shapes; with ``repeats`` the settings run round-robin that many times and
 each keeps its best, so a slow spell of the machine cannot land on one setting only), the share of
 real tokens among those the base computed, the largest micro-batch in computed tokens (what
-activation memory follows) and the process's peak resident memory.
+activation memory follows) and the peak memory: the process's resident memory on a CPU, the
+memory torch allocated on a GPU. On a GPU the runs compute in bf16 (as `train.precision: auto`
+does there), so packing takes flash-attention's varlen kernel where ``flash_attn`` is installed.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from flora_train.bench.common import machine, write_json
+from flora_train.bench.common import bench_device, machine, write_json
 
 DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
                     num_kv_heads=4, vocab_size=1024, max_position_embeddings=1024, seed=0, pretrain_steps=0)
@@ -86,23 +89,48 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
         biggest = max((len(mb) * int(max(lengths[i] for _, i in mb)) if not trainer.batching.packing
                        else int(sum(lengths[i] for _, i in mb))) for w in works for mb in w.micro_batches if mb)
         seconds = sum(s.seconds for s in stats)
+        on_gpu = session.device.type == "cuda"
         real, computed = sum(s.tokens for s in stats), sum(s.computed_tokens for s in stats)
         return {"real_tokens_per_s": max(rates), "epoch_real_tokens_per_s": rates, "real_share": real / computed,
                 "seconds": seconds,
                 "real_tokens": real, "computed_tokens": computed, "biggest_micro_batch_tokens": biggest,
                 "micro_batches_per_step": statistics.fmean(len(w.micro_batches) for w in works),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_device_mib": torch.cuda.max_memory_allocated(session.device) / 2**20 if on_gpu else None,
                 "examples": len(lengths), "longest": int(lengths.max())}
     finally:
         session.close()
 
 
+def _precision(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def setting_recipes(work: Path, model_dir: Path, device: torch.device, users: int, longest: int, budget: int,
+                    micro_batch_size: int, timed_epochs: int) -> dict[str, list[str]]:
+    """Each setting's recipe overrides (all but the run directory and the adapter). On a GPU the runs
+    compute in bf16, as `train.precision: auto` does there: packing then takes flash-attention's
+    varlen kernel where it is installed (it has no float32 kernel)."""
+    common = [f"base.name_or_path={model_dir}", "data.text_column=text", f"data.max_length={longest + 16}",
+              "data.eval_examples_per_user=0", f"train.users_per_step={max(1, users // 2)}",
+              "train.examples_per_user=4", f"train.epochs={1 + timed_epochs}", f"train.precision={_precision(device)}",
+              f"train.device={device.type}", "train.progress=false", "tracking.enabled=false", "eval.at_end=false",
+              "adapter.target_modules=all-linear"]
+    padded = [f"train.micro_batch_size={micro_batch_size}"]
+    packed = ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}", "train.packing=true"]
+    policy = {"padded": padded, "grouped": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}"],
+              "packed": packed, "packed_uniform": packed, "uniform": padded}
+    data = {setting: work / ("uniform.jsonl" if setting.endswith("uniform") else "real.jsonl") for setting in SETTINGS}
+    return {setting: [*common, f"data.train_path={data[setting]}", *policy[setting]] for setting in SETTINGS}
+
+
 def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_user: int = 16, median: int = 60,
                   sigma: float = 0.9, longest: int = 768, budget: int = 4096, micro_batch_size: int = 16,
                   tiny: bool = False, configs: tuple[tuple[str, int], ...] = CONFIGS, repeats: int = 2,
-                  timed_epochs: int = 3) -> dict[str, Any]:
+                  timed_epochs: int = 3, device: str = "auto") -> dict[str, Any]:
     from flora_train.base import build_tiny_model
 
+    dev = bench_device(device)
     work = out / "lengths"
     n = users * examples_per_user
     lengths = _lengths(n, median, sigma, longest, seed=0)
@@ -111,25 +139,15 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
     _write(work / "uniform.jsonl", users, [mean] * n, seed=1)
     base = TINY_BASE if tiny else DEFAULT_BASE
     model_dir = build_tiny_model(work / "base", dict(base), texts)
-    common = [f"base.name_or_path={model_dir}", "data.text_column=text", f"data.max_length={longest + 16}",
-              "data.eval_examples_per_user=0", f"train.users_per_step={max(1, users // 2)}", "train.examples_per_user=4",
-              f"train.epochs={1 + timed_epochs}", "train.precision=fp32", "train.device=cpu", "train.progress=false",
-              "tracking.enabled=false", "eval.at_end=false", "adapter.target_modules=all-linear"]
-    policy = {"padded": [f"train.micro_batch_size={micro_batch_size}"],
-              "grouped": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}"],
-              "packed": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}", "train.packing=true"],
-              "uniform": [f"train.micro_batch_size={micro_batch_size}"]}
-    policy["packed_uniform"] = policy["packed"]
+    recipes = setting_recipes(work, model_dir, dev, users, longest, budget, micro_batch_size, timed_epochs)
     runs: dict[str, dict[str, Any]] = {}
     for method, rank in configs:
         name = f"{method} r{rank}"
         runs[name] = {}
         for attempt in range(repeats):
             for setting in SETTINGS:
-                data = work / ("uniform.jsonl" if setting.endswith("uniform") else "real.jsonl")
-                run_dir = work / f"{method}-{setting}-{attempt}"
-                overrides = [*common, f"data.train_path={data}", f"run_dir={run_dir}",
-                             f"adapter.method={method}", f"adapter.rank={rank}", *policy[setting]]
+                overrides = [*recipes[setting], f"run_dir={work / f'{method}-{setting}-{attempt}'}",
+                             f"adapter.method={method}", f"adapter.rank={rank}"]
                 spec = {"overrides": overrides, "timed_epochs": timed_epochs}
                 proc = subprocess.run([sys.executable, "-m", "flora_train.bench.lengths", json.dumps(spec)],
                                       capture_output=True, text=True)
@@ -139,8 +157,8 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
                 best = runs[name].get(setting)
                 if best is None or got["real_tokens_per_s"] > best["real_tokens_per_s"]:
                     runs[name][setting] = got
-                print(f"[{name}] {setting} (run {attempt + 1} of {repeats}): {got['real_tokens_per_s']:.0f} real tokens/s",
-                      flush=True)
+                print(f"[{name}] {setting} (run {attempt + 1} of {repeats}): "
+                      f"{got['real_tokens_per_s']:.0f} real tokens/s", flush=True)
         limit = runs[name]["uniform"]["real_tokens_per_s"]
         for setting in SETTINGS:
             runs[name][setting]["vs_limit"] = runs[name][setting]["real_tokens_per_s"] / limit
@@ -150,21 +168,24 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
     result = {"suite": "lengths", "machine": machine(), "base": base, "examples": n, "users": users,
               "lengths": {"median": p50, "p90": p90, "p99": p99, "max": int(lengths.max()), "mean": mean},
               "attention_work_vs_uniform": attention_work,
-              "budget": budget, "micro_batch_size": micro_batch_size, "targets": TARGETS, "repeats": repeats,
+              "device": dev.type, "precision": _precision(dev), "budget": budget,
+              "micro_batch_size": micro_batch_size, "targets": TARGETS, "repeats": repeats,
               "timed_epochs": timed_epochs, "runs": runs}
     write_json(out, "lengths", result)
     print(f"\nbench lengths: {n} examples of {users} users, lengths median {p50}, p90 {p90}, p99 {p99}, max "
           f"{int(lengths.max())} tokens (uniform: {mean}; attention work a token {attention_work:.2f}x the uniform's); "
-          f"Llama {base['hidden_size']}x{base['num_layers']}, every linear layer adapted, fp32; "
+          f"Llama {base['hidden_size']}x{base['num_layers']}, every linear layer adapted, {_precision(dev)} on "
+          f"{dev.type}; "
           f"padded: {micro_batch_size} examples a micro-batch; grouped and packed: {budget} tokens; "
           f"best epoch of {timed_epochs} in each of {repeats} runs; {result['machine']}")
     print(f"{'adapter':9s} {'setting':14s} {'real tok/s':>10s} {'vs limit':>9s} {'target':>7s} {'real share':>10s} "
-          f"{'max mb tokens':>13s} {'peak MiB':>9s}")
+          f"{'max mb tokens':>13s} {'peak MiB':>9s}  (peak: {'GPU memory allocated' if dev.type == 'cuda' else 'RSS'})")
     for name, by_setting in runs.items():
         for setting, r in by_setting.items():
             target = f"{TARGETS[setting]:.1f}x" if setting in TARGETS else "-"
             print(f"{name:9s} {setting:14s} {r['real_tokens_per_s']:10.0f} {r['vs_limit']:8.2f}x {target:>7s} "
-                  f"{r['real_share']:10.0%} {r['biggest_micro_batch_tokens']:13d} {r['peak_rss_mib']:9.0f}")
+                  f"{r['real_share']:10.0%} {r['biggest_micro_batch_tokens']:13d} "
+                  f"{r['peak_device_mib'] if r['peak_device_mib'] is not None else r['peak_rss_mib']:9.0f}")
     for name, by_setting in runs.items():
         own, lengths_cost = by_setting["packed_uniform"]["vs_limit"], by_setting["packed"]["vs_limit"]
         print(f"{name}: packing itself {own:.2f}x the limit (uniform lengths, packed); the real lengths "

@@ -144,7 +144,8 @@ def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
     if suite == "lengths":
         from flora_train.bench.lengths import bench_lengths
 
-        return bench_lengths(args.out, users=args.length_users, budget=args.budget, tiny=args.tiny, repeats=args.length_repeats)
+        return bench_lengths(args.out, users=args.length_users, budget=args.budget, tiny=args.tiny,
+                             repeats=args.length_repeats, device=args.device)
     raise ValueError(f"unknown bench suite {suite!r}")
 
 
