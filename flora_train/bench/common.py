@@ -24,6 +24,12 @@ def bench_dtype(device: torch.device) -> torch.dtype:
     return autocast_dtype_for("auto", device) or torch.float32
 
 
+def bench_precision(device: torch.device) -> str:
+    """The `train.precision` a benchmark's runs take: bf16 on a GPU (what the figures there are for;
+    packing's flash-attention varlen kernel has no float32), float32 on a CPU (bf16 is emulated)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def machine(device: torch.device | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     text = f"{cpu}, {os.cpu_count()} cpus, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flora_train.bench.common import bench_device, machine, write_json
+from flora_train.bench.common import bench_device, bench_precision, machine, write_json
 
 DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
                     num_kv_heads=4, vocab_size=1024, max_position_embeddings=1024, seed=0, pretrain_steps=0)
@@ -89,33 +89,27 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
         biggest = max((len(mb) * int(max(lengths[i] for _, i in mb)) if not trainer.batching.packing
                        else int(sum(lengths[i] for _, i in mb))) for w in works for mb in w.micro_batches if mb)
         seconds = sum(s.seconds for s in stats)
-        on_gpu = session.device.type == "cuda"
         real, computed = sum(s.tokens for s in stats), sum(s.computed_tokens for s in stats)
         return {"real_tokens_per_s": max(rates), "epoch_real_tokens_per_s": rates, "real_share": real / computed,
                 "seconds": seconds,
                 "real_tokens": real, "computed_tokens": computed, "biggest_micro_batch_tokens": biggest,
                 "micro_batches_per_step": statistics.fmean(len(w.micro_batches) for w in works),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "peak_device_mib": torch.cuda.max_memory_allocated(session.device) / 2**20 if on_gpu else None,
+                "peak_device_mib": (torch.cuda.max_memory_allocated(session.device) / 2**20
+                                    if session.device.type == "cuda" else None),
                 "examples": len(lengths), "longest": int(lengths.max())}
     finally:
         session.close()
 
 
-def _precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def setting_recipes(work: Path, model_dir: Path, device: torch.device, users: int, longest: int, budget: int,
                     micro_batch_size: int, timed_epochs: int) -> dict[str, list[str]]:
-    """Each setting's recipe overrides (all but the run directory and the adapter). On a GPU the runs
-    compute in bf16, as `train.precision: auto` does there: packing then takes flash-attention's
-    varlen kernel where it is installed (it has no float32 kernel)."""
+    """Each setting's recipe overrides (all but the run directory and the adapter)."""
     common = [f"base.name_or_path={model_dir}", "data.text_column=text", f"data.max_length={longest + 16}",
               "data.eval_examples_per_user=0", f"train.users_per_step={max(1, users // 2)}",
-              "train.examples_per_user=4", f"train.epochs={1 + timed_epochs}", f"train.precision={_precision(device)}",
-              f"train.device={device.type}", "train.progress=false", "tracking.enabled=false", "eval.at_end=false",
-              "adapter.target_modules=all-linear"]
+              "train.examples_per_user=4", f"train.epochs={1 + timed_epochs}",
+              f"train.precision={bench_precision(device)}", f"train.device={device.type}", "train.progress=false",
+              "tracking.enabled=false", "eval.at_end=false", "adapter.target_modules=all-linear"]
     padded = [f"train.micro_batch_size={micro_batch_size}"]
     packed = ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}", "train.packing=true"]
     policy = {"padded": padded, "grouped": ["train.micro_batch_size=null", f"train.micro_batch_tokens={budget}"],
@@ -168,15 +162,14 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
     result = {"suite": "lengths", "machine": machine(), "base": base, "examples": n, "users": users,
               "lengths": {"median": p50, "p90": p90, "p99": p99, "max": int(lengths.max()), "mean": mean},
               "attention_work_vs_uniform": attention_work,
-              "device": dev.type, "precision": _precision(dev), "budget": budget,
+              "device": dev.type, "precision": bench_precision(dev), "budget": budget,
               "micro_batch_size": micro_batch_size, "targets": TARGETS, "repeats": repeats,
               "timed_epochs": timed_epochs, "runs": runs}
     write_json(out, "lengths", result)
     print(f"\nbench lengths: {n} examples of {users} users, lengths median {p50}, p90 {p90}, p99 {p99}, max "
           f"{int(lengths.max())} tokens (uniform: {mean}; attention work a token {attention_work:.2f}x the uniform's); "
-          f"Llama {base['hidden_size']}x{base['num_layers']}, every linear layer adapted, {_precision(dev)} on "
-          f"{dev.type}; "
-          f"padded: {micro_batch_size} examples a micro-batch; grouped and packed: {budget} tokens; "
+          f"Llama {base['hidden_size']}x{base['num_layers']}, every linear layer adapted, {result['precision']} on "
+          f"{dev.type}; padded: {micro_batch_size} examples a micro-batch; grouped and packed: {budget} tokens; "
           f"best epoch of {timed_epochs} in each of {repeats} runs; {result['machine']}")
     print(f"{'adapter':9s} {'setting':14s} {'real tok/s':>10s} {'vs limit':>9s} {'target':>7s} {'real share':>10s} "
           f"{'max mb tokens':>13s} {'peak MiB':>9s}  (peak: {'GPU memory allocated' if dev.type == 'cuda' else 'RSS'})")

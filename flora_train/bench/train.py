@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flora_train.bench.common import bench_device, machine, new_figure, save_figure, write_json
+from flora_train.bench.common import bench_device, bench_precision, machine, new_figure, save_figure, write_json
 
 DEFAULT_BASE = dict(architecture="llama", hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8,
                     num_kv_heads=8, vocab_size=2048, max_position_embeddings=256, seed=0, pretrain_steps=0)
@@ -135,7 +135,7 @@ def bench_train(users: int = 64, tokens: int = 64, steps: int = 5, warmup: int =
     texts = _write_data(work / "data.jsonl", users, 2, max(2, (tokens - 1) // 2))
     base_cfg = dict(base or DEFAULT_BASE)
     model_dir = build_tiny_model(work / "base", base_cfg, texts)
-    precision = "bf16" if dev.type == "cuda" else "fp32"
+    precision = bench_precision(dev)
     common = [
         f"base.name_or_path={model_dir}", f"data.train_path={work / 'data.jsonl'}", "data.text_column=text",
         f"data.max_length={2 * tokens}", "data.eval_examples_per_user=0", f"train.users_per_step={users}",
