@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from flora_train.devices import device_arg
+
 
 def _at_least_one(text: str) -> int:
     """An argparse type: a whole number >= 1 (argparse turns the error into one usage line)."""
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--device", default="auto")
+    gen.add_argument("--device", type=device_arg, default="auto")
 
     us = sub.add_parser("users", help="who is in a run: steps, tokens, last held-out loss, export folders")
     us.add_argument("run_dir", type=Path)
@@ -134,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--follow", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
                      help="serve each new intact checkpoint of the run as it appears (looks every SECONDS, default 5)")
     srv.add_argument("--dtype", default=None, help="the base's dtype (default: the recipe's base.dtype)")
-    srv.add_argument("--device", default="auto")
+    srv.add_argument("--device", type=device_arg, default="auto")
 
     doc = sub.add_parser("doctor", help="self-check of the accelerator path: every method, bf16, ZeRO-3 offload, benches")
-    doc.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
+    doc.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when present), cuda or cpu")
     doc.add_argument("--out", type=Path, default=Path("runs/doctor"))
     doc.add_argument("--small", action="store_true", help="small models and benches (how the test suite runs it)")
     doc.add_argument("--no-bench", action="store_true", help="skip the benchmark tables")

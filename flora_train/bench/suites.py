@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flora_train.devices import device_arg
+
 SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale", "personal", "lengths")
 
 
@@ -23,7 +25,7 @@ def _ints(text: str) -> list[int]:
 def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("suite", choices=[*SUITES, "all"])
     be.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON results and plots")
-    be.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    be.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when present), cpu or cuda")
     be.add_argument("--repeats", type=int, default=None, help="layer: timed repeats per kernel (3); store: (50)")
     be.add_argument("--tokens", type=int, default=None, help="layer: tokens per example (8 on CPU, 256 on GPU); "
                     "train: (64)")

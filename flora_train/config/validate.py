@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flora_train.adapters.functional import kernel_error
 from flora_train.adapters.methods import get_method
+from flora_train.devices import device_error
 from flora_train.config.schema import ExportFormat
 
 
@@ -174,8 +175,8 @@ def validate_recipe(cfg: DictConfig, source: str) -> None:
         _fail(source, "store.cache_rows", f"must be >= 0, got {cfg.store.cache_rows}")
     if 0 < cfg.store.cache_rows < train.users_per_step:
         _fail(source, "store.cache_rows", f"must hold a step's users (train.users_per_step={train.users_per_step}) or be 0")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", train.device):
-        _fail(source, "train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {train.device!r}")
+    if (error := device_error(train.device)) is not None:
+        _fail(source, "train.device", error)
     la = cfg.launch
     _positive(cfg, source, ["launch.nodes", "launch.procs_per_node", "launch.cpus_per_proc", "launch.port"])
     if la.gpus_per_node < 0:

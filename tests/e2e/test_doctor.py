@@ -37,3 +37,15 @@ def test_doctor_refuses_a_jobs_count_below_one():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "argument --jobs: must be a whole number >= 1, got '0'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "lengths", "--device", "gpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    (["doctor", "--device", "cuda:99"], "argument --device: cuda:99: this machine has"),
+])
+def test_a_device_flag_naming_no_device_here_is_one_usage_line(argv, message):
+    """Before, the name reached torch.device (or a CUDA call) inside the command: a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "flora_train.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -66,6 +66,7 @@ def _write(tmp_path, text):
         (MINIMAL, ["train.micro_batch_tokens=100"], r"key 'train.micro_batch_tokens': 100 tokens cannot hold an example of "
                                                     r"data.max_length=256 tokens"),
         (MINIMAL, ["train.micro_batch_tokens=0"], r"key 'train.micro_batch_tokens': must be > 0"),
+        (MINIMAL, ["train.device=gpu"], r"key 'train.device': must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
         (MINIMAL, ["data.validation_fraction=1.5"], r"key 'data.validation_fraction': must be in \[0, 1\)"),
         (MINIMAL, ["data.validation_fraction=0.2", "train.sweep.lr=[0.1]"], r"key 'train.select': must be best with train.sweep.lr"),
         (MINIMAL, ["data.validation_fraction=0.2", "train.select=best", "train.sweep.lr=[0.1,0.1]"],

@@ -1,0 +1,32 @@
+"""The device names a recipe's ``train.device`` and the commands' ``--device`` take."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+
+
+def device_error(device: str) -> str | None:
+    """Why ``device`` names no device this project runs on (None when it does): the recipe's
+    ``train.device`` and the commands' ``--device`` take the same names."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        return f"must be {DEVICE_FORMS}, got {device!r}"
+    return None
+
+
+def device_arg(text: str) -> str:
+    """An argparse type for ``--device``: a name ``device_error`` accepts, and a CUDA device only
+    where this machine has it (else a run would start and fail deep inside torch)."""
+    import torch  # here, not at the top: the CLI builds its parser before anything needs torch
+
+    error = device_error(text)
+    if error is None and text.startswith("cuda"):
+        index = int(text.partition(":")[2] or 0)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            error = f"{text}: this machine has {count} CUDA device{'' if count == 1 else 's'}"
+    if error is not None:
+        raise argparse.ArgumentTypeError(error)
+    return text
