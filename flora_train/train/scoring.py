@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from flora_train import dist as fdist
 from flora_train.config import load_recipe
+from flora_train.config.choices import StoreTier
 from flora_train.data import BatchPlanner
 from flora_train.data.examples import TokenizedExamples
 from flora_train.launch_env import read_launch_env
@@ -297,7 +298,7 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     refused while the run trains. The rows come from the checkpoint into a store in memory: the
     run's own store tier files (``store_tier/``) are never opened."""
     recipe = RunDir(run_dir).recipe
-    session = prepare_session(_recipe_beside_the_run(run_dir, "evaluating"))
+    session = prepare_session(recipe_beside_the_run(run_dir, "evaluating"))
     try:
         if data is not None:
             session.eval = load_eval_file(session.cfg, session.tokenizer, data)
@@ -306,7 +307,7 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
         session.close()
 
 
-def _recipe_beside_the_run(run_dir: Path, doing: str) -> DictConfig:
+def recipe_beside_the_run(run_dir: Path, doing: str) -> DictConfig:
     """The run's recipe for work done on a finished run (eval, retraining the shared adapter):
     rows in memory (the run's store tier files are never opened), the base whole in one process."""
     recipe = RunDir(run_dir).recipe
@@ -320,14 +321,14 @@ def _recipe_beside_the_run(run_dir: Path, doing: str) -> DictConfig:
         print(f"{doing} in one process: the base is loaded whole (base.zero_stage=0); "
               "start under torchrun to keep it partitioned")
         cfg.base.zero_stage = 0
-    cfg.store.tier, cfg.store.disk_dir, cfg.store.cache_rows = "host", None, 0
+    cfg.store.tier, cfg.store.disk_dir, cfg.store.cache_rows = StoreTier.host, None, 0
     return cfg
 
 
 def retrain_shared_baseline(run_dir: Path, without: set[str], steps: int) -> int:
     """``flora-train forget --retrain-shared``: the shared adapter trained again as the run trained it,
     for ``steps`` steps, on the examples of every user but ``without``; returns how many examples."""
-    session = prepare_session(_recipe_beside_the_run(run_dir, "retraining the shared adapter"))
+    session = prepare_session(recipe_beside_the_run(run_dir, "retraining the shared adapter"))
     try:
         keep = np.sort(np.concatenate([idx for u, idx in session.train.by_user().items() if u not in without]))
         session.train = session.train.select(keep)

@@ -30,12 +30,13 @@ def lora_run(tmp_path_factory):
                 r["user_id"] = HOSTILE[i]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = root / "run"
-    flora_train(
+    proc = flora_train(
         "run", "recipes/quickstart.yaml", *SMALL, f"run_dir={run_dir}", "data.synthetic=null",
         f"data.train_path={paths[0]}", f"data.eval_path={paths[1]}", "adapter.method=lora", "adapter.rank=4",
         "store.optimizer.lr=0.01", "train.compare_shared_baseline=false", "export.format=peft",
         "train.micro_batch_size=null", "train.micro_batch_tokens=96", "train.packing=true",
     )
+    (root / "run.stderr").write_text(proc.stderr)
     return run_dir
 
 
@@ -59,6 +60,10 @@ def _trained_logits(run_dir, user, ids):
 def test_run_tracks_to_embedded_mlflow(lora_run):
     from mlflow.tracking import MlflowClient
 
+    # A run whose data and settings need nothing from the user prints nothing on stderr: no
+    # library's log lines (MLflow's INFO lines when it creates the tracking database) or warnings.
+    stderr = (lora_run.parent / "run.stderr").read_text()
+    assert stderr == "", stderr
     result = json.loads((lora_run / "result.json").read_text())
     assert result["users"] == 24 and result["eval"]["eval/users"] == 24
     client = MlflowClient(tracking_uri=f"sqlite:///{lora_run / 'mlflow.db'}")

@@ -91,7 +91,9 @@ def test_overrides_apply_with_types(tmp_path):
 
 def test_loading_a_recipe_warns_nothing_on_the_pinned_and_the_newest_omegaconf(tmp_path):
     """`pip install -e .` resolves omegaconf 2.4, whose register_new_resolver warns on every run (2.3's
-    register_resolver is the deprecated one): a recipe loads with warnings as errors on both."""
+    register_resolver is the deprecated one): a recipe loads with warnings as errors on both. So
+    does the recipe `eval` and `forget --retrain-shared` adjust for a finished run (2.4 deprecates
+    assigning a string to an enum key: `flora-train eval` warned on it)."""
     import subprocess
     import sys
     import zipfile
@@ -100,8 +102,14 @@ def test_loading_a_recipe_warns_nothing_on_the_pinned_and_the_newest_omegaconf(t
                     str(tmp_path), "omegaconf==2.4.0"], check=True, capture_output=True)
     [wheel] = tmp_path.glob("omegaconf-2.4.0-*.whl")
     zipfile.ZipFile(wheel).extractall(tmp_path / "newest")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text((REPO / "recipes/smollm2-135m-flora-r1.yaml").read_text())
     code = ("import omegaconf, sys; from flora_train.config import load_recipe; "
-            "load_recipe('recipes/smollm2-135m-flora-r1.yaml', ['adapter.shared.rank=4']); print(omegaconf.__version__)")
+            "load_recipe('recipes/smollm2-135m-flora-r1.yaml', ['adapter.shared.rank=4']); "
+            "from flora_train.train.scoring import recipe_beside_the_run; "
+            f"assert recipe_beside_the_run({str(run_dir)!r}, 'evaluating').store.tier.value == 'host'; "
+            "print(omegaconf.__version__)")
     for path, version in ((None, "2.3.0"), (tmp_path / "newest", "2.4.0")):
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         if path is not None:
