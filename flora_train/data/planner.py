@@ -117,9 +117,12 @@ class BatchPlanner:
         return steps
 
     def occupancy(self, epochs: int = 1) -> dict[str, float]:
-        """How full the steps are: examples per step over ``users_per_step * examples_per_user``
-        (mean and the worst step), and the share of steps with a single user."""
-        target = self.users_per_step * (self.examples_per_user + (self.retain[2] if self.retain else 0))
+        """How full the steps are: examples per step over what a step can hold,
+        ``users_per_step * examples_per_user`` or, with fewer users than ``users_per_step``, every
+        user's ``examples_per_user`` (mean and the worst step), and the share of steps with a single
+        user. A run of fewer users is not made fuller by any setting: it is not a skew to warn of."""
+        users = min(self.users_per_step, len(self.user_examples))
+        target = users * (self.examples_per_user + (self.retain[2] if self.retain else 0))
         fill = [sum(len(c) for _, c in groups) / target for e in range(epochs) for groups in self._epoch(e)]
         alone = [len(groups) == 1 for e in range(epochs) for groups in self._epoch(e)]
         if not fill:
