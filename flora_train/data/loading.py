@@ -82,10 +82,12 @@ class BadRows:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def report(self, where: str, reason: str, detail: str) -> None:
+    def report(self, where: str, reason: str, detail: str, fix: str | None = None) -> None:
+        """``fix``: what to set when the row is fine but read under the wrong settings (then skipping
+        rows is not the way out)."""
         message = f"{where}: {detail}"
         if self.policy == "error":
-            raise DataError(message + " (set data.on_bad_row=skip to skip such rows)")
+            raise DataError(f"{message} ({fix or 'set data.on_bad_row=skip to skip such rows'})")
         self.counts[reason] += 1
         if len(self.examples) < 20:
             self.examples.append(message)
@@ -162,7 +164,7 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
     for column, name in fields:
         value = record.get(column)
         if value is None:
-            bad.report(where, f"missing_{name}", f"user {user!r}: missing column '{column}'")
+            bad.report(where, f"missing_{name}", f"user {user!r}: missing column '{column}'", _columns_fix(record, cols))
             return None
         if not isinstance(value, str):
             bad.report(where, f"wrong_type_{name}", f"user {user!r}: column '{column}' must be a string, got {type(value).__name__}")
@@ -172,6 +174,26 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
             return None
         out[name] = value
     return out
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, dict) and "role" in t for t in value)
+
+
+def _columns_fix(record: dict, cols: Columns) -> str | None:
+    """The key to set when a row holds its text in columns other than the recipe's: chat turns, plain
+    text, or (naming the row's columns) prompt and completion under other names. None when the row
+    has none of these: a row missing its data, for which skipping is the way out."""
+    chat = [k for k, v in record.items() if _is_chat(v)]
+    if chat:
+        return f"the row's turns are in '{chat[0]}': set data.messages_column={chat[0]}"
+    strings = sorted(k for k, v in record.items() if isinstance(v, str) and k != cols.user)
+    if cols.text is None and strings == ["text"]:
+        return "the row is plain text: set data.text_column=text"
+    if cols.text is None and len(strings) >= 2 and not {cols.prompt, cols.completion} & set(strings):
+        return (f"the row's columns are {', '.join(map(repr, strings))}: set data.prompt_column and "
+                "data.completion_column (or data.text_column) to them")
+    return None
 
 
 def _dataset_rows(source: DataSource) -> Iterator[tuple[str, Any]]:

@@ -42,6 +42,24 @@ def test_bad_rows_name_file_and_line_or_are_counted(tmp_path, line, reason):
     assert len(ds) == 2 and bad.counts == {reason: 1} and "d.jsonl:3" in bad.examples[0]
 
 
+@pytest.mark.parametrize("row, fix", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     "the row's turns are in 'messages': set data.messages_column=messages"),
+    ({"text": "some words"}, "the row is plain text: set data.text_column=text"),
+    ({"question": "q", "answer": "a"}, "the row's columns are 'answer', 'question': set data.prompt_column and "
+     "data.completion_column (or data.text_column) to them"),
+    ({"prompt": "x"}, "set data.on_bad_row=skip to skip such rows"),  # a row missing its data: skipping is the way out
+])
+def test_rows_read_under_the_wrong_columns_name_the_key_to_set(tmp_path, row, fix):
+    """Chat rows read as prompt/completion said only 'missing column 'prompt' (set
+    data.on_bad_row=skip ...)': skipping would drop every row. The error names the key instead."""
+    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps({"user_id": "a", **row})])
+    with pytest.raises(DataError) as error:
+        load_examples(path, "auto", Columns(), BadRows("error"))
+    assert str(error.value).startswith(f"{path}:1: user 'a': missing column '"), str(error.value)
+    assert str(error.value).endswith(f"({fix})"), str(error.value)
+
+
 def test_parquet_csv_and_text_columns(tmp_path):
     import pandas as pd
 
