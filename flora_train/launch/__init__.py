@@ -10,8 +10,8 @@ from flora_train.launch_env import LaunchError
 
 def check_local_data(cfg: DictConfig) -> None:
     """The recipe's training and evaluation data exist, checked before starting processes that
-    would each fail on them (and be restarted ``launch.max_restarts`` times). Only for jobs on
-    this machine: a cluster's nodes may see files this one does not."""
+    would each load the base only to fail on them. Only for jobs on this machine: a cluster's nodes
+    may see files this one does not."""
     from flora_train.data.sources import SourceError, resolve_sources
 
     d = cfg.data

@@ -90,14 +90,37 @@ def test_local_scheduler_returns_a_failed_jobs_exit_code(tmp_path):
     assert missing.returncode == 2 and not (tmp_path / "missing" / "launch").exists()
     assert f"data.train_path: data file not found: {tmp_path / 'missing.jsonl'} (checked before starting" in missing.stderr
     # A job whose ranks fail on a bad row: their error, torchrun's one line with the rank's exit
-    # code (2: bad input), and no traceback from torchrun.
+    # code (2: bad input), and no traceback from torchrun. Bad input fails every round alike, so
+    # the job is not restarted (launch.max_restarts=3 ran it four times, printing it each time).
     bad_rows = tmp_path / "bad.jsonl"
     bad_rows.write_text('{"user_id": "u1", "prompt": "a", "completion": " b"}\nnot json\n')
     bad = launch("recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'bad'}", "data.synthetic=null",
-                 f"data.train_path={bad_rows}", "--procs-per-node", "2", "launch.max_restarts=0")
+                 f"data.train_path={bad_rows}", "--procs-per-node", "2", "launch.max_restarts=3")
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert f"{bad_rows}:2" in bad.stderr and "the job failed: rank " in bad.stderr and "exited with code 2" in bad.stderr
     assert "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert 1 <= bad.stderr.count(f"flora-train: error: {bad_rows}:2") <= 2, bad.stderr[-3000:]  # one round: each rank once at most
+
+
+def test_a_node_whose_peer_failed_on_bad_input_ends_in_one_line(tmp_path):
+    """Two nodes on loopback: node 0's rank fails on bad input (2) and its agent, which hosts the
+    rendezvous, ends the job at once; node 1's rank fails otherwise (4, a lost peer) and its agent,
+    ready to restart, finds the rendezvous gone. It says so in one line, not torchrun's traceback."""
+    from tests.distributed.test_launchers import _free_port
+
+    (tmp_path / "bad_input.py").write_text("import sys\nsys.exit(2)\n")
+    (tmp_path / "lost_peer.py").write_text("import sys, time\ntime.sleep(3)\nsys.exit(4)\n")
+    port, env = _free_port(), {**os.environ, "PYTHONPATH": str(REPO)}
+    agents = [subprocess.Popen([sys.executable, "-m", "flora_train.launch.torchrun", "--nnodes=2", "--nproc-per-node=1",
+                                "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                f"--rdzv-id=job{port}", f"--rdzv-conf=is_host={int(node == 0)}", script],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for node, script in enumerate(("bad_input.py", "lost_peer.py"))]
+    outs = [agent.communicate(timeout=120)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [2, 1], outs
+    assert "the job failed: rank 0 exited with code 2" in outs[0] and outs[0].count("will restart worker group") == 0
+    assert "flora-train launch: the job ended on another node, whose output says why" in outs[1], outs[1][-3000:]
+    assert "Traceback" not in outs[1], outs[1][-3000:]
 
 
 @pytest.fixture(scope="module")
