@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from flora_train.inference.kv_cache import SlotKV
+from flora_train.inference.kv_cache import SlotKV, cache_keyword
 from flora_train.inference.request import Delta, Done, Failed, Overloaded, Request
 from flora_train.inference.rows import AdapterCache, CacheFull
 from flora_train.inference.sampling import TokenLogprob, logprobs_of, new_generator, penalised, sample_rows
@@ -50,6 +50,7 @@ class Engine:
         if max_batch < 1 or prefill_tokens < 1:
             raise ValueError("max_batch and prefill_tokens must be >= 1")
         self.model, self.slot, self.tokenizer = model, slot, tokenizer
+        self._cache_keyword = cache_keyword(model)
         self.device = adapters.table.device
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         self.autocast_dtype = autocast_dtype
@@ -243,7 +244,7 @@ class Engine:
                     else contextlib.nullcontext())
         with torch.no_grad(), self.slot.activate(*rows), autocast:
             out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
-                             past_key_values=kv.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+                             use_cache=True, logits_to_keep=0 if all_logits else 1, **{self._cache_keyword: kv.cache})
         return out.logits.float()
 
     def _prefill_chunk(self) -> None:

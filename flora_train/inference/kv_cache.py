@@ -11,6 +11,8 @@ left are trimmed, so the batch never stays wider than its longest member.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -18,6 +20,13 @@ from transformers.cache_utils import DynamicLayer
 
 class UnsupportedCache(RuntimeError):
     """The model's cache is not a plain per-layer key/value cache (sliding windows, recurrent state)."""
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its cache by. transformers 5.25 renamed
+    ``past_key_values`` to ``cache`` (the old name warns on every request and goes in 5.40); the
+    pinned 5.23 knows only the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class SlotKV:

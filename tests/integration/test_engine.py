@@ -167,9 +167,10 @@ def test_a_storm_of_submits_and_cancels_ends_every_request_once_and_leaks_nothin
 def test_the_kv_cache_keeps_each_row_exact_through_joins_and_leaves(trained):
     """Rows of different lengths joined, some dropped, the rest trimmed: each remaining row's next
     logits equal that sequence run alone (float32, the same kernels: 1e-5)."""
-    from flora_train.inference.kv_cache import SlotKV
+    from flora_train.inference.kv_cache import SlotKV, cache_keyword
 
     tok, model = trained.tokenizer, trained.model
+    keyword = cache_keyword(model)
     prompts = [tok(p)["input_ids"] for p in ("a", "quick : favourite colour ? it is", "my city", "favourite fruit ?")]
     rows, index, _ = trained.batch_rows(["user-000001"])
 
@@ -182,7 +183,7 @@ def test_the_kv_cache_keeps_each_row_exact_through_joins_and_leaves(trained):
             m[i, width - len(p):] = 1
         attn, pos = kv.step_inputs(m)
         with torch.no_grad(), trained.slot.activate(rows, index.new_zeros(len(ids))):
-            return model(input_ids=x, attention_mask=attn, position_ids=pos, past_key_values=kv.cache, use_cache=True).logits[:, -1]
+            return model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, **{keyword: kv.cache}).logits[:, -1]
 
     batch = SlotKV.empty(2, trained.device)
     run(batch, prompts[:2])
@@ -242,3 +243,18 @@ def test_packed_and_flora_exports_serve_the_runs_rows_read_by_user(trained, tmp_
             assert torch.equal(served.row(user), trained.row(user)), (fmt, user)
         (text,), _ = generate_batch(served, [PROMPT], [users[1]], GenerationSettings(max_new_tokens=5))
         assert text.text == alone.text, fmt
+
+
+def test_the_cache_goes_by_the_name_the_models_forward_takes(trained):
+    """transformers 5.25 renamed forward's past_key_values to cache: passing the old name made
+    `flora-train serve` warn on its first request on the newest transformers (and it goes in 5.40)."""
+    import inspect
+
+    from flora_train.inference.kv_cache import cache_keyword
+
+    class Renamed(torch.nn.Module):  # a forward as transformers >= 5.25 declares it
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return input_ids
+
+    assert cache_keyword(Renamed()) == "cache"
+    assert cache_keyword(trained.model) in inspect.signature(trained.model.forward).parameters
