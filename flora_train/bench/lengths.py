@@ -41,7 +41,9 @@ from flora_train.bench.common import bench_device, bench_precision, machine, wri
 
 DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
                     num_kv_heads=4, vocab_size=1024, max_position_embeddings=1024, seed=0, pretrain_steps=0)
-TINY_BASE = dict(DEFAULT_BASE, hidden_size=32, intermediate_size=64, num_layers=2, vocab_size=400)
+# The same vocabulary as the default: with fewer tokens a word "wNNN" splits into more pieces, and
+# the examples are no longer the lengths the bench meant (at 400 the longest ran to 1,042 tokens).
+TINY_BASE = dict(DEFAULT_BASE, hidden_size=32, intermediate_size=64, num_layers=2)
 CONFIGS = (("flora", 1), ("lora", 8))
 SETTINGS = ("padded", "grouped", "packed", "packed_uniform", "uniform")
 TARGETS = {"packed": 0.9, "grouped": 0.6}  # real tokens/s against the uniform limit (this CPU)
@@ -65,6 +67,25 @@ def _write(path: Path, users: int, lengths: list[int], seed: int) -> list[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(rows) + "\n")
     return texts
+
+
+def prepare_data(work: Path, users: int, examples_per_user: int, median: int, sigma: float, longest: int,
+                 base: dict[str, Any]) -> tuple[np.ndarray, int, Path, int]:
+    """The real-length and uniform data files, the base built on their text, and what the recipes'
+    ``data.max_length`` must hold: ``(lengths, mean, model_dir, longest_tokens)``, the last counted
+    with the base's own tokenizer (a word is about two tokens, not exactly)."""
+    from transformers import AutoTokenizer
+
+    from flora_train.base import build_tiny_model
+
+    lengths = _lengths(users * examples_per_user, median, sigma, longest, seed=0)
+    mean = int(round(float(lengths.mean())))
+    texts = _write(work / "real.jsonl", users, lengths.tolist(), seed=0)
+    uniform = _write(work / "uniform.jsonl", users, [mean] * len(lengths), seed=1)
+    model_dir = build_tiny_model(work / "base", dict(base), texts)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    longest_tokens = max(len(ids) for ids in tokenizer([*texts, *uniform])["input_ids"])
+    return lengths, mean, model_dir, longest_tokens
 
 
 def _one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -122,18 +143,12 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
                   sigma: float = 0.9, longest: int = 768, budget: int = 4096, micro_batch_size: int = 16,
                   tiny: bool = False, configs: tuple[tuple[str, int], ...] = CONFIGS, repeats: int = 2,
                   timed_epochs: int = 3, device: str = "auto") -> dict[str, Any]:
-    from flora_train.base import build_tiny_model
-
     dev = bench_device(device)
     work = out / "lengths"
     n = users * examples_per_user
-    lengths = _lengths(n, median, sigma, longest, seed=0)
-    mean = int(round(float(lengths.mean())))
-    texts = _write(work / "real.jsonl", users, lengths.tolist(), seed=0)
-    _write(work / "uniform.jsonl", users, [mean] * n, seed=1)
     base = TINY_BASE if tiny else DEFAULT_BASE
-    model_dir = build_tiny_model(work / "base", dict(base), texts)
-    recipes = setting_recipes(work, model_dir, dev, users, longest, budget, micro_batch_size, timed_epochs)
+    lengths, mean, model_dir, longest_tokens = prepare_data(work, users, examples_per_user, median, sigma, longest, base)
+    recipes = setting_recipes(work, model_dir, dev, users, longest_tokens, budget, micro_batch_size, timed_epochs)
     runs: dict[str, dict[str, Any]] = {}
     for method, rank in configs:
         name = f"{method} r{rank}"
