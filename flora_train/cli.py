@@ -33,10 +33,7 @@ def _quiet_libraries() -> None:
     # setting wins, and launched processes inherit these.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # MLflow sets its own loggers' level when it is imported, from this variable (INFO unset), so
-    # a level set here first would be undone: every new tracking database printed two INFO lines.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # if it was imported already
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers from it when imported
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed 0.19 gathers ZeRO-3 partitions with a call torch 2.13 deprecates; nothing to act on.

@@ -116,7 +116,11 @@ def test_a_node_whose_peer_failed_on_bad_input_ends_in_one_line(tmp_path):
                                 f"--rdzv-id=job{port}", f"--rdzv-conf=is_host={int(node == 0)}", script],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for node, script in enumerate(("bad_input.py", "lost_peer.py"))]
-    outs = [agent.communicate(timeout=120)[0] for agent in agents]
+    try:
+        outs = [agent.communicate(timeout=120)[0] for agent in agents]
+    finally:  # a hung agent never outlives the test
+        for agent in agents:
+            agent.kill()
     assert [a.returncode for a in agents] == [2, 1], outs
     assert "the job failed: rank 0 exited with code 2" in outs[0] and outs[0].count("will restart worker group") == 0
     assert "flora-train launch: the job ended on another node, whose output says why" in outs[1], outs[1][-3000:]
