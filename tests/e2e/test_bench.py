@@ -1,6 +1,7 @@
 """`flora-train bench store` end to end on small sizes: every figure is produced and sane."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,7 +45,10 @@ def test_bench_zero_prints_stage0_and_zero3_side_by_side(tmp_path):
 
 def _bench(tmp_path, *args):
     cmd = [sys.executable, "-m", "flora_train.cli", "bench", *args, "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # One thread, as `make test` gives each worker: a bench on every core beside another pytest
+    # worker oversubscribes them, and OpenMP's waits then put 50-100x spikes into single timings.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -55,7 +59,7 @@ def _is_png(path):
 
 def test_bench_layer_times_every_kernel_and_finds_the_crossover(tmp_path):
     out = _bench(tmp_path, "layer", "--widths", "32,64", "--ranks", "1,2,4", "--user-mix", "1,all", "--batch", "8",
-                 "--tokens", "4", "--repeats", "1")
+                 "--tokens", "4", "--repeats", "5")
     result = json.loads((tmp_path / "bench_layer.json").read_text())
     assert result["dtype"] == "float32" and result["batch"] == 8 and _is_png(tmp_path / "bench_layer.png")
     points = result["points"]
