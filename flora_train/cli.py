@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=_at_least_one, default=32, help="sequences generating at once at most")
     srv.add_argument("--prefill-tokens", type=_at_least_one, default=512,
                      help="prompt tokens prefilled per step at most: longer prompts are prefilled in chunks")
-    srv.add_argument("--max-prompt-tokens", type=int, default=None,
-                     help="prompt + max_tokens limit (default: the recipe's data.max_length, else the model's)")
-    srv.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429 with Retry-After")
+    srv.add_argument("--max-prompt-tokens", type=_at_least_one, default=None,
+                     help="prompt + max_tokens limit (default: the recipe's data.max_length, else the model's context)")
+    srv.add_argument("--max-queue", type=_at_least_one, default=256, help="requests waiting at most; more get 429 with Retry-After")
     srv.add_argument("--cache-users", type=_at_least_one, default=None,
                      help="adapters held on the device at most (LRU, filled on demand; default: every user)")
     srv.add_argument("--follow", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",

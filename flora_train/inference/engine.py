@@ -47,8 +47,8 @@ class Engine:
     def __init__(self, model: torch.nn.Module, slot: Any, tokenizer: Any, adapters: AdapterCache, *,
                  max_batch: int = 32, prefill_tokens: int = 512, max_queue: int = 256,
                  autocast_dtype: torch.dtype | None = None, observer: Any = None) -> None:
-        if max_batch < 1 or prefill_tokens < 1:
-            raise ValueError("max_batch and prefill_tokens must be >= 1")
+        if min(max_batch, prefill_tokens, max_queue) < 1:  # (a queue of size 0 would be unbounded: never a 429)
+            raise ValueError("max_batch, prefill_tokens and max_queue must be >= 1")
         self.model, self.slot, self.tokenizer = model, slot, tokenizer
         self._cache_keyword = cache_keyword(model)
         self.device = adapters.table.device

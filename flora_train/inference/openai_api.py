@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flora_train.inference.sampling import TokenLogprob
 
+MAX_CHOICES = 128  # OpenAI's bound on n
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -38,7 +40,7 @@ class _Common(BaseModel):
     top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0: off
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices per prompt, each its own sequence
     stop: str | list[str] | None = None
     user: str | None = None
     seed: int | None = None
@@ -46,7 +48,9 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str
+    # One prompt or a batch of them, as text or token ids (evaluation harnesses send token-id
+    # batches); each prompt gets n choices, indexed prompt by prompt.
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
@@ -106,27 +110,33 @@ def chat_logprobs(items: list[TokenLogprob], piece: TokenText) -> list[dict[str,
             for t in items]
 
 
-def completion_body(rid: str, model: str, text: str, logprobs: dict[str, Any] | None, finish: str | None,
-                    use: dict[str, int] | None, chunk: bool = False) -> dict[str, Any]:
+def completion_choice(index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int] | None,
+                    chunk: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+                            "choices": choices}
     if use is not None or not chunk:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, logprobs: list[dict[str, Any]] | None, finish: str,
-              use: dict[str, int]) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": {"content": logprobs} if logprobs is not None else None, "finish_reason": finish}],
+def chat_choice(index: int, text: str, logprobs: list[dict[str, Any]] | None, finish: str) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": {"content": logprobs} if logprobs is not None else None, "finish_reason": finish}
+
+
+def chat_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices,
             "usage": use}
 
 
-def chat_chunk(rid: str, model: str, delta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None,
+def chat_chunk(rid: str, model: str, index: int, delta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None,
                finish: str | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": {"content": logprobs} if logprobs else None,
+            "choices": [{"index": index, "delta": delta, "logprobs": {"content": logprobs} if logprobs else None,
                          "finish_reason": finish}]}
 
 
@@ -134,5 +144,6 @@ def usage_chunk(rid: str, model: str, obj: str, use: dict[str, int]) -> dict[str
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}
 
 
-__all__ = ["ChatRequest", "CompletionRequest", "Message", "TokenText", "chat_body", "chat_chunk", "chat_logprobs",
-           "completion_body", "completion_logprobs", "merge_completion_logprobs", "new_id", "usage", "usage_chunk"]
+__all__ = ["MAX_CHOICES", "ChatRequest", "CompletionRequest", "Message", "TokenText", "chat_body", "chat_choice",
+           "chat_chunk", "chat_logprobs", "completion_body", "completion_choice", "completion_logprobs",
+           "merge_completion_logprobs", "new_id", "usage", "usage_chunk"]

@@ -12,6 +12,7 @@ when the engine's thread is not running; ``/metrics`` is Prometheus text.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -45,21 +46,44 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
 
 
-class _Answer:
-    """One request's events, moved from the engine's thread onto the handler's event loop."""
+class _Answers:
+    """The events of one HTTP request's sequences (its prompts times ``n``), each tagged with its
+    choice index, moved from the engine's thread onto the handler's event loop."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[Delta | Done | Failed] = asyncio.Queue()
+        self.events: asyncio.Queue[tuple[int, Delta | Done | Failed]] = asyncio.Queue()
 
-    def sink(self, event: Delta | Done | Failed) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)  # raises once the loop is gone
+    def sink(self, index: int) -> Callable[[Delta | Done | Failed], None]:
+        def put(event: Delta | Done | Failed) -> None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))  # raises once the loop is gone
+
+        return put
+
+
+def _choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice ``j`` of ``n`` samples with ``seed + j``: the choices differ, and each is what a
+    request of that seed alone gets."""
+    return None if seed is None else seed + choice
 
 
 def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users: bool = False, max_batch: int = 32,
                prefill_tokens: int = 512, max_prompt_tokens: int | None = None, default_max_tokens: int = 16,
                max_queue: int = 256, cache_users: int | None = None, follow_s: float | None = None) -> FastAPI:
     app = FastAPI(title="flora_train", description="per-user adapters, batched across users")
+    config = getattr(trained.model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or 4096
+    vocab = getattr(config, "vocab_size", None) or len(trained.tokenizer)
+    if max_prompt_tokens is not None and not 1 <= max_prompt_tokens <= context:
+        raise InferenceError(f"--max-prompt-tokens {max_prompt_tokens}: must be in 1..{context}, the model's context "
+                             "(max_position_embeddings)")
+    if max_prompt_tokens is not None:
+        limit, origin = max_prompt_tokens, "--max-prompt-tokens"
+    elif trained.source.max_length and trained.source.max_length < context:
+        limit = trained.source.max_length
+        origin = f"the run's data.max_length; --max-prompt-tokens raises it, up to the model's context of {context}"
+    else:
+        limit, origin = context, "the model's context"
     capacity = cache_users or len(trained.users) + max_batch
     if capacity < max_batch:
         raise InferenceError(f"--cache-users {capacity} is below --max-batch {max_batch}: a full batch needs a row each")
@@ -78,11 +102,11 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
 
         follower = Follower(trained, engine, follow_s)
     app.state.follower = follower
-    config = getattr(trained.model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or 4096
-    limit = max_prompt_tokens or min(trained.source.max_length or context, context)
     tok = trained.tokenizer
     piece = api.TokenText(tok)
+
+    def sse(payload: dict[str, Any] | str) -> str:
+        return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
@@ -123,15 +147,15 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             raise ApiError(404, f"unknown user {user!r}: no adapter was trained for it")
         return user or None
 
-    def settings_of(req: api._Common, max_tokens: int | None, prompt_tokens: int, chat: bool, echo: bool) -> GenerationSettings:
-        if req.n != 1:
-            raise ApiError(400, "n must be 1")
+    def settings_of(req: api._Common, max_tokens: int | None, prompt_tokens: int, chat: bool, echo: bool,
+                    which: str = "prompt") -> GenerationSettings:
         room = limit - prompt_tokens
         if room < 0:
-            raise ApiError(400, f"prompt of {prompt_tokens} tokens exceeds the limit of {limit} tokens")
+            raise ApiError(400, f"{which} of {prompt_tokens} tokens exceeds the limit of {limit} tokens ({origin})")
         new = max_tokens if max_tokens is not None else (room if chat else min(default_max_tokens, room))
         if prompt_tokens + new > limit:
-            raise ApiError(400, f"prompt of {prompt_tokens} tokens + max_tokens {new} exceeds the limit of {limit} tokens")
+            raise ApiError(400, f"{which} of {prompt_tokens} tokens + max_tokens {new} exceeds the limit of {limit} "
+                                f"tokens ({origin})")
         if new == 0 and not echo:
             raise ApiError(400, "max_tokens 0 generates nothing; it is for scoring a prompt with echo and logprobs")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -143,65 +167,100 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 
-    def start(prompt_ids: list[int], user: str | None, settings: GenerationSettings, logprobs: int | None,
-              echo: bool) -> tuple[Request, _Answer]:
-        answer = _Answer()
-        request = Request(prompt_ids, user, settings, answer.sink, logprobs, echo)
-        try:
-            engine.submit(request)
-        except Overloaded as exc:
-            raise ApiError(429, f"server busy: {exc}; retry shortly") from None
-        return request, answer
+    def prompts_of(req: api.CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """The request's prompts as token ids, and as the text ``echo`` returns (text prompts as sent,
+        token prompts decoded)."""
+        batch = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+            else [req.prompt]  # ([] is one empty prompt: refused below)
+        ids, texts = [], []
+        for k, prompt in enumerate(batch):
+            which = "the prompt" if len(batch) == 1 else f"prompt[{k}]"
+            if isinstance(prompt, str):
+                ids.append(tok(prompt)["input_ids"])
+                texts.append(prompt)
+            else:
+                bad = next((t for t in prompt if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise ApiError(400, f"{which}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+                ids.append(list(prompt))
+                texts.append(tok.decode(prompt, skip_special_tokens=False))
+            if not ids[-1]:
+                raise ApiError(400, f"{which} is empty")
+        return ids, texts
 
-    async def events(request: Request, answer: _Answer, http: HttpRequest) -> AsyncIterator[Delta | Done]:
-        """The request's events until it is done; a client gone away cancels it (the engine drops it
-        at its next step)."""
+    def start(prompts: list[list[int]], settings: list[GenerationSettings], n: int, user: str | None,
+              logprobs: int | None, echo: bool) -> tuple[list[Request], _Answers]:
+        """Submits ``n`` sequences per prompt (choice ``p * n + j``); all of them or none."""
+        if len(prompts) * n > max_queue:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} sequences, more than the "
+                                f"server queues at once (--max-queue {max_queue})")
+        answers = _Answers()
+        seqs = [Request(ids, user, dataclasses.replace(s, seed=_choice_seed(s.seed, j)), answers.sink(p * n + j),
+                        logprobs, echo)
+                for p, (ids, s) in enumerate(zip(prompts, settings)) for j in range(n)]
+        for k, request in enumerate(seqs):
+            try:
+                engine.submit(request)
+            except Overloaded as exc:
+                for submitted in seqs[:k]:
+                    submitted.cancelled.set()
+                raise ApiError(429, f"server busy: {exc}; retry shortly") from None
+        return seqs, answers
+
+    async def events(seqs: list[Request], answers: _Answers,
+                     http: HttpRequest) -> AsyncIterator[tuple[int, Delta | Done]]:
+        """``(choice, event)`` until every sequence is done; a client gone away cancels them all (the
+        engine drops them at its next step), and so does one failing."""
+        remaining = len(seqs)
         try:
-            while True:
+            while remaining:
                 try:
-                    event = await asyncio.wait_for(answer.events.get(), timeout=0.5)
+                    index, event = await asyncio.wait_for(answers.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
-                        request.cancelled.set()
                         return
                     continue
                 if isinstance(event, Failed):
                     if isinstance(event.error, (InferenceError, ValueError)):
                         raise ApiError(400, str(event.error))
                     raise ApiError(500, f"generation failed: {event.error}")
-                yield event
+                yield index, event
                 if isinstance(event, Done):
-                    return
+                    remaining -= 1
         finally:
-            request.cancelled.set()  # a no-op once done; otherwise the client left (or the stream was closed)
+            for request in seqs:
+                request.cancelled.set()  # a no-op once done; otherwise the client left (or the stream was closed)
 
-    def sse(payload: dict[str, Any] | str) -> str:
-        return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-    def stream(req: api._Common, request: Request, answer: _Answer, http: HttpRequest, head: list[dict[str, Any]],
-               chunk: Callable[[Delta], dict[str, Any]], last: Callable[[Done], dict[str, Any]], rid: str, model: str,
-               obj: str) -> StreamingResponse:
-        """Server-sent events: ``head``, a chunk per delta, the finishing chunk, the usage chunk when
-        ``stream_options.include_usage``, then ``[DONE]``."""
+    def stream(req: api._Common, seqs: list[Request], answers: _Answers, http: HttpRequest, head: list[dict[str, Any]],
+               chunk: Callable[[int, Delta], dict[str, Any]], last: Callable[[int, Done], dict[str, Any]],
+               use: Callable[[dict[int, Done]], dict[str, int]], rid: str, model: str, obj: str) -> StreamingResponse:
+        """Server-sent events: ``head``, a chunk per delta (tagged with its choice), each choice's
+        finishing chunk, the usage chunk when ``stream_options.include_usage``, then ``[DONE]``."""
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def body() -> AsyncIterator[str]:
             for payload in head:
                 yield sse(payload)
+            done: dict[int, Done] = {}
             try:
-                async for ev in events(request, answer, http):
+                async for index, ev in events(seqs, answers, http):
                     if isinstance(ev, Delta):
-                        yield sse(chunk(ev))
+                        yield sse(chunk(index, ev))
                         continue
-                    yield sse(last(ev))
-                    if include_usage:
-                        yield sse(api.usage_chunk(rid, model, obj, api.usage(ev.prompt_tokens, ev.completion_tokens)))
+                    done[index] = ev
+                    yield sse(last(index, ev))
+                if include_usage and len(done) == len(seqs):
+                    yield sse(api.usage_chunk(rid, model, obj, use(done)))
             except ApiError as exc:
                 yield sse({"error": {"message": exc.message, "type": "server_error"}})
             yield sse("[DONE]")
 
         metrics.requests.labels("200").inc()
         return StreamingResponse(body(), media_type="text/event-stream")
+
+    def usage_of(prompts: list[list[int]], done: dict[int, Done]) -> dict[str, int]:
+        """Each prompt's tokens once (however many choices it has), every choice's new tokens."""
+        return api.usage(sum(len(ids) for ids in prompts), sum(d.completion_tokens for d in done.values()))
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -233,39 +292,46 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
     @app.post("/v1/completions")
     async def completions(req: api.CompletionRequest, http: HttpRequest) -> Any:
         user = user_of(req)
-        prompt_ids = (await run_in_threadpool(tok, req.prompt))["input_ids"]
-        if not prompt_ids:
-            raise ApiError(400, "the prompt is empty")
-        settings = settings_of(req, req.max_tokens, len(prompt_ids), False, req.echo)
-        request, answer = start(prompt_ids, user, settings, req.logprobs, req.echo)
+        prompts, echoed = await run_in_threadpool(prompts_of, req)
+        settings = [settings_of(req, req.max_tokens, len(ids), False, req.echo,
+                                "prompt" if len(prompts) == 1 else f"prompt[{k}]") for k, ids in enumerate(prompts)]
+        seqs, answers = start(prompts, settings, req.n, user, req.logprobs, req.echo)
         rid, model = api.new_id("cmpl"), req.model or model_name
+        offsets = [0] * len(seqs)
+
+        def piece_of(index: int, ev: Delta) -> tuple[str, dict[str, Any] | None]:
+            """The delta's text (the prompt echoed as sent) and its logprobs, offsets running per choice."""
+            lp = None
+            if req.logprobs is not None:
+                lp, offsets[index] = api.completion_logprobs(ev.logprobs, piece, offsets[index])
+            return (echoed[index // req.n] if ev.prompt else ev.text), lp
+
         if req.stream:
-            offset = 0
+            def chunk(index: int, ev: Delta) -> dict[str, Any]:
+                return api.completion_body(rid, model, [api.completion_choice(index, *piece_of(index, ev), None)], None,
+                                           chunk=True)
 
-            def chunk(ev: Delta) -> dict[str, Any]:
-                nonlocal offset
-                lp = None
-                if req.logprobs is not None:
-                    lp, offset = api.completion_logprobs(ev.logprobs, piece, offset)
-                return api.completion_body(rid, model, req.prompt if ev.prompt else ev.text, lp, None, None, chunk=True)
-
-            return stream(req, request, answer, http, [], chunk, lambda ev: api.completion_body(
-                rid, model, "", None, ev.finish_reason, None, chunk=True), rid, model, "text_completion")
-        text, parts, offset, done = [], [], 0, None
-        async for ev in events(request, answer, http):
+            return stream(req, seqs, answers, http, [], chunk, lambda index, ev: api.completion_body(
+                rid, model, [api.completion_choice(index, "", None, ev.finish_reason)], None, chunk=True),
+                lambda done: usage_of(prompts, done), rid, model, "text_completion")
+        texts: list[list[str]] = [[] for _ in seqs]
+        parts: list[list[dict[str, Any]]] = [[] for _ in seqs]
+        done: dict[int, Done] = {}
+        async for index, ev in events(seqs, answers, http):
             if isinstance(ev, Delta):
-                text.append(req.prompt if ev.prompt else ev.text)  # the prompt echoed as sent
-                if req.logprobs is not None:
-                    part, offset = api.completion_logprobs(ev.logprobs, piece, offset)
-                    parts.append(part)
+                text, lp = piece_of(index, ev)
+                texts[index].append(text)
+                if lp is not None:
+                    parts[index].append(lp)
             else:
-                done = ev
-        if done is None:
+                done[index] = ev
+        if len(done) < len(seqs):
             raise ApiError(499, "client closed the request")
         metrics.requests.labels("200").inc()
-        logprobs = api.merge_completion_logprobs(parts) if req.logprobs is not None else None
-        return api.completion_body(rid, model, "".join(text), logprobs, done.finish_reason,
-                                   api.usage(done.prompt_tokens, done.completion_tokens))
+        choices = [api.completion_choice(i, "".join(texts[i]), api.merge_completion_logprobs(parts[i])
+                                         if req.logprobs is not None else None, done[i].finish_reason)
+                   for i in range(len(seqs))]
+        return api.completion_body(rid, model, choices, usage_of(prompts, done))
 
     @app.post("/v1/chat/completions")
     async def chat(req: api.ChatRequest, http: HttpRequest) -> Any:
@@ -283,26 +349,31 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true")
-        request, answer = start(prompt_ids, user, settings, top, False)
+        seqs, answers = start([prompt_ids], [settings], req.n, user, top, False)
         rid, model = api.new_id("chatcmpl"), req.model or model_name
         if req.stream:
-            return stream(req, request, answer, http, [api.chat_chunk(rid, model, {"role": "assistant", "content": ""})],
-                          lambda ev: api.chat_chunk(rid, model, {"content": ev.text},
-                                                    api.chat_logprobs(ev.logprobs, piece) if top is not None else None),
-                          lambda ev: api.chat_chunk(rid, model, {}, None, ev.finish_reason), rid, model, "chat.completion.chunk")
-        text, logprobs, done = [], [], None
-        async for ev in events(request, answer, http):
+            head = [api.chat_chunk(rid, model, i, {"role": "assistant", "content": ""}) for i in range(len(seqs))]
+            return stream(req, seqs, answers, http, head,
+                          lambda index, ev: api.chat_chunk(rid, model, index, {"content": ev.text}, api.chat_logprobs(
+                              ev.logprobs, piece) if top is not None else None),
+                          lambda index, ev: api.chat_chunk(rid, model, index, {}, None, ev.finish_reason),
+                          lambda done: usage_of([prompt_ids], done), rid, model, "chat.completion.chunk")
+        texts: list[list[str]] = [[] for _ in seqs]
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in seqs]
+        done: dict[int, Done] = {}
+        async for index, ev in events(seqs, answers, http):
             if isinstance(ev, Delta):
-                text.append(ev.text)
+                texts[index].append(ev.text)
                 if top is not None:
-                    logprobs.extend(api.chat_logprobs(ev.logprobs, piece))
+                    logprobs[index].extend(api.chat_logprobs(ev.logprobs, piece))
             else:
-                done = ev
-        if done is None:
+                done[index] = ev
+        if len(done) < len(seqs):
             raise ApiError(499, "client closed the request")
         metrics.requests.labels("200").inc()
-        return api.chat_body(rid, model, "".join(text), logprobs if top is not None else None, done.finish_reason,
-                             api.usage(done.prompt_tokens, done.completion_tokens))
+        choices = [api.chat_choice(i, "".join(texts[i]), logprobs[i] if top is not None else None, done[i].finish_reason)
+                   for i in range(len(seqs))]
+        return api.chat_body(rid, model, choices, usage_of([prompt_ids], done))
 
     return app
 

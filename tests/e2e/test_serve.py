@@ -140,6 +140,56 @@ def test_the_openai_client_gets_each_users_own_text_plain_and_streamed(server, t
     assert [m.id for m in models] == ["flora"] and "flora:<user_id>" in models[0].model_extra["usage"]
 
 
+def test_a_batch_of_prompts_with_n_choices_each_equals_every_choice_asked_alone(server, trained):
+    """A prompt list (text, or token ids as evaluation harnesses send it) with ``n`` samples each:
+    choice ``p * n + j`` is prompt ``p`` asked alone with ``seed + j``, plain and streamed, and chat's
+    ``n`` likewise; usage counts each prompt once and every choice's tokens. (Before: a prompt list
+    was a 400 'prompt: Input should be a valid string', and n > 1 a 400 'n must be 1'.)"""
+    url, _ = server
+    c, user, n = client(url), trained.users[6], 2
+    ids = [trained.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    kw = dict(model=f"flora:{user}", max_tokens=5, temperature=0.9, top_p=0.95, seed=77, extra_body={"ignore_eos": True})
+    batch = c.completions.create(prompt=PROMPTS[:3], n=n, logprobs=1, **kw)
+    by_ids = c.completions.create(prompt=ids, n=n, logprobs=1, **kw)
+    chunks = list(c.completions.create(prompt=PROMPTS[:3], n=n, stream=True, stream_options={"include_usage": True}, **kw))
+    alone = [c.completions.create(prompt=PROMPTS[p], logprobs=1, **{**kw, "seed": 77 + j}).choices[0]
+             for p in range(3) for j in range(n)]
+    streamed: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [ch.index for ch in batch.choices] == [ch.index for ch in by_ids.choices] == list(range(3 * n))
+    for k, want in enumerate(alone):
+        assert batch.choices[k].text == by_ids.choices[k].text == streamed[k] == want.text, k
+        assert batch.choices[k].logprobs.tokens == want.logprobs.tokens, k
+    assert len({a.text for a in alone}) > 3, "seeds seed + j give different samples"
+    tokens = sum(len(i) for i in ids)
+    assert (batch.usage.prompt_tokens, batch.usage.completion_tokens) == (tokens, 3 * n * 5), batch.usage
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (tokens, 3 * n * 5)
+    finished = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason == "length"]
+    assert sorted(finished) == list(range(3 * n)), "every choice streams its own finishing chunk"
+    # Token-id prompts echo as their text; their scores are the text prompts' scores.
+    scored = c.completions.create(model=f"flora:{user}", prompt=ids[:2], max_tokens=0, echo=True, logprobs=0)
+    by_text = c.completions.create(model=f"flora:{user}", prompt=PROMPTS[:2], max_tokens=0, echo=True, logprobs=0)
+    for k in range(2):
+        assert scored.choices[k].text == trained.tokenizer.decode(ids[k])
+        assert torch.allclose(torch.tensor(scored.choices[k].logprobs.token_logprobs[1:]),
+                              torch.tensor(by_text.choices[k].logprobs.token_logprobs[1:]), atol=1e-5)
+    # Chat: n samples of one conversation, choice j as seed + j alone; greedy choices are the same text.
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    chat = c.chat.completions.create(model=f"flora:{user}", messages=messages, n=3, max_tokens=5, temperature=0.9, seed=5,
+                                     extra_body={"ignore_eos": True})
+    chat_alone = [c.chat.completions.create(model=f"flora:{user}", messages=messages, max_tokens=5, temperature=0.9, seed=5 + j,
+                                            extra_body={"ignore_eos": True}).choices[0].message.content for j in range(3)]
+    assert [ch.message.content for ch in chat.choices] == chat_alone and chat.usage.completion_tokens == 15
+    greedy = list(c.chat.completions.create(model=f"flora:{user}", messages=messages, n=2, max_tokens=5, temperature=0,
+                                            stream=True))
+    texts = ["".join(ch.choices[0].delta.content or "" for ch in greedy if ch.choices and ch.choices[0].index == j)
+             for j in range(2)]
+    assert texts[0] == texts[1] and texts[0]
+    assert [ch.choices[0].delta.role for ch in greedy[:2]] == ["assistant", "assistant"]
+
+
 def test_logprobs_equal_the_teacher_forced_scores_of_training(server, trained):
     """``echo`` + ``logprobs`` + ``max_tokens: 0`` (how harnesses score a continuation) gives each
     token's log-probability; they equal log-softmax of the logits the training loss scores."""
@@ -232,10 +282,15 @@ def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
         ({"prompt": "hi", "user": "nobody"}, 404, "unknown user 'nobody'"),
         ({"prompt": "hi", "model": "flora:user-000001", "user": "user-000002"}, 400, "two users named"),
         ({"prompt": "hi", "model": "gpt-4"}, 404, "unknown model 'gpt-4'"),
-        ({"prompt": "favourite colour " * 400, "user": "user-000001", "max_tokens": 4}, 400, "exceeds the limit"),
+        ({"prompt": "favourite colour " * 400, "user": "user-000001", "max_tokens": 4}, 400,
+         "exceeds the limit of 64 tokens (the model's context)"),
+        ({"prompt": ["hi", "favourite colour " * 400], "user": "user-000001"}, 400, "prompt[1] of "),
         ({"prompt": "hi", "user": "user-000001", "logit_bias": {"1": 5}}, 400, "unsupported field 'logit_bias'"),
         ({"prompt": "hi", "user": "user-000001", "suffix": "x"}, 400, "unsupported field 'suffix'"),
-        ({"prompt": "hi", "user": "user-000001", "n": 2}, 400, "n must be 1"),
+        ({"prompt": "hi", "user": "user-000001", "n": 0}, 400, "n: Input should be greater than or equal to 1"),
+        ({"prompt": [], "user": "user-000001"}, 400, "the prompt is empty"),
+        ({"prompt": [[5, 6], [7, 99999]], "user": "user-000001"}, 400, "prompt[1]: token id 99999 is outside the vocabulary"),
+        ({"prompt": ["hi"] * 3, "user": "user-000001", "n": 100}, 400, "300 sequences, more than the server queues at once"),
         ({"prompt": "hi", "user": "user-000001", "max_tokens": 0}, 400, "max_tokens 0"),
         ({"prompt": "hi", "user": "user-000001", "temperature": 3}, 400, "temperature"),
     ]
@@ -251,6 +306,26 @@ def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
     room = post({"messages": [{"role": "user", "content": "hi"}], "user": "user-000001", "temperature": 0,
                  "ignore_eos": True}, "/v1/chat/completions").json()
     assert room["usage"]["total_tokens"] == 64, room["usage"]  # chat without max_tokens: up to the context
+
+
+def test_serving_limits_out_of_range_are_refused_before_serving(trained, capsys):
+    """--max-queue 0 made an unbounded queue (queue.Queue(0): never a 429) and --max-prompt-tokens 0
+    fell back to the default unseen; a limit past the model's context let prompts run past its
+    positions. Now: argparse's usage line, or one error line before any thread starts."""
+    from flora_train.cli import parse_args
+    from flora_train.inference.server import create_app
+    from flora_train.inference.trained import InferenceError
+
+    for flag in ("--max-queue", "--max-prompt-tokens"):
+        with pytest.raises(SystemExit):
+            parse_args(["serve", "runs/x", flag, "0"])
+        assert f"argument {flag}: must be a whole number >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(InferenceError, match=r"--max-prompt-tokens 65: must be in 1\.\.64, the model's context"):
+        create_app(trained, max_prompt_tokens=65)
+    from flora_train.inference.engine import Engine
+
+    with pytest.raises(ValueError, match="max_queue must be >= 1"):
+        Engine(trained.model, trained.slot, trained.tokenizer, None, max_queue=0)  # type: ignore[arg-type]
 
 
 def test_metrics_are_prometheus_text_with_requests_tokens_latency_and_cache(server):
