@@ -175,6 +175,15 @@ def test_a_batch_of_prompts_with_n_choices_each_equals_every_choice_asked_alone(
         assert scored.choices[k].text == trained.tokenizer.decode(ids[k])
         assert torch.allclose(torch.tensor(scored.choices[k].logprobs.token_logprobs[1:]),
                               torch.tensor(by_text.choices[k].logprobs.token_logprobs[1:]), atol=1e-5)
+    # lm-evaluation-harness's loglikelihood request, as its local-completions model sends it: it sums
+    # token_logprobs[ctxlen:-1] and calls a continuation greedy where each equals its top logprob.
+    harness = requests.post(f"{url}/v1/completions", timeout=60, json={
+        "model": f"flora:{user}", "prompt": ids, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+        "echo": True}).json()
+    for k, choice in enumerate(sorted(harness["choices"], key=lambda ch: ch["index"])):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids[k]) + 1 and lp["token_logprobs"][0] is None
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values()), "the greedy token is its own top"
     # Chat: n samples of one conversation, choice j as seed + j alone; greedy choices are the same text.
     messages = [{"role": "user", "content": PROMPTS[2]}]
     chat = c.chat.completions.create(model=f"flora:{user}", messages=messages, n=3, max_tokens=5, temperature=0.9, seed=5,
