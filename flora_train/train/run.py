@@ -146,6 +146,9 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
         baseline = cfg.train.compare_shared_baseline and session.shared is None
         shared_row = train_shared_baseline(session, total) if baseline else None
         result.update(score_run(session, step, tracker, shared_row))
+    elif cfg.eval.at_end and main:  # else the run ends with no word on how its users did, nor why
+        print(f"nothing evaluated: the data holds no held-out examples (set data.eval_path, or "
+              f"data.eval_examples_per_user=N to hold out N of each user's; or later: flora-train eval {run_dir} --data FILE)")
     if cfg.export.format.value != "none":
         from flora_train.export import export_adapters
 
