@@ -286,27 +286,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             run_eval(args.run_dir, args.checkpoint, args.data)
         elif args.command == "users":
-            from flora_train.lifecycle import list_users
+            from flora_train.lifecycle import list_users, users_table
 
             rows = list_users(args.run_dir)
-            if args.json:
-                for r in rows:
-                    print(json.dumps(r, ensure_ascii=False))
-            else:
-                selects = bool(rows) and "kept_step" in rows[0]
-                kept_head = f" {'kept':>11s} {'val loss':>9s} {'stopped':>8s}" if selects else ""
-                print(f"{'user':32s} {'steps':>6s} {'tokens':>8s} {'eval loss':>10s}{kept_head}  export")
-                for r in rows:
-                    loss = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
-                    tokens = "-" if r["tokens"] is None else str(r["tokens"])
-                    kept = ""
-                    if selects:  # the row it is served with: from which step (its phase's first: the identity)
-                        val = "-" if r["validation_loss"] is None or r["validation_loss"] != r["validation_loss"] else f"{r['validation_loss']:.4f}"
-                        step = "-" if r["kept_step"] is None else f"step {r['kept_step']}"
-                        stop = "-" if r["stopped_after"] is None else str(r["stopped_after"])
-                        kept = f" {step:>11s} {val:>9s} {stop:>8s}"
-                    print(f"{r['user_id'][:32]:32s} {r['steps']:6d} {tokens:>8s} {loss:>10s}{kept}  {', '.join(r['export']) or '-'}")
-                print(f"{len(rows)} users")
+            for line in [json.dumps(r, ensure_ascii=False) for r in rows] if args.json else users_table(rows):
+                print(line)
         elif args.command == "forget":
             from flora_train.lifecycle import forget_users
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,33 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
              **({"kept_step": None, "validation_loss": None, "stopped_after": None, **selection.get(u, {})} if selection else {}),
              **({"lr": swept.get(u)} if swept else {})}
             for u in sorted(steps)]
+
+
+def display_width(text: str) -> int:
+    """Terminal columns ``text`` takes: East Asian wide characters and emoji two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def users_table(rows: list[dict[str, Any]]) -> list[str]:
+    """``flora-train users``' table of ``list_users`` rows: ids whole (a UUID is 36 characters; a cut
+    one cannot be pasted into --users), columns aligned by the width a terminal gives each id."""
+    width = max([display_width("user"), *(display_width(r["user_id"]) for r in rows)])
+    pad = lambda text: text + " " * (width - display_width(text))  # noqa: E731
+    selects = bool(rows) and "kept_step" in rows[0]
+    kept_head = f" {'kept':>11s} {'val loss':>9s} {'stopped':>8s}" if selects else ""
+    lines = [f"{pad('user')} {'steps':>6s} {'tokens':>8s} {'eval loss':>10s}{kept_head}  export"]
+    for r in rows:
+        loss = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
+        tokens = "-" if r["tokens"] is None else str(r["tokens"])
+        kept = ""
+        if selects:  # the row it is served with: from which step (its phase's first: the identity)
+            val = r["validation_loss"]
+            val = "-" if val is None or val != val else f"{val:.4f}"
+            step = "-" if r["kept_step"] is None else f"step {r['kept_step']}"
+            stop = "-" if r["stopped_after"] is None else str(r["stopped_after"])
+            kept = f" {step:>11s} {val:>9s} {stop:>8s}"
+        lines.append(f"{pad(r['user_id'])} {r['steps']:6d} {tokens:>8s} {loss:>10s}{kept}  {', '.join(r['export']) or '-'}")
+    return [*lines, f"{len(rows)} users"]
 
 
 def _tokens(rd: RunDir) -> dict[str, int]:
