@@ -199,8 +199,9 @@ def _generate(args: argparse.Namespace) -> int:
         keep = [i for i, u in enumerate(users) if u in set(only)]
         users, prompts = [users[i] for i in keep], [prompts[i] for i in keep]
     try:
-        settings = GenerationSettings(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.top_k,
-                                      args.num_beams, args.seed, tuple(args.stop), args.chat)
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                      num_beams=args.num_beams, seed=args.seed, stop=tuple(args.stop), chat=args.chat)
     except ValueError as exc:
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ from flora_train.inference.trained import InferenceError, TrainedAdapters
 log = logging.getLogger("flora_train")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by name only: a field added in the middle moved --chat into a penalty
 class GenerationSettings:
     max_new_tokens: int = 64
     do_sample: bool = False

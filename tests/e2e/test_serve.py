@@ -5,6 +5,7 @@ users with their own lengths and seeds equal each request served alone while joi
 batch; stop strings end generation; bad requests get a 4xx naming the problem and never stop
 serving; /metrics is Prometheus text."""
 
+import json
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from openai import OpenAI
 
 from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
-from flora_train.inference import GenerationSettings, generate_batch, load_trained
+from flora_train.inference import GenerationSettings, generate, generate_batch, load_trained
 from flora_train.train.run import run_training
 from tests.e2e.helpers import REPO
 
@@ -197,6 +198,28 @@ def test_a_batch_of_prompts_with_n_choices_each_equals_every_choice_asked_alone(
              for j in range(2)]
     assert texts[0] == texts[1] and texts[0]
     assert [ch.choices[0].delta.role for ch in greedy[:2]] == ["assistant", "assistant"]
+
+
+def test_generate_cli_renders_chat_rows_with_every_sampling_flag(server, trained, tmp_path):
+    """`flora-train generate --chat` on rows of messages equals ``generate`` called with the same
+    settings by name. It failed with 'a prompt must be a string (or messages, with chat)': the CLI
+    built the settings by position, and --chat landed in presence_penalty, a field added before chat."""
+    _, run_dir = server
+    users = trained.users[:4]
+    rows = [{"user_id": u, "messages": [{"role": "user", "content": PROMPTS[i]}]} for i, u in enumerate(users)]
+    rows.append({"user_id": users[0], "prompt": PROMPTS[1]})  # a plain prompt under --chat: one user turn
+    prompts, out = tmp_path / "chat.jsonl", tmp_path / "preds.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "generate", str(run_dir), "--prompts", str(prompts),
+                           "--out", str(out), "--device", "cpu", "--chat", "--sample", "--temperature", "0.8", "--top-p",
+                           "0.9", "--top-k", "20", "--seed", "3", "--max-new-tokens", "6", "--stop", "zz"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, seed=3,
+                                  stop=("zz",), chat=True)
+    want, _ = generate(trained, [r.get("messages") or r["prompt"] for r in rows], [r["user_id"] for r in rows], settings)
+    got = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    assert got == [w.text for w in want] and any(got), got
 
 
 def test_logprobs_equal_the_teacher_forced_scores_of_training(server, trained):
