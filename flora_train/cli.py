@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--batch-size", type=_at_least_one, default=16)
     gen.add_argument("--device", type=device_arg, default="auto")
 
     us = sub.add_parser("users", help="who is in a run: steps, tokens, last held-out loss, export folders")
