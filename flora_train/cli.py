@@ -11,18 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from flora_train.arg_types import at_least_one, port_number, positive_seconds
 from flora_train.devices import device_arg
-
-
-def _at_least_one(text: str) -> int:
-    """An argparse type: a whole number >= 1 (argparse turns the error into one usage line)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
 
 
 def _quiet_libraries() -> None:
@@ -105,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    gen.add_argument("--batch-size", type=_at_least_one, default=16)
+    gen.add_argument("--batch-size", type=at_least_one, default=16)
     gen.add_argument("--device", type=device_arg, default="auto")
 
     us = sub.add_parser("users", help="who is in a run: steps, tokens, last held-out loss, export folders")
@@ -121,19 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="OpenAI-compatible server; concurrent users batched into one forward")
     srv.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=port_number, default=8000, help="0: a free port (the first line says which)")
     srv.add_argument("--checkpoint", type=Path, default=None)
     srv.add_argument("--model-name", default="flora", help="the model id clients name (optionally '<name>:<user_id>')")
     srv.add_argument("--strict-users", action="store_true", help="404 for users never trained (default: the base model)")
-    srv.add_argument("--max-batch", type=_at_least_one, default=32, help="sequences generating at once at most")
-    srv.add_argument("--prefill-tokens", type=_at_least_one, default=512,
+    srv.add_argument("--max-batch", type=at_least_one, default=32, help="sequences generating at once at most")
+    srv.add_argument("--prefill-tokens", type=at_least_one, default=512,
                      help="prompt tokens prefilled per step at most: longer prompts are prefilled in chunks")
-    srv.add_argument("--max-prompt-tokens", type=_at_least_one, default=None,
+    srv.add_argument("--max-prompt-tokens", type=at_least_one, default=None,
                      help="prompt + max_tokens limit (default: the recipe's data.max_length, else the model's context)")
-    srv.add_argument("--max-queue", type=_at_least_one, default=256, help="requests waiting at most; more get 429 with Retry-After")
-    srv.add_argument("--cache-users", type=_at_least_one, default=None,
+    srv.add_argument("--max-queue", type=at_least_one, default=256, help="requests waiting at most; more get 429 with Retry-After")
+    srv.add_argument("--cache-users", type=at_least_one, default=None,
                      help="adapters held on the device at most (LRU, filled on demand; default: every user)")
-    srv.add_argument("--follow", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+    srv.add_argument("--follow", type=positive_seconds, nargs="?", const=5.0, default=None, metavar="SECONDS",
                      help="serve each new intact checkpoint of the run as it appears (looks every SECONDS, default 5)")
     srv.add_argument("--dtype", default=None, help="the base's dtype (default: the recipe's base.dtype)")
     srv.add_argument("--device", type=device_arg, default="auto")
@@ -143,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--out", type=Path, default=Path("runs/doctor"))
     doc.add_argument("--small", action="store_true", help="small models and benches (how the test suite runs it)")
     doc.add_argument("--no-bench", action="store_true", help="skip the benchmark tables")
-    doc.add_argument("--jobs", type=_at_least_one, default=1,
+    doc.add_argument("--jobs", type=at_least_one, default=1,
                      help="checks run at once (default 1: each check's seconds are its own; the suite runs 2 on CPU)")
 
     ba = sub.add_parser("base", help="base-model utilities")
@@ -337,12 +327,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _generate(args)
         elif args.command == "serve":
             from flora_train.inference import load_trained
-            from flora_train.inference.server import serve
+            from flora_train.inference.server import listen_socket, serve
 
+            sock = listen_socket(args.host, args.port)
             trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)
             print(f"serving {len(trained.users)} users' {trained.layout.spec.method} adapters on "
-                  f"http://{args.host}:{args.port} (model {args.model_name!r})", flush=True)
-            serve(trained, args.host, args.port, model_name=args.model_name, strict_users=args.strict_users,
+                  f"http://{args.host}:{sock.getsockname()[1]} (model {args.model_name!r})", flush=True)
+            serve(trained, sock, model_name=args.model_name, strict_users=args.strict_users,
                   max_batch=args.max_batch, prefill_tokens=args.prefill_tokens, max_prompt_tokens=args.max_prompt_tokens,
                   max_queue=args.max_queue, cache_users=args.cache_users, follow_s=args.follow)
         elif args.command == "doctor":

@@ -348,10 +348,23 @@ def test_serving_limits_out_of_range_are_refused_before_serving(trained, capsys)
     from flora_train.inference.server import create_app
     from flora_train.inference.trained import InferenceError
 
-    for flag in ("--max-queue", "--max-prompt-tokens"):
+    for flag, value, words in [("--max-queue", "0", "must be a whole number >= 1, got '0'"),
+                               ("--max-prompt-tokens", "0", "must be a whole number >= 1, got '0'"),
+                               ("--port", "99999", "must be a port number 0..65535, got '99999'"),  # (OverflowError)
+                               ("--follow", "-1", "must be a number of seconds > 0, got '-1'")]:
         with pytest.raises(SystemExit):
-            parse_args(["serve", "runs/x", flag, "0"])
-        assert f"argument {flag}: must be a whole number >= 1, got '0'" in capsys.readouterr().err
+            parse_args(["serve", "runs/x", flag, value])
+        assert f"argument {flag}: {words}" in capsys.readouterr().err
+    # A port in use is one line before anything loads (the run named here does not even exist); it
+    # was uvicorn's 'address already in use' after the whole base had loaded, exit code 3.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "serve", "no/such/run", "--port", str(port)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"flora-train: error: --host 127.0.0.1 --port {port}: cannot listen there: Address already in use"), proc.stderr
     with pytest.raises(InferenceError, match=r"--max-prompt-tokens 65: must be in 1\.\.64, the model's context"):
         create_app(trained, max_prompt_tokens=65)
     from flora_train.inference.engine import Engine
