@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from flora_train.arg_types import at_least_one, port_number, positive_seconds
+from flora_train.arg_types import at_least_one, port_number, positive_seconds, whole_number
 from flora_train.devices import device_arg
 
 
@@ -150,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--task", choices=["rules", "persona_chat"], default="rules",
                      help="rules: prompt/completion key->value rules (the quickstart); persona_chat: chat rows, each "
                      "user's greeting and sign-off, plus retain.jsonl and general_eval.jsonl")
-    syn.add_argument("--users", type=int, default=1000)
-    syn.add_argument("--train-examples", type=int, default=16)
-    syn.add_argument("--eval-examples", type=int, default=4)
+    syn.add_argument("--users", type=at_least_one, default=1000)
+    syn.add_argument("--train-examples", type=at_least_one, default=16)
+    syn.add_argument("--eval-examples", type=whole_number, default=4, help="per user; 0 writes no eval.jsonl rows")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--out", type=Path, required=True)
     return p
