@@ -103,15 +103,18 @@ def _peft_config(layout: AdapterLayout, base_model: str) -> dict[str, Any]:
     return spec.impl.peft_config(spec.rank, spec.alpha, targets, [m for m in targets if spec.is_feedforward(m)], base_model)
 
 
-def _base_details(run_dir: Path) -> dict[str, Any]:
-    """What loading the base and the untrained rows needs beyond its path (for serving an export)."""
+def _run_recipe(run_dir: Path) -> Any:
     recipe = RunDir(run_dir).recipe
     if not recipe.is_file():
-        return {}
+        return None
     from flora_train.config import load_recipe
 
-    cfg = load_recipe(recipe)
-    return {"gguf_file": cfg.base.gguf_file, "init_seed": cfg.store.init_seed}
+    return load_recipe(recipe)
+
+
+def _base_details(cfg: Any) -> dict[str, Any]:
+    """What loading the base and the untrained rows needs beyond its path (for serving an export)."""
+    return {} if cfg is None else {"gguf_file": cfg.base.gguf_file, "init_seed": cfg.store.init_seed}
 
 
 def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
@@ -137,7 +140,8 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     if fmt == "peft" and shared is not None and shared[0].spec.impl.peft_type is None:
         raise ExportError(f"PEFT has no {shared[0].spec.method} adapter for this run's shared adapter; use --format flora")
     out.mkdir(parents=True, exist_ok=True)
-    base_model = base_model_id or str(state.get("model_path", ""))
+    cfg = _run_recipe(Path(run_dir))
+    base_model = base_model_id or RunDir(run_dir).trained_base(state.get("model_path"), cfg is not None and cfg.base.tiny is not None)
     index: dict[str, Any] = {}
     pack: tuple[list[str], list[torch.Tensor]] = ([], [])
 
@@ -184,7 +188,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     index = {u: merged[u] for u in selected}  # the caller's order (or the checkpoint's), not the shards'
     manifest = {"format": fmt, "method": layout.spec.method, "rank": layout.spec.rank, "num_users": len(index),
                 "users_per_part": [len(p) for p, _ in pieces], "checkpoint": str(ckpt), "base_model": base_model,
-                **_base_details(Path(run_dir))}
+                **_base_details(cfg)}
     if fmt == "packed":
         manifest["layout"] = layout.to_dict()
     if part[0] == 0 and shared is not None:

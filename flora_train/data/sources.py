@@ -6,6 +6,7 @@ under it), a glob pattern, a list of any of these, or a dataset id read with
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,19 @@ def _is_data_file(p: Path) -> bool:
 
 def _looks_like_dataset_id(text: str) -> bool:
     return not text.startswith(("/", ".", "~")) and text.count("/") <= 1 and not Path(text).suffix
+
+
+def absolute_spec(spec: Any) -> Any:
+    """``spec`` with every local file, folder and pattern made absolute (dataset ids as they are), so
+    that it names the same data from any working directory: what a run records in its recipe."""
+    if isinstance(spec, (list, tuple)):
+        return [absolute_spec(item) for item in spec]
+    if spec is None:
+        return None
+    text = str(spec)
+    if any(c in text for c in "*?[") or Path(text).exists():
+        return os.path.abspath(text)
+    return spec
 
 
 def resolve_sources(spec: Any, split: str = "train", subset: str | None = None, key: str = "data.train_path") -> list[DataSource]:

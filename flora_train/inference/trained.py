@@ -64,7 +64,8 @@ def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
     shared = None
     if saved is not None:
         shared = SharedAdapter(AdapterLayout.from_dict(json.loads(saved[1]["layout"])), saved[0]["row"])
-    return Source(str(state.get("model_path") or cfg.base.name_or_path), cfg.base.gguf_file, cfg.base.trust_remote_code,
+    base = RunDir(run_dir).trained_base(state.get("model_path") or cfg.base.name_or_path, cfg.base.tiny is not None)
+    return Source(base, cfg.base.gguf_file, cfg.base.trust_remote_code,
                   layout, rows, cfg.store.init_seed, str(ckpt), shared, cfg.base.dtype, cfg.train.precision.value,
                   cfg.data.max_length, ckpt)
 

@@ -4,7 +4,7 @@ training, inference, export, lifecycle and the CLI ask this class for a path.
 ```
 run_dir/
   .lock                     the writer's lock (lock.py)
-  recipe.yaml               the recipe as trained (resolved)
+  recipe.yaml               the recipe as trained (resolved; local paths absolute)
   checkpoints/step-NNNNNNNN one folder per checkpoint (checkpoints.py); .tmp-* while written
   phases/phase-NNNNN.parquet who each training phase trains (train/phases.py)
   shared_adapter.safetensors the adapter shared by every user (train.compare_shared_baseline)
@@ -101,6 +101,12 @@ class RunDir:
     @property
     def base_model(self) -> Path:
         return self.path / "base_model"
+
+    def trained_base(self, recorded: str | None, built_here: bool) -> str:
+        """The base this run's checkpoints fit: its own ``base_model/`` when the run built it
+        (``base.tiny``), wherever the directory is now (the recorded path names the directory it
+        trained in, perhaps relative to where it ran); otherwise the path its checkpoint records."""
+        return str(self.base_model.absolute()) if built_here else str(recorded or "")
 
     def kernel_record(self, rank: int) -> Path:
         return self.path / "kernels" / f"rank-{rank}.json"

@@ -9,6 +9,7 @@ of them stop with the same message instead of waiting for rank 0 forever.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from flora_train.base import build_tiny_model, load_tokenizer
 from flora_train.config import RecipeError
 from flora_train.data import BadRows, Columns, DataError, SyntheticTask, cache, load_examples, tokenize_examples
 from flora_train.data.examples import TokenizedExamples
+from flora_train.data.sources import absolute_spec
 from flora_train.data.persona_chat import PersonaChatTask
 from flora_train.launch_env import LaunchError
 from flora_train.run_dir import RunDir
@@ -162,12 +164,15 @@ class _Build:
         return self._raw[part]
 
     def model_path(self) -> str:
+        """Absolute when local: the checkpoints record it, and eval, serve and export read it from
+        wherever they run (a path relative to the training's directory named another folder there)."""
         m = self.cfg.base
         if m.tiny is None:
-            return str(m.name_or_path)
+            return str(absolute_spec(str(m.name_or_path)))
         raw = self.raw("train")
         assert raw is not None
-        return str(build_tiny_model(RunDir(self.run_dir).base_model, OmegaConf.to_container(m.tiny), _texts(raw)))  # type: ignore[arg-type]
+        folder = RunDir(self.run_dir).base_model.absolute()
+        return str(build_tiny_model(folder, OmegaConf.to_container(m.tiny), _texts(raw)))  # type: ignore[arg-type]
 
     def key(self, tokenizer: Any) -> str:
         d = self.d
@@ -200,6 +205,20 @@ class _Build:
 
 def _spec(value: Any) -> Any:
     return list(value) if OmegaConf.is_list(value) else value
+
+
+def recipe_as_recorded(cfg: DictConfig) -> DictConfig:
+    """The recipe a run writes into its directory: local data paths and the base's folder made
+    absolute, so that ``eval``, ``forget --retrain-shared`` and ``serve`` find the same files from any
+    working directory (relative ones named nothing, or another folder, outside the one it ran in)."""
+    out = copy.deepcopy(cfg)
+    for key in KEYS.values():
+        value = OmegaConf.select(out, key)
+        if value is not None:
+            OmegaConf.update(out, key, absolute_spec(_spec(value)), merge=False)
+    if out.base.tiny is None and out.base.name_or_path is not None:
+        out.base.name_or_path = absolute_spec(str(out.base.name_or_path))
+    return out
 
 
 _PASSED_ON = {"DataError": DataError, "RecipeError": RecipeError, "LaunchError": LaunchError}
@@ -242,7 +261,7 @@ def load_eval_file(cfg: DictConfig, tokenizer: Any, path: Path) -> TokenizedExam
     """Another evaluation file (`flora-train eval --data`), read and tokenised as the recipe's data is."""
     d = cfg.data
     bad = BadRows(policy=d.on_bad_row.value)
-    raw = load_examples(Path(path), "auto", columns(cfg), bad)
+    raw = load_examples(Path(path), "auto", columns(cfg), bad, key="--data")
     return cache.in_memory(tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, bad))
 
 

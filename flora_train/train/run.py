@@ -19,6 +19,7 @@ from flora_train.config import flatten, recipe_to_yaml
 from flora_train.launch_env import elastic_job
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, read_state
+from flora_train.train.data_setup import recipe_as_recorded
 from flora_train.train.loop import Trained, TrainLoop
 from flora_train.run_dir.identity import new_run_id
 from flora_train.train.phases import first_phase
@@ -112,7 +113,7 @@ def start_tracking(session: Session, start_step: int, run_id: str | None) -> Tra
     cfg, run_dir = session.cfg, session.run_dir
     recipe_path = session.paths.recipe
     if fdist.rank() == 0:
-        recipe_path.write_text(recipe_to_yaml(cfg))
+        recipe_path.write_text(recipe_to_yaml(recipe_as_recorded(cfg)))
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir, run_id=session.run_id)
     tracker.start(cfg.tracking.run_name, flatten(cfg), recipe_path, resume_run_id=run_id)
     bad = session.bad_rows

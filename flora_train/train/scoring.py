@@ -24,7 +24,7 @@ from tqdm import tqdm
 from flora_train import dist as fdist
 from flora_train.config import load_recipe
 from flora_train.config.choices import StoreTier
-from flora_train.data import BatchPlanner
+from flora_train.data import BatchPlanner, DataError
 from flora_train.data.examples import TokenizedExamples
 from flora_train.launch_env import read_launch_env
 from flora_train.store import AdapterStore
@@ -229,7 +229,7 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
         out["eval_generate"] = run_generation_eval(session, step, tracker)
     syn = cfg.data.synthetic
     print_table(table, 1.0 / syn.num_values if syn is not None and syn.task.value == "rules" else None)
-    if "eval_shared" in out and fdist.rank() == 0:
+    if "eval_shared/users_better" in out.get("eval_shared", {}) and fdist.rank() == 0:
         e = out["eval_shared"]
         print(f"users better than the shared adapter: {e['eval_shared/users_better']:.0%}, worse: "
               f"{e['eval_shared/users_worse']:.0%} (held-out loss)")
@@ -302,6 +302,11 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     try:
         if data is not None:
             session.eval = load_eval_file(session.cfg, session.tokenizer, data)
+            users = session.eval.users()
+            if not any(u in session.store for u in users):
+                named = ", ".join(repr(u) for u in users[:5]) + (", ..." if len(users) > 5 else "")
+                raise DataError(f"--data {data}: none of its {len(users)} user(s) trained in this run ({named}); "
+                                "nothing to evaluate")
         return _eval(session, session.cfg, run_dir, recipe, checkpoint, data)
     finally:
         session.close()

@@ -27,13 +27,13 @@ SMALL = [
 ]
 
 
-def flora_train(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def flora_train(*args: str, check: bool = True, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
     # Two compute threads, or what the suite was started with (`make test` gives each of its two
     # pytest workers one core: OMP_NUM_THREADS=1).
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(
-        [sys.executable, "-m", "flora_train.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "flora_train.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"flora-train {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

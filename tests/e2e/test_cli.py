@@ -1,11 +1,12 @@
 """End to end through the CLI: run -> MLflow -> export (PEFT, FLoRA) -> eval, and bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from tests.e2e.helpers import SMALL, flora_train
+from tests.e2e.helpers import REPO, SMALL, flora_train
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +30,17 @@ def lora_run(tmp_path_factory):
             if i < len(HOSTILE):
                 r["user_id"] = HOSTILE[i]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_dir = root / "run"
+    # Trained in its own directory with relative paths, as a user types them; every test below reads
+    # the run from the repository instead (eval found no data and serving no base there, both
+    # having been recorded relative to where the run was started).
     proc = flora_train(
-        "run", "recipes/quickstart.yaml", *SMALL, f"run_dir={run_dir}", "data.synthetic=null",
-        f"data.train_path={paths[0]}", f"data.eval_path={paths[1]}", "adapter.method=lora", "adapter.rank=4",
+        "run", str(REPO / "recipes/quickstart.yaml"), *SMALL, "run_dir=run", "data.synthetic=null",
+        "data.train_path=data/train.jsonl", "data.eval_path=data/eval.jsonl", "adapter.method=lora", "adapter.rank=4",
         "store.optimizer.lr=0.01", "train.compare_shared_baseline=false", "export.format=peft",
-        "train.micro_batch_size=null", "train.micro_batch_tokens=96", "train.packing=true",
+        "train.micro_batch_size=null", "train.micro_batch_tokens=96", "train.packing=true", cwd=root,
     )
     (root / "run.stderr").write_text(proc.stderr)
-    return run_dir
+    return root / "run"
 
 
 def _trained_logits(run_dir, user, ids):
@@ -110,6 +113,11 @@ def test_flora_format_export_loads_back(lora_run, tmp_path):
     layout, row = load_flora_adapter(tmp_path / "f" / index["user-000007"])
     _, trained = _trained_logits(lora_run, "user-000007", torch.ones(1, 2, dtype=torch.long))
     assert torch.equal(row, trained)
+    assert json.loads((tmp_path / "f" / "manifest.json").read_text())["base_model"] == str(lora_run / "base_model")
+    # A copy of the run exports its own base (the checkpoint records the original's folder).
+    shutil.copytree(lora_run, tmp_path / "copy", ignore=shutil.ignore_patterns("data_cache", "export", "mlflow*"))
+    flora_train("export", str(tmp_path / "copy"), "--format", "flora", "--users", "user-000007", "--out", str(tmp_path / "g"))
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["base_model"] == str(tmp_path / "copy" / "base_model")
 
 
 def test_export_and_eval_errors(lora_run, tmp_path):
@@ -117,6 +125,14 @@ def test_export_and_eval_errors(lora_run, tmp_path):
     assert proc.returncode == 2 and "unknown user(s) not in this run: 'user-00010' (did you mean 'user-000010'?)" in proc.stderr
     proc = flora_train("export", str(tmp_path / "nope"), "--format", "flora", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr
+    # eval --data: a missing file is named by the flag (it said data.train_path), and a file of no user
+    # this run trained is one line (it was a KeyError traceback after printing a table of nan).
+    stranger = tmp_path / "stranger.jsonl"
+    stranger.write_text(json.dumps({"user_id": "zz", "prompt": "a ?", "completion": " b"}) + "\n")
+    for data, message in [(tmp_path / "nope.jsonl", f"--data: data file not found: {tmp_path / 'nope.jsonl'}"),
+                          (stranger, f"--data {stranger}: none of its 1 user(s) trained in this run ('zz'); nothing to evaluate")]:
+        proc = flora_train("eval", str(lora_run), "--data", str(data), check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"flora-train: error: {message}"
 
 
 def test_eval_logs_to_a_run_nested_under_the_training_run(lora_run):

@@ -253,3 +253,25 @@ def test_retain_examples_join_every_chunk_and_do_not_depend_on_other_users(n_ret
             assert all(first <= i < first + n_retain for i in extra)
     full = mixed.occupancy()
     assert 0 < full["occupancy_mean"] <= 1.0
+
+
+def test_the_recorded_recipe_names_the_same_data_from_any_directory(tmp_path, monkeypatch):
+    """A run's recipe.yaml is read again by eval, forget --retrain-shared and serve, from wherever
+    they run: relative local paths are recorded absolute (they named nothing, or another folder,
+    outside the directory the run started in); dataset and hub ids stay ids."""
+    from flora_train.config import load_recipe
+    from flora_train.train.data_setup import recipe_as_recorded
+
+    (tmp_path / "d" / "more").mkdir(parents=True)
+    (tmp_path / "d" / "train.jsonl").write_text("")
+    (tmp_path / "smol").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(None, ["run_dir=r", "base.name_or_path=smol", "data.train_path=[d/train.jsonl,'d/**/*.jsonl',org/dataset]",
+                             "data.eval_path=d/more", "eval.general_path=not/here.jsonl"])
+    recorded = recipe_as_recorded(cfg)
+    assert list(recorded.data.train_path) == [str(tmp_path / "d/train.jsonl"), str(tmp_path / "d/**/*.jsonl"), "org/dataset"]
+    assert recorded.data.eval_path == str(tmp_path / "d/more") and recorded.base.name_or_path == str(tmp_path / "smol")
+    assert recorded.eval.general_path == "not/here.jsonl"  # nothing there: left for the run's own error to name
+    assert cfg.data.eval_path == "d/more", "the run itself keeps its recipe as given"
+    hub = recipe_as_recorded(load_recipe(None, ["run_dir=r", "base.name_or_path=HuggingFaceTB/SmolLM2-135M", "data.train_path=d/train.jsonl"]))
+    assert hub.base.name_or_path == "HuggingFaceTB/SmolLM2-135M"
