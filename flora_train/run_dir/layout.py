@@ -9,6 +9,7 @@ run_dir/
   phases/phase-NNNNN.parquet who each training phase trains (train/phases.py)
   shared_adapter.safetensors the adapter shared by every user (train.compare_shared_baseline)
   eval/                     per-user evaluations, summaries, generation reports
+  eval/data-<name>-<hash>/  the same for `flora-train eval --data FILE` (the run's own stay as they were)
   export/<format>/          exports written by the run (index.json + manifest.json each)
   data/ data_cache/ base_model/ kernels/ store_tier/   derived: rebuilt from the data and recipe
   tracking-buffer*.jsonl    metrics not yet sent to MLflow
@@ -20,6 +21,7 @@ run_dir/
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ RUN_OWNED = ("checkpoints", "phases", "shared_adapter.safetensors", "eval", "exp
 @dataclass(frozen=True)
 class RunDir:
     path: Path
+    eval_of: str | None = None  # the evaluation files of another data file: eval/<eval_of>/ (eval_scope)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -64,7 +67,14 @@ class RunDir:
 
     @property
     def eval(self) -> Path:
-        return self.path / "eval"
+        return self.path / "eval" / self.eval_of if self.eval_of else self.path / "eval"
+
+    @staticmethod
+    def eval_scope(data: Path) -> str:
+        """The folder name for scores on ``data`` (its name, and its absolute path's hash: two
+        ``eval.jsonl`` of different folders stay apart)."""
+        digest = hashlib.blake2b(str(Path(data).absolute()).encode(), digest_size=4).hexdigest()
+        return f"data-{Path(data).name.split('.')[0][:40]}-{digest}"
 
     def eval_file(self, name: str) -> Path:
         return self.eval / name

@@ -301,7 +301,7 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     session = prepare_session(recipe_beside_the_run(run_dir, "evaluating"))
     try:
         if data is not None:
-            session.eval = load_eval_file(session.cfg, session.tokenizer, data)
+            session.eval, session.eval_of = load_eval_file(session.cfg, session.tokenizer, data), RunDir.eval_scope(data)
             users = session.eval.users()
             if not any(u in session.store for u in users):
                 named = ", ".join(repr(u) for u in users[:5]) + (", ..." if len(users) > 5 else "")
@@ -363,4 +363,5 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     tracker.end("FINISHED")
     if fdist.rank() == 0:
         session.paths.eval_file(f"summary-step{step}.json").write_text(json.dumps(result, indent=2))
+        print(f"per-user scores in {session.paths.eval}")
     return result

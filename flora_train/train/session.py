@@ -65,6 +65,7 @@ class Session:
     run_id: str | None = None  # the run's identity: new at a fresh start, the checkpoint's on resume
     phase_plan: PhasePlan = None  # type: ignore[assignment]  # what this run trains: phases.py sets it
     shared: SharedTraining | None = None  # adapter.shared: the population adapter under every user's row
+    eval_of: str | None = None  # scores go to eval/<eval_of>/: `flora-train eval --data` (RunDir.eval_scope)
 
     def __post_init__(self) -> None:
         if self.phase_plan is None:  # every user, from step 0, until a resume says otherwise
@@ -72,7 +73,7 @@ class Session:
 
     @property
     def paths(self) -> RunDir:
-        return RunDir(self.run_dir)
+        return RunDir(self.run_dir, self.eval_of)
 
     def close(self) -> None:
         if self.zero is not None:

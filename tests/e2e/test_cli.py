@@ -148,6 +148,17 @@ def test_eval_logs_to_a_run_nested_under_the_training_run(lora_run):
     (child,) = client.search_runs([trained.info.experiment_id], f"tags.mlflow.parentRunId = '{trained.info.run_id}'")
     assert child.data.metrics["eval/accuracy_mean"] == pytest.approx(history[0].value)
     assert child.data.tags["flora_train.kind"] == "eval" and trained.info.status == "FINISHED"
+    # Another file's scores go beside the run's own, which stay as they were (they were overwritten:
+    # `users` then showed no held-out loss for every user the file did not hold).
+    own = {p: p.read_bytes() for p in (lora_run / "eval").glob("*.jsonl")}
+    subset = lora_run.parent / "subset.jsonl"
+    rows = [json.loads(line) for line in (lora_run.parent / "data" / "eval.jsonl").read_text().splitlines()]
+    subset.write_text("".join(json.dumps(r) + "\n" for r in rows if r["user_id"] in ("user-000005", HOSTILE[2])))
+    proc = flora_train("eval", str(lora_run), "--data", str(subset))
+    assert own and {p: p.read_bytes() for p in (lora_run / "eval").glob("*.jsonl")} == own
+    (scores,) = (lora_run / "eval").glob("data-subset-*/per_user-step*.jsonl")
+    assert [json.loads(line)["user_id"] for line in scores.read_text().splitlines()] == sorted(["user-000005", HOSTILE[2]])
+    assert f"per-user scores in {scores.parent}" in proc.stdout
 
 
 def test_recipe_typo_fails_before_any_work(tmp_path):
