@@ -30,11 +30,19 @@ def port_number(text: str) -> int:
     return int(text)
 
 
-def positive_seconds(text: str) -> float:
+def _positive(text: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:  # (nan too)
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    if not 0 < value < float("inf"):  # (nan too)
+        raise argparse.ArgumentTypeError(f"must be a {what} > 0, got {text!r}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    return _positive(text, "number of seconds")
+
+
+def positive_number(text: str) -> float:
+    return _positive(text, "number")

@@ -10,51 +10,52 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flora_train.arg_types import at_least_one, positive_number, whole_number
 from flora_train.devices import device_arg
 
 SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale", "personal", "lengths")
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    values = [v for v in text.split(",") if v]
+    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return [int(v) for v in values]
 
 
 def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("suite", choices=[*SUITES, "all"])
     be.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON results and plots")
     be.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when present), cpu or cuda")
-    be.add_argument("--repeats", type=int, default=None, help="layer: timed repeats per kernel (3); store: (50)")
-    be.add_argument("--tokens", type=int, default=None, help="layer: tokens per example (8 on CPU, 256 on GPU); "
+    be.add_argument("--repeats", type=at_least_one, default=None, help="layer: timed repeats per kernel (3); store: (50)")
+    be.add_argument("--tokens", type=at_least_one, default=None, help="layer: tokens per example (8 on CPU, 256 on GPU); "
                     "train: (64)")
-    be.add_argument("--hidden-size", type=int, default=None, help="train (512) / e2e (256) / zero (1024): width of the generated Llama")
-    be.add_argument("--layers", type=int, default=None, help="train (4) / e2e (4) / zero (8): layers of the generated Llama")
-    be.add_argument("--steps", type=int, default=None, help="train (5) / zero (6) / scale (16): timed steps")
-    be.add_argument("--users-per-step", type=int, default=None, help="train (64, one example each) / zero (8) / scale (64)")
+    be.add_argument("--hidden-size", type=at_least_one, default=None, help="train (512) / e2e (256) / zero (1024): width of the generated Llama")
+    be.add_argument("--layers", type=at_least_one, default=None, help="train (4) / e2e (4) / zero (8): layers of the generated Llama")
+    be.add_argument("--steps", type=at_least_one, default=None, help="train (5) / zero (6) / scale (16): timed steps")
+    be.add_argument("--users-per-step", type=at_least_one, default=None, help="train (64, one example each) / zero (8) / scale (64)")
     be.add_argument("--widths", type=_ints, default=[1024, 4096], help="layer: comma-separated layer widths")
     be.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8, 16], help="layer: comma-separated ranks")
     be.add_argument("--user-mix", default="1,8,64,all", help="layer: distinct users per batch (all = one per example)")
-    be.add_argument("--batch", type=int, default=None, help="layer: examples per micro-batch (64 on CPU, 128 on GPU)")
+    be.add_argument("--batch", type=at_least_one, default=None, help="layer: examples per micro-batch (64 on CPU, 128 on GPU)")
     be.add_argument("--no-peft", action="store_true", help="layer: skip PEFT's mixed-batch forward")
-    be.add_argument("--users", type=int, default=1000, help="e2e: users to train")
-    be.add_argument("--examples", type=int, default=8, help="e2e: training examples per user")
-    be.add_argument("--sample", type=int, default=20, help="e2e: users trained by one PEFT job each (quality, warm timing)")
-    be.add_argument("--process-sample", type=int, default=5, help="e2e: of those, users whose job runs as its own process")
-    be.add_argument("--rank", type=int, default=8, help="e2e: LoRA rank of both sides")
-    be.add_argument("--small", type=int, default=1_000, help="store: users in the small table")
-    be.add_argument("--large", type=int, default=1_000_000, help="store: users in the large table")
-    be.add_argument("--row-size", type=int, default=256, help="store: floats per row")
-    be.add_argument("--step-users", type=int, default=64, help="store: users per step")
-    be.add_argument("--world", type=int, default=2, help="zero: processes per run")
-    be.add_argument("--serve-users", type=int, default=64, help="serve: users (each request is one user's)")
-    be.add_argument("--serve-requests", type=int, default=64, help="serve: requests in the workload")
-    be.add_argument("--rate", type=float, default=32.0, help="serve: mean arrivals a second (Poisson)")
-    be.add_argument("--max-tokens", type=int, default=128, help="serve: max_tokens is drawn from 8 to this")
-    be.add_argument("--serve-population", type=int, default=100_000,
+    be.add_argument("--users", type=at_least_one, default=1000, help="e2e: users to train")
+    be.add_argument("--examples", type=at_least_one, default=8, help="e2e: training examples per user")
+    be.add_argument("--sample", type=at_least_one, default=20, help="e2e: users trained by one PEFT job each (quality, warm timing)")
+    be.add_argument("--process-sample", type=whole_number, default=5, help="e2e: of those, users whose job runs as its own process")
+    be.add_argument("--rank", type=at_least_one, default=8, help="e2e: LoRA rank of both sides")
+    be.add_argument("--small", type=at_least_one, default=1_000, help="store: users in the small table")
+    be.add_argument("--large", type=at_least_one, default=1_000_000, help="store: users in the large table")
+    be.add_argument("--row-size", type=at_least_one, default=256, help="store: floats per row")
+    be.add_argument("--step-users", type=at_least_one, default=64, help="store: users per step")
+    be.add_argument("--world", type=at_least_one, default=2, help="zero: processes per run")
+    be.add_argument("--serve-users", type=at_least_one, default=64, help="serve: users (each request is one user's)")
+    be.add_argument("--serve-requests", type=at_least_one, default=64, help="serve: requests in the workload")
+    be.add_argument("--rate", type=positive_number, default=32.0, help="serve: mean arrivals a second (Poisson)")
+    be.add_argument("--max-tokens", type=at_least_one, default=128, help="serve: max_tokens is drawn from 8 to this")
+    be.add_argument("--serve-population", type=whole_number, default=100_000,
                     help="serve: users of the run served with a 256-user adapter cache (0: skip)")
-    be.add_argument("--data-examples", type=int, default=1_000_000, help="data: examples in the generated dataset")
+    be.add_argument("--data-examples", type=at_least_one, default=1_000_000, help="data: examples in the generated dataset")
     be.add_argument("--populations", type=_ints, default=[1_000, 100_000, 1_000_000],
                     help="scale: comma-separated population sizes, one training run each")
     be.add_argument("--population", default="speeches,persona", help="personal: comma-separated speeches, persona")

@@ -1,6 +1,6 @@
-"""`flora-train generate`'s flags: a value out of range is one line naming it, never a traceback
-(--batch-size 0 was 'ValueError: range() arg 3 must not be zero', --top-k -3 transformers'
-ValueError, both as tracebacks after the base had loaded)."""
+"""The CLI's numeric flags: a value out of range is one line naming it, never a traceback
+(generate --batch-size 0 was 'ValueError: range() arg 3 must not be zero', --top-k -3 transformers'
+ValueError, both as tracebacks after the base had loaded; bench took any integer)."""
 
 import json
 
@@ -34,3 +34,23 @@ def test_settings_take_names_only():
     """A field added in the middle moved --chat into presence_penalty when the CLI passed them by position."""
     with pytest.raises(TypeError):
         GenerationSettings(8)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--repeats", "0"], "argument --repeats: must be a whole number >= 1, got '0'"),
+    (["--steps", "-1"], "argument --steps: must be a whole number >= 1, got '-1'"),
+    (["--serve-population", "-5"], "argument --serve-population: must be a whole number >= 0, got '-5'"),
+    (["--rate", "0"], "argument --rate: must be a number > 0, got '0'"),
+    (["--rate", "inf"], "argument --rate: must be a number > 0, got 'inf'"),
+    (["--widths", "1024,0"], "argument --widths: expected comma-separated whole numbers >= 1, got '1024,0'"),
+    (["--ranks", ","], "argument --ranks: expected comma-separated whole numbers >= 1, got ','"),
+])
+def test_bench_counts_out_of_range_are_a_usage_line(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        parse_args(["bench", "layer", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_bench_counts_in_range_pass():
+    args = parse_args(["bench", "layer", "--repeats", "1", "--serve-population", "0", "--rate", "0.5", "--widths", "64,128"])
+    assert (args.repeats, args.serve_population, args.rate, args.widths) == (1, 0, 0.5, [64, 128])
