@@ -28,7 +28,9 @@ def test_eval_rows_data_and_coverage(tmp_path):
     scored = flora_train("eval", str(run_dir), "--data", str(other))
     assert "have no training data and are not scored: 'newcomer'" in scored.stderr
     step = json.loads((run_dir / "result.json").read_text())["steps"]
-    summary = json.loads((run_dir / "eval" / f"summary-step{step}.json").read_text())
+    own = json.loads((run_dir / "eval" / f"summary-step{step}.json").read_text())
+    assert own["eval"]["eval/users"] == 24, "the run's own scores stay (--data's go beside them)"
+    summary = json.loads(next((run_dir / "eval").glob(f"data-other-*/summary-step{step}.json")).read_text())
     assert summary["eval"]["eval/users"] == 2
     assert summary["eval"]["eval/users_without_training_data"] == 1
     assert summary["eval"]["eval/trained_users_without_eval_rows"] == 24 - 2
