@@ -16,11 +16,19 @@ from flora_train.devices import device_arg
 SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale", "personal", "lengths")
 
 
-def _ints(text: str) -> list[int]:
+def _numbers(text: str, least: int) -> list[int]:
     values = [v for v in text.split(",") if v]
-    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    if not values or not all(v.isdigit() and int(v) >= least for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= {least}, got {text!r}")
     return [int(v) for v in values]
+
+
+def _counts(text: str) -> list[int]:
+    return _numbers(text, 1)
+
+
+def _seeds(text: str) -> list[int]:
+    return _numbers(text, 0)
 
 
 def add_arguments(be: argparse.ArgumentParser) -> None:
@@ -34,8 +42,8 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--layers", type=at_least_one, default=None, help="train (4) / e2e (4) / zero (8): layers of the generated Llama")
     be.add_argument("--steps", type=at_least_one, default=None, help="train (5) / zero (6) / scale (16): timed steps")
     be.add_argument("--users-per-step", type=at_least_one, default=None, help="train (64, one example each) / zero (8) / scale (64)")
-    be.add_argument("--widths", type=_ints, default=[1024, 4096], help="layer: comma-separated layer widths")
-    be.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8, 16], help="layer: comma-separated ranks")
+    be.add_argument("--widths", type=_counts, default=[1024, 4096], help="layer: comma-separated layer widths")
+    be.add_argument("--ranks", type=_counts, default=[1, 2, 4, 8, 16], help="layer: comma-separated ranks")
     be.add_argument("--user-mix", default="1,8,64,all", help="layer: distinct users per batch (all = one per example)")
     be.add_argument("--batch", type=at_least_one, default=None, help="layer: examples per micro-batch (64 on CPU, 128 on GPU)")
     be.add_argument("--no-peft", action="store_true", help="layer: skip PEFT's mixed-batch forward")
@@ -56,15 +64,15 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--serve-population", type=whole_number, default=100_000,
                     help="serve: users of the run served with a 256-user adapter cache (0: skip)")
     be.add_argument("--data-examples", type=at_least_one, default=1_000_000, help="data: examples in the generated dataset")
-    be.add_argument("--populations", type=_ints, default=[1_000, 100_000, 1_000_000],
+    be.add_argument("--populations", type=_counts, default=[1_000, 100_000, 1_000_000],
                     help="scale: comma-separated population sizes, one training run each")
     be.add_argument("--population", default="speeches,persona", help="personal: comma-separated speeches, persona")
-    be.add_argument("--seeds", type=_ints, default=[0, 1], help="personal: comma-separated seeds (two show the noise)")
+    be.add_argument("--seeds", type=_seeds, default=[0, 1], help="personal: comma-separated seeds (two show the noise)")
     be.add_argument("--tiny", action="store_true", help="personal: a small base built from the data instead of SmolLM2; "
                     "lengths: a 32-wide base (how the tests run it)")
-    be.add_argument("--budget", type=int, default=4096, help="lengths: train.micro_batch_tokens of the grouped and packed settings")
-    be.add_argument("--length-users", type=int, default=32, help="lengths: users (16 examples each)")
-    be.add_argument("--length-repeats", type=int, default=2,
+    be.add_argument("--budget", type=at_least_one, default=4096, help="lengths: train.micro_batch_tokens of the grouped and packed settings")
+    be.add_argument("--length-users", type=at_least_one, default=32, help="lengths: users (16 examples each)")
+    be.add_argument("--length-repeats", type=at_least_one, default=2,
                     help="lengths: runs of each setting, round-robin; each keeps its best")
     be.add_argument("--small-population", action="store_true", help="personal: 6 users a population (how the tests run it)")
     be.add_argument("--settings", default=None, help="personal: only these settings (comma-separated names; default all)")

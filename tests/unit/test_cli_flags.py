@@ -44,6 +44,7 @@ def test_settings_take_names_only():
     (["--rate", "inf"], "argument --rate: must be a number > 0, got 'inf'"),
     (["--widths", "1024,0"], "argument --widths: expected comma-separated whole numbers >= 1, got '1024,0'"),
     (["--ranks", ","], "argument --ranks: expected comma-separated whole numbers >= 1, got ','"),
+    (["--seeds", "0,-1"], "argument --seeds: expected comma-separated whole numbers >= 0, got '0,-1'"),
 ])
 def test_bench_counts_out_of_range_are_a_usage_line(capsys, flags, message):
     with pytest.raises(SystemExit):
@@ -52,5 +53,6 @@ def test_bench_counts_out_of_range_are_a_usage_line(capsys, flags, message):
 
 
 def test_bench_counts_in_range_pass():
-    args = parse_args(["bench", "layer", "--repeats", "1", "--serve-population", "0", "--rate", "0.5", "--widths", "64,128"])
-    assert (args.repeats, args.serve_population, args.rate, args.widths) == (1, 0, 0.5, [64, 128])
+    args = parse_args(["bench", "layer", "--repeats", "1", "--serve-population", "0", "--rate", "0.5", "--widths", "64,128",
+                       "--seeds", "0,3"])
+    assert (args.repeats, args.serve_population, args.rate, args.widths, args.seeds) == (1, 0, 0.5, [64, 128], [0, 3])
