@@ -327,7 +327,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _generate(args)
         elif args.command == "serve":
             from flora_train.inference import load_trained
-            from flora_train.inference.server import listen_socket, serve
+            from flora_train.inference.listen import listen_socket, serve
 
             sock = listen_socket(args.host, args.port)
             trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)

@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -377,26 +376,3 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         return api.chat_body(rid, model, choices, usage_of([prompt_ids], done))
 
     return app
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the base loads: a port in use (or a host this machine does
-    not have) is one error at once, not uvicorn's line after minutes of loading. ``port`` 0 takes
-    a free one (``getsockname`` says which)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn: a restart need not wait out TIME_WAIT)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise InferenceError(f"--host {host} --port {port}: cannot listen there: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def serve(trained: TrainedAdapters, sock: socket.socket, **options: Any) -> None:
-    """Runs the app on ``sock`` (``listen_socket``) until interrupted."""
-    import uvicorn
-
-    uvicorn.Server(uvicorn.Config(create_app(trained, **options), log_level="warning")).run(sockets=[sock])

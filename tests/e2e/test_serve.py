@@ -6,87 +6,23 @@ batch; stop strings end generation; bad requests get a 4xx naming the problem an
 serving; /metrics is Prometheus text."""
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 from openai import OpenAI
 
-from flora_train.config import load_recipe
-from flora_train.data import SyntheticTask
 from flora_train.inference import GenerationSettings, generate, generate_batch, load_trained
-from flora_train.train.run import run_training
 from tests.e2e.helpers import REPO
+from tests.e2e.serving import USERS, chat_model, start_server, stop_server, train_run  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
-USERS = 32
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 PROMPTS = [f"quick : favourite {k} ?" for k in ("colour", "animal", "city", "fruit")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(run_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "serve", str(run_dir), "--port", str(port),
-                             "--device", "cpu", *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server never answered /health")
-
-
-def stop_server(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    _, err = proc.communicate(timeout=30)
-    return err
-
-
-def run_args(tmp: Path, model_dir: Path, *extra: str) -> list[str]:
-    train, _ = SyntheticTask(num_users=USERS, train_examples_per_user=4, eval_examples_per_user=0).write(tmp / "data")
-    return [f"base.name_or_path={model_dir}", f"data.train_path={train}", "adapter.target_modules=[q_proj,v_proj,down_proj]",
-            "train.users_per_step=16", "train.examples_per_user=2", "train.micro_batch_size=16", "train.epochs=2",
-            "store.optimizer.lr=0.05", "tracking.enabled=false", "train.progress=false", "eval.at_end=false",
-            f"run_dir={tmp / 'run'}", *extra]
-
-
-def train_run(tmp: Path, model_dir: Path, *extra: str) -> Path:
-    run_training(load_recipe(None, run_args(tmp, model_dir, *extra)))
-    return tmp / "run"
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, tiny_llama_dir) -> Path:
-    """The tiny Llama with a chat template, so chat completions have something to render."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat_base") / "tiny"
-    shutil.copytree(tiny_llama_dir, folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -388,57 +324,3 @@ def test_metrics_are_prometheus_text_with_requests_tokens_latency_and_cache(serv
     assert get("flora_batch_occupancy_count") >= 1 and get("flora_adapter_cache_capacity") == 16
     assert get("flora_adapter_cache_hits_total") + get("flora_adapter_cache_misses_total") >= 2
     assert ("flora_queue_depth", ()) in samples and ("flora_running_requests", ()) in samples
-
-
-def test_follow_serves_each_new_checkpoint_without_a_failed_request(tmp_path, chat_model):
-    """A resumed run writes new checkpoints while clients keep asking: answers switch to the new
-    adapters (scores equal the new checkpoint's), no request fails, and a corrupt newer checkpoint
-    is named in a warning and passed over."""
-    from flora_train.run_dir.checkpoints import latest_checkpoint
-
-    run_dir = train_run(tmp_path, chat_model, "train.max_steps=2")
-    first = latest_checkpoint(run_dir)
-    proc, url = start_server(run_dir, "--follow", "0.2")
-    user, prompt = "user-000007", "quick : favourite city ? my city"
-    score = lambda: requests.post(f"{url}/v1/completions", json={  # noqa: E731
-        "model": f"flora:{user}", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}, timeout=60)
-    statuses, stop = [], threading.Event()
-
-    def keep_asking() -> None:
-        while not stop.is_set():
-            statuses.append(score().status_code)
-
-    try:
-        before = score().json()["choices"][0]["logprobs"]["token_logprobs"]
-        asker = threading.Thread(target=keep_asking)
-        asker.start()
-        try:
-            run_training(load_recipe(None, run_args(tmp_path, chat_model, "train.checkpoint_every_steps=1")), resume=True)
-            newest = latest_checkpoint(run_dir)
-            assert newest != first
-            deadline = time.monotonic() + 30
-            while requests.get(f"{url}/health", timeout=5).json()["checkpoint"] != str(newest) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            health = requests.get(f"{url}/health", timeout=5).json()
-            assert health["checkpoint"] == str(newest) and health["adapters_version"] >= 1, health
-            broken = newest.parent / "step-99999999"
-            shutil.copytree(newest, broken)
-            next(p for p in broken.rglob("*.safetensors")).write_bytes(b"torn")
-            time.sleep(1.0)
-            assert requests.get(f"{url}/health", timeout=5).json()["checkpoint"] == str(newest)
-        finally:
-            stop.set()
-            asker.join()
-        after = score().json()["choices"][0]["logprobs"]["token_logprobs"]
-    finally:
-        err = stop_server(proc)
-    assert statuses and set(statuses) == {200}, sorted(set(statuses))
-    shutil.rmtree(broken)
-    fresh = load_trained(run_dir, device="cpu")
-    ids = torch.tensor([fresh.tokenizer(prompt)["input_ids"]])
-    rows, index, _ = fresh.batch_rows([user])
-    with torch.no_grad(), fresh.slot.activate(rows, index):
-        want = torch.log_softmax(fresh.model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
-    assert torch.allclose(torch.tensor(after[1:]), want, atol=1e-4)
-    assert (torch.tensor(before[1:]) - want).abs().max() > 1e-3, "the new checkpoint scores differently"
-    assert "step-99999999 does not verify" in err, err[-2000:]

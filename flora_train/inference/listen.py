@@ -1,0 +1,33 @@
+"""Where `flora-train serve` listens: the socket, bound before anything loads, and uvicorn running
+the app (``server.create_app``) on it."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from flora_train.inference.server import create_app
+from flora_train.inference.trained import InferenceError, TrainedAdapters
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the base loads: a port in use (or a host this machine does
+    not have) is one error at once, not uvicorn's line after minutes of loading. ``port`` 0 takes
+    a free one (``getsockname`` says which)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn: a restart need not wait out TIME_WAIT)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InferenceError(f"--host {host} --port {port}: cannot listen there: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(trained: TrainedAdapters, sock: socket.socket, **options: Any) -> None:
+    """Runs the app on ``sock`` (``listen_socket``) until interrupted."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(create_app(trained, **options), log_level="warning")).run(sockets=[sock])

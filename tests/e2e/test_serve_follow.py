@@ -1,0 +1,70 @@
+"""`flora-train serve --follow`: a resumed run's new checkpoints are served while clients keep asking."""
+
+import shutil
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from flora_train.config import load_recipe
+from flora_train.inference import load_trained
+from flora_train.train.run import run_training
+from tests.e2e.serving import chat_model, run_args, start_server, stop_server, train_run  # noqa: F401 (a fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+
+def test_follow_serves_each_new_checkpoint_without_a_failed_request(tmp_path, chat_model):
+    """A resumed run writes new checkpoints while clients keep asking: answers switch to the new
+    adapters (scores equal the new checkpoint's), no request fails, and a corrupt newer checkpoint
+    is named in a warning and passed over."""
+    from flora_train.run_dir.checkpoints import latest_checkpoint
+
+    run_dir = train_run(tmp_path, chat_model, "train.max_steps=2")
+    first = latest_checkpoint(run_dir)
+    proc, url = start_server(run_dir, "--follow", "0.2")
+    user, prompt = "user-000007", "quick : favourite city ? my city"
+    score = lambda: requests.post(f"{url}/v1/completions", json={  # noqa: E731
+        "model": f"flora:{user}", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}, timeout=60)
+    statuses, stop = [], threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            statuses.append(score().status_code)
+
+    try:
+        before = score().json()["choices"][0]["logprobs"]["token_logprobs"]
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        try:
+            run_training(load_recipe(None, run_args(tmp_path, chat_model, "train.checkpoint_every_steps=1")), resume=True)
+            newest = latest_checkpoint(run_dir)
+            assert newest != first
+            deadline = time.monotonic() + 30
+            while requests.get(f"{url}/health", timeout=5).json()["checkpoint"] != str(newest) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            health = requests.get(f"{url}/health", timeout=5).json()
+            assert health["checkpoint"] == str(newest) and health["adapters_version"] >= 1, health
+            broken = newest.parent / "step-99999999"
+            shutil.copytree(newest, broken)
+            next(p for p in broken.rglob("*.safetensors")).write_bytes(b"torn")
+            time.sleep(1.0)
+            assert requests.get(f"{url}/health", timeout=5).json()["checkpoint"] == str(newest)
+        finally:
+            stop.set()
+            asker.join()
+        after = score().json()["choices"][0]["logprobs"]["token_logprobs"]
+    finally:
+        err = stop_server(proc)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    shutil.rmtree(broken)
+    fresh = load_trained(run_dir, device="cpu")
+    ids = torch.tensor([fresh.tokenizer(prompt)["input_ids"]])
+    rows, index, _ = fresh.batch_rows([user])
+    with torch.no_grad(), fresh.slot.activate(rows, index):
+        want = torch.log_softmax(fresh.model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    assert torch.allclose(torch.tensor(after[1:]), want, atol=1e-4)
+    assert (torch.tensor(before[1:]) - want).abs().max() > 1e-3, "the new checkpoint scores differently"
+    assert "step-99999999 does not verify" in err, err[-2000:]
