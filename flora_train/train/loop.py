@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
 from flora_train import dist as fdist
 from flora_train.data.length_check import padding_report
@@ -81,7 +80,7 @@ class TrainLoop:
         cfg, t, tracker = self.session.cfg, self.session.cfg.train, self.tracker
         self.log_plan(start)
         meter, step, tokens = Meter(self.session.store), start, 0
-        bar = tqdm(total=self.total, initial=start, desc="train", disable=not (t.progress and fdist.rank() == 0), unit="step")
+        bar = self.session.progress(total=self.total, initial=start, desc="train", unit="step")
         status = "FAILED"
         started = time.perf_counter()
         own_watch = watch is None

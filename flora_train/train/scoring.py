@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from flora_train import dist as fdist
 from flora_train.config import load_recipe
@@ -148,7 +147,7 @@ def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
     trainer = Trainer(session.model, session.slot, store, session.train, train_settings(session),
                       {SHARED: steps}, session.pad_id, session.device)
     plans = planner.steps(epochs=10**6, max_steps=steps)
-    trainer.fit(tqdm(plans, total=steps, desc="shared baseline", disable=not t.progress, leave=False))
+    trainer.fit(session.progress(plans, total=steps, desc="shared baseline", leave=False))
     row = store.fetch([SHARED], requires_grad=False).values.detach()[0].cpu()
     if fdist.rank() == 0:
         path = session.paths.shared_adapter

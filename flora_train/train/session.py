@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
 from flora_train.adapters.layer import AdaptedLinear
@@ -82,6 +83,11 @@ class Session:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def progress(self, iterable: Any = None, **kwargs: Any) -> tqdm:
+        """A progress bar that only rank 0 draws (train.progress): every rank of a torchrun job shares
+        one terminal, and each drawing its own bar interleaves them."""
+        return tqdm(iterable, disable=not (self.cfg.train.progress and fdist.rank() == 0), **kwargs)
 
     @property
     def step_examples(self) -> TokenizedExamples:

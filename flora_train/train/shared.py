@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from flora_train import dist as fdist
 from flora_train.adapters import AdapterLayout
@@ -121,8 +120,7 @@ def train_shared_phase(session: "Session", tracker: "Tracker", steps: int) -> li
                       session.user_total_steps(), session.pad_id, session.device, shared=shared, train_personal=False)
     plans = planner.steps(epochs=10**6, max_steps=steps)
     losses = []
-    for st in trainer.fit(tqdm(plans, total=steps, desc="shared adapter", disable=not (t.progress and fdist.rank() == 0),
-                               leave=False)):
+    for st in trainer.fit(session.progress(plans, total=steps, desc="shared adapter", leave=False)):
         losses.append(st.loss)
         if st.step % max(t.log_every_steps, 1) == 0 or st.step == steps - 1:
             tracker.log_metrics({"shared/loss": st.loss}, step=st.step)

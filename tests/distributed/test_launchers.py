@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,10 @@ LAUNCHERS = {
 def test_run_under_launcher(setup, launcher):
     tmp, base, recipe, ref = setup
     run_dir = tmp / launcher
-    cmd = [*LAUNCHERS[launcher](_free_port()), *_cli(recipe, [*base, *ZERO3, f"run_dir={run_dir}"])]
+    # torchrun's run also draws its progress bars and trains the shared baseline: rank 0 alone draws
+    # each bar (both ranks drew the baseline's, interleaved on the one terminal).
+    bars = ["train.progress=true", "train.compare_shared_baseline=true"] if launcher == "torchrun" else []
+    cmd = [*LAUNCHERS[launcher](_free_port()), *_cli(recipe, [*base, *ZERO3, f"run_dir={run_dir}", *bars])]
     if launcher == "deepspeed":
         cmd.remove("-m")  # the launcher's --module takes the module name itself
     proc = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=600)
@@ -75,6 +79,9 @@ def test_run_under_launcher(setup, launcher):
     assert result["base"]["launcher"] == launcher and result["base"]["world_size"] == 2
     assert_same_adapters(saved_state(run_dir), ref, launcher)
     if launcher == "torchrun":  # a ZeRO-3 run evaluated later in one process loads the base whole
+        first_draws = [len(re.findall(rf"{bar}: +0%\|[^|\r\n]*\| 0/\d+ \[00:00<\?, \?\w+/s\]", proc.stderr))
+                       for bar in ("train", "shared baseline")]
+        assert first_draws == [1, 1], proc.stderr[-3000:]
         proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "eval", str(run_dir)], cwd=tmp, env=_env(),
                               capture_output=True, text=True, timeout=600)
         _check(proc, proc.stdout + proc.stderr, "eval")
