@@ -160,11 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_footprint(cfg: Any) -> None:
     """The per-user bytes of the recipe's adapter and optimizer, when the base's config is at hand
-    (a hub id with no local copy is not fetched: the line then says why it is missing)."""
+    (a hub id with no local copy is not fetched: the line then says why it is missing). Targets that
+    match no layer of the base fail validation, as they would fail the run."""
+    from flora_train.base import ModelLoadError
+    from flora_train.errors import UserError
     from flora_train.store.footprint import describe, footprint
 
     try:
         print(describe(cfg, footprint(cfg)))
+    except ModelLoadError as exc:  # a hub id not downloaded yet: the recipe may be right, its size is unknown
+        print(f"# per-user bytes: not computed ({str(exc).splitlines()[0][:300]})")
+    except UserError:  # the recipe does not fit its base (adapter.target_modules): the run would fail too
+        raise
     except Exception as exc:  # the recipe itself is valid; only the size estimate is unavailable
         print(f"# per-user bytes: not computed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
 

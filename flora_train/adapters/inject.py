@@ -17,6 +17,12 @@ from flora_train.adapters.layer import AdaptedLinear, AdapterSlot, is_conv1d, li
 from flora_train.adapters.layout import AdapterLayout, AdapterSpec
 from flora_train.adapters.shared import SharedAdapter
 from flora_train.adapters.tuning import KernelTuner
+from flora_train.errors import UserError
+
+
+class TargetModulesError(UserError, ValueError):
+    """The recipe's adapter targets do not fit the base: no layer matched, or IA3 needs the
+    feed-forward layers of an architecture with no known list."""
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -53,7 +59,7 @@ def feedforward_modules(model: nn.Module, spec: AdapterSpec) -> tuple[str, ...]:
     if model_type in KNOWN:
         return tuple(KNOWN[model_type])
     if spec.impl.uses_feedforward:
-        raise ValueError(
+        raise TargetModulesError(
             f"adapter.feedforward_modules: {spec.method} needs the feed-forward output layers of this model "
             f"(architecture {model_type or type(model).__name__!r} has no known list); name them, e.g. [down_proj]"
         )
@@ -64,7 +70,7 @@ def _resolved(model: nn.Module, spec: AdapterSpec, target_modules: str | Sequenc
     names = match_target_modules(model, target_modules)
     if not names:
         sample = [n for n, m in model.named_modules() if n and _is_linear(m)][:8]
-        raise ValueError(
+        raise TargetModulesError(
             f"{what}.target_modules={target_modules!r} matched no linear layer; linear layers look like {sample}"
         )
     return dataclasses.replace(spec, feedforward_modules=feedforward_modules(model, spec)), names

@@ -79,14 +79,28 @@ def _pretrained(what: str, factory: Any, name_or_path: str, gguf_file: str | Non
     try:
         return factory.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        hint = "" if Path(name_or_path).exists() else " (not a local folder; hub ids need network access)"
+        hint = "" if Path(name_or_path).exists() else (
+            " (not a local folder nor in the Hugging Face cache, and nothing is downloaded here)"
+            if kwargs.get("local_files_only") else " (not a local folder; hub ids need network access)")
         raise ModelLoadError(f"cannot load {what} '{name_or_path}'{hint}: {exc}") from None
 
 
-def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
+def load_config(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                local_files_only: bool = False) -> Any:
+    """The model's config alone. ``local_files_only``: a local folder or the Hugging Face cache, never
+    the hub (``validate``: offline, the hub is retried for a minute before it fails)."""
+    from transformers import AutoConfig
+
+    return _pretrained("the config of model", AutoConfig, name_or_path, gguf_file, trust_remote_code,
+                       local_files_only=local_files_only)
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                   local_files_only: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tok = _pretrained("the tokenizer of model", AutoTokenizer, name_or_path, gguf_file, trust_remote_code)
+    tok = _pretrained("the tokenizer of model", AutoTokenizer, name_or_path, gguf_file, trust_remote_code,
+                      local_files_only=local_files_only)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters
+from flora_train.base.loading import load_config
 from flora_train.store.optim import OptimizerHyper
 
 
@@ -27,7 +28,7 @@ class Footprint:
 
 
 def _meta_model(cfg: DictConfig) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     b = cfg.base
     if b.tiny is not None:
@@ -39,9 +40,8 @@ def _meta_model(cfg: DictConfig) -> Any:
             config = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                                  num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
                                  num_key_value_heads=t.num_kv_heads, max_position_embeddings=t.max_position_embeddings)
-    else:
-        kwargs = {"gguf_file": b.gguf_file} if b.gguf_file else {}
-        config = AutoConfig.from_pretrained(b.name_or_path, trust_remote_code=b.trust_remote_code, **kwargs)
+    else:  # what is on this machine only: a hub id is read from the cache, never downloaded
+        config = load_config(str(b.name_or_path), b.gguf_file, b.trust_remote_code, local_files_only=True)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=b.trust_remote_code)
 

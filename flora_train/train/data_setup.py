@@ -20,7 +20,7 @@ import datasets
 from omegaconf import DictConfig, OmegaConf
 
 from flora_train import dist as fdist
-from flora_train.base import build_tiny_model, load_tokenizer
+from flora_train.base import ModelLoadError, build_tiny_model, load_tokenizer
 from flora_train.config import RecipeError
 from flora_train.data import BadRows, Columns, DataError, SyntheticTask, cache, load_examples, tokenize_examples
 from flora_train.data.examples import TokenizedExamples
@@ -276,9 +276,13 @@ def length_report(cfg: DictConfig) -> tuple[str, str | None]:
     from flora_train.data.planner import BatchPlanner
 
     build, d, t = _Build(cfg, Path(cfg.run_dir)), cfg.data, cfg.train
-    tokenizer = load_tokenizer(str(cfg.base.name_or_path), cfg.base.gguf_file, cfg.base.trust_remote_code)
-    raw = build.raw("train")
+    raw = build.raw("train")  # the data is checked whether or not the tokenizer is at hand
     assert raw is not None
+    try:  # what is on this machine only: a hub id is read from the cache, never downloaded
+        tokenizer = load_tokenizer(str(cfg.base.name_or_path), cfg.base.gguf_file, cfg.base.trust_remote_code,
+                                   local_files_only=True)
+    except ModelLoadError as exc:
+        return f"# padding: not estimated ({str(exc).splitlines()[0][:300]})", None
     examples = cache.in_memory(tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, build.bad))
     planner = BatchPlanner(examples.by_user(), t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user)
     share, warning = padding_report(planner, examples.lengths(), MicroBatching(t.micro_batch_size, t.micro_batch_tokens,

@@ -116,3 +116,28 @@ def test_loading_a_recipe_warns_nothing_on_the_pinned_and_the_newest_omegaconf(t
             env["PYTHONPATH"] = str(path)
         proc = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
         assert proc.returncode == 0 and proc.stdout.strip() == version, proc.stderr[-2000:]
+
+
+def test_validate_fails_a_recipe_whose_targets_fit_no_layer_and_reads_only_local_files(tmp_path, capsys):
+    """`validate` printed "per-user bytes: not computed" and exited 0 for adapter.target_modules that
+    match no layer of the base (the run then failed on them); a hub id that is not on this machine
+    ended it with exit 2 after a minute of hub retries. Now: the first is the run's one error line;
+    the second is no error, the size and padding lines say what was missing, and nothing is fetched."""
+    from flora_train.cli import main
+    from flora_train.data import SyntheticTask
+
+    code = main(["validate", str(REPO / "recipes/quickstart.yaml"), f"run_dir={tmp_path / 'r'}", "adapter.target_modules=[nope]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "flora-train: error: adapter.target_modules=['nope'] matched no linear layer" in err, err
+    train, _ = SyntheticTask(num_users=3, train_examples_per_user=2, eval_examples_per_user=0).write(tmp_path / "data")
+    hub_id = "flora-train-tests/no-such-model"
+    code = main(["validate", str(REPO / "recipes/llama-3.2-1b-flora-r1.yaml"), f"run_dir={tmp_path / 'h'}",
+                 f"base.name_or_path={hub_id}", f"data.train_path={train}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    nothing_fetched = f"'{hub_id}' (not a local folder nor in the Hugging Face cache, and nothing is downloaded here)"
+    assert f"# per-user bytes: not computed (cannot load the config of model {nothing_fetched}" in out, out[-1000:]
+    assert f"# padding: not estimated (cannot load the tokenizer of model {nothing_fetched}" in out, out[-1000:]
+    missing = main(["validate", str(REPO / "recipes/llama-3.2-1b-flora-r1.yaml"), f"base.name_or_path={hub_id}",
+                    f"data.train_path={tmp_path / 'none.jsonl'}"])  # the data is checked without the tokenizer
+    assert missing == 2 and "data.train_path: data file not found" in capsys.readouterr().err
