@@ -305,15 +305,25 @@ def plan_file(path: Path) -> Path:
     return (path.parent / holder if holder else path) / SHARD_PLAN
 
 
+def _saved_plan(path: Path) -> ShardPlan:
+    source = plan_file(path)
+    try:
+        return ShardPlan.from_dict(json.loads(source.read_text()), str(source))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{source}: unreadable shard plan ({exc})") from None
+
+
+def saved_users(path: Path) -> set[str]:
+    """Every user checkpoint ``path`` holds a row of (its shard plan's users): a user of the data
+    missing here was never saved or was forgotten, and has no adapter of its own."""
+    return set(_saved_plan(path).owners)
+
+
 def restore_plan(path: Path, world: int, user_tokens: dict[str, int]) -> tuple[ShardPlan, set[str]]:
     """The checkpoint's own shard plan when the world size is unchanged (every user keeps its
     owner), else a fresh balanced packing of the saved users and the data's users onto ``world``.
     Also returns the users new in the data (they get fresh rows)."""
-    source = plan_file(path)
-    try:
-        saved = ShardPlan.from_dict(json.loads(source.read_text()), str(source))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{source}: unreadable shard plan ({exc})") from None
+    saved = _saved_plan(path)
     fresh = set(user_tokens).difference(saved.owners)
     if saved.world == world:
         saved.add_users(user_tokens)

@@ -1,8 +1,8 @@
 """Held-out scoring of a run: per-user adapters, the base model (no adapter) and one adapter shared
 by every user, side by side; and `flora-train eval` on a finished or interrupted run.
 
-Users in the evaluation data who have no training data are named in a warning and left out of
-the per-user rows (an untrained adapter is the base: scoring it as "per-user" would flatter
+Users in the evaluation data who have no training data, or whose adapter the scored checkpoint
+no longer holds (`flora-train forget`), are named in a warning and left out of the per-user rows (an untrained adapter is the base: scoring it as "per-user" would flatter
 nothing and hide the gap). Users with training data but no evaluation rows are counted.
 """
 
@@ -31,7 +31,7 @@ from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardPlan
 from flora_train.run_dir import RunDir
 from flora_train.tracking import Tracker
-from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
+from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, saved_users
 from flora_train.train.evaluate import UserEval, evaluate, summarise, summarise_losses, write_per_user
 from flora_train.inference.generate import GenerationSettings
 from flora_train.train.generation_eval import (gather_generation, generation_eval, summarise_generation,
@@ -105,34 +105,39 @@ def general_agreement(session: Session, rows_for, answers: list[tuple[list[int],
     """Each trained user, on the rank that owns it, against the base's answers to the general
     prompts (see ``general_eval.py``); all ranks get all."""
     store = session.store
-    mine = [u for u in session.user_tokens if store.owner(u) == store.rank]
+    mine = [u for u in session.user_tokens if session.trained(u) and store.owner(u) == store.rank]
     return evaluate_everywhere(session, rows_for, general_examples(mine, answers))
 
 
 def evaluate_adapters(session: Session, store: ShardedAdapterStore) -> dict[str, UserEval]:
     """Each trained user on its own adapter (users never trained are left out: see the module doc)."""
-    return evaluate_rows(session, adapter_rows(store), lambda u: u in store)
+    return evaluate_rows(session, adapter_rows(store), session.trained)
 
 
 def evaluate_base(session: Session) -> dict[str, UserEval]:
     """The same users on the frozen base alone (every user's untrained row is the identity)."""
-    return evaluate_rows(session, session.store.row_init, lambda u: u in session.store)
+    return evaluate_rows(session, session.store.row_init, session.trained)
 
 
 def evaluate_shared(session: Session, row: torch.Tensor) -> dict[str, UserEval]:
     shared = row.to(session.device).unsqueeze(0)
-    return evaluate_rows(session, lambda users: shared.expand(len(users), -1), lambda u: u in session.store)
+    return evaluate_rows(session, lambda users: shared.expand(len(users), -1), session.trained)
 
 
 def coverage(session: Session) -> dict[str, Any]:
-    """Users in the eval data with no training data (named), and trained users with no eval rows."""
+    """Users in the eval data with no training data or no adapter (forgotten), each named, and
+    trained users with no eval rows."""
     eval_users = set(session.eval.users()) if session.eval else set()
-    untrained = sorted(u for u in eval_users if u not in session.store)
-    unscored = len(session.store) - len(eval_users - set(untrained))
-    if untrained and fdist.rank() == 0:
-        log.warning("%d user(s) in the evaluation data have no training data and are not scored: %s%s", len(untrained),
-                    ", ".join(map(repr, untrained[:10])), " ..." if len(untrained) > 10 else "")
-    return {"eval/users_without_training_data": float(len(untrained)), "eval/trained_users_without_eval_rows": float(unscored)}
+    no_data = sorted(u for u in eval_users if u not in session.store)
+    forgotten = sorted(u for u in eval_users if u in session.store and not session.trained(u))
+    scored = len(eval_users) - len(no_data) - len(forgotten)
+    unscored = len(session.store) - len(session.untrained & set(session.user_tokens)) - scored
+    for users, why in ((no_data, "have no training data"), (forgotten, "have no adapter in the checkpoint (forgotten)")):
+        if users and fdist.rank() == 0:
+            log.warning("%d user(s) in the evaluation data %s and are not scored: %s%s", len(users), why,
+                        ", ".join(map(repr, users[:10])), " ..." if len(users) > 10 else "")
+    return {"eval/users_without_training_data": float(len(no_data)), "eval/users_without_adapter": float(len(forgotten)),
+            "eval/trained_users_without_eval_rows": float(unscored)}
 
 
 def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
@@ -268,7 +273,7 @@ def run_generation_eval(session: Session, step: int, tracker: Tracker) -> dict[s
     with no row by a stable hash), the results are gathered, rank 0 writes the per-user JSONL and the
     gain histogram (an MLflow artifact), and the aggregates are logged."""
     cfg, store = session.cfg, session.store
-    subset = _my_examples(session)
+    subset = _my_examples(session, session.trained)
     total = _most_batches(len(subset), cfg.eval.batch_size)
     settings = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams)
     synced = fdist.is_distributed() and session.zero is not None
@@ -302,7 +307,7 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
         if data is not None:
             session.eval, session.eval_of = load_eval_file(session.cfg, session.tokenizer, data), RunDir.eval_scope(data)
             users = session.eval.users()
-            if not any(u in session.store for u in users):
+            if not any(session.trained(u) for u in users):
                 named = ", ".join(repr(u) for u in users[:5]) + (", ..." if len(users) > 5 else "")
                 raise DataError(f"--data {data}: none of its {len(users)} user(s) trained in this run ({named}); "
                                 "nothing to evaluate")
@@ -348,6 +353,7 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=checkpoint is None)
+    session.untrained = frozenset(session.user_tokens).difference(saved_users(ckpt))
     load_shared(ckpt, session)
     check_same_base(ckpt, state, session)
     if session.eval is None:

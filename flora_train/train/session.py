@@ -67,6 +67,9 @@ class Session:
     phase_plan: PhasePlan = None  # type: ignore[assignment]  # what this run trains: phases.py sets it
     shared: SharedTraining | None = None  # adapter.shared: the population adapter under every user's row
     eval_of: str | None = None  # scores go to eval/<eval_of>/: `flora-train eval --data` (RunDir.eval_scope)
+    # Users of the data that the checkpoint being scored holds no row of (forgotten by `flora-train
+    # forget`): the store gives them the identity row, but they have no adapter to score.
+    untrained: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.phase_plan is None:  # every user, from step 0, until a resume says otherwise
@@ -83,6 +86,10 @@ class Session:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def trained(self, user: str) -> bool:
+        """``user`` has an adapter of its own in this session's store (what scoring counts)."""
+        return user in self.store and user not in self.untrained
 
     def progress(self, iterable: Any = None, **kwargs: Any) -> tqdm:
         """A progress bar that only rank 0 draws (train.progress): every rank of a torchrun job shares

@@ -5,6 +5,7 @@ checkpointed state and export stay bit-identical."""
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -105,7 +106,14 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     assert (template / "shared_adapter.safetensors").read_bytes() != old_shared
     # The copy's recipe names the original run_dir: nothing may be written there (it was, before).
     assert not (run_dir / "shared_adapter.safetensors").exists()
-    assert "one shared adapter" in flora_train("eval", str(template)).stdout  # and eval compares against it again
+    evaluated = flora_train("eval", str(template))
+    assert "one shared adapter" in evaluated.stdout  # and eval compares against it again
+    # The data still holds the forgotten users (the synthetic files are written again), but no adapter
+    # of theirs is left: eval scored them with the identity row, as 'per-user adapters' of 24 users.
+    assert re.search(r"per-user adapters +22 ", evaluated.stdout), evaluated.stdout
+    assert ("2 user(s) in the evaluation data have no adapter in the checkpoint (forgotten) and are not scored: "
+            "'user-000003', 'user-000017'") in evaluated.stderr, evaluated.stderr[-2000:]
+    assert not [p for p in (template / "eval").rglob("*.jsonl") for u in gone if u in p.read_text()]
     again = flora_train("forget", str(run_dir), "--users", "user-000005", "--retrain-shared")
     assert "no shared adapter to retrain" in again.stdout
 
