@@ -46,3 +46,24 @@ def positive_seconds(text: str) -> float:
 
 def positive_number(text: str) -> float:
     return _positive(text, "number")
+
+
+def user_list(text: str) -> list[str]:
+    """An argparse type: ``a,b`` or ``@FILE`` (one id per line) as the user ids it names, in order,
+    each once. A file that cannot be read or a list that names nobody is a usage line: an empty list
+    silently meant "every user" to export, and "nobody" to forget."""
+    from pathlib import Path
+
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            ids = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]  # ids kept as written
+        except (OSError, UnicodeDecodeError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        where = f"{path} names no user (one id per line)"
+    else:
+        ids, where = text.split(","), f"names no user, got {text!r} (comma-separated ids, or @FILE)"
+    users = list(dict.fromkeys(u for u in ids if u))
+    if not users:
+        raise argparse.ArgumentTypeError(where)
+    return users

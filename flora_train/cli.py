@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from flora_train.arg_types import at_least_one, port_number, positive_seconds, whole_number
+from flora_train.arg_types import at_least_one, port_number, positive_seconds, user_list, whole_number
 from flora_train.devices import device_arg
 
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir", type=Path)
     ex.add_argument("--format", choices=["peft", "flora", "packed", "merged"], required=True,
                     help="peft (LoRA, IA3), flora (any method) or merged (a full model folder per user)")
-    ex.add_argument("--users", default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
+    ex.add_argument("--users", type=user_list, default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--pack-size", type=int, default=4096, help="packed: users per pack file")
     ex.add_argument("--base-model-id", default=None,
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
     gen.add_argument("--prompts", type=Path, required=True, help="JSONL: user_id + prompt (or messages) per line")
     gen.add_argument("--out", type=Path, required=True, help="JSONL: user_id, prompt, completion per line")
-    gen.add_argument("--users", default=None, help="only these users' prompts (comma-separated or @FILE)")
+    gen.add_argument("--users", type=user_list, default=None, help="only these users' prompts (comma-separated or @FILE)")
     gen.add_argument("--checkpoint", type=Path, default=None)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fg = sub.add_parser("forget", help="remove users from a run: checkpoints, exports, per-user files")
     fg.add_argument("run_dir", type=Path)
-    fg.add_argument("--users", required=True, help="comma-separated user ids, or @FILE with one id per line")
+    fg.add_argument("--users", type=user_list, required=True, help="comma-separated user ids, or @FILE with one id per line")
     fg.add_argument("--retrain-shared", action="store_true",
                     help="train the shared adapter again without the forgotten users' data (it is removed otherwise)")
 
@@ -176,14 +176,6 @@ def _print_footprint(cfg: Any) -> None:
         print(f"# per-user bytes: not computed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
 
 
-def _users_arg(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    if value.startswith("@"):
-        return [line.rstrip("\n") for line in Path(value[1:]).read_text().splitlines() if line.strip()]
-    return [u for u in value.split(",") if u]
-
-
 def _generate(args: argparse.Namespace) -> int:
     import json
 
@@ -191,9 +183,11 @@ def _generate(args: argparse.Namespace) -> int:
     from flora_train.inference.prompts import read_prompts
 
     users, prompts = read_prompts(args.prompts)
-    only = _users_arg(args.users)
-    if only:
-        keep = [i for i, u in enumerate(users) if u in set(only)]
+    if args.users is not None:
+        keep = [i for i, u in enumerate(users) if u in set(args.users)]
+        if not keep:
+            print(f"flora-train: error: --users: no prompt in {args.prompts} is of these users", file=sys.stderr)
+            return 2
         users, prompts = [users[i] for i in keep], [prompts[i] for i in keep]
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -292,7 +286,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "forget":
             from flora_train.lifecycle import forget_users
 
-            out = forget_users(args.run_dir, _users_arg(args.users) or [])
+            out = forget_users(args.run_dir, args.users)
             print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
                   f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
                   f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
@@ -315,15 +309,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             if args.format == "merged":
                 from flora_train.merge import export_merged
 
-                users = _users_arg(args.users)
-                if not users:
+                users = args.users
+                if users is None:
                     raise ExportError("--format merged writes a whole model per user: name them with --users a,b (or @FILE)")
                 index = export_merged(args.run_dir, users, args.out)
                 print(f"exported {len(index)} merged model folders to {args.out}")
                 return 0
             if args.pack_size < 1:
                 raise ExportError(f"--pack-size must be >= 1, got {args.pack_size}")
-            m = export_adapters(args.run_dir, args.format, _users_arg(args.users), args.out, base_model_id=args.base_model_id,
+            m = export_adapters(args.run_dir, args.format, args.users, args.out, base_model_id=args.base_model_id,
                                 pack_size=args.pack_size)
             print(f"exported {m['num_users']} users ({m['format']}) to {args.out}")
         elif args.command == "bench":

@@ -1,4 +1,4 @@
-"""The CLI's numeric flags: a value out of range is one line naming it, never a traceback
+"""The CLI's flags: a value out of range, or a --users that names nobody, is one line naming it, never a traceback
 (generate --batch-size 0 was 'ValueError: range() arg 3 must not be zero', --top-k -3 transformers'
 ValueError, both as tracebacks after the base had loaded; bench took any integer)."""
 
@@ -56,3 +56,30 @@ def test_bench_counts_in_range_pass():
     args = parse_args(["bench", "layer", "--repeats", "1", "--serve-population", "0", "--rate", "0.5", "--widths", "64,128",
                        "--seeds", "0,3"])
     assert (args.repeats, args.serve_population, args.rate, args.widths, args.seeds) == (1, 0, 0.5, [64, 128], [0, 3])
+
+
+@pytest.mark.parametrize("command", [["export", "runs/x", "--format", "flora", "--out", "o"], ["forget", "runs/x"],
+                                     ["generate", "runs/x", "--prompts", "p.jsonl", "--out", "o.jsonl"]])
+def test_users_that_name_nobody_are_a_usage_line(tmp_path, capsys, command):
+    """`--users @empty-file` or `--users ,` exported every user of the run (an empty list read as "all")
+    and made `forget` rewrite the run for nobody; `@missing` was an errno line naming no flag."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    for value, message in ((f"@{empty}", f"{empty} names no user (one id per line)"),
+                           (",", "names no user, got ','"),
+                           (f"@{tmp_path / 'missing'}", f"cannot read {tmp_path / 'missing'}: No such file or directory")):
+        with pytest.raises(SystemExit):
+            parse_args([*command, "--users", value])
+        assert f"argument --users: {message}" in capsys.readouterr().err
+    ids = tmp_path / "ids.txt"
+    ids.write_text("b\n\n ü ñ \na\nb\n")
+    assert parse_args([*command, "--users", f"@{ids}"]).users == ["b", " ü ñ ", "a"]  # as written, once each, in order
+    assert parse_args([*command, "--users", "a,,b,a"]).users == ["a", "b"]
+
+
+def test_generate_users_with_no_prompt_is_an_error(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"user_id": "u", "prompt": "hi"}) + "\n")
+    code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--users", "v"])
+    assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: --users: no prompt in {prompts} is of these users"
+    assert not (tmp_path / "o").exists()
