@@ -327,16 +327,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "generate":
             return _generate(args)
         elif args.command == "serve":
-            from flora_train.inference import load_trained
-            from flora_train.inference.listen import listen_socket, serve
+            from flora_train.inference import InferenceError, load_trained
+            from flora_train.inference.listen import listen_socket, run_app
+            from flora_train.inference.server import create_app
 
+            if args.cache_users is not None and args.cache_users < args.max_batch:  # flags alone: before anything loads
+                raise InferenceError(f"--cache-users {args.cache_users} is below --max-batch {args.max_batch}: a full "
+                                     "batch needs a row each")
             sock = listen_socket(args.host, args.port)
             trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)
+            app = create_app(trained, model_name=args.model_name, strict_users=args.strict_users,
+                             max_batch=args.max_batch, prefill_tokens=args.prefill_tokens,
+                             max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
+                             cache_users=args.cache_users, follow_s=args.follow)
+            # Only once the app stands: a limit the model refuses must not follow a line saying it serves.
             print(f"serving {len(trained.users)} users' {trained.layout.spec.method} adapters on "
                   f"http://{args.host}:{sock.getsockname()[1]} (model {args.model_name!r})", flush=True)
-            serve(trained, sock, model_name=args.model_name, strict_users=args.strict_users,
-                  max_batch=args.max_batch, prefill_tokens=args.prefill_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                  max_queue=args.max_queue, cache_users=args.cache_users, follow_s=args.follow)
+            run_app(app, sock)
         elif args.command == "doctor":
             from flora_train.doctor import doctor
 

@@ -4,10 +4,9 @@ the app (``server.create_app``) on it."""
 from __future__ import annotations
 
 import socket
-from typing import Any
+from fastapi import FastAPI
 
-from flora_train.inference.server import create_app
-from flora_train.inference.trained import InferenceError, TrainedAdapters
+from flora_train.inference.trained import InferenceError
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -26,8 +25,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(trained: TrainedAdapters, sock: socket.socket, **options: Any) -> None:
-    """Runs the app on ``sock`` (``listen_socket``) until interrupted."""
+def run_app(app: FastAPI, sock: socket.socket) -> None:
+    """Runs ``app`` (``server.create_app``) on ``sock`` (``listen_socket``) until interrupted."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(create_app(trained, **options), log_level="warning")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -276,7 +276,7 @@ def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
     assert room["usage"]["total_tokens"] == 64, room["usage"]  # chat without max_tokens: up to the context
 
 
-def test_serving_limits_out_of_range_are_refused_before_serving(trained, capsys):
+def test_serving_limits_out_of_range_are_refused_before_serving(server, trained, capsys):
     """--max-queue 0 made an unbounded queue (queue.Queue(0): never a 429) and --max-prompt-tokens 0
     fell back to the default unseen; a limit past the model's context let prompts run past its
     positions. Now: argparse's usage line, or one error line before any thread starts."""
@@ -303,6 +303,17 @@ def test_serving_limits_out_of_range_are_refused_before_serving(trained, capsys)
         f"flora-train: error: --host 127.0.0.1 --port {port}: cannot listen there: Address already in use"), proc.stderr
     with pytest.raises(InferenceError, match=r"--max-prompt-tokens 65: must be in 1\.\.64, the model's context"):
         create_app(trained, max_prompt_tokens=65)
+    # Through the CLI: a cache smaller than a batch is refused from the flags alone, before the run is
+    # read; a limit the loaded model refuses ends it before the line that says it serves (both came
+    # after 'serving N users' ... on http://...': the first even after the whole run had loaded).
+    for source, flags, words in [("no/such/run", ["--cache-users", "2", "--max-batch", "4"],
+                                  "--cache-users 2 is below --max-batch 4: a full batch needs a row each"),
+                                 (str(server[1]), ["--max-prompt-tokens", "65"],
+                                  "--max-prompt-tokens 65: must be in 1..64, the model's context (max_position_embeddings)")]:
+        proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "serve", source, "--port", "0", *flags],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.strip().endswith(f"flora-train: error: {words}"), proc.stderr[-2000:]
+        assert "serving" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout
     from flora_train.inference.engine import Engine
 
     with pytest.raises(ValueError, match="max_queue must be >= 1"):
