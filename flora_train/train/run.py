@@ -91,8 +91,11 @@ def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
     """The step to start from and the MLflow run to continue: a checkpoint's when the run resumes
     (asked to, ``train.auto_resume``, or restarted by torchrun --max-restarts), else step 0. Sets
     the phase the session trains (``phases.py``): a fresh run's, the checkpoint's, or a new one."""
-    ckpt = agreed_checkpoint(session.run_dir) if wants_resume(session.cfg, resume) else None
+    asked = wants_resume(session.cfg, resume)
+    ckpt = agreed_checkpoint(session.run_dir) if asked else None
     if ckpt is None:
+        if asked and fdist.rank() == 0:  # a mistyped run_dir under --resume must not start over unannounced
+            print(f"{session.run_dir} holds no checkpoint to resume from: training from step 0")
         session.run_id = fdist.broadcast_object(new_run_id())
         first_phase(session)
         return 0, None

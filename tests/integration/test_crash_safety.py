@@ -54,8 +54,9 @@ def assert_bitwise_equal(got: dict, want: dict) -> float:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    proc = _run(_cli(run_dir))
+    proc = _run(_cli(run_dir, "--resume"))  # --resume with nothing to resume starts the run (a requeued job's first round)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{run_dir} holds no checkpoint to resume from: training from step 0" in proc.stdout  # (it was silent)
     return run_dir, saved_state(run_dir), json.loads((run_dir / "result.json").read_text())["steps"]
 
 
