@@ -145,7 +145,8 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
                    f"{type(user).__name__} {user!r}")
         return None
     if not isinstance(user, str) or not user.strip():
-        bad.report(where, "missing_user", f"missing or invalid user id column '{cols.user}' (got {user!r})")
+        bad.report(where, "missing_user", f"missing or invalid user id column '{cols.user}' (got {user!r})",
+                   _user_column_fix(record, cols))
         return None
     if "\x00" in user:
         bad.report(where, "invalid_user", f"user id {user!r} contains a NUL byte")
@@ -194,6 +195,15 @@ def _columns_fix(record: dict, cols: Columns) -> str | None:
         return (f"the row's columns are {', '.join(map(repr, strings))}: set data.prompt_column and "
                 "data.completion_column (or data.text_column) to them")
     return None
+
+
+def _user_column_fix(record: dict, cols: Columns) -> str | None:
+    """The key to set when the row has no user column at all (the file names it otherwise): every
+    row would fail alike, so skipping rows is not the way out. None when the column is there."""
+    if cols.user in record:
+        return None
+    names = ", ".join(map(repr, sorted(record)))
+    return f"the row has no '{cols.user}' column; its columns are {names}: set data.user_column to the one naming the user"
 
 
 def _dataset_rows(source: DataSource) -> Iterator[tuple[str, Any]]:

@@ -60,6 +60,21 @@ def test_rows_read_under_the_wrong_columns_name_the_key_to_set(tmp_path, row, fi
     assert str(error.value).endswith(f"({fix})"), str(error.value)
 
 
+def test_a_file_whose_user_column_has_another_name_names_the_key(tmp_path):
+    """A file keyed by 'user' said only "missing or invalid user id column 'user_id' (got None) (set
+    data.on_bad_row=skip ...)": skipping would drop every row. A row that has the column, empty,
+    is a bad row (skipping is the way out)."""
+    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps({"user": "a", "prompt": "p", "completion": " c"})])
+    with pytest.raises(DataError) as error:
+        load_examples(path, "auto", Columns(), BadRows("error"))
+    assert str(error.value) == (f"{path}:1: missing or invalid user id column 'user_id' (got None) (the row has no "
+                                "'user_id' column; its columns are 'completion', 'prompt', 'user': set data.user_column "
+                                "to the one naming the user)")
+    path = _write_jsonl(tmp_path / "e.jsonl", [json.dumps({"user_id": "", "prompt": "p", "completion": " c"})])
+    with pytest.raises(DataError, match=r"\(got ''\) \(set data\.on_bad_row=skip to skip such rows\)$"):
+        load_examples(path, "auto", Columns(), BadRows("error"))
+
+
 def test_parquet_csv_and_text_columns(tmp_path):
     import pandas as pd
 
