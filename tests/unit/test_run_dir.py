@@ -65,6 +65,21 @@ def test_a_chain_never_crosses_runs_and_pruning_keeps_other_runs(tmp_path, capfd
     assert f"using {root / 'step-00000005'}, the newest intact checkpoint" in err
 
 
+def test_a_checkpoint_path_that_is_no_checkpoint_says_what_it_is(tmp_path):
+    """`--checkpoint` of eval, generate and serve given a path that does not exist, or the run
+    directory itself, said "incomplete checkpoint (no manifest.json)": as if a checkpoint were broken."""
+    root = tmp_path / "checkpoints"
+    newest = _fake_checkpoint(root, 3, "r")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'nope'}: no such checkpoint folder$"):
+        verify_checkpoint(tmp_path / "nope")
+    for folder in (tmp_path, root):
+        with pytest.raises(CheckpointError, match=rf"^{folder}: a folder of checkpoints, not one; name one of them, e.g. {newest}$"):
+            verify_checkpoint(folder)
+    (root / "step-00000004").mkdir()  # a checkpoint cut before its manifest
+    with pytest.raises(CheckpointError, match=r"step-00000004: incomplete checkpoint \(no manifest.json\)$"):
+        verify_checkpoint(root / "step-00000004")
+
+
 def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_it_overwrites(tmp_path, capsys):
     _fake_checkpoint(tmp_path / "checkpoints", 1, "old")
     (tmp_path / "phases").mkdir()
