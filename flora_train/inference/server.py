@@ -132,20 +132,23 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             follower.close()
         engine.close()
 
-    def user_of(req: api._Common) -> str | None:
-        named = None
-        if req.model and ":" in req.model:
-            base, named = req.model.split(":", 1)
-            if base != model_name:
-                raise ApiError(404, f"unknown model {base!r}: this server serves {model_name!r} ('{model_name}:<user_id>')")
-        elif req.model and req.model != model_name:
-            raise ApiError(404, f"unknown model {req.model!r}: this server serves {model_name!r} ('{model_name}:<user_id>')")
-        if named and req.user and named != req.user:
-            raise ApiError(400, f"two users named: model {req.model!r} and user {req.user!r}; name one")
-        user = named or req.user
+    def user_in(model: str | None) -> str | None:
+        """The user a model name selects ('<model_name>:<user_id>'), None for the base's own name."""
+        base, _, named = (model or model_name).partition(":")
+        if base != model_name:
+            raise ApiError(404, f"unknown model {base!r}: this server serves {model_name!r} ('{model_name}:<user_id>')")
+        return named or None
+
+    def served_user(user: str | None) -> str | None:
         if user and strict_users and user not in trained:
             raise ApiError(404, f"unknown user {user!r}: no adapter was trained for it")
         return user or None
+
+    def user_of(req: api._Common) -> str | None:
+        named = user_in(req.model)
+        if named and req.user and named != req.user:
+            raise ApiError(400, f"two users named: model {req.model!r} and user {req.user!r}; name one")
+        return served_user(named or req.user)
 
     def settings_of(req: api._Common, max_tokens: int | None, prompt_tokens: int, chat: bool, echo: bool,
                     which: str = "prompt") -> GenerationSettings:
@@ -288,6 +291,14 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             "id": model_name, "object": "model", "owned_by": "flora_train", "root": trained.source.model_path,
             "users": len(trained.users), "method": trained.layout.spec.method,
             "usage": f"model '{model_name}:<user_id>' or field 'user' selects a user's adapter; neither: the base model"}]}
+
+    @app.get("/v1/models/{model:path}")
+    def model(model: str) -> dict[str, Any]:
+        """OpenAI's models.retrieve: the base's name, or '<name>:<user_id>' with the adapter it is served
+        with (a user never trained gets the base, or 404 under --strict-users)."""
+        user = served_user(user_in(model))
+        return {"id": model, "object": "model", "owned_by": "flora_train", "root": trained.source.model_path,
+                **({"parent": model_name, "adapter": "user" if user in trained else "base"} if user else {})}
 
     @app.post("/v1/completions")
     async def completions(req: api.CompletionRequest, http: HttpRequest) -> Any:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 
 from flora_train.inference import GenerationSettings, generate, generate_batch, load_trained
 from tests.e2e.helpers import REPO
@@ -75,6 +75,15 @@ def test_the_openai_client_gets_each_users_own_text_plain_and_streamed(server, t
         assert chat.choices[0].message.content == chat_alone.text == chat_streamed, (i, user)
     models = client(url).models.list().data
     assert [m.id for m in models] == ["flora"] and "flora:<user_id>" in models[0].model_extra["usage"]
+    # models.retrieve (a 404 for every name before, the served one too): the base's name, a trained
+    # user's name with the adapter it gets, and under --strict-users a 404 for a user never trained.
+    c = client(url)
+    assert c.models.retrieve("flora").id == "flora" and "adapter" not in c.models.retrieve("flora").model_extra
+    one = c.models.retrieve(f"flora:{users[0]}")
+    assert one.id == f"flora:{users[0]}" and one.model_extra["adapter"] == "user" and one.model_extra["parent"] == "flora"
+    for missing, words in (("flora:nobody", "unknown user 'nobody'"), ("other", "unknown model 'other'")):
+        with pytest.raises(NotFoundError, match=words):
+            c.models.retrieve(missing)
 
 
 def test_a_batch_of_prompts_with_n_choices_each_equals_every_choice_asked_alone(server, trained):
