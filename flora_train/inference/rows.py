@@ -12,6 +12,7 @@ store's hot-row cache, for serving: 10^5 users served from a 256-row device tabl
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,17 +24,32 @@ import torch
 
 from flora_train.adapters import AdapterLayout, user_seed
 
+log = logging.getLogger("flora_train")
+
 
 class RowSource(Protocol):
     label: str
 
     def __contains__(self, user: str) -> bool: ...
 
+    def __len__(self) -> int: ...
+
     @property
     def users(self) -> list[str]: ...
 
+    generation: int  # bumped by each refresh that indexed the rows again
+
+    def refresh(self) -> bool:
+        """Index the rows again if they changed on disk (a forget rewrote them); True when so."""
+        ...
+
     def read(self, users: list[str]) -> torch.Tensor:
         """Rows ``[len(users), row_size]`` float32 of trained users, in order."""
+        ...
+
+    def read_held(self, users: list[str]) -> dict[str, torch.Tensor]:
+        """The rows of those of ``users`` the source holds, by user: membership and rows from one
+        index, so a refresh by another thread in between cannot fail the read."""
         ...
 
 
@@ -46,6 +62,22 @@ class _IndexedRows:
 
     def __contains__(self, user: str) -> bool:
         return user in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    generation = 0  # how many times the source was indexed again (refresh)
+
+    def read(self, users: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_held(self, users: list[str]) -> dict[str, torch.Tensor]:
+        held = [u for u in users if u in self]
+        return dict(zip(held, self.read(held))) if held else {}
+
+    def refresh(self) -> bool:
+        """Index the source again if it changed on disk; True when it did (only checkpoints do)."""
+        return False
 
     @property
     def users(self) -> list[str]:
@@ -63,30 +95,72 @@ class TensorRows(_IndexedRows):
         return self._rows[[self._index[u] for u in users]]
 
 
+def chain_identity(chain: list[Path]) -> tuple:
+    """What changes when a checkpoint of ``chain`` is written again in place (`flora-train forget`
+    rewrites it beside the old one and renames it over it): each member's manifest file identity."""
+    out = []
+    for path in chain:
+        try:
+            st = (path / "manifest.json").stat()
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
 class CheckpointRows(_IndexedRows):
-    """A checkpoint chain's rows, read by slices: only the user lists are read up front."""
+    """A checkpoint chain's rows, read by slices: only the user lists are read up front. When the
+    chain is written again under it (`flora-train forget` removed users), ``refresh`` indexes it
+    again: a shard's rows then no longer line up with the user list read before."""
 
     def __init__(self, chain: list[Path]) -> None:
+        super().__init__(str(chain[-1]), {})
+        self.chain = chain
+        self._lock = threading.Lock()  # the engine's thread and the read-ahead thread both read
+        self._index_chain()
+
+    def _index_chain(self) -> None:
         from flora_train.store.saved import newest_copies
 
-        super().__init__(str(chain[-1]), {})
-        self._listing: dict[Path, list[str]] = {}
-        for path, (users, take) in newest_copies(chain, None).items():
-            self._listing[path] = users
+        self.identity = chain_identity(self.chain)
+        listing: dict[Path, list[str]] = {}
+        index: dict[str, tuple[Path, int]] = {}
+        for path, (users, take) in newest_copies(self.chain, None).items():
+            listing[path] = users
             for i in take:
-                self._index[users[i]] = (path, i)
+                index[users[i]] = (path, i)
+        self._listing, self._index = listing, index  # (membership tests read _index unlocked: one assignment)
+
+    def refresh(self) -> bool:
+        with self._lock:
+            if chain_identity(self.chain) == self.identity:
+                return False
+            self._index_chain()
+            self.generation += 1
+            return True
 
     def read(self, users: list[str]) -> torch.Tensor:
+        with self._lock:
+            snapshot = self._index, self._listing
+        return self._read(users, *snapshot)
+
+    def read_held(self, users: list[str]) -> dict[str, torch.Tensor]:
+        with self._lock:
+            index, listing = self._index, self._listing
+        held = [u for u in users if u in index]
+        return dict(zip(held, self._read(held, index, listing))) if held else {}
+
+    @staticmethod
+    def _read(users: list[str], index: dict[str, tuple[Path, int]], listing: dict[Path, list[str]]) -> torch.Tensor:
         from flora_train.store.saved import iter_saved_rows_of
 
         by_path: dict[Path, list[int]] = {}
         for u in users:
-            path, i = self._index[u]
+            path, i = index[u]
             by_path.setdefault(path, []).append(i)
         got: dict[str, torch.Tensor] = {}
         for path, take in by_path.items():
-            listing = self._listing[path]
-            for ids, rows in iter_saved_rows_of(path, listing, sorted(set(take))):
+            for ids, rows in iter_saved_rows_of(path, listing[path], sorted(set(take))):
                 got.update(zip(ids, rows))
         return torch.stack([got[u] for u in users]).float()
 
@@ -170,6 +244,8 @@ class AdapterCache:
         self._staged: OrderedDict[str, torch.Tensor] = OrderedDict()  # prefetched rows, host side
         self._prefetching: set[str] = set()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="flora-prefetch")
+        self._generation = source.generation
+        self._orphans: set[int] = set()  # slots of users a refresh removed, still in use by running requests
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -186,23 +262,48 @@ class AdapterCache:
             self._reader.submit(self._stage, todo)
 
     def _stage(self, users: list[str]) -> None:
+        generation = self.source.generation
         try:
-            rows = self.source.read(users)
+            rows = self.source.read_held(users)
         except Exception:  # noqa: BLE001 - admission reads it again and fails that request alone
             rows = None
         with self._lock:
             self._prefetching.difference_update(users)
-            if rows is not None:
-                self._staged.update(zip(users, rows))
+            # Rows read while a refresh indexed the source again may be a forgotten user's: not kept.
+            if rows is not None and generation == self.source.generation == self._generation:
+                self._staged.update(rows)
                 while len(self._staged) > self.table.shape[0]:
                     self._staged.popitem(last=False)
+
+    def _sync_with_source(self) -> None:
+        """After the source was indexed again (a forget rewrote it), rows of users it no longer holds
+        are never handed out again: staged ones are dropped, cached ones unmapped (their slots freed
+        now, or when the last running request using them ends)."""
+        self.source.refresh()
+        with self._lock:
+            if self.source.generation == self._generation:
+                return
+            self._generation = self.source.generation
+            self._staged.clear()
+            gone = [u for u in self._slot_of if u is not None and u not in self.source]
+            for u in gone:
+                slot = self._slot_of.pop(u)
+                del self._user_at[slot]
+                if self._pins[slot]:
+                    self._orphans.add(slot)
+                else:
+                    self._free.append(slot)
+            self._stats.resident = len(self._slot_of)
+        if gone:
+            log.warning("%s was written again on disk: %d user(s) no longer in it get the base from now on (%d users)",
+                        self.source.label, len(gone), len(self.source))
 
     def _load(self, users: list[str | None]) -> torch.Tensor:
         with self._lock:
             got: dict[str | None, torch.Tensor] = {u: self._staged.pop(u) for u in users if u in self._staged}
             self._stats.prefetched += len(got)
-        trained = [u for u in users if u is not None and u not in got and u in self.source]
-        got.update(zip(trained, self.source.read(trained)) if trained else {})
+        asked = [u for u in users if u is not None and u not in got]
+        got.update(self.source.read_held(asked) if asked else {})
         missing = [u for u in users if u not in got]
         if missing:
             seeds = torch.tensor([user_seed(self.init_seed, u or "") for u in missing], dtype=torch.int64)
@@ -211,6 +312,7 @@ class AdapterCache:
 
     def acquire_many(self, users: list[str | None]) -> list[int]:
         """Slots of ``users`` (pinned once per entry), loading the missing ones in one read."""
+        self._sync_with_source()
         with self._lock:  # the resident ones are pinned first, so making room never evicts them
             resident = [u for u in users if u in self._slot_of]
             for u in resident:
@@ -247,6 +349,9 @@ class AdapterCache:
     def release(self, slot: int) -> None:
         with self._lock:
             self._pins[slot] -= 1
+            if not self._pins[slot] and slot in self._orphans:
+                self._orphans.discard(slot)
+                self._free.append(slot)
 
     def _take_slot(self) -> int:
         with self._lock:

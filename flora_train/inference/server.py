@@ -132,6 +132,13 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             follower.close()
         engine.close()
 
+    def has_adapter(user: str) -> bool:
+        """Whether ``user`` has an adapter in the served rows as they are on disk now (a forget may
+        have rewritten them since they were read)."""
+        source = engine.adapters.source
+        source.refresh()
+        return user in source
+
     def user_in(model: str | None) -> str | None:
         """The user a model name selects ('<model_name>:<user_id>'), None for the base's own name."""
         base, _, named = (model or model_name).partition(":")
@@ -140,7 +147,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         return named or None
 
     def served_user(user: str | None) -> str | None:
-        if user and strict_users and user not in trained:
+        if user and strict_users and not has_adapter(user):
             raise ApiError(404, f"unknown user {user!r}: no adapter was trained for it")
         return user or None
 
@@ -272,7 +279,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         alive = engine.alive
         return JSONResponse(status_code=200 if alive else 503, content={
             "status": "ok" if alive else "engine stopped", "model": model_name, "base": trained.source.model_path,
-            "users": len(trained.users), "method": trained.layout.spec.method,
+            "users": len(engine.adapters.source), "method": trained.layout.spec.method,
             "checkpoint": follower.served if follower is not None else trained.source.label,
             "adapters_version": engine.adapters.version,
             "waiting": engine.waiting, "running": engine.running, "steps": s.steps, "requests": s.requests,
@@ -289,7 +296,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "owned_by": "flora_train", "root": trained.source.model_path,
-            "users": len(trained.users), "method": trained.layout.spec.method,
+            "users": len(engine.adapters.source), "method": trained.layout.spec.method,
             "usage": f"model '{model_name}:<user_id>' or field 'user' selects a user's adapter; neither: the base model"}]}
 
     @app.get("/v1/models/{model:path}")
@@ -298,7 +305,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         with (a user never trained gets the base, or 404 under --strict-users)."""
         user = served_user(user_in(model))
         return {"id": model, "object": "model", "owned_by": "flora_train", "root": trained.source.model_path,
-                **({"parent": model_name, "adapter": "user" if user in trained else "base"} if user else {})}
+                **({"parent": model_name, "adapter": "user" if has_adapter(user) else "base"} if user else {})}
 
     @app.post("/v1/completions")
     async def completions(req: api.CompletionRequest, http: HttpRequest) -> Any:

@@ -2,7 +2,8 @@
 mid-stream) is dropped at the next step and frees its KV row and adapter pin; a request whose
 adapter cannot be read fails alone; a closed engine's full queue is Overloaded; a long prompt is
 prefilled in chunks while short requests keep decoding; under a storm of threads submitting and
-cancelling, every request ends exactly once and no pin leaks."""
+cancelling, every request ends exactly once and no pin leaks; users a refresh of the source removes
+(a forget) are never served a row cached or read ahead before it."""
 
 import random
 import threading
@@ -14,7 +15,8 @@ import torch
 from flora_train.config import load_recipe
 from flora_train.inference import GenerationSettings, generate_batch, load_trained
 from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
-from flora_train.inference.rows import AdapterCache
+from flora_train.adapters import user_seed
+from flora_train.inference.rows import AdapterCache, TensorRows
 from flora_train.train.run import run_training
 from tests.distributed.helpers import small_recipe
 
@@ -68,8 +70,17 @@ def wait_idle(engine: Engine, timeout: float = 30) -> None:
 
 def test_callers_that_leave_are_dropped_and_failures_stay_with_their_request(trained):
     class Unreadable:  # user-000003's row cannot be read; everyone else's can
+        generation = 0
+
         def __init__(self, rows):
             self.rows, self.label = rows, "flaky"
+
+        def refresh(self):
+            return False
+
+        def read_held(self, users):
+            held = [u for u in users if u in self]
+            return dict(zip(held, self.read(held))) if held else {}
 
         def __contains__(self, user):
             return user in self.rows
@@ -258,3 +269,83 @@ def test_the_cache_goes_by_the_name_the_models_forward_takes(trained):
 
     assert cache_keyword(Renamed()) == "cache"
     assert cache_keyword(trained.model) in inspect.signature(trained.model.forward).parameters
+
+
+def test_users_a_refresh_removes_under_a_storm_are_never_served_their_old_rows(trained):
+    """The source is indexed again while threads submit (`flora-train forget` rewrote the checkpoint;
+    the HTTP threads and the engine's both refresh it): no request fails on a row that vanished
+    between a membership test and its read, no pin leaks, and afterwards every removed user gets
+    its untrained row from the cache, never the row cached or read ahead before."""
+    users = trained.users[:10]
+
+    class Shrinking(TensorRows):
+        def __init__(self) -> None:
+            super().__init__(users, trained.rows.read(users))
+            self._pending: set[str] = set()
+            self._lock = threading.Lock()
+
+        def forget(self, user: str) -> None:
+            with self._lock:
+                self._pending.add(user)
+
+        def refresh(self) -> bool:
+            with self._lock:
+                if not self._pending:
+                    return False
+                self._index = {u: i for u, i in self._index.items() if u not in self._pending}
+                self._pending.clear()
+                self.generation += 1
+                return True
+
+    source = Shrinking()
+    cache = AdapterCache(source, trained.layout, trained.source.init_seed, 4, trained.device)
+    engine = Engine(trained.model, trained.slot, trained.tokenizer, cache, max_batch=4, prefill_tokens=32)
+    answers: list[Answer] = []
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(12):
+            _, answer = submit(engine, trained, rng.choice(users), GenerationSettings(max_new_tokens=rng.randint(1, 4)))
+            with lock:
+                answers.append(answer)
+            time.sleep(rng.random() * 0.005)
+
+    def remover() -> None:
+        rng = random.Random(7)
+        for user in users[:5]:
+            time.sleep(rng.random() * 0.05)
+            source.forget(user)
+            if rng.random() < 0.5:
+                source.refresh()  # as has_adapter does from an HTTP thread
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(3)] + [threading.Thread(target=remover)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_idle(engine, 120)
+    engine.close()
+    assert len(answers) == 36 and all(a.ended.is_set() for a in answers)
+    assert all(sum(isinstance(e, (Done, Failed)) for e in a.events) == 1 and isinstance(a.events[-1], Done) for a in answers)
+    assert cache.pinned() == 0 and cache.stats().evictions > 0
+    seeds = torch.tensor([user_seed(trained.source.init_seed, u) for u in users[:5]], dtype=torch.int64)
+    want = torch.cat([trained.layout.init_rows(seeds), trained.rows.read(users[5:])]).to(cache.table)
+    for user, row in zip(users, want):
+        slot = cache.acquire(user)
+        assert torch.equal(cache.table[slot], row), user
+        cache.release(slot)
+    # Then, one at a time: a user cached, and one read ahead, are removed; neither row is handed out again.
+    cache.release(cache.acquire(users[5]))
+    cache.prefetch([users[6]])
+    deadline = time.monotonic() + 10
+    while cache.stats().staged < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.stats().staged == 1
+    source.forget(users[5])
+    source.forget(users[6])
+    seeds = torch.tensor([user_seed(trained.source.init_seed, u) for u in users[5:7]], dtype=torch.int64)
+    for user, row in zip(users[5:7], trained.layout.init_rows(seeds).to(cache.table)):
+        slot = cache.acquire(user)
+        assert torch.equal(cache.table[slot], row), f"{user}: its row from before the refresh"
+        cache.release(slot)
