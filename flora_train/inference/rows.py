@@ -69,11 +69,15 @@ class _IndexedRows:
     generation = 0  # how many times the source was indexed again (refresh)
 
     def read(self, users: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        return self._read(users, self._index)
 
     def read_held(self, users: list[str]) -> dict[str, torch.Tensor]:
-        held = [u for u in users if u in self]
-        return dict(zip(held, self.read(held))) if held else {}
+        index = self._index  # one index for both (a refresh replaces it whole)
+        held = [u for u in users if u in index]
+        return dict(zip(held, self._read(held, index))) if held else {}
+
+    def _read(self, users: list[str], index: dict) -> torch.Tensor:
+        raise NotImplementedError
 
     def refresh(self) -> bool:
         """Index the source again if it changed on disk; True when it did (only checkpoints do)."""
@@ -91,8 +95,8 @@ class TensorRows(_IndexedRows):
         super().__init__(label, {u: i for i, u in enumerate(users)})
         self._rows = rows
 
-    def read(self, users: list[str]) -> torch.Tensor:
-        return self._rows[[self._index[u] for u in users]]
+    def _read(self, users: list[str], index: dict) -> torch.Tensor:
+        return self._rows[[index[u] for u in users]]
 
 
 def chain_identity(chain: list[Path]) -> tuple:
@@ -116,20 +120,18 @@ class CheckpointRows(_IndexedRows):
     def __init__(self, chain: list[Path]) -> None:
         super().__init__(str(chain[-1]), {})
         self.chain = chain
-        self._lock = threading.Lock()  # the engine's thread and the read-ahead thread both read
+        self._lock = threading.Lock()  # refreshes come from the engine's thread and the HTTP threads
         self._index_chain()
 
     def _index_chain(self) -> None:
         from flora_train.store.saved import newest_copies
 
         self.identity = chain_identity(self.chain)
-        listing: dict[Path, list[str]] = {}
-        index: dict[str, tuple[Path, int]] = {}
+        index: dict[str, tuple[Path, int, list[str]]] = {}  # user -> its shard, row, and the shard's user list
         for path, (users, take) in newest_copies(self.chain, None).items():
-            listing[path] = users
             for i in take:
-                index[users[i]] = (path, i)
-        self._listing, self._index = listing, index  # (membership tests read _index unlocked: one assignment)
+                index[users[i]] = (path, i, users)
+        self._index = index  # (readers take _index unlocked: it is replaced whole, never changed)
 
     def refresh(self) -> bool:
         with self._lock:
@@ -139,66 +141,79 @@ class CheckpointRows(_IndexedRows):
             self.generation += 1
             return True
 
-    def read(self, users: list[str]) -> torch.Tensor:
-        with self._lock:
-            snapshot = self._index, self._listing
-        return self._read(users, *snapshot)
-
-    def read_held(self, users: list[str]) -> dict[str, torch.Tensor]:
-        with self._lock:
-            index, listing = self._index, self._listing
-        held = [u for u in users if u in index]
-        return dict(zip(held, self._read(held, index, listing))) if held else {}
-
-    @staticmethod
-    def _read(users: list[str], index: dict[str, tuple[Path, int]], listing: dict[Path, list[str]]) -> torch.Tensor:
+    def _read(self, users: list[str], index: dict) -> torch.Tensor:
         from flora_train.store.saved import iter_saved_rows_of
 
-        by_path: dict[Path, list[int]] = {}
+        by_path: dict[Path, tuple[list[str], list[int]]] = {}
         for u in users:
-            path, i = index[u]
-            by_path.setdefault(path, []).append(i)
+            path, i, listing = index[u]
+            by_path.setdefault(path, (listing, []))[1].append(i)
         got: dict[str, torch.Tensor] = {}
-        for path, take in by_path.items():
-            for ids, rows in iter_saved_rows_of(path, listing[path], sorted(set(take))):
+        for path, (listing, take) in by_path.items():
+            for ids, rows in iter_saved_rows_of(path, listing, sorted(set(take))):
                 got.update(zip(ids, rows))
         return torch.stack([got[u] for u in users]).float()
 
 
-class ExportRows(_IndexedRows):
+class _ExportIndexRows(_IndexedRows):
+    """An export folder read through its ``index.json``, indexed again when that file is replaced
+    (`flora-train forget` rewrites an export's index without the forgotten users)."""
+
+    def __init__(self, folder: Path, index: dict) -> None:
+        super().__init__(str(folder), index)
+        self._folder = folder
+        self._lock = threading.Lock()
+        self._identity = self._index_identity()
+
+    def _index_identity(self) -> tuple | None:
+        try:
+            st = (self._folder / "index.json").stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def refresh(self) -> bool:
+        with self._lock:
+            identity = self._index_identity()
+            if identity is None or identity == self._identity:
+                return False
+            import json
+
+            self._index = json.loads((self._folder / "index.json").read_text())
+            self._identity = identity
+            self.generation += 1
+            return True
+
+
+class ExportRows(_ExportIndexRows):
     """A ``--format flora`` export: one folder per user, read when the user is first asked for."""
 
     def __init__(self, folder: Path, index: dict[str, str], layout: AdapterLayout) -> None:
-        super().__init__(str(folder), index)
-        self._folder = folder
+        super().__init__(folder, index)
         self._layout = layout
 
-    def read(self, users: list[str]) -> torch.Tensor:
+    def _read(self, users: list[str], index: dict) -> torch.Tensor:
         from flora_train.export import load_flora_adapter
 
         rows = []
         for u in users:
-            layout, row = load_flora_adapter(self._folder / self._index[u])
+            layout, row = load_flora_adapter(self._folder / index[u])
             if self._layout.compatible_with(layout):
-                raise ValueError(f"{self._folder / self._index[u]}: user {u!r} was exported with another layout than the others")
+                raise ValueError(f"{self._folder / index[u]}: user {u!r} was exported with another layout than the others")
             rows.append(row)
         return torch.stack(rows).float()
 
 
-class PackedRows(_IndexedRows):
+class PackedRows(_ExportIndexRows):
     """A ``--format packed`` export: ``pack-NNNNN.safetensors`` files of many users' rows, read by
-    slices (the index of users to ``[file, row]`` is read once)."""
+    slices (the index of users to ``[file, row]`` is read once, and again when it is replaced)."""
 
-    def __init__(self, folder: Path, index: dict[str, list]) -> None:
-        super().__init__(str(folder), index)
-        self._folder = folder
-
-    def read(self, users: list[str]) -> torch.Tensor:
+    def _read(self, users: list[str], index: dict) -> torch.Tensor:
         from safetensors import safe_open
 
         by_file: dict[str, list[tuple[int, str]]] = {}
         for u in users:
-            name, i = self._index[u]
+            name, i = index[u]
             by_file.setdefault(name, []).append((int(i), u))
         got: dict[str, torch.Tensor] = {}
         for name, wanted in by_file.items():

@@ -71,36 +71,43 @@ def test_follow_serves_each_new_checkpoint_without_a_failed_request(tmp_path, ch
 
 
 def test_a_forget_reaches_a_running_server(tmp_path, chat_model):
-    """`flora-train forget` while a server (no --follow) serves the run: from the next request on, the
-    forgotten user, whose row the server had cached, gets the base, and a user never asked before is
-    served its own row. Before: the forgotten user kept its adapter until a restart, and every
-    user not yet cached got a 500 ('rows has 31 rows for 32 users': the shard rewritten under the index)."""
+    """`flora-train forget` while servers (no --follow) serve the run and its packed export: from the
+    next request on, the forgotten user, whose row each server had cached, gets the base, and a user
+    never asked before is served its own row. Before: the forgotten user kept its adapter until a
+    restart, and users not yet cached got a 500 (the run's server: 'rows has 31 rows for 32 users',
+    the shard rewritten under the index read at start; the export's: its old pack file deleted)."""
+    from flora_train.export import export_adapters
     from flora_train.lifecycle import forget_users
 
     run_dir = train_run(tmp_path, chat_model, "train.max_steps=2")
-    proc, url = start_server(run_dir)
-    gone, fresh_user, prompt = "user-000003", "user-000011", "quick : favourite city ? my city"
+    export_adapters(run_dir, "packed", None, run_dir / "export" / "packed", pack_size=8)
+    servers = [start_server(run_dir), start_server(run_dir / "export" / "packed")]
+    gone, fresh_user, prompt = "user-000003", "user-000001", "quick : favourite city ? my city"
 
-    def ask(user: str | None) -> requests.Response:
+    def ask(url: str, user: str | None) -> requests.Response:
         body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0, **({"model": f"flora:{user}"} if user else {})}
         return requests.post(f"{url}/v1/completions", json=body, timeout=60)
 
-    adapter = lambda user: requests.get(f"{url}/v1/models/flora:{user}", timeout=5).json()["adapter"]  # noqa: E731
+    adapter = lambda url, user: requests.get(f"{url}/v1/models/flora:{user}", timeout=5).json()["adapter"]  # noqa: E731
+    logprobs = lambda reply: reply.json()["choices"][0]["logprobs"]["token_logprobs"]  # noqa: E731
+    errs, replies = [], []
     try:
-        own = ask(gone).json()["choices"][0]["logprobs"]["token_logprobs"]  # its row is now in the device cache
-        base = ask(None).json()["choices"][0]["logprobs"]["token_logprobs"]
-        assert own != base and adapter(gone) == "user"
+        for _, url in servers:
+            own, base = logprobs(ask(url, gone)), logprobs(ask(url, None))  # its row is now in the device cache
+            assert own != base and adapter(url, gone) == "user"
         forget_users(run_dir, [gone])
-        reply = ask(fresh_user)
-        assert reply.status_code == 200, reply.text
-        assert adapter(gone) == "base" and requests.get(f"{url}/health", timeout=5).json()["users"] == USERS - 1
-        assert ask(gone).json()["choices"][0]["logprobs"]["token_logprobs"] == base  # not its cached row
+        for _, url in servers:
+            replies.append(ask(url, fresh_user))  # same shard / pack as the forgotten user
+            assert replies[-1].status_code == 200, replies[-1].text
+            assert adapter(url, gone) == "base" and requests.get(f"{url}/health", timeout=5).json()["users"] == USERS - 1
+            assert logprobs(ask(url, gone)) == base  # not its cached row
     finally:
-        err = stop_server(proc)
-    assert f"was written again on disk: 1 user(s) no longer in it get the base from now on ({USERS - 1} users)" in err, err[-2000:]
+        errs = [stop_server(proc) for proc, _ in servers]
+    assert f"was written again on disk: 1 user(s) no longer in it get the base from now on ({USERS - 1} users)" in errs[0], errs[0][-2000:]
     fresh = load_trained(run_dir, device="cpu")
     ids = torch.tensor([fresh.tokenizer(prompt)["input_ids"]])
     rows, index, _ = fresh.batch_rows([fresh_user])
     with torch.no_grad(), fresh.slot.activate(rows, index):
         want = torch.log_softmax(fresh.model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
-    assert torch.allclose(torch.tensor(reply.json()["choices"][0]["logprobs"]["token_logprobs"][1:]), want, atol=1e-4)
+    for reply in replies:
+        assert torch.allclose(torch.tensor(logprobs(reply)[1:]), want, atol=1e-4)
