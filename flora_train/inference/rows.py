@@ -3,7 +3,8 @@
 A ``RowSource`` answers ``read(users) -> [n, row_size]`` from the tier the rows were saved in,
 without loading the population: a run's checkpoint chain is indexed once (its user lists only)
 and read by safetensors slices; a ``--format packed`` export is read by slices the same way; a
-``--format flora`` export reads a user's folder. ``AdapterCache``
+``--format flora`` export reads a user's folder. A source rewritten on disk by `flora-train forget`
+is indexed again (``refresh``) and the cache drops the rows of users it no longer holds. ``AdapterCache``
 holds at most ``capacity`` rows on the device, least recently used out first, filled on demand
 (and read ahead for queued requests by a background reader); a row in use by a running request is
 pinned and never evicted. It is the same idea as the
@@ -80,7 +81,7 @@ class _IndexedRows:
         raise NotImplementedError
 
     def refresh(self) -> bool:
-        """Index the source again if it changed on disk; True when it did (only checkpoints do)."""
+        """Index the source again if it changed on disk; True when it did (checkpoints and exports)."""
         return False
 
     @property
