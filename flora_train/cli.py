@@ -196,9 +196,11 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return 2
+    if args.out.is_dir():  # found before generating, not when writing what took minutes
+        raise IsADirectoryError(21, "is a directory, name a file in it (e.g. preds.jsonl)", str(args.out))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     trained = load_trained(args.source, args.checkpoint, args.device)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8") as f:
         for user, prompt, r in zip(users, prompts, results):
             f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
@@ -367,6 +369,12 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(path)
     except (UserError, FileNotFoundError) as exc:  # bad input: one line, never a traceback
         print(f"flora-train: error: {exc}", file=sys.stderr)
+        return 2
+    except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as exc:  # an --out or path that
+        # cannot be written there: one line naming it (a file where a folder is to be made is mkdir's FileExistsError)
+        file_in_the_way = isinstance(exc, FileExistsError) and Path(str(exc.filename)).is_file()
+        why = "a file is there where a folder is needed" if file_in_the_way else exc.strerror
+        print(f"flora-train: error: {exc.filename}: {why}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:
         print(f"flora-train: training stopped: {exc}", file=sys.stderr)

@@ -83,3 +83,18 @@ def test_generate_users_with_no_prompt_is_an_error(tmp_path, capsys):
     code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--users", "v"])
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: --users: no prompt in {prompts} is of these users"
     assert not (tmp_path / "o").exists()
+
+
+def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """generate --out naming a folder ended with IsADirectoryError's traceback after every prompt was
+    generated; an --out under a file (data synth, export, bench) with FileExistsError's. Now one
+    line naming the path, and generate's before anything loads (the run named here does not exist)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"user_id": "u", "prompt": "hi"}) + "\n")
+    code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(tmp_path)])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"flora-train: error: {tmp_path}: is a directory, name a file in it (e.g. preds.jsonl)")
+    code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(prompts / "preds.jsonl")])
+    assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
+    code = main(["data", "synth", "--users", "2", "--out", str(prompts)])
+    assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
