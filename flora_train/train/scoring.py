@@ -2,8 +2,9 @@
 by every user, side by side; and `flora-train eval` on a finished or interrupted run.
 
 Users in the evaluation data who have no training data, or whose adapter the scored checkpoint
-no longer holds (`flora-train forget`), are named in a warning and left out of the per-user rows (an untrained adapter is the base: scoring it as "per-user" would flatter
-nothing and hide the gap). Users with training data but no evaluation rows are counted.
+no longer holds (`flora-train forget`), are named in a warning and left out of the per-user rows
+(an untrained adapter is the base: scoring it as "per-user" would flatter nothing and hide the gap).
+Users with training data but no evaluation rows are counted.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def coverage(session: Session) -> dict[str, Any]:
     no_data = sorted(u for u in eval_users if u not in session.store)
     forgotten = sorted(u for u in eval_users if u in session.store and not session.trained(u))
     scored = len(eval_users) - len(no_data) - len(forgotten)
-    unscored = len(session.store) - len(session.untrained & set(session.user_tokens)) - scored
+    unscored = len(session.store) - len(session.untrained) - scored
     for users, why in ((no_data, "have no training data"), (forgotten, "have no adapter in the checkpoint (forgotten)")):
         if users and fdist.rank() == 0:
             log.warning("%d user(s) in the evaluation data %s and are not scored: %s%s", len(users), why,
@@ -306,11 +307,6 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     try:
         if data is not None:
             session.eval, session.eval_of = load_eval_file(session.cfg, session.tokenizer, data), RunDir.eval_scope(data)
-            users = session.eval.users()
-            if not any(session.trained(u) for u in users):
-                named = ", ".join(repr(u) for u in users[:5]) + (", ..." if len(users) > 5 else "")
-                raise DataError(f"--data {data}: none of its {len(users)} user(s) trained in this run ({named}); "
-                                "nothing to evaluate")
         return _eval(session, session.cfg, run_dir, recipe, checkpoint, data)
     finally:
         session.close()
@@ -354,6 +350,12 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=checkpoint is None)
     session.untrained = frozenset(session.user_tokens).difference(saved_users(ckpt))
+    if data is not None:  # (after the checkpoint: a user it no longer holds is not trained in this run)
+        users = session.eval.users()
+        if not any(session.trained(u) for u in users):
+            named = ", ".join(repr(u) for u in users[:5]) + (", ..." if len(users) > 5 else "")
+            raise DataError(f"--data {data}: none of its {len(users)} user(s) trained in this run ({named}); "
+                            "nothing to evaluate")
     load_shared(ckpt, session)
     check_same_base(ckpt, state, session)
     if session.eval is None:

@@ -114,6 +114,11 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     assert ("2 user(s) in the evaluation data have no adapter in the checkpoint (forgotten) and are not scored: "
             "'user-000003', 'user-000017'") in evaluated.stderr, evaluated.stderr[-2000:]
     assert not [p for p in (template / "eval").rglob("*.jsonl") for u in gone if u in p.read_text()]
+    theirs = tmp_path / "theirs.jsonl"  # a file of the forgotten users' rows alone: nobody to score
+    theirs.write_text("".join(line + "\n" for line in (template / "data" / "eval.jsonl").read_text().splitlines()
+                              if json.loads(line)["user_id"] in gone))
+    refused = flora_train("eval", str(template), "--data", str(theirs), check=False)
+    assert refused.returncode == 2 and f"--data {theirs}: none of its 2 user(s) trained in this run" in refused.stderr, refused.stderr[-2000:]
     again = flora_train("forget", str(run_dir), "--users", "user-000005", "--retrain-shared")
     assert "no shared adapter to retrain" in again.stdout
 
