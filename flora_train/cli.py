@@ -197,7 +197,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return 2
     if args.out.is_dir():  # found before generating, not when writing what took minutes
-        raise IsADirectoryError(21, "is a directory, name a file in it (e.g. preds.jsonl)", str(args.out))
+        print(f"flora-train: error: {args.out}: is a directory, name a file in it (e.g. preds.jsonl)", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     trained = load_trained(args.source, args.checkpoint, args.device)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
@@ -329,13 +330,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "generate":
             return _generate(args)
         elif args.command == "serve":
-            from flora_train.inference import InferenceError, load_trained
+            from flora_train.inference import load_trained
             from flora_train.inference.listen import listen_socket, run_app
-            from flora_train.inference.server import create_app
+            from flora_train.inference.server import check_cache_users, create_app
 
-            if args.cache_users is not None and args.cache_users < args.max_batch:  # flags alone: before anything loads
-                raise InferenceError(f"--cache-users {args.cache_users} is below --max-batch {args.max_batch}: a full "
-                                     "batch needs a row each")
+            check_cache_users(args.cache_users, args.max_batch)  # the flags alone: before anything loads
             sock = listen_socket(args.host, args.port)
             trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)
             app = create_app(trained, model_name=args.model_name, strict_users=args.strict_users,

@@ -13,6 +13,7 @@ store's hot-row cache, for serving: 10^5 users served from a 256-row device tabl
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -100,17 +101,19 @@ class TensorRows(_IndexedRows):
         return self._rows[[index[u] for u in users]]
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written again (or renamed over); None when it is not there."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def chain_identity(chain: list[Path]) -> tuple:
     """What changes when a checkpoint of ``chain`` is written again in place (`flora-train forget`
     rewrites it beside the old one and renames it over it): each member's manifest file identity."""
-    out = []
-    for path in chain:
-        try:
-            st = (path / "manifest.json").stat()
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except FileNotFoundError:
-            out.append(None)
-    return tuple(out)
+    return tuple(_file_identity(path / "manifest.json") for path in chain)
 
 
 class CheckpointRows(_IndexedRows):
@@ -164,22 +167,13 @@ class _ExportIndexRows(_IndexedRows):
         super().__init__(str(folder), index)
         self._folder = folder
         self._lock = threading.Lock()
-        self._identity = self._index_identity()
-
-    def _index_identity(self) -> tuple | None:
-        try:
-            st = (self._folder / "index.json").stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        self._identity = _file_identity(folder / "index.json")
 
     def refresh(self) -> bool:
         with self._lock:
-            identity = self._index_identity()
+            identity = _file_identity(self._folder / "index.json")
             if identity is None or identity == self._identity:
                 return False
-            import json
-
             self._index = json.loads((self._folder / "index.json").read_text())
             self._identity = identity
             self.generation += 1

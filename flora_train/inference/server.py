@@ -67,6 +67,12 @@ def _choice_seed(seed: int | None, choice: int) -> int | None:
     return None if seed is None else seed + choice
 
 
+def check_cache_users(cache_users: int | None, max_batch: int) -> None:
+    """Every sequence of a full batch holds an adapter row (from the flags alone: checked before loading)."""
+    if cache_users is not None and cache_users < max_batch:
+        raise InferenceError(f"--cache-users {cache_users} is below --max-batch {max_batch}: a full batch needs a row each")
+
+
 def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users: bool = False, max_batch: int = 32,
                prefill_tokens: int = 512, max_prompt_tokens: int | None = None, default_max_tokens: int = 16,
                max_queue: int = 256, cache_users: int | None = None, follow_s: float | None = None) -> FastAPI:
@@ -84,9 +90,8 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         origin = f"the run's data.max_length; --max-prompt-tokens raises it, up to the model's context of {context}"
     else:
         limit, origin = context, "the model's context"
+    check_cache_users(cache_users, max_batch)
     capacity = cache_users or len(trained.users) + max_batch
-    if capacity < max_batch:
-        raise InferenceError(f"--cache-users {capacity} is below --max-batch {max_batch}: a full batch needs a row each")
     cache = AdapterCache(trained.rows, trained.layout, trained.source.init_seed, capacity, trained.device)
     tuned = tune_for_serving(trained.model, trained.slot, max_batch, prefill_tokens, trained.autocast_dtype)
     if tuned["measured"]:

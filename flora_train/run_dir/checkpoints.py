@@ -54,9 +54,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint folder") from None
-        if list_checkpoints(path):  # a run directory (or its checkpoints/) given where one checkpoint is asked
-            raise CheckpointError(f"{path}: a folder of checkpoints, not one; name one of them, e.g. "
-                                  f"{list_checkpoints(path)[-1]}") from None
+        inside = list_checkpoints(path)
+        if inside:  # a run directory (or its checkpoints/) given where one checkpoint is asked
+            raise CheckpointError(f"{path}: a folder of checkpoints, not one; name one of them, e.g. {inside[-1]}") from None
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST})") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / MANIFEST}: corrupt manifest ({exc})") from None

@@ -81,7 +81,7 @@ def test_a_forget_reaches_a_running_server(tmp_path, chat_model):
 
     run_dir = train_run(tmp_path, chat_model, "train.max_steps=2")
     export_adapters(run_dir, "packed", None, run_dir / "export" / "packed", pack_size=8)
-    servers = [start_server(run_dir), start_server(run_dir / "export" / "packed")]
+    servers = [start_server(run_dir)]
     gone, fresh_user, prompt = "user-000003", "user-000001", "quick : favourite city ? my city"
 
     def ask(url: str, user: str | None) -> requests.Response:
@@ -91,7 +91,8 @@ def test_a_forget_reaches_a_running_server(tmp_path, chat_model):
     adapter = lambda url, user: requests.get(f"{url}/v1/models/flora:{user}", timeout=5).json()["adapter"]  # noqa: E731
     logprobs = lambda reply: reply.json()["choices"][0]["logprobs"]["token_logprobs"]  # noqa: E731
     errs, replies = [], []
-    try:
+    try:  # (the second server starts inside: a failed start still stops the first)
+        servers.append(start_server(run_dir / "export" / "packed"))
         for _, url in servers:
             own, base = logprobs(ask(url, gone)), logprobs(ask(url, None))  # its row is now in the device cache
             assert own != base and adapter(url, gone) == "user"
