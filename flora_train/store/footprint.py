@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters
 from flora_train.base.loading import load_config
-from flora_train.store.optim import OptimizerHyper
+from flora_train.store.optimizers import OptimizerHyper
 
 
 @dataclass(frozen=True)

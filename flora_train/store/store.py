@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from flora_train.store.disk_table import DiskTable
-from flora_train.store.optim import OptimizerHyper, RowAccess, RowwiseOptimizer
+from flora_train.store.optimizers import OptimizerHyper, RowAccess, make_optimizer
 from flora_train.store.registry import UserRegistry
 from flora_train.store.selection import BEST_LOSS, KEPT, SEEN, STOPPED_AT, select_update, selection_columns, served_rows
 from flora_train.store.table import TIERS, Column, HotRowCache, RowTable, saved_key
@@ -60,7 +60,7 @@ class AdapterStore:
         self.hyper = hyper
         self.compute_device = torch.device(compute_device)
         self.registry = UserRegistry()
-        self.optimizer = RowwiseOptimizer(hyper)
+        self.optimizer = make_optimizer(hyper)
         columns = {"rows": Column((row_size,), torch.float32), **self.optimizer.columns(row_size),
                    **(selection_columns(row_size) if select else {})}
         self.table: RowTable | DiskTable
