@@ -67,16 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write per-user adapters of a run")
     ex.add_argument("run_dir", type=Path)
-    ex.add_argument("--format", choices=["peft", "flora", "packed", "merged"], required=True,
-                    help="peft (LoRA, IA3), flora (any method) or merged (a full model folder per user)")
+    from flora_train.export import EXPORT_FORMATS
+
+    ex.add_argument("--format", choices=list(EXPORT_FORMATS), required=True,
+                    help="; ".join(f"{name}: {kind.summary}" for name, kind in EXPORT_FORMATS.items()))
     ex.add_argument("--users", type=user_list, default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--pack-size", type=int, default=4096, help="packed: users per pack file")
     ex.add_argument("--base-model-id", default=None,
                     help="peft: base_model_name_or_path to write (the model id your server loads; default: the run's base)")
 
-    be = sub.add_parser("bench", help="side-by-side benchmarks: layer, train, e2e, store, zero or all")
-    from flora_train.bench.suites import add_arguments
+    from flora_train.bench.suites import SUITES, add_arguments
+
+    be = sub.add_parser("bench", help=f"side-by-side benchmarks: {', '.join(SUITES)} or all")
 
     add_arguments(be)
 
@@ -249,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.config import load_recipe, recipe_to_yaml
     from flora_train.errors import UserError
-    from flora_train.export import ExportError
     from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
     from flora_train.train.trainer import NonFiniteError
     from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
@@ -309,20 +311,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "export":
             from flora_train.export import export_adapters
 
-            if args.format == "merged":
-                from flora_train.merge import export_merged
-
-                users = args.users
-                if users is None:
-                    raise ExportError("--format merged writes a whole model per user: name them with --users a,b (or @FILE)")
-                index = export_merged(args.run_dir, users, args.out)
-                print(f"exported {len(index)} merged model folders to {args.out}")
-                return 0
-            if args.pack_size < 1:
-                raise ExportError(f"--pack-size must be >= 1, got {args.pack_size}")
             m = export_adapters(args.run_dir, args.format, args.users, args.out, base_model_id=args.base_model_id,
                                 pack_size=args.pack_size)
-            print(f"exported {m['num_users']} users ({m['format']}) to {args.out}")
+            n = m["num_users"]
+            print(f"exported {n} user{'' if n == 1 else 's'} ({m['format']}) to {args.out}")
         elif args.command == "bench":
             from flora_train.bench.suites import run_bench
 

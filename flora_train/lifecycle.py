@@ -25,12 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from flora_train.export import ExportError
+from flora_train.export import ExportError, forget_in_export
+from flora_train.export.base import write_json
 from flora_train.run_dir import RunDir, RunLock
-from flora_train.run_dir.checkpoints import (SHARD_PLAN, SHARED_ADAPTER, checkpoint_chain, latest_checkpoint,
-                                             list_checkpoints, read_state)
+from flora_train.run_dir.checkpoints import (
+    SHARD_PLAN,
+    SHARED_ADAPTER,
+    checkpoint_chain,
+    latest_checkpoint,
+    list_checkpoints,
+    read_state,
+)
 from flora_train.run_dir.rewrite import recover_rewrites, rewrite_checkpoint
 from flora_train.store.saved import iter_shards, saved_selection, saved_steps, without_users
 from flora_train.train.phases import check_phase_files, forget_in_phases
@@ -155,68 +161,13 @@ def _filter_jsonl(path: Path, forget: set[str]) -> int:
     return len(lines) - len(kept)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
-def _forget_packed(out: Path, forget: set[str]) -> int:
-    """Each pack holding a forgotten user is written again without it under a new name, the index
-    is replaced in one rename, then the old packs go: a reader finds the old index with the old
-    packs or the new with the new, never an index whose rows point into a rewritten pack."""
-    index = json.loads((out / "index.json").read_text())
-    gone = [u for u in index if u in forget]
-    for name in sorted({index[u][0] for u in gone}):
-        with safe_open(str(out / name), framework="pt") as f:
-            users = json.loads((f.metadata() or {})["users"])
-            rows = f.get_tensor("rows")
-        keep = [i for i, u in enumerate(users) if u not in forget]
-        stem = name.split(".")[0]
-        generation = int(name.split(".")[1]) + 1 if name.count(".") == 2 else 1
-        fresh = f"{stem}.{generation}.safetensors"
-        save_file({"rows": rows[keep].contiguous()}, str(out / fresh), metadata={"users": json.dumps([users[i] for i in keep])})
-        index.update({users[i]: [fresh, k] for k, i in enumerate(keep)})
-    for u in gone:
-        del index[u]
-    if gone:
-        _write_json(out / "index.json", index)
-    _count_users(out / "manifest.json", len(index))
-    held = {where[0] for where in index.values()}
-    for pack in out.glob("pack-*.safetensors"):  # the replaced packs (also those a killed forget left)
-        if pack.name not in held:
-            pack.unlink()
-    return len(gone)
-
-
 def _forget_exports(rd: RunDir, forget: set[str]) -> int:
     removed = 0
     for index_path in rd.export_indexes():
         manifest_path = index_path.with_name("manifest.json")
-        packed = manifest_path.is_file() and json.loads(manifest_path.read_text()).get("format") == "packed"
-        if packed:
-            removed += _forget_packed(index_path.parent, forget)
-            continue
-        folders = json.loads(index_path.read_text())  # user id -> folder
-        gone = [u for u in folders if u in forget]
-        for u in gone:
-            shutil.rmtree(index_path.parent / folders.pop(u), ignore_errors=True)
-            removed += 1
-        if gone:
-            _write_json(index_path, folders)
-        _count_users(manifest_path, len(folders))
+        fmt = json.loads(manifest_path.read_text()).get("format") if manifest_path.is_file() else None
+        removed += forget_in_export(index_path.parent, fmt, forget)
     return removed
-
-
-def _count_users(manifest_path: Path, users: int) -> None:
-    """The export manifest's user count, from its index (also when a killed forget wrote the index
-    and not the manifest)."""
-    if not manifest_path.is_file():
-        return
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("num_users") != users:
-        manifest["num_users"] = users
-        _write_json(manifest_path, manifest)
 
 
 def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
@@ -244,7 +195,7 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
                           "user's data, and every personal row was trained on top of it: removing a user's rows would "
                           "leave what was learnt from them; train the remaining users in a new run_dir instead")
     check_phase_files(rd.path)
-    _write_json(pending_path, {"users": sorted(forget)})  # from here on, a second run completes this one
+    write_json(pending_path, {"users": sorted(forget)})  # from here on, a second run completes this one
     for stale in rd.checkpoints.glob(".tmp-*"):  # half-written checkpoints of a dead run hold rows too
         shutil.rmtree(stale, ignore_errors=True)
     rows = 0

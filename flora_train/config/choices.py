@@ -1,27 +1,35 @@
 """The closed sets of values a recipe key takes: enums, so OmegaConf rejects anything else with
-the list of valid ones (``schema.py`` uses them)."""
+the list of valid ones (``schema.py`` uses them). Methods, their kernels, optimizers and export
+formats are the keys of their registries, so a new one is one file and one registry entry."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 
+from flora_train.adapters.methods import METHODS
+from flora_train.export import EXPORT_FORMATS
+from flora_train.store.optimizers import OPTIMIZERS, STATE_DTYPES
+from flora_train.store.table import TIERS
 
-class Method(str, Enum):
-    flora = "flora"
-    lora = "lora"
-    ia3 = "ia3"
+
+def _registry_enum(name: str, values: Iterable[str], doc: str) -> type[Enum]:
+    enum = Enum(name, [(v, v) for v in values], type=str, module=__name__, qualname=name)
+    enum.__doc__ = doc
+    return enum
 
 
-class Kernel(str, Enum):
-    """How an adapter method is computed. auto measures the method's kernels and keeps the fastest."""
-
-    auto = "auto"
-    bmm = "bmm"  # LoRA: gather each example's A, B; two batched matmuls
-    segment = "segment"  # LoRA: sort by user; one pair of GEMMs per user
-    loop = "loop"  # LoRA: one pair of GEMMs per user, no sort
-    stacked = "stacked"  # FLoRA: the r scaled inputs in one GEMM
-    rankwise = "rankwise"  # FLoRA: r GEMMs of the base's shape
-    fused = "fused"  # IA3: its only kernel
+Method = _registry_enum("Method", METHODS, "adapter.method: the adapter methods (adapters/methods/).")
+Kernel = _registry_enum("Kernel", ["auto", *dict.fromkeys(k for m in METHODS.values() for k in m.kernels)],
+                        "How an adapter method is computed (each method's ``kernels``). auto measures the "
+                        "method's kernels and keeps the fastest.")
+OptimizerName = _registry_enum("OptimizerName", OPTIMIZERS, "store.optimizer.name: the row-wise optimizers "
+                               "(store/optimizers/).")
+StateDtype = _registry_enum("StateDtype", STATE_DTYPES, "store.optimizer.state_dtype: adamw's moments in float32, "
+                            "or bfloat16 for half their bytes.")
+StoreTier = _registry_enum("StoreTier", TIERS, "store.tier: where the rows live (store/table.py, store/disk_table.py).")
+ExportFormat = _registry_enum("ExportFormat", ["none", *(n for n, e in EXPORT_FORMATS.items() if e.in_recipe)],
+                              "export.format: what a run exports at its end (none: nothing).")
 
 
 class DataFormat(str, Enum):
@@ -54,34 +62,10 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
-class OptimizerName(str, Enum):
-    adamw = "adamw"
-    adagrad = "adagrad"
-    rowwise_adagrad = "rowwise_adagrad"  # TorchRec's: one accumulator per row and module
-
-
-class StateDtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"  # adamw's moments in half the bytes
-
-
 class Schedule(str, Enum):
     constant = "constant"
     linear = "linear"
     cosine = "cosine"
-
-
-class ExportFormat(str, Enum):
-    none = "none"
-    peft = "peft"
-    flora = "flora"
-    packed = "packed"  # pack-NNNNN.safetensors of up to export.pack_size users each, for huge populations
-
-
-class StoreTier(str, Enum):
-    device = "device"
-    host = "host"
-    disk = "disk"
 
 
 class Placement(str, Enum):

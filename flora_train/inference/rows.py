@@ -188,7 +188,7 @@ class ExportRows(_ExportIndexRows):
         self._layout = layout
 
     def _read(self, users: list[str], index: dict) -> torch.Tensor:
-        from flora_train.export import load_flora_adapter
+        from flora_train.export.flora import load_flora_adapter
 
         rows = []
         for u in users:

@@ -20,7 +20,7 @@ from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, us
 from flora_train.adapters.shared import SharedAdapter
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
 from flora_train.errors import UserError
-from flora_train.inference.rows import CheckpointRows, ExportRows, PackedRows, RowSource
+from flora_train.inference.rows import CheckpointRows, RowSource
 from flora_train.run_dir import RunDir
 
 log = logging.getLogger("flora_train")
@@ -52,8 +52,13 @@ class Source:
 
 def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
     from flora_train.config import load_recipe
-    from flora_train.run_dir.checkpoints import (checkpoint_chain, read_shared_adapter, read_state, saved_layout,
-                                                 verify_checkpoint)
+    from flora_train.run_dir.checkpoints import (
+        checkpoint_chain,
+        read_shared_adapter,
+        read_state,
+        saved_layout,
+        verify_checkpoint,
+    )
 
     verify_checkpoint(ckpt)
     cfg = load_recipe(RunDir(run_dir).recipe)
@@ -71,25 +76,23 @@ def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
 
 
 def _from_export(folder: Path) -> Source:
-    from flora_train.export import SHARED_FOLDER, load_flora_adapter
+    from flora_train.export import EXPORT_FORMATS, SHARED_FOLDER, ExportError, get_format
+    from flora_train.export.flora import load_flora_adapter
 
     manifest = json.loads((folder / "manifest.json").read_text())
-    if manifest.get("format") not in ("flora", "packed"):
-        raise InferenceError(f"{folder}: a {manifest.get('format')!r} export; serve a run directory, or a --format flora "
-                             "or --format packed export")
+    fmt = manifest.get("format")
+    if fmt not in EXPORT_FORMATS or not EXPORT_FORMATS[fmt].servable:
+        served = " or ".join(f"--format {name}" for name, e in EXPORT_FORMATS.items() if e.servable)
+        raise InferenceError(f"{folder}: a {fmt!r} export; serve a run directory, or a {served} export")
     index = json.loads((folder / "index.json").read_text())
     if not index:
         raise InferenceError(f"{folder}: the export holds no user")
+    try:
+        layout, rows = get_format(fmt).serving_rows(folder, manifest, index)
+    except ExportError as exc:
+        raise InferenceError(str(exc)) from None
     shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
-    if manifest["format"] == "packed":
-        return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False,
-                      AdapterLayout.from_dict(manifest["layout"]), PackedRows(folder, index),
-                      int(manifest.get("init_seed", 0)), str(folder), shared)
-    for user, sub in index.items():
-        if not (folder / sub).is_dir():
-            raise InferenceError(f"{folder}: user {user!r}'s folder {sub!r} is missing")
-    layout, _ = load_flora_adapter(folder / next(iter(index.values())))
-    return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False, layout, ExportRows(folder, index, layout),
+    return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False, layout, rows,
                   int(manifest.get("init_seed", 0)), str(folder), shared)
 
 

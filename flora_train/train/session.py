@@ -293,7 +293,6 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
     if zero is not None:
         zero.engage(model, [AdaptedLinear])
 
-    d = cfg.data
     by_user = train.by_user()
     per_example = train.target_counts()
     user_tokens = {u: int(per_example[idx].sum()) for u, idx in sorted(by_user.items())}

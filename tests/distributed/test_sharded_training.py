@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from flora_train.config import load_recipe
-from flora_train.export import load_flora_adapter, read_packed
+from flora_train.export.flora import load_flora_adapter
+from flora_train.export.packed import read_packed
 from flora_train.store.placement import partition_step
 from flora_train.store.sharding import ShardPlan
 from flora_train.run_dir.checkpoints import latest_checkpoint, read_shared_adapter

@@ -105,7 +105,7 @@ def test_peft_export_reproduces_flora_train_logits(lora_run):
 
 
 def test_flora_format_export_loads_back(lora_run, tmp_path):
-    from flora_train.export import load_flora_adapter
+    from flora_train.export.flora import load_flora_adapter
 
     flora_train("export", str(lora_run), "--format", "flora", "--users", f"{HOSTILE[2]},user-000007", "--out", str(tmp_path / "f"))
     index = json.loads((tmp_path / "f" / "index.json").read_text())

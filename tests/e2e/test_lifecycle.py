@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from flora_train.export import read_packed
+from flora_train.export.packed import read_packed
 from flora_train.lifecycle import forget_users, list_users
 from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints
 

@@ -8,7 +8,8 @@ import torch
 
 from flora_train.config import load_recipe
 from flora_train.inference import load_trained
-from flora_train.merge import export_merged
+from flora_train.inference.trained import InferenceError
+from flora_train.export.merged import export_merged
 from flora_train.train.run import run_training
 from tests.distributed.helpers import small_recipe
 
@@ -29,6 +30,10 @@ def test_merged_folder_gives_the_adapted_logits(tmp_path, tiny_llama_dir, tiny_g
     users = ["user-000002", "user-000009"]
     index = export_merged(run_dir, users, tmp_path / "merged")
     assert json.loads((tmp_path / "merged" / "index.json").read_text()) == index
+    manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert (manifest["format"], manifest["num_users"], manifest["method"]) == ("merged", 2, method)
+    with pytest.raises(InferenceError, match="a 'merged' export; serve a run directory"):  # each folder is a whole model
+        load_trained(tmp_path / "merged", device="cpu")
     trained = load_trained(run_dir, device="cpu")
     ids = torch.randint(3, 200, (2, 7))
     plain = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()

@@ -7,7 +7,9 @@ import torch
 
 from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
-from flora_train.export import export_adapters, load_flora_adapter, read_packed
+from flora_train.export import export_adapters
+from flora_train.export.flora import load_flora_adapter
+from flora_train.export.packed import read_packed
 from flora_train.store.saved import iter_saved_rows, read_saved_rows
 from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint
 from flora_train.train.run import run_training

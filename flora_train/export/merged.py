@@ -1,4 +1,4 @@
-"""`flora-train export --format merged`: per user, an ordinary Hugging Face model folder with the
+"""``--format merged``: per user, an ordinary Hugging Face model folder with the
 user's adapter folded into the weights (FLoRA ``W ∘ mask``, LoRA ``W + s·BA``, IA3 ``W ∘ a``),
 loadable by ``AutoModelForCausalLM`` and so by any server, at the cost of a full copy per user."""
 
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from flora_train.adapters.layer import is_conv1d
+from flora_train.export.base import AdapterExport, ExportError, ExportRequest, close_matches, inside, safe_folder_name
 
 
 def merged_state_dict(model: torch.nn.Module, base: dict[str, torch.Tensor], layout: Any, row: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -34,15 +35,15 @@ def merged_state_dict(model: torch.nn.Module, base: dict[str, torch.Tensor], lay
 
 def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Path | None = None,
                   dtype: str = "float32") -> dict[str, str]:
-    """One merged model folder per user under ``out`` (``index.json`` maps users to folders)."""
+    """One merged model folder per user under ``out`` (``index.json`` maps users to folders, and
+    ``manifest.json`` says what they were merged from)."""
     from flora_train.base import load_frozen_model, load_tokenizer
-    from flora_train.export import ExportError, _inside, safe_folder_name
     from flora_train.inference.trained import resolve_source
 
     source = resolve_source(source_dir, checkpoint)
     unknown = [u for u in users if u not in source.rows]
     if unknown:
-        raise ExportError(f"unknown user(s) not in {source.label}: {', '.join(map(repr, unknown[:5]))}")
+        raise ExportError(f"unknown user(s) not in {source.label}: {close_matches(unknown, source.rows.users)}")
     model = load_frozen_model(source.model_path, dtype, source.gguf_file, source.trust_remote_code)
     tokenizer = load_tokenizer(source.model_path, source.gguf_file, source.trust_remote_code)
     base = {k: v.detach() for k, v in model.state_dict().items()}
@@ -52,7 +53,7 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
     index = {}
     for user in users:
         folder = safe_folder_name(user)
-        target = _inside(out, folder)
+        target = inside(out, folder)
         state = merged_state_dict(model, base, source.layout, source.rows.read([user])[0])
         model.save_pretrained(target, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(target)
@@ -60,4 +61,16 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
                                                               "method": source.layout.spec.method, "from": source.label}))
         index[user] = folder
     (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
+    manifest = {"format": "merged", "method": source.layout.spec.method, "num_users": len(index),
+                "checkpoint": source.label, "base_model": source.model_path, "dtype": dtype}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return index
+
+
+class MergedExport(AdapterExport):
+
+    def export(self, request: ExportRequest) -> dict[str, Any]:
+        if not request.users:
+            raise ExportError("--format merged writes a whole model per user: name them with --users a,b (or @FILE)")
+        export_merged(request.run_dir, request.users, request.out, request.checkpoint)
+        return json.loads((request.out / "manifest.json").read_text())

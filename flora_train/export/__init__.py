@@ -1,0 +1,77 @@
+"""Per-user adapters out of a run, one file per format: PEFT folders (LoRA, IA3), flora_train
+folders (any method), packed files for populations where a folder per user is too many files, and
+merged full models.
+
+``EXPORT_FORMATS`` is the one registry: the CLI's ``--format`` choices and the recipe's
+``export.format`` values (``config.choices.ExportFormat``) are its keys. It names each format's
+class without importing it, so building the command line's parser imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flora_train.export.base import SHARED_FOLDER, ExportError, ExportRequest, safe_folder_name
+
+if TYPE_CHECKING:
+    from flora_train.export.base import AdapterExport
+
+
+@dataclass(frozen=True)
+class ExportFormatEntry:
+    summary: str  # what it writes (the CLI's help)
+    implementation: str  # "module:Class" in this package
+    in_recipe: bool = True  # a recipe's export.format may name it (the run exports at its end)
+    servable: bool = False  # serve and generate read it back (``AdapterExport.serving_rows``)
+
+    def load(self) -> type[AdapterExport]:
+        module, cls = self.implementation.split(":")
+        return getattr(importlib.import_module(f"flora_train.export.{module}"), cls)
+
+
+EXPORT_FORMATS: dict[str, ExportFormatEntry] = {
+    "peft": ExportFormatEntry("PEFT folders (LoRA, IA3)", "peft:PeftExport"),
+    "flora": ExportFormatEntry("a flora_train folder per user (any method)", "flora:FloraExport", servable=True),
+    "packed": ExportFormatEntry("pack files of --pack-size users' rows each, for huge populations",
+                                "packed:PackedExport", servable=True),
+    # a whole model per user: a run's end does not write one for every user
+    "merged": ExportFormatEntry("a full model folder per user, its adapter folded into the weights (name the users)",
+                                "merged:MergedExport", in_recipe=False),
+}
+
+
+def get_format(name: str) -> AdapterExport:
+    try:
+        entry = EXPORT_FORMATS[name]
+    except KeyError:
+        raise ExportError(f"unknown export format {name!r}; expected one of {', '.join(EXPORT_FORMATS)}") from None
+    return entry.load()(name)
+
+
+def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
+                    checkpoint: Path | None = None, base_model_id: str | None = None, pack_size: int = 4096,
+                    part: tuple[int, int] = (0, 1),
+                    gather: Callable[[Any], list[Any]] = lambda piece: [piece]) -> dict[str, Any]:
+    """Writes the users' adapters (every user's when ``users`` is None) of ``checkpoint``, or else the
+    run's newest intact checkpoint, under ``out`` in format ``fmt``; returns the export's manifest.
+
+    Over ranks: each of ``n`` processes calls it with ``part=(k, n)`` and writes the users whose
+    rows rank ``k``'s shards hold (``k % n`` when the checkpoint was saved by another world size);
+    ``gather`` (an all-gather) collects every part's index, and part 0 writes ``index.json`` and
+    ``manifest.json`` once every part's files are written."""
+    request = ExportRequest(Path(run_dir), Path(out), users, checkpoint, base_model_id, pack_size, part, gather)
+    return get_format(fmt).export(request)
+
+
+def forget_in_export(out: Path, fmt: str | None, forget: set[str]) -> int:
+    """Removes users from the export in ``out`` written in format ``fmt`` (None: one whose manifest
+    names none, a folder per user); returns how many it held."""
+    return get_format(fmt if fmt in EXPORT_FORMATS else "flora").forget(out, forget)
+
+
+__all__ = ["EXPORT_FORMATS", "SHARED_FOLDER", "ExportError", "ExportFormatEntry", "ExportRequest", "export_adapters",
+           "forget_in_export", "get_format", "safe_folder_name"]

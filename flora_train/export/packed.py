@@ -1,0 +1,102 @@
+"""``--format packed``: ``pack-NNNNN.safetensors`` files of up to ``pack_size`` users' rows each
+(their ids in the file's metadata), ``index.json`` of user -> ``[file, row]`` and the layout in
+``manifest.json``: for populations where a folder per user is too many files. ``read_packed``
+reads rows back; ``serve`` and ``generate`` read the export by slices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from flora_train.adapters import AdapterLayout
+from flora_train.export.base import ExportError, ExportRequest, count_users, write_json
+from flora_train.export.flora import FloraExport
+from flora_train.export.rows import RowExport
+
+
+class PackedExport(RowExport):
+
+    def export(self, request: ExportRequest) -> dict[str, Any]:
+        if request.pack_size < 1:
+            raise ExportError(f"--pack-size must be >= 1, got {request.pack_size}")
+        self.pack_size = request.pack_size
+        self.pack: tuple[list[str], list[torch.Tensor]] = ([], [])
+        return super().export(request)
+
+    def place(self, out: Path, user: str, row: torch.Tensor, layout: AdapterLayout, base_model: str) -> None:
+        self.pack[0].append(user)  # a pack fills across chunks and shards
+        self.pack[1].append(row.unsqueeze(0))
+        if len(self.pack[0]) >= self.pack_size:
+            self.finish(out)
+
+    def finish(self, out: Path) -> None:
+        users, rows = self.pack
+        if not users:
+            return
+        prefix = "pack-" if self.part[1] == 1 else f"pack-{self.part[0]:05d}-"
+        name = f"{prefix}{len({v[0] for v in self.index.values()}):05d}.safetensors"
+        save_file({"rows": torch.cat(rows).contiguous()}, str(out / name), metadata={"users": json.dumps(users)})
+        self.index.update({u: [name, i] for i, u in enumerate(users)})
+        users.clear()
+        rows.clear()
+
+    def manifest_extra(self, layout: AdapterLayout) -> dict[str, Any]:
+        return {"layout": layout.to_dict()}
+
+    def serving_rows(self, folder: Path, manifest: dict[str, Any], index: dict[str, Any]) -> tuple[Any, Any]:
+        from flora_train.inference.rows import PackedRows
+
+        return AdapterLayout.from_dict(manifest["layout"]), PackedRows(folder, index)
+
+    def write_shared(self, out: Path, layout: AdapterLayout, row: torch.Tensor, base_model: str) -> str:
+        return FloraExport("flora").write_shared(out, layout, row, base_model)
+
+    def forget(self, out: Path, forget: set[str]) -> int:
+        """Each pack holding a forgotten user is written again without it under a new name, the index
+        is replaced in one rename, then the old packs go: a reader finds the old index with the old
+        packs or the new with the new, never an index whose rows point into a rewritten pack."""
+        index = json.loads((out / "index.json").read_text())
+        gone = [u for u in index if u in forget]
+        for name in sorted({index[u][0] for u in gone}):
+            with safe_open(str(out / name), framework="pt") as f:
+                users = json.loads((f.metadata() or {})["users"])
+                rows = f.get_tensor("rows")
+            keep = [i for i, u in enumerate(users) if u not in forget]
+            stem = name.split(".")[0]
+            generation = int(name.split(".")[1]) + 1 if name.count(".") == 2 else 1
+            fresh = f"{stem}.{generation}.safetensors"
+            save_file({"rows": rows[keep].contiguous()}, str(out / fresh),
+                      metadata={"users": json.dumps([users[i] for i in keep])})
+            index.update({users[i]: [fresh, k] for k, i in enumerate(keep)})
+        for u in gone:
+            del index[u]
+        if gone:
+            write_json(out / "index.json", index)
+        count_users(out / "manifest.json", len(index))
+        held = {where[0] for where in index.values()}
+        for pack in out.glob("pack-*.safetensors"):  # the replaced packs (also those a killed forget left)
+            if pack.name not in held:
+                pack.unlink()
+        return len(gone)
+
+
+def read_packed(out: Path, users: list[str]) -> tuple[AdapterLayout, torch.Tensor]:
+    """The rows ``[len(users), row_size]`` of users in a packed export, and its layout."""
+    index = json.loads((out / "index.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    if manifest.get("format") != "packed":
+        raise ExportError(f"{out}: not a packed export")
+    missing = [u for u in users if u not in index]
+    if missing:
+        raise ExportError(f"{out}: no such user(s) in the export: {', '.join(map(repr, missing[:5]))}")
+    rows = []
+    for u in users:
+        name, i = index[u]
+        with safe_open(str(out / name), framework="pt") as f:
+            rows.append(f.get_slice("rows")[i : i + 1])
+    return AdapterLayout.from_dict(manifest["layout"]), torch.cat(rows)

@@ -1,0 +1,122 @@
+"""The formats that write the checkpoint's adapter rows as they are (peft, flora, packed): rows
+are streamed from the checkpoint's shards a chunk at a time, so export memory does not grow with
+the population, and each format says only how it places a user's row and the shared adapter."""
+
+from __future__ import annotations
+
+import json
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flora_train.adapters import AdapterLayout
+from flora_train.export.base import AdapterExport, ExportError, ExportRequest, close_matches
+from flora_train.run_dir import RunDir
+from flora_train.run_dir.checkpoints import (
+    CheckpointError,
+    checkpoint_chain,
+    latest_checkpoint,
+    read_shared_adapter,
+    read_state,
+    saved_layout,
+    verify_checkpoint,
+)
+from flora_train.store.saved import iter_saved_rows, saved_user_ids
+
+
+def _checkpoint(run_dir: Path, checkpoint: Path | None) -> Path:
+    if checkpoint is not None:
+        verify_checkpoint(checkpoint, contents=False)  # the caller wrote it (and hashed it) a moment ago
+        return checkpoint
+    ckpt = latest_checkpoint(run_dir)  # hashed through: the newest intact one
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
+    return ckpt
+
+
+def _select_users(saved: list[str], users: list[str] | None) -> list[str]:
+    if not users:
+        return saved
+    known = set(saved)
+    unknown = [u for u in users if u not in known]
+    if unknown:
+        raise ExportError(f"unknown user(s) not in this run: {close_matches(unknown, saved)}")
+    return list(dict.fromkeys(users))
+
+
+def _run_recipe(run_dir: Path) -> Any:
+    recipe = RunDir(run_dir).recipe
+    if not recipe.is_file():
+        return None
+    from flora_train.config import load_recipe
+
+    return load_recipe(recipe)
+
+
+class RowExport(AdapterExport):
+    """The driver every row format shares; ``place`` and ``finish`` are the format's."""
+
+    def check(self, layout: AdapterLayout, what: str) -> None:
+        """Refuses an adapter (``what``: whose) this format cannot express."""
+
+    @abstractmethod
+    def place(self, out: Path, user: str, row: torch.Tensor, layout: AdapterLayout, base_model: str) -> None:
+        """Writes (or buffers) one user's row; records where in ``self.index``."""
+
+    def finish(self, out: Path) -> None:
+        """Writes what ``place`` buffered."""
+
+    def manifest_extra(self, layout: AdapterLayout) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def write_shared(self, out: Path, layout: AdapterLayout, row: torch.Tensor, base_model: str) -> str:
+        """The shared adapter once, beside the users'; returns where (the manifest's ``shared_adapter``)."""
+
+    def export(self, request: ExportRequest) -> dict[str, Any]:
+        """Writes the users' rows under ``request.out`` plus ``index.json`` and ``manifest.json``.
+        Part 0 writes those two once every part's files are written (``request.gather``)."""
+        out, part = request.out, request.part
+        ckpt = _checkpoint(Path(request.run_dir), request.checkpoint)
+        layout = saved_layout(ckpt)
+        state = read_state(ckpt)
+        self.check(layout, "this run's")
+        selected = _select_users(saved_user_ids(checkpoint_chain(ckpt)), request.users)  # every shard, any world size
+        saved_shared = read_shared_adapter(ckpt)
+        shared = None
+        if saved_shared is not None:
+            shared = (AdapterLayout.from_dict(json.loads(saved_shared[1]["layout"])), saved_shared[0]["row"])
+            self.check(shared[0], "this run's shared")
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = _run_recipe(Path(request.run_dir))
+        base_model = request.base_model_id or RunDir(request.run_dir).trained_base(
+            state.get("model_path"), cfg is not None and cfg.base.tiny is not None)
+        self.index: dict[str, Any] = {}
+        self.part = part
+        error = None
+        try:
+            for chunk_users, chunk_rows in iter_saved_rows(checkpoint_chain(ckpt), set(selected), part=part):
+                for user, row in zip(chunk_users, chunk_rows):
+                    self.place(out, user, row, layout, base_model)
+            self.finish(out)
+        except OSError as exc:  # a full disk on one rank: every rank stops, none waits in the gather
+            error = f"rank {part[0]}: writing the export to {out} failed: {exc}"
+        pieces = request.gather((self.index, error))
+        failed = [e for _, e in pieces if e]
+        if failed:
+            raise ExportError("; ".join(failed))
+        merged = {u: where for piece, _ in pieces for u, where in piece.items()}
+        index = {u: merged[u] for u in selected}  # the caller's order (or the checkpoint's), not the shards'
+        manifest = {"format": self.name, "method": layout.spec.method, "rank": layout.spec.rank, "num_users": len(index),
+                    "users_per_part": [len(p) for p, _ in pieces], "checkpoint": str(ckpt), "base_model": base_model,
+                    # what loading the base and the untrained rows needs beyond its path (serving an export)
+                    **({} if cfg is None else {"gguf_file": cfg.base.gguf_file, "init_seed": cfg.store.init_seed}),
+                    **self.manifest_extra(layout)}
+        if part[0] == 0 and shared is not None:
+            manifest["shared_adapter"] = self.write_shared(out, *shared, base_model)
+        if part[0] == 0:
+            (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return manifest
