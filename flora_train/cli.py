@@ -224,6 +224,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command == "bench":
+        from flora_train.bench.suites import unread_flags
+
+        if problem := unread_flags(args):
+            parser.error(problem)
     return args
 
 
@@ -251,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.config import load_recipe, recipe_to_yaml
+    from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
     from flora_train.errors import UserError
     from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
     from flora_train.train.trainer import NonFiniteError
-    from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
 
     try:
         if args.command == "validate":

@@ -7,13 +7,13 @@ are different experiments), so `bench all` runs every suite as it runs alone.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flora_train.arg_types import at_least_one, positive_number, whole_number
 from flora_train.devices import device_arg
-
-SUITES = ("layer", "train", "e2e", "store", "zero", "loss", "serve", "data", "scale", "personal", "lengths")
 
 
 def _numbers(text: str, least: int) -> list[int]:
@@ -94,70 +94,120 @@ def _user_mix(text: str) -> list[int] | None:
     return mix
 
 
-def run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
-    if suite == "layer":
-        from flora_train.bench.layer import bench_layer
+def _layer(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.layer import bench_layer
 
-        return bench_layer(args.widths, args.ranks, _user_mix(args.user_mix), args.batch, args.tokens,
-                           _given(args.repeats, 3), args.device, args.out, peft=not args.no_peft)
-    if suite == "train":
-        from flora_train.bench.train import DEFAULT_BASE, bench_train
+    return bench_layer(args.widths, args.ranks, _user_mix(args.user_mix), args.batch, args.tokens,
+                       _given(args.repeats, 3), args.device, args.out, peft=not args.no_peft)
 
-        h = _given(args.hidden_size, DEFAULT_BASE["hidden_size"])
-        base = dict(DEFAULT_BASE, hidden_size=h, intermediate_size=h * 11 // 4,
-                    num_layers=_given(args.layers, DEFAULT_BASE["num_layers"]))
-        return bench_train(_given(args.users_per_step, 64), _given(args.tokens, 64), _given(args.steps, 5), base=base,
-                           device=args.device, out=args.out, overrides=args.overrides)
-    if suite == "e2e":
-        from flora_train.bench.e2e import DEFAULT_BASE as E2E_BASE
-        from flora_train.bench.e2e import bench_e2e
 
-        h = _given(args.hidden_size, E2E_BASE["hidden_size"])
-        base = dict(E2E_BASE, hidden_size=h, intermediate_size=h * 11 // 4,
-                    num_layers=_given(args.layers, E2E_BASE["num_layers"]))
-        return bench_e2e(args.users, args.examples, args.sample, args.process_sample, args.rank, base=base, device=args.device, out=args.out)
-    if suite == "store":
-        from flora_train.bench.store import bench_store
+def _generated_llama(args: argparse.Namespace, default: dict[str, Any]) -> dict[str, Any]:
+    h = _given(args.hidden_size, default["hidden_size"])
+    return dict(default, hidden_size=h, intermediate_size=h * 11 // 4, num_layers=_given(args.layers, default["num_layers"]))
 
-        return bench_store(args.small, args.large, args.row_size, args.step_users, _given(args.repeats, 50), args.out)
-    if suite == "zero":
-        from flora_train.bench.zero import DEFAULT_BASE as ZERO_BASE
-        from flora_train.bench.zero import bench_zero
 
-        h = _given(args.hidden_size, ZERO_BASE["hidden_size"])
-        base = dict(ZERO_BASE, hidden_size=h, intermediate_size=h * 11 // 4,
-                    num_layers=_given(args.layers, ZERO_BASE["num_layers"]))
-        return bench_zero(args.world, _given(args.steps, 6), users_per_step=_given(args.users_per_step, 8),
-                          out=args.out, base=base, device=args.device, overrides=args.overrides)
-    if suite == "serve":
-        from flora_train.bench.serve import bench_serve
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.train import DEFAULT_BASE, bench_train
 
-        return bench_serve(args.serve_users, args.serve_requests, args.rate, args.max_tokens, args.device, args.out,
-                           args.serve_population)
-    if suite == "loss":
-        from flora_train.bench.loss import bench_loss
+    return bench_train(_given(args.users_per_step, 64), _given(args.tokens, 64), _given(args.steps, 5),
+                       base=_generated_llama(args, DEFAULT_BASE), device=args.device, out=args.out, overrides=args.overrides)
 
-        return bench_loss(args.device, args.out)
-    if suite == "data":
-        from flora_train.bench.data import bench_data
 
-        return bench_data(args.data_examples, args.out)
-    if suite == "scale":
-        from flora_train.bench.scale import bench_scale
+def _e2e(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.e2e import DEFAULT_BASE, bench_e2e
 
-        return bench_scale(args.populations, _given(args.users_per_step, 64), _given(args.steps, 16), out=args.out)
-    if suite == "personal":
-        from flora_train.bench.personal import bench_personal
+    return bench_e2e(args.users, args.examples, args.sample, args.process_sample, args.rank,
+                     base=_generated_llama(args, DEFAULT_BASE), device=args.device, out=args.out)
 
-        return bench_personal([p for p in args.population.split(",") if p], args.seeds, args.out, tiny=args.tiny,
-                              small=args.small_population, settings=args.settings.split(",") if args.settings else None,
-                              reuse=args.reuse)
-    if suite == "lengths":
-        from flora_train.bench.lengths import bench_lengths
 
-        return bench_lengths(args.out, users=args.length_users, budget=args.budget, tiny=args.tiny,
-                             repeats=args.length_repeats, device=args.device)
-    raise ValueError(f"unknown bench suite {suite!r}")
+def _store(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.store import bench_store
+
+    return bench_store(args.small, args.large, args.row_size, args.step_users, _given(args.repeats, 50), args.out)
+
+
+def _zero(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.zero import DEFAULT_BASE, bench_zero
+
+    return bench_zero(args.world, _given(args.steps, 6), users_per_step=_given(args.users_per_step, 8), out=args.out,
+                      base=_generated_llama(args, DEFAULT_BASE), device=args.device, overrides=args.overrides)
+
+
+def _serve(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.serve import bench_serve
+
+    return bench_serve(args.serve_users, args.serve_requests, args.rate, args.max_tokens, args.device, args.out,
+                       args.serve_population)
+
+
+def _loss(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.loss import bench_loss
+
+    return bench_loss(args.device, args.out)
+
+
+def _data(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.data import bench_data
+
+    return bench_data(args.data_examples, args.out)
+
+
+def _scale(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.scale import bench_scale
+
+    return bench_scale(args.populations, _given(args.users_per_step, 64), _given(args.steps, 16), out=args.out)
+
+
+def _personal(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.personal import bench_personal
+
+    return bench_personal([p for p in args.population.split(",") if p], args.seeds, args.out, tiny=args.tiny,
+                          small=args.small_population, settings=args.settings.split(",") if args.settings else None,
+                          reuse=args.reuse)
+
+
+def _lengths(args: argparse.Namespace) -> dict[str, Any]:
+    from flora_train.bench.lengths import bench_lengths
+
+    return bench_lengths(args.out, users=args.length_users, budget=args.budget, tiny=args.tiny,
+                         repeats=args.length_repeats, device=args.device)
+
+
+@dataclass(frozen=True)
+class Suite:
+    run: Callable[[argparse.Namespace], dict[str, Any]]
+    reads: tuple[str, ...]  # the flags (argparse dests) it reads besides --out
+
+
+_LLAMA = ("hidden_size", "layers")
+SUITES: dict[str, Suite] = {  # in the order `bench all` runs them
+    "layer": Suite(_layer, ("widths", "ranks", "user_mix", "batch", "tokens", "repeats", "no_peft", "device")),
+    "train": Suite(_train, (*_LLAMA, "users_per_step", "tokens", "steps", "device", "overrides")),
+    "e2e": Suite(_e2e, (*_LLAMA, "users", "examples", "sample", "process_sample", "rank", "device")),
+    "store": Suite(_store, ("small", "large", "row_size", "step_users", "repeats")),
+    "zero": Suite(_zero, (*_LLAMA, "world", "steps", "users_per_step", "device", "overrides")),
+    "loss": Suite(_loss, ("device",)),
+    "serve": Suite(_serve, ("serve_users", "serve_requests", "rate", "max_tokens", "serve_population", "device")),
+    "data": Suite(_data, ("data_examples",)),
+    "scale": Suite(_scale, ("populations", "users_per_step", "steps")),
+    "personal": Suite(_personal, ("population", "seeds", "tiny", "small_population", "settings", "reuse")),
+    "lengths": Suite(_lengths, ("length_users", "budget", "tiny", "length_repeats", "device")),
+}
+
+
+def unread_flags(args: argparse.Namespace) -> str | None:
+    """A usage error for flags given on the command line that the chosen suite (any, for ``all``)
+    does not read: ``bench lengths --settings packed`` would otherwise run every setting."""
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    read = {"suite", "out"} | {flag for s in suites for flag in SUITES[s].reads}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for dest, default in vars(parser.parse_args([args.suite])).items():
+        if dest not in read and getattr(args, dest) != default:
+            flag = "recipe overrides" if dest == "overrides" else "--" + dest.replace("_", "-")
+            readers = [name for name, suite in SUITES.items() if dest in suite.reads]
+            return f"bench {args.suite} does not read {flag} (read by bench {', '.join(readers)})"
+    return None
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,5 +216,5 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     for suite in suites:
         if len(suites) > 1:
             print(f"\n=== bench {suite} ===", flush=True)
-        results[suite] = run_suite(suite, args)
+        results[suite] = SUITES[suite].run(args)
     return results

@@ -53,9 +53,24 @@ def test_bench_counts_out_of_range_are_a_usage_line(capsys, flags, message):
 
 
 def test_bench_counts_in_range_pass():
-    args = parse_args(["bench", "layer", "--repeats", "1", "--serve-population", "0", "--rate", "0.5", "--widths", "64,128",
+    args = parse_args(["bench", "all", "--repeats", "1", "--serve-population", "0", "--rate", "0.5", "--widths", "64,128",
                        "--seeds", "0,3"])
     assert (args.repeats, args.serve_population, args.rate, args.widths, args.seeds) == (1, 0, 0.5, [64, 128], [0, 3])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["lengths", "--settings", "packed"], "bench lengths does not read --settings (read by bench personal)"),
+    (["store", "--device", "cpu"], "bench store does not read --device (read by bench layer, train, e2e, zero, loss, serve, lengths)"),
+    (["loss", "--layers", "2"], "bench loss does not read --layers (read by bench train, e2e, zero)"),
+    (["data", "base.dtype=bfloat16"], "bench data does not read recipe overrides (read by bench train, zero)"),
+])
+def test_bench_flags_the_suite_does_not_read_are_a_usage_line(capsys, argv, message):
+    """`bench lengths --settings packed` ran all five settings for 20 minutes: the flag is personal's."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["bench", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    # the same flags on suites that read them, or on `all`, pass
+    parse_args(["bench", "all", *argv[1:]])
 
 
 @pytest.mark.parametrize("command", [["export", "runs/x", "--format", "flora", "--out", "o"], ["forget", "runs/x"],
@@ -98,3 +113,21 @@ def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
     code = main(["data", "synth", "--users", "2", "--out", str(prompts)])
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
+
+
+def test_each_bench_suite_declares_exactly_the_flags_its_code_reads():
+    """The refusal above trusts ``Suite.reads``: a suite that read a flag it does not declare would
+    have the flag refused, one that declared a flag it ignores would take it silently."""
+    import ast
+    import inspect
+
+    from flora_train.bench import suites
+
+    helpers = {"_generated_llama": {"hidden_size", "layers"}}
+    for name, suite in suites.SUITES.items():
+        tree = ast.parse(inspect.getsource(suite.run))
+        used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                and n.value.id == "args"}
+        called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        used |= {flag for helper, flags in helpers.items() if helper in called for flag in flags}
+        assert used - {"out"} == set(suite.reads), name
