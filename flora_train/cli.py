@@ -229,6 +229,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         if problem := unread_flags(args):
             parser.error(problem)
+    if args.command == "export":
+        from flora_train.export import EXPORT_FORMATS
+
+        for flag, dest, default in (("--pack-size", "pack_size", 4096), ("--base-model-id", "base_model_id", None)):
+            if getattr(args, dest) != default and dest not in EXPORT_FORMATS[args.format].reads:
+                readers = " or ".join(f"--format {n}" for n, e in EXPORT_FORMATS.items() if dest in e.reads)
+                parser.error(f"{flag} is read only by {readers}, not --format {args.format}")
+    if args.command == "generate" and not args.sample:  # greedy decoding would ignore them without a word
+        given = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-p", args.top_p, 1.0),
+                                                   ("--top-k", args.top_k, 0), ("--seed", args.seed, None))
+                 if value != default]
+        if given:
+            parser.error(f"{', '.join(given)}: sampling settings, used only with --sample (without it decoding is greedy)")
     return args
 
 

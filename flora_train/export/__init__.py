@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 class ExportFormatEntry:
     summary: str  # what it writes (the CLI's help)
     implementation: str  # "module:Class" in this package
+    reads: tuple[str, ...] = ("base_model_id",)  # the export options it takes besides users and out
     in_recipe: bool = True  # a recipe's export.format may name it (the run exports at its end)
     servable: bool = False  # serve and generate read it back (``AdapterExport.serving_rows``)
 
@@ -37,10 +38,10 @@ EXPORT_FORMATS: dict[str, ExportFormatEntry] = {
     "peft": ExportFormatEntry("PEFT folders (LoRA, IA3)", "peft:PeftExport"),
     "flora": ExportFormatEntry("a flora_train folder per user (any method)", "flora:FloraExport", servable=True),
     "packed": ExportFormatEntry("pack files of --pack-size users' rows each, for huge populations",
-                                "packed:PackedExport", servable=True),
+                                "packed:PackedExport", reads=("base_model_id", "pack_size"), servable=True),
     # a whole model per user: a run's end does not write one for every user
     "merged": ExportFormatEntry("a full model folder per user, its adapter folded into the weights (name the users)",
-                                "merged:MergedExport", in_recipe=False),
+                                "merged:MergedExport", reads=(), in_recipe=False),
 }
 
 

@@ -30,6 +30,31 @@ def test_bad_settings_are_one_line_before_the_base_loads(tmp_path, capsys, flags
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {message}"
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "0.7"], "--temperature: sampling settings, used only with --sample"),
+    (["--top-p", "0.9", "--seed", "3"], "--top-p, --seed: sampling settings, used only with --sample"),
+])
+def test_sampling_settings_without_sample_are_a_usage_line(capsys, flags, message):
+    """`generate --temperature 0.7` decoded greedily without a word: the setting needs --sample."""
+    command = ["generate", "runs/x", "--prompts", "p.jsonl", "--out", "o.jsonl"]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*command, *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert parse_args([*command, "--sample", *flags]).sample
+
+
+@pytest.mark.parametrize("fmt,flags,message", [
+    ("flora", ["--pack-size", "100"], "--pack-size is read only by --format packed, not --format flora"),
+    ("merged", ["--base-model-id", "org/m"], "--base-model-id is read only by --format peft or --format flora or "
+                                             "--format packed, not --format merged"),
+])
+def test_export_options_of_another_format_are_a_usage_line(capsys, fmt, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["export", "runs/x", "--format", fmt, "--out", "o", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert parse_args(["export", "runs/x", "--format", "packed", "--out", "o", *flags]).format == "packed"
+
+
 def test_settings_take_names_only():
     """A field added in the middle moved --chat into presence_penalty when the CLI passed them by position."""
     with pytest.raises(TypeError):
