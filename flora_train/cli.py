@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="; ".join(f"{name}: {kind.summary}" for name, kind in EXPORT_FORMATS.items()))
     ex.add_argument("--users", type=user_list, default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
     ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
     ex.add_argument("--pack-size", type=int, default=4096, help="packed: users per pack file")
     ex.add_argument("--base-model-id", default=None,
                     help="peft: base_model_name_or_path to write (the model id your server loads; default: the run's base)")
@@ -329,8 +330,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "export":
             from flora_train.export import export_adapters
 
-            m = export_adapters(args.run_dir, args.format, args.users, args.out, base_model_id=args.base_model_id,
-                                pack_size=args.pack_size)
+            m = export_adapters(args.run_dir, args.format, args.users, args.out, checkpoint=args.checkpoint,
+                                base_model_id=args.base_model_id, pack_size=args.pack_size)
             n = m["num_users"]
             print(f"exported {n} user{'' if n == 1 else 's'} ({m['format']}) to {args.out}")
         elif args.command == "bench":

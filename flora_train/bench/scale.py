@@ -176,7 +176,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         assert torch.equal(fresh.read(sample), store.read(sample)), "the restored store must hold the trained rows"
         memory["restored"] = _status()
         t0 = time.perf_counter()
-        manifest = export_adapters(run_dir, "packed", None, work / f"export-{users}", checkpoint=delta)
+        manifest = export_adapters(run_dir, "packed", None, work / f"export-{users}", checkpoint=delta, just_written=True)
         export_s = time.perf_counter() - t0
         memory["exported"] = _status()
         # The same side by side with one compute thread: on this machine's 2 cores the store's

@@ -56,15 +56,16 @@ def get_format(name: str) -> AdapterExport:
 def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
                     checkpoint: Path | None = None, base_model_id: str | None = None, pack_size: int = 4096,
                     part: tuple[int, int] = (0, 1),
-                    gather: Callable[[Any], list[Any]] = lambda piece: [piece]) -> dict[str, Any]:
+                    gather: Callable[[Any], list[Any]] = lambda piece: [piece], just_written: bool = False) -> dict[str, Any]:
     """Writes the users' adapters (every user's when ``users`` is None) of ``checkpoint``, or else the
     run's newest intact checkpoint, under ``out`` in format ``fmt``; returns the export's manifest.
+    ``just_written``: the checkpoint is one this process wrote and hashed (its bytes are not hashed again).
 
     Over ranks: each of ``n`` processes calls it with ``part=(k, n)`` and writes the users whose
     rows rank ``k``'s shards hold (``k % n`` when the checkpoint was saved by another world size);
     ``gather`` (an all-gather) collects every part's index, and part 0 writes ``index.json`` and
     ``manifest.json`` once every part's files are written."""
-    request = ExportRequest(Path(run_dir), Path(out), users, checkpoint, base_model_id, pack_size, part, gather)
+    request = ExportRequest(Path(run_dir), Path(out), users, checkpoint, just_written, base_model_id, pack_size, part, gather)
     return get_format(fmt).export(request)
 
 

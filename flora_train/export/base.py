@@ -71,6 +71,7 @@ class ExportRequest:
     out: Path
     users: list[str] | None = None  # None: every user of the checkpoint
     checkpoint: Path | None = None  # None: the run's newest intact checkpoint
+    just_written: bool = False  # the checkpoint is one this process wrote and hashed (the run's end)
     base_model_id: str | None = None
     pack_size: int = 4096
     part: tuple[int, int] = (0, 1)

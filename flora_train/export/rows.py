@@ -26,9 +26,10 @@ from flora_train.run_dir.checkpoints import (
 from flora_train.store.saved import iter_saved_rows, saved_user_ids
 
 
-def _checkpoint(run_dir: Path, checkpoint: Path | None) -> Path:
+def _checkpoint(run_dir: Path, checkpoint: Path | None, just_written: bool) -> Path:
     if checkpoint is not None:
-        verify_checkpoint(checkpoint, contents=False)  # the caller wrote it (and hashed it) a moment ago
+        # Every byte hashed, unless this process wrote (and hashed) it a moment ago.
+        verify_checkpoint(checkpoint, contents=not just_written)
         return checkpoint
     ckpt = latest_checkpoint(run_dir)  # hashed through: the newest intact one
     if ckpt is None:
@@ -79,7 +80,7 @@ class RowExport(AdapterExport):
         """Writes the users' rows under ``request.out`` plus ``index.json`` and ``manifest.json``.
         Part 0 writes those two once every part's files are written (``request.gather``)."""
         out, part = request.out, request.part
-        ckpt = _checkpoint(Path(request.run_dir), request.checkpoint)
+        ckpt = _checkpoint(Path(request.run_dir), request.checkpoint, request.just_written)
         layout = saved_layout(ckpt)
         state = read_state(ckpt)
         self.check(layout, "this run's")

@@ -160,7 +160,8 @@ def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, to
         out = Path(cfg.export.out) if cfg.export.out else session.paths.export_dir(cfg.export.format.value)
         manifest = export_adapters(run_dir, cfg.export.format.value, list(cfg.export.users) or None, out, checkpoint=final,
                                    base_model_id=cfg.export.base_model_id, pack_size=cfg.export.pack_size,
-                                   part=(fdist.rank(), fdist.world_size()), gather=fdist.all_gather_objects)
+                                   part=(fdist.rank(), fdist.world_size()), gather=fdist.all_gather_objects,
+                                   just_written=True)
         tracker.log_artifact(out / "manifest.json", "export")
         result["export"] = {"out": str(out), "users": manifest["num_users"]}
     tracker.log_metrics({"train/seconds": trained.seconds, "base/resident_mib_per_rank": held / 2**20}, step=step)

@@ -1,10 +1,11 @@
-"""Export streams rows from the checkpoint's shards a chunk at a time (never the whole table), and
-the packed format holds the same rows as a folder per user."""
+"""Export streams rows from the checkpoint's shards a chunk at a time (never the whole table), the
+packed format holds the same rows as a folder per user, and `export --checkpoint` exports the one named."""
 
 import json
 
 import torch
 
+from flora_train.cli import main
 from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
 from flora_train.export import export_adapters
@@ -15,7 +16,7 @@ from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint
 from flora_train.train.run import run_training
 
 
-def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_llama_dir):
+def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_llama_dir, capsys):
     train, evalp = SyntheticTask(num_users=11, train_examples_per_user=4, eval_examples_per_user=1).write(tmp_path / "data")
     run = tmp_path / "run"
     run_training(load_recipe(None, [f"run_dir={run}", f"base.name_or_path={tiny_llama_dir}", f"data.train_path={train}",
@@ -52,3 +53,16 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
         assert export_adapters(run, "packed", None, out, pack_size=size)["num_users"] == 11
         assert torch.equal(read_packed(out, users)[1], rows_packed), size
 
+
+    # `export --checkpoint` an older checkpoint: its rows, not the newest; every byte hashed first.
+    older = sorted(p for p in (run / "checkpoints").iterdir() if p != ckpt)[0]
+    old_ids, old_rows = read_saved_rows(checkpoint_chain(older))
+    assert main(["export", str(run), "--format", "packed", "--checkpoint", str(older), "--out", str(tmp_path / "old")]) == 0
+    assert torch.equal(read_packed(tmp_path / "old", old_ids)[1], old_rows)
+    assert not torch.equal(old_rows, torch.stack([want[u] for u in old_ids])), "the older checkpoint must differ"
+    shard = next(f for f in older.iterdir() if f.suffix == ".safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # the same size: only a hash finds it
+    shard.write_bytes(bytes(data))
+    assert main(["export", str(run), "--format", "flora", "--checkpoint", str(older), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{shard}: does not match the manifest" in capsys.readouterr().err
