@@ -28,7 +28,9 @@ log = logging.getLogger("flora_train")
 
 
 @dataclass
-class Trained:
+class LoopResult:
+    """What a run of the step loop did (the recipe's finish reports it)."""
+
     step: int  # the next step to run: the steps done, counted from the start of the run
     seconds: float
     tokens: int
@@ -74,7 +76,7 @@ class TrainLoop:
                         "data; data.max_examples_per_user caps a user's examples per epoch",
                         100 * occupancy["occupancy_mean"], 100 * occupancy["single_user_steps"])
 
-    def run(self, start: int, watch: PreemptionWatch | None = None) -> Trained:
+    def run(self, start: int, watch: PreemptionWatch | None = None) -> LoopResult:
         """Steps ``start`` to the end of the plan. A preemption checkpoints and raises ``Preempted``;
         a non-finite failure checkpoints what is good and re-raises."""
         cfg, t, tracker = self.session.cfg, self.session.cfg.train, self.tracker
@@ -128,7 +130,7 @@ class TrainLoop:
             bar.close()
             if status == "FAILED":
                 tracker.end("FAILED")
-        return Trained(step, time.perf_counter() - started, tokens, meter.store_counters())
+        return LoopResult(step, time.perf_counter() - started, tokens, meter.store_counters())
 
     def _between_steps(self, step: int, watch: PreemptionWatch) -> None:
         t = self.session.cfg.train

@@ -15,12 +15,12 @@ from omegaconf import DictConfig
 
 from flora_train import dist as fdist
 from flora_train.base.zero import resident_base_bytes
-from flora_train.config import flatten, recipe_to_yaml
+from flora_train.config import RecipeError, flatten, recipe_to_yaml
 from flora_train.launch_env import elastic_job
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, read_state
 from flora_train.train.data_setup import recipe_as_recorded
-from flora_train.train.loop import Trained, TrainLoop
+from flora_train.train.loop import LoopResult, TrainLoop
 from flora_train.run_dir.identity import new_run_id
 from flora_train.train.phases import first_phase
 from flora_train.train.preemption import PreemptionWatch
@@ -77,6 +77,7 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
 def train_session(session: Session, resume: bool = False, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Trains (or resumes) a prepared session; the caller closes it."""
     start_step, run_id = resume_point(session, resume)
+    check_export_users(session)
     tracker = start_tracking(session, start_step, run_id)
     loop = TrainLoop(session, tracker)
     shared_seconds = first_shared_phase(session, tracker, loop.checkpoint, start_step)
@@ -85,6 +86,18 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     final = loop.checkpoint(trained.step, full=swept)
     sweep = collapse(session, final, tracker, trained.step) if swept else None
     return finish(session, tracker, trained, final, loop.total, sweep, shared_seconds)
+
+
+def check_export_users(session: Session) -> None:
+    """``export.users`` are users of this run: found at the start, not by the export after training
+    (a job that trained for hours then failed on a typo, its scheduler marking it failed)."""
+    ex = session.cfg.export
+    unknown = [u for u in ex.users if u not in session.store] if ex.format.value != "none" else []
+    if unknown:
+        from flora_train.export.base import close_matches
+
+        raise RecipeError(f"key 'export.users': not users of this run's data or checkpoint: "
+                          f"{close_matches(unknown, session.users())}")
 
 
 def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
@@ -127,7 +140,7 @@ def start_tracking(session: Session, start_step: int, run_id: str | None) -> Tra
     return tracker
 
 
-def finish(session: Session, tracker: Tracker, trained: Trained, final: Path, total: int,
+def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path, total: int,
            sweep: dict[str, Any] | None = None, shared_seconds: float | None = None) -> dict[str, Any]:
     """Scores (per-user, base, shared), exports, logs and writes ``result.json``."""
     cfg, run_dir, step = session.cfg, session.run_dir, trained.step

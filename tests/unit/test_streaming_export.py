@@ -3,10 +3,11 @@ packed format holds the same rows as a folder per user, and `export --checkpoint
 
 import json
 
+import pytest
 import torch
 
 from flora_train.cli import main
-from flora_train.config import load_recipe
+from flora_train.config import RecipeError, load_recipe
 from flora_train.data import SyntheticTask
 from flora_train.export import export_adapters
 from flora_train.export.flora import load_flora_adapter
@@ -19,10 +20,15 @@ from flora_train.train.run import run_training
 def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_llama_dir, capsys):
     train, evalp = SyntheticTask(num_users=11, train_examples_per_user=4, eval_examples_per_user=1).write(tmp_path / "data")
     run = tmp_path / "run"
-    run_training(load_recipe(None, [f"run_dir={run}", f"base.name_or_path={tiny_llama_dir}", f"data.train_path={train}",
-                                    f"data.eval_path={evalp}", "adapter.target_modules=[q_proj,v_proj]", "train.users_per_step=4",
-                                    "train.epochs=2", "train.checkpoint_every_steps=2", "store.optimizer.lr=0.05",
-                                    "tracking.enabled=false", "train.progress=false"]))
+    recipe = [f"base.name_or_path={tiny_llama_dir}", f"data.train_path={train}", f"data.eval_path={evalp}",
+              "adapter.target_modules=[q_proj,v_proj]", "train.users_per_step=4", "train.epochs=2",
+              "train.checkpoint_every_steps=2", "store.optimizer.lr=0.05", "tracking.enabled=false", "train.progress=false"]
+    # A recipe's export.users naming nobody of the run fails before the first step, not after the last.
+    with pytest.raises(RecipeError, match=r"export.users.*'user-00002' \(did you mean 'user-000002'\?\)"):
+        run_training(load_recipe(None, [*recipe, f"run_dir={tmp_path / 'typo'}", "export.format=flora",
+                                        "export.users=[user-000001,user-00002]"]))
+    assert not (tmp_path / "typo" / "checkpoints").exists()
+    run_training(load_recipe(None, [*recipe, f"run_dir={run}"]))
     ckpt = latest_checkpoint(run)
     ids, rows = read_saved_rows(checkpoint_chain(ckpt))
     want = dict(zip(ids, rows))
