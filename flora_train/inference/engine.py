@@ -316,14 +316,14 @@ class Engine:
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Every sequence's next token: greedy rows from one batched argmax, the others (sampling,
-        or penalties) through ``sample_rows`` with their own settings and generators."""
+        penalties or logit bias) through ``sample_rows`` with their own settings and generators."""
         tokens = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
         rest = [i for i, s in enumerate(seqs) if s.req.settings.do_sample or s.req.settings.presence_penalty
-                or s.req.settings.frequency_penalty]
+                or s.req.settings.frequency_penalty or s.req.settings.logit_bias]
         if rest:
             sts = [seqs[i].req.settings for i in rest]
-            scores = torch.stack([penalised(logits[i], seqs[i].generated, st.presence_penalty, st.frequency_penalty)
-                                  for i, st in zip(rest, sts)])
+            scores = torch.stack([penalised(logits[i], seqs[i].generated, st.presence_penalty, st.frequency_penalty,
+                                            st.logit_bias) for i, st in zip(rest, sts)])
             picked = sample_rows(scores, [st.temperature if st.do_sample else 0.0 for st in sts], [st.top_k for st in sts],
                                  [st.top_p for st in sts], [seqs[i].generator for i in rest])
             for i, token in zip(rest, picked):

@@ -35,6 +35,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0  # OpenAI's penalties on tokens already generated (the server's)
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, added to its logit), the server's
     chat: bool = False  # render each prompt with the tokenizer's chat template
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks; vLLM's extension)
 
@@ -49,6 +50,9 @@ class GenerationSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        bad = next(((t, b) for t, b in self.logit_bias if t < 0 or not -100 <= b <= 100), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token {bad[0]} with bias {bad[1]}: token ids are >= 0, biases in [-100, 100]")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +45,8 @@ class _Common(BaseModel):
     user: str | None = None
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    # token id (as a string, JSON's keys) -> added to its logit before sampling or the greedy choice
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
 
 
 class CompletionRequest(_Common):
@@ -60,6 +62,18 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+def logit_bias_of(bias: dict[str, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` as ``(token id, bias)`` pairs; a key that is not a token id of the
+    vocabulary is refused by name."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        token = int(key) if key.strip().lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab:
+            raise ValueError(f"logit_bias: key {key!r} is not a token id of this model (0..{vocab - 1})")
+        pairs.append((token, float(value)))
+    return tuple(sorted(pairs))
 
 
 def new_id(kind: str) -> str:

@@ -1,9 +1,10 @@
 """Per-request token choice and log-probabilities, for a batch whose requests each have their own
-settings: greedy or sampled, temperature, top-k, top-p, presence and frequency penalties, and a
-seeded generator of their own, so the same seed gives the same tokens whatever else is batched.
+settings: greedy or sampled, temperature, top-k, top-p, presence and frequency penalties, logit
+bias, and a seeded generator of their own, so the same seed gives the same tokens whatever else is
+batched.
 
 Log-probabilities are the model's own (``log_softmax`` of the raw logits, before temperature,
-penalties or truncation), as OpenAI and vLLM report them: a score of the text, not of the sampler.
+penalties, bias or truncation), as OpenAI and vLLM report them: a score of the text, not of the sampler.
 """
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
-def penalised(logits: torch.Tensor, generated: list[int], presence: float, frequency: float) -> torch.Tensor:
-    """OpenAI's penalties: ``logit - presence * [seen] - frequency * count`` over generated tokens."""
-    if not generated or (presence == 0 and frequency == 0):
+def penalised(logits: torch.Tensor, generated: list[int], presence: float, frequency: float,
+              bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor:
+    """OpenAI's penalties and ``logit_bias``: ``logit - presence * [seen] - frequency * count + bias``,
+    the penalties over the tokens generated so far."""
+    penalties = generated and (presence != 0 or frequency != 0)
+    if not penalties and not bias:
         return logits
-    ids, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
     out = logits.clone()
-    out[ids] -= presence + frequency * counts.to(logits.dtype)
+    if penalties:
+        ids, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
+        out[ids] -= presence + frequency * counts.to(logits.dtype)
+    if bias:
+        ids = torch.tensor([t for t, _ in bias], device=logits.device)
+        out[ids] += torch.tensor([b for _, b in bias], device=logits.device, dtype=logits.dtype)
     return out
 
 

@@ -178,7 +178,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             return GenerationSettings(max_new_tokens=new, do_sample=req.temperature > 0, temperature=req.temperature or 1.0,
                                       top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stop,
                                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                      ignore_eos=req.ignore_eos)
+                                      logit_bias=api.logit_bias_of(req.logit_bias, vocab), ignore_eos=req.ignore_eos)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
 

@@ -249,6 +249,34 @@ def test_stop_strings_end_generation_where_they_appear(server, trained):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_logit_bias_steers_the_users_greedy_and_streamed_tokens(server, trained):
+    """OpenAI's logit_bias (it was refused as unsupported): +100 on a token makes it the greedy
+    choice at every step, -100 on the greedy first token makes the adapter pick another; the
+    logprobs stay the model's own."""
+    url, _ = server
+    c = client(url)
+    user = f"flora:{trained.users[2]}"
+    plain = c.completions.create(model=user, prompt=PROMPTS[0], max_tokens=3, temperature=0, logprobs=1,
+                                 extra_body={"ignore_eos": True})
+    first = plain.choices[0].logprobs.tokens[0]
+    forced_id = next(t for t in trained.tokenizer.encode(" blue fox zebra", add_special_tokens=False)
+                     if trained.tokenizer.decode([t]) != first and trained.tokenizer.decode([t]).strip())
+    forced = c.completions.create(model=user, prompt=PROMPTS[0], max_tokens=3, temperature=0, logprobs=1,
+                                  logit_bias={str(forced_id): 100}, extra_body={"ignore_eos": True})
+    piece = trained.tokenizer.decode([forced_id])
+    assert forced.choices[0].text == piece * 3
+    assert forced.choices[0].logprobs.token_logprobs[0] < -0.01  # the model's own (biased, it would be ~0)
+    first_id = trained.tokenizer.encode(first, add_special_tokens=False)
+    assert trained.tokenizer.decode(first_id) == first and len(first_id) == 1
+    first_id = first_id[0]
+    other = c.completions.create(model=user, prompt=PROMPTS[0], max_tokens=1, temperature=0, logprobs=1,
+                                 logit_bias={str(first_id): -100})
+    assert other.choices[0].logprobs.tokens[0] != first
+    streamed = c.completions.create(model=user, prompt=PROMPTS[0], max_tokens=3, temperature=0, stream=True,
+                                    logit_bias={str(forced_id): 100}, extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].text for ch in streamed) == piece * 3
+
+
 def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
     url, run_dir = server
     post = lambda body, path="/v1/completions": requests.post(f"{url}{path}", json=body, timeout=60)  # noqa: E731
@@ -262,7 +290,8 @@ def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
         ({"prompt": "favourite colour " * 400, "user": "user-000001", "max_tokens": 4}, 400,
          "exceeds the limit of 64 tokens (the model's context)"),
         ({"prompt": ["hi", "favourite colour " * 400], "user": "user-000001"}, 400, "prompt[1] of "),
-        ({"prompt": "hi", "user": "user-000001", "logit_bias": {"1": 5}}, 400, "unsupported field 'logit_bias'"),
+        ({"prompt": "hi", "user": "user-000001", "logit_bias": {"one": 5}}, 400, "logit_bias: key 'one' is not a token id"),
+        ({"prompt": "hi", "user": "user-000001", "logit_bias": {"1": 101}}, 400, "logit_bias.1: Input should be less"),
         ({"prompt": "hi", "user": "user-000001", "suffix": "x"}, 400, "unsupported field 'suffix'"),
         ({"prompt": "hi", "user": "user-000001", "n": 0}, 400, "n: Input should be greater than or equal to 1"),
         ({"prompt": [], "user": "user-000001"}, 400, "the prompt is empty"),
