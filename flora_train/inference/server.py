@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from flora_train.inference import openai_api as api
+from flora_train.inference.admission import ApiError, RequestReader
 from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
 from flora_train.inference.generate import GenerationSettings
 from flora_train.inference.kernels import tune_for_serving
@@ -32,13 +33,6 @@ from flora_train.inference.rows import AdapterCache
 from flora_train.inference.trained import InferenceError, TrainedAdapters
 
 log = logging.getLogger("flora_train")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -77,19 +71,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
                prefill_tokens: int = 512, max_prompt_tokens: int | None = None, default_max_tokens: int = 16,
                max_queue: int = 256, cache_users: int | None = None, follow_s: float | None = None) -> FastAPI:
     app = FastAPI(title="flora_train", description="per-user adapters, batched across users")
-    config = getattr(trained.model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or 4096
-    vocab = getattr(config, "vocab_size", None) or len(trained.tokenizer)
-    if max_prompt_tokens is not None and not 1 <= max_prompt_tokens <= context:
-        raise InferenceError(f"--max-prompt-tokens {max_prompt_tokens}: must be in 1..{context}, the model's context "
-                             "(max_position_embeddings)")
-    if max_prompt_tokens is not None:
-        limit, origin = max_prompt_tokens, "--max-prompt-tokens"
-    elif trained.source.max_length and trained.source.max_length < context:
-        limit = trained.source.max_length
-        origin = f"the run's data.max_length; --max-prompt-tokens raises it, up to the model's context of {context}"
-    else:
-        limit, origin = context, "the model's context"
+    reader = RequestReader.for_model(trained, max_prompt_tokens, default_max_tokens)
     check_cache_users(cache_users, max_batch)
     capacity = cache_users or len(trained.users) + max_batch
     cache = AdapterCache(trained.rows, trained.layout, trained.source.init_seed, capacity, trained.device)
@@ -161,47 +143,6 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         if named and req.user and named != req.user:
             raise ApiError(400, f"two users named: model {req.model!r} and user {req.user!r}; name one")
         return served_user(named or req.user)
-
-    def settings_of(req: api._Common, max_tokens: int | None, prompt_tokens: int, chat: bool, echo: bool,
-                    which: str = "prompt") -> GenerationSettings:
-        room = limit - prompt_tokens
-        if room < 0:
-            raise ApiError(400, f"{which} of {prompt_tokens} tokens exceeds the limit of {limit} tokens ({origin})")
-        new = max_tokens if max_tokens is not None else (room if chat else min(default_max_tokens, room))
-        if prompt_tokens + new > limit:
-            raise ApiError(400, f"{which} of {prompt_tokens} tokens + max_tokens {new} exceeds the limit of {limit} "
-                                f"tokens ({origin})")
-        if new == 0 and not echo:
-            raise ApiError(400, "max_tokens 0 generates nothing; it is for scoring a prompt with echo and logprobs")
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        try:
-            return GenerationSettings(max_new_tokens=new, do_sample=req.temperature > 0, temperature=req.temperature or 1.0,
-                                      top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stop,
-                                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                      logit_bias=api.logit_bias_of(req.logit_bias, vocab), ignore_eos=req.ignore_eos)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-
-    def prompts_of(req: api.CompletionRequest) -> tuple[list[list[int]], list[str]]:
-        """The request's prompts as token ids, and as the text ``echo`` returns (text prompts as sent,
-        token prompts decoded)."""
-        batch = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
-            else [req.prompt]  # ([] is one empty prompt: refused below)
-        ids, texts = [], []
-        for k, prompt in enumerate(batch):
-            which = "the prompt" if len(batch) == 1 else f"prompt[{k}]"
-            if isinstance(prompt, str):
-                ids.append(tok(prompt)["input_ids"])
-                texts.append(prompt)
-            else:
-                bad = next((t for t in prompt if not 0 <= t < vocab), None)
-                if bad is not None:
-                    raise ApiError(400, f"{which}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
-                ids.append(list(prompt))
-                texts.append(tok.decode(prompt, skip_special_tokens=False))
-            if not ids[-1]:
-                raise ApiError(400, f"{which} is empty")
-        return ids, texts
 
     def start(prompts: list[list[int]], settings: list[GenerationSettings], n: int, user: str | None,
               logprobs: int | None, echo: bool) -> tuple[list[Request], _Answers]:
@@ -315,8 +256,8 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
     @app.post("/v1/completions")
     async def completions(req: api.CompletionRequest, http: HttpRequest) -> Any:
         user = user_of(req)
-        prompts, echoed = await run_in_threadpool(prompts_of, req)
-        settings = [settings_of(req, req.max_tokens, len(ids), False, req.echo,
+        prompts, echoed = await run_in_threadpool(reader.prompts, req)
+        settings = [reader.settings(req, req.max_tokens, len(ids), False, req.echo,
                                 "prompt" if len(prompts) == 1 else f"prompt[{k}]") for k, ids in enumerate(prompts)]
         seqs, answers = start(prompts, settings, req.n, user, req.logprobs, req.echo)
         rid, model = api.new_id("cmpl"), req.model or model_name
@@ -368,7 +309,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             return tok(text, add_special_tokens=False)["input_ids"]
 
         prompt_ids = await run_in_threadpool(render)
-        settings = settings_of(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), True, False)
+        settings = reader.settings(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), True, False)
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true")
