@@ -49,9 +49,10 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
     accuracy, its export folder(s) and, for a run that selects (``train.select``/``patience``), the
     step its kept row is from, that row's validation loss and when it stopped."""
     rd = RunDir(run_dir)
+    rd.require("users")
     ckpt = latest_checkpoint(rd.path)
     if ckpt is None:
-        raise ExportError(f"{run_dir}: no intact checkpoint (is it a run directory?)")
+        raise ExportError(f"{run_dir}: no intact checkpoint")
     steps = saved_steps(checkpoint_chain(ckpt))
     selection = saved_selection(checkpoint_chain(ckpt))
     swept = read_state(ckpt).get("sweep", {}).get("chosen", {})  # train.sweep: each user's chosen rate
@@ -161,18 +162,25 @@ def _filter_jsonl(path: Path, forget: set[str]) -> int:
     return len(lines) - len(kept)
 
 
-def _forget_exports(rd: RunDir, forget: set[str]) -> int:
-    removed = 0
+def _forget_exports(rd: RunDir, forget: set[str]) -> tuple[int, list[str]]:
+    """Removes the users from every export of the run, under ``export/`` and elsewhere (recorded by
+    ``export --out``); returns how many places held one, and the exports elsewhere that did."""
+    removed, elsewhere = 0, []
+    inside = rd.exports.resolve()
     for index_path in rd.export_indexes():
         manifest_path = index_path.with_name("manifest.json")
         fmt = json.loads(manifest_path.read_text()).get("format") if manifest_path.is_file() else None
-        removed += forget_in_export(index_path.parent, fmt, forget)
-    return removed
+        held = forget_in_export(index_path.parent, fmt, forget)
+        removed += held
+        if held and not index_path.resolve().is_relative_to(inside):
+            elsewhere.append(str(index_path.parent))
+    return removed, elsewhere
 
 
 def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
     """Removes ``users`` from everything under ``run_dir`` (see the module doc); returns counts."""
     rd = RunDir(run_dir)
+    rd.require("forget")
     with RunLock(rd.path, "flora-train forget"):
         return _forget(rd, users)
 
@@ -183,7 +191,7 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     recovered = recover_rewrites(rd.checkpoints)
     ckpts = [c for c in list_checkpoints(rd.path) if (c / "manifest.json").is_file()]
     if not ckpts:
-        raise ExportError(f"{rd.path}: no checkpoints (is it a run directory?)")
+        raise ExportError(f"{rd.path}: no checkpoints to forget users in")
     known = pending.union(*(_saved_users(c) for c in ckpts))
     unknown = [u for u in users if u not in known]
     if unknown:
@@ -203,7 +211,7 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
         if _mentioned(c) & forget:
             rows += len(_saved_users(c) & forget)
             rewrite_checkpoint(c, _without_users(forget))
-    exports = _forget_exports(rd, forget)
+    exports, elsewhere = _forget_exports(rd, forget)
     lines = sum(_filter_jsonl(p, forget) for p in sorted(rd.path.rglob("*.jsonl"))
                 if "checkpoints" not in p.relative_to(rd.path).parts)
     phase_entries = forget_in_phases(rd.path, forget)
@@ -218,6 +226,6 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
             shutil.rmtree(path)
             derived.append(path.name)
     pending_path.unlink()
-    return {"users": sorted(forget), "checkpoint_rows": rows, "checkpoints": len(ckpts), "export_folders": exports,
+    return {"users": sorted(forget), "checkpoint_rows": rows, "checkpoints": len(ckpts), "export_folders": exports, "exports_elsewhere": elsewhere,
             "jsonl_lines": lines, "phase_entries": phase_entries, "removed_derived": derived,
             "removed_shared_adapter": shared is not None, "shared_adapter_steps": shared, "recovered": recovered}

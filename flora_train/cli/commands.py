@@ -154,6 +154,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
                   f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
                   f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
+            if out["exports_elsewhere"]:
+                print(f"also removed from the exports outside the run: {', '.join(out['exports_elsewhere'])}")
             for line in out["recovered"]:
                 print(f"completed an interrupted forget: {line}")
             if out["removed_shared_adapter"] and args.retrain_shared:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flora_train.export.base import SHARED_FOLDER, ExportError, ExportRequest, safe_folder_name
+from flora_train.run_dir import RunDir
 
 if TYPE_CHECKING:
     from flora_train.export.base import AdapterExport
@@ -66,7 +67,10 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     ``gather`` (an all-gather) collects every part's index, and part 0 writes ``index.json`` and
     ``manifest.json`` once every part's files are written."""
     request = ExportRequest(Path(run_dir), Path(out), users, checkpoint, just_written, base_model_id, pack_size, part, gather)
-    return get_format(fmt).export(request)
+    manifest = get_format(fmt).export(request)
+    if part[0] == 0:
+        RunDir(run_dir).record_export(out)  # an export outside the run's export/ is still forgotten from
+    return manifest
 
 
 def forget_in_export(out: Path, fmt: str | None, forget: set[str]) -> int:

@@ -62,7 +62,7 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
         index[user] = folder
     (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
     manifest = {"format": "merged", "method": source.layout.spec.method, "num_users": len(index),
-                "checkpoint": source.label, "base_model": source.model_path, "dtype": dtype}
+                "checkpoint": str(Path(source.label).absolute()), "base_model": source.model_path, "dtype": dtype}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return index
 

@@ -31,6 +31,7 @@ def _checkpoint(run_dir: Path, checkpoint: Path | None, just_written: bool) -> P
         # Every byte hashed, unless this process wrote (and hashed) it a moment ago.
         verify_checkpoint(checkpoint, contents=not just_written)
         return checkpoint
+    RunDir(run_dir).require("export")
     ckpt = latest_checkpoint(run_dir)  # hashed through: the newest intact one
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
@@ -111,7 +112,7 @@ class RowExport(AdapterExport):
         merged = {u: where for piece, _ in pieces for u, where in piece.items()}
         index = {u: merged[u] for u in selected}  # the caller's order (or the checkpoint's), not the shards'
         manifest = {"format": self.name, "method": layout.spec.method, "rank": layout.spec.rank, "num_users": len(index),
-                    "users_per_part": [len(p) for p, _ in pieces], "checkpoint": str(ckpt), "base_model": base_model,
+                    "users_per_part": [len(p) for p, _ in pieces], "checkpoint": str(ckpt.absolute()), "base_model": base_model,
                     # what loading the base and the untrained rows needs beyond its path (serving an export)
                     **({} if cfg is None else {"gguf_file": cfg.base.gguf_file, "init_seed": cfg.store.init_seed}),
                     **self.manifest_extra(layout)}

@@ -1,7 +1,7 @@
 """A run directory: the only code that knows its layout on disk (``layout.py``), who may write it
 (``lock.py``), which run it holds (``identity.py``) and the checkpoint format (``checkpoints.py``)."""
 
-from flora_train.run_dir.layout import RunDir
+from flora_train.run_dir.layout import NotARunDir, RunDir
 from flora_train.run_dir.lock import RunLock, RunLocked
 
-__all__ = ["RunDir", "RunLock", "RunLocked"]
+__all__ = ["NotARunDir", "RunDir", "RunLock", "RunLocked"]

@@ -11,6 +11,7 @@ run_dir/
   eval/                     per-user evaluations, summaries, generation reports
   eval/data-<name>-<hash>/  the same for `flora-train eval --data FILE` (the run's own stay as they were)
   export/<format>/          exports written by the run (index.json + manifest.json each)
+  exports-elsewhere.jsonl   exports written outside export/ (`export --out`): forget and users reach them
   data/ data_cache/ base_model/ kernels/ store_tier/   derived: rebuilt from the data and recipe
   tracking-buffer*.jsonl    metrics not yet sent to MLflow
   mlflow.db mlartifacts/    the embedded MLflow store (tracking.uri unset)
@@ -22,16 +23,22 @@ run_dir/
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from flora_train.errors import UserError
 from flora_train.run_dir.lock import LOCK_NAME
 
 # What a run leaves that is its own: train.overwrite moves these aside, checkpoints first (a run
 # directory without checkpoints holds no run to mix with). The data, its cache, a tiny base, the
 # kernel choices and the MLflow store (one database of many runs) stay for the next run.
-RUN_OWNED = ("checkpoints", "phases", "shared_adapter.safetensors", "eval", "export", "result.json", "recipe.yaml",
-             "tracking-buffer.jsonl", "tracking-buffer-eval.jsonl", "store_tier")
+RUN_OWNED = ("checkpoints", "phases", "shared_adapter.safetensors", "eval", "export", "exports-elsewhere.jsonl",
+             "result.json", "recipe.yaml", "tracking-buffer.jsonl", "tracking-buffer-eval.jsonl", "store_tier")
+
+
+class NotARunDir(UserError, FileNotFoundError):
+    """A command that reads a run was given another path: says what is there and what to name."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,25 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.path)
+
+    def require(self, command: str) -> None:
+        """Raises ``NotARunDir`` unless the path holds a run (its recipe or its checkpoints), naming
+        what it is instead: nothing, an export folder (and the run it came from) or a checkpoint."""
+        path = self.path
+        if self.recipe.is_file() or self.checkpoints.is_dir():
+            return
+        if not path.exists():
+            raise NotARunDir(f"{path}: no such folder; {command} reads a run directory (the recipe's run_dir)")
+        manifest = path / "manifest.json"
+        if (path / "index.json").is_file() and manifest.is_file():
+            info = json.loads(manifest.read_text())
+            source = Path(str(info.get("checkpoint", ""))).parent.parent
+            raise NotARunDir(f"{path}: a --format {info.get('format')} export, not a run directory; {command} reads "
+                             f"the run it was exported from" + (f", {source}" if str(source) != "." else ""))
+        if (path / "layout.json").is_file():
+            raise NotARunDir(f"{path}: a checkpoint, not a run directory; name its run, {path.parent.parent}"
+                             + (", and --checkpoint " + str(path) if command in {"eval", "export"} else ""))
+        raise NotARunDir(f"{path}: not a run directory (no recipe.yaml, no checkpoints/)")
 
     @property
     def lock(self) -> Path:
@@ -97,8 +123,41 @@ class RunDir:
     def export_dir(self, fmt: str) -> Path:
         return self.exports / fmt
 
+    @property
+    def exports_elsewhere(self) -> Path:
+        """One line per export written outside ``export/`` (``--out`` anywhere): forget and users find them."""
+        return self.path / "exports-elsewhere.jsonl"
+
+    def record_export(self, out: Path) -> None:
+        """Notes an export's folder when it lies outside ``export/``. One short appended line: two
+        exports at once each add theirs."""
+        out = Path(out).absolute()
+        is_run = self.recipe.is_file() or self.checkpoints.is_dir()  # (merged exports may come from an export)
+        if not is_run or out.is_relative_to(self.exports.absolute()) or out in self._exports_recorded():
+            return
+        with self.exports_elsewhere.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"out": str(out)}) + "\n")
+
+    def _exports_recorded(self) -> list[Path]:
+        if not self.exports_elsewhere.is_file():
+            return []
+        lines = self.exports_elsewhere.read_text(encoding="utf-8").splitlines()
+        return [Path(json.loads(line)["out"]) for line in lines if line.strip()]
+
     def export_indexes(self) -> list[Path]:
-        return sorted(self.exports.glob("*/index.json"))
+        """The ``index.json`` of every export of this run: those under ``export/``, and those recorded
+        elsewhere that still hold an export of one of this run's checkpoints (a folder since reused
+        for something else is left alone)."""
+        checkpoints = self.checkpoints.resolve()
+        elsewhere = []
+        for out in self._exports_recorded():
+            manifest = out / "manifest.json"
+            if not ((out / "index.json").is_file() and manifest.is_file()):
+                continue
+            source = Path(str(json.loads(manifest.read_text()).get("checkpoint", ""))).resolve()
+            if source.parent == checkpoints:
+                elsewhere.append(out / "index.json")
+        return sorted(self.exports.glob("*/index.json")) + elsewhere
 
     @property
     def data(self) -> Path:

@@ -303,7 +303,7 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     refused while the run trains. The rows come from the checkpoint into a store in memory: the
     run's own store tier files (``store_tier/``) are never opened."""
     recipe = RunDir(run_dir).recipe
-    session = prepare_session(recipe_beside_the_run(run_dir, "evaluating"))
+    session = prepare_session(recipe_beside_the_run(run_dir, "evaluating", "eval"))
     try:
         if data is not None:
             session.eval, session.eval_of = load_eval_file(session.cfg, session.tokenizer, data), RunDir.eval_scope(data)
@@ -312,9 +312,10 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
         session.close()
 
 
-def recipe_beside_the_run(run_dir: Path, doing: str) -> DictConfig:
+def recipe_beside_the_run(run_dir: Path, doing: str, command: str) -> DictConfig:
     """The run's recipe for work done on a finished run (eval, retraining the shared adapter):
     rows in memory (the run's store tier files are never opened), the base whole in one process."""
+    RunDir(run_dir).require(command)
     recipe = RunDir(run_dir).recipe
     if not recipe.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
@@ -333,7 +334,7 @@ def recipe_beside_the_run(run_dir: Path, doing: str) -> DictConfig:
 def retrain_shared_baseline(run_dir: Path, without: set[str], steps: int) -> int:
     """``flora-train forget --retrain-shared``: the shared adapter trained again as the run trained it,
     for ``steps`` steps, on the examples of every user but ``without``; returns how many examples."""
-    session = prepare_session(recipe_beside_the_run(run_dir, "retraining the shared adapter"))
+    session = prepare_session(recipe_beside_the_run(run_dir, "retraining the shared adapter", "forget --retrain-shared"))
     try:
         keep = np.sort(np.concatenate([idx for u, idx in session.train.by_user().items() if u not in without]))
         session.train = session.train.select(keep)

@@ -52,9 +52,11 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     table = flora_train("users", str(run_dir)).stdout
     assert "user-000003" in table and table.rstrip().endswith("24 users")
 
-    packed = run_dir / "export" / "packed"
+    packed = tmp_path / "served" / "packed"  # an export outside the run directory: forget reaches it too
     flora_train("export", str(run_dir), "--format", "packed", "--pack-size", "5", "--out", str(packed))
     assert len(list(packed.glob("pack-*.safetensors"))) == 5  # 24 users, 5 a file
+    listed = [json.loads(line) for line in flora_train("users", str(run_dir), "--json").stdout.splitlines()]
+    assert all(any(place.startswith(f"{packed}/pack-") for place in r["export"]) for r in listed)
     gone, kept = ["user-000003", "user-000017"], [f"user-{i:06d}" for i in range(24) if i not in (3, 17)]
     packed_before = read_packed(packed, kept)[1]
     ckpts = list_checkpoints(run_dir)
@@ -73,7 +75,9 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     template = tmp_path / "template"
     shutil.copytree(run_dir, template)
     done = flora_train("forget", str(run_dir), "--users", ",".join(gone))
-    assert "forgot 2 user(s)" in done.stdout
+    assert "forgot 2 user(s)" in done.stdout and f"also removed from the exports outside the run: {packed}" in done.stdout
+    for path, data in _all_bytes(packed).items():
+        assert not any(w in data for w in windows), f"{path} still holds bytes of a forgotten user's rows"
     assert "removed shared_adapter.safetensors" in done.stdout and not (run_dir / "shared_adapter.safetensors").exists()
 
     for path, data in _all_bytes(run_dir).items():

@@ -94,3 +94,30 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_it_overwrites(tmp_pat
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "phases").exists()
     assert (tmp_path / "data").is_dir(), "the data belongs to the user, not to the run"
     assert f"moved the previous run in {tmp_path} to {moved}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["users"], ["eval"], ["forget", "--users", "u"], ["export", "--format", "flora", "--out", "o"]])
+def test_commands_given_another_folder_than_a_run_say_what_it_is_and_write_nothing(tmp_path, capsys, command):
+    """`users`, `eval`, `forget` and `export` on an export folder, a checkpoint or a typo each said
+    something else ('no intact checkpoint (is it a run directory?)', 'no checkpoints', ...), and
+    forget left a .lock in the export folder it was pointed at."""
+    from flora_train.cli import main
+
+    run = tmp_path / "run"
+    export = tmp_path / "adapters"
+    export.mkdir()
+    (export / "index.json").write_text("{}")
+    (export / "manifest.json").write_text(json.dumps({"format": "flora", "checkpoint": str(run / "checkpoints" / "step-00000008")}))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000008"
+    ckpt.mkdir(parents=True)
+    (ckpt / "layout.json").write_text("{}")
+    name = command[0]
+    cases = {export: f"{export}: a --format flora export, not a run directory; {name} reads the run it was exported from, {run}",
+             ckpt: f"{ckpt}: a checkpoint, not a run directory; name its run, {run}",
+             tmp_path / "typo": f"{tmp_path / 'typo'}: no such folder; {name} reads a run directory",
+             tmp_path: f"{tmp_path}: not a run directory (no recipe.yaml, no checkpoints/)"}
+    for path, message in cases.items():
+        before = sorted(tmp_path.rglob("*"))
+        assert main([name, str(path), *command[1:]]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(tmp_path.rglob("*")) == before, "nothing is written into a folder that is not a run"
