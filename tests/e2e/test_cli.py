@@ -124,7 +124,7 @@ def test_export_and_eval_errors(lora_run, tmp_path):
     proc = flora_train("export", str(lora_run), "--format", "flora", "--users", "user-00010", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2 and "unknown user(s) not in this run: 'user-00010' (did you mean 'user-000010'?)" in proc.stderr
     proc = flora_train("export", str(tmp_path / "nope"), "--format", "flora", "--out", str(tmp_path), check=False)
-    assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr
+    assert proc.returncode == 2 and f"{tmp_path / 'nope'}: no such folder; export reads a run directory" in proc.stderr
     # eval --data: a missing file is named by the flag (it said data.train_path), and a file of no user
     # this run trained is one line (it was a KeyError traceback after printing a table of nan).
     stranger = tmp_path / "stranger.jsonl"
