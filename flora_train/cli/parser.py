@@ -160,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if getattr(args, dest) != default and dest not in EXPORT_FORMATS[args.format].reads:
                 readers = " or ".join(f"--format {n}" for n, e in EXPORT_FORMATS.items() if dest in e.reads)
                 parser.error(f"{flag} is read only by {readers}, not --format {args.format}")
+    if args.command == "serve" and args.checkpoint is not None and args.follow is not None:
+        parser.error("--checkpoint serves that checkpoint, --follow the newest one and each after it: choose one")
     if args.command == "generate" and not args.sample:  # greedy decoding would ignore them without a word
         given = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-p", args.top_p, 1.0),
                                                    ("--top-k", args.top_k, 0), ("--seed", args.seed, None))

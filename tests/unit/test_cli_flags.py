@@ -55,6 +55,14 @@ def test_export_options_of_another_format_are_a_usage_line(capsys, fmt, flags, m
     assert parse_args(["export", "runs/x", "--format", "packed", "--out", "o", *flags]).format == "packed"
 
 
+def test_serve_follow_with_a_pinned_checkpoint_is_a_usage_line(capsys):
+    """--follow swapped the newest checkpoint in at its first look, so --checkpoint was ignored after 5 s."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["serve", "runs/x", "--checkpoint", "runs/x/checkpoints/step-00000008", "--follow"])
+    assert exit_info.value.code == 2 and "--checkpoint serves that checkpoint, --follow the newest" in capsys.readouterr().err
+    assert parse_args(["serve", "runs/x", "--follow", "2"]).follow == 2.0
+
+
 def test_settings_take_names_only():
     """A field added in the middle moved --chat into presence_penalty when the CLI passed them by position."""
     with pytest.raises(TypeError):
