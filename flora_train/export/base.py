@@ -1,5 +1,5 @@
-"""What every export format shares: the interface the registry holds, user folder names that stay
-inside the export, and reading the run's checkpoint.
+"""What every export format shares: the interface the registry holds, the request, and user folder
+names that stay inside the export.
 
 Each user gets a folder named from a sanitised form of its id plus a hash of the full id, so no
 id (``../../etc/passwd``, NUL bytes, unicode look-alikes) can name a path outside ``out`` or
@@ -99,8 +99,8 @@ class AdapterExport(ABC):
         index_path = out / "index.json"
         folders = json.loads(index_path.read_text())
         gone = [u for u in folders if u in forget]
-        for u in gone:
-            shutil.rmtree(out / folders.pop(u), ignore_errors=True)
+        for u in gone:  # inside(): an index edited to name '../..' removes nothing outside the export
+            shutil.rmtree(inside(out, folders.pop(u)), ignore_errors=True)
         if gone:
             write_json(index_path, folders)
         count_users(out / "manifest.json", len(folders))
