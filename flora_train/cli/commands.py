@@ -136,7 +136,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             flags = {k: getattr(args, k) for k in ("scheduler", "nodes", "procs_per_node", "gpus_per_node",
                                                    "partition", "time_limit", "image", "job_name")}
             overrides = [*args.overrides, *(f"launch.{k}={v}" for k, v in flags.items() if v is not None)]
-            return launch(load_recipe(args.recipe, overrides), dry_run=args.dry_run, wait=args.wait)
+            given = (*(k for k, v in flags.items() if v is not None), *(("wait",) if args.wait else ()))
+            return launch(load_recipe(args.recipe, overrides), dry_run=args.dry_run, wait=args.wait, given=given)
         elif args.command == "eval":
             from flora_train.train.scoring import run_eval
 

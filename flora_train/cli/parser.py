@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="submit a recipe as a job (local torchrun, Slurm, Kubernetes)")
     la.add_argument("recipe", type=Path)
     la.add_argument("overrides", nargs="*", help="key.sub=value overrides (launch.* included)")
-    la.add_argument("--scheduler", choices=["local", "slurm", "k8s"], help="launch.scheduler")
+    from flora_train.launch import SCHEDULERS
+
+    la.add_argument("--scheduler", choices=list(SCHEDULERS), help="launch.scheduler")
     for flag, key in (("--nodes", "nodes"), ("--procs-per-node", "procs_per_node"), ("--gpus-per-node", "gpus_per_node")):
         la.add_argument(flag, type=int, dest=key, help=f"launch.{key}")
     for flag, key in (("--partition", "partition"), ("--time", "time_limit"), ("--image", "image"), ("--job-name", "job_name")):

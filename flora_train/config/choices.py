@@ -1,6 +1,6 @@
 """The closed sets of values a recipe key takes: enums, so OmegaConf rejects anything else with
-the list of valid ones (``schema.py`` uses them). Methods, their kernels, optimizers and export
-formats are the keys of their registries, so a new one is one file and one registry entry."""
+the list of valid ones (``schema.py`` uses them). Methods, their kernels, optimizers, export
+formats and schedulers are the keys of their registries, so a new one is one file and one registry entry."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from enum import Enum
 
 from flora_train.adapters.methods import METHODS
 from flora_train.export import EXPORT_FORMATS
+from flora_train.launch import SCHEDULERS
 from flora_train.store.optimizers import OPTIMIZERS, STATE_DTYPES
 from flora_train.store.table import TIERS
 
@@ -99,7 +100,5 @@ class RetainTargets(str, Enum):
     data = "data"
 
 
-class Scheduler(str, Enum):
-    local = "local"
-    slurm = "slurm"
-    k8s = "k8s"
+Scheduler = _registry_enum("Scheduler", SCHEDULERS, "launch.scheduler: where `flora-train launch` starts the job "
+                           "(launch/).")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from omegaconf import DictConfig, OmegaConf
 
 from flora_train.launch.job import Job, LaunchFailed, make_job
@@ -26,23 +29,53 @@ def check_local_data(cfg: DictConfig) -> None:
             raise LaunchError(f"{exc} (checked before starting the job)") from None
 
 
-def launch(cfg: DictConfig, dry_run: bool = False, wait: bool = False) -> int:
-    """Starts (or, with ``dry_run``, prints) the job; returns the exit code to report."""
-    job = make_job(cfg)
-    scheduler = cfg.launch.scheduler.value
-    if scheduler == "local":
-        from flora_train.launch.local import run_local
+def _local(job: Job, dry_run: bool, wait: bool) -> int:
+    from flora_train.launch.local import run_local
 
-        check_local_data(job.cfg)
-        return run_local(job, dry_run)
-    if scheduler == "slurm":
-        from flora_train.launch import slurm
+    check_local_data(job.cfg)
+    return run_local(job, dry_run)  # in the foreground: it always waits
 
-        job_id = slurm.submit(job, dry_run)
-        return slurm.wait(job, job_id) if wait and job_id is not None else 0
+
+def _slurm(job: Job, dry_run: bool, wait: bool) -> int:
+    from flora_train.launch import slurm
+
+    job_id = slurm.submit(job, dry_run)
+    return slurm.wait(job, job_id) if wait and job_id is not None else 0
+
+
+def _k8s(job: Job, dry_run: bool, wait: bool) -> int:
     from flora_train.launch import k8s
 
     return k8s.submit(job, dry_run)
 
 
-__all__ = ["Job", "LaunchFailed", "launch"]
+@dataclass(frozen=True)
+class Scheduler:
+    start: Callable[[Job, bool, bool], int]  # (job, dry_run, wait) -> the exit code to report
+    # The command line's scheduler-specific flags it reads (every scheduler reads --nodes and
+    # --procs-per-node); another scheduler's flag given on the command line is refused.
+    flags: tuple[str, ...]
+
+
+SCHEDULERS: dict[str, Scheduler] = {
+    "local": Scheduler(_local, ("wait",)),
+    "slurm": Scheduler(_slurm, ("gpus_per_node", "partition", "time_limit", "job_name", "wait")),
+    "k8s": Scheduler(_k8s, ("gpus_per_node", "image", "job_name")),
+}
+
+
+def launch(cfg: DictConfig, dry_run: bool = False, wait: bool = False, given: tuple[str, ...] = ()) -> int:
+    """Starts (or, with ``dry_run``, prints) the job; returns the exit code to report. ``given``: the
+    scheduler-specific flags set on the command line (argparse dests), checked against the scheduler."""
+    name = cfg.launch.scheduler.value
+    scheduler = SCHEDULERS[name]
+    specific = {flag for s in SCHEDULERS.values() for flag in s.flags}
+    for flag in given:
+        if flag in specific and flag not in scheduler.flags:
+            readers = " or ".join(f"--scheduler {n}" for n, s in SCHEDULERS.items() if flag in s.flags)
+            option = "--time" if flag == "time_limit" else "--" + flag.replace("_", "-")
+            raise LaunchError(f"{option} is read by {readers}, not --scheduler {name} (launch.scheduler)")
+    return scheduler.start(make_job(cfg), dry_run, wait)
+
+
+__all__ = ["SCHEDULERS", "Job", "LaunchFailed", "launch"]

@@ -164,3 +164,19 @@ def test_each_bench_suite_declares_exactly_the_flags_its_code_reads():
         called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
         used |= {flag for helper, flags in helpers.items() if helper in called for flag in flags}
         assert used - {"out"} == set(suite.reads), name
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--scheduler", "local", "--partition", "gpu"], "--partition is read by --scheduler slurm, not --scheduler local"),
+    (["--scheduler", "slurm", "--image", "me/flora:1"], "--image is read by --scheduler k8s, not --scheduler slurm"),
+    (["--scheduler", "k8s", "--wait"], "--wait is read by --scheduler local or --scheduler slurm, not --scheduler k8s"),
+    (["launch.scheduler=k8s", "--time", "01:00:00"], "--time is read by --scheduler slurm, not --scheduler k8s"),
+])
+def test_launch_flags_of_another_scheduler_are_one_line(tmp_path, capsys, flags, message):
+    """`launch --scheduler k8s --wait` returned at once, and --partition / --image / --time on a
+    scheduler that never reads them were dropped without a word."""
+    from pathlib import Path
+
+    recipe = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
+    assert main(["launch", str(recipe), f"run_dir={tmp_path / 'r'}", *flags, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "r").exists()
