@@ -11,7 +11,7 @@ from flora_train.adapters.methods import METHODS
 from flora_train.export import EXPORT_FORMATS
 from flora_train.launch import SCHEDULERS
 from flora_train.store.optimizers import OPTIMIZERS, STATE_DTYPES
-from flora_train.store.table import TIERS
+from flora_train.store.tiers import TIERS
 
 
 def _registry_enum(name: str, values: Iterable[str], doc: str) -> type[Enum]:
@@ -28,7 +28,7 @@ OptimizerName = _registry_enum("OptimizerName", OPTIMIZERS, "store.optimizer.nam
                                "(store/optimizers/).")
 StateDtype = _registry_enum("StateDtype", STATE_DTYPES, "store.optimizer.state_dtype: adamw's moments in float32, "
                             "or bfloat16 for half their bytes.")
-StoreTier = _registry_enum("StoreTier", TIERS, "store.tier: where the rows live (store/table.py, store/disk_table.py).")
+StoreTier = _registry_enum("StoreTier", TIERS, "store.tier: where the rows live (store/tiers.py).")
 ExportFormat = _registry_enum("ExportFormat", ["none", *(n for n, e in EXPORT_FORMATS.items() if e.in_recipe)],
                               "export.format: what a run exports at its end (none: nothing).")
 

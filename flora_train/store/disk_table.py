@@ -50,7 +50,6 @@ def record_layout(columns: dict[str, Column]) -> tuple[int, dict[str, int]]:
 
 
 class DiskTable:
-    tier = "disk"
     updates_in_place = False  # the optimizer gathers, updates and scatters: a scatter appends
 
     def __init__(self, columns: dict[str, Column], directory: Path) -> None:
@@ -199,6 +198,10 @@ class DiskTable:
 
     def flush(self) -> None:
         """Nothing is buffered: every write is in the page cache, which the OS writes back."""
+
+    def reads_free_on(self, device: torch.device) -> bool:
+        """Never: a gather reads records from the file, which a prefetch overlaps with the step."""
+        return False
 
     @property
     def nbytes(self) -> int:

@@ -18,7 +18,8 @@ from flora_train.store.disk_table import DiskTable
 from flora_train.store.optimizers import OptimizerHyper, RowAccess, make_optimizer
 from flora_train.store.registry import UserRegistry
 from flora_train.store.selection import BEST_LOSS, KEPT, SEEN, STOPPED_AT, select_update, selection_columns, served_rows
-from flora_train.store.table import TIERS, Column, HotRowCache, RowTable, saved_key
+from flora_train.store.table import Column, HotRowCache, RowTable, saved_key
+from flora_train.store.tiers import tier_named
 from flora_train.store.transfer import Download, HostLink, Upload
 
 RowInit = Callable[[Sequence[str]], torch.Tensor]
@@ -63,19 +64,12 @@ class AdapterStore:
         self.optimizer = make_optimizer(hyper)
         columns = {"rows": Column((row_size,), torch.float32), **self.optimizer.columns(row_size),
                    **(selection_columns(row_size) if select else {})}
-        self.table: RowTable | DiskTable
-        if tier not in TIERS:
-            raise ValueError(f"store tier must be one of {TIERS}, got {tier!r}")
-        if tier == "disk":
-            if directory is None:
-                raise ValueError("the disk tier needs a directory for its records file")
-            self.table = DiskTable(columns, directory)
-        else:
-            self.table = RowTable(columns, tier, self.compute_device)
+        tier_kind = tier_named(tier)
+        self.table: RowTable | DiskTable = tier_kind.table(columns, self.compute_device, directory)
         # The cache only pays when rows live away from the compute device. Rows whose home is the
         # host (no cache) cross to the device for a step and their gradients come back (transfer.py).
-        cached = bool(cache_rows) and tier != "device"
-        self.link = HostLink(host_home=tier != "device" and not cached, compute=self.compute_device)
+        cached = bool(cache_rows) and not tier_kind.on_compute_device
+        self.link = HostLink(host_home=not tier_kind.on_compute_device and not cached, compute=self.compute_device)
         self.cache = HotRowCache(self.table, cache_rows, self.compute_device, self.link.transfers) if cached else None
         self.access: RowAccess = self.cache if self.cache is not None else self.table
         # Rows changed since the checkpoint named ``saved_at`` (an incremental checkpoint writes

@@ -1,11 +1,8 @@
 """Storage tiers for the store's per-row columns (adapter rows and their optimizer state).
 
-A ``RowTable`` holds named columns of equal length, one entry per row, in memory:
-
-- ``device``: tensors on the compute device;
-- ``host``: tensors in host memory.
-
-The ``disk`` tier (``DiskTable``, disk_table.py) keeps the same columns as records in one file, for
+A ``RowTable`` holds named columns of equal length, one entry per row, in memory on one device
+(the ``device`` tier's compute device or the ``host`` tier's CPU; ``tiers.py`` picks). The ``disk``
+tier's ``DiskTable`` (disk_table.py) keeps the same columns as records in one file, for
 populations larger than RAM. Optimizer moments are columns of the same table, so they always live
 with their rows. Access goes through ``gather`` / ``scatter`` (``scatter_columns``: several columns of
 the same rows at once) on row numbers, the only operations a step needs; ``locate`` hands out the
@@ -14,7 +11,6 @@ offers the same in front of a slower tier.
 """
 
 from __future__ import annotations
-
 
 import math
 import threading
@@ -26,10 +22,6 @@ import torch
 if TYPE_CHECKING:
     from flora_train.store.disk_table import DiskTable
     from flora_train.store.transfer import Transfers
-
-TIERS = ("device", "host", "disk")
-MEMORY_TIERS = ("device", "host")
-
 
 @dataclass(frozen=True)
 class Column:
@@ -50,12 +42,9 @@ def saved_key(column: str) -> str:
 class RowTable:
     updates_in_place = True
 
-    def __init__(self, columns: dict[str, Column], tier: str = "host", device: torch.device | str = "cpu") -> None:
-        if tier not in MEMORY_TIERS:
-            raise ValueError(f"a RowTable's tier is one of {MEMORY_TIERS} (the disk tier is a DiskTable), got {tier!r}")
+    def __init__(self, columns: dict[str, Column], device: torch.device | str = "cpu") -> None:
         self.columns = dict(columns)
-        self.tier = tier
-        self.device = torch.device(device) if tier == "device" else torch.device("cpu")
+        self.device = torch.device(device)
         self.capacity = 0
         self._data: dict[str, torch.Tensor] = {}
         self._allocate(0)
@@ -94,6 +83,10 @@ class RowTable:
 
     def flush(self) -> None:
         """Nothing is buffered."""
+
+    def reads_free_on(self, device: torch.device) -> bool:
+        """A gather for ``device`` is a plain index there: nothing worth overlapping with a step."""
+        return self.device == device
 
     @property
     def nbytes(self) -> int:

@@ -106,7 +106,7 @@ def test_disk_table_reads_what_a_host_table_holds(tmp_path_factory, ops, seed):
 
 
 def _replay(directory, ops, seed):
-    disk, host = DiskTable(COLS, directory), RowTable(COLS, "host")
+    disk, host = DiskTable(COLS, directory), RowTable(COLS)
     g = torch.Generator().manual_seed(seed)
     for op in ops:
         if op[0] == "reserve":

@@ -45,7 +45,7 @@ class OwnerPlacement(Placement):
     def _start_prefetch(self, users: list[str]) -> Prefetched | None:
         self.store.check_local(users)
         local = self.local
-        if local.cache is None and local.table.tier != "disk" and local.table.device == local.compute_device:
+        if local.cache is None and local.table.reads_free_on(local.compute_device):
             return None  # rows already sit where they are computed on: nothing to overlap
         self._counters.rows_fetched += len(users)
         return Prefetched(users, future=self._pool.submit(self.local.upload, users, True)) if users else None
