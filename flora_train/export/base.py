@@ -44,6 +44,17 @@ def inside(out: Path, folder: str) -> Path:
     return target
 
 
+def indexed(out: Path, user: str, name: Any) -> Path:
+    """Where ``index.json`` of the export in ``out`` places ``user``: ``out / name``, refused unless
+    it is a path inside ``out`` (an edited index must make nothing outside be read, written or removed)."""
+    if isinstance(name, str):
+        try:
+            return inside(out, name)
+        except ExportError:
+            pass
+    raise ExportError(f"{out / 'index.json'}: user {user!r} leads outside the export: {name!r}")
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Replaces ``path`` in one rename: a reader sees the old file or the new, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -99,8 +110,10 @@ class AdapterExport(ABC):
         index_path = out / "index.json"
         folders = json.loads(index_path.read_text())
         gone = [u for u in folders if u in forget]
-        for u in gone:  # inside(): an index edited to name '../..' removes nothing outside the export
-            shutil.rmtree(inside(out, folders.pop(u)), ignore_errors=True)
+        places = {u: indexed(out, u, folders[u]) for u in gone}  # all checked before anything is removed
+        for u in gone:
+            shutil.rmtree(places[u], ignore_errors=True)
+            del folders[u]
         if gone:
             write_json(index_path, folders)
         count_users(out / "manifest.json", len(folders))

@@ -14,9 +14,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flora_train.adapters import AdapterLayout
-from flora_train.export.base import ExportError, ExportRequest, count_users, write_json
+from flora_train.export.base import ExportError, ExportRequest, count_users, indexed, write_json
 from flora_train.export.flora import FloraExport
 from flora_train.export.rows import RowExport
+
+
+def pack_of(out: Path, user: str, entry: Any) -> tuple[Path, int]:
+    """The pack file and row that ``index.json`` gives ``user`` (``[file, row]``), refused unless
+    the file is one inside ``out``."""
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], int)):
+        raise ExportError(f"{out / 'index.json'}: user {user!r}: expected [pack file, row], got {entry!r}")
+    return indexed(out, user, entry[0]), entry[1]
 
 
 class PackedExport(RowExport):
@@ -62,6 +70,8 @@ class PackedExport(RowExport):
         packs or the new with the new, never an index whose rows point into a rewritten pack."""
         index = json.loads((out / "index.json").read_text())
         gone = [u for u in index if u in forget]
+        for u in gone:  # every entry checked before anything is written
+            pack_of(out, u, index[u])
         for name in sorted({index[u][0] for u in gone}):
             with safe_open(str(out / name), framework="pt") as f:
                 users = json.loads((f.metadata() or {})["users"])
@@ -96,7 +106,7 @@ def read_packed(out: Path, users: list[str]) -> tuple[AdapterLayout, torch.Tenso
         raise ExportError(f"{out}: no such user(s) in the export: {', '.join(map(repr, missing[:5]))}")
     rows = []
     for u in users:
-        name, i = index[u]
-        with safe_open(str(out / name), framework="pt") as f:
+        path, i = pack_of(out, u, index[u])
+        with safe_open(str(path), framework="pt") as f:
             rows.append(f.get_slice("rows")[i : i + 1])
     return AdapterLayout.from_dict(manifest["layout"]), torch.cat(rows)

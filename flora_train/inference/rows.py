@@ -188,13 +188,15 @@ class ExportRows(_ExportIndexRows):
         self._layout = layout
 
     def _read(self, users: list[str], index: dict) -> torch.Tensor:
+        from flora_train.export.base import indexed
         from flora_train.export.flora import load_flora_adapter
 
         rows = []
         for u in users:
-            layout, row = load_flora_adapter(self._folder / index[u])
+            folder = indexed(self._folder, u, index[u])
+            layout, row = load_flora_adapter(folder)
             if self._layout.compatible_with(layout):
-                raise ValueError(f"{self._folder / index[u]}: user {u!r} was exported with another layout than the others")
+                raise ValueError(f"{folder}: user {u!r} was exported with another layout than the others")
             rows.append(row)
         return torch.stack(rows).float()
 
@@ -206,13 +208,15 @@ class PackedRows(_ExportIndexRows):
     def _read(self, users: list[str], index: dict) -> torch.Tensor:
         from safetensors import safe_open
 
-        by_file: dict[str, list[tuple[int, str]]] = {}
+        from flora_train.export.packed import pack_of
+
+        by_file: dict[Path, list[tuple[int, str]]] = {}
         for u in users:
-            name, i = index[u]
-            by_file.setdefault(name, []).append((int(i), u))
+            path, i = pack_of(self._folder, u, index[u])
+            by_file.setdefault(path, []).append((i, u))
         got: dict[str, torch.Tensor] = {}
-        for name, wanted in by_file.items():
-            with safe_open(str(self._folder / name), framework="pt") as f:
+        for path, wanted in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
                 rows = f.get_slice("rows")
                 for i, u in wanted:
                     got[u] = rows[i : i + 1][0]
