@@ -32,7 +32,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def add_arguments(be: argparse.ArgumentParser) -> None:
-    be.add_argument("suite", choices=[*SUITES, "all"])
+    be.add_argument("suite", choices=[*SUITES, "all"], help="one suite (docs/benchmarks.md says what each measures), or all")
     be.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON results and plots")
     be.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when present), cpu or cuda")
     be.add_argument("--repeats", type=at_least_one, default=None, help="layer: timed repeats per kernel (3); store: (50)")

@@ -17,12 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train from a recipe")
-    run.add_argument("recipe", type=Path)
+    run.add_argument("recipe", type=Path, help="a recipe YAML (recipes/*.yaml)")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
 
     la = sub.add_parser("launch", help="submit a recipe as a job (local torchrun, Slurm, Kubernetes)")
-    la.add_argument("recipe", type=Path)
+    la.add_argument("recipe", type=Path, help="a recipe YAML (recipes/*.yaml)")
     la.add_argument("overrides", nargs="*", help="key.sub=value overrides (launch.* included)")
     from flora_train.launch import SCHEDULERS
 
@@ -35,22 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--wait", action="store_true", help="follow a submitted job to its end and return its exit code")
 
     val = sub.add_parser("validate", help="check a recipe and print it resolved, without running")
-    val.add_argument("recipe", type=Path)
-    val.add_argument("overrides", nargs="*")
+    val.add_argument("recipe", type=Path, help="a recipe YAML (recipes/*.yaml)")
+    val.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     ev = sub.add_parser("eval", help="per-user held-out loss/accuracy of a run's latest checkpoint")
-    ev.add_argument("run_dir", type=Path)
-    ev.add_argument("--checkpoint", type=Path, default=None)
+    ev.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")
+    ev.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
     ev.add_argument("--data", type=Path, default=None, help="score another evaluation file (same columns as training)")
 
     ex = sub.add_parser("export", help="write per-user adapters of a run")
-    ex.add_argument("run_dir", type=Path)
+    ex.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")
     from flora_train.export import EXPORT_FORMATS
 
     ex.add_argument("--format", choices=list(EXPORT_FORMATS), required=True,
                     help="; ".join(f"{name}: {kind.summary}" for name, kind in EXPORT_FORMATS.items()))
     ex.add_argument("--users", type=user_list, default=None, help="comma-separated user ids, or @FILE with one id per line (default: all)")
-    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--out", type=Path, required=True, help="the export folder (made if missing)")
     ex.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
     ex.add_argument("--pack-size", type=int, default=4096, help="packed: users per pack file")
     ex.add_argument("--base-model-id", default=None,
@@ -67,34 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts", type=Path, required=True, help="JSONL: user_id + prompt (or messages) per line")
     gen.add_argument("--out", type=Path, required=True, help="JSONL: user_id, prompt, completion per line")
     gen.add_argument("--users", type=user_list, default=None, help="only these users' prompts (comma-separated or @FILE)")
-    gen.add_argument("--checkpoint", type=Path, default=None)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most (default 64)")
     gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--num-beams", type=int, default=1)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=1.0, help="--sample: softmax temperature (default 1.0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="--sample: nucleus mass kept (default 1.0: all)")
+    gen.add_argument("--top-k", type=int, default=0, help="--sample: most likely tokens kept (default 0: all)")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
+    gen.add_argument("--seed", type=int, default=None, help="--sample: seed of the draws, for repeatable samples")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    gen.add_argument("--batch-size", type=at_least_one, default=16)
-    gen.add_argument("--device", type=device_arg, default="auto")
+    gen.add_argument("--batch-size", type=at_least_one, default=16, help="prompts (of mixed users) generated together (default 16)")
+    gen.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
 
     us = sub.add_parser("users", help="who is in a run: steps, tokens, last held-out loss, export folders")
-    us.add_argument("run_dir", type=Path)
+    us.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")
     us.add_argument("--json", action="store_true", help="one JSON object per user instead of a table")
 
     fg = sub.add_parser("forget", help="remove users from a run: checkpoints, exports, per-user files")
-    fg.add_argument("run_dir", type=Path)
+    fg.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")
     fg.add_argument("--users", type=user_list, required=True, help="comma-separated user ids, or @FILE with one id per line")
     fg.add_argument("--retrain-shared", action="store_true",
                     help="train the shared adapter again without the forgotten users' data (it is removed otherwise)")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server; concurrent users batched into one forward")
     srv.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
-    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=port_number, default=8000, help="0: a free port (the first line says which)")
-    srv.add_argument("--checkpoint", type=Path, default=None)
+    srv.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
     srv.add_argument("--model-name", default="flora", help="the model id clients name (optionally '<name>:<user_id>')")
     srv.add_argument("--strict-users", action="store_true", help="404 for users never trained (default: the base model)")
     srv.add_argument("--max-batch", type=at_least_one, default=32, help="sequences generating at once at most")
@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--follow", type=positive_seconds, nargs="?", const=5.0, default=None, metavar="SECONDS",
                      help="serve each new intact checkpoint of the run as it appears (looks every SECONDS, default 5)")
     srv.add_argument("--dtype", default=None, help="the base's dtype (default: the recipe's base.dtype)")
-    srv.add_argument("--device", type=device_arg, default="auto")
+    srv.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
 
     doc = sub.add_parser("doctor", help="self-check of the accelerator path: every method, bf16, ZeRO-3 offload, benches")
     doc.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when present), cuda or cpu")
-    doc.add_argument("--out", type=Path, default=Path("runs/doctor"))
+    doc.add_argument("--out", type=Path, default=Path("runs/doctor"), help="folder for the checks' runs and doctor.json (default runs/doctor)")
     doc.add_argument("--small", action="store_true", help="small models and benches (how the test suite runs it)")
     doc.add_argument("--no-bench", action="store_true", help="skip the benchmark tables")
     doc.add_argument("--jobs", type=at_least_one, default=1,
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("folder", help="the folder holding the GGUF file (base.name_or_path)")
     conv.add_argument("--gguf-file", required=True, help="the GGUF file's name in that folder (base.gguf_file)")
     conv.add_argument("--out", type=Path, required=True, help="a new folder for the converted model and tokenizer")
-    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                      help="the weights' dtype in the folder (default float32)")
 
     da = sub.add_parser("data", help="data utilities")
     da_sub = da.add_subparsers(dest="data_command", required=True)
@@ -132,11 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--task", choices=["rules", "persona_chat"], default="rules",
                      help="rules: prompt/completion key->value rules (the quickstart); persona_chat: chat rows, each "
                      "user's greeting and sign-off, plus retain.jsonl and general_eval.jsonl")
-    syn.add_argument("--users", type=at_least_one, default=1000)
-    syn.add_argument("--train-examples", type=at_least_one, default=16)
+    syn.add_argument("--users", type=at_least_one, default=1000, help="users in the task (default 1000)")
+    syn.add_argument("--train-examples", type=at_least_one, default=16, help="per user (default 16)")
     syn.add_argument("--eval-examples", type=whole_number, default=4, help="per user; 0 writes no eval.jsonl rows")
-    syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--out", type=Path, required=True)
+    syn.add_argument("--seed", type=int, default=0, help="the same seed writes the same task (default 0)")
+    syn.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and eval.jsonl (made if missing)")
     return p
 
 

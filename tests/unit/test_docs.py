@@ -66,6 +66,16 @@ def commands(path: Path) -> list[tuple[int, list[str]]]:
     return found
 
 
+def _arguments(parser: argparse.ArgumentParser, path: str = "flora-train"):
+    """Every argument of every command and subcommand, with the command's name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _arguments(sub, f"{path} {name}")
+        else:
+            yield path, action
+
+
 def test_the_docs_build_strict_with_the_reference_generated_from_the_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env={"NO_MKDOCS_2_WARNING": "1", "PATH": ""})
@@ -79,6 +89,9 @@ def test_the_docs_build_strict_with_the_reference_generated_from_the_code(tmp_pa
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help" and action.help != argparse.SUPPRESS:
                     assert flag in cli, (name, flag)
+    silent = [f"{name} {a.option_strings[0] if a.option_strings else a.dest}" for name, a in _arguments(parser)
+              if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not silent, f"arguments the reference and --help would say nothing about: {silent}"
     recipe = (tmp_path / "site" / "reference" / "recipe" / "index.html").read_text()
     for key in recipe_keys():
         assert f"<code>{key.key}</code>" in recipe, key.key
