@@ -81,7 +81,8 @@ def _generate(args: argparse.Namespace) -> int:
         for user, prompt, r in zip(users, prompts, results):
             f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
                                 "adapter": "user" if r.user_known else "base"}, ensure_ascii=False) + "\n")
-    print(f"generated {stats.new_tokens} tokens for {stats.prompts} prompts in {stats.seconds:.1f}s "
+    print(f"generated {stats.new_tokens} token{'' if stats.new_tokens == 1 else 's'} for {stats.prompts} "
+          f"prompt{'' if stats.prompts == 1 else 's'} in {stats.seconds:.1f}s "
           f"({stats.tokens_per_s:.0f} tokens/s); {args.out}")
     return 0
 

@@ -104,6 +104,8 @@ def generate_tokens(model: torch.nn.Module, slot: Any, rows: torch.Tensor, index
     every sequence on the adapter ``rows[index[i]]``. ``synced_gpus`` keeps ZeRO-3 ranks stepping
     together until every rank is done (each forward gathers the base collectively);
     ``autocast_dtype``: the recipe's autocast (bf16 on CUDA), as training computed."""
+    if settings.max_new_tokens == 0:  # nothing to generate (serve's echo asks for it); generate() refuses 0
+        return [[] for _ in prompt_ids], None
     device = rows.device
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)

@@ -59,6 +59,9 @@ def test_users_differ_and_unknown_users_get_the_base(trained, caplog):
     eos = trained.tokenizer.eos_token_id
     ids = ids[: ids.index(eos)] if eos in ids else ids
     assert results[0].text == trained.tokenizer.decode(ids, skip_special_tokens=True)
+    # No new tokens is an empty completion each (transformers' generate raised ValueError for 0).
+    empty, stats = generate(trained, [prompt, prompt], [trained.users[0], trained.users[1]], GenerationSettings(max_new_tokens=0))
+    assert [(g.text, g.tokens) for g in empty] == [("", 0), ("", 0)] and stats.new_tokens == 0
 
 
 def test_lora_generation_equals_peft_for_that_user(tmp_path, tiny_llama_dir):
