@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import os
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -81,6 +82,31 @@ def _schema_fields(full_key: str) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def _all_keys(cls: Any = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections' keys included, not the sections)."""
+    out: list[str] = []
+    for name, hint in typing.get_type_hints(cls).items():
+        nested = next((c for c in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(c)), None)
+        out.extend(_all_keys(nested, f"{prefix}{name}.") if nested is not None else [f"{prefix}{name}"])
+    return out
+
+
+def _did_you_mean(full_key: str, siblings: list[str]) -> str | None:
+    """The key meant: one of that name in another section ('train.lr' -> 'store.optimizer.lr'),
+    else a close sibling, else a close key anywhere."""
+    parent, _, leaf = full_key.rpartition(".")
+    every = _all_keys()
+    shared = lambda k: len(os.path.commonprefix([k.split("."), full_key.split(".")]))  # noqa: E731
+    named = sorted((k for k in every if k.rpartition(".")[2] == leaf), key=shared, reverse=True)
+    if named:
+        return "' or '".join(named[:3])
+    close = difflib.get_close_matches(leaf, siblings, n=1)
+    if close:
+        return f"{parent + '.' if parent else ''}{close[0]}"
+    close = difflib.get_close_matches(full_key, every, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def _where(source: str, full_key: str, lines: dict[str, int]) -> str:
     line = lines.get(full_key)
     if line is None:
@@ -90,15 +116,33 @@ def _where(source: str, full_key: str, lines: dict[str, int]) -> str:
     return f"{source}:{line}" if line else source
 
 
+class Origins:
+    """Where each key of a recipe got its value, for errors found after merging: the last override
+    that set the key (or a section above it), else the key's line in the recipe file."""
+
+    def __init__(self, path: str, lines: dict[str, int]) -> None:
+        self.path, self.lines = path, lines
+        self.overrides: dict[str, str] = {}
+
+    def set_by(self, item: str) -> None:
+        self.overrides[item.partition("=")[0].strip()] = item
+
+    def __call__(self, key: str) -> str:
+        parts = key.split(".")
+        for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1)):
+            if k in self.overrides:
+                return f"override '{self.overrides[k]}'"
+        line = self.lines.get(key)
+        return f"{self.path}:{line}" if line else self.path
+
+
 def _explain(exc: OmegaConfBaseException, source: str, lines: dict[str, int]) -> RecipeError:
     full_key = str(getattr(exc, "full_key", "") or "")
     where = _where(source, full_key, lines)
     if isinstance(exc, ConfigKeyError) or ("not in" in str(exc) and not isinstance(exc, InterpolationResolutionError)):
-        leaf = full_key.rpartition(".")[2]
         valid = _schema_fields(full_key)
-        close = difflib.get_close_matches(leaf, valid, n=1)
-        parent = full_key.rpartition(".")[0]
-        hint = f" (did you mean '{(parent + '.') if parent else ''}{close[0]}'?)" if close else ""
+        meant = _did_you_mean(full_key, valid)
+        hint = f" (did you mean '{meant}'?)" if meant else ""
         if full_key.split(".")[0] == "model":
             hint = " (the frozen model's section is called 'base')"
         return RecipeError(f"{where}: unknown key '{full_key}'{hint}; valid keys here: {', '.join(valid)}")
@@ -119,6 +163,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
     from flora_train.config.validate import validate_recipe
 
     cfg: DictConfig = OmegaConf.structured(Recipe)
+    lines: dict[str, int] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -132,7 +177,9 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
             raise RecipeError(f"{path}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
         if data is not None and not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-        cfg = _merge(cfg, data or {}, str(path), _key_lines(text))
+        lines = _key_lines(text)
+        cfg = _merge(cfg, data or {}, str(path), lines)
+    origins = Origins(str(path or "recipe"), lines)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override '{item}' must look like key.sub=value")
@@ -146,6 +193,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         except OmegaConfBaseException as exc:
             raise RecipeError(f"override '{item}': {exc}") from None
         cfg = _merge(cfg, layer, f"override '{item}'", {})
+        origins.set_by(item)
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))  # resolves interpolations on the way
         if missing:
@@ -153,7 +201,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, str(path or "recipe"), {}) from None
-    validate_recipe(cfg, str(path or "recipe"))
+    validate_recipe(cfg, origins)
     return cfg
 
 

@@ -1,24 +1,28 @@
-"""Cross-field checks OmegaConf's types cannot express. Each error names the key."""
+"""Cross-field checks OmegaConf's types cannot express. Each error names the key, and where its value
+came from (``source(key)``: the override that set it, or its line in the recipe file)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from flora_train.adapters.functional import kernel_error
 from flora_train.adapters.methods import get_method
-from flora_train.devices import device_error
 from flora_train.config.schema import ExportFormat
+from flora_train.devices import device_error
+
+Source = Callable[[str], str]  # key -> where its value was set ("r.yaml:7", "override 'k=v'")
 
 
-def _fail(source: str, key: str, message: str) -> None:
+def _fail(source: Source, key: str, message: str) -> None:
     from flora_train.config.load import RecipeError
 
-    raise RecipeError(f"{source}: key '{key}': {message}")
+    raise RecipeError(f"{source(key)}: key '{key}': {message}")
 
 
-def _positive(cfg: DictConfig, source: str, keys: list[str]) -> None:
+def _positive(cfg: DictConfig, source: Source, keys: list[str]) -> None:
     for key in keys:
         value = cfg
         for part in key.split("."):
@@ -27,7 +31,7 @@ def _positive(cfg: DictConfig, source: str, keys: list[str]) -> None:
             _fail(source, key, f"must be > 0, got {value}")
 
 
-def _check_targets(targets, source: str, key: str) -> None:
+def _check_targets(targets, source: Source, key: str) -> None:
     if isinstance(targets, str):
         if targets != "all-linear":
             try:
@@ -38,7 +42,7 @@ def _check_targets(targets, source: str, key: str) -> None:
         _fail(source, key, "must be a non-empty list of module names, a regex or 'all-linear'")
 
 
-def validate_recipe(cfg: DictConfig, source: str) -> None:
+def validate_recipe(cfg: DictConfig, source: Source) -> None:
     base, data, train = cfg.base, cfg.data, cfg.train
     if (base.name_or_path is None) == (base.tiny is None):
         _fail(source, "base.name_or_path", "set exactly one of base.name_or_path (hub id or folder) and base.tiny")

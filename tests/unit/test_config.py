@@ -74,6 +74,14 @@ def _write(tmp_path, text):
         (MINIMAL, ["adapter.shared.target_modules=[]"], r"key 'adapter.shared.target_modules': must be a non-empty list"),
         (MINIMAL, ["adapter.shared.rank=0"], r"key 'adapter.shared.rank': must be > 0"),
         (MINIMAL, ["adapter.shared.method=dora"], r"invalid value for key 'adapter.shared.method'.*flora, lora, ia3"),
+        # An unknown key's hint looks in other sections when no sibling is close (it said nothing for these).
+        (MINIMAL, ["store.lr=0.1"], r"unknown key 'store.lr' \(did you mean 'store.optimizer.lr' or "),
+        (MINIMAL, ["train.rank=2"], r"unknown key 'train.rank' \(did you mean 'adapter.rank' or "),
+        (MINIMAL, ["tier=disk"], r"unknown key 'tier' \(did you mean 'store.tier'\?\)"),
+        # A cross-field error names where the value came from: the override that set it, or its line.
+        (MINIMAL + "train:\n  epochs: 2\n", ["train.epochs=0"], r"^override 'train.epochs=0': key 'train.epochs': must be > 0"),
+        (MINIMAL + "train:\n  epochs: 0\n", [], r"^\S*r\.yaml:7: key 'train.epochs': must be > 0, got 0"),
+        (MINIMAL, ["base={name_or_path: x}"], r"^override 'base=\{name_or_path: x\}': key 'base.name_or_path': set exactly one"),
         (MINIMAL, ["adapter.shared.rank=2", "train.shared_phase=joint", "train.shared_steps=5"],
          r"key 'train.shared_steps': is the length of shared_phase=first's own phase"),
     ],
