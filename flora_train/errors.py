@@ -4,6 +4,11 @@ error type raised for bad input can never escape as a traceback: it only has to 
 
 from __future__ import annotations
 
+# Exit codes a job ends with, for whatever restarts it (torchrun's agent: launch/torchrun.py). Both
+# fail the same way again when run again on the same input, so neither is restarted.
+BAD_INPUT_EXIT_CODE = 2  # `flora-train: error: ...`: the recipe, the data or the run directory
+NONFINITE_EXIT_CODE = 3  # training stopped on a non-finite loss (train.nonfinite); resume is bitwise: again
+
 
 class UserError(Exception):
     """Bad input or a state of the user's files that the user can act on; its message says how."""

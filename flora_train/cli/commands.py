@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flora_train.cli.parser import parse_args
+from flora_train.errors import BAD_INPUT_EXIT_CODE
 
 
 def _quiet_libraries() -> None:
@@ -62,7 +63,7 @@ def _generate(args: argparse.Namespace) -> int:
         keep = [i for i, u in enumerate(users) if u in set(args.users)]
         if not keep:
             print(f"flora-train: error: --users: no prompt in {args.prompts} is of these users", file=sys.stderr)
-            return 2
+            return BAD_INPUT_EXIT_CODE
         users, prompts = [users[i] for i in keep], [prompts[i] for i in keep]
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -70,10 +71,10 @@ def _generate(args: argparse.Namespace) -> int:
                                       num_beams=args.num_beams, seed=args.seed, stop=tuple(args.stop), chat=args.chat)
     except ValueError as exc:
         print(f"flora-train: error: {exc}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     if args.out.is_dir():  # found before generating, not when writing what took minutes
         print(f"flora-train: error: {args.out}: is a directory, name a file in it (e.g. preds.jsonl)", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     args.out.parent.mkdir(parents=True, exist_ok=True)
     trained = load_trained(args.source, args.checkpoint, args.device)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.config import load_recipe, recipe_to_yaml
     from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
-    from flora_train.errors import UserError
+    from flora_train.errors import NONFINITE_EXIT_CODE, UserError
     from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
     from flora_train.train.trainer import NonFiniteError
 
@@ -223,16 +224,16 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(path)
     except (UserError, FileNotFoundError) as exc:  # bad input: one line, never a traceback
         print(f"flora-train: error: {exc}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as exc:  # an --out or path that
         # cannot be written there: one line naming it (a file where a folder is to be made is mkdir's FileExistsError)
         file_in_the_way = isinstance(exc, FileExistsError) and Path(str(exc.filename)).is_file()
         why = "a file is there where a folder is needed" if file_in_the_way else exc.strerror
         print(f"flora-train: error: {exc.filename}: {why}", file=sys.stderr)
-        return 2
+        return BAD_INPUT_EXIT_CODE
     except NonFiniteError as exc:
         print(f"flora-train: training stopped: {exc}", file=sys.stderr)
-        return 3
+        return NONFINITE_EXIT_CODE
     except Preempted as exc:
         print(f"flora-train: preempted: {exc}", file=sys.stderr)
         return REQUEUE_EXIT_CODE

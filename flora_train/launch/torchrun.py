@@ -8,8 +8,9 @@ failed with which exit code, and exits with that code: 2 for bad input, 143 for 
 instead of torchrun's 1 for everything. Every restart round gets a fresh rendezvous store.
 
 A round in which a rank failed on bad input (exit code 2: the recipe, the data or the run
-directory) is not restarted: the same input fails the same way every round, and each round would
-load the base again and print the same error again. torchrun restarts any failure
+directory) or stopped on a non-finite loss (3: the resumed run repeats the same steps bit for bit)
+is not restarted: it fails the same way every round, and each round would load the base again and
+print the same error again. torchrun restarts any failure
 ``--max-restarts`` times; its agent (``LocalElasticAgent``) is made here with a
 ``_monitor_workers`` (the method torch's ``SimpleElasticAgent`` leaves to its agents) that ends the
 restarts on that exit code. A crash, a lost peer (4) or a signal is restarted as before. A node
@@ -31,15 +32,18 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import parse_args, run
 
-BAD_INPUT_EXIT_CODE = 2  # what `flora-train: error:` exits with (cli.py)
+from flora_train.errors import BAD_INPUT_EXIT_CODE, NONFINITE_EXIT_CODE
+
+NOT_RESTARTED = (BAD_INPUT_EXIT_CODE, NONFINITE_EXIT_CODE)
 
 
 class NoRetryOnBadInputAgent(LocalElasticAgent):
-    """torchrun's agent, except that workers that failed on bad input are not started again."""
+    """torchrun's agent, except that workers that failed on bad input or stopped on a non-finite
+    loss are not started again."""
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)
-        if result.state == WorkerState.FAILED and any(f.exitcode == BAD_INPUT_EXIT_CODE for f in result.failures.values()):
+        if result.state == WorkerState.FAILED and any(f.exitcode in NOT_RESTARTED for f in result.failures.values()):
             self._remaining_restarts = 0
         return result
 

@@ -100,6 +100,13 @@ def test_local_scheduler_returns_a_failed_jobs_exit_code(tmp_path):
     assert f"{bad_rows}:2" in bad.stderr and "the job failed: rank " in bad.stderr and "exited with code 2" in bad.stderr
     assert "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert 1 <= bad.stderr.count(f"flora-train: error: {bad_rows}:2") <= 2, bad.stderr[-3000:]  # one round: each rank once at most
+    # Training that went non-finite (3) stops the same way again from the same checkpoint (resume is
+    # bitwise): it is not restarted either (it ran four times, each printing 'training stopped').
+    diverged = launch("recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'diverged'}", "train.nonfinite=error",
+                      "store.optimizer.lr=1e30", "launch.max_restarts=3")
+    assert diverged.returncode == 3, diverged.stderr[-3000:]
+    assert diverged.stderr.count("flora-train: training stopped: non-finite loss") == 1, diverged.stderr[-3000:]
+    assert "exited with code 3" in diverged.stderr and "Traceback" not in diverged.stderr, diverged.stderr[-3000:]
 
 
 def test_a_node_whose_peer_failed_on_bad_input_ends_in_one_line(tmp_path):
