@@ -31,6 +31,7 @@ log = logging.getLogger("flora_train")
 class LoopResult:
     """What a run of the step loop did (the recipe's finish reports it)."""
 
+    first: int  # the step this process started at (== step: it had nothing left to train)
     step: int  # the next step to run: the steps done, counted from the start of the run
     seconds: float
     tokens: int
@@ -130,7 +131,7 @@ class TrainLoop:
             bar.close()
             if status == "FAILED":
                 tracker.end("FAILED")
-        return LoopResult(step, time.perf_counter() - started, tokens, meter.store_counters())
+        return LoopResult(start, step, time.perf_counter() - started, tokens, meter.store_counters())
 
     def _between_steps(self, step: int, watch: PreemptionWatch) -> None:
         t = self.session.cfg.train

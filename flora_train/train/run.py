@@ -152,6 +152,11 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
                               "base": {"zero_stage": cfg.base.zero_stage, "world_size": fdist.world_size(),
                                        "launcher": session.launch.launcher,
                                        "resident_bytes_per_rank": held, "total_bytes": whole}}
+    finished_before = trained.first == trained.step and session.paths.result.is_file()
+    if finished_before:  # resumed after its end (a requeue, --resume again): the training figures stay
+        earlier = json.loads(session.paths.result.read_text())
+        result.update({k: earlier[k] for k in ("train_seconds", "train_tokens_per_s", "store", "shared_phase_seconds")
+                       if k in earlier})
     if session.zero is not None:  # before scoring: what DeepSpeed's root hooks did in training
         result["base"]["zero_hooks"] = session.zero.hook_report()
     if sweep is not None:
@@ -177,10 +182,14 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
                                    just_written=True)
         tracker.log_artifact(out / "manifest.json", "export")
         result["export"] = {"out": str(out), "users": manifest["num_users"]}
-    tracker.log_metrics({"train/seconds": trained.seconds, "base/resident_mib_per_rank": held / 2**20}, step=step)
+    if not finished_before:
+        tracker.log_metrics({"train/seconds": trained.seconds, "base/resident_mib_per_rank": held / 2**20}, step=step)
     tracker.end("FINISHED")
     if not main:
         return result
     session.paths.result.write_text(json.dumps(result, indent=2))
-    print(f"\ntrained {len(session.store)} users for {step} steps in {trained.seconds:.1f}s; run dir {run_dir}")
+    if finished_before:
+        print(f"\nnothing left to train: the run had finished at step {step} ({len(session.store)} users); run dir {run_dir}")
+    else:
+        print(f"\ntrained {len(session.store)} users for {step} steps in {trained.seconds:.1f}s; run dir {run_dir}")
     return result

@@ -1,6 +1,7 @@
 """The trainer under faults: non-finite users never written, resume == uninterrupted, wrong
 checkpoints refused, bf16 autocast keeps float32 rows."""
 
+import json
 
 import pytest
 import torch
@@ -82,6 +83,11 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_llama_dir):
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / f"step-{resumed['steps']:08d}" / shard))
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # Resumed once more after its end (a requeued job): nothing trains, and result.json keeps the
+    # training figures (they became this process's 0 s and 0 tokens/s).
+    again = run_training(load_recipe(None, part), resume=True)
+    assert again["steps"] == resumed["steps"] and again["train_seconds"] == resumed["train_seconds"] > 0
+    assert json.loads((tmp_path / "b" / "run" / "result.json").read_text())["train_tokens_per_s"] == resumed["train_tokens_per_s"]
 
 
 def test_checkpoint_from_another_adapter_is_refused(tmp_path, tiny_llama_dir):
