@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,118 +111,151 @@ def main(argv: list[str] | None = None) -> int:
         fdist.shutdown(clean)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace) -> None:
     from flora_train.config import load_recipe, recipe_to_yaml
+    from flora_train.train.data_setup import length_report
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    print(recipe_to_yaml(cfg), end="")
+    _print_footprint(cfg)
+    line, warning = length_report(cfg)
+    print(line)
+    if warning is not None:
+        print(f"flora-train: warning: {warning}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from flora_train.config import load_recipe
+    from flora_train.train.run import run_training
+
+    run_training(load_recipe(args.recipe, args.overrides), resume=args.resume)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from flora_train.config import load_recipe
+    from flora_train.launch import launch
+
+    flags = {k: getattr(args, k) for k in ("scheduler", "nodes", "procs_per_node", "gpus_per_node",
+                                           "partition", "time_limit", "image", "job_name")}
+    overrides = [*args.overrides, *(f"launch.{k}={v}" for k, v in flags.items() if v is not None)]
+    given = (*(k for k, v in flags.items() if v is not None), *(("wait",) if args.wait else ()))
+    return launch(load_recipe(args.recipe, overrides), dry_run=args.dry_run, wait=args.wait, given=given)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from flora_train.train.scoring import run_eval
+
+    run_eval(args.run_dir, args.checkpoint, args.data)
+
+
+def _users(args: argparse.Namespace) -> None:
+    from flora_train.lifecycle import list_users, users_table
+
+    rows = list_users(args.run_dir)
+    for line in [json.dumps(r, ensure_ascii=False) for r in rows] if args.json else users_table(rows):
+        print(line)
+
+
+def _forget(args: argparse.Namespace) -> None:
+    from flora_train.lifecycle import forget_users
+
+    out = forget_users(args.run_dir, args.users)
+    print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
+          f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
+          f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
+    if out["exports_elsewhere"]:
+        print(f"also removed from the exports outside the run: {', '.join(out['exports_elsewhere'])}")
+    for line in out["recovered"]:
+        print(f"completed an interrupted forget: {line}")
+    if out["removed_shared_adapter"] and args.retrain_shared:
+        from flora_train.train.scoring import retrain_shared_baseline
+
+        n = retrain_shared_baseline(args.run_dir, set(out["users"]), out["shared_adapter_steps"])
+        print(f"retrained the shared adapter for {out['shared_adapter_steps']} steps on {n} examples of the "
+              "remaining users")
+    elif out["removed_shared_adapter"]:
+        print("removed shared_adapter.safetensors: it was trained on the forgotten users' data too; retrain it "
+              "with `flora-train forget --retrain-shared` (or a run with train.compare_shared_baseline=true)")
+    elif args.retrain_shared:
+        print("no shared adapter to retrain: this run has none (train it with train.compare_shared_baseline=true)")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from flora_train.export import export_adapters
+
+    m = export_adapters(args.run_dir, args.format, args.users, args.out, checkpoint=args.checkpoint,
+                        base_model_id=args.base_model_id, pack_size=args.pack_size)
+    n = m["num_users"]
+    print(f"exported {n} user{'' if n == 1 else 's'} ({m['format']}) to {args.out}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from flora_train.bench.suites import run_bench
+
+    run_bench(args)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from flora_train.inference import load_trained
+    from flora_train.inference.listen import listen_socket, run_app
+    from flora_train.inference.server import check_cache_users, create_app
+
+    check_cache_users(args.cache_users, args.max_batch)  # the flags alone: before anything loads
+    sock = listen_socket(args.host, args.port)
+    trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)
+    app = create_app(trained, model_name=args.model_name, strict_users=args.strict_users,
+                     max_batch=args.max_batch, prefill_tokens=args.prefill_tokens,
+                     max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
+                     cache_users=args.cache_users, follow_s=args.follow)
+    # Only once the app stands: a limit the model refuses must not follow a line saying it serves.
+    print(f"serving {len(trained.users)} users' {trained.layout.spec.method} adapters on "
+          f"http://{args.host}:{sock.getsockname()[1]} (model {args.model_name!r})", flush=True)
+    run_app(app, sock)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from flora_train.doctor import doctor
+
+    return doctor(args.device, args.out, small=args.small, bench=not args.no_bench, jobs=args.jobs)
+
+
+def _base(args: argparse.Namespace) -> None:  # base convert
+    from flora_train.base.convert import convert_gguf
+
+    out = convert_gguf(args.folder, args.gguf_file, args.out, args.dtype)
+    print(f"converted {args.folder}/{args.gguf_file} to {out} (checked: the folder gives the GGUF model's logits, "
+          f"bit for bit): use base.name_or_path={out} (no base.gguf_file)")
+
+
+def _data(args: argparse.Namespace) -> None:  # data synth
+    from flora_train.data import SyntheticTask
+    from flora_train.data.persona_chat import PersonaChatTask
+
+    if args.task == "persona_chat":
+        chat = PersonaChatTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
+        paths = list(chat.write(args.out).values())
+    else:
+        paths = list(SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed).write(args.out))
+    for path in paths:
+        print(path)
+
+
+# Each command of the parser (parser.py) and what runs it; an exit code, or None for 0.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
+    "run": _run, "launch": _launch, "validate": _validate, "eval": _eval, "export": _export, "bench": _bench,
+    "generate": _generate, "users": _users, "forget": _forget, "serve": _serve, "doctor": _doctor, "base": _base,
+    "data": _data,
+}
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
     from flora_train.errors import NONFINITE_EXIT_CODE, UserError
     from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
     from flora_train.train.trainer import NonFiniteError
 
     try:
-        if args.command == "validate":
-            cfg = load_recipe(args.recipe, args.overrides)
-            print(recipe_to_yaml(cfg), end="")
-            _print_footprint(cfg)
-            from flora_train.train.data_setup import length_report
-
-            line, warning = length_report(cfg)
-            print(line)
-            if warning is not None:
-                print(f"flora-train: warning: {warning}", file=sys.stderr)
-        elif args.command == "run":
-            from flora_train.train.run import run_training
-
-            run_training(load_recipe(args.recipe, args.overrides), resume=args.resume)
-        elif args.command == "launch":
-            from flora_train.launch import launch
-
-            flags = {k: getattr(args, k) for k in ("scheduler", "nodes", "procs_per_node", "gpus_per_node",
-                                                   "partition", "time_limit", "image", "job_name")}
-            overrides = [*args.overrides, *(f"launch.{k}={v}" for k, v in flags.items() if v is not None)]
-            given = (*(k for k, v in flags.items() if v is not None), *(("wait",) if args.wait else ()))
-            return launch(load_recipe(args.recipe, overrides), dry_run=args.dry_run, wait=args.wait, given=given)
-        elif args.command == "eval":
-            from flora_train.train.scoring import run_eval
-
-            run_eval(args.run_dir, args.checkpoint, args.data)
-        elif args.command == "users":
-            from flora_train.lifecycle import list_users, users_table
-
-            rows = list_users(args.run_dir)
-            for line in [json.dumps(r, ensure_ascii=False) for r in rows] if args.json else users_table(rows):
-                print(line)
-        elif args.command == "forget":
-            from flora_train.lifecycle import forget_users
-
-            out = forget_users(args.run_dir, args.users)
-            print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
-                  f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
-                  f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
-            if out["exports_elsewhere"]:
-                print(f"also removed from the exports outside the run: {', '.join(out['exports_elsewhere'])}")
-            for line in out["recovered"]:
-                print(f"completed an interrupted forget: {line}")
-            if out["removed_shared_adapter"] and args.retrain_shared:
-                from flora_train.train.scoring import retrain_shared_baseline
-
-                n = retrain_shared_baseline(args.run_dir, set(out["users"]), out["shared_adapter_steps"])
-                print(f"retrained the shared adapter for {out['shared_adapter_steps']} steps on {n} examples of the "
-                      "remaining users")
-            elif out["removed_shared_adapter"]:
-                print("removed shared_adapter.safetensors: it was trained on the forgotten users' data too; retrain it "
-                      "with `flora-train forget --retrain-shared` (or a run with train.compare_shared_baseline=true)")
-            elif args.retrain_shared:
-                print("no shared adapter to retrain: this run has none (train it with train.compare_shared_baseline=true)")
-        elif args.command == "export":
-            from flora_train.export import export_adapters
-
-            m = export_adapters(args.run_dir, args.format, args.users, args.out, checkpoint=args.checkpoint,
-                                base_model_id=args.base_model_id, pack_size=args.pack_size)
-            n = m["num_users"]
-            print(f"exported {n} user{'' if n == 1 else 's'} ({m['format']}) to {args.out}")
-        elif args.command == "bench":
-            from flora_train.bench.suites import run_bench
-
-            run_bench(args)
-        elif args.command == "generate":
-            return _generate(args)
-        elif args.command == "serve":
-            from flora_train.inference import load_trained
-            from flora_train.inference.listen import listen_socket, run_app
-            from flora_train.inference.server import check_cache_users, create_app
-
-            check_cache_users(args.cache_users, args.max_batch)  # the flags alone: before anything loads
-            sock = listen_socket(args.host, args.port)
-            trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)
-            app = create_app(trained, model_name=args.model_name, strict_users=args.strict_users,
-                             max_batch=args.max_batch, prefill_tokens=args.prefill_tokens,
-                             max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
-                             cache_users=args.cache_users, follow_s=args.follow)
-            # Only once the app stands: a limit the model refuses must not follow a line saying it serves.
-            print(f"serving {len(trained.users)} users' {trained.layout.spec.method} adapters on "
-                  f"http://{args.host}:{sock.getsockname()[1]} (model {args.model_name!r})", flush=True)
-            run_app(app, sock)
-        elif args.command == "doctor":
-            from flora_train.doctor import doctor
-
-            return doctor(args.device, args.out, small=args.small, bench=not args.no_bench, jobs=args.jobs)
-        elif args.command == "base":
-            from flora_train.base.convert import convert_gguf
-
-            out = convert_gguf(args.folder, args.gguf_file, args.out, args.dtype)
-            print(f"converted {args.folder}/{args.gguf_file} to {out} (checked: the folder gives the GGUF model's logits, "
-                  f"bit for bit): use base.name_or_path={out} (no base.gguf_file)")
-        elif args.command == "data":
-            from flora_train.data import SyntheticTask
-            from flora_train.data.persona_chat import PersonaChatTask
-
-            if args.task == "persona_chat":
-                chat = PersonaChatTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
-                paths = list(chat.write(args.out).values())
-            else:
-                paths = list(SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed).write(args.out))
-            for path in paths:
-                print(path)
+        return COMMANDS[args.command](args) or 0
     except (UserError, FileNotFoundError) as exc:  # bad input: one line, never a traceback
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
@@ -240,4 +274,3 @@ def _dispatch(args: argparse.Namespace) -> int:
     except LostPeers as exc:
         print(f"flora-train: error: {exc}", file=sys.stderr)
         return LOST_PEERS_EXIT_CODE
-    return 0

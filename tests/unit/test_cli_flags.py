@@ -180,3 +180,15 @@ def test_launch_flags_of_another_scheduler_are_one_line(tmp_path, capsys, flags,
     recipe = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
     assert main(["launch", str(recipe), f"run_dir={tmp_path / 'r'}", *flags, "--dry-run"]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_every_command_of_the_parser_runs_something():
+    """The dispatch was an if-chain in which a command the parser gained without a branch exited 0
+    having done nothing; it is now the COMMANDS registry, which must cover the parser's commands."""
+    import argparse
+
+    from flora_train.cli import build_parser
+    from flora_train.cli.commands import COMMANDS
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(COMMANDS) == set(subs.choices)
