@@ -1,4 +1,6 @@
-"""The device names a recipe's ``train.device`` and the commands' ``--device`` take."""
+"""The device names a recipe's ``train.device`` and the commands' ``--device`` take, and the base
+model's dtype names (``base.dtype``, ``serve --dtype``, ``base convert --dtype``). Torch-free: the
+CLI's parser offers them before anything heavy is imported."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 import re
 
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+BASE_DTYPES = ("float32", "bfloat16", "float16")  # torch's names for them (base/loading.py maps them)
 
 
 def device_error(device: str) -> str | None:

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from flora_train.devices import BASE_DTYPES
 from flora_train.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in BASE_DTYPES}
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -116,6 +117,8 @@ def load_frozen_model(
     """A causal LM with every parameter frozen and dropout off."""
     from transformers import AutoModelForCausalLM
 
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model = _pretrained("model", AutoModelForCausalLM, name_or_path, gguf_file, trust_remote_code, dtype=DTYPES[dtype])
     model.requires_grad_(False)
     if gradient_checkpointing:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from flora_train.arg_types import at_least_one, port_number, positive_seconds, user_list, whole_number
-from flora_train.devices import device_arg
+from flora_train.devices import BASE_DTYPES, device_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="adapters held on the device at most (LRU, filled on demand; default: every user)")
     srv.add_argument("--follow", type=positive_seconds, nargs="?", const=5.0, default=None, metavar="SECONDS",
                      help="serve each new intact checkpoint of the run as it appears (looks every SECONDS, default 5)")
-    srv.add_argument("--dtype", default=None, help="the base's dtype (default: the recipe's base.dtype)")
+    srv.add_argument("--dtype", choices=BASE_DTYPES, default=None, help="the base's dtype (default: the recipe's base.dtype)")
     srv.add_argument("--device", type=device_arg, default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
 
     doc = sub.add_parser("doctor", help="self-check of the accelerator path: every method, bf16, ZeRO-3 offload, benches")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("folder", help="the folder holding the GGUF file (base.name_or_path)")
     conv.add_argument("--gguf-file", required=True, help="the GGUF file's name in that folder (base.gguf_file)")
     conv.add_argument("--out", type=Path, required=True, help="a new folder for the converted model and tokenizer")
-    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    conv.add_argument("--dtype", choices=BASE_DTYPES, default="float32",
                       help="the weights' dtype in the folder (default float32)")
 
     da = sub.add_parser("data", help="data utilities")

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from flora_train.adapters.functional import kernel_error
 from flora_train.adapters.methods import get_method
 from flora_train.config.schema import ExportFormat
-from flora_train.devices import device_error
+from flora_train.devices import BASE_DTYPES, device_error
 
 Source = Callable[[str], str]  # key -> where its value was set ("r.yaml:7", "override 'k=v'")
 
@@ -48,8 +48,8 @@ def validate_recipe(cfg: DictConfig, source: Source) -> None:
         _fail(source, "base.name_or_path", "set exactly one of base.name_or_path (hub id or folder) and base.tiny")
     if base.gguf_file is not None and base.name_or_path is None:
         _fail(source, "base.gguf_file", "needs base.name_or_path (the folder holding the GGUF file)")
-    if base.dtype not in ("float32", "bfloat16", "float16"):
-        _fail(source, "base.dtype", f"must be float32, bfloat16 or float16, got {base.dtype!r}")
+    if base.dtype not in BASE_DTYPES:
+        _fail(source, "base.dtype", f"must be {', '.join(BASE_DTYPES[:-1])} or {BASE_DTYPES[-1]}, got {base.dtype!r}")
     if base.dtype == "float16":
         # Refused rather than scaled: adapter gradients below float16's 6e-8 would flush to zero with
         # no error, and bfloat16 gives the same memory with float32's range (no scaler needed).

@@ -192,3 +192,15 @@ def test_every_command_of_the_parser_runs_something():
 
     subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(COMMANDS) == set(subs.choices)
+
+
+def test_a_dtype_the_base_cannot_take_is_a_usage_line(capsys):
+    """`serve --dtype float8` took any text and ended in a KeyError traceback once the base loaded."""
+    from flora_train.base.loading import ModelLoadError, load_frozen_model
+
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "runs/x", "--dtype", "float8"])
+    err = capsys.readouterr().err  # (Python 3.12 stopped quoting the choices)
+    assert "argument --dtype: invalid choice: 'float8' (choose from " in err and "bfloat16" in err
+    with pytest.raises(ModelLoadError, match="dtype must be one of float32, bfloat16, float16, got 'float8'"):
+        load_frozen_model("unused", dtype="float8")
