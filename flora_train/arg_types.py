@@ -1,4 +1,4 @@
-"""argparse types for the CLI's numeric flags: a value out of range is argparse's one usage line
+"""argparse types for the CLI's flags: a value out of range is argparse's one usage line
 (``argument --port: must be ...``), never a traceback from deep inside the command."""
 
 from __future__ import annotations
@@ -67,3 +67,18 @@ def user_list(text: str) -> list[str]:
     if not users:
         raise argparse.ArgumentTypeError(where)
     return users
+
+
+def model_name_error(name: str) -> str | None:
+    """Why ``name`` cannot be the model id a server answers to (None when it can): clients select a
+    user as ``<name>:<user_id>``, so a name holding ':' (or none) could never be matched."""
+    if not name or ":" in name:
+        return f"must be a non-empty name without ':' (clients name a user as '<name>:<user_id>'), got {name!r}"
+    return None
+
+
+def model_name(text: str) -> str:
+    error = model_name_error(text)
+    if error is not None:
+        raise argparse.ArgumentTypeError(error)
+    return text

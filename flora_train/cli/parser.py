@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flora_train.arg_types import at_least_one, port_number, positive_seconds, user_list, whole_number
+from flora_train.arg_types import at_least_one, model_name, port_number, positive_seconds, user_list, whole_number
 from flora_train.devices import BASE_DTYPES, device_arg
 
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=port_number, default=8000, help="0: a free port (the first line says which)")
     srv.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
-    srv.add_argument("--model-name", default="flora", help="the model id clients name (optionally '<name>:<user_id>')")
+    srv.add_argument("--model-name", type=model_name, default="flora", help="the model id clients name (optionally '<name>:<user_id>')")
     srv.add_argument("--strict-users", action="store_true", help="404 for users never trained (default: the base model)")
     srv.add_argument("--max-batch", type=at_least_one, default=32, help="sequences generating at once at most")
     srv.add_argument("--prefill-tokens", type=at_least_one, default=512,

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from flora_train.arg_types import model_name_error
 from flora_train.inference import openai_api as api
 from flora_train.inference.admission import ApiError, RequestReader
 from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
@@ -70,6 +71,9 @@ def check_cache_users(cache_users: int | None, max_batch: int) -> None:
 def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users: bool = False, max_batch: int = 32,
                prefill_tokens: int = 512, max_prompt_tokens: int | None = None, default_max_tokens: int = 16,
                max_queue: int = 256, cache_users: int | None = None, follow_s: float | None = None) -> FastAPI:
+    naming = model_name_error(model_name)
+    if naming is not None:
+        raise InferenceError(f"model_name {naming}")
     app = FastAPI(title="flora_train", description="per-user adapters, batched across users")
     reader = RequestReader.for_model(trained, max_prompt_tokens, default_max_tokens)
     check_cache_users(cache_users, max_batch)

@@ -204,3 +204,12 @@ def test_a_dtype_the_base_cannot_take_is_a_usage_line(capsys):
     assert "argument --dtype: invalid choice: 'float8' (choose from " in err and "bfloat16" in err
     with pytest.raises(ModelLoadError, match="dtype must be one of float32, bfloat16, float16, got 'float8'"):
         load_frozen_model("unused", dtype="float8")
+
+
+@pytest.mark.parametrize("name", ["", "a:b"])
+def test_a_model_name_clients_could_never_match_is_a_usage_line(capsys, name):
+    """`serve --model-name a:b` started, then answered every request 404: a client's 'a:b:<user>' and
+    'a:b' both split at the first ':' into the model 'a'."""
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "runs/x", "--model-name", name])
+    assert "argument --model-name: must be a non-empty name without ':'" in capsys.readouterr().err
