@@ -42,8 +42,25 @@ def _check_targets(targets, source: Source, key: str) -> None:
         _fail(source, key, "must be a non-empty list of module names, a regex or 'all-linear'")
 
 
+FREE_FORM = ("base.deepspeed", "launch.env")  # mappings passed on as they are (an env value may be '')
+
+
+def _blank_keys(node: object, prefix: str = "") -> list[str]:
+    """Keys whose value is an empty or blank string: a path of '' is the current directory (run_dir=''
+    would write the run into it), and no name or column is ''."""
+    if isinstance(node, dict):
+        return [k for name, v in node.items() if f"{prefix}{name}" not in FREE_FORM
+                for k in _blank_keys(v, f"{prefix}{name}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _blank_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if isinstance(node, str) and not node.strip() else []
+
+
 def validate_recipe(cfg: DictConfig, source: Source) -> None:
     base, data, train = cfg.base, cfg.data, cfg.train
+    for key in _blank_keys(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)):
+        whole = key.rsplit(".", 1)[0] if key.rsplit(".", 1)[-1].isdigit() else key  # a list's item: the list
+        _fail(source, whole, "is empty: give it a value, or leave it out (null) for its default")
     if (base.name_or_path is None) == (base.tiny is None):
         _fail(source, "base.name_or_path", "set exactly one of base.name_or_path (hub id or folder) and base.tiny")
     if base.gguf_file is not None and base.name_or_path is None:

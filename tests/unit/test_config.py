@@ -78,6 +78,11 @@ def _write(tmp_path, text):
         (MINIMAL, ["store.lr=0.1"], r"unknown key 'store.lr' \(did you mean 'store.optimizer.lr' or "),
         (MINIMAL, ["train.rank=2"], r"unknown key 'train.rank' \(did you mean 'adapter.rank' or "),
         (MINIMAL, ["tier=disk"], r"unknown key 'tier' \(did you mean 'store.tier'\?\)"),
+        # A blank string is refused: run_dir='' validated, and the run would have written into the current folder.
+        (MINIMAL, ["run_dir=''"], r"^override 'run_dir=\'\'': key 'run_dir': is empty: give it a value"),
+        (MINIMAL, ["export.out=' '"], r"key 'export.out': is empty"),
+        (MINIMAL, ["data.train_path=['']", "data.synthetic=null"], r"key 'data.train_path': is empty"),
+        (MINIMAL, ["launch.env={A: ''}", "data.user_column=''"], r"key 'data.user_column': is empty"),
         # A cross-field error names where the value came from: the override that set it, or its line.
         (MINIMAL + "train:\n  epochs: 2\n", ["train.epochs=0"], r"^override 'train.epochs=0': key 'train.epochs': must be > 0"),
         (MINIMAL + "train:\n  epochs: 0\n", [], r"^\S*r\.yaml:7: key 'train.epochs': must be > 0, got 0"),
