@@ -147,6 +147,8 @@ def _explain(exc: OmegaConfBaseException, source: str, lines: dict[str, int]) ->
             hint = " (the frozen model's section is called 'base')"
         return RecipeError(f"{where}: unknown key '{full_key}'{hint}; valid keys here: {', '.join(valid)}")
     msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+    if msg.startswith("Incompatible value 'None'"):  # `key=` and `key: ` read as null
+        msg = "null (or nothing) where a value is needed: give it one (or leave the key out where it has a default)"
     kind = "invalid value" if isinstance(exc, ValidationError) else "error"
     return RecipeError(f"{where}: {kind} for key '{full_key}': {msg}")
 

@@ -83,6 +83,7 @@ def _write(tmp_path, text):
         (MINIMAL, ["export.out=' '"], r"key 'export.out': is empty"),
         (MINIMAL, ["data.train_path=['']", "data.synthetic=null"], r"key 'data.train_path': is empty"),
         (MINIMAL, ["launch.env={A: ''}", "data.user_column=''"], r"key 'data.user_column': is empty"),
+        (MINIMAL, ["train.device="], r"override 'train.device=': invalid value for key 'train.device': null \(or nothing\) where"),
         # A cross-field error names where the value came from: the override that set it, or its line.
         (MINIMAL + "train:\n  epochs: 2\n", ["train.epochs=0"], r"^override 'train.epochs=0': key 'train.epochs': must be > 0"),
         (MINIMAL + "train:\n  epochs: 0\n", [], r"^\S*r\.yaml:7: key 'train.epochs': must be > 0, got 0"),
