@@ -14,6 +14,7 @@ from typing import Any
 import datasets
 import torch
 
+from flora_train.chat_template import ChatTemplateRefused, apply_chat_template
 from flora_train.data.loading import BadRows
 
 IGNORE = -100
@@ -24,7 +25,7 @@ def _chat_ids(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int]
     assistant turn (what the template adds for it after the generation prompt) and IGNORE elsewhere.
     None when the template does not render the conversation turn by turn as a prefix of the whole."""
     def render(turns: list[dict[str, str]], prompt: bool) -> list[int]:
-        out = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=prompt)
+        out = apply_chat_template(tokenizer, turns, tokenize=True, add_generation_prompt=prompt)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     ids = render(messages, False)
@@ -59,9 +60,15 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
         raise DataError("data.messages_column: chat rows need the tokenizer's chat template, and this base's tokenizer "
                         "has none; use prompt/completion rows, or a base with a chat template")
 
-    def encoded(batch: dict[str, list]) -> list[tuple[list[int], list[int]] | None]:
+    def chat(raw: str) -> tuple[list[int], list[int]] | None | ChatTemplateRefused:
+        try:
+            return _chat_ids(json.loads(raw), tokenizer)
+        except ChatTemplateRefused as exc:
+            return exc
+
+    def encoded(batch: dict[str, list]) -> list[tuple[list[int], list[int]] | None | ChatTemplateRefused]:
         if kind == "messages":
-            return [_chat_ids(json.loads(raw), tokenizer) for raw in batch["messages"]]
+            return [chat(raw) for raw in batch["messages"]]
         if kind == "text":
             # Labels are the inputs: position t is predicted from positions < t (shifted in the loss).
             return [(enc + eos, enc + eos) for enc in tokenizer(batch["text"])["input_ids"]]
@@ -72,7 +79,9 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
     def encode(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"user_id": [], "source": [], "input_ids": [], "labels": []}
         for pair, source, user in zip(encoded(batch), batch["source"], batch["user_id"]):
-            if pair is None:
+            if isinstance(pair, ChatTemplateRefused):
+                bad.report(source, "template_refused", f"user {user!r}: {pair}")
+            elif pair is None:
                 bad.report(source, "template_not_prefix", f"user {user!r}: the chat template does not render this "
                            "conversation turn by turn (its assistant turns cannot be located)")
             elif len(pair[0]) > max_length:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from flora_train.chat_template import ChatTemplateRefused, apply_chat_template
 from flora_train.inference.trained import InferenceError, TrainedAdapters
 
 log = logging.getLogger("flora_train")
@@ -74,8 +75,10 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
-def render_prompts(trained: TrainedAdapters, prompts: Sequence[Any], chat: bool) -> list[str]:
-    """Prompts as text: chat prompts (a string or a list of messages) through the chat template."""
+def render_prompts(trained: TrainedAdapters, prompts: Sequence[Any], chat: bool,
+                   users: Sequence[str] | None = None) -> list[str]:
+    """Prompts as text: chat prompts (a string or a list of messages) through the chat template. A
+    conversation the template refuses is an error naming the prompt (and its user)."""
     tok = trained.tokenizer
     if not chat:
         if not all(isinstance(p, str) for p in prompts):
@@ -84,9 +87,13 @@ def render_prompts(trained: TrainedAdapters, prompts: Sequence[Any], chat: bool)
     if not getattr(tok, "chat_template", None):
         raise InferenceError(f"chat prompts need a chat template, and the tokenizer of {trained.source.model_path!r} has none")
     out = []
-    for p in prompts:
+    for k, p in enumerate(prompts):
         messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        out.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        try:
+            out.append(apply_chat_template(tok, messages, add_generation_prompt=True, tokenize=False))
+        except ChatTemplateRefused as exc:
+            who = f" (user {users[k]!r})" if users is not None else ""
+            raise InferenceError(f"prompt {k + 1} of {len(prompts)}{who}: {exc}") from None
     return out
 
 
@@ -145,9 +152,13 @@ def generate_batch(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequ
     ``output_scores``, the raw ``generate`` output (scores per step)."""
     if len(prompts) != len(users):
         raise InferenceError(f"{len(prompts)} prompts but {len(users)} users")
+    return _generate_texts(trained, render_prompts(trained, prompts, settings.chat, users), users, settings, output_scores)
+
+
+def _generate_texts(trained: TrainedAdapters, texts: Sequence[str], users: Sequence[str], settings: GenerationSettings,
+                    output_scores: bool = False) -> tuple[list[Generation], Any]:
     tok = trained.tokenizer  # load_tokenizer gives every tokenizer a pad token
-    texts = render_prompts(trained, prompts, settings.chat)
-    prompt_ids = tok(texts, add_special_tokens=not settings.chat)["input_ids"]
+    prompt_ids = tok(list(texts), add_special_tokens=not settings.chat)["input_ids"]
     rows, index, _ = trained.batch_rows(list(users))
     new, out = generate_tokens(trained.model, trained.slot, rows, index, prompt_ids, tok.pad_token_id, settings, output_scores,
                                autocast_dtype=trained.autocast_dtype)
@@ -162,8 +173,13 @@ def generate(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[s
              settings: GenerationSettings = GenerationSettings(), batch_size: int = 16,
              progress: bool = False) -> tuple[list[Generation], GenerationStats]:
     """Every prompt with its own user's adapter, ``batch_size`` prompts (of mixed users) a batch.
-    Users never trained get the base model, named once in a warning."""
+    Users never trained get the base model, named once in a warning. Every prompt is rendered
+    before the first batch, so a prompt the chat template refuses costs no generation."""
     from tqdm import tqdm
+
+    if len(prompts) != len(users):
+        raise InferenceError(f"{len(prompts)} prompts but {len(users)} users")
+    texts = render_prompts(trained, prompts, settings.chat, users)
 
     stats = GenerationStats(prompts=len(prompts))
     unknown = sorted({u for u in users if u not in trained})
@@ -175,7 +191,7 @@ def generate(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[s
     start = time.perf_counter()
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     for s in range(0, len(prompts), batch_size):
-        batch, _ = generate_batch(trained, prompts[s : s + batch_size], users[s : s + batch_size], settings)
+        batch, _ = _generate_texts(trained, texts[s : s + batch_size], users[s : s + batch_size], settings)
         results.extend(batch)
         stats.new_tokens += sum(g.tokens for g in batch)
         stats.seconds = time.perf_counter() - start

@@ -8,8 +8,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flora_train.chat_template import text_of_parts
 from flora_train.inference.sampling import TokenLogprob
 
 MAX_CHOICES = 128  # OpenAI's bound on n
@@ -18,8 +19,15 @@ MAX_CHOICES = 128  # OpenAI's bound on n
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    # A string, or OpenAI's list of content parts (what LangChain and the Agents SDK send): text
+    # parts become one string here; an image or audio part is refused by name.
+    content: str | list[dict[str, Any]]
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content: str | list[dict[str, Any]]) -> str:
+        return text_of_parts(content)
 
 
 class StreamOptions(BaseModel):

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from flora_train.arg_types import model_name_error
+from flora_train.chat_template import ChatTemplateRefused, apply_chat_template
 from flora_train.inference import openai_api as api
 from flora_train.inference.admission import ApiError, RequestReader
 from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
@@ -107,7 +108,8 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
             metrics.requests.labels("400").inc()
             return _error(400, f"unsupported field {where!r}: this server does not implement it")
         metrics.requests.labels("400").inc()
-        return _error(400, f"malformed request: {where + ': ' if where else ''}{first.get('msg', 'invalid body')}")
+        msg = str(first.get("msg", "invalid body")).removeprefix("Value error, ")  # our validators' own words
+        return _error(400, f"malformed request: {where + ': ' if where else ''}{msg}")
 
     @app.exception_handler(ApiError)
     async def _api(request: HttpRequest, exc: ApiError) -> JSONResponse:
@@ -309,10 +311,13 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
 
         def render() -> list[int]:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = apply_chat_template(tok, messages, add_generation_prompt=True, tokenize=False)
             return tok(text, add_special_tokens=False)["input_ids"]
 
-        prompt_ids = await run_in_threadpool(render)
+        try:
+            prompt_ids = await run_in_threadpool(render)
+        except ChatTemplateRefused as exc:
+            raise ApiError(400, str(exc)) from None
         settings = reader.settings(req, req.max_completion_tokens or req.max_tokens, len(prompt_ids), True, False)
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:

@@ -17,7 +17,9 @@ from flora_train.train.run import run_training
 from tests.e2e.helpers import REPO
 
 USERS = 32
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+# Refuses a system turn the way Gemma's template does, so the server's answer to a refusal is tested.
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 def _free_port() -> int:

@@ -176,7 +176,7 @@ def test_bad_data_row_names_file_and_line(tmp_path):
     proc = flora_train(*args, check=False)
     assert proc.returncode == 2 and f"{data}:5: malformed JSON" in proc.stderr
     proc = flora_train(*args, "data.on_bad_row=skip", "train.compare_shared_baseline=false")
-    assert "skipped 1 bad rows" in proc.stdout
+    assert "skipped 1 bad row:" in proc.stdout
     assert "nothing evaluated: the data holds no held-out examples (set data.eval_path" in proc.stdout  # (it said nothing)
     # A missing file is one line too (it was SourceError's traceback, a type the CLI did not list).
     proc = flora_train(*(a for a in args if not a.startswith("data.train_path=")), f"data.train_path={tmp_path / 'nope.jsonl'}",

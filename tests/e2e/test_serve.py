@@ -305,6 +305,19 @@ def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
         assert r.status_code == status and words in r.json()["error"]["message"], (body, r.status_code, r.text)
     chat = post({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "/v1/chat/completions")
     assert chat.status_code == 400 and "top_logprobs needs logprobs" in chat.json()["error"]["message"]
+    # A conversation the template refuses (its raise_exception) was a 500 with a jinja2 traceback in
+    # the log; content parts (what LangChain sends) were 'messages.0.content: Input should be a valid string'.
+    for messages, words in [([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                             "the chat template refuses this conversation: System role not supported"),
+                            ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}],
+                             "messages.0.content: content[0] is of type 'image_url': this model reads text only")]:
+        r = post({"messages": messages, "user": "user-000001"}, "/v1/chat/completions")
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    parts, whole = (post({"messages": [{"role": "user", "content": content}], "user": "user-000001", "max_tokens": 4,
+                          "temperature": 0}, "/v1/chat/completions").json()["choices"][0]["message"]["content"]
+                    for content in ([{"type": "text", "text": "favourite"}, {"type": "text", "text": "colour ?"}],
+                                    "favourite\ncolour ?"))
+    assert parts == whole and parts, (parts, whole)
     base = post({"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0})  # no user: the base model
     assert base.status_code == 200 and base.json()["usage"]["completion_tokens"] >= 1
     assert requests.get(f"{url}/health", timeout=5).json()["status"] == "ok"

@@ -71,3 +71,22 @@ def test_a_run_trains_on_chat_rows(tmp_path, chat_model):
                                              "tracking.enabled=false", "train.progress=false",
                                              "adapter.target_modules=[q_proj,v_proj]"]))
     assert result["steps"] > 0 and result["eval"]["eval/users"] == 4
+
+
+def test_a_conversation_the_template_refuses_is_a_bad_row(tmp_path, chat_model):
+    # Mistral's and Llama 2's templates raise_exception() on conversations they refuse (no system
+    # role, roles that do not alternate): that is the row meeting the template's rules, so it is a
+    # bad row naming the file, line, user and the template's words (a jinja2 traceback before).
+    tok = load_tokenizer(str(chat_model))
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + TEMPLATE)
+    path = tmp_path / "c.jsonl"
+    no_system = {"user_id": "b", "messages": _chat("b", 1)["messages"][1:]}
+    path.write_text(json.dumps(no_system) + "\n" + json.dumps(_chat("a", 0)) + "\n")
+    cols = Columns(messages="messages")
+    with pytest.raises(DataError, match=r"c\.jsonl:2: user 'a': the chat template refuses this conversation: "
+                                        r"System role not supported \(set data.on_bad_row=skip"):
+        tokenize_examples(load_examples(path, "auto", cols, BadRows()), tok, 256, True, BadRows())
+    bad = BadRows("skip")
+    ds = tokenize_examples(load_examples(path, "auto", cols, BadRows()), tok, 256, True, bad)
+    assert ds["user_id"] == ["b"] and bad.counts == {"template_refused": 1}

@@ -7,6 +7,7 @@ import torch
 
 from flora_train.config import load_recipe
 from flora_train.inference import GenerationSettings, generate, generate_batch, load_trained
+from flora_train.inference.trained import InferenceError
 from flora_train.train.run import run_training
 from tests.distributed.helpers import small_recipe
 
@@ -93,7 +94,7 @@ TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endf
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def test_chat_prompts_and_the_chat_endpoint(tmp_path, tiny_llama_dir):
+def test_chat_prompts_and_the_chat_endpoint(tmp_path, tiny_llama_dir, monkeypatch):
     from fastapi.testclient import TestClient
 
     from flora_train.inference.server import create_app
@@ -116,6 +117,20 @@ def test_chat_prompts_and_the_chat_endpoint(tmp_path, tiny_llama_dir):
         body = r.json()
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == mixed[0].text
         assert client.post("/v1/chat/completions", json={"messages": [], "user": "u"}).status_code == 400
+    # A conversation the template refuses is an error naming the prompt and its user, found before
+    # the first batch generates (it was jinja2's traceback, after the batches before it had run).
+    import importlib
+
+    gen = importlib.import_module("flora_train.inference.generate")  # the package's `generate` is the function
+
+    trained.tokenizer.chat_template = "{% if messages|length > 1 %}{{ raise_exception('one turn only') }}{% endif %}" + TEMPLATE
+    batches = []
+    monkeypatch.setattr(gen, "generate_tokens", lambda *a, **k: batches.append(a) or ([[]], None))
+    two_turns = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    with pytest.raises(InferenceError, match=r"^prompt 2 of 2 \(user 'user-000004'\): the chat template refuses this "
+                                             r"conversation: one turn only$"):
+        generate(trained, [chats[0], two_turns], ["user-000001", "user-000004"], settings, batch_size=1)
+    assert batches == []
 
 
 def test_a_flora_export_folder_serves_like_its_run(trained, tmp_path):
