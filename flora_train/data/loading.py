@@ -106,7 +106,8 @@ def detect_format(path: Path, fmt: str) -> str:
 
 def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+    # utf-8-sig: a byte-order mark (Windows tools write one) is dropped, not a malformed first row.
+    with opener(path, "rt", encoding="utf-8-sig", errors="strict") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -165,7 +166,9 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
     for column, name in fields:
         value = record.get(column)
         if value is None:
-            bad.report(where, f"missing_{name}", f"user {user!r}: missing column '{column}'", _columns_fix(record, cols))
+            # Parquet and CSV always have the column: a missing value there is a null, not a missing column.
+            what = f"column '{column}' is null" if column in record else f"missing column '{column}'"
+            bad.report(where, f"missing_{name}", f"user {user!r}: {what}", _columns_fix(record, cols))
             return None
         if not isinstance(value, str):
             bad.report(where, f"wrong_type_{name}", f"user {user!r}: column '{column}' must be a string, got {type(value).__name__}")

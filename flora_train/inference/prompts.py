@@ -14,7 +14,7 @@ def read_prompts(path: Path, user_column: str = "user_id") -> tuple[list[str], l
     """``(users, prompts)``; a prompt is a string, or a list of chat messages."""
     users, prompts = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no part of row 1
     except OSError as exc:
         raise InferenceError(f"{path}: cannot read the prompts: {exc}") from None
     for n, line in enumerate(lines, 1):

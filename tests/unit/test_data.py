@@ -26,6 +26,7 @@ GOOD = json.dumps({"user_id": "a", "prompt": "hi :", "completion": " red"})
         (json.dumps({"user_id": "a", "prompt": "x", "completion": "  "}), "empty_completion"),
         (json.dumps({"user_id": "a", "prompt": "x", "completion": 3}), "wrong_type_completion"),
         (json.dumps({"user_id": "a", "prompt": "x"}), "missing_completion"),
+        (json.dumps({"user_id": "a", "prompt": "x", "completion": None}), "missing_completion"),
         (json.dumps(["not", "an", "object"]), "not_an_object"),
         (json.dumps({"user_id": "a\u0000b", "prompt": "x", "completion": "y"}), "invalid_user"),
         # Before, an integer id was turned into "42" silently, merging it with the string id "42".
@@ -290,3 +291,19 @@ def test_the_recorded_recipe_names_the_same_data_from_any_directory(tmp_path, mo
     assert cfg.data.eval_path == "d/more", "the run itself keeps its recipe as given"
     hub = recipe_as_recorded(load_recipe(None, ["run_dir=r", "base.name_or_path=HuggingFaceTB/SmolLM2-135M", "data.train_path=d/train.jsonl"]))
     assert hub.base.name_or_path == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_a_null_value_is_named_null_and_a_byte_order_mark_is_no_part_of_row_1(tmp_path):
+    """A Parquet file's null completion said "missing column 'completion'" although every row has the
+    column; a JSONL file written with a byte-order mark (PowerShell's utf8) failed on line 1 with
+    "Unexpected UTF-8 BOM". Now the null is named, and the mark is dropped as Python's utf-8-sig does."""
+    import pandas as pd
+
+    path = tmp_path / "d.parquet"
+    pd.DataFrame([{"user_id": "a", "prompt": "x", "completion": " y"}, {"user_id": "b", "prompt": "x", "completion": None}]
+                 ).to_parquet(path)
+    with pytest.raises(DataError, match=r"d\.parquet: row 1: user 'b': column 'completion' is null \(set data.on_bad_row"):
+        load_examples(path, "auto", Columns(), BadRows("error"))
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n" + GOOD.replace('"a"', '"b"') + "\n").encode())
+    assert load_examples(path, "auto", Columns(), BadRows("error"))["user_id"] == ["a", "b"]
