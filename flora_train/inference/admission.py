@@ -33,9 +33,8 @@ class RequestReader:
         """The limit is ``--max-prompt-tokens``, else the run's ``data.max_length`` (what the
         adapters were trained on), else the model's context; ``--max-prompt-tokens`` past the
         context is refused."""
-        config = getattr(trained.model, "config", None)
-        context = getattr(config, "max_position_embeddings", None) or 4096
-        vocab = getattr(config, "vocab_size", None) or len(trained.tokenizer)
+        context = trained.context
+        vocab = getattr(getattr(trained.model, "config", None), "vocab_size", None) or len(trained.tokenizer)
         if max_prompt_tokens is not None and not 1 <= max_prompt_tokens <= context:
             raise InferenceError(f"--max-prompt-tokens {max_prompt_tokens}: must be in 1..{context}, the model's "
                                  "context (max_position_embeddings)")

@@ -9,7 +9,7 @@ is the prompts' index repeated per beam; greedy, sampling and beams use the KV c
 from __future__ import annotations
 
 import contextlib
-
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -61,6 +61,7 @@ class Generation:
     text: str
     tokens: int  # new tokens generated (before a stop string cut the text)
     user_known: bool
+    context_bound: bool = False  # max_new_tokens would have run past the model's context: bounded by it
 
 
 @dataclass
@@ -152,21 +153,45 @@ def generate_batch(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequ
     ``output_scores``, the raw ``generate`` output (scores per step)."""
     if len(prompts) != len(users):
         raise InferenceError(f"{len(prompts)} prompts but {len(users)} users")
-    return _generate_texts(trained, render_prompts(trained, prompts, settings.chat, users), users, settings, output_scores)
+    prompt_ids = _prompt_ids(trained, render_prompts(trained, prompts, settings.chat, users), users, settings)
+    return _generate_ids(trained, prompt_ids, users, settings, output_scores)
 
 
-def _generate_texts(trained: TrainedAdapters, texts: Sequence[str], users: Sequence[str], settings: GenerationSettings,
-                    output_scores: bool = False) -> tuple[list[Generation], Any]:
+def _prompt_ids(trained: TrainedAdapters, texts: Sequence[str], users: Sequence[str],
+                settings: GenerationSettings) -> list[list[int]]:
+    """The prompts' token ids; a prompt that leaves no room in the context is an error naming it."""
+    ids = trained.tokenizer(list(texts), add_special_tokens=not settings.chat)["input_ids"]
+    for k, p in enumerate(ids):
+        if settings.max_new_tokens and len(p) >= trained.context:
+            raise InferenceError(f"prompt {k + 1} of {len(ids)} (user {users[k]!r}): {len(p)} tokens leave no room to "
+                                 f"generate in the model's context of {trained.context} tokens (max_position_embeddings)")
+    return ids
+
+
+def _generate_ids(trained: TrainedAdapters, prompt_ids: Sequence[Sequence[int]], users: Sequence[str],
+                  settings: GenerationSettings, output_scores: bool = False) -> tuple[list[Generation], Any]:
+    """A prompt whose ``max_new_tokens`` would run past the model's context generates up to it: it
+    goes with the prompts of its own bound, so what a prompt gets never depends on its batch-mates
+    (a batch runs as long as its longest-running row, and rows past the context would index outside
+    a learned position table)."""
     tok = trained.tokenizer  # load_tokenizer gives every tokenizer a pad token
-    prompt_ids = tok(list(texts), add_special_tokens=not settings.chat)["input_ids"]
-    rows, index, _ = trained.batch_rows(list(users))
-    new, out = generate_tokens(trained.model, trained.slot, rows, index, prompt_ids, tok.pad_token_id, settings, output_scores,
-                               autocast_dtype=trained.autocast_dtype)
-    results = []
-    for k, ids in enumerate(new):
-        text, count = decode_new(tok, ids, settings.stop, settings.ignore_eos)
-        results.append(Generation(text, count, users[k] in trained))
-    return results, out
+    bound = [min(settings.max_new_tokens, trained.context - len(p)) for p in prompt_ids]
+    groups: dict[int, list[int]] = {}
+    for k, b in enumerate(bound):
+        groups.setdefault(b, []).append(k)
+    if output_scores and len(groups) > 1:
+        raise InferenceError("output_scores needs every prompt's max_new_tokens inside the model's context")
+    results: list[Generation | None] = [None] * len(prompt_ids)
+    out = None
+    for b, members in groups.items():
+        rows, index, _ = trained.batch_rows([users[k] for k in members])
+        group_settings = settings if b == settings.max_new_tokens else dataclasses.replace(settings, max_new_tokens=b)
+        new, out = generate_tokens(trained.model, trained.slot, rows, index, [prompt_ids[k] for k in members],
+                                   tok.pad_token_id, group_settings, output_scores, autocast_dtype=trained.autocast_dtype)
+        for k, ids in zip(members, new):
+            text, count = decode_new(tok, ids, settings.stop, settings.ignore_eos)
+            results[k] = Generation(text, count, users[k] in trained, context_bound=b < settings.max_new_tokens)
+    return [r for r in results if r is not None], out
 
 
 def generate(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[str],
@@ -179,7 +204,7 @@ def generate(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[s
 
     if len(prompts) != len(users):
         raise InferenceError(f"{len(prompts)} prompts but {len(users)} users")
-    texts = render_prompts(trained, prompts, settings.chat, users)
+    prompt_ids = _prompt_ids(trained, render_prompts(trained, prompts, settings.chat, users), users, settings)
 
     stats = GenerationStats(prompts=len(prompts))
     unknown = sorted({u for u in users if u not in trained})
@@ -191,11 +216,15 @@ def generate(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[s
     start = time.perf_counter()
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     for s in range(0, len(prompts), batch_size):
-        batch, _ = _generate_texts(trained, texts[s : s + batch_size], users[s : s + batch_size], settings)
+        batch, _ = _generate_ids(trained, prompt_ids[s : s + batch_size], users[s : s + batch_size], settings)
         results.extend(batch)
         stats.new_tokens += sum(g.tokens for g in batch)
         stats.seconds = time.perf_counter() - start
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
     bar.close()
+    cut = sum(g.context_bound for g in results)
+    if cut:
+        log.warning("%d prompt%s generated up to the model's context of %d tokens, short of max_new_tokens %d",
+                    cut, "" if cut == 1 else "s", trained.context, settings.max_new_tokens)
     return results, stats

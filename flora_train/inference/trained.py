@@ -150,6 +150,12 @@ class TrainedAdapters:
     def users(self) -> list[str]:
         return self.rows.users
 
+    @property
+    def context(self) -> int:
+        """Positions the base has (prompt and generated tokens together): past them a model with
+        learned positions (GPT-2) indexes outside its table, and a rotary one runs untrained."""
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or 4096
+
     def __contains__(self, user: str) -> bool:
         return user in self.rows
 

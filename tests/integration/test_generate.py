@@ -156,3 +156,29 @@ def test_seeded_sampling_repeats(trained):
     others = [generate_batch(trained, PROMPTS[:2], users, GenerationSettings(max_new_tokens=8, do_sample=True,
                                                                               temperature=1.5, seed=s))[0] for s in range(8, 12)]
     assert any([g.text for g in o] != [g.text for g in first] for o in others), "other seeds sample other text"
+
+
+def test_generation_stays_inside_the_context_and_never_depends_on_its_batch(tmp_path, tiny_gpt2_dir, caplog):
+    """A GPT-2 base has a table of 64 learned positions. A prompt that max_new_tokens carried past
+    them crashed generate with IndexError ('index out of range in self'); a prompt longer than the
+    context did too. Now a prompt generates up to the context (and its batch-mates, with their own
+    room, as they would alone) and a prompt with no room is an error naming it."""
+    run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_gpt2_dir), "adapter.target_modules=[c_attn]",
+                                    f"run_dir={tmp_path / 'run'}", "eval.at_end=false", "train.max_steps=1"]))
+    trained = load_trained(tmp_path / "run", device="cpu")
+    tok, user = trained.tokenizer, trained.users[0]
+    def prompt_of(n: int) -> str:  # a prompt of n tokens
+        texts = [unit * k for unit in (" :", " ?", ":", "?", " a", "a") for k in range(1, 100)]
+        return next(t for t in texts if len(tok(t)["input_ids"]) == n)
+
+    long_prompt = prompt_of(60)  # room for 4
+    settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
+    with caplog.at_level("WARNING", logger="flora_train"):
+        (short, cut), _ = generate(trained, [PROMPTS[0], long_prompt], [user, user], settings)
+    assert (short.tokens, short.context_bound, cut.tokens, cut.context_bound) == (10, False, 4, True)
+    assert "1 prompt generated up to the model's context of 64 tokens, short of max_new_tokens 10" in caplog.text
+    (alone,), _ = generate(trained, [PROMPTS[0]], [user], settings)
+    assert alone.text == short.text and trained.context == 64
+    with pytest.raises(InferenceError, match=rf"^prompt 2 of 2 \(user '{user}'\): 64 tokens leave no room to generate "
+                                             r"in the model's context of 64 tokens"):
+        generate(trained, [PROMPTS[0], prompt_of(64)], [user, user], settings)
