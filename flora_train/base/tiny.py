@@ -80,7 +80,8 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, lr: floa
     from flora_train.data.tokenize import IGNORE, collate
 
     eos = tokenizer.eos_token_id
-    encoded = [{"input_ids": ids + [eos], "labels": ids + [eos]} for ids in tokenizer(list(texts))["input_ids"]]
+    room = model.config.max_position_embeddings - 1  # a text past the positions is cut (GPT-2's table has no row there)
+    encoded = [{"input_ids": ids[:room] + [eos], "labels": ids[:room] + [eos]} for ids in tokenizer(list(texts))["input_ids"]]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()

@@ -141,7 +141,7 @@ class DataConfig:
     # Chat rows: a column of {role, content} turns, rendered with the tokenizer's chat template;
     # the loss is on the assistant turns only.
     messages_column: Optional[str] = None
-    max_length: int = 256  # tokens an example may have (longer ones are cut); also the served context
+    max_length: int = 256  # tokens an example may have (longer: a bad row); also the served context
     on_bad_row: BadRowPolicy = BadRowPolicy.error  # error: stop naming the file and line; skip: drop and count
     # With no eval_path, hold out this many examples of each user (who has more than that) for eval.
     eval_examples_per_user: int = 0

@@ -48,10 +48,16 @@ TOKENIZED = datasets.Features({
 })
 
 
-def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add_eos: bool, bad: BadRows) -> datasets.Dataset:
+def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add_eos: bool, bad: BadRows,
+                      context: int | None = None) -> datasets.Dataset:
     """Columns ``user_id``, ``source``, ``input_ids`` and ``labels`` (int32); rows too long or with
-    nothing to learn from are bad rows. One batched ``datasets.map`` pass writes Arrow directly,
-    so no column of the result is ever a Python list of every example."""
+    nothing to learn from are bad rows. ``context``: the base's positions (max_position_embeddings);
+    a row past them is too long whatever ``max_length`` says (a learned position table has no row
+    there, and rotary positions there were never trained). One batched ``datasets.map`` pass writes
+    Arrow directly, so no column of the result is ever a Python list of every example."""
+    limit = max_length if context is None else min(max_length, context)
+    too_long = (f"data.max_length={max_length}" if limit == max_length else
+                f"the base's context of {context} tokens (max_position_embeddings; data.max_length={max_length})")
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     kind = "messages" if "messages" in ds.column_names else "text" if "text" in ds.column_names else "prompt"
     if kind == "messages" and not getattr(tokenizer, "chat_template", None):
@@ -84,8 +90,8 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
             elif pair is None:
                 bad.report(source, "template_not_prefix", f"user {user!r}: the chat template does not render this "
                            "conversation turn by turn (its assistant turns cannot be located)")
-            elif len(pair[0]) > max_length:
-                bad.report(source, "too_long", f"user {user!r}: {len(pair[0])} tokens > data.max_length={max_length}")
+            elif len(pair[0]) > limit:
+                bad.report(source, "too_long", f"user {user!r}: {len(pair[0])} tokens > {too_long}")
             elif not any(t != IGNORE for t in pair[1][1:]):
                 bad.report(source, "no_target", f"user {user!r}: no tokens to learn from after tokenisation")
             else:

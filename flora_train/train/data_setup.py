@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flora_train import dist as fdist
 from flora_train.base import ModelLoadError, build_tiny_model, load_tokenizer
+from flora_train.base.loading import load_config
 from flora_train.config import RecipeError
 from flora_train.data import BadRows, Columns, DataError, SyntheticTask, cache, load_examples, tokenize_examples
 from flora_train.data.examples import TokenizedExamples
@@ -174,23 +175,24 @@ class _Build:
         folder = RunDir(self.run_dir).base_model.absolute()
         return str(build_tiny_model(folder, OmegaConf.to_container(m.tiny), _texts(raw)))  # type: ignore[arg-type]
 
-    def key(self, tokenizer: Any) -> str:
+    def key(self, tokenizer: Any, context: int | None) -> str:
         d = self.d
         return cache.cache_key({
             **{part: cache.sources_digest(spec, self.split(part), d.subset, KEYS[part]) if spec is not None else None
                for part, spec in self.specs.items()},
             "format": self.fmt, "columns": vars(columns(self.cfg)), "on_bad_row": d.on_bad_row.value,
-            "max_length": d.max_length, "add_eos": d.add_eos, "hold_out": d.eval_examples_per_user,
+            "max_length": d.max_length, "context": context, "add_eos": d.add_eos, "hold_out": d.eval_examples_per_user,
             "validation_fraction": d.validation_fraction,
             "seed": self.cfg.train.seed, "tokenizer": cache.tokenizer_digest(tokenizer),
         })
 
-    def write(self, folder: Path, tokenizer: Any) -> None:
+    def write(self, folder: Path, tokenizer: Any, context: int | None) -> None:
         d = self.d
         parts = {}
         for part in PARTS:
             raw = self.raw(part)
-            parts[part] = tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, self.bad) if raw is not None else None
+            parts[part] = (tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, self.bad, context)
+                           if raw is not None else None)
         if not len(parts["train"]):
             raise DataError(f"{KEYS['train']}: no example left after tokenisation ({self.bad.total} bad rows: "
                             + "; ".join(self.bad.examples[:3]) + ")")
@@ -234,9 +236,10 @@ def prepare_data(cfg: DictConfig) -> RunData:
             build = _Build(cfg, run_dir)
             model_path = build.model_path()
             tokenizer = load_tokenizer(model_path, m.gguf_file, m.trust_remote_code)
-            folder = RunDir(run_dir).data_cache / build.key(tokenizer)
+            context = base_context(model_path, m)
+            folder = RunDir(run_dir).data_cache / build.key(tokenizer, context)
             if not cache.is_complete(folder):
-                build.write(folder, tokenizer)
+                build.write(folder, tokenizer, context)
             answer = (str(folder), model_path, None, None)
         except Exception as exc:
             fdist.broadcast_object(("", "", type(exc).__name__, str(exc)))
@@ -257,12 +260,18 @@ def prepare_data(cfg: DictConfig) -> RunData:
                    answer[1], tokenizer, folder)
 
 
-def load_eval_file(cfg: DictConfig, tokenizer: Any, path: Path) -> TokenizedExamples:
+def base_context(model_path: str, m: DictConfig, local_files_only: bool = False) -> int | None:
+    """The base's positions (its config's max_position_embeddings), read without its weights."""
+    config = load_config(model_path, m.gguf_file, m.trust_remote_code, local_files_only=local_files_only)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def load_eval_file(cfg: DictConfig, tokenizer: Any, path: Path, context: int | None) -> TokenizedExamples:
     """Another evaluation file (`flora-train eval --data`), read and tokenised as the recipe's data is."""
     d = cfg.data
     bad = BadRows(policy=d.on_bad_row.value)
     raw = load_examples(Path(path), "auto", columns(cfg), bad, key="--data")
-    return cache.in_memory(tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, bad))
+    return cache.in_memory(tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, bad, context))
 
 
 def length_report(cfg: DictConfig) -> tuple[str, str | None]:
@@ -283,7 +292,11 @@ def length_report(cfg: DictConfig) -> tuple[str, str | None]:
                                    local_files_only=True)
     except ModelLoadError as exc:
         return f"# padding: not estimated ({str(exc).splitlines()[0][:300]})", None
-    examples = cache.in_memory(tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, build.bad))
+    try:
+        context = base_context(str(cfg.base.name_or_path), cfg.base, local_files_only=True)
+    except ModelLoadError:
+        context = None
+    examples = cache.in_memory(tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, build.bad, context))
     planner = BatchPlanner(examples.by_user(), t.users_per_step, t.examples_per_user, t.seed, d.max_examples_per_user)
     share, warning = padding_report(planner, examples.lengths(), MicroBatching(t.micro_batch_size, t.micro_batch_tokens,
                                                                                t.packing), d.max_length)

@@ -306,7 +306,8 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     session = prepare_session(recipe_beside_the_run(run_dir, "evaluating", "eval"))
     try:
         if data is not None:
-            session.eval, session.eval_of = load_eval_file(session.cfg, session.tokenizer, data), RunDir.eval_scope(data)
+            context = getattr(getattr(session.model, "config", None), "max_position_embeddings", None)
+            session.eval, session.eval_of = load_eval_file(session.cfg, session.tokenizer, data, context), RunDir.eval_scope(data)
         return _eval(session, session.cfg, run_dir, recipe, checkpoint, data)
     finally:
         session.close()

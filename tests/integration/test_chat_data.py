@@ -64,7 +64,9 @@ def test_bad_turns_name_file_and_line(tmp_path):
 
 def test_a_run_trains_on_chat_rows(tmp_path, chat_model):
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(_chat(f"user-{i % 4}", i)) + "\n" for i in range(16)))
+    # One exchange a row: the whole conversation (76 tokens) is past the tiny base's 64 positions.
+    rows = [{**_chat(f"user-{i % 4}", i), "messages": _chat("", i)["messages"][:3]} for i in range(16)]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_training(load_recipe(None, [f"base.name_or_path={chat_model}", f"data.train_path={train}",
                                              "data.messages_column=messages", "data.eval_examples_per_user=1",
                                              f"run_dir={tmp_path / 'run'}", "train.users_per_step=4", "train.epochs=3",

@@ -127,7 +127,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_short_ones_decode(trained):
     _, first = submit(engine, trained, "user-000001", short)
     while not first.events:
         time.sleep(0.001)
-    long_prompt = "favourite colour ? my city " * 10
+    long_prompt = "favourite colour ? my city " * 5  # inside the context of 64 with its 3 new tokens
     chunks = [-(-len(trained.tokenizer(p)["input_ids"]) // 8) for p in (PROMPT, long_prompt)]
     _, long = submit(engine, trained, "user-000002", GenerationSettings(max_new_tokens=3), prompt=long_prompt)
     assert first.ended.wait(60) and long.ended.wait(60)
