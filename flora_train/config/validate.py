@@ -205,6 +205,11 @@ def validate_recipe(cfg: DictConfig, source: Source) -> None:
     if la.gpus_per_node and la.procs_per_node > la.gpus_per_node:
         _fail(source, "launch.procs_per_node", f"{la.procs_per_node} processes cannot each have a GPU of "
               f"launch.gpus_per_node={la.gpus_per_node}")
+    if la.procs_per_node < la.gpus_per_node:  # `--gpus-per-node 8` alone trained on one GPU of the eight
+        procs, gpus = la.procs_per_node, la.gpus_per_node
+        _fail(source, "launch.procs_per_node", f"{procs} process{'' if procs == 1 else 'es'} per node would leave "
+              f"{gpus - procs} of launch.gpus_per_node={gpus} GPUs idle (each training process drives one GPU): "
+              f"set launch.procs_per_node={gpus} (--procs-per-node {gpus})")
     if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", la.time_limit):
         _fail(source, "launch.time_limit", f"must look like [D-]HH:MM:SS, got {la.time_limit!r}")
     for name in la.env:

@@ -44,6 +44,11 @@ def _write(tmp_path, text):
         ("base:\n  tiny: {}\ndata:\n  synthetic: {}\n", [], r"missing required value for key 'run_dir'"),
         ("run_dir: x\nmodel:\n  tiny: {}\n", [], r"r\.yaml:2: unknown key 'model' \(the frozen model's section is called 'base'\)"),
         (MINIMAL, ["base.zero_stage=2"], r"key 'base.zero_stage': must be 0 or 3, got 2"),
+        # GPUs asked for without the processes to drive them: `--gpus-per-node 8` alone trained on one GPU.
+        (MINIMAL, ["launch.gpus_per_node=8"], r"key 'launch.procs_per_node': 1 process per node would leave 7 of "
+         r"launch.gpus_per_node=8 GPUs idle \(each training process drives one GPU\): set launch.procs_per_node=8"),
+        (MINIMAL, ["launch.gpus_per_node=2", "launch.procs_per_node=4"], r"key 'launch.procs_per_node': 4 processes "
+         r"cannot each have a GPU of launch.gpus_per_node=2"),
         (MINIMAL, ["base.offload_params=cpu"], r"key 'base.offload_params': parameter offload needs base.zero_stage=3"),
         (MINIMAL, ["base.offload_params=nvme"], r"invalid value for key 'base.offload_params'.*none, cpu"),
         (MINIMAL, ["base.zero_stage=3", "base.deepspeed.zero_optimization.stage=2"],
