@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from flora_train.chat_template import ChatTemplateRefused, apply_chat_template
-from flora_train.inference.trained import InferenceError, TrainedAdapters
+from flora_train.inference.trained import InferenceError, TrainedAdapters, context_of
 
 log = logging.getLogger("flora_train")
 
@@ -116,6 +116,14 @@ def generate_tokens(model: torch.nn.Module, slot: Any, rows: torch.Tensor, index
         return [[] for _ in prompt_ids], None
     device = rows.device
     width = max(len(p) for p in prompt_ids)
+    room = context_of(model) - width
+    if room <= 0:
+        raise ValueError(f"a prompt of {width} tokens leaves no room in the model's context of {context_of(model)}")
+    if settings.max_new_tokens > room:
+        # The batch stops at the context (past it a learned position table has no row): one generate
+        # call whatever the rows need, as ZeRO-3's synced ranks require. generate() groups prompts by
+        # their own room first, so what a prompt gets there never depends on its batch-mates.
+        settings = dataclasses.replace(settings, max_new_tokens=room)
     ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompt_ids):

@@ -115,6 +115,11 @@ def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
     raise InferenceError(f"{path}: not a run directory (recipe.yaml), a checkpoint (layout.json) or a flora export (index.json)")
 
 
+def context_of(model: torch.nn.Module) -> int:
+    """Positions the model has (prompt and generated tokens together), from its config."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
+
+
 class TrainedAdapters:
     """The base with adapters injected, the tokenizer and every user's row."""
 
@@ -154,7 +159,7 @@ class TrainedAdapters:
     def context(self) -> int:
         """Positions the base has (prompt and generated tokens together): past them a model with
         learned positions (GPT-2) indexes outside its table, and a rotary one runs untrained."""
-        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or 4096
+        return context_of(self.model)
 
     def __contains__(self, user: str) -> bool:
         return user in self.rows

@@ -27,5 +27,13 @@ def test_examples_past_the_bases_context_are_bad_rows_not_an_index_error(tmp_pat
     with pytest.raises(DataError, match=rf"^{path}:5: user 'u1': \d+ tokens > the base's context of 64 tokens "
                                         r"\(max_position_embeddings; data.max_length=256\) \(set data.on_bad_row=skip"):
         run_training(load_recipe(None, recipe))
-    result = run_training(load_recipe(None, [*recipe, "data.on_bad_row=skip"]))
+    # Held-out generation (eval.generate, 32 new tokens) on a prompt of 50 tokens ran past the 64
+    # positions at the end of the run: the same IndexError, after all the training.
+    held_out = tmp_path / "e.jsonl"
+    held_out.write_text("".join(json.dumps({"user_id": f"u{i}", "prompt": "favourite colour " * (24 if i else 2),
+                                            "completion": " red"}) + "\n" for i in range(3)))
+    result = run_training(load_recipe(None, [*recipe, "data.on_bad_row=skip", f"data.eval_path={held_out}",
+                                             "eval.at_end=true", "eval.generate=true", "eval.max_new_tokens=32",
+                                             "train.compare_shared_baseline=false"]))
     assert result["steps"] > 0 and "skipped 1 bad row: " in capsys.readouterr().out
+    assert result["eval_generate"]["eval_gen/users"] == 3, result.keys()
