@@ -17,25 +17,29 @@ from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import (
     CheckpointError,
     checkpoint_chain,
-    latest_checkpoint,
+    lease_checkpoint,
+    leased_latest_checkpoint,
     read_shared_adapter,
     read_state,
     saved_layout,
     verify_checkpoint,
 )
+from flora_train.run_dir.readers import CheckpointLease
 from flora_train.store.saved import iter_saved_rows, saved_user_ids
 
 
-def _checkpoint(run_dir: Path, checkpoint: Path | None, just_written: bool) -> Path:
+def _checkpoint(run_dir: Path, checkpoint: Path | None, just_written: bool) -> tuple[Path, CheckpointLease]:
+    """The checkpoint to export, leased: a run training beside the export prunes none of it meanwhile."""
     if checkpoint is not None:
+        held = lease_checkpoint(checkpoint)
         # Every byte hashed, unless this process wrote (and hashed) it a moment ago.
         verify_checkpoint(checkpoint, contents=not just_written)
-        return checkpoint
+        return checkpoint, held
     RunDir(run_dir).require("export")
-    ckpt = latest_checkpoint(run_dir)  # hashed through: the newest intact one
-    if ckpt is None:
+    found = leased_latest_checkpoint(run_dir)  # hashed through: the newest intact one
+    if found is None:
         raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
-    return ckpt
+    return found
 
 
 def _select_users(saved: list[str], users: list[str] | None) -> list[str]:
@@ -80,8 +84,12 @@ class RowExport(AdapterExport):
     def export(self, request: ExportRequest) -> dict[str, Any]:
         """Writes the users' rows under ``request.out`` plus ``index.json`` and ``manifest.json``.
         Part 0 writes those two once every part's files are written (``request.gather``)."""
+        ckpt, lease = _checkpoint(Path(request.run_dir), request.checkpoint, request.just_written)
+        with lease:
+            return self._export(request, ckpt)
+
+    def _export(self, request: ExportRequest, ckpt: Path) -> dict[str, Any]:
         out, part = request.out, request.part
-        ckpt = _checkpoint(Path(request.run_dir), request.checkpoint, request.just_written)
         layout = saved_layout(ckpt)
         state = read_state(ckpt)
         self.check(layout, "this run's")

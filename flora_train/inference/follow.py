@@ -53,10 +53,11 @@ class Follower:
 
     def check(self) -> bool:
         """Swaps in the newest intact checkpoint if it is new; True when it did."""
-        from flora_train.run_dir.checkpoints import (checkpoint_chain, latest_checkpoint, list_checkpoints,
+        from flora_train.run_dir.checkpoints import (checkpoint_chain, leased_latest_checkpoint, list_checkpoints,
                                                      read_shared_adapter, saved_layout)
 
-        newest = latest_checkpoint(self.run_dir, warn_skipped=False)
+        found = leased_latest_checkpoint(self.run_dir, warn_skipped=False)
+        newest, lease = found if found is not None else (None, None)
         for path in reversed(list_checkpoints(self.run_dir)):
             if newest is not None and path.name <= newest.name:
                 break
@@ -66,6 +67,8 @@ class Follower:
             if looks == 2:
                 log.warning("--follow: %s does not verify (corrupt or incomplete); still serving %s", path, self.served)
         if newest is None or str(newest) == self.served or str(newest) in self._refused:
+            if lease is not None:
+                lease.close()  # the served one holds its own
             return False
         problems = saved_layout(newest).compatible_with(self.trained.layout)
         shared = read_shared_adapter(newest)
@@ -73,11 +76,12 @@ class Follower:
         if (shared is None) != (current is None) or (shared is not None and not shared[0]["row"].equal(current.row.cpu())):
             problems.append("its shared adapter differs from the served one (restart the server to serve it)")
         if problems:
+            lease.close()
             self._refused.add(str(newest))
             log.warning("--follow: not serving %s: %s; still serving %s", newest, "; ".join(problems), self.served)
             return False
         old = self.engine.adapters
-        rows = CheckpointRows(checkpoint_chain(Path(newest)))
+        rows = CheckpointRows(checkpoint_chain(Path(newest)), lease)  # the old rows' lease goes with them
         self.engine.swap_adapters(AdapterCache(rows, self.trained.layout, self.trained.source.init_seed,
                                                old.table.shape[0], old.table.device, old.version + 1))
         with self._lock:

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 
 from flora_train.adapters import AdapterLayout, user_seed
+from flora_train.run_dir.readers import CheckpointLease
 
 log = logging.getLogger("flora_train")
 
@@ -121,9 +122,10 @@ class CheckpointRows(_IndexedRows):
     chain is written again under it (`flora-train forget` removed users), ``refresh`` indexes it
     again: a shard's rows then no longer line up with the user list read before."""
 
-    def __init__(self, chain: list[Path]) -> None:
+    def __init__(self, chain: list[Path], lease: CheckpointLease | None = None) -> None:
         super().__init__(str(chain[-1]), {})
         self.chain = chain
+        self.lease = lease  # run_dir.readers.CheckpointLease: its run prunes none of the chain while held
         self._lock = threading.Lock()  # refreshes come from the engine's thread and the HTTP threads
         self._index_chain()
 

@@ -22,6 +22,7 @@ from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
 from flora_train.errors import UserError
 from flora_train.inference.rows import CheckpointRows, RowSource
 from flora_train.run_dir import RunDir
+from flora_train.run_dir.readers import CheckpointLease
 
 log = logging.getLogger("flora_train")
 
@@ -50,21 +51,26 @@ class Source:
         return self.rows.users
 
 
-def _from_checkpoint(ckpt: Path, run_dir: Path) -> Source:
+def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = None) -> Source:
+    """``lease``: held on ``ckpt`` already (the newest intact one, found leased); else taken here,
+    so that a run training beside the reader prunes none of the checkpoint while it is served."""
     from flora_train.config import load_recipe
     from flora_train.run_dir.checkpoints import (
         checkpoint_chain,
+        lease_checkpoint,
         read_shared_adapter,
         read_state,
         saved_layout,
         verify_checkpoint,
     )
 
-    verify_checkpoint(ckpt)
+    if lease is None:
+        lease = lease_checkpoint(ckpt)
+        verify_checkpoint(ckpt)
     cfg = load_recipe(RunDir(run_dir).recipe)
     state = read_state(ckpt)
     layout = saved_layout(ckpt)
-    rows = CheckpointRows(checkpoint_chain(ckpt))
+    rows = CheckpointRows(checkpoint_chain(ckpt), lease)
     saved = read_shared_adapter(ckpt)
     shared = None
     if saved is not None:
@@ -98,16 +104,16 @@ def _from_export(folder: Path) -> Source:
 
 def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
     """Reads the adapters of a run directory, a checkpoint folder or a flora export folder."""
-    from flora_train.run_dir.checkpoints import LAYOUT, latest_checkpoint
+    from flora_train.run_dir.checkpoints import LAYOUT, leased_latest_checkpoint
 
     path = Path(path)
     if checkpoint is not None:
         return _from_checkpoint(Path(checkpoint), path)
     if RunDir(path).recipe.is_file():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
+        found = leased_latest_checkpoint(path)
+        if found is None:
             raise InferenceError(f"{path}: no intact checkpoint to load adapters from")
-        return _from_checkpoint(ckpt, path)
+        return _from_checkpoint(found[0], path, found[1])
     if (path / LAYOUT).is_file() and RunDir(path.parent.parent).recipe.is_file():
         return _from_checkpoint(path, path.parent.parent)
     if (path / "index.json").is_file() and (path / "manifest.json").is_file():

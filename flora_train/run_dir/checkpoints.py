@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from flora_train import dist as fdist
 from flora_train.adapters import AdapterLayout
 from flora_train.errors import UserError, warn
+from flora_train.run_dir import readers
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardError, ShardPlan
 
@@ -250,27 +251,61 @@ def holds_checkpoints(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir))
 
 
-def latest_checkpoint(run_dir: Path, warn_skipped: bool = True) -> Path | None:
-    """The newest checkpoint that verifies. Newer broken ones are passed over, each named in a
-    warning (a reader never falls back in silence)."""
+def _newest_intact(run_dir: Path, warn_skipped: bool,
+                   take_lease: bool) -> tuple[Path, readers.CheckpointLease | None] | None:
     skipped = []
     for path in reversed(list_checkpoints(run_dir)):
+        held = None
+        if take_lease:
+            held = readers.lease(checkpoint_chain(path))
+            if held is None:  # pruned since it was listed: not broken, and not worth a word
+                continue
         try:
             verify_checkpoint(path)
         except CheckpointError as exc:
+            if held is not None:
+                held.close()
             skipped.append(str(exc))
             continue
         if skipped and warn_skipped:
             for why in skipped:
                 warn(f"skipping a broken checkpoint: {why}")
             warn(f"using {path}, the newest intact checkpoint")
-        return path
+        return path, held
     return None
+
+
+def latest_checkpoint(run_dir: Path, warn_skipped: bool = True) -> Path | None:
+    """The newest checkpoint that verifies. Newer broken ones are passed over, each named in a
+    warning (a reader never falls back in silence)."""
+    found = _newest_intact(run_dir, warn_skipped, take_lease=False)
+    return found[0] if found is not None else None
+
+
+def leased_latest_checkpoint(run_dir: Path, warn_skipped: bool = True) -> tuple[Path, readers.CheckpointLease] | None:
+    """``latest_checkpoint`` for a reader beside a training run, with a lease that keeps pruning off
+    it (and off what it builds on) until released. Each candidate is leased before its bytes are
+    hashed, so it cannot vanish midway."""
+    found = _newest_intact(run_dir, warn_skipped, take_lease=True)
+    if found is None:
+        return None
+    path, held = found
+    assert held is not None
+    return path, held
+
+
+def lease_checkpoint(path: Path) -> readers.CheckpointLease:
+    """A lease on a checkpoint a reader named (``--checkpoint``); an error if it was pruned."""
+    held = readers.lease(checkpoint_chain(path))
+    if held is None:
+        raise CheckpointError(f"{path}: not there (pruned by its run since: train.keep_checkpoints)")
+    return held
 
 
 def prune_checkpoints(root: Path, keep: int, run_id: str | None = None) -> None:
     """Keeps the newest ``keep`` complete checkpoints of run ``run_id`` and every checkpoint they
-    build on; never deletes the newest complete one, nor another run's.
+    build on; never deletes the newest complete one, nor another run's, nor one a reader leases
+    (``readers.py``: `serve`, `export`, `generate` beside the run) or that a leased one builds on.
 
     Complete means every file at its manifest size: their bytes were hashed when written and are
     hashed again before anything reads them, so pruning does not re-read every checkpoint."""
@@ -288,9 +323,9 @@ def prune_checkpoints(root: Path, keep: int, run_id: str | None = None) -> None:
             needed.update(json.loads((path / MANIFEST).read_text()).get("chain", []))
         except (OSError, ValueError):
             pass
-    for path in valid[max(keep, 1) :]:
-        if path.name not in needed:
-            shutil.rmtree(path, ignore_errors=True)
+    for path in valid[max(keep, 1) :]:  # newest first: a leased delta keeps what it builds on
+        if path.name not in needed and not readers.prune(path):
+            needed.update(member.name for member in checkpoint_chain(path))
 
 
 def read_layout(path: Path, layout: AdapterLayout) -> None:

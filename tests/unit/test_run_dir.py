@@ -1,4 +1,5 @@
-"""The run directory's writer lock and run identity, on real files and real processes."""
+"""The run directory's writer lock, run identity and readers' checkpoint leases, on real files and
+real processes."""
 
 import hashlib
 import json
@@ -9,7 +10,15 @@ import sys
 import pytest
 
 from flora_train.run_dir import RunLock, RunLocked
-from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, prune_checkpoints, verify_checkpoint
+from flora_train.run_dir.checkpoints import (
+    CheckpointError,
+    latest_checkpoint,
+    lease_checkpoint,
+    leased_latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    verify_checkpoint,
+)
 from flora_train.run_dir.identity import RunDirInUse, claim
 
 HOLD = "import sys, time; from flora_train.run_dir import RunLock; RunLock(sys.argv[1], 'flora-train run x.yaml').acquire(); print('held', flush=True); time.sleep(600)"
@@ -57,7 +66,7 @@ def test_a_chain_never_crosses_runs_and_pruning_keeps_other_runs(tmp_path, capfd
     for step in (3, 4, 5):
         _fake_checkpoint(root, step, "new")
     prune_checkpoints(root, keep=1, run_id="new")
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000002", "step-00000005"]
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000001", "step-00000002", "step-00000005"]
     _fake_checkpoint(root, 6, "new", broken=True)
     assert latest_checkpoint(tmp_path) == root / "step-00000005"
     err = capfd.readouterr().err
@@ -121,3 +130,40 @@ def test_commands_given_another_folder_than_a_run_say_what_it_is_and_write_nothi
         assert main([name, str(path), *command[1:]]) == 2
         assert message in capsys.readouterr().err
         assert sorted(tmp_path.rglob("*")) == before, "nothing is written into a folder that is not a run"
+
+
+LEASE = ("import sys; from pathlib import Path; from flora_train.run_dir.checkpoints import lease_checkpoint; "
+         "held = lease_checkpoint(Path(sys.argv[1])); print('leased', flush=True); sys.stdin.read()")
+
+
+def test_pruning_passes_over_what_readers_lease_until_they_let_go_or_die(tmp_path):
+    """`serve`, `export` and `generate` beside a training run lost their checkpoint to its pruning
+    halfway (export: 'no intact checkpoint'; generate: a missing shard). A reader's lease (a shared
+    flock) keeps a checkpoint and what it builds on; a reader that ends, however, keeps nothing."""
+    root = tmp_path / "checkpoints"
+    (tmp_path / "recipe.yaml").write_text("run_dir: x\n")
+    _fake_checkpoint(root, 1, "r")
+    _fake_checkpoint(root, 2, "r", chain=["step-00000001", "step-00000002"])
+    _fake_checkpoint(root, 3, "r")
+    found = leased_latest_checkpoint(tmp_path)  # step 3, as a reader beside the run finds it
+    assert found is not None and found[0] == root / "step-00000003"
+    delta = lease_checkpoint(root / "step-00000002")  # a delta, and the full checkpoint it builds on
+    _fake_checkpoint(root, 4, "r")
+    other = subprocess.Popen([sys.executable, "-c", LEASE, str(root / "step-00000004")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "leased"  # another process (a server) holds step 4
+    for step in (5, 6):
+        _fake_checkpoint(root, step, "r")
+    names = lambda: [int(p.name.split("-")[1]) for p in list_checkpoints(root)]  # noqa: E731
+    prune_checkpoints(root, keep=1, run_id="r")
+    assert names() == [1, 2, 3, 4, 6]  # only 5 was nobody's
+    delta.close()
+    found[1].close()
+    prune_checkpoints(root, keep=1, run_id="r")
+    assert names() == [4, 6]
+    other.kill()  # SIGKILL: the kernel drops its lock
+    other.wait()
+    prune_checkpoints(root, keep=1, run_id="r")
+    assert names() == [6] and not (root / ".readers" / "step-00000004").exists()
+    with pytest.raises(CheckpointError, match=r"step-00000005: not there \(pruned by its run since"):
+        lease_checkpoint(root / "step-00000005")

@@ -13,7 +13,7 @@ from flora_train.export import export_adapters
 from flora_train.export.flora import load_flora_adapter
 from flora_train.export.packed import read_packed
 from flora_train.store.saved import iter_saved_rows, read_saved_rows
-from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint
+from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint, list_checkpoints
 from flora_train.train.run import run_training
 
 
@@ -61,7 +61,7 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
 
 
     # `export --checkpoint` an older checkpoint: its rows, not the newest; every byte hashed first.
-    older = sorted(p for p in (run / "checkpoints").iterdir() if p != ckpt)[0]
+    older = next(p for p in list_checkpoints(run) if p != ckpt)
     old_ids, old_rows = read_saved_rows(checkpoint_chain(older))
     assert main(["export", str(run), "--format", "packed", "--checkpoint", str(older), "--out", str(tmp_path / "old")]) == 0
     assert torch.equal(read_packed(tmp_path / "old", old_ids)[1], old_rows)

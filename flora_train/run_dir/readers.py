@@ -1,0 +1,107 @@
+"""Checkpoints that a reader is using are not pruned under it.
+
+A training run keeps its newest ``train.keep_checkpoints`` and deletes older ones as it goes. A
+reader beside it (`serve`, which reads users' rows from its checkpoint when first asked for;
+`export` and `generate`, which read for minutes) would lose its files halfway: `export` then found
+"no intact checkpoint" and `generate` ended on a missing shard.
+
+A reader takes a *shared* ``flock`` on ``checkpoints/.readers/<checkpoint>`` for the checkpoint and
+every checkpoint it builds on, and holds it while it reads. Pruning deletes a checkpoint only
+after taking that file's *exclusive* lock without waiting; when a reader holds it, the checkpoint
+stays (the next save tries again). As with the run's writer lock (``lock.py``) the kernel drops a
+reader's lock when the reader dies however it dies, so a crashed reader never pins a checkpoint,
+and on NFSv4 the lock holds across a cluster's nodes.
+
+The order closes the race: a reader locks first and then checks that the checkpoint is still
+there; pruning holds the exclusive lock while it deletes. A reader that finds it gone picks again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import threading
+from pathlib import Path
+
+READERS = ".readers"
+
+
+def _lease_file(checkpoint: Path) -> Path:
+    return checkpoint.parent / READERS / checkpoint.name
+
+
+def _open(path: Path) -> int:
+    path.parent.mkdir(exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+class CheckpointLease:
+    """Shared locks on a checkpoint and the checkpoints it builds on; ``close()`` (or dropping the
+    lease, or the process ending) releases them."""
+
+    def __init__(self, names: list[str], fds: list[int]) -> None:
+        self.names = names
+        self._fds = fds
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)  # closing the descriptor drops its flock
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> CheckpointLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def lease(chain: list[Path]) -> CheckpointLease | None:
+    """Leases every checkpoint of ``chain`` (a checkpoint and those it builds on); None when one of
+    them was pruned before its lock was held (the caller picks a checkpoint again)."""
+    fds: list[int] = []
+    for member in chain:
+        fd = _open(_lease_file(member))
+        fds.append(fd)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while pruning holds it, deleting that checkpoint
+        if not member.is_dir():
+            for held in fds:
+                os.close(held)
+            return None
+    return CheckpointLease([m.name for m in chain], fds)
+
+
+def prune(checkpoint: Path) -> bool:
+    """Deletes ``checkpoint`` unless a reader leases it; True when it was deleted."""
+    path = _lease_file(checkpoint)
+    fd = _open(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        path.unlink(missing_ok=True)  # under the lock: a reader waiting on it then finds the checkpoint gone
+        return True
+    finally:
+        os.close(fd)
+
+
+def leased(checkpoint: Path) -> bool:
+    """Whether a reader holds ``checkpoint`` now (for tests and messages; pruning does not ask)."""
+    path = _lease_file(checkpoint)
+    if not path.is_file():
+        return False
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
