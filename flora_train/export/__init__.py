@@ -66,6 +66,9 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     rows rank ``k``'s shards hold (``k % n`` when the checkpoint was saved by another world size);
     ``gather`` (an all-gather) collects every part's index, and part 0 writes ``index.json`` and
     ``manifest.json`` once every part's files are written."""
+    refused = RunDir(run_dir).export_out_error(Path(out), fmt)
+    if refused:
+        raise ExportError(refused)
     request = ExportRequest(Path(run_dir), Path(out), users, checkpoint, just_written, base_model_id, pack_size, part, gather)
     manifest = get_format(fmt).export(request)
     if part[0] == 0:

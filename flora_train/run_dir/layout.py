@@ -138,6 +138,41 @@ class RunDir:
         with self.exports_elsewhere.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"out": str(out)}) + "\n")
 
+    def export_out_error(self, out: Path, fmt: str) -> str | None:
+        """Why ``out`` may not receive a ``fmt`` export of this run (None: it may). A run directory's
+        own files are no place for one, this run's or another's, outside its ``export/<format>``
+        folders: an export into a checkpoint replaced its manifest.json. Nor is a folder holding
+        another run's export, or another format's: the two would mix under one index."""
+        target, here = Path(out).resolve(), self.path.resolve()
+        from_export = (self.path / "index.json").is_file() and not (self.recipe.is_file() or self.checkpoints.is_dir())
+        if from_export and target.is_relative_to(here):  # a merged export made from an export
+            return f"{out}: inside the export it is made from, {self.path}; export into another folder"
+        for folder in (target, *target.parents):
+            run = RunDir(folder)
+            if (folder == here and not from_export) or run.recipe.is_file() or run.checkpoints.is_dir():
+                exports = run.exports.resolve()
+                if folder != self.path.resolve() or target == exports or not target.is_relative_to(exports):
+                    whose = ("this run's own files" if folder == self.path.resolve()
+                             else f"the files of another run, {folder}")
+                    return (f"{out}: among {whose} (checkpoints, data, exports); export into "
+                            f"{self.export_dir(fmt)} (the default) or a folder outside any run directory")
+                break
+        manifest = target / "manifest.json"
+        if from_export or not manifest.is_file():
+            return None
+        try:
+            info = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            return f"{out}: holds a manifest.json that is not an export's; export into an empty folder"
+        source = Path(str(info.get("checkpoint", ""))).resolve().parent
+        if source != self.checkpoints.resolve():
+            return (f"{out}: holds an export of another run ({source.parent}); its users and this run's would mix: "
+                    "export into an empty folder")
+        if info.get("format") != fmt:
+            return (f"{out}: holds this run's --format {info.get('format')} export; "
+                    f"export --format {fmt} into another folder")
+        return None
+
     def _exports_recorded(self) -> list[Path]:
         if not self.exports_elsewhere.is_file():
             return []

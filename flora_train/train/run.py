@@ -77,7 +77,7 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
 def train_session(session: Session, resume: bool = False, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Trains (or resumes) a prepared session; the caller closes it."""
     start_step, run_id = resume_point(session, resume)
-    check_export_users(session)
+    check_export(session)
     tracker = start_tracking(session, start_step, run_id)
     loop = TrainLoop(session, tracker)
     shared_seconds = first_shared_phase(session, tracker, loop.checkpoint, start_step)
@@ -88,16 +88,22 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     return finish(session, tracker, trained, final, loop.total, sweep, shared_seconds)
 
 
-def check_export_users(session: Session) -> None:
-    """``export.users`` are users of this run: found at the start, not by the export after training
-    (a job that trained for hours then failed on a typo, its scheduler marking it failed)."""
+def check_export(session: Session) -> None:
+    """``export.users`` are users of this run and ``export.out`` may receive its export: found at
+    the start, not by the export after training (a job that trained for hours then failed on a typo,
+    its scheduler marking it failed)."""
     ex = session.cfg.export
-    unknown = [u for u in ex.users if u not in session.store] if ex.format.value != "none" else []
+    if ex.format.value == "none":
+        return
+    unknown = [u for u in ex.users if u not in session.store]
     if unknown:
         from flora_train.export.base import close_matches
 
         raise RecipeError(f"key 'export.users': not users of this run's data or checkpoint: "
                           f"{close_matches(unknown, session.users())}")
+    refused = ex.out and session.paths.export_out_error(Path(ex.out), ex.format.value)
+    if refused:
+        raise RecipeError(f"key 'export.out': {refused}")
 
 
 def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:

@@ -13,7 +13,7 @@ from flora_train.export import export_adapters
 from flora_train.export.flora import load_flora_adapter
 from flora_train.export.packed import read_packed
 from flora_train.store.saved import iter_saved_rows, read_saved_rows
-from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint, list_checkpoints
+from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint, list_checkpoints, verify_checkpoint
 from flora_train.train.run import run_training
 
 
@@ -27,6 +27,11 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
     with pytest.raises(RecipeError, match=r"export.users.*'user-00002' \(did you mean 'user-000002'\?\)"):
         run_training(load_recipe(None, [*recipe, f"run_dir={tmp_path / 'typo'}", "export.format=flora",
                                         "export.users=[user-000001,user-00002]"]))
+    assert not (tmp_path / "typo" / "checkpoints").exists()
+    # So does an export.out among the run's own files (the export ran after training, into them).
+    with pytest.raises(RecipeError, match=r"key 'export.out': \S+/typo/data: among this run's own files"):
+        run_training(load_recipe(None, [*recipe, f"run_dir={tmp_path / 'typo'}", "export.format=flora",
+                                        f"export.out={tmp_path / 'typo' / 'data'}"]))
     assert not (tmp_path / "typo" / "checkpoints").exists()
     run_training(load_recipe(None, [*recipe, f"run_dir={run}"]))
     ckpt = latest_checkpoint(run)
@@ -72,3 +77,31 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
     shard.write_bytes(bytes(data))
     assert main(["export", str(run), "--format", "flora", "--checkpoint", str(older), "--out", str(tmp_path / "bad")]) == 2
     assert f"{shard}: does not match the manifest" in capsys.readouterr().err
+
+
+
+def test_an_export_never_lands_among_a_runs_files_or_in_another_export(tmp_path, tiny_llama_dir, capsys):
+    """`export --out` into a checkpoint folder replaced the checkpoint's manifest.json with the
+    export's (its hashes gone: the checkpoint no longer verifiable); into the run directory it
+    scattered a folder per user among the run's files; into another run's export, or this run's
+    export of another format, the two mixed under one index. Each is refused and nothing is written."""
+    train, _ = SyntheticTask(num_users=4, train_examples_per_user=2, eval_examples_per_user=0).write(tmp_path / "data")
+    run = tmp_path / "run"
+    run_training(load_recipe(None, [f"base.name_or_path={tiny_llama_dir}", f"data.train_path={train}", f"run_dir={run}",
+                                    "adapter.target_modules=[q_proj]", "train.users_per_step=4", "train.max_steps=1",
+                                    "tracking.enabled=false", "train.progress=false", "eval.at_end=false"]))
+    ckpt = latest_checkpoint(run)
+    assert main(["export", str(run), "--format", "packed", "--out", str(tmp_path / "packed")]) == 0
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text(json.dumps({"format": "flora", "checkpoint": "/runs/b/checkpoints/step-00000009"}))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    for out, words in [(run, "among this run's own files (checkpoints, data, exports); export into"),
+                       (ckpt, "among this run's own files"), (run / "export", "among this run's own files"),
+                       (tmp_path / "packed", "holds this run's --format packed export; export --format flora into another"),
+                       (theirs, "holds an export of another run (/runs/b); its users and this run's would mix")]:
+        assert main(["export", str(run), "--format", "flora", "--out", str(out)]) == 2, out
+        assert f"flora-train: error: {out}: {words}" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    verify_checkpoint(ckpt)
