@@ -82,3 +82,17 @@ def model_name(text: str) -> str:
     if error is not None:
         raise argparse.ArgumentTypeError(error)
     return text
+
+
+def api_key_error(text: str) -> str | None:
+    """Why ``text`` cannot be a key clients send in an HTTP header (None: it can)."""
+    if not text or not text.isascii() or not text.isprintable() or any(c.isspace() for c in text):
+        return "must be a non-empty key of printable ASCII without spaces (it travels in a header)"
+    return None
+
+
+def api_key(text: str) -> str:
+    error = api_key_error(text)
+    if error is not None:
+        raise argparse.ArgumentTypeError(error)
+    return text

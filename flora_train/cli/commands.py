@@ -196,17 +196,26 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from flora_train.arg_types import api_key_error
+    from flora_train.errors import warn
     from flora_train.inference import load_trained
-    from flora_train.inference.listen import listen_socket, run_app
-    from flora_train.inference.server import check_cache_users, create_app
+    from flora_train.inference.listen import listen_socket, loopback, run_app
+    from flora_train.inference.server import API_KEY_ENV, check_cache_users, create_app
+    from flora_train.inference.trained import InferenceError
 
     check_cache_users(args.cache_users, args.max_batch)  # the flags alone: before anything loads
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if key is not None and (error := api_key_error(key)):
+        raise InferenceError(f"${API_KEY_ENV}: {error}")
     sock = listen_socket(args.host, args.port)
+    if key is None and not loopback(args.host):
+        warn(f"serving on {args.host} without --api-key (or ${API_KEY_ENV}): whoever reaches it can use every "
+             "user's adapter")
     trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)
     app = create_app(trained, model_name=args.model_name, strict_users=args.strict_users,
                      max_batch=args.max_batch, prefill_tokens=args.prefill_tokens,
                      max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
-                     cache_users=args.cache_users, follow_s=args.follow)
+                     cache_users=args.cache_users, follow_s=args.follow, api_key=key)
     # Only once the app stands: a limit the model refuses must not follow a line saying it serves.
     print(f"serving {len(trained.users)} users' {trained.layout.spec.method} adapters on "
           f"http://{args.host}:{sock.getsockname()[1]} (model {args.model_name!r})", flush=True)

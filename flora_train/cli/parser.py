@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flora_train.arg_types import at_least_one, model_name, port_number, positive_seconds, user_list, whole_number
+from flora_train.arg_types import (
+    api_key,
+    at_least_one,
+    model_name,
+    port_number,
+    positive_seconds,
+    user_list,
+    whole_number,
+)
 from flora_train.devices import BASE_DTYPES, device_arg
 
 
@@ -97,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
     srv.add_argument("--model-name", type=model_name, default="flora", help="the model id clients name (optionally '<name>:<user_id>')")
     srv.add_argument("--strict-users", action="store_true", help="404 for users never trained (default: the base model)")
+    srv.add_argument("--api-key", type=api_key, default=None,
+                     help="clients send 'Authorization: Bearer KEY' on /v1/ (default: $FLORA_TRAIN_API_KEY, which "
+                          "keeps the key out of the process list; neither: no key asked)")
     srv.add_argument("--max-batch", type=at_least_one, default=32, help="sequences generating at once at most")
     srv.add_argument("--prefill-tokens", type=at_least_one, default=512,
                      help="prompt tokens prefilled per step at most: longer prompts are prefilled in chunks")

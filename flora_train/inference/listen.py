@@ -3,7 +3,9 @@ the app (``server.create_app``) on it."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+
 from fastapi import FastAPI
 
 from flora_train.inference.trained import InferenceError
@@ -23,6 +25,16 @@ def listen_socket(host: str, port: int) -> socket.socket:
         raise InferenceError(f"--host {host} --port {port}: cannot listen there: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to may be reachable
+        return False
 
 
 def run_app(app: FastAPI, sock: socket.socket) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -37,8 +38,12 @@ from flora_train.inference.trained import InferenceError, TrainedAdapters
 log = logging.getLogger("flora_train")
 
 
+API_KEY_ENV = "FLORA_TRAIN_API_KEY"  # serve's key where --api-key is not given (and not in the process list)
+
+
 def _error(status: int, message: str) -> JSONResponse:
-    kind = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
 
 
@@ -71,11 +76,25 @@ def check_cache_users(cache_users: int | None, max_batch: int) -> None:
 
 def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users: bool = False, max_batch: int = 32,
                prefill_tokens: int = 512, max_prompt_tokens: int | None = None, default_max_tokens: int = 16,
-               max_queue: int = 256, cache_users: int | None = None, follow_s: float | None = None) -> FastAPI:
+               max_queue: int = 256, cache_users: int | None = None, follow_s: float | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """``api_key``: every /v1/ request must carry ``Authorization: Bearer <api_key>`` (401 otherwise,
+    as vLLM's --api-key); /health and /metrics stay open to the probes and scrapers."""
     naming = model_name_error(model_name)
     if naming is not None:
         raise InferenceError(f"model_name {naming}")
     app = FastAPI(title="flora_train", description="per-user adapters, batched across users")
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorised(request: HttpRequest, call_next: Callable[..., Any]) -> Any:
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(
+                    request.headers.get("authorization", "").encode(), expected):
+                app.state.metrics.requests.labels("401").inc()
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>' "
+                                   "(the server's --api-key)")
+            return await call_next(request)
     reader = RequestReader.for_model(trained, max_prompt_tokens, default_max_tokens)
     check_cache_users(cache_users, max_batch)
     capacity = cache_users or len(trained.users) + max_batch

@@ -386,3 +386,34 @@ def test_metrics_are_prometheus_text_with_requests_tokens_latency_and_cache(serv
     assert get("flora_batch_occupancy_count") >= 1 and get("flora_adapter_cache_capacity") == 16
     assert get("flora_adapter_cache_hits_total") + get("flora_adapter_cache_misses_total") >= 2
     assert ("flora_queue_depth", ()) in samples and ("flora_running_requests", ()) in samples
+
+
+def test_an_api_key_is_asked_of_every_client_but_health_and_metrics(server, monkeypatch):
+    """`serve --api-key` (or $FLORA_TRAIN_API_KEY, out of the process list), as vLLM's: a client
+    without the key, or with another, gets 401 (the openai client's AuthenticationError); probes and
+    scrapers are not asked. Before, there was no key: anyone who reached the port used every user's
+    adapter, and serving on 0.0.0.0 said nothing of it."""
+    from openai import AuthenticationError
+
+    monkeypatch.setenv("FLORA_TRAIN_API_KEY", "s3cret-key")
+    proc, url = start_server(server[1])
+    try:
+        with pytest.raises(AuthenticationError, match="missing or wrong API key"):
+            OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0).completions.create(
+                model="flora:user-000001", prompt=PROMPTS[0], max_tokens=2)
+        ok = OpenAI(base_url=f"{url}/v1", api_key="s3cret-key", max_retries=0).completions.create(
+            model="flora:user-000001", prompt=PROMPTS[0], max_tokens=2, temperature=0)
+        assert ok.usage.completion_tokens >= 1
+        assert requests.get(f"{url}/v1/models", timeout=5).status_code == 401
+        assert requests.get(f"{url}/health", timeout=5).status_code == 200
+        assert requests.get(f"{url}/metrics", timeout=5).status_code == 200
+    finally:
+        stop_server(proc)
+    monkeypatch.delenv("FLORA_TRAIN_API_KEY")
+    proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "serve", "no/such/run", "--host", "0.0.0.0", "--port", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "warning: serving on 0.0.0.0 without --api-key (or $FLORA_TRAIN_API_KEY): whoever reaches it" in proc.stderr
+    from flora_train.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "runs/x", "--api-key", "two words"])
