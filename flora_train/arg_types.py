@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def at_least_one(text: str) -> int:
@@ -77,11 +78,15 @@ def model_name_error(name: str) -> str | None:
     return None
 
 
-def model_name(text: str) -> str:
-    error = model_name_error(text)
-    if error is not None:
-        raise argparse.ArgumentTypeError(error)
-    return text
+def _flag_of(error_of: Callable[[str], str | None]) -> Callable[[str], str]:
+    """An argparse ``type`` from a function that says why a value is refused (None: accepted)."""
+    def check(text: str) -> str:
+        error = error_of(text)
+        if error is not None:
+            raise argparse.ArgumentTypeError(error)
+        return text
+
+    return check
 
 
 def api_key_error(text: str) -> str | None:
@@ -91,8 +96,5 @@ def api_key_error(text: str) -> str | None:
     return None
 
 
-def api_key(text: str) -> str:
-    error = api_key_error(text)
-    if error is not None:
-        raise argparse.ArgumentTypeError(error)
-    return text
+model_name = _flag_of(model_name_error)
+api_key = _flag_of(api_key_error)
