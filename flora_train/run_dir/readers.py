@@ -52,7 +52,10 @@ class CheckpointLease:
             os.close(fd)  # closing the descriptor drops its flock
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the process's end drops the locks anyway
+            pass
 
     def __enter__(self) -> CheckpointLease:
         return self
