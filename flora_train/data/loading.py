@@ -19,7 +19,7 @@ import datasets
 import pyarrow as pa
 
 from flora_train.data.sources import DataSource, SourceError, resolve_sources
-from flora_train.errors import UserError
+from flora_train.errors import UserError, warn
 
 datasets.disable_progress_bars()
 
@@ -231,10 +231,13 @@ def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str =
     """Validated examples with columns ``user_id``, ``source`` and ``text`` or ``prompt``/``completion``
     from every file or dataset ``spec`` names (see ``sources.resolve_sources``). ``anonymous``: rows
     belong to no user (any user id column is ignored; ``user_id`` is ``ANONYMOUS``)."""
+    notes: list[str] = []
     try:
-        sources = resolve_sources(spec, split, subset, key)
+        sources = resolve_sources(spec, split, subset, key, notes)
     except SourceError as exc:
         raise DataError(str(exc)) from None
+    for note in notes:
+        warn(note)
     names = ["user_id", "source", *cols.out_names]
     # Rows are gathered a batch at a time into Arrow, so a million rows never sit as Python dicts.
     batches: list[pa.Table] = []

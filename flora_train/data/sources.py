@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,40 @@ def absolute_spec(spec: Any) -> Any:
     return spec
 
 
-def resolve_sources(spec: Any, split: str = "train", subset: str | None = None, key: str = "data.train_path") -> list[DataSource]:
-    """Every file (sorted, so every rank reads the same order) or dataset ``spec`` names."""
+# File names that mark a split, as `datasets.load_dataset(folder)` reads them (a whole word of the
+# path under the folder: `eval.jsonl`, `test-0001.parquet`, `validation/part-0.parquet`).
+_HELD_OUT = re.compile(r"(^|[\W_])(validation|valid|val|dev|test|testing|eval|evaluation)([\W_]|$)", re.IGNORECASE)
+_TRAINING = re.compile(r"(^|[\W_])(train|training)([\W_]|$)", re.IGNORECASE)
+TRAINING_KEYS = ("data.train_path",)
+
+
+def _folder_files(folder: Path, key: str, notes: list[str] | None) -> list[Path]:
+    """A folder's data files for ``key``. Files named as held-out data (`data synth` writes
+    ``train.jsonl`` beside ``eval.jsonl``; a run's ``data/`` holds both) are not training data: the
+    training keys pass over them, as ``datasets`` puts them in another split, and the evaluation
+    keys read only them when there are any. Hidden files and folders are not data."""
+    files = sorted(p for p in folder.rglob("*") if _is_data_file(p)
+                   and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts))
+    held = [p for p in files if _HELD_OUT.search(str(p.relative_to(folder)))]
+    if not held:
+        return files
+    if key not in TRAINING_KEYS:
+        return held
+    names = ", ".join(str(p.relative_to(folder)) for p in held[:5]) + (" ..." if len(held) > 5 else "")
+    training = [p for p in files if p not in held]
+    if not training:
+        raise SourceError(f"{key}: the folder {folder} holds only files named as held-out data ({names}); "
+                          "name the training files, or rename them")
+    if notes is not None:
+        notes.append(f"{key}: {folder} holds {names}, named as held-out data: not trained on (data.eval_path "
+                     "naming the folder reads only such files)")
+    return training
+
+
+def resolve_sources(spec: Any, split: str = "train", subset: str | None = None, key: str = "data.train_path",
+                    notes: list[str] | None = None) -> list[DataSource]:
+    """Every file (sorted, so every rank reads the same order) or dataset ``spec`` names. ``notes``
+    collects what a user should be told of the choice (files in a folder passed over)."""
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     out: list[DataSource] = []
     for item in specs:
@@ -66,7 +99,7 @@ def resolve_sources(spec: Any, split: str = "train", subset: str | None = None, 
                 raise SourceError(f"{key}: the pattern {text!r} matches no data file ({', '.join(SUFFIXES)})")
             out.extend(DataSource(path=p) for p in matched)
         elif Path(text).is_dir():
-            files = sorted(p for p in Path(text).rglob("*") if _is_data_file(p))
+            files = _folder_files(Path(text), key, notes)
             if not files:
                 raise SourceError(f"{key}: the folder {text} holds no data file ({', '.join(SUFFIXES)})")
             out.extend(DataSource(path=p) for p in files)

@@ -307,3 +307,29 @@ def test_a_null_value_is_named_null_and_a_byte_order_mark_is_no_part_of_row_1(tm
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n" + GOOD.replace('"a"', '"b"') + "\n").encode())
     assert load_examples(path, "auto", Columns(), BadRows("error"))["user_id"] == ["a", "b"]
+
+
+def test_a_folder_of_train_and_eval_files_trains_on_train_only(tmp_path, capsys):
+    """`flora-train data synth --out d` writes d/train.jsonl beside d/eval.jsonl (a run's data/ holds
+    both too). data.train_path=d read every file under it: the held-out rows were trained on, and the
+    scores on them meant nothing. Now, as `datasets.load_dataset(folder)` splits by file name: files
+    named as held-out data are passed over for training (a warning names them), and read alone by
+    data.eval_path; hidden files are not data."""
+    d = tmp_path / "d"
+    (d / "validation").mkdir(parents=True)
+    (d / ".cache").mkdir()
+    _write_jsonl(d / "train.jsonl", [json.dumps({"user_id": "a", "prompt": "p", "completion": " train"})])
+    _write_jsonl(d / "eval.jsonl", [json.dumps({"user_id": "a", "prompt": "p", "completion": " eval"})])
+    _write_jsonl(d / "validation" / "part-0.jsonl", [json.dumps({"user_id": "a", "prompt": "p", "completion": " val"})])
+    _write_jsonl(d / "contest.jsonl", [json.dumps({"user_id": "b", "prompt": "p", "completion": " contest"})])  # no split
+    _write_jsonl(d / ".cache" / "x.jsonl", [json.dumps({"user_id": "c", "prompt": "p", "completion": " hidden"})])
+    cols = Columns()
+    assert sorted(load_examples(d, "auto", cols, BadRows())["completion"]) == [" contest", " train"]
+    assert capsys.readouterr().err.strip() == (f"flora-train: warning: data.train_path: {d} holds eval.jsonl, "
+                                               "validation/part-0.jsonl, named as held-out data: not trained on "
+                                               "(data.eval_path naming the folder reads only such files)")
+    assert sorted(load_examples(d, "auto", cols, BadRows(), key="data.eval_path")["completion"]) == [" eval", " val"]
+    (d / "train.jsonl").unlink()
+    (d / "contest.jsonl").unlink()
+    with pytest.raises(DataError, match=r"holds only files named as held-out data \(eval.jsonl, validation/part-0.jsonl\)"):
+        load_examples(d, "auto", cols, BadRows())
