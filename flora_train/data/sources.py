@@ -59,7 +59,7 @@ def absolute_spec(spec: Any) -> Any:
 # path under the folder: `eval.jsonl`, `test-0001.parquet`, `validation/part-0.parquet`).
 _HELD_OUT = re.compile(r"(^|[\W_])(validation|valid|val|dev|test|testing|eval|evaluation)([\W_]|$)", re.IGNORECASE)
 _TRAINING = re.compile(r"(^|[\W_])(train|training)([\W_]|$)", re.IGNORECASE)
-TRAINING_KEYS = ("data.train_path",)
+TRAINING_KEYS = ("data.train_path", "train.retain.path")  # what is trained on
 
 
 def _folder_files(folder: Path, key: str, notes: list[str] | None) -> list[Path]:
