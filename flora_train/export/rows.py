@@ -31,6 +31,10 @@ from flora_train.store.saved import iter_saved_rows, saved_user_ids
 def _checkpoint(run_dir: Path, checkpoint: Path | None, just_written: bool) -> tuple[Path, CheckpointLease]:
     """The checkpoint to export, leased: a run training beside the export prunes none of it meanwhile."""
     if checkpoint is not None:
+        run = RunDir(run_dir)
+        foreign = (run.recipe.is_file() or run.checkpoints.is_dir()) and run.foreign_checkpoint_error(checkpoint)
+        if foreign:
+            raise ExportError(foreign)
         held = lease_checkpoint(checkpoint)
         # Every byte hashed, unless this process wrote (and hashed) it a moment ago.
         verify_checkpoint(checkpoint, contents=not just_written)

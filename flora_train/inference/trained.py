@@ -108,6 +108,9 @@ def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
 
     path = Path(path)
     if checkpoint is not None:
+        RunDir(path).require("serve")
+        if (foreign := RunDir(path).foreign_checkpoint_error(Path(checkpoint))) is not None:
+            raise InferenceError(foreign)
         return _from_checkpoint(Path(checkpoint), path)
     if RunDir(path).recipe.is_file():
         found = leased_latest_checkpoint(path)

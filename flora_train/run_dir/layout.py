@@ -138,6 +138,18 @@ class RunDir:
         with self.exports_elsewhere.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"out": str(out)}) + "\n")
 
+    def foreign_checkpoint_error(self, checkpoint: Path) -> str | None:
+        """Why ``checkpoint`` (a ``--checkpoint``) is not one of this run's (None: it is). Another
+        run's exported, served or scored as this one's would mix the two: its export recorded
+        with this run, which its own run's `forget` never reaches; this run's recipe and eval files."""
+        folder = Path(checkpoint).resolve()
+        if folder.parent == self.checkpoints.resolve():
+            return None
+        owner = folder.parent.parent
+        if RunDir(owner).recipe.is_file():
+            return f"--checkpoint {checkpoint}: a checkpoint of another run, {owner}; name that run"
+        return f"--checkpoint {checkpoint}: not one of this run's checkpoints (they are in {self.checkpoints})"
+
     def export_out_error(self, out: Path, fmt: str) -> str | None:
         """Why ``out`` may not receive a ``fmt`` export of this run (None: it may). A run directory's
         own files are no place for one, this run's or another's, outside its ``export/<format>``

@@ -303,6 +303,8 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     refused while the run trains. The rows come from the checkpoint into a store in memory: the
     run's own store tier files (``store_tier/``) are never opened."""
     recipe = RunDir(run_dir).recipe
+    if checkpoint is not None and (foreign := RunDir(run_dir).foreign_checkpoint_error(Path(checkpoint))) is not None:
+        raise CheckpointError(foreign)
     session = prepare_session(recipe_beside_the_run(run_dir, "evaluating", "eval"))
     try:
         if data is not None:

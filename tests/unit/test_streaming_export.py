@@ -2,6 +2,8 @@
 packed format holds the same rows as a folder per user, and `export --checkpoint` exports the one named."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -12,9 +14,18 @@ from flora_train.data import SyntheticTask
 from flora_train.export import export_adapters
 from flora_train.export.flora import load_flora_adapter
 from flora_train.export.packed import read_packed
+from flora_train.inference import load_trained
+from flora_train.inference.trained import InferenceError
 from flora_train.store.saved import iter_saved_rows, read_saved_rows
-from flora_train.run_dir.checkpoints import checkpoint_chain, latest_checkpoint, list_checkpoints, verify_checkpoint
+from flora_train.run_dir.checkpoints import (
+    CheckpointError,
+    checkpoint_chain,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from flora_train.train.run import run_training
+from flora_train.train.scoring import run_eval
 
 
 def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_llama_dir, capsys):
@@ -80,7 +91,8 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
 
 
 
-def test_an_export_never_lands_among_a_runs_files_or_in_another_export(tmp_path, tiny_llama_dir, capsys):
+def test_an_export_never_lands_among_a_runs_files_or_in_another_export_nor_reads_another_runs(tmp_path, tiny_llama_dir,
+                                                                                               capsys):
     """`export --out` into a checkpoint folder replaced the checkpoint's manifest.json with the
     export's (its hashes gone: the checkpoint no longer verifiable); into the run directory it
     scattered a folder per user among the run's files; into another run's export, or this run's
@@ -105,3 +117,16 @@ def test_an_export_never_lands_among_a_runs_files_or_in_another_export(tmp_path,
         assert f"flora-train: error: {out}: {words}" in capsys.readouterr().err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     verify_checkpoint(ckpt)
+    # Another run's checkpoint named with --checkpoint: exported as this run's (recorded with it, so
+    # its own run's forget never reached the copy), served and scored with this run's recipe.
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other / "checkpoints" / ckpt.name)
+    (other / "recipe.yaml").write_text((run / "recipe.yaml").read_text())
+    theirs_ckpt = other / "checkpoints" / ckpt.name
+    words = f"--checkpoint {theirs_ckpt}: a checkpoint of another run, {other}; name that run"
+    assert main(["export", str(run), "--format", "flora", "--checkpoint", str(theirs_ckpt), "--out", str(tmp_path / "x")]) == 2
+    assert f"flora-train: error: {words}" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    with pytest.raises(InferenceError, match=re.escape(words)):
+        load_trained(run, theirs_ckpt, device="cpu")
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        run_eval(run, theirs_ckpt)
