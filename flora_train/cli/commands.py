@@ -77,6 +77,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"flora-train: error: {args.out}: is a directory, name a file in it (e.g. preds.jsonl)", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(args.out.parent, os.W_OK):  # found now, not after the generation it would hold
+        print(f"flora-train: error: --out {args.out}: its folder is not writable", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE
     trained = load_trained(args.source, args.checkpoint, args.device)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
     with args.out.open("w", encoding="utf-8") as f:

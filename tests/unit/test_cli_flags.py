@@ -146,6 +146,10 @@ def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
     code = main(["data", "synth", "--users", "2", "--out", str(prompts)])
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
+    # A folder it may not write to was found only when writing, after every prompt was generated.
+    code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", "/proc/self/preds.jsonl"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "flora-train: error: --out /proc/self/preds.jsonl: its folder is not writable")
 
 
 def test_each_bench_suite_declares_exactly_the_flags_its_code_reads():
