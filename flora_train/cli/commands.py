@@ -135,14 +135,15 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    from flora_train.cli.parser import LAUNCH_FLAGS
     from flora_train.config import load_recipe
     from flora_train.launch import launch
 
-    flags = {k: getattr(args, k) for k in ("scheduler", "nodes", "procs_per_node", "gpus_per_node",
-                                           "partition", "time_limit", "image", "job_name")}
-    overrides = [*args.overrides, *(f"launch.{k}={v}" for k, v in flags.items() if v is not None)]
+    flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
+    made = {f"launch.{k}={v}": f"{LAUNCH_FLAGS[k]} {v}" for k, v in flags.items() if v is not None}
     given = (*(k for k, v in flags.items() if v is not None), *(("wait",) if args.wait else ()))
-    return launch(load_recipe(args.recipe, overrides), dry_run=args.dry_run, wait=args.wait, given=given)
+    return launch(load_recipe(args.recipe, [*args.overrides, *made], written_as=made), dry_run=args.dry_run,
+                  wait=args.wait, given=given)
 
 
 def _eval(args: argparse.Namespace) -> None:

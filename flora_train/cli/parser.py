@@ -18,6 +18,13 @@ from flora_train.arg_types import (
 from flora_train.devices import BASE_DTYPES, device_arg
 
 
+# launch's flags, each the launch.<key> it sets (an error names the flag as typed, not the override it made)
+LAUNCH_FLAGS = {"scheduler": "--scheduler", "nodes": "--nodes", "procs_per_node": "--procs-per-node",
+                "gpus_per_node": "--gpus-per-node", "partition": "--partition", "time_limit": "--time",
+                "image": "--image", "job_name": "--job-name"}
+LAUNCH_COUNTS = ("nodes", "procs_per_node", "gpus_per_node")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flora-train", description="Jointly fine-tune thousands of per-user adapters.")
     # The deepspeed launcher passes --local_rank=N to every process; LOCAL_RANK carries the same.
@@ -35,10 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flora_train.launch import SCHEDULERS
 
     la.add_argument("--scheduler", choices=list(SCHEDULERS), help="launch.scheduler")
-    for flag, key in (("--nodes", "nodes"), ("--procs-per-node", "procs_per_node"), ("--gpus-per-node", "gpus_per_node")):
-        la.add_argument(flag, type=int, dest=key, help=f"launch.{key}")
-    for flag, key in (("--partition", "partition"), ("--time", "time_limit"), ("--image", "image"), ("--job-name", "job_name")):
-        la.add_argument(flag, dest=key, help=f"launch.{key}")
+    for key, flag in LAUNCH_FLAGS.items():
+        if key != "scheduler":
+            la.add_argument(flag, type=int if key in LAUNCH_COUNTS else None, dest=key, help=f"launch.{key}")
     la.add_argument("--dry-run", action="store_true", help="print what would be run or submitted, start nothing")
     la.add_argument("--wait", action="store_true", help="follow a submitted job to its end and return its exit code")
 

@@ -13,7 +13,7 @@ import inspect
 import os
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -124,14 +124,14 @@ class Origins:
         self.path, self.lines = path, lines
         self.overrides: dict[str, str] = {}
 
-    def set_by(self, item: str) -> None:
-        self.overrides[item.partition("=")[0].strip()] = item
+    def set_by(self, item: str, label: str) -> None:
+        self.overrides[item.partition("=")[0].strip()] = label
 
     def __call__(self, key: str) -> str:
         parts = key.split(".")
         for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1)):
             if k in self.overrides:
-                return f"override '{self.overrides[k]}'"
+                return self.overrides[k]
         line = self.lines.get(key)
         return f"{self.path}:{line}" if line else self.path
 
@@ -160,8 +160,11 @@ def _merge(base: DictConfig, layer: Any, source: str, lines: dict[str, int]) -> 
         raise _explain(exc, source, lines) from None
 
 
-def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Returns the typed, validated recipe (an OmegaConf struct-mode ``DictConfig`` of ``Recipe``)."""
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = (),
+                written_as: Mapping[str, str] | None = None) -> DictConfig:
+    """Returns the typed, validated recipe (an OmegaConf struct-mode ``DictConfig`` of ``Recipe``).
+    ``written_as``: how the user wrote an override that a flag made (``launch.nodes=0`` is
+    ``--nodes 0``), so that an error names what they typed."""
     from flora_train.config.validate import validate_recipe
 
     cfg: DictConfig = OmegaConf.structured(Recipe)
@@ -194,8 +197,9 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictC
             OmegaConf.update(layer, key, value, force_add=True)
         except OmegaConfBaseException as exc:
             raise RecipeError(f"override '{item}': {exc}") from None
-        cfg = _merge(cfg, layer, f"override '{item}'", {})
-        origins.set_by(item)
+        label = (written_as or {}).get(item, f"override '{item}'")
+        cfg = _merge(cfg, layer, label, {})
+        origins.set_by(item, label)
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))  # resolves interpolations on the way
         if missing:

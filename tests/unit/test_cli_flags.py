@@ -3,6 +3,7 @@
 ValueError, both as tracebacks after the base had loaded; bench took any integer)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,13 @@ def test_a_model_name_clients_could_never_match_is_a_usage_line(capsys, name):
     with pytest.raises(SystemExit):
         parse_args(["serve", "runs/x", "--model-name", name])
     assert "argument --model-name: must be a non-empty name without ':'" in capsys.readouterr().err
+
+
+def test_a_launch_flags_error_names_the_flag_as_typed(capsys):
+    """`launch --nodes 0` said "override 'launch.nodes=0': ...", an override the user never wrote."""
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml")
+    for argv, words in [(["--nodes", "0"], "--nodes 0: key 'launch.nodes': must be > 0, got 0"),
+                        (["--scheduler", "slurm", "--time", "3h"], "--time 3h: key 'launch.time_limit': must look like"),
+                        (["launch.nodes=0"], "override 'launch.nodes=0': key 'launch.nodes': must be > 0")]:
+        assert main(["launch", recipe, *argv, "--dry-run"]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"flora-train: error: {words}"), argv
