@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from flora_train.adapters import AdapterLayout
+from flora_train.errors import warn
 from flora_train.export.base import AdapterExport, ExportError, ExportRequest, close_matches
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import (
@@ -89,6 +90,8 @@ class RowExport(AdapterExport):
         """Writes the users' rows under ``request.out`` plus ``index.json`` and ``manifest.json``.
         Part 0 writes those two once every part's files are written (``request.gather``)."""
         ckpt, lease = _checkpoint(Path(request.run_dir), request.checkpoint, request.just_written)
+        if (unleased := lease.warning()) is not None:
+            warn(f"{ckpt}: {unleased}")
         with lease:
             return self._export(request, ckpt)
 

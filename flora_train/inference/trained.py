@@ -19,7 +19,7 @@ import torch
 from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, user_seed
 from flora_train.adapters.shared import SharedAdapter
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
-from flora_train.errors import UserError
+from flora_train.errors import UserError, warn
 from flora_train.inference.rows import CheckpointRows, RowSource
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.readers import CheckpointLease
@@ -67,6 +67,8 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
     if lease is None:
         lease = lease_checkpoint(ckpt)
         verify_checkpoint(ckpt)
+    if (unleased := lease.warning()) is not None:
+        warn(f"{ckpt}: {unleased}")
     cfg = load_recipe(RunDir(run_dir).recipe)
     state = read_state(ckpt)
     layout = saved_layout(ckpt)

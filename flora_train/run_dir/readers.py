@@ -36,14 +36,35 @@ def _open(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
 
+def _open_to_share(path: Path) -> int | None:
+    """A descriptor to hold a shared lock on; None where this reader may not write the run
+    directory (a read-only mount, another account's run) and no lease file is there yet: it reads
+    without a lease. A lease file already there takes a shared lock read-only."""
+    try:
+        return _open(path)
+    except OSError:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+
 class CheckpointLease:
     """Shared locks on a checkpoint and the checkpoints it builds on; ``close()`` (or dropping the
     lease, or the process ending) releases them."""
 
-    def __init__(self, names: list[str], fds: list[int]) -> None:
+    def __init__(self, names: list[str], fds: list[int], unleased: list[str]) -> None:
         self.names = names
+        self.unleased = unleased  # checkpoints read without a lease (the run directory is not writable here)
         self._fds = fds
         self._lock = threading.Lock()
+
+    def warning(self) -> str | None:
+        """What a reader should say when it holds no lease on some of what it reads."""
+        if not self.unleased:
+            return None
+        return (f"cannot lease {', '.join(self.unleased)} (the run directory is not writable here): a run training "
+                "beside this reader may prune it while it is read")
 
     def close(self) -> None:
         with self._lock:
@@ -68,15 +89,19 @@ def lease(chain: list[Path]) -> CheckpointLease | None:
     """Leases every checkpoint of ``chain`` (a checkpoint and those it builds on); None when one of
     them was pruned before its lock was held (the caller picks a checkpoint again)."""
     fds: list[int] = []
+    unleased: list[str] = []
     for member in chain:
-        fd = _open(_lease_file(member))
-        fds.append(fd)
-        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while pruning holds it, deleting that checkpoint
+        fd = _open_to_share(_lease_file(member))
+        if fd is None:
+            unleased.append(member.name)
+        else:
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while pruning holds it, deleting that checkpoint
         if not member.is_dir():
             for held in fds:
                 os.close(held)
             return None
-    return CheckpointLease([m.name for m in chain], fds)
+    return CheckpointLease([m.name for m in chain], fds, unleased)
 
 
 def prune(checkpoint: Path) -> bool:
@@ -93,18 +118,3 @@ def prune(checkpoint: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def leased(checkpoint: Path) -> bool:
-    """Whether a reader holds ``checkpoint`` now (for tests and messages; pruning does not ask)."""
-    path = _lease_file(checkpoint)
-    if not path.is_file():
-        return False
-    fd = _open(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False

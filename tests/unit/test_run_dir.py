@@ -167,3 +167,31 @@ def test_pruning_passes_over_what_readers_lease_until_they_let_go_or_die(tmp_pat
     assert names() == [6] and not (root / ".readers" / "step-00000004").exists()
     with pytest.raises(CheckpointError, match=r"step-00000005: not there \(pruned by its run since"):
         lease_checkpoint(root / "step-00000005")
+
+
+def test_a_reader_on_a_read_only_mount_reads_without_a_lease_and_says_so(tmp_path):
+    """A server on a read-only mount of the run directory (another host's NFS export, another
+    account's run) could not create its lease file and would not have started at all. It now reads
+    without a lease where none can be made and says so; where a lease file is already there, it
+    takes the shared lock read-only, and pruning through the writable path passes over it."""
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        _fake_checkpoint(root, step, "r")
+    lease_checkpoint(root / "step-00000001").close()  # leaves step 1's lease file (no lock held)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "run"), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        newest = lease_checkpoint(ro / "checkpoints" / "step-00000002")
+        assert newest.unleased == ["step-00000002"] and "cannot lease step-00000002 (the run directory is not " \
+            "writable here): a run training beside this reader may prune it" in newest.warning()
+        held = lease_checkpoint(ro / "checkpoints" / "step-00000001")
+        assert held.unleased == [] and held.warning() is None
+        _fake_checkpoint(root, 3, "r")
+        prune_checkpoints(root, keep=1, run_id="r")
+        assert [p.name for p in list_checkpoints(root)] == ["step-00000001", "step-00000003"]
+        held.close()
+        newest.close()
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
