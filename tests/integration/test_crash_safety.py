@@ -60,12 +60,16 @@ def reference(tmp_path_factory):
     return run_dir, saved_state(run_dir), json.loads((run_dir / "result.json").read_text())["steps"]
 
 
-def _wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, at_least: int = 1) -> None:
+def _wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, at_least: int = 1, step: int = 0) -> None:
+    """Until ``at_least`` checkpoints exist and the newest is of ``step`` or later."""
     deadline = time.time() + 300
-    while len(list_checkpoints(run_dir / "checkpoints")) < at_least:
+    while True:
+        found = list_checkpoints(run_dir / "checkpoints")
+        if len(found) >= at_least and int(found[-1].name.split("-")[1]) >= step:
+            return
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def test_sigkill_at_a_random_step_then_resume(tmp_path, reference):
@@ -73,8 +77,9 @@ def test_sigkill_at_a_random_step_then_resume(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, *_cli(run_dir)], cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_checkpoint(run_dir, proc)
-    time.sleep(random.Random().uniform(0.0, 1.5))
+    # A random step of the first half (a random wait in seconds let a fast machine finish first).
+    _wait_for_checkpoint(run_dir, proc, step=random.Random().randrange(4, total // 2))
+    time.sleep(random.Random().uniform(0.0, 0.05))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = latest_checkpoint(run_dir)
@@ -102,8 +107,9 @@ def test_one_rank_killed_torchrun_restarts_and_resumes(tmp_path):
     agent = subprocess.Popen([*common, "--max-restarts=1", *_cli(run_dir, "tracking.enabled=false")], cwd=REPO,
                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
-    _wait_for_checkpoint(run_dir, agent)
-    time.sleep(random.Random().uniform(0.0, 1.0))
+    total = json.loads((ref_dir / "result.json").read_text())["steps"]
+    _wait_for_checkpoint(run_dir, agent, step=random.Random().randrange(4, total // 2))
+    time.sleep(random.Random().uniform(0.0, 0.05))
     workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)  # rank 1's process
