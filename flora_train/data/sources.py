@@ -58,7 +58,6 @@ def absolute_spec(spec: Any) -> Any:
 # File names that mark a split, as `datasets.load_dataset(folder)` reads them (a whole word of the
 # path under the folder: `eval.jsonl`, `test-0001.parquet`, `validation/part-0.parquet`).
 _HELD_OUT = re.compile(r"(^|[\W_])(validation|valid|val|dev|test|testing|eval|evaluation)([\W_]|$)", re.IGNORECASE)
-_TRAINING = re.compile(r"(^|[\W_])(train|training)([\W_]|$)", re.IGNORECASE)
 TRAINING_KEYS = ("data.train_path", "train.retain.path")  # what is trained on
 
 

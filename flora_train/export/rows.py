@@ -33,7 +33,7 @@ def _checkpoint(run_dir: Path, checkpoint: Path | None, just_written: bool) -> t
     """The checkpoint to export, leased: a run training beside the export prunes none of it meanwhile."""
     if checkpoint is not None:
         run = RunDir(run_dir)
-        foreign = (run.recipe.is_file() or run.checkpoints.is_dir()) and run.foreign_checkpoint_error(checkpoint)
+        foreign = run.holds_run and run.foreign_checkpoint_error(checkpoint)
         if foreign:
             raise ExportError(foreign)
         held = lease_checkpoint(checkpoint)

@@ -110,7 +110,7 @@ def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
 
     path = Path(path)
     if checkpoint is not None:
-        RunDir(path).require("serve")
+        RunDir(path).require("--checkpoint")  # the run it must belong to
         if (foreign := RunDir(path).foreign_checkpoint_error(Path(checkpoint))) is not None:
             raise InferenceError(foreign)
         return _from_checkpoint(Path(checkpoint), path)

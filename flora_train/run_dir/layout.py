@@ -52,11 +52,16 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    @property
+    def holds_run(self) -> bool:
+        """Whether a run lives here (its recipe or its checkpoints), not an export or nothing."""
+        return self.recipe.is_file() or self.checkpoints.is_dir()
+
     def require(self, command: str) -> None:
         """Raises ``NotARunDir`` unless the path holds a run (its recipe or its checkpoints), naming
         what it is instead: nothing, an export folder (and the run it came from) or a checkpoint."""
         path = self.path
-        if self.recipe.is_file() or self.checkpoints.is_dir():
+        if self.holds_run:
             return
         if not path.exists():
             raise NotARunDir(f"{path}: no such folder; {command} reads a run directory (the recipe's run_dir)")
@@ -132,8 +137,8 @@ class RunDir:
         """Notes an export's folder when it lies outside ``export/``. One short appended line: two
         exports at once each add theirs."""
         out = Path(out).absolute()
-        is_run = self.recipe.is_file() or self.checkpoints.is_dir()  # (merged exports may come from an export)
-        if not is_run or out.is_relative_to(self.exports.absolute()) or out in self._exports_recorded():
+        # (merged exports may come from an export)
+        if not self.holds_run or out.is_relative_to(self.exports.absolute()) or out in self._exports_recorded():
             return
         with self.exports_elsewhere.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"out": str(out)}) + "\n")
@@ -156,12 +161,12 @@ class RunDir:
         folders: an export into a checkpoint replaced its manifest.json. Nor is a folder holding
         another run's export, or another format's: the two would mix under one index."""
         target, here = Path(out).resolve(), self.path.resolve()
-        from_export = (self.path / "index.json").is_file() and not (self.recipe.is_file() or self.checkpoints.is_dir())
+        from_export = (self.path / "index.json").is_file() and not self.holds_run
         if from_export and target.is_relative_to(here):  # a merged export made from an export
             return f"{out}: inside the export it is made from, {self.path}; export into another folder"
         for folder in (target, *target.parents):
             run = RunDir(folder)
-            if (folder == here and not from_export) or run.recipe.is_file() or run.checkpoints.is_dir():
+            if (folder == here and not from_export) or run.holds_run:
                 exports = run.exports.resolve()
                 if folder != self.path.resolve() or target == exports or not target.is_relative_to(exports):
                     whose = ("this run's own files" if folder == self.path.resolve()

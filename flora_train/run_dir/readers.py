@@ -53,8 +53,7 @@ class CheckpointLease:
     """Shared locks on a checkpoint and the checkpoints it builds on; ``close()`` (or dropping the
     lease, or the process ending) releases them."""
 
-    def __init__(self, names: list[str], fds: list[int], unleased: list[str]) -> None:
-        self.names = names
+    def __init__(self, fds: list[int], unleased: list[str]) -> None:
         self.unleased = unleased  # checkpoints read without a lease (the run directory is not writable here)
         self._fds = fds
         self._lock = threading.Lock()
@@ -101,7 +100,7 @@ def lease(chain: list[Path]) -> CheckpointLease | None:
             for held in fds:
                 os.close(held)
             return None
-    return CheckpointLease([m.name for m in chain], fds, unleased)
+    return CheckpointLease(fds, unleased)
 
 
 def prune(checkpoint: Path) -> bool:
