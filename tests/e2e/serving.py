@@ -65,7 +65,7 @@ def train_run(tmp: Path, model_dir: Path, *extra: str) -> Path:
     return tmp / "run"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chat_model(tmp_path_factory, tiny_llama_dir) -> Path:
     """The tiny Llama with a chat template, so chat completions have something to render."""
     from transformers import AutoTokenizer
@@ -76,3 +76,29 @@ def chat_model(tmp_path_factory, tiny_llama_dir) -> Path:
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(folder)
     return folder
+
+
+PROMPTS = [f"quick : favourite {k} ?" for k in ("colour", "animal", "city", "fruit")]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, chat_model):
+    """One server for test_serve.py and test_serve_refusals.py (started once where they share a worker)."""
+    run_dir = train_run(tmp_path_factory.mktemp("serve"), chat_model)
+    proc, url = start_server(run_dir, "--strict-users", "--max-batch", "12", "--prefill-tokens", "24",
+                             "--cache-users", "16")
+    yield url, run_dir
+    stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def trained(server):
+    from flora_train.inference import load_trained
+
+    return load_trained(server[1], device="cpu")
+
+
+def client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
