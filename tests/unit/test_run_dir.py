@@ -151,18 +151,20 @@ def test_pruning_passes_over_what_readers_lease_until_they_let_go_or_die(tmp_pat
     _fake_checkpoint(root, 4, "r")
     other = subprocess.Popen([sys.executable, "-c", LEASE, str(root / "step-00000004")], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
-    assert other.stdout.readline().strip() == "leased"  # another process (a server) holds step 4
-    for step in (5, 6):
-        _fake_checkpoint(root, step, "r")
-    names = lambda: [int(p.name.split("-")[1]) for p in list_checkpoints(root)]  # noqa: E731
-    prune_checkpoints(root, keep=1, run_id="r")
-    assert names() == [1, 2, 3, 4, 6]  # only 5 was nobody's
-    delta.close()
-    found[1].close()
-    prune_checkpoints(root, keep=1, run_id="r")
-    assert names() == [4, 6]
-    other.kill()  # SIGKILL: the kernel drops its lock
-    other.wait()
+    try:
+        assert other.stdout.readline().strip() == "leased"  # another process (a server) holds step 4
+        for step in (5, 6):
+            _fake_checkpoint(root, step, "r")
+        names = lambda: [int(p.name.split("-")[1]) for p in list_checkpoints(root)]  # noqa: E731
+        prune_checkpoints(root, keep=1, run_id="r")
+        assert names() == [1, 2, 3, 4, 6]  # only 5 was nobody's
+        delta.close()
+        found[1].close()
+        prune_checkpoints(root, keep=1, run_id="r")
+        assert names() == [4, 6]
+    finally:
+        other.kill()  # SIGKILL: the kernel drops its lock (and a failed test leaves no process)
+        other.wait()
     prune_checkpoints(root, keep=1, run_id="r")
     assert names() == [6] and not (root / ".readers" / "step-00000004").exists()
     with pytest.raises(CheckpointError, match=r"step-00000005: not there \(pruned by its run since"):
