@@ -12,7 +12,6 @@ The crossover is the smallest rank at which the fastest LoRA kernel beats the fa
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -173,16 +172,16 @@ def bench_layer(widths: Sequence[int] = (1024, 4096), ranks: Sequence[int] = (1,
     batch = batch or (128 if dev.type == "cuda" else 64)
     tokens = tokens or (256 if dev.type == "cuda" else 8)
     mixes = sorted({min(u, batch) for u in (users or (1, 8, 64, batch))})
-    from tqdm import tqdm
+    from flora_train.progress import progress_bar
 
     g = torch.Generator(device="cpu").manual_seed(0)
     points = []
-    bar = tqdm(total=len(widths) * len(ranks) * len(mixes), desc="bench layer", unit="point", file=sys.stderr)
+    bar = progress_bar(total=len(widths) * len(ranks) * len(mixes), desc="bench layer", unit="point")
     for width in widths:
         weight = (torch.randn(width, width, generator=g) / width**0.5).to(dev, dtype)
         for rank in ranks:
             for u in mixes:
-                bar.set_postfix(width=width, rank=rank, users=u)
+                bar.set_postfix(width=width, rank=rank, users=u, refresh=False)
                 points.append(measure_point(weight, rank, batch, u, tokens, repeats, peft))
                 bar.update(1)
     bar.close()

@@ -239,7 +239,7 @@ class TrainConfig:
     # Incremental checkpoints: each checkpoint holds only the users changed since the one before,
     # and every Nth of a chain is full again (compaction). 1: every checkpoint is full.
     full_checkpoint_every: int = 8
-    progress: bool = True  # a progress bar on rank 0
+    progress: bool = True  # a progress bar on rank 0; off a terminal, a line every 30 s (TQDM_MININTERVAL)
     # Also train one adapter shared by all users on the same data and report it beside the per-user ones.
     # (With adapter.shared that comparison is the shared adapter itself: nothing is trained twice.)
     compare_shared_baseline: bool = False

@@ -20,6 +20,7 @@ import torch
 
 from flora_train.chat_template import ChatTemplateRefused, apply_chat_template
 from flora_train.inference.trained import InferenceError, TrainedAdapters, context_of
+from flora_train.progress import progress_bar
 
 log = logging.getLogger("flora_train")
 
@@ -208,8 +209,6 @@ def generate(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[s
     """Every prompt with its own user's adapter, ``batch_size`` prompts (of mixed users) a batch.
     Users never trained get the base model, named once in a warning. Every prompt is rendered
     before the first batch, so a prompt the chat template refuses costs no generation."""
-    from tqdm import tqdm
-
     if len(prompts) != len(users):
         raise InferenceError(f"{len(prompts)} prompts but {len(users)} users")
     prompt_ids = _prompt_ids(trained, render_prompts(trained, prompts, settings.chat, users), users, settings)
@@ -222,14 +221,14 @@ def generate(trained: TrainedAdapters, prompts: Sequence[Any], users: Sequence[s
                     f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else "")
     results: list[Generation] = []
     start = time.perf_counter()
-    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(prompts), desc="generate", unit="prompt", enabled=progress)
     for s in range(0, len(prompts), batch_size):
         batch, _ = _generate_ids(trained, prompt_ids[s : s + batch_size], users[s : s + batch_size], settings)
         results.extend(batch)
         stats.new_tokens += sum(g.tokens for g in batch)
         stats.seconds = time.perf_counter() - start
+        bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}", refresh=False)
         bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
     bar.close()
     cut = sum(g.context_bound for g in results)
     if cut:

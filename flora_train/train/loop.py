@@ -105,7 +105,8 @@ class TrainLoop:
                         meter.add(st)
                         tokens += st.tokens
                         bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}",
-                                        users_s=f"{st.users / st.seconds:.0f}", real=f"{st.real_token_share:.0%}")
+                                        users_s=f"{st.users / st.seconds:.0f}", real=f"{st.real_token_share:.0%}",
+                                        refresh=False)  # drawn by update(), as often as the bar draws
                     step = plan.step + 1
                     bar.update(1)
                     if meter.steps and (step % t.log_every_steps == 0 or step == self.total):

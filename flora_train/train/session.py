@@ -23,6 +23,7 @@ from flora_train.config import RecipeError
 from flora_train.data import BadRows, BatchPlanner
 from flora_train.data.examples import TokenizedExamples
 from flora_train import dist as fdist
+from flora_train.progress import progress_bar
 from flora_train.launch_env import LaunchEnv, LaunchError, read_launch_env
 from flora_train.store import AdapterStore, OptimizerHyper
 from flora_train.store.sharded import ShardedAdapterStore
@@ -94,7 +95,7 @@ class Session:
     def progress(self, iterable: Any = None, **kwargs: Any) -> tqdm:
         """A progress bar that only rank 0 draws (train.progress): every rank of a torchrun job shares
         one terminal, and each drawing its own bar interleaves them."""
-        return tqdm(iterable, disable=not (self.cfg.train.progress and fdist.rank() == 0), **kwargs)
+        return progress_bar(iterable, enabled=self.cfg.train.progress and fdist.rank() == 0, **kwargs)
 
     @property
     def step_examples(self) -> TokenizedExamples:

@@ -82,6 +82,10 @@ def test_run_under_launcher(setup, launcher):
         first_draws = [len(re.findall(rf"{bar}: +0%\|[^|\r\n]*\| 0/\d+ \[00:00<\?, \?\w+/s\]", proc.stderr))
                        for bar in ("train", "shared baseline")]
         assert first_draws == [1, 1], proc.stderr[-3000:]
+        # stderr is a pipe, as a Slurm job's log is: the bar prints a line every 30 s and its last
+        # state, not a redraw a step (text=True reads tqdm's carriage returns as line ends).
+        draws = re.findall(r"^train: .*$", proc.stderr, re.M)
+        assert len(draws) <= 3 and re.match(r"train: 100%\|.*\]$", draws[-1]), draws
         proc = subprocess.run([sys.executable, "-m", "flora_train.cli", "eval", str(run_dir)], cwd=tmp, env=_env(),
                               capture_output=True, text=True, timeout=600)
         _check(proc, proc.stdout + proc.stderr, "eval")
