@@ -26,9 +26,10 @@ from typing import Any
 
 from safetensors import safe_open
 
+from flora_train.errors import warn
 from flora_train.export import ExportError, forget_in_export
 from flora_train.export.base import write_json
-from flora_train.run_dir import RunDir, RunLock
+from flora_train.run_dir import RunDir, RunLock, readers
 from flora_train.run_dir.checkpoints import (
     SHARD_PLAN,
     SHARED_ADAPTER,
@@ -182,7 +183,10 @@ def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
     rd = RunDir(run_dir)
     rd.require("forget")
     with RunLock(rd.path, "flora-train forget"):
-        return _forget(rd, users)
+        if not rd.checkpoints.is_dir():
+            return _forget(rd, users)  # says there is nothing to forget in
+        with readers.hold_for_forget(rd.checkpoints, warn):  # no export copies rows out meanwhile
+            return _forget(rd, users)
 
 
 def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:

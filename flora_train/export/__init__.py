@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flora_train.errors import warn
 from flora_train.export.base import SHARED_FOLDER, ExportError, ExportRequest, safe_folder_name
-from flora_train.run_dir import RunDir
+from flora_train.run_dir import RunDir, readers
 
 if TYPE_CHECKING:
     from flora_train.export.base import AdapterExport
@@ -70,9 +71,11 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     if refused:
         raise ExportError(refused)
     request = ExportRequest(Path(run_dir), Path(out), users, checkpoint, just_written, base_model_id, pack_size, part, gather)
-    manifest = get_format(fmt).export(request)
-    if part[0] == 0:
-        RunDir(run_dir).record_export(out)  # an export outside the run's export/ is still forgotten from
+    # `forget` waits for this export to be written and recorded, and this one for a `forget` under way
+    with readers.hold_for_export(RunDir(run_dir).checkpoints, warn):
+        manifest = get_format(fmt).export(request)
+        if part[0] == 0:
+            RunDir(run_dir).record_export(out)  # an export outside the run's export/ is still forgotten from
     return manifest
 
 

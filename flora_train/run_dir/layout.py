@@ -6,6 +6,7 @@ run_dir/
   .lock                     the writer's lock (lock.py)
   recipe.yaml               the recipe as trained (resolved; local paths absolute)
   checkpoints/step-NNNNNNNN one folder per checkpoint (checkpoints.py); .tmp-* while written
+  checkpoints/.readers/     readers' leases on checkpoints, exports against forget (readers.py)
   phases/phase-NNNNN.parquet who each training phase trains (train/phases.py)
   shared_adapter.safetensors the adapter shared by every user (train.compare_shared_baseline)
   eval/                     per-user evaluations, summaries, generation reports

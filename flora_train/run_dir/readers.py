@@ -22,6 +22,7 @@ import fcntl
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 READERS = ".readers"
@@ -117,3 +118,59 @@ def prune(checkpoint: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+# Exports against `forget`. An export copies users' rows out of the run for a minute or more and
+# records its folder at the end; a `forget` in that window rewrote the checkpoint under it (the
+# export ended on a KeyError) or found the export not yet recorded, so the forgotten user's folder
+# was left in it after `forget` said it was done. Exports hold this file's lock shared, `forget`
+# exclusive: each waits for the other to finish, and exports still run side by side.
+EXPORTS_LOCK = "exports.lock"
+
+
+class ExportsLock:
+    """A held lock on the run's exports; ``close()`` (or the process ending) releases it."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> ExportsLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _hold(checkpoints: Path, mode: int, waiting: str, say: Callable[[str], None], may_skip: bool) -> ExportsLock:
+    path = checkpoints / READERS / EXPORTS_LOCK
+    fd = _open_to_share(path) if may_skip else _open(path)
+    if fd is None:
+        return ExportsLock(None)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say(waiting)
+        fcntl.flock(fd, mode)
+    return ExportsLock(fd)
+
+
+def hold_for_export(checkpoints: Path, say: Callable[[str], None]) -> ExportsLock:
+    """Taken by an export before it picks its checkpoint, released after its folder is recorded.
+    Not held where the run directory is read-only here (nothing on this host can forget in it)."""
+    return _hold(checkpoints, fcntl.LOCK_SH, f"waiting for `flora-train forget` on {checkpoints.parent} to finish",
+                 say, may_skip=True)
+
+
+def hold_for_forget(checkpoints: Path, say: Callable[[str], None]) -> ExportsLock:
+    """Taken by `forget` (after the run's writer lock) before it changes anything."""
+    return _hold(checkpoints, fcntl.LOCK_EX, f"waiting for the export(s) of {checkpoints.parent} under way to "
+                 "finish: nothing is changed until then", say, may_skip=False)

@@ -1,11 +1,16 @@
 """A reader beside a training run (`serve` without --follow, `generate`, `export`) keeps the
 checkpoint it started on: the run's pruning passes over it until the reader lets go."""
 
+import json
+import os
+import subprocess
+import sys
+
 from flora_train.config import load_recipe
 from flora_train.inference import load_trained
 from flora_train.run_dir.checkpoints import list_checkpoints, prune_checkpoints, read_manifest
 from flora_train.train.run import run_training
-from tests.distributed.helpers import small_recipe
+from tests.distributed.helpers import REPO, small_recipe
 
 
 def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(tmp_path, tiny_llama_dir):
@@ -26,3 +31,40 @@ def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(
     reader.rows.lease.close()  # the reader lets go: the next save (here, pruning by hand) deletes it
     prune_checkpoints(first.parent, keep=1, run_id=read_manifest(first)["run_id"])
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == steps[1:]
+
+
+def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_path, tiny_llama_dir, monkeypatch):
+    """`forget` started while `export --out` was copying rows finished first and reported success;
+    the export then wrote the forgotten user's folder and index entry, and recorded its folder only
+    after `forget` had looked (with more users, the export ended on a KeyError instead)."""
+    import flora_train.export.rows as export_rows
+    from flora_train.export import export_adapters
+
+    run, out = tmp_path / "run", tmp_path / "served" / "flora"
+    run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={run}", "eval.at_end=false"]))
+    gone = "user-000011"
+    manifest = (list_checkpoints(run)[-1] / "manifest.json").read_bytes()
+    seen: dict[str, object] = {}
+    real = export_rows.iter_saved_rows
+
+    def rows_then_forget(*args, **kwargs):
+        chunks = real(*args, **kwargs)
+        first = next(chunks)  # the export is copying rows when the forget starts
+        proc = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "forget", str(run), "--users", gone],
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        seen.update(proc=proc, said=proc.stderr.readline())  # its first line, or its end
+        seen["untouched"] = (list_checkpoints(run)[-1] / "manifest.json").read_bytes() == manifest
+        yield first
+        yield from chunks
+
+    monkeypatch.setattr(export_rows, "iter_saved_rows", rows_then_forget)
+    export_adapters(run, "flora", None, out)
+    proc = seen["proc"]
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    index = json.loads((out / "index.json").read_text())
+    assert gone not in index and len(index) == 11 and all((out / folder).is_dir() for folder in index.values())
+    assert not [p for p in out.iterdir() if p.name.startswith(gone)]
+    assert f"also removed from the exports outside the run: {out}" in stdout, stdout
+    assert "waiting for the export(s)" in seen["said"] and seen["untouched"], seen["said"] + stderr

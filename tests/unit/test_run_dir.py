@@ -197,3 +197,44 @@ def test_a_reader_on_a_read_only_mount_reads_without_a_lease_and_says_so(tmp_pat
         newest.close()
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_exports_run_side_by_side_and_forget_waits_for_them_and_they_for_it(tmp_path):
+    """The lock `export` (shared) and `forget` (exclusive) take on a run's exports."""
+    import threading
+
+    from flora_train.run_dir.readers import hold_for_export, hold_for_forget
+
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    said: list[str] = []
+    exports = [hold_for_export(root, said.append) for _ in range(2)]  # neither waits for the other
+    assert all(e.held for e in exports) and said == []
+
+    def take(hold, name: str, order: list[str]) -> threading.Thread:
+        def run():
+            with hold(root, said.append):
+                order.append(name)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    order: list[str] = []
+    forget = take(hold_for_forget, "forget", order)
+    forget.join(0.5)
+    assert forget.is_alive() and order == [] and said == [f"waiting for the export(s) of {root.parent} under way to "
+                                                          "finish: nothing is changed until then"]
+    exports[0].close()
+    forget.join(0.3)
+    assert forget.is_alive()  # one export is still under way
+    exports[1].close()
+    forget.join(5)
+    assert order == ["forget"]
+
+    said.clear()
+    with hold_for_forget(root, said.append):
+        export = take(hold_for_export, "export", order)
+        export.join(0.5)
+        assert export.is_alive() and said == [f"waiting for `flora-train forget` on {root.parent} to finish"]
+    export.join(5)
+    assert order == ["forget", "export"]
