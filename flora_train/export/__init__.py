@@ -10,6 +10,7 @@ class without importing it, so building the command line's parser imports no tor
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,25 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     if refused:
         raise ExportError(refused)
     request = ExportRequest(Path(run_dir), Path(out), users, checkpoint, just_written, base_model_id, pack_size, part, gather)
+    exporter = get_format(fmt)
     # `forget` waits for this export to be written and recorded, and this one for a `forget` under way
     with readers.hold_for_export(RunDir(run_dir).checkpoints, warn):
-        manifest = get_format(fmt).export(request)
+        replaced = _index_of(Path(out), fmt) if part[0] == 0 else {}  # this run's earlier export here
+        manifest = exporter.export(request)
         if part[0] == 0:
             RunDir(run_dir).record_export(out)  # an export outside the run's export/ is still forgotten from
+            # a user of the earlier export that this one left out kept a folder no index named:
+            # `users` did not list it and `forget` left its adapter there
+            exporter.drop_replaced(Path(out), replaced, _index_of(Path(out), fmt))
     return manifest
+
+
+def _index_of(out: Path, fmt: str) -> dict[str, Any]:
+    """The ``index.json`` of an export of format ``fmt`` in ``out``; empty when there is none."""
+    manifest, index = out / "manifest.json", out / "index.json"
+    if not (manifest.is_file() and index.is_file()) or json.loads(manifest.read_text()).get("format") != fmt:
+        return {}
+    return json.loads(index.read_text())
 
 
 def forget_in_export(out: Path, fmt: str | None, forget: set[str]) -> int:

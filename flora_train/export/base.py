@@ -104,6 +104,16 @@ class AdapterExport(ABC):
         (``rows`` an ``inference.rows.RowSource``), for the registry's ``servable`` formats."""
         raise ExportError(f"{folder}: a {self.name} export is not read back; serve a run directory")
 
+    def drop_replaced(self, out: Path, old: dict[str, Any], new: dict[str, Any]) -> int:
+        """After an export replaced an earlier one of this format in ``out``: removes the earlier
+        index's places that the new index does not use, which nothing (``users``, ``forget``,
+        ``serve``) would find again. Returns how many. This default is for one folder per user."""
+        kept = set(new.values())
+        dropped = {folder: indexed(out, u, folder) for u, folder in old.items() if folder not in kept}
+        for place in dropped.values():  # every place checked (inside ``out``) before one is removed
+            shutil.rmtree(place, ignore_errors=True)
+        return len(dropped)
+
     def forget(self, out: Path, forget: set[str]) -> int:
         """Removes these users from an export of this format in ``out``; returns how many it held.
         This default is for one folder per user (``index.json``: user -> folder)."""

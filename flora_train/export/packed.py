@@ -64,6 +64,15 @@ class PackedExport(RowExport):
     def write_shared(self, out: Path, layout: AdapterLayout, row: torch.Tensor, base_model: str) -> str:
         return FloraExport("flora").write_shared(out, layout, row, base_model)
 
+    def drop_replaced(self, out: Path, old: dict[str, Any], new: dict[str, Any]) -> int:
+        """The earlier export's pack files that the new index does not use (a new pack of the same
+        name holds the new rows)."""
+        kept = {entry[0] for entry in new.values()}
+        dropped = {pack_of(out, u, entry)[0] for u, entry in old.items() if entry[0] not in kept}
+        for pack in dropped:
+            pack.unlink(missing_ok=True)
+        return len(dropped)
+
     def forget(self, out: Path, forget: set[str]) -> int:
         """Each pack holding a forgotten user is written again without it under a new name, the index
         is replaced in one rename, then the old packs go: a reader finds the old index with the old

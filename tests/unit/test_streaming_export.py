@@ -11,7 +11,7 @@ import torch
 from flora_train.cli import main
 from flora_train.config import RecipeError, load_recipe
 from flora_train.data import SyntheticTask
-from flora_train.export import export_adapters
+from flora_train.export import export_adapters, safe_folder_name
 from flora_train.export.flora import load_flora_adapter
 from flora_train.export.packed import read_packed
 from flora_train.inference import load_trained
@@ -74,6 +74,16 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
         out = tmp_path / f"packed-{size}"
         assert export_adapters(run, "packed", None, out, pack_size=size)["num_users"] == 11
         assert torch.equal(read_packed(out, users)[1], rows_packed), size
+    # Exporting again into the same folder replaces that export: the users it leaves out lose their
+    # folders and packs (no index named them any more: `users` did not list them, `forget` left them).
+    two = ["user-000002", "user-000007"]
+    export_adapters(run, "flora", two, tmp_path / "flora")
+    export_adapters(run, "packed", two, tmp_path / "packed", pack_size=4)
+    assert sorted(p.name for p in (tmp_path / "flora").iterdir()) == sorted(
+        ["index.json", "manifest.json", *map(safe_folder_name, two)])
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["index.json", "manifest.json",
+                                                                       "pack-00000.safetensors"]
+    assert torch.equal(read_packed(tmp_path / "packed", two)[1], torch.stack([want[u] for u in two]))
 
 
     # `export --checkpoint` an older checkpoint: its rows, not the newest; every byte hashed first.
