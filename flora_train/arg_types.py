@@ -58,7 +58,7 @@ def user_list(text: str) -> list[str]:
     if text.startswith("@"):
         path = Path(text[1:])
         try:
-            ids = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]  # ids kept as written
+            ids = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]  # ids kept as written
         except (OSError, UnicodeDecodeError) as exc:
             raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
         where = f"{path} names no user (one id per line)"

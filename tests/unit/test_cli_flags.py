@@ -124,6 +124,10 @@ def test_users_that_name_nobody_are_a_usage_line(tmp_path, capsys, command):
     ids.write_text("b\n\n ü ñ \na\nb\n")
     assert parse_args([*command, "--users", f"@{ids}"]).users == ["b", " ü ñ ", "a"]  # as written, once each, in order
     assert parse_args([*command, "--users", "a,,b,a"]).users == ["a", "b"]
+    # A list saved by Windows tools (Notepad, Excel's "CSV UTF-8"): a byte-order mark and CRLF line ends.
+    # The mark stayed on the first id, which then named nobody.
+    ids.write_bytes("\ufeffb\r\na\r\n".encode())
+    assert parse_args([*command, "--users", f"@{ids}"]).users == ["b", "a"]
 
 
 def test_generate_users_with_no_prompt_is_an_error(tmp_path, capsys):
