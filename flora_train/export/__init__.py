@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +77,11 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     # `forget` waits for this export to be written and recorded, and this one for a `forget` under way
     with readers.hold_for_export(RunDir(run_dir).checkpoints, warn):
         replaced = _index_of(Path(out), fmt) if part[0] == 0 else {}  # this run's earlier export here
+        if part[0] == 0:
+            # before the first row is written: an export killed halfway is still forgotten from
+            RunDir(run_dir).record_export(out)
         manifest = exporter.export(request)
         if part[0] == 0:
-            RunDir(run_dir).record_export(out)  # an export outside the run's export/ is still forgotten from
             # a user of the earlier export that this one left out kept a folder no index named:
             # `users` did not list it and `forget` left its adapter there
             exporter.drop_replaced(Path(out), replaced, _index_of(Path(out), fmt))
@@ -93,6 +96,27 @@ def _index_of(out: Path, fmt: str) -> dict[str, Any]:
     return json.loads(index.read_text())
 
 
+def forget_unfinished(out: Path, forget: set[str]) -> int:
+    """Removes the users from an export that never wrote its index (killed halfway): their folders,
+    found by name, and the pack files that hold them. Returns how many places held one."""
+    from safetensors import safe_open
+
+    places = [p for p in map(safe_folder_name, sorted(forget)) if (out / p).is_dir()]
+    for folder in places:
+        shutil.rmtree(out / folder, ignore_errors=True)
+    packs = []
+    for pack in sorted(out.glob("pack-*.safetensors")):
+        try:
+            with safe_open(str(pack), framework="pt") as f:
+                held = set(json.loads((f.metadata() or {}).get("users", "[]")))
+        except Exception:  # noqa: BLE001 - a pack cut short by the kill: it may hold anyone's rows
+            held = forget
+        if held & forget:
+            pack.unlink(missing_ok=True)
+            packs.append(pack)
+    return len(places) + len(packs)
+
+
 def forget_in_export(out: Path, fmt: str | None, forget: set[str]) -> int:
     """Removes users from the export in ``out`` written in format ``fmt`` (None: one whose manifest
     names none, a folder per user); returns how many it held."""
@@ -100,4 +124,4 @@ def forget_in_export(out: Path, fmt: str | None, forget: set[str]) -> int:
 
 
 __all__ = ["EXPORT_FORMATS", "SHARED_FOLDER", "ExportError", "ExportFormatEntry", "ExportRequest", "export_adapters",
-           "forget_in_export", "get_format", "safe_folder_name"]
+           "forget_in_export", "forget_unfinished", "get_format", "safe_folder_name"]

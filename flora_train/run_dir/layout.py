@@ -197,6 +197,13 @@ class RunDir:
         lines = self.exports_elsewhere.read_text(encoding="utf-8").splitlines()
         return [Path(json.loads(line)["out"]) for line in lines if line.strip()]
 
+    def unfinished_exports(self) -> list[Path]:
+        """Export folders of this run with no ``index.json``: an export killed before it wrote one
+        (exports are recorded before their first row is written)."""
+        candidates = [*self.exports.glob("*/"), *self._exports_recorded()] if self.exports.is_dir() \
+            else self._exports_recorded()
+        return [out for out in candidates if out.is_dir() and not (out / "index.json").is_file()]
+
     def export_indexes(self) -> list[Path]:
         """The ``index.json`` of every export of this run: those under ``export/``, and those recorded
         elsewhere that still hold an export of one of this run's checkpoints (a folder since reused

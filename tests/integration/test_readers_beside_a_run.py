@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+from safetensors import safe_open
+
 from flora_train.config import load_recipe
 from flora_train.inference import load_trained
 from flora_train.run_dir.checkpoints import list_checkpoints, prune_checkpoints, read_manifest
@@ -38,7 +41,10 @@ def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_pa
     the export then wrote the forgotten user's folder and index entry, and recorded its folder only
     after `forget` had looked (with more users, the export ended on a KeyError instead)."""
     import flora_train.export.rows as export_rows
-    from flora_train.export import export_adapters
+    from flora_train.export import export_adapters, safe_folder_name
+    from flora_train.export.folders import FolderExport
+    from flora_train.export.packed import PackedExport
+    from flora_train.lifecycle import forget_users
 
     run, out = tmp_path / "run", tmp_path / "served" / "flora"
     run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={run}", "eval.at_end=false"]))
@@ -68,3 +74,35 @@ def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_pa
     assert not [p for p in out.iterdir() if p.name.startswith(gone)]
     assert f"also removed from the exports outside the run: {out}" in stdout, stdout
     assert "waiting for the export(s)" in seen["said"] and seen["untouched"], seen["said"] + stderr
+
+    # An export killed halfway (no index.json yet) is forgotten from too: it is recorded before its
+    # first row is written, and `forget` finds the users' folders by name and the packs that hold them.
+    # (Before, it was recorded at its end: `forget` never looked there.)
+    monkeypatch.setattr(export_rows, "iter_saved_rows", real)
+    killed = tmp_path / "killed"
+    for cls, fmt, after in ((FolderExport, "flora", 3), (PackedExport, "packed", 5)):
+        monkeypatch.setattr(cls, "place", _killed_after(cls.place, after))
+        with pytest.raises(KeyboardInterrupt):
+            export_adapters(run, fmt, None, killed / fmt, pack_size=2)
+    folders = sorted(p.name for p in (killed / "flora").iterdir())
+    packs = sorted((killed / "packed").glob("pack-*.safetensors"))
+    assert len(folders) == 3 and len(packs) == 2 and not list(killed.glob("*/index.json"))
+    with safe_open(str(packs[0]), framework="pt") as f:
+        victim = next(u for u in json.loads(f.metadata()["users"]) if safe_folder_name(u) in folders)
+    report = forget_users(run, [victim])
+    assert sorted(report["exports_elsewhere"]) == [str(killed / "flora"), str(killed / "packed"), str(out)], report
+    assert sorted(p.name for p in (killed / "flora").iterdir()) == [f for f in folders if f != safe_folder_name(victim)]
+    assert sorted((killed / "packed").glob("pack-*.safetensors")) == packs[1:]
+
+
+def _killed_after(place, n: int):
+    """``place`` that is interrupted (Ctrl-C) when it is called the ``n+1``-th time."""
+    calls = [0]
+
+    def placed(self, *args, **kwargs):
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        calls[0] += 1
+        return place(self, *args, **kwargs)
+
+    return placed
