@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`flora-train users RUN | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141
+    except KeyboardInterrupt:  # Ctrl-C outside training's steps (which checkpoint first), or a second one
+        print("\nflora-train: interrupted", file=sys.stderr)
+        return 130
     finally:
         fdist.shutdown(clean)
 
@@ -264,7 +267,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
     from flora_train.errors import NONFINITE_EXIT_CODE, UserError
-    from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted
+    from flora_train.train.preemption import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE, Interrupted, Preempted
     from flora_train.train.trainer import NonFiniteError
 
     try:
@@ -281,6 +284,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"flora-train: training stopped: {exc}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
+    except Interrupted as exc:
+        print(f"flora-train: interrupted: {exc}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except Preempted as exc:
         print(f"flora-train: preempted: {exc}", file=sys.stderr)
         return REQUEUE_EXIT_CODE

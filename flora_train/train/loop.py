@@ -18,7 +18,7 @@ from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import save_checkpoint
 from flora_train.train.evaluate import summarise
 from flora_train.train.meter import Meter
-from flora_train.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch
+from flora_train.train.preemption import REQUEUE_EXIT_CODE, Interrupted, Preempted, PreemptionWatch
 from flora_train.train.scoring import evaluate_adapters
 from flora_train.train.selection import Validator
 from flora_train.train.session import Session, train_settings
@@ -140,6 +140,9 @@ class TrainLoop:
         if step < self.total and (due or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0)):
             self.checkpoint(step)
             watch.checkpointed()
+        if stop and step < self.total and watch.interrupted:
+            raise Interrupted(f"stopped by Ctrl-C after step {step} of {self.total}, checkpointed; the same "
+                              "command with --resume (or train.auto_resume=true) goes on from there")
         if stop and step < self.total:
             raise Preempted(f"stopped by {watch.signal_name} after step {step} of {self.total}; "
                             f"checkpointed, exiting with {REQUEUE_EXIT_CODE} to be run again")

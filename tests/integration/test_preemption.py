@@ -1,6 +1,7 @@
 """Preemption: SIGUSR1 or SIGTERM mid-run -> the step finishes, a checkpoint is written, the run
-exits with 143 (requeue); run again, it resumes and ends bitwise equal to an uninterrupted run.
-A time-based checkpoint interval writes checkpoints without any step interval."""
+exits with 143 (requeue); Ctrl-C (SIGINT) the same, exiting with 130; run again, it resumes and ends
+bitwise equal to an uninterrupted run. A time-based checkpoint interval writes checkpoints without
+any step interval."""
 
 import os
 import signal
@@ -13,7 +14,7 @@ import torch
 
 from flora_train.config import load_recipe, recipe_to_yaml
 from flora_train.run_dir.checkpoints import list_checkpoints
-from flora_train.train.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
+from flora_train.train.preemption import INTERRUPTED_EXIT_CODE, PreemptionWatch
 from flora_train.train.run import run_training
 from tests.distributed.helpers import REPO, saved_state, small_recipe
 
@@ -25,19 +26,34 @@ def _recipe(tmp_path, model_dir, name):
             "train.checkpoint_every_minutes=0"]
 
 
-def test_watch_takes_sigterm_and_sigusr1_and_restores_handlers():
+def test_watch_takes_sigterm_sigusr1_and_ctrl_c_and_restores_handlers():
     before = signal.getsignal(signal.SIGTERM)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            with PreemptionWatch(0) as watch:
+                os.kill(os.getpid(), sig)
+                assert watch.poll() == (True, True) and watch.signal_name == sig.name
+                assert watch.interrupted == (sig == signal.SIGINT)
         with PreemptionWatch(0) as watch:
-            os.kill(os.getpid(), sig)
-            assert watch.poll() == (True, True) and watch.signal_name == sig.name
-    assert signal.getsignal(signal.SIGTERM) is before
-    with PreemptionWatch(0) as watch:
-        assert watch.poll() == (False, False)
+            os.kill(os.getpid(), signal.SIGINT)
+            with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C stops at once
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # started in the background: left ignored
+        with PreemptionWatch(0) as watch:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert watch.poll() == (False, False) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, interactive)
 
 
-def test_signal_checkpoints_exits_for_requeue_and_resumes_bitwise(tmp_path, tiny_llama_dir):
-    sig = signal.SIGUSR1
+def test_ctrl_c_checkpoints_exits_and_resumes_bitwise(tmp_path, tiny_llama_dir):
+    """Ctrl-C ended a run with a traceback and exit code -2, losing the steps since its last
+    checkpoint. (SIGTERM and SIGUSR1 take the same path to 143: the watch's test above, and the
+    Slurm job requeued in test_launch.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     def command(name: str) -> list[str]:  # both runs alike: same process kind, same threads
@@ -48,16 +64,18 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes_bitwise(tmp_path, tiny
     whole = subprocess.run(command("whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     cmd = command("cut")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's process has it (a test runner started in the background ignores it)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     progress = tmp_path / "cut" / "recipe.yaml"
     while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # the run writes recipe.yaml as training starts (12 epochs take seconds)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == REQUEUE_EXIT_CODE, (proc.returncode, err[-2000:])
-    assert "flora-train: preempted: stopped by " + sig.name in err
+    assert proc.returncode == INTERRUPTED_EXIT_CODE == 130, (proc.returncode, err[-2000:])
+    assert "flora-train: interrupted: stopped by Ctrl-C after step" in err and "with --resume" in err, err[-2000:]
     (ckpt,) = list_checkpoints(tmp_path / "cut")
     assert 0 < int(ckpt.name.split("-")[1]) and "Traceback" not in err
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
