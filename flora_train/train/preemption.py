@@ -68,6 +68,8 @@ class PreemptionWatch:
     def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt, now
+        if os.environ.get("RANK", "0") != "0":  # the ranks of one job share a terminal: one notice
+            return
         # os.write, not print: a handler that prints may interrupt a print of the main thread's
         os.write(2, b"\nflora-train: Ctrl-C: stopping after this step, once it is checkpointed "
                     b"(Ctrl-C again stops at once, losing the steps since the last checkpoint)\n")
