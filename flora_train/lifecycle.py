@@ -27,7 +27,7 @@ from typing import Any
 from safetensors import safe_open
 
 from flora_train.errors import warn
-from flora_train.export import ExportError, forget_in_export, forget_unfinished
+from flora_train.export import ExportError, forget_in_export, forget_unindexed
 from flora_train.export.base import write_json
 from flora_train.run_dir import RunDir, RunLock, readers
 from flora_train.run_dir.checkpoints import (
@@ -172,8 +172,9 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> tuple[int, list[str]]:
     for index_path in rd.export_indexes():
         manifest_path = index_path.with_name("manifest.json")
         fmt = json.loads(manifest_path.read_text()).get("format") if manifest_path.is_file() else None
-        held_in.append((index_path.parent, forget_in_export(index_path.parent, fmt, forget)))
-    held_in += [(out, forget_unfinished(out, forget)) for out in rd.unfinished_exports()]
+        held = forget_in_export(index_path.parent, fmt, forget)  # then what no index names:
+        held_in.append((index_path.parent, held + forget_unindexed(index_path.parent, forget)))
+    held_in += [(out, forget_unindexed(out, forget)) for out in rd.unfinished_exports()]
     for out, held in held_in:
         removed += held
         if held and not out.resolve().is_relative_to(inside):

@@ -96,9 +96,11 @@ def _index_of(out: Path, fmt: str) -> dict[str, Any]:
     return json.loads(index.read_text())
 
 
-def forget_unfinished(out: Path, forget: set[str]) -> int:
-    """Removes the users from an export that never wrote its index (killed halfway): their folders,
-    found by name, and the pack files that hold them. Returns how many places held one."""
+def forget_unindexed(out: Path, forget: set[str]) -> int:
+    """Removes the users' copies that no index names: in an export that never wrote its index
+    (killed halfway), or left beside one (two exports into one folder at once, the second's index
+    naming fewer users). Their folders are found by name, and pack files that hold them go.
+    Returns how many places held one."""
     from safetensors import safe_open
 
     places = [p for p in map(safe_folder_name, sorted(forget)) if (out / p).is_dir()]
@@ -124,4 +126,4 @@ def forget_in_export(out: Path, fmt: str | None, forget: set[str]) -> int:
 
 
 __all__ = ["EXPORT_FORMATS", "SHARED_FOLDER", "ExportError", "ExportFormatEntry", "ExportRequest", "export_adapters",
-           "forget_in_export", "forget_unfinished", "get_format", "safe_folder_name"]
+           "forget_in_export", "forget_unindexed", "get_format", "safe_folder_name"]

@@ -75,25 +75,43 @@ def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_pa
     assert f"also removed from the exports outside the run: {out}" in stdout, stdout
     assert "waiting for the export(s)" in seen["said"] and seen["untouched"], seen["said"] + stderr
 
-    # An export killed halfway (no index.json yet) is forgotten from too: it is recorded before its
-    # first row is written, and `forget` finds the users' folders by name and the packs that hold them.
-    # (Before, it was recorded at its end: `forget` never looked there.)
+    # Copies no index names are forgotten from too, found by name (folders) or metadata (packs):
+    # - two exports into one folder at once, the second (of two users) finishing last: its index
+    #   names two users and the first one's folders of the others stay beside it;
+    # - an export killed halfway (no index.json yet): it is recorded before its first row is written.
+    # (Before, `forget` read exports through their index alone, and recorded an export at its end.)
+    both, killed, two = tmp_path / "both", tmp_path / "killed", ["user-000000", "user-000001"]
+    nested = []
+
+    def rows_beside_another_export(*args, **kwargs):
+        chunks = real(*args, **kwargs)
+        first = next(chunks)
+        if not nested:
+            nested.append(both)
+            export_adapters(run, "flora", None, both)  # every user, finished meanwhile
+        yield first
+        yield from chunks
+
+    monkeypatch.setattr(export_rows, "iter_saved_rows", rows_beside_another_export)
+    export_adapters(run, "flora", two, both)
     monkeypatch.setattr(export_rows, "iter_saved_rows", real)
-    killed = tmp_path / "killed"
-    for cls, fmt, after in ((FolderExport, "flora", 3), (PackedExport, "packed", 5)):
+    assert sorted(json.loads((both / "index.json").read_text())) == two
+    assert len([p for p in both.iterdir() if p.is_dir()]) == 11
+    for cls, fmt, after in ((FolderExport, "flora", 4), (PackedExport, "packed", 5)):
         monkeypatch.setattr(cls, "place", _killed_after(cls.place, after))
         with pytest.raises(KeyboardInterrupt):
             export_adapters(run, fmt, None, killed / fmt, pack_size=2)
     folders = sorted(p.name for p in (killed / "flora").iterdir())
     packs = sorted((killed / "packed").glob("pack-*.safetensors"))
-    assert len(folders) == 3 and len(packs) == 2 and not list(killed.glob("*/index.json"))
-    with safe_open(str(packs[0]), framework="pt") as f:
+    assert len(folders) == 4 and len(packs) == 2 and not list(killed.glob("*/index.json"))
+    with safe_open(str(packs[1]), framework="pt") as f:
         victim = next(u for u in json.loads(f.metadata()["users"]) if safe_folder_name(u) in folders)
+    assert victim not in two
     report = forget_users(run, [victim])
-    assert sorted(report["exports_elsewhere"]) == [str(killed / "flora"), str(killed / "packed"), str(out)], report
+    assert sorted(report["exports_elsewhere"]) == sorted(map(str, [both, killed / "flora", killed / "packed", out])), report
     assert sorted(p.name for p in (killed / "flora").iterdir()) == [f for f in folders if f != safe_folder_name(victim)]
-    assert sorted((killed / "packed").glob("pack-*.safetensors")) == packs[1:]
-
+    assert sorted((killed / "packed").glob("pack-*.safetensors")) == packs[:1]
+    assert not (both / safe_folder_name(victim)).exists() and len([p for p in both.iterdir() if p.is_dir()]) == 10
 
 def _killed_after(place, n: int):
     """``place`` that is interrupted (Ctrl-C) when it is called the ``n+1``-th time."""
