@@ -79,7 +79,11 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
         replaced = _index_of(Path(out), fmt) if part[0] == 0 else {}  # this run's earlier export here
         if part[0] == 0:
             # before the first row is written: an export killed halfway is still forgotten from
-            RunDir(run_dir).record_export(out)
+            try:
+                RunDir(run_dir).record_export(out)
+            except OSError as exc:  # a read-only mount of the run (a serving host's): export all the same
+                warn(f"cannot record this export in {run_dir} ({exc.strerror}): `flora-train forget` on the run "
+                     f"will not reach {out}")
         manifest = exporter.export(request)
         if part[0] == 0:
             # a user of the earlier export that this one left out kept a folder no index named:

@@ -36,7 +36,8 @@ def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == steps[1:]
 
 
-def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_path, tiny_llama_dir, monkeypatch):
+def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_path, tiny_llama_dir, monkeypatch,
+                                                                          capsys):
     """`forget` started while `export --out` was copying rows finished first and reported success;
     the export then wrote the forgotten user's folder and index entry, and recorded its folder only
     after `forget` had looked (with more users, the export ended on a KeyError instead)."""
@@ -101,6 +102,7 @@ def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_pa
         monkeypatch.setattr(cls, "place", _killed_after(cls.place, after))
         with pytest.raises(KeyboardInterrupt):
             export_adapters(run, fmt, None, killed / fmt, pack_size=2)
+    monkeypatch.undo()
     folders = sorted(p.name for p in (killed / "flora").iterdir())
     packs = sorted((killed / "packed").glob("pack-*.safetensors"))
     assert len(folders) == 4 and len(packs) == 2 and not list(killed.glob("*/index.json"))
@@ -112,6 +114,20 @@ def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_pa
     assert sorted(p.name for p in (killed / "flora").iterdir()) == [f for f in folders if f != safe_folder_name(victim)]
     assert sorted((killed / "packed").glob("pack-*.safetensors")) == packs[:1]
     assert not (both / safe_folder_name(victim)).exists() and len([p for p in both.iterdir() if p.is_dir()]) == 10
+
+    # A read-only mount of the run (a serving host's) exports all the same, and says forget will not
+    # reach the copy. (Recording it failed with EROFS: at the export's end before, at its start after.)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(run), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        capsys.readouterr()
+        assert export_adapters(ro, "flora", two, tmp_path / "from-ro")["num_users"] == 2
+        assert f"cannot record this export in {ro} (Read-only file system)" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
 
 def _killed_after(place, n: int):
     """``place`` that is interrupted (Ctrl-C) when it is called the ``n+1``-th time."""
