@@ -8,6 +8,7 @@ from __future__ import annotations
 # fail the same way again when run again on the same input, so neither is restarted.
 BAD_INPUT_EXIT_CODE = 2  # `flora-train: error: ...`: the recipe, the data or the run directory
 NONFINITE_EXIT_CODE = 3  # training stopped on a non-finite loss (train.nonfinite); resume is bitwise: again
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; no launcher retries it
 
 
 class UserError(Exception):

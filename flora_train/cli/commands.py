@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flora_train.cli.parser import parse_args
-from flora_train.errors import BAD_INPUT_EXIT_CODE
+from flora_train.errors import BAD_INPUT_EXIT_CODE, INTERRUPTED_EXIT_CODE
 
 
 def _quiet_libraries() -> None:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except KeyboardInterrupt:  # Ctrl-C outside training's steps (which checkpoint first), or a second one
         print("\nflora-train: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
     finally:
         fdist.shutdown(clean)
 
@@ -267,7 +267,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
     from flora_train.errors import NONFINITE_EXIT_CODE, UserError
-    from flora_train.train.preemption import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE, Interrupted, Preempted
+    from flora_train.train.preemption import REQUEUE_EXIT_CODE, Interrupted, Preempted
     from flora_train.train.trainer import NonFiniteError
 
     try:

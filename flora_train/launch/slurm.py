@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from string import Template
 
+from flora_train.errors import INTERRUPTED_EXIT_CODE
 from flora_train.launch.job import Job, LaunchFailed, write_recipe
 from flora_train.run_dir import RunDir
 
@@ -100,8 +101,13 @@ def _job_state(job_id: str) -> tuple[str, int] | None:
 
 
 def wait(job: Job, job_id: str, poll_s: float = 2.0) -> int:
-    while (done := _job_state(job_id)) is None:
-        time.sleep(poll_s)
+    try:
+        while (done := _job_state(job_id)) is None:
+            time.sleep(poll_s)
+    except KeyboardInterrupt:  # Ctrl-C stops the waiting; the job is Slurm's and runs on
+        print(f"\nstopped waiting; Slurm job {job_id} goes on (log {log_path(job, job_id)}): "
+              f"`scancel {job_id}` stops it")
+        return INTERRUPTED_EXIT_CODE
     state, code = done
     log = log_path(job, job_id)
     print(f"Slurm job {job_id} ended: {state}, exit code {code}")

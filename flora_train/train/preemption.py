@@ -28,7 +28,6 @@ import torch
 from flora_train import dist as fdist
 
 REQUEUE_EXIT_CODE = 143  # 128 + SIGTERM: retryable for Kubeflow's ExitCode policy, distinct from errors (2, 3)
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

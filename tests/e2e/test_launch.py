@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -148,6 +150,28 @@ def test_a_failed_slurm_job_returns_its_exit_code_and_cause(slurm, tmp_path):
                  "launch.max_restarts=0", "--wait", env=slurm)
     assert bad.returncode != 0 and "ended: FAILED" in bad.stdout and "flora-train: error:" in bad.stdout
     assert "exited with code 2" in bad.stdout and "Traceback" not in bad.stdout, bad.stdout[-3000:]
+
+    # Ctrl-C while --wait follows a job stops the waiting, not the job (it ended in a traceback)
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "flora_train.cli", "launch", "recipes/quickstart.yaml", *SMALL,
+         f"run_dir={tmp_path / 'waited'}", "--scheduler", "slurm", "launch.cpus_per_proc=1", "--wait"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **slurm},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    submitted = ""
+    while not submitted.startswith("submitted Slurm job") and waiting.poll() is None:
+        submitted = waiting.stdout.readline()
+    job_id = submitted.split()[3].rstrip(";")
+    try:
+        time.sleep(1)
+        waiting.send_signal(signal.SIGINT)
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 130 and "Traceback" not in err, (submitted + out, err[-3000:])
+        assert f"stopped waiting; Slurm job {job_id} goes on" in out and f"`scancel {job_id}` stops it" in out, out
+        shown = subprocess.run(["scontrol", "show", "job", job_id], env=slurm, capture_output=True, text=True).stdout
+        assert re.search(r"JobState=(PENDING|RUNNING|COMPLETING|COMPLETED)", shown), shown
+    finally:
+        subprocess.run(["scancel", job_id], env={**os.environ, **slurm})
 
 
 def test_srun_starts_flora_train_directly(slurm, tmp_path):

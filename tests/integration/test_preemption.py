@@ -14,7 +14,8 @@ import torch
 
 from flora_train.config import load_recipe, recipe_to_yaml
 from flora_train.run_dir.checkpoints import list_checkpoints
-from flora_train.train.preemption import INTERRUPTED_EXIT_CODE, PreemptionWatch
+from flora_train.errors import INTERRUPTED_EXIT_CODE
+from flora_train.train.preemption import PreemptionWatch
 from flora_train.train.run import run_training
 from tests.distributed.helpers import REPO, saved_state, small_recipe
 
