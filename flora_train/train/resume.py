@@ -46,10 +46,13 @@ def check_same_run(ckpt: Path, state: dict[str, Any], session: "Session") -> Non
             "or train.overwrite=true)")
     changed = session.fingerprint.changes(saved)
     if changed and session.cfg.train.on_data_change.value == "error":
+        # a plan change alone (more epochs, say) goes on under the new plan; new data starts a phase
+        how = ("to train the new and changed users from here" if session.fingerprint.users_or_data_changed(saved)
+               else "to plan the rest of the run with the new values from here")
         raise CheckpointError(
             f"{ckpt}: since this checkpoint {'; '.join(changed)} changed. Resuming would train a different "
             "schedule than the one the checkpoint belongs to. Restore the original data and recipe, start a new "
-            "run_dir, or set train.on_data_change=new_phase to train the new and changed users from here"
+            f"run_dir, or set train.on_data_change=new_phase {how}"
         )
     if session.fingerprint.users_or_data_changed(saved):
         next_phase(session, ckpt, state)

@@ -19,7 +19,10 @@ def test_resume_refuses_changed_data_plan_or_users(tmp_path, tiny_llama_dir):
     trained = saved_state(tmp_path / "run")
     longer = [*base, "train.max_steps=6"]
 
-    with pytest.raises(CheckpointError, match=r"the plan \(train.users_per_step: 5 -> 4\)"):
+    # A plan change alone: new_phase goes on under the new plan (it said "to train the new and
+    # changed users", of whom there are none here, and a user wanting more epochs looked no further).
+    with pytest.raises(CheckpointError, match=r"the plan \(train.users_per_step: 5 -> 4\).* set train.on_data_change="
+                                              r"new_phase to plan the rest of the run with the new values from here"):
         run_training(load_recipe(None, [*longer, "train.users_per_step=4"]), resume=True)
 
     train_path = next(a.split("=", 1)[1] for a in base if a.startswith("data.train_path="))
@@ -27,7 +30,8 @@ def test_resume_refuses_changed_data_plan_or_users(tmp_path, tiny_llama_dir):
     edited = [json.dumps(dict(json.loads(lines[0]), completion=" changed")), *lines[1:]]
     with open(train_path, "w") as f:
         f.write("\n".join(edited) + "\n")
-    with pytest.raises(CheckpointError, match=r"the training data \(examples, tokens or labels\)"):
+    with pytest.raises(CheckpointError, match=r"the training data \(examples, tokens or labels\).* set "
+                                              r"train.on_data_change=new_phase to train the new and changed users"):
         run_training(load_recipe(None, longer), resume=True)
     assert saved_state(tmp_path / "run").keys() == trained.keys(), "a refused resume writes nothing"
 
