@@ -50,6 +50,7 @@ def progress_bar(iterable: Any = None, *, enabled: bool = True, stream: TextIO |
     if enabled and not _interactive(stream):
         interval = float(os.environ.get("TQDM_MININTERVAL", LOG_INTERVAL_S))
         # maxinterval too: tqdm's monitor thread otherwise redraws a slow bar every 10 s
-        kwargs = {"mininterval": interval, "maxinterval": max(interval, 10.0), **kwargs}
+        kwargs = {"mininterval": interval, "maxinterval": max(interval, 10.0), **kwargs,
+                  "leave": True}  # a line cannot be erased: a bar that would vanish ends on its last state
         stream = LineWriter(stream)  # type: ignore[assignment]
     return tqdm(iterable, file=stream, disable=not enabled, **kwargs)

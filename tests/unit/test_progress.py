@@ -36,6 +36,12 @@ def test_a_log_file_gets_whole_lines_at_the_interval(monkeypatch):
     assert len(lines) > 100 and len(set(lines)) == len(lines), lines[:5]
 
 
+def test_a_bar_a_terminal_would_erase_ends_on_its_last_state_in_a_log(monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    lines = _train(io.StringIO(), steps=300, leave=False).splitlines()  # the shared baseline's bar
+    assert len(lines) == 2 and "300/300" in lines[1], lines  # not a last line at some part of the way
+
+
 def test_a_terminal_is_redrawn_in_place(monkeypatch):
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     out = _train(Terminal(), steps=50, mininterval=0)
