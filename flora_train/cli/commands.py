@@ -246,12 +246,16 @@ def _base(args: argparse.Namespace) -> None:  # base convert
 def _data(args: argparse.Namespace) -> None:  # data synth
     from flora_train.data import SyntheticTask
     from flora_train.data.persona_chat import PersonaChatTask
+    from flora_train.errors import UserError
 
-    if args.task == "persona_chat":
-        chat = PersonaChatTask(args.users, args.train_examples, args.eval_examples, seed=args.seed)
-        paths = list(chat.write(args.out).values())
-    else:
-        paths = list(SyntheticTask(args.users, args.train_examples, args.eval_examples, seed=args.seed).write(args.out))
+    task = (PersonaChatTask if args.task == "persona_chat" else SyntheticTask)(
+        args.users, args.train_examples, args.eval_examples, seed=args.seed)
+    there = [args.out / name for name in task.FILES if (args.out / name).exists()]
+    if there and not args.overwrite:  # --out data/ beside the user's own train.jsonl replaced it
+        raise UserError(f"--out {args.out}: {', '.join(p.name for p in there)} already there; --overwrite "
+                        "replaces them, or name another folder")
+    written = task.write(args.out)
+    paths = list(written.values() if isinstance(written, dict) else written)
     for path in paths:
         print(path)
 

@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--eval-examples", type=whole_number, default=4, help="per user; 0 writes no eval.jsonl rows")
     syn.add_argument("--seed", type=int, default=0, help="the same seed writes the same task (default 0)")
     syn.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and eval.jsonl (made if missing)")
+    syn.add_argument("--overwrite", action="store_true", help="replace the task's files where --out already has them")
     return p
 
 

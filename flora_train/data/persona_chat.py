@@ -74,6 +74,8 @@ class PersonaChatTask:
         rng = random.Random(f"{self.seed}/general")
         return [{"user_id": "general", "messages": self._chat(*self._question(rng))} for _ in range(self.general_examples)]
 
+    FILES = ("train.jsonl", "eval.jsonl", "retain.jsonl", "general_eval.jsonl")  # what ``write`` writes
+
     def write(self, directory: Path) -> dict[str, Path]:
         """``train.jsonl``, ``eval.jsonl``, ``retain.jsonl`` and ``general_eval.jsonl``."""
         directory.mkdir(parents=True, exist_ok=True)

@@ -53,10 +53,12 @@ class SyntheticTask:
             out.append({"user_id": self.user_id(i), "prompt": f"{filler} : favourite {key} ?", "completion": f" {rule[key]}"})
         return out
 
+    FILES = ("train.jsonl", "eval.jsonl")  # what ``write`` writes
+
     def write(self, directory: Path) -> tuple[Path, Path]:
         """Writes ``train.jsonl`` and ``eval.jsonl``; returns their paths."""
         directory.mkdir(parents=True, exist_ok=True)
-        paths = directory / "train.jsonl", directory / "eval.jsonl"
+        paths = directory / self.FILES[0], directory / self.FILES[1]
         for path, split, n in zip(paths, ("train", "eval"), (self.train_examples_per_user, self.eval_examples_per_user)):
             tmp = path.with_suffix(".jsonl.tmp")
             with tmp.open("w") as f:
