@@ -6,9 +6,9 @@ import os
 import shlex
 import socket
 import subprocess
+import sys
 
 from flora_train.launch.job import Job, write_recipe
-
 
 TORCHRUN = "flora_train.launch.torchrun"  # torchrun, ending a failed job in one line (see that module)
 
@@ -46,5 +46,13 @@ def run_local(job: Job, dry_run: bool = False) -> int:
     write_recipe(job)
     env = {**os.environ, **{k: str(v) for k, v in job.cfg.launch.env.items()}}
     procs = [subprocess.Popen(cmd, env=env) for cmd in cmds]
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reached the job as well (one process group): its ranks finish the step
+        # and checkpoint. Leaving now would give back the prompt while they still write, and a
+        # relaunch would find the run directory still locked.
+        print("flora-train launch: Ctrl-C: waiting for the job to checkpoint and stop (Ctrl-C again leaves it)",
+              file=sys.stderr, flush=True)
+        codes = [p.wait() for p in procs]
     return next((c for c in codes if c != 0), 0)

@@ -109,6 +109,24 @@ def test_local_scheduler_returns_a_failed_jobs_exit_code(tmp_path):
     assert diverged.returncode == 3, diverged.stderr[-3000:]
     assert diverged.stderr.count("flora-train: training stopped: non-finite loss") == 1, diverged.stderr[-3000:]
     assert "exited with code 3" in diverged.stderr and "Traceback" not in diverged.stderr, diverged.stderr[-3000:]
+    # Ctrl-C in a terminal reaches the launcher and the job (one process group): the launcher waits
+    # for the job to checkpoint and stop. (It left at once, its prompt back while ranks still wrote.)
+    run_dir = tmp_path / "ctrl-c"
+    job = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "launch", "recipes/quickstart.yaml", *SMALL,
+                            "train.epochs=200", f"run_dir={run_dir}", "tracking.enabled=false"],
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (run_dir / "recipe.yaml").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # rank 0 writes it as training starts
+    time.sleep(0.5)
+    os.killpg(job.pid, signal.SIGINT)
+    out, err = job.communicate(timeout=120)
+    left = subprocess.run(["pgrep", "-g", str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert job.returncode == 130 and not left, (job.returncode, left, err[-3000:])
+    assert "waiting for the job to checkpoint and stop" in err and "stopped by Ctrl-C after step" in err, err[-3000:]
+    assert list((run_dir / "checkpoints").glob("step-*")), err[-3000:]
 
 
 def test_a_node_whose_peer_failed_on_bad_input_ends_in_one_line(tmp_path):
