@@ -110,8 +110,12 @@ def forget_unindexed(out: Path, forget: set[str]) -> int:
     places = [p for p in map(safe_folder_name, sorted(forget)) if (out / p).is_dir()]
     for folder in places:
         shutil.rmtree(out / folder, ignore_errors=True)
+    index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
+    named = {entry[0] for entry in index.values() if isinstance(entry, list) and entry}  # the format's own forget
     packs = []
     for pack in sorted(out.glob("pack-*.safetensors")):
+        if pack.name in named:  # rewritten by the format's forget; deleting it would take others' rows too
+            continue
         try:
             with safe_open(str(pack), framework="pt") as f:
                 held = set(json.loads((f.metadata() or {}).get("users", "[]")))

@@ -11,7 +11,7 @@ import torch
 from flora_train.cli import main
 from flora_train.config import RecipeError, load_recipe
 from flora_train.data import SyntheticTask
-from flora_train.export import export_adapters, safe_folder_name
+from flora_train.export import export_adapters, forget_unindexed, safe_folder_name
 from flora_train.export.flora import load_flora_adapter
 from flora_train.export.packed import read_packed
 from flora_train.inference import load_trained
@@ -84,6 +84,12 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
     assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["index.json", "manifest.json",
                                                                        "pack-00000.safetensors"]
     assert torch.equal(read_packed(tmp_path / "packed", two)[1], torch.stack([want[u] for u in two]))
+    # A pack the index uses is never deleted for a user it holds that the index does not name (two
+    # exports into one folder at once can leave that): the index's other users keep their rows.
+    index = json.loads((tmp_path / "packed" / "index.json").read_text())
+    (tmp_path / "packed" / "index.json").write_text(json.dumps({two[0]: index[two[0]]}))
+    assert forget_unindexed(tmp_path / "packed", {two[1]}) == 0
+    assert torch.equal(read_packed(tmp_path / "packed", two[:1])[1][0], want[two[0]])
 
 
     # `export --checkpoint` an older checkpoint: its rows, not the newest; every byte hashed first.
