@@ -107,6 +107,26 @@ def _did_you_mean(full_key: str, siblings: list[str]) -> str | None:
     return close[0] if close else None
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping. PyYAML keeps the last one
+    silently: a second ``train:`` section dropped every key of the first."""
+
+
+def _mapping_once(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in first and key != "<<":
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is written twice (lines {first[key] + 1} and {key_node.start_mark.line + 1}); "
+                "YAML would keep the second alone", key_node.start_mark)
+        first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
+
+
 def _where(source: str, full_key: str, lines: dict[str, int]) -> str:
     line = lines.get(full_key)
     if line is None:
@@ -153,7 +173,31 @@ def _explain(exc: OmegaConfBaseException, source: str, lines: dict[str, int]) ->
     return RecipeError(f"{where}: {kind} for key '{full_key}': {msg}")
 
 
+def _not_a_section(base: Any, layer: Any, prefix: str = "") -> tuple[str, Any] | None:
+    """The first key of ``layer`` whose value is not a mapping where ``base`` has a section there
+    (``train: 3``): OmegaConf's merge says only "key ''". Both as plain containers, unresolved."""
+    if not (isinstance(layer, dict) and isinstance(base, dict)):
+        return None
+    for key, value in layer.items():
+        here = base.get(key)
+        if not isinstance(here, dict):
+            continue
+        full = f"{prefix}{key}"
+        if value is not None and not isinstance(value, dict):
+            return full, value
+        found = _not_a_section(here, value, f"{full}.")
+        if found:
+            return found
+    return None
+
+
 def _merge(base: DictConfig, layer: Any, source: str, lines: dict[str, int]) -> DictConfig:
+    plain = OmegaConf.to_container(layer, resolve=False) if OmegaConf.is_config(layer) else layer
+    found = _not_a_section(OmegaConf.to_container(base, resolve=False), plain)
+    if found:
+        key, value = found
+        raise RecipeError(f"{_where(source, key, lines)}: key '{key}' is a section: its keys go under it "
+                          f"(key.sub: value), got {type(value).__name__} {value!r}")
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
@@ -175,7 +219,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (),
             raise RecipeError(f"recipe file not found: {path}")
         text = path.read_text()
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a safe loader
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f":{mark.line + 1}" if mark else ""

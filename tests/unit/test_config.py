@@ -54,6 +54,13 @@ def _write(tmp_path, text):
         (MINIMAL, ["base.zero_stage=3", "base.deepspeed.zero_optimization.stage=2"],
          r"key 'base.deepspeed.zero_optimization.stage': is 2 but base.zero_stage is 3"),
         ("run_dir: x\n  bad: [indent\n", [], r"r\.yaml:2: not valid YAML"),
+        # A key written twice: PyYAML kept the second silently (a second train: section dropped the first's keys).
+        (MINIMAL + "train:\n  epochs: 3\neval:\n  at_end: false\ntrain:\n  seed: 1\n", [],
+         r"r\.yaml:10: not valid YAML: key 'train' is written twice \(lines 6 and 10\)"),
+        # A section given a value: OmegaConf's merge named key ''.
+        (MINIMAL + "train:\n  sweep: [1, 2]\n", [], r"r\.yaml:7: key 'train.sweep' is a section: its keys go under it "
+         r"\(key.sub: value\), got list \[1, 2\]"),
+        (MINIMAL, ["train=3"], r"override 'train=3': key 'train' is a section: .*got int 3"),
         (MINIMAL, ["adapter.kernel=bmm"], r"key 'adapter.kernel': bmm does not compute flora; use auto or one of stacked, rankwise"),
         (MINIMAL, ["data.synthetic.task=persona_chat"], r"key 'data.messages_column': data.synthetic.task=persona_chat "
          "writes chat rows: set it to messages"),
