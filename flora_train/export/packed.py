@@ -19,6 +19,13 @@ from flora_train.export.flora import FloraExport
 from flora_train.export.rows import RowExport
 
 
+def _generation(name: str) -> int:
+    """``pack-00003.2.safetensors`` is generation 2 of its pack (written again by a forget or over an
+    earlier export); ``pack-00003.safetensors`` generation 0."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+
+
 def pack_of(out: Path, user: str, entry: Any) -> tuple[Path, int]:
     """The pack file and row that ``index.json`` gives ``user`` (``[file, row]``), refused unless
     the file is one inside ``out``."""
@@ -34,6 +41,10 @@ class PackedExport(RowExport):
             raise ExportError(f"--pack-size must be >= 1, got {request.pack_size}")
         self.pack_size = request.pack_size
         self.pack: tuple[list[str], list[torch.Tensor]] = ([], [])
+        # Over an earlier export in this folder, new packs take new names: a server reading the old
+        # index meanwhile keeps finding its users' rows where it says, never another user's.
+        older = [_generation(p.name) for p in request.out.glob("pack-*.safetensors")]
+        self.generation = max(older) + 1 if older else 0
         return super().export(request)
 
     def place(self, out: Path, user: str, row: torch.Tensor, layout: AdapterLayout, base_model: str) -> None:
@@ -47,7 +58,8 @@ class PackedExport(RowExport):
         if not users:
             return
         prefix = "pack-" if self.part[1] == 1 else f"pack-{self.part[0]:05d}-"
-        name = f"{prefix}{len({v[0] for v in self.index.values()}):05d}.safetensors"
+        number = len({v[0] for v in self.index.values()})
+        name = f"{prefix}{number:05d}{f'.{self.generation}' if self.generation else ''}.safetensors"
         save_file({"rows": torch.cat(rows).contiguous()}, str(out / name), metadata={"users": json.dumps(users)})
         self.index.update({u: [name, i] for i, u in enumerate(users)})
         users.clear()
@@ -86,9 +98,7 @@ class PackedExport(RowExport):
                 users = json.loads((f.metadata() or {})["users"])
                 rows = f.get_tensor("rows")
             keep = [i for i, u in enumerate(users) if u not in forget]
-            stem = name.split(".")[0]
-            generation = int(name.split(".")[1]) + 1 if name.count(".") == 2 else 1
-            fresh = f"{stem}.{generation}.safetensors"
+            fresh = f"{name.split('.')[0]}.{_generation(name) + 1}.safetensors"
             save_file({"rows": rows[keep].contiguous()}, str(out / fresh),
                       metadata={"users": json.dumps([users[i] for i in keep])})
             index.update({users[i]: [fresh, k] for k, i in enumerate(keep)})

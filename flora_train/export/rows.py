@@ -13,7 +13,7 @@ import torch
 
 from flora_train.adapters import AdapterLayout
 from flora_train.errors import warn
-from flora_train.export.base import AdapterExport, ExportError, ExportRequest, close_matches
+from flora_train.export.base import AdapterExport, ExportError, ExportRequest, close_matches, write_json
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import (
     CheckpointError,
@@ -134,6 +134,7 @@ class RowExport(AdapterExport):
         if part[0] == 0 and shared is not None:
             manifest["shared_adapter"] = self.write_shared(out, *shared, base_model)
         if part[0] == 0:
-            (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
-            (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            # each in one rename: a server reading this folder sees the old index or the new, never half
+            write_json(out / "manifest.json", manifest)
+            write_json(out / "index.json", index)
         return manifest

@@ -81,8 +81,10 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
     export_adapters(run, "packed", two, tmp_path / "packed", pack_size=4)
     assert sorted(p.name for p in (tmp_path / "flora").iterdir()) == sorted(
         ["index.json", "manifest.json", *map(safe_folder_name, two)])
+    # (its pack takes a new name: a server reading the old index never finds another user's rows where
+    # that index put its user; the same name was written over in place)
     assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["index.json", "manifest.json",
-                                                                       "pack-00000.safetensors"]
+                                                                       "pack-00000.1.safetensors"]
     assert torch.equal(read_packed(tmp_path / "packed", two)[1], torch.stack([want[u] for u in two]))
     # A pack the index uses is never deleted for a user it holds that the index does not name (two
     # exports into one folder at once can leave that): the index's other users keep their rows.
