@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import unicodedata
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +188,8 @@ def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
     rd = RunDir(run_dir)
     rd.require("forget")
     with RunLock(rd.path, "flora-train forget"):
-        if not rd.checkpoints.is_dir():
-            return _forget(rd, users)  # says there is nothing to forget in
-        with readers.hold_for_forget(rd.checkpoints, warn):  # no export copies rows out meanwhile
+        # no export copies rows out meanwhile (without checkpoints, _forget says there is nothing to forget in)
+        with readers.hold_for_forget(rd.checkpoints, warn) if rd.checkpoints.is_dir() else nullcontext():
             return _forget(rd, users)
 
 

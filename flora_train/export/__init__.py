@@ -69,18 +69,19 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     rows rank ``k``'s shards hold (``k % n`` when the checkpoint was saved by another world size);
     ``gather`` (an all-gather) collects every part's index, and part 0 writes ``index.json`` and
     ``manifest.json`` once every part's files are written."""
-    refused = RunDir(run_dir).export_out_error(Path(out), fmt)
+    run, out = RunDir(run_dir), Path(out)
+    refused = run.export_out_error(out, fmt)
     if refused:
         raise ExportError(refused)
-    request = ExportRequest(Path(run_dir), Path(out), users, checkpoint, just_written, base_model_id, pack_size, part, gather)
+    request = ExportRequest(Path(run_dir), out, users, checkpoint, just_written, base_model_id, pack_size, part, gather)
     exporter = get_format(fmt)
     # `forget` waits for this export to be written and recorded, and this one for a `forget` under way
-    with readers.hold_for_export(RunDir(run_dir).checkpoints, warn):
-        replaced = _index_of(Path(out), fmt) if part[0] == 0 else {}  # this run's earlier export here
+    with readers.hold_for_export(run.checkpoints, warn):
+        replaced = _index_of(out, fmt) if part[0] == 0 else {}  # this run's earlier export here
         if part[0] == 0:
             # before the first row is written: an export killed halfway is still forgotten from
             try:
-                RunDir(run_dir).record_export(out)
+                run.record_export(out)
             except OSError as exc:  # a read-only mount of the run (a serving host's): export all the same
                 warn(f"cannot record this export in {run_dir} ({exc.strerror}): `flora-train forget` on the run "
                      f"will not reach {out}")
@@ -88,7 +89,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
         if part[0] == 0:
             # a user of the earlier export that this one left out kept a folder no index named:
             # `users` did not list it and `forget` left its adapter there
-            exporter.drop_replaced(Path(out), replaced, _index_of(Path(out), fmt))
+            exporter.drop_replaced(out, replaced, _index_of(out, fmt))
     return manifest
 
 

@@ -200,8 +200,7 @@ class RunDir:
     def unfinished_exports(self) -> list[Path]:
         """Export folders of this run with no ``index.json``: an export killed before it wrote one
         (exports are recorded before their first row is written)."""
-        candidates = [*self.exports.glob("*/"), *self._exports_recorded()] if self.exports.is_dir() \
-            else self._exports_recorded()
+        candidates = [*self.exports.glob("*/"), *self._exports_recorded()]  # (no export/: the glob is empty)
         return [out for out in candidates if out.is_dir() and not (out / "index.json").is_file()]
 
     def export_indexes(self) -> list[Path]:

@@ -50,21 +50,17 @@ def _open_to_share(path: Path) -> int | None:
             return None
 
 
-class CheckpointLease:
-    """Shared locks on a checkpoint and the checkpoints it builds on; ``close()`` (or dropping the
-    lease, or the process ending) releases them."""
+class HeldLocks:
+    """``flock``s held on open descriptors; ``close()`` (or dropping the object, or the process
+    ending) releases them."""
 
-    def __init__(self, fds: list[int], unleased: list[str]) -> None:
-        self.unleased = unleased  # checkpoints read without a lease (the run directory is not writable here)
+    def __init__(self, fds: list[int]) -> None:
         self._fds = fds
         self._lock = threading.Lock()
 
-    def warning(self) -> str | None:
-        """What a reader should say when it holds no lease on some of what it reads."""
-        if not self.unleased:
-            return None
-        return (f"cannot lease {', '.join(self.unleased)} (the run directory is not writable here): a run training "
-                "beside this reader may prune it while it is read")
+    @property
+    def held(self) -> bool:
+        return bool(self._fds)
 
     def close(self) -> None:
         with self._lock:
@@ -78,11 +74,26 @@ class CheckpointLease:
         except Exception:  # noqa: BLE001 - at interpreter exit the process's end drops the locks anyway
             pass
 
-    def __enter__(self) -> CheckpointLease:
+    def __enter__(self) -> HeldLocks:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CheckpointLease(HeldLocks):
+    """Shared locks on a checkpoint and the checkpoints it builds on."""
+
+    def __init__(self, fds: list[int], unleased: list[str]) -> None:
+        super().__init__(fds)
+        self.unleased = unleased  # checkpoints read without a lease (the run directory is not writable here)
+
+    def warning(self) -> str | None:
+        """What a reader should say when it holds no lease on some of what it reads."""
+        if not self.unleased:
+            return None
+        return (f"cannot lease {', '.join(self.unleased)} (the run directory is not writable here): a run training "
+                "beside this reader may prune it while it is read")
 
 
 def lease(chain: list[Path]) -> CheckpointLease | None:
@@ -120,57 +131,36 @@ def prune(checkpoint: Path) -> bool:
         os.close(fd)
 
 
-# Exports against `forget`. An export copies users' rows out of the run for a minute or more and
-# records its folder at the end; a `forget` in that window rewrote the checkpoint under it (the
-# export ended on a KeyError) or found the export not yet recorded, so the forgotten user's folder
-# was left in it after `forget` said it was done. Exports hold this file's lock shared, `forget`
-# exclusive: each waits for the other to finish, and exports still run side by side.
+# Exports against `forget`. An export copies users' rows out of the run for a minute or more; a
+# `forget` in that window rewrote the checkpoint under it (the export ended on a KeyError) or found
+# the export not yet written, so the forgotten user's folder was left in it after `forget` said it
+# was done. Exports hold this file's lock shared, `forget` exclusive: each waits for the other to
+# finish, and exports still run side by side.
 EXPORTS_LOCK = "exports.lock"
 
 
-class ExportsLock:
-    """A held lock on the run's exports; ``close()`` (or the process ending) releases it."""
-
-    def __init__(self, fd: int | None) -> None:
-        self._fd = fd
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __enter__(self) -> ExportsLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _hold(checkpoints: Path, mode: int, waiting: str, say: Callable[[str], None], may_skip: bool) -> ExportsLock:
+def _hold(checkpoints: Path, mode: int, waiting: str, say: Callable[[str], None], may_skip: bool) -> HeldLocks:
     path = checkpoints / READERS / EXPORTS_LOCK
     fd = _open_to_share(path) if may_skip else _open(path)
     if fd is None:
-        return ExportsLock(None)
+        return HeldLocks([])
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         say(waiting)
         fcntl.flock(fd, mode)
-    return ExportsLock(fd)
+    return HeldLocks([fd])
 
 
-def hold_for_export(checkpoints: Path, say: Callable[[str], None]) -> ExportsLock:
-    """Taken by an export before it picks its checkpoint, released after its folder is recorded.
-    Not held where the run directory is read-only here (nothing on this host can forget in it)."""
+def hold_for_export(checkpoints: Path, say: Callable[[str], None]) -> HeldLocks:
+    """Taken by an export before it picks its checkpoint, released once its folder is written and
+    recorded. Not held where the run directory is read-only here (nothing on this host can forget
+    in it)."""
     return _hold(checkpoints, fcntl.LOCK_SH, f"waiting for `flora-train forget` on {checkpoints.parent} to finish",
                  say, may_skip=True)
 
 
-def hold_for_forget(checkpoints: Path, say: Callable[[str], None]) -> ExportsLock:
+def hold_for_forget(checkpoints: Path, say: Callable[[str], None]) -> HeldLocks:
     """Taken by `forget` (after the run's writer lock) before it changes anything."""
     return _hold(checkpoints, fcntl.LOCK_EX, f"waiting for the export(s) of {checkpoints.parent} under way to "
                  "finish: nothing is changed until then", say, may_skip=False)

@@ -117,13 +117,20 @@ def test_local_scheduler_returns_a_failed_jobs_exit_code(tmp_path):
                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not (run_dir / "recipe.yaml").exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # rank 0 writes it as training starts
-    time.sleep(0.5)
-    os.killpg(job.pid, signal.SIGINT)
-    out, err = job.communicate(timeout=120)
-    left = subprocess.run(["pgrep", "-g", str(job.pid)], capture_output=True, text=True).stdout.split()
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "recipe.yaml").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # rank 0 writes it as training starts
+        time.sleep(0.5)
+        os.killpg(job.pid, signal.SIGINT)
+        out, err = job.communicate(timeout=120)
+        left = subprocess.run(["pgrep", "-g", str(job.pid)], capture_output=True, text=True).stdout.split()
+    finally:  # the launcher, torchrun and its ranks (one session) must not outlive a failed test
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        job.wait()
     assert job.returncode == 130 and not left, (job.returncode, left, err[-3000:])
     assert "waiting for the job to checkpoint and stop" in err and "stopped by Ctrl-C after step" in err, err[-3000:]
     assert list((run_dir / "checkpoints").glob("step-*")), err[-3000:]
@@ -176,11 +183,12 @@ def test_a_failed_slurm_job_returns_its_exit_code_and_cause(slurm, tmp_path):
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **slurm},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
-    submitted = ""
-    while not submitted.startswith("submitted Slurm job") and waiting.poll() is None:
-        submitted = waiting.stdout.readline()
-    job_id = submitted.split()[3].rstrip(";")
+    job_id = None
     try:
+        submitted = ""
+        while not submitted.startswith("submitted Slurm job") and waiting.poll() is None:
+            submitted = waiting.stdout.readline()
+        job_id = submitted.split()[3].rstrip(";")
         time.sleep(1)
         waiting.send_signal(signal.SIGINT)
         out, err = waiting.communicate(timeout=60)
@@ -188,8 +196,12 @@ def test_a_failed_slurm_job_returns_its_exit_code_and_cause(slurm, tmp_path):
         assert f"stopped waiting; Slurm job {job_id} goes on" in out and f"`scancel {job_id}` stops it" in out, out
         shown = subprocess.run(["scontrol", "show", "job", job_id], env=slurm, capture_output=True, text=True).stdout
         assert re.search(r"JobState=(PENDING|RUNNING|COMPLETING|COMPLETED)", shown), shown
-    finally:
-        subprocess.run(["scancel", job_id], env={**os.environ, **slurm})
+    finally:  # neither the launcher nor its job outlives the test
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+        if job_id is not None:
+            subprocess.run(["scancel", job_id], env={**os.environ, **slurm})
 
 
 def test_srun_starts_flora_train_directly(slurm, tmp_path):

@@ -68,13 +68,18 @@ def test_ctrl_c_checkpoints_exits_and_resumes_bitwise(tmp_path, tiny_llama_dir):
     # SIGINT as a terminal's process has it (a test runner started in the background ignores it)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    progress = tmp_path / "cut" / "recipe.yaml"
-    while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # the run writes recipe.yaml as training starts (12 epochs take seconds)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        progress = tmp_path / "cut" / "recipe.yaml"
+        while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the run writes recipe.yaml as training starts (12 epochs take seconds)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:  # a run that ignored the signal must not outlive the test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == INTERRUPTED_EXIT_CODE == 130, (proc.returncode, err[-2000:])
     assert "flora-train: interrupted: stopped by Ctrl-C after step" in err and "with --resume" in err, err[-2000:]
     (ckpt,) = list_checkpoints(tmp_path / "cut")

@@ -66,9 +66,14 @@ def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_pa
         yield from chunks
 
     monkeypatch.setattr(export_rows, "iter_saved_rows", rows_then_forget)
-    export_adapters(run, "flora", None, out)
-    proc = seen["proc"]
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        export_adapters(run, "flora", None, out)
+        proc = seen["proc"]
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:  # the forget must not outlive a failed test
+        if "proc" in seen and seen["proc"].poll() is None:
+            seen["proc"].kill()
+            seen["proc"].wait()
     assert proc.returncode == 0, stderr
     index = json.loads((out / "index.json").read_text())
     assert gone not in index and len(index) == 11 and all((out / folder).is_dir() for folder in index.values())

@@ -215,7 +215,7 @@ def test_exports_run_side_by_side_and_forget_waits_for_them_and_they_for_it(tmp_
         def run():
             with hold(root, said.append):
                 order.append(name)
-        thread = threading.Thread(target=run)
+        thread = threading.Thread(target=run, daemon=True)  # a failed assertion leaves none waiting on a lock
         thread.start()
         return thread
 
