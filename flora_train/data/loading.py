@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,8 +150,11 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
         bad.report(where, "missing_user", f"missing or invalid user id column '{cols.user}' (got {user!r})",
                    _user_column_fix(record, cols))
         return None
-    if "\x00" in user:
-        bad.report(where, "invalid_user", f"user id {user!r} contains a NUL byte")
+    control = next((c for c in user if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        # A line break (or a tab, a NUL) cannot be named to --users (one id per line, or a,b) and
+        # breaks `flora-train users`' table: such a user could be trained but never forgotten.
+        bad.report(where, "invalid_user", f"user id {user!r} contains the control character {control!r}")
         return None
     out = {"user_id": user, "source": where}
     if cols.messages:

@@ -29,6 +29,11 @@ GOOD = json.dumps({"user_id": "a", "prompt": "hi :", "completion": " red"})
         (json.dumps({"user_id": "a", "prompt": "x", "completion": None}), "missing_completion"),
         (json.dumps(["not", "an", "object"]), "not_an_object"),
         (json.dumps({"user_id": "a\u0000b", "prompt": "x", "completion": "y"}), "invalid_user"),
+        # Before, these were users no --users list could name (one id per line), so never forgettable.
+        (json.dumps({"user_id": "new\nline", "prompt": "x", "completion": "y"}), "invalid_user"),
+        (json.dumps({"user_id": "car\rriage", "prompt": "x", "completion": "y"}), "invalid_user"),
+        (json.dumps({"user_id": "tab\tbed", "prompt": "x", "completion": "y"}), "invalid_user"),
+        (json.dumps({"user_id": "del\u007f", "prompt": "x", "completion": "y"}), "invalid_user"),
         # Before, an integer id was turned into "42" silently, merging it with the string id "42".
         (json.dumps({"user_id": 42, "prompt": "x", "completion": "y"}), "wrong_type_user"),
         (json.dumps({"user_id": 4.0, "prompt": "x", "completion": "y"}), "wrong_type_user"),
