@@ -41,7 +41,7 @@ GOOD = json.dumps({"user_id": "a", "prompt": "hi :", "completion": " red"})
 )
 def test_bad_rows_name_file_and_line_or_are_counted(tmp_path, line, reason):
     path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, "", line, GOOD])
-    with pytest.raises(DataError, match=rf"d\.jsonl:3: "):
+    with pytest.raises(DataError, match=r"d\.jsonl:3: "):
         load_examples(path, "auto", Columns(), BadRows("error"))
     bad = BadRows("skip")
     ds = load_examples(path, "auto", Columns(), bad)
