@@ -76,16 +76,21 @@ def _generate(args: argparse.Namespace) -> int:
     if args.out.is_dir():  # found before generating, not when writing what took minutes
         print(f"flora-train: error: {args.out}: is a directory, name a file in it (e.g. preds.jsonl)", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
+    if args.out.exists() and args.out.samefile(args.prompts):  # the prompts would be written over
+        print(f"flora-train: error: --out {args.out} is the --prompts file: name another file", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(args.out.parent, os.W_OK):  # found now, not after the generation it would hold
         print(f"flora-train: error: --out {args.out}: its folder is not writable", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
     trained = load_trained(args.source, args.checkpoint, args.device)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
-    with args.out.open("w", encoding="utf-8") as f:
+    tmp = args.out.with_name(f".{args.out.name}.tmp")  # an earlier --out stays whole until this one is
+    with tmp.open("w", encoding="utf-8") as f:
         for user, prompt, r in zip(users, prompts, results):
             f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
                                 "adapter": "user" if r.user_known else "base"}, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.out)
     print(f"generated {stats.new_tokens} token{'' if stats.new_tokens == 1 else 's'} for {stats.prompts} "
           f"prompt{'' if stats.prompts == 1 else 's'} in {stats.seconds:.1f}s "
           f"({stats.tokens_per_s:.0f} tokens/s); {args.out}")

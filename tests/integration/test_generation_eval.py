@@ -88,6 +88,7 @@ def test_own_adapter_answers_far_more_often_than_another_users_or_a_shared_one(q
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "tokens/s" in proc.stdout
+        assert not list(tmp_path.glob(".preds.jsonl*")), "the file written before the rename is left behind"
         preds = [json.loads(l) for l in out.read_text().splitlines()]
         return sum(p["completion"].strip() == e["completion"].strip() for p, e in zip(preds, evals)) / len(evals)
 

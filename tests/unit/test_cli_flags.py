@@ -151,6 +151,12 @@ def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
     code = main(["data", "synth", "--users", "2", "--out", str(prompts)])
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
+    # --out naming the prompts file wrote the completions over it (losing every other field of its rows).
+    (tmp_path / "link.jsonl").symlink_to(prompts)
+    for out in (prompts, tmp_path / "link.jsonl"):
+        code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(out)])
+        assert code == 2 and capsys.readouterr().err.strip() == (
+            f"flora-train: error: --out {out} is the --prompts file: name another file")
     # A folder it may not write to was found only when writing, after every prompt was generated.
     code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", "/proc/self/preds.jsonl"])
     assert code == 2 and capsys.readouterr().err.strip() == (
