@@ -16,12 +16,20 @@ from omegaconf import DictConfig
 from flora_train import dist as fdist
 from flora_train.base.zero import resident_base_bytes
 from flora_train.config import RecipeError, flatten, recipe_to_yaml
+from flora_train.errors import warn
 from flora_train.launch_env import elastic_job
+from flora_train.run_dir.checkpoints import (
+    checkpoint_chain,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+)
+from flora_train.run_dir.identity import new_run_id
+from flora_train.store.saved import saved_steps
 from flora_train.tracking import Tracker
-from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, read_state
 from flora_train.train.data_setup import recipe_as_recorded
 from flora_train.train.loop import LoopResult, TrainLoop
-from flora_train.run_dir.identity import new_run_id
 from flora_train.train.phases import first_phase
 from flora_train.train.preemption import PreemptionWatch
 from flora_train.train.resume import agreed_checkpoint, check_same_base, check_same_run
@@ -193,9 +201,17 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
     tracker.end("FINISHED")
     if not main:
         return result
+    idle = sorted(u for u, n in saved_steps(checkpoint_chain(final)).items() if n == 0)
+    result["users_without_steps"] = len(idle)
     session.paths.result.write_text(json.dumps(result, indent=2))
     if finished_before:
         print(f"\nnothing left to train: the run had finished at step {step} ({len(session.store)} users); run dir {run_dir}")
     else:
-        print(f"\ntrained {len(session.store)} users for {step} steps in {trained.seconds:.1f}s; run dir {run_dir}")
+        users = f"{len(session.store) - len(idle)} of {len(session.store)}" if idle else f"{len(session.store)}"
+        print(f"\ntrained {users} users for {step} step{'' if step == 1 else 's'} in {trained.seconds:.1f}s; run dir {run_dir}")
+    if idle:  # else "trained 12 users" counted users whose adapters never took a step (and were exported as such)
+        why = f" (train.max_steps={cfg.train.max_steps} ended the run before their data came round)" if cfg.train.max_steps else ""
+        names = ", ".join(repr(u) for u in idle[:5]) + (f" and {len(idle) - 5} more" if len(idle) > 5 else "")
+        warn(f"{len(idle)} user{'' if len(idle) == 1 else 's'} took no step{why}, so their adapters are as "
+             f"initialised: {names}")
     return result

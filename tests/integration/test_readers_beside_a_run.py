@@ -16,13 +16,18 @@ from flora_train.train.run import run_training
 from tests.distributed.helpers import REPO, small_recipe
 
 
-def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(tmp_path, tiny_llama_dir):
+def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(tmp_path, tiny_llama_dir, capsys):
     """Rows are read from the checkpoint when a user is first asked for. A run that went on beside
     the reader (keep_checkpoints=1) deleted that checkpoint, and the next user not yet read was
     'No such file or directory: .../store-00000-of-00001.safetensors' (generate's and serve's)."""
     recipe = [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={tmp_path / 'run'}", "eval.at_end=false",
               "train.checkpoint_every_steps=1", "train.full_checkpoint_every=1", "train.keep_checkpoints=1"]
-    run_training(load_recipe(None, [*recipe, "train.max_steps=1"]))
+    result = run_training(load_recipe(None, [*recipe, "train.max_steps=1"]))
+    # One step of 5 users of 12: the run said "trained 12 users for 1 steps", naming none of the 7.
+    out, err = capsys.readouterr()
+    assert "\ntrained 5 of 12 users for 1 step in " in out and result["users_without_steps"] == 7
+    assert "flora-train: warning: 7 users took no step (train.max_steps=1 ended the run before their data came " \
+           "round), so their adapters are as initialised: 'user-" in err and "and 2 more" in err, err
     reader = load_trained(tmp_path / "run", device="cpu")
     first = reader.source.checkpoint
     seen = reader.row(reader.users[0])  # one user read; the others are read when asked for
