@@ -41,3 +41,20 @@ def test_an_explicit_gpu_is_refused_when_the_node_runs_several_processes():
     assert resolve_device("cpu", 1, 2) == torch.device("cpu")
     with pytest.raises(ModelLoadError, match="is not a device"):
         resolve_device("gpu0")
+
+
+def test_a_cut_weights_file_is_one_error_naming_the_model(tmp_path, tiny_llama_dir):
+    """A safetensors file cut short (a copy interrupted) ended in SafetensorError's traceback, and a
+    GGUF file cut after its magic in struct.error's; both are now the one load error naming the model."""
+    import shutil
+
+    from flora_train.base.loading import load_config, load_frozen_model
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "cut")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=rf"^cannot load model '{folder}': .*header"):
+        load_frozen_model(str(folder))
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(ModelLoadError, match=rf"^cannot load the config of model '{tmp_path}': .*buffer"):
+        load_config(str(tmp_path), "cut.gguf")
