@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from flora_train.errors import warn
+from flora_train.errors import UserError, warn
 from flora_train.run_dir import RunDir
 
 MAX_PARAM_LEN = 6000
@@ -55,6 +55,10 @@ def _mlflow_client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+class TrackingError(UserError):
+    """The tracking store cannot be opened at all (not a server that is down: that is waited out)."""
+
+
 class Tracker:
     """A no-op when disabled or not rank 0, so callers never branch on rank.
 
@@ -68,6 +72,7 @@ class Tracker:
         # Only the process of global rank 0 talks to MLflow (RANK is set by torchrun and friends).
         self.enabled = enabled and int(os.environ.get("RANK", "0")) == 0
         self.uri = uri or default_uri(run_dir)
+        self.own_store = uri is None  # the run's own SQLite file, not a store the user named
         # With a database store MLflow would put artifacts in ./mlruns of the current directory.
         self.artifact_location = RunDir(run_dir).mlartifacts.resolve().as_uri() if self.uri.startswith("sqlite:") else None
         self.experiment = experiment
@@ -127,7 +132,16 @@ class Tracker:
         returns its id, or None while the server has not answered."""
         if not self.enabled:
             return None
-        self._client = self._client_factory(self.uri)
+        try:
+            self._client = self._client_factory(self.uri)
+        except Exception as exc:  # a scheme MLflow has no store for, a SQLite file that is not one, a full disk
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if self.own_store:
+                raise TrackingError(f"{self.uri.removeprefix('sqlite:///')}: MLflow cannot open the run's store: {detail} "
+                                    "(move the file aside to start a new one, or set tracking.enabled=false to train "
+                                    "without tracking)") from None
+            raise TrackingError(f"tracking.uri={self.uri}: MLflow cannot open it: {detail} (set another tracking.uri, "
+                                "or tracking.enabled=false to train without tracking)") from None
         self._pending = {"run_name": run_name, "params": params, "recipe": str(recipe_yaml), "resume": resume_run_id}
         self._load_spill()
         self._thread = threading.Thread(target=self._send_loop, name="flora-train-tracking", daemon=True)

@@ -133,3 +133,19 @@ def test_the_queue_shared_with_the_sender_loses_and_repeats_nothing(tmp_path):
         assert [m.step for m in got if m.key == f"p{k}"] == list(range(3000)), f"producer {k}: lost, repeated or reordered"
     assert len(got) == 9000 and clients[0].terminated == "FINISHED"
     assert not tracker.spill_path.exists(), "everything was sent: no backlog left on disk"
+
+
+def test_a_store_mlflow_cannot_open_is_one_error_naming_it(tmp_path):
+    """A run's mlflow.db that is not a database (or a full disk under it), and a tracking.uri of a
+    scheme MLflow has no store for, ended in SQLAlchemy's or MLflow's traceback when the run started."""
+    from flora_train.errors import UserError  # what the CLI prints as one line
+    from flora_train.run_dir import RunDir
+
+    RunDir(tmp_path).mlflow_db.write_text("garbage")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}")
+    with pytest.raises(UserError, match=rf"^{tmp_path}/mlflow.db: MLflow cannot open the run's store: "
+                                            r"\(sqlite3.DatabaseError\) file is not a database \(move the file aside"):
+        Tracker(True, None, "e", tmp_path).start(None, {}, recipe)
+    with pytest.raises(UserError, match=r"^tracking.uri=foo://x: MLflow cannot open it: .*unsupported URI 'foo://x'"):
+        Tracker(True, "foo://x", "e", tmp_path).start(None, {}, recipe)
