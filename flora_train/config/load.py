@@ -217,7 +217,11 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (),
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        text = path.read_text()
+        try:  # UTF-8, with or without the byte-order mark Windows editors write
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                              "save the recipe as UTF-8") from None
         try:
             data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a safe loader
         except yaml.YAMLError as exc:

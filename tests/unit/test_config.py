@@ -109,6 +109,16 @@ def test_recipe_errors_name_the_key(tmp_path, text, overrides, pattern):
         load_recipe(_write(tmp_path, text), overrides)
 
 
+def test_a_recipe_saved_as_utf16_is_one_error_and_one_with_a_bom_loads(tmp_path):
+    """A recipe saved as UTF-16 (Notepad's "Unicode") ended in UnicodeDecodeError's traceback."""
+    path = tmp_path / "r.yaml"
+    path.write_bytes(MINIMAL.encode("utf-16"))
+    with pytest.raises(RecipeError, match=r"r\.yaml: not UTF-8 text \(byte 0xff at offset 0\): save the recipe as UTF-8"):
+        load_recipe(path)
+    path.write_bytes(MINIMAL.encode("utf-8-sig"))
+    assert load_recipe(path).run_dir == load_recipe(_write(tmp_path, MINIMAL)).run_dir
+
+
 def test_overrides_apply_with_types(tmp_path):
     cfg = load_recipe(_write(tmp_path, MINIMAL), ["train.epochs=5", "adapter.method=lora", "adapter.target_modules=[q_proj]"])
     assert cfg.train.epochs == 5 and cfg.adapter.method.value == "lora" and list(cfg.adapter.target_modules) == ["q_proj"]
