@@ -59,8 +59,11 @@ def user_list(text: str) -> list[str]:
         path = Path(text[1:])
         try:
             ids = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]  # ids kept as written
-        except (OSError, UnicodeDecodeError) as exc:
-            raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:  # UTF-16 from a Windows editor
+            raise argparse.ArgumentTypeError(f"cannot read {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                                             f"at offset {exc.start})") from None
         where = f"{path} names no user (one id per line)"
     else:
         ids, where = text.split(","), f"names no user, got {text!r} (comma-separated ids, or @FILE)"

@@ -17,6 +17,8 @@ def read_prompts(path: Path, user_column: str = "user_id") -> tuple[list[str], l
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no part of row 1
     except OSError as exc:
         raise InferenceError(f"{path}: cannot read the prompts: {exc}") from None
+    except UnicodeDecodeError as exc:  # UTF-16 from a Windows editor, a binary file named by mistake
+        raise InferenceError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -128,6 +128,10 @@ def test_users_that_name_nobody_are_a_usage_line(tmp_path, capsys, command):
     # The mark stayed on the first id, which then named nobody.
     ids.write_bytes("\ufeffb\r\na\r\n".encode())
     assert parse_args([*command, "--users", f"@{ids}"]).users == ["b", "a"]
+    ids.write_bytes("b\na\n".encode("utf-16"))  # Notepad's "Unicode": said only what the codec said
+    with pytest.raises(SystemExit):
+        parse_args([*command, "--users", f"@{ids}"])
+    assert f"cannot read {ids}: not UTF-8 text (byte 0xff at offset 0)" in capsys.readouterr().err
 
 
 def test_generate_users_with_no_prompt_is_an_error(tmp_path, capsys):
@@ -136,6 +140,14 @@ def test_generate_users_with_no_prompt_is_an_error(tmp_path, capsys):
     code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--users", "v"])
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: --users: no prompt in {prompts} is of these users"
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    """A prompts file saved as UTF-16 ended generate in UnicodeDecodeError's traceback."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes((json.dumps({"user_id": "u", "prompt": "hi"}) + "\n").encode("utf-16"))
+    code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")])
+    assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: not UTF-8 text (byte 0xff at offset 0)"
 
 
 def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
