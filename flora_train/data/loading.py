@@ -8,6 +8,7 @@ either stops the run with its file and line (``on_bad_row: error``) or is skippe
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import unicodedata
@@ -126,11 +127,29 @@ def _table_rows(path: Path, fmt: str, user_column: str) -> Iterator[tuple[str, A
         table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # pyarrow/pandas parse errors carry no row; name the file at least
         raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
-    # CSV: line 1 is the header; multi-line quoted fields would shift this, so say "line" loosely.
+    lines = _csv_record_lines(path, len(table)) if fmt == "csv" else None
     for i, record in enumerate(table):
         if fmt == "csv" and isinstance(record.get(user_column), int):
             record[user_column] = str(record[user_column])  # CSV has no types: the reader guessed a number
-        yield (f"{path}:{i + 2}" if fmt == "csv" else f"{path}: row {i}"), record
+        yield (f"{path}:{lines[i]}" if lines is not None else f"{path}: row {i}"), record
+
+
+def _csv_record_lines(path: Path, records: int) -> list[int] | None:
+    """The line each CSV record starts on, after the header. A quoted field may hold line breaks,
+    so record i is not always line i + 2 (it was said to be, and named the wrong line). None when
+    Python's reader does not find the records the table holds (then rows are named by number)."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    starts: list[int] = []
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+            reader, end = csv.reader(f), 0
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if row:  # a blank line is no record (the table's reader skips it too)
+                    starts.append(start)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return starts[1:] if len(starts) == records + 1 else None
 
 
 ANONYMOUS = "__general__"  # the user of rows that belong to no one (train.retain, eval.general_path)

@@ -97,6 +97,10 @@ def test_parquet_csv_and_text_columns(tmp_path):
     (tmp_path / "e.csv").write_text("uid,body\nu1,ok\n,missing user\n")
     with pytest.raises(DataError, match=r"e\.csv:3: missing or invalid user id"):
         load_examples(tmp_path / "e.csv", "auto", cols, BadRows())
+    # A quoted field over two lines, and a blank line: the bad row is on line 6 (it was named line 4).
+    (tmp_path / "q.csv").write_text('uid,body\nu1,"a paragraph\nover two lines"\n\nu2,ok\n,missing user\n')
+    with pytest.raises(DataError, match=r"q\.csv:6: missing or invalid user id"):
+        load_examples(tmp_path / "q.csv", "auto", cols, BadRows())
 
 
 def test_unknown_format_and_missing_file(tmp_path):
