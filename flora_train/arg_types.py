@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from flora_train.errors import not_utf8
+
 
 def at_least_one(text: str) -> int:
     """An argparse type: a whole number >= 1 (argparse turns the error into one usage line)."""
@@ -62,8 +64,7 @@ def user_list(text: str) -> list[str]:
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:  # UTF-16 from a Windows editor
-            raise argparse.ArgumentTypeError(f"cannot read {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
-                                             f"at offset {exc.start})") from None
+            raise argparse.ArgumentTypeError(f"cannot read {path}: {not_utf8(exc)}") from None
         where = f"{path} names no user (one id per line)"
     else:
         ids, where = text.split(","), f"names no user, got {text!r} (comma-separated ids, or @FILE)"

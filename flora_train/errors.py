@@ -15,6 +15,11 @@ class UserError(Exception):
     """Bad input or a state of the user's files that the user can act on; its message says how."""
 
 
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """How a file read as text that is not UTF-8 (UTF-16 from a Windows editor, a binary file) is described."""
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+
+
 def warn(message: str) -> None:
     """A line the user should read (a fall-back taken, a server unreachable), on stderr."""
     import sys

@@ -135,7 +135,7 @@ class Tracker:
         try:
             self._client = self._client_factory(self.uri)
         except Exception as exc:  # a scheme MLflow has no store for, a SQLite file that is not one, a full disk
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if self.own_store:
                 raise TrackingError(f"{self.uri.removeprefix('sqlite:///')}: MLflow cannot open the run's store: {detail} "
                                     "(move the file aside to start a new one, or set tracking.enabled=false to train "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import pickle
 import struct
 from pathlib import Path
 from typing import Any
@@ -82,8 +81,7 @@ def _pretrained(what: str, factory: Any, name_or_path: str, gguf_file: str | Non
         kwargs["gguf_file"] = gguf_file
     try:
         return factory.from_pretrained(name_or_path, **kwargs)
-    # A cut or corrupt weights file: safetensors' header, GGUF's struct reads, a pickle's end.
-    except (OSError, ValueError, ImportError, SafetensorError, struct.error, pickle.UnpicklingError, EOFError) as exc:
+    except (OSError, ValueError, ImportError, SafetensorError, struct.error) as exc:  # the last two: a cut file
         hint = "" if Path(name_or_path).exists() else (
             " (not a local folder nor in the Hugging Face cache, and nothing is downloaded here)"
             if kwargs.get("local_files_only") else " (not a local folder; hub ids need network access)")

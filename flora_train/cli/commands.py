@@ -86,11 +86,14 @@ def _generate(args: argparse.Namespace) -> int:
     trained = load_trained(args.source, args.checkpoint, args.device)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")  # an earlier --out stays whole until this one is
-    with tmp.open("w", encoding="utf-8") as f:
-        for user, prompt, r in zip(users, prompts, results):
-            f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
-                                "adapter": "user" if r.user_known else "base"}, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for user, prompt, r in zip(users, prompts, results):
+                f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
+                                    "adapter": "user" if r.user_known else "base"}, ensure_ascii=False) + "\n")
+        os.replace(tmp, args.out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C while writing leaves nothing behind
     print(f"generated {stats.new_tokens} token{'' if stats.new_tokens == 1 else 's'} for {stats.prompts} "
           f"prompt{'' if stats.prompts == 1 else 's'} in {stats.seconds:.1f}s "
           f"({stats.tokens_per_s:.0f} tokens/s); {args.out}")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
 from flora_train.config.schema import Recipe
-from flora_train.errors import UserError
+from flora_train.errors import UserError, not_utf8
 
 
 class RecipeError(UserError, ValueError):
@@ -220,8 +220,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (),
         try:  # UTF-8, with or without the byte-order mark Windows editors write
             text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise RecipeError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
-                              "save the recipe as UTF-8") from None
+            raise RecipeError(f"{path}: {not_utf8(exc)}: save the recipe as UTF-8") from None
         try:
             data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a safe loader
         except yaml.YAMLError as exc:

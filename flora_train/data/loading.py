@@ -11,11 +11,11 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import unicodedata
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import datasets
 import pyarrow as pa
@@ -106,10 +106,14 @@ def detect_format(path: Path, fmt: str) -> str:
     raise DataError(f"{path}: cannot tell the format from the file name; set data.format to jsonl, parquet, csv or arrow")
 
 
-def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
+def _open_text(path: Path, newline: str | None = None) -> IO[str]:
     # utf-8-sig: a byte-order mark (Windows tools write one) is dropped, not a malformed first row.
-    with opener(path, "rt", encoding="utf-8-sig", errors="strict") as f:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", errors="strict", newline=newline)  # type: ignore[return-value]
+
+
+def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -138,10 +142,9 @@ def _csv_record_lines(path: Path, records: int) -> list[int] | None:
     """The line each CSV record starts on, after the header. A quoted field may hold line breaks,
     so record i is not always line i + 2 (it was said to be, and named the wrong line). None when
     Python's reader does not find the records the table holds (then rows are named by number)."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
     starts: list[int] = []
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+        with _open_text(path, newline="") as f:
             reader, end = csv.reader(f), 0
             for row in reader:
                 start, end = end + 1, reader.line_num
@@ -152,6 +155,7 @@ def _csv_record_lines(path: Path, records: int) -> list[int] | None:
     return starts[1:] if len(starts) == records + 1 else None
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc), exactly
 ANONYMOUS = "__general__"  # the user of rows that belong to no one (train.retain, eval.general_path)
 
 
@@ -169,11 +173,11 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
         bad.report(where, "missing_user", f"missing or invalid user id column '{cols.user}' (got {user!r})",
                    _user_column_fix(record, cols))
         return None
-    control = next((c for c in user if unicodedata.category(c) == "Cc"), None)
+    control = _CONTROL.search(user)
     if control is not None:
         # A line break (or a tab, a NUL) cannot be named to --users (one id per line, or a,b) and
         # breaks `flora-train users`' table: such a user could be trained but never forgotten.
-        bad.report(where, "invalid_user", f"user id {user!r} contains the control character {control!r}")
+        bad.report(where, "invalid_user", f"user id {user!r} contains the control character {control.group()!r}")
         return None
     out = {"user_id": user, "source": where}
     if cols.messages:

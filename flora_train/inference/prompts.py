@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flora_train.errors import not_utf8
 from flora_train.inference.trained import InferenceError
 
 
@@ -18,7 +19,7 @@ def read_prompts(path: Path, user_column: str = "user_id") -> tuple[list[str], l
     except OSError as exc:
         raise InferenceError(f"{path}: cannot read the prompts: {exc}") from None
     except UnicodeDecodeError as exc:  # UTF-16 from a Windows editor, a binary file named by mistake
-        raise InferenceError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+        raise InferenceError(f"{path}: {not_utf8(exc)}") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -116,7 +116,7 @@ def test_a_recipe_saved_as_utf16_is_one_error_and_one_with_a_bom_loads(tmp_path)
     with pytest.raises(RecipeError, match=r"r\.yaml: not UTF-8 text \(byte 0xff at offset 0\): save the recipe as UTF-8"):
         load_recipe(path)
     path.write_bytes(MINIMAL.encode("utf-8-sig"))
-    assert load_recipe(path).run_dir == load_recipe(_write(tmp_path, MINIMAL)).run_dir
+    assert load_recipe(path).run_dir == "/tmp/r"  # with the mark read as a character the key was "\ufeffrun_dir"
 
 
 def test_overrides_apply_with_types(tmp_path):
