@@ -108,16 +108,33 @@ def _save(model: torch.nn.Module, directory: Path) -> None:
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
-    """Writes (or reuses, when config and corpus match) a tiny model folder; returns its path."""
-    from transformers import AutoModelForCausalLM
+STAMP = "flora_tiny.json"
 
+
+def tiny_fingerprint(cfg: dict, texts: list[str]) -> str:
+    """What a tiny model is made from: its config and the corpus its tokenizer and pretraining read."""
     fingerprint = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for t in texts:
         fingerprint.update(t.encode())
         fingerprint.update(b"\x00")
-    stamp = directory / "flora_tiny.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint.hexdigest():
+    return fingerprint.hexdigest()
+
+
+def built_from(directory: Path) -> dict | None:
+    """The stamp of the tiny model built in ``directory`` (``fingerprint``, ``config``), or None."""
+    stamp = directory / STAMP
+    try:
+        return json.loads(stamp.read_text()) if stamp.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
+    """Writes (or reuses, when config and corpus match) a tiny model folder; returns its path."""
+    from transformers import AutoModelForCausalLM
+
+    fingerprint = tiny_fingerprint(cfg, texts)
+    if (built_from(directory) or {}).get("fingerprint") == fingerprint:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(texts, cfg["vocab_size"])
@@ -129,5 +146,5 @@ def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
             pretrain(model, tokenizer, texts, cfg["pretrain_steps"], seed=cfg["seed"])
     _save(model, directory)
     tokenizer.save_pretrained(directory)
-    stamp.write_text(json.dumps({"fingerprint": fingerprint.hexdigest(), "config": cfg}))
+    (directory / STAMP).write_text(json.dumps({"fingerprint": fingerprint, "config": cfg}))
     return directory

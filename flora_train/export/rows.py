@@ -130,6 +130,9 @@ class RowExport(AdapterExport):
                     "users_per_part": [len(p) for p, _ in pieces], "checkpoint": str(ckpt.absolute()), "base_model": base_model,
                     # what loading the base and the untrained rows needs beyond its path (serving an export)
                     **({} if cfg is None else {"gguf_file": cfg.base.gguf_file, "init_seed": cfg.store.init_seed}),
+                    # the trained base's identity, so that serving the export finds a changed base (not for an
+                    # id named by --base-model-id: that is another name for it)
+                    **({} if request.base_model_id else {"base_fingerprint": state.get("base_fingerprint")}),
                     **self.manifest_extra(layout)}
         if part[0] == 0 and shared is not None:
             manifest["shared_adapter"] = self.write_shared(out, *shared, base_model)

@@ -19,6 +19,8 @@ import torch
 from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, user_seed
 from flora_train.adapters.shared import SharedAdapter
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
+from flora_train.base.fingerprint import base_changed
+from flora_train.base.tiny import built_from
 from flora_train.errors import UserError, warn
 from flora_train.inference.rows import CheckpointRows, RowSource
 from flora_train.run_dir import RunDir
@@ -77,7 +79,16 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
     shared = None
     if saved is not None:
         shared = SharedAdapter(AdapterLayout.from_dict(json.loads(saved[1]["layout"])), saved[0]["row"])
-    base = RunDir(run_dir).trained_base(state.get("model_path") or cfg.base.name_or_path, cfg.base.tiny is not None)
+    tiny = cfg.base.tiny is not None
+    base = RunDir(run_dir).trained_base(state.get("model_path") or cfg.base.name_or_path, tiny)
+    if tiny and (built_from(Path(base)) is None or base_changed(state.get("base_fingerprint"), base)):
+        from flora_train.train.data_setup import rebuild_tiny_base
+
+        base = rebuild_tiny_base(cfg, run_dir)  # derived from the recipe and data: built again as trained
+    if base_changed(state.get("base_fingerprint"), base, cfg.base.gguf_file):
+        raise InferenceError(
+            f"{ckpt}: trained on the base in {base} as it was then, and the config or weights there have changed "
+            "since; adapters only fit the base they were trained on: put that base back, or train on this one")
     return Source(base, cfg.base.gguf_file, cfg.base.trust_remote_code,
                   layout, rows, cfg.store.init_seed, str(ckpt), shared, cfg.base.dtype, cfg.train.precision.value,
                   cfg.data.max_length, ckpt)
@@ -100,6 +111,10 @@ def _from_export(folder: Path) -> Source:
     except ExportError as exc:
         raise InferenceError(str(exc)) from None
     shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
+    if base_changed(manifest.get("base_fingerprint"), str(manifest["base_model"]), manifest.get("gguf_file")):
+        raise InferenceError(
+            f"{folder}: exported from adapters trained on the base in {manifest['base_model']} as it was then, and the "
+            "config or weights there have changed since; adapters only fit the base they were trained on")
     return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False, layout, rows,
                   int(manifest.get("init_seed", 0)), str(folder), shared)
 

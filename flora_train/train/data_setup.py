@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from flora_train import dist as fdist
 from flora_train.base import ModelLoadError, build_tiny_model, load_tokenizer
+from flora_train.base.fingerprint import base_fingerprint
 from flora_train.base.loading import load_config
+from flora_train.base.tiny import built_from, tiny_fingerprint
 from flora_train.config import RecipeError
 from flora_train.data import BadRows, Columns, DataError, SyntheticTask, cache, load_examples, tokenize_examples
 from flora_train.data.examples import TokenizedExamples
@@ -29,6 +31,7 @@ from flora_train.data.sources import absolute_spec
 from flora_train.data.persona_chat import PersonaChatTask
 from flora_train.launch_env import LaunchError
 from flora_train.run_dir import RunDir
+from flora_train.run_dir.checkpoints import CheckpointError, list_checkpoints, read_state
 
 PARTS = ("train", "eval", "retain", "general", "validation")
 KEYS = {"train": "data.train_path", "eval": "data.eval_path", "retain": "train.retain.path", "general": "eval.general_path",
@@ -173,7 +176,28 @@ class _Build:
         raw = self.raw("train")
         assert raw is not None
         folder = RunDir(self.run_dir).base_model.absolute()
-        return str(build_tiny_model(folder, OmegaConf.to_container(m.tiny), _texts(raw)))  # type: ignore[arg-type]
+        tiny: dict = OmegaConf.to_container(m.tiny)  # type: ignore[assignment]
+        texts = _texts(raw)
+        self._keep_trained_base(folder, tiny, texts)
+        return str(build_tiny_model(folder, tiny, texts))
+
+    def _keep_trained_base(self, folder: Path, tiny: dict, texts: list[str]) -> None:
+        """The run's checkpoints were trained on the tiny base in ``folder``, and generate, serve
+        and export read it from there: a resume whose recipe would build another base is refused
+        before it is rebuilt over the one they fit."""
+        built = built_from(folder)
+        if built is None or built.get("fingerprint") == tiny_fingerprint(tiny, texts):
+            return
+        if base_fingerprint(str(folder)) not in _trained_on(self.run_dir):
+            return  # no checkpoint fits the base there (it was changed after them): building it again can only help
+        before = built.get("config") or {}
+        changed = [f"base.tiny.{k}: {before.get(k)} -> {tiny.get(k)}" for k in sorted(set(before) | set(tiny))
+                   if before.get(k) != tiny.get(k)]
+        what = "; ".join(changed) if changed else "the training data it is built from"
+        raise CheckpointError(
+            f"{folder}: this run's checkpoints were trained on the tiny base built here, and this recipe would build "
+            f"another ({what} changed). Restore the recipe's values and data to resume, or start a new run (another run_dir, "
+            "or train.overwrite=true)")
 
     def key(self, tokenizer: Any, context: int | None) -> str:
         d = self.d
@@ -205,6 +229,26 @@ class _Build:
         cache.save(folder, parts, self.bad)
 
 
+def _trained_on(run_dir: Path) -> set[str]:
+    """The fingerprints of the bases this run's checkpoints were trained on."""
+    found = set()
+    for ckpt in list_checkpoints(run_dir):
+        try:
+            found.add(read_state(ckpt).get("base_fingerprint"))
+        except (OSError, ValueError):
+            continue  # a checkpoint cut short is no base's
+    return found
+
+
+def rebuild_tiny_base(cfg: DictConfig, run_dir: Path) -> str:
+    """A run's ``base.tiny`` built again in its ``base_model/`` from its recipe and data, as the run
+    built it (a run moved aside by ``train.overwrite`` leaves the folder to the run that replaced
+    it); returns its path."""
+    cfg = copy.deepcopy(cfg)
+    cfg.run_dir = str(run_dir)
+    return _Build(cfg, run_dir).model_path()
+
+
 def _spec(value: Any) -> Any:
     return list(value) if OmegaConf.is_list(value) else value
 
@@ -223,7 +267,8 @@ def recipe_as_recorded(cfg: DictConfig) -> DictConfig:
     return out
 
 
-_PASSED_ON = {"DataError": DataError, "RecipeError": RecipeError, "LaunchError": LaunchError}
+_PASSED_ON = {"DataError": DataError, "RecipeError": RecipeError, "LaunchError": LaunchError,
+              "CheckpointError": CheckpointError}
 
 
 def prepare_data(cfg: DictConfig) -> RunData:

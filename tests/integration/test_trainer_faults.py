@@ -140,6 +140,59 @@ def test_checkpoint_of_another_base_with_the_same_shapes_is_refused(tmp_path, ti
     assert run_training(load_recipe(None, _overrides(tmp_path, moved)), resume=True)["steps"] > 2
 
 
+def test_readers_refuse_adapters_on_a_base_changed_since(tmp_path, tiny_llama_dir, synthetic_texts):
+    import shutil
+
+    from flora_train.base import build_tiny_model
+    from flora_train.export import export_adapters
+    from flora_train.inference.trained import InferenceError, resolve_source
+
+    from tests.conftest import TINY
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    run_training(load_recipe(None, _overrides(tmp_path, base, "train.max_steps=1")))
+    run = tmp_path / "run"
+    export_adapters(run, "flora", None, tmp_path / "flora")
+    assert resolve_source(run).model_path == str(base) and resolve_source(tmp_path / "flora").model_path == str(base)
+    other = build_tiny_model(tmp_path / "other", dict(TINY, seed=1), synthetic_texts)  # same shapes, other weights
+    shutil.copy(other / "model.safetensors", base / "model.safetensors")  # e.g. another model converted into it
+    for source in (run, tmp_path / "flora"):  # generate, serve and export --format merged all start here
+        with pytest.raises(InferenceError, match=f"trained on the base in {base} as it was then.*changed since"):
+            resolve_source(source)
+
+
+def test_a_run_built_tiny_base_is_kept_for_its_checkpoints(tmp_path, synthetic_texts):
+    """A resume whose recipe would build another tiny base is refused before it is built over the
+    one the checkpoints fit (generate and serve read it from there); a run moved aside by
+    train.overwrite gets its base built again when read."""
+    from flora_train.base.fingerprint import base_fingerprint
+    from flora_train.inference.trained import resolve_source
+    from flora_train.run_dir.checkpoints import read_state
+
+    from tests.conftest import TINY
+
+    overrides = _overrides(tmp_path, "unused", "train.max_steps=1")
+    overrides = [o for o in overrides if not o.startswith("base.name_or_path")]
+    overrides += [f"base.tiny.{k}={v}" for k, v in TINY.items()]
+    run = tmp_path / "run"
+    run_training(load_recipe(None, overrides))
+    weights = (run / "base_model" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=r"base_model: this run's checkpoints were trained on the tiny base "
+                                              r"built here.*\(base.tiny.seed: 0 -> 1 changed\)"):
+        run_training(load_recipe(None, [*overrides, "base.tiny.seed=1"]), resume=True)
+    assert (run / "base_model" / "model.safetensors").read_bytes() == weights
+    assert resolve_source(run).model_path == str((run / "base_model").absolute())
+
+    run_training(load_recipe(None, [*overrides, "base.tiny.seed=1", "train.overwrite=true"]))
+    (replaced,) = (run / "replaced").iterdir()
+    assert not (replaced / "base_model").exists()
+    source = resolve_source(replaced)  # its base built again from its own recipe, as it trained
+    assert source.model_path == str((replaced / "base_model").absolute())
+    assert base_fingerprint(source.model_path) == read_state(source.checkpoint)["base_fingerprint"]
+    assert (replaced / "base_model" / "model.safetensors").read_bytes() == weights
+
+
 def test_a_bit_flip_is_caught_by_every_reader_but_not_by_pruning(tmp_path, tiny_llama_dir):
     from flora_train.run_dir.checkpoints import verify_checkpoint
 
