@@ -19,17 +19,25 @@ def device_error(device: str) -> str | None:
     return None
 
 
-def device_arg(text: str) -> str:
-    """An argparse type for ``--device``: a name ``device_error`` accepts, and a CUDA device only
-    where this machine has it (else a run would start and fail deep inside torch)."""
+def missing_device(device: str) -> str | None:
+    """Why this machine has no ``device`` (a name ``device_error`` accepts), or None: found before
+    anything is loaded, where torch would fail deep inside a model's ``.to()``."""
     import torch  # here, not at the top: the CLI builds its parser before anything needs torch
 
-    error = device_error(text)
-    if error is None and text.startswith("cuda"):
-        index = int(text.partition(":")[2] or 0)
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if index >= count:
-            error = f"{text}: this machine has {count} CUDA device{'' if count == 1 else 's'}"
+            return f"{device}: this machine has {count} CUDA device{'' if count == 1 else 's'}"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "mps: this machine has no MPS device (Apple silicon, with a PyTorch built for it)"
+    return None
+
+
+def device_arg(text: str) -> str:
+    """An argparse type for ``--device``: a name ``device_error`` accepts, of a device this machine
+    has (else a run would start and fail deep inside torch)."""
+    error = device_error(text) or missing_device(text)
     if error is not None:
         raise argparse.ArgumentTypeError(error)
     return text

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from flora_train.devices import BASE_DTYPES
+from flora_train.devices import BASE_DTYPES, missing_device
 from flora_train.errors import UserError
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in BASE_DTYPES}
@@ -37,8 +37,8 @@ def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) ->
             f"train.device={name!r} would put all {max(local_world_size, local_rank + 1)} processes of this node on GPU "
             f"{device.index}; set train.device=cuda (each process takes its local rank's GPU) and choose GPUs with "
             "CUDA_VISIBLE_DEVICES")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"train.device={name!r} but no CUDA device is available")
+    if device.type in ("cuda", "mps") and (missing := missing_device(name if device.index is not None else device.type)):
+        raise ModelLoadError(f"key 'train.device': {missing}")
     if device.type == "cuda" and device.index is None:
         if local_rank >= torch.cuda.device_count():
             raise ModelLoadError(

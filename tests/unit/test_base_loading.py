@@ -43,6 +43,27 @@ def test_an_explicit_gpu_is_refused_when_the_node_runs_several_processes():
         resolve_device("gpu0")
 
 
+def test_a_device_this_machine_lacks_is_refused_before_loading(monkeypatch):
+    """``train.device=mps`` or ``--device mps`` without MPS ended in torch's RuntimeError traceback
+    from the model's ``.to()``; ``cuda:3`` on a one-GPU machine passed the CUDA check, which asked
+    only whether CUDA was there. The machine is pinned (no MPS, one GPU) so the check holds anywhere."""
+    import argparse
+
+    from flora_train.devices import device_arg
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, why in (("mps", "mps: this machine has no MPS device"), ("cuda:3", "cuda:3: this machine has 1 CUDA device$"),
+                      ("cuda:1", "cuda:1: this machine has 1 CUDA device$")):
+        with pytest.raises(ModelLoadError, match=f"^key 'train.device': {why}"):
+            resolve_device(name)
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^{why}"):
+            device_arg(name)
+    assert device_arg("cuda:0") == "cuda:0" and device_arg("cuda") == "cuda" and device_arg("cpu") == "cpu"
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_a_cut_weights_file_is_one_error_naming_the_model(tmp_path, tiny_llama_dir):
     """A safetensors file cut short (a copy interrupted) ended in SafetensorError's traceback, and a
     GGUF file cut after its magic in struct.error's; both are now the one load error naming the model."""
