@@ -59,7 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
     from flora_train.inference import GenerationSettings, generate, load_trained
     from flora_train.inference.prompts import read_prompts
 
-    users, prompts = read_prompts(args.prompts)
+    users, prompts = read_prompts(args.prompts, chat=args.chat)
     if args.users is not None:
         keep = [i for i, u in enumerate(users) if u in set(args.users)]
         if not keep:

@@ -83,8 +83,11 @@ def render_prompts(trained: TrainedAdapters, prompts: Sequence[Any], chat: bool,
     conversation the template refuses is an error naming the prompt (and its user)."""
     tok = trained.tokenizer
     if not chat:
-        if not all(isinstance(p, str) for p in prompts):
-            raise InferenceError("a prompt must be a string (or messages, with chat)")
+        for k, p in enumerate(prompts):
+            if not isinstance(p, str):
+                who = f" (user {users[k]!r})" if users is not None else ""
+                raise InferenceError(f"prompt {k + 1} of {len(prompts)}{who}: a list of messages is a conversation: "
+                                     "render it with chat on (the model's chat template), or pass a string")
         return list(prompts)
     if not getattr(tok, "chat_template", None):
         raise InferenceError(f"chat prompts need a chat template, and the tokenizer of {trained.source.model_path!r} has none")

@@ -11,8 +11,8 @@ from flora_train.errors import not_utf8
 from flora_train.inference.trained import InferenceError
 
 
-def read_prompts(path: Path, user_column: str = "user_id") -> tuple[list[str], list[Any]]:
-    """``(users, prompts)``; a prompt is a string, or a list of chat messages."""
+def read_prompts(path: Path, chat: bool = False, user_column: str = "user_id") -> tuple[list[str], list[Any]]:
+    """``(users, prompts)``; a prompt is a string, or (``chat``) a list of chat messages."""
     users, prompts = [], []
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no part of row 1
@@ -37,6 +37,9 @@ def read_prompts(path: Path, user_column: str = "user_id") -> tuple[list[str], l
             prompts.append(row["prompt"])
         elif isinstance(row.get("messages"), list) and all(isinstance(m, dict) and "role" in m and "content" in m
                                                            for m in row["messages"]):
+            if not chat:  # found here, naming the line, not after the model has loaded
+                raise InferenceError(f"{where}: user {user!r}: a 'messages' row is a conversation: pass --chat to render "
+                                     "it through the model's chat template")
             prompts.append(row["messages"])
         else:
             raise InferenceError(f"{where}: needs a 'prompt' string or a 'messages' list of {{role, content}}")

@@ -150,6 +150,19 @@ def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: not UTF-8 text (byte 0xff at offset 0)"
 
 
+def test_a_messages_row_without_chat_names_its_line(tmp_path, capsys):
+    """A row of chat messages under a generate without --chat failed after the model loaded, with 'a
+    prompt must be a string (or messages, with chat)': no file, line or user. Now the line, before
+    anything loads (the run named here does not exist)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"user_id": "u", "prompt": "hi"}) + "\n"
+                       + json.dumps({"user_id": "v", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"flora-train: error: {prompts}:2: user 'v': a 'messages' row is a conversation: pass --chat to render it "
+        "through the model's chat template")
+
+
 def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
     """generate --out naming a folder ended with IsADirectoryError's traceback after every prompt was
     generated; an --out under a file (data synth, export, bench) with FileExistsError's. Now one
