@@ -37,6 +37,8 @@ def text_of_parts(content: str | list[dict[str, Any]]) -> str:
         return content
     texts = []
     for i, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise ValueError(f"content[{i}] is {part!r:.40}, not a content part ({{'type': 'text', 'text': ...}})")
         kind = part.get("type")
         if kind != "text" or not isinstance(part.get("text"), str):
             what = f"of type {kind!r}" if kind != "text" else "a text part without a 'text' string"

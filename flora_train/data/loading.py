@@ -20,6 +20,7 @@ from typing import IO, Any, Iterator
 import datasets
 import pyarrow as pa
 
+from flora_train.chat_template import text_of_parts
 from flora_train.data.sources import DataSource, SourceError, resolve_sources
 from flora_train.errors import UserError, warn
 
@@ -61,15 +62,22 @@ def _check_messages(value: Any, user: str, column: str, where: str, bad: "BadRow
     if not isinstance(value, list) or not value:
         bad.report(where, "wrong_type_messages", f"user {user!r}: column '{column}' must be a non-empty list of turns")
         return None
+    turns = []
     for k, turn in enumerate(value):
-        if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(turn.get("content"), str)):
+        content = turn.get("content") if isinstance(turn, dict) else None
+        if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(content, (str, list))):
             bad.report(where, "bad_turn", f"user {user!r}: turn {k} of '{column}' must be {{role: system|user|assistant, "
-                       f"content: string}}, got {turn!r:.80}")
+                       f"content: string or text parts}}, got {turn!r:.80}")
             return None
-    if not any(t["role"] == "assistant" and t["content"].strip() for t in value):
+        try:  # OpenAI's content parts, as `serve` takes them: [{"type": "text", "text": ...}, ...]
+            turns.append({"role": turn["role"], "content": text_of_parts(content)})
+        except ValueError as exc:
+            bad.report(where, "bad_turn", f"user {user!r}: turn {k} of '{column}': {exc}")
+            return None
+    if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
         bad.report(where, "no_assistant_turn", f"user {user!r}: no assistant turn to learn from")
         return None
-    return json.dumps([{"role": t["role"], "content": t["content"]} for t in value], ensure_ascii=False)
+    return json.dumps(turns, ensure_ascii=False)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flora_train.chat_template import text_of_parts
 from flora_train.errors import not_utf8
 from flora_train.inference.trained import InferenceError
 
@@ -40,10 +41,24 @@ def read_prompts(path: Path, chat: bool = False, user_column: str = "user_id") -
             if not chat:  # found here, naming the line, not after the model has loaded
                 raise InferenceError(f"{where}: user {user!r}: a 'messages' row is a conversation: pass --chat to render "
                                      "it through the model's chat template")
-            prompts.append(row["messages"])
+            prompts.append(_messages(row["messages"], f"{where}: user {user!r}"))
         else:
             raise InferenceError(f"{where}: needs a 'prompt' string or a 'messages' list of {{role, content}}")
         users.append(user)
     if not users:
         raise InferenceError(f"{path}: no prompts")
     return users, prompts
+
+
+def _messages(turns: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """The turns with OpenAI's content parts joined into text, as training data and `serve` take them."""
+    out = []
+    for k, turn in enumerate(turns):
+        content = turn["content"]
+        if not isinstance(content, (str, list)):
+            raise InferenceError(f"{where}: turn {k}: content must be a string or text parts, got {content!r:.40}")
+        try:
+            out.append({**turn, "content": text_of_parts(content)})
+        except ValueError as exc:
+            raise InferenceError(f"{where}: turn {k}: {exc}") from None
+    return out

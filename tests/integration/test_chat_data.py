@@ -62,6 +62,38 @@ def test_bad_turns_name_file_and_line(tmp_path):
     assert bad.counts == {"bad_turn": 1, "no_assistant_turn": 1}
 
 
+def test_openai_content_parts_read_as_their_text(tmp_path, chat_model):
+    """Turns whose content is OpenAI's list of parts (what `serve` takes, and what OpenAI-format
+    datasets hold) were refused as bad turns; text parts are now the turn's text, joined by newlines
+    as `serve` joins them, and give the same tokens as the same turns written as strings. A part of
+    another kind is a bad row naming it."""
+    import copy
+
+    cols = Columns(messages="messages")
+    tok = load_tokenizer(str(chat_model))
+    plain, parts = _chat("a", 0), copy.deepcopy(_chat("a", 0))
+    parts["messages"][1]["content"] = [{"type": "text", "text": "favourite"}, {"type": "text", "text": "colour 0 ?"}]
+    parts["messages"][2]["content"] = [{"type": "text", "text": " blue"}]
+    plain["messages"][1]["content"] = "favourite\ncolour 0 ?"
+    image = {"user_id": "b", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                                          {"role": "assistant", "content": "ok"}]}
+    bare = {"user_id": "c", "messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "ok"}]}
+    got = {}
+    for name, rows in (("plain", [plain]), ("parts", [parts, image, bare])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        bad = BadRows("skip")
+        got[name] = tokenize_examples(load_examples(path, "auto", cols, bad), tok, 256, True, BadRows())
+        assert len(got[name]) == 1
+    assert got["parts"]["input_ids"][0] == got["plain"]["input_ids"][0]
+    assert got["parts"]["labels"][0] == got["plain"]["labels"][0]
+    assert bad.examples == [
+        f"{tmp_path / 'parts.jsonl'}:2: user 'b': turn 0 of 'messages': content[0] is of type 'image_url': this model "
+        "reads text only (parts of type 'text')",
+        f"{tmp_path / 'parts.jsonl'}:3: user 'c': turn 0 of 'messages': content[0] is 'hi', not a content part "
+        "({'type': 'text', 'text': ...})"]
+
+
 def test_a_run_trains_on_chat_rows(tmp_path, chat_model):
     train = tmp_path / "train.jsonl"
     # One exchange a row: the whole conversation (76 tokens) is past the tiny base's 64 positions.

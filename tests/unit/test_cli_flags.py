@@ -163,6 +163,24 @@ def test_a_messages_row_without_chat_names_its_line(tmp_path, capsys):
         "through the model's chat template")
 
 
+def test_prompt_turns_of_content_parts_read_as_serve_reads_them(tmp_path):
+    """OpenAI's content parts in a prompts row reached the chat template as a list (which a template
+    that prints the content renders as its Python repr); text parts are now joined as `serve` joins
+    them, and another kind names its line."""
+    from flora_train.inference.prompts import read_prompts
+    from flora_train.inference.trained import InferenceError
+
+    prompts = tmp_path / "p.jsonl"
+    turn = {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}
+    prompts.write_text(json.dumps({"user_id": "u", "messages": [turn]}) + "\n")
+    assert read_prompts(prompts, chat=True) == (["u"], [[{"role": "user", "content": "hi\nthere"}]])
+    turn["content"].append({"type": "input_audio"})
+    prompts.write_text(json.dumps({"user_id": "u", "prompt": "hi"}) + "\n" + json.dumps({"user_id": "u", "messages": [turn]}))
+    with pytest.raises(InferenceError, match=f"^{prompts}:2: user 'u': turn 0: content\\[2\\] is of type 'input_audio': "
+                                             "this model reads text only"):
+        read_prompts(prompts, chat=True)
+
+
 def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
     """generate --out naming a folder ended with IsADirectoryError's traceback after every prompt was
     generated; an --out under a file (data synth, export, bench) with FileExistsError's. Now one
