@@ -9,10 +9,12 @@ weights are copied into a model built from the same config.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from flora_train.base.loading import DTYPES, ModelLoadError, load_frozen_model, load_tokenizer
 
@@ -50,16 +52,22 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, dtype: str = "float32")
     if missing or unexpected:
         raise ModelLoadError(f"{folder}/{gguf_file}: the converted model does not take these weights: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        plain.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    # The folder is checked as a run will load it: its logits must be the GGUF model's, bit for
-    # bit. A folder that is not is removed rather than left to be trained on.
+    # Written and checked beside --out, then renamed into place: a failure (a full disk, a check
+    # that fails) leaves no half-written folder that a run could load or that refuses the next try.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
     try:
+        try:
+            with torch.no_grad():
+                plain.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+        except (OSError, SafetensorError) as exc:
+            raise ModelLoadError(f"--out {out}: writing the converted model failed ({exc}); nothing was left there") from None
+        # The folder is checked as a run will load it: its logits must be the GGUF model's, bit for bit.
         ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
-        check_same_logits(model, load_frozen_model(str(out), dtype), ids, f"the converted folder {out}")
-    except Exception:
-        shutil.rmtree(out, ignore_errors=True)
+        check_same_logits(model, load_frozen_model(str(staging), dtype), ids, f"the converted folder {out}")
+        staging.replace(out)  # onto an empty --out too
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return out

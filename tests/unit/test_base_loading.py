@@ -79,3 +79,34 @@ def test_a_cut_weights_file_is_one_error_naming_the_model(tmp_path, tiny_llama_d
     (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(ModelLoadError, match=rf"^cannot load the config of model '{tmp_path}': .*buffer"):
         load_config(str(tmp_path), "cut.gguf")
+
+
+def test_convert_leaves_no_half_written_folder(tmp_path, tiny_llama_dir, monkeypatch):
+    """A full disk during `base convert` ended in SafetensorError's traceback and left a folder holding
+    config.json alone, which the next try refused as 'exists and is not empty'. The folder is now
+    written beside --out and renamed into place once checked. (The source is the tiny model loaded
+    as convert loads a GGUF file; the disk fills on the first weights file written.)"""
+    import errno
+
+    import transformers
+
+    from flora_train.base import convert
+    from flora_train.base.loading import load_frozen_model, load_tokenizer
+
+    monkeypatch.setattr(convert, "load_frozen_model", lambda folder, dtype, gguf=None: load_frozen_model(folder, dtype))
+    monkeypatch.setattr(convert, "load_tokenizer", lambda folder, gguf=None: load_tokenizer(folder))
+    save = transformers.PreTrainedModel.save_pretrained
+
+    def full_disk(self, directory, **kwargs):
+        self.config.save_pretrained(directory)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
+    out = tmp_path / "converted"
+    with pytest.raises(ModelLoadError, match=f"^--out {out}: writing the converted model failed .*No space left on device"
+                                             r".*; nothing was left there"):
+        convert.convert_gguf(str(tiny_llama_dir), "model.gguf", out)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save)
+    assert convert.convert_gguf(str(tiny_llama_dir), "model.gguf", out) == out  # the next try is not refused
+    assert (out / "model.safetensors").is_file() and list(tmp_path.iterdir()) == [out]
