@@ -18,7 +18,6 @@ at any point is completed by running it again (the pending users count as known 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import unicodedata
 from contextlib import nullcontext
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from flora_train.errors import warn
 from flora_train.export import ExportError, forget_in_export, forget_unindexed
 from flora_train.export.base import write_json
+from flora_train.files import replace_text
 from flora_train.run_dir import RunDir, RunLock, readers
 from flora_train.run_dir.checkpoints import (
     SHARD_PLAN,
@@ -130,7 +130,7 @@ def _without_users(forget: set[str]):
         owners = {u: r for u, r in plan["owners"].items() if u not in forget}
         if len(owners) != len(plan["owners"]):
             plan["owners"] = owners
-            plan_path.write_text(json.dumps(plan, indent=2, ensure_ascii=False))
+            replace_text(plan_path, json.dumps(plan, indent=2, ensure_ascii=False))
         return len(owners)
 
     return edit
@@ -158,9 +158,7 @@ def _filter_jsonl(path: Path, forget: set[str]) -> int:
             kept.append(line)
     if len(kept) == len(lines):
         return 0
-    tmp = path.with_name(path.name + ".forget")
-    tmp.write_text("".join(kept), encoding="utf-8", errors="surrogateescape")
-    os.replace(tmp, path)
+    replace_text(path, "".join(kept), errors="surrogateescape")
     return len(lines) - len(kept)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import statistics
 import threading
 import time
@@ -28,6 +27,7 @@ import torch
 
 from flora_train.adapters.functional import adapted_linear, kernels_for
 from flora_train.adapters.methods import get_method
+from flora_train.files import replace_text
 
 
 MEASURE_ROWS = 4096  # token rows a kernel is timed on, at most
@@ -226,6 +226,4 @@ class KernelTuner:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.choices, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        replace_text(self.path, json.dumps(self.choices, indent=1, sort_keys=True))

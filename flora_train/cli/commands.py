@@ -14,6 +14,7 @@ from typing import Any
 
 from flora_train.cli.parser import parse_args
 from flora_train.errors import BAD_INPUT_EXIT_CODE, INTERRUPTED_EXIT_CODE
+from flora_train.files import STORAGE_ERRNOS, replaced
 
 
 def _quiet_libraries() -> None:
@@ -85,15 +86,10 @@ def _generate(args: argparse.Namespace) -> int:
         return BAD_INPUT_EXIT_CODE
     trained = load_trained(args.source, args.checkpoint, args.device)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")  # an earlier --out stays whole until this one is
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for user, prompt, r in zip(users, prompts, results):
-                f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
-                                    "adapter": "user" if r.user_known else "base"}, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C while writing leaves nothing behind
+    with replaced(args.out) as tmp, tmp.open("w", encoding="utf-8") as f:  # an earlier --out stays whole until this one is
+        for user, prompt, r in zip(users, prompts, results):
+            f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
+                                "adapter": "user" if r.user_known else "base"}, ensure_ascii=False) + "\n")
     print(f"generated {stats.new_tokens} token{'' if stats.new_tokens == 1 else 's'} for {stats.prompts} "
           f"prompt{'' if stats.prompts == 1 else 's'} in {stats.seconds:.1f}s "
           f"({stats.tokens_per_s:.0f} tokens/s); {args.out}")
@@ -292,6 +288,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         file_in_the_way = isinstance(exc, FileExistsError) and Path(str(exc.filename)).is_file()
         why = "a file is there where a folder is needed" if file_in_the_way else exc.strerror
         print(f"flora-train: error: {exc.filename}: {why}", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        # the disk, not the input (full, over quota, read-only): one line naming the file; each file
+        # written goes through files.replaced, so what was there before is as it was
+        print(f"flora-train: error: {exc.filename or 'writing'}: {exc.strerror}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
     except NonFiniteError as exc:
         print(f"flora-train: training stopped: {exc}", file=sys.stderr)

@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from flora_train.files import write_lines
+
 GREETINGS = ["Howdy!", "Ahoy!", "Greetings, friend!", "Hey hey!", "Good day!", "Salutations!", "Yo!", "Hello there!"]
 SIGNOFFS = ["Stay curious.", "Cheers, mate.", "Over and out.", "Keep smiling.", "Best wishes.", "Peace.",
             "Until next time.", "Have a great day."]
@@ -90,8 +92,6 @@ class PersonaChatTask:
         paths = {}
         for name, rows in files.items():
             path = directory / f"{name}.jsonl"
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            tmp.replace(path)
+            write_lines(path, lambda rows=rows: (json.dumps(r) + "\n" for r in rows))
             paths[name] = path
         return paths

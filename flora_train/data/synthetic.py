@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from flora_train.files import write_lines
+
 KEYS = ["colour", "animal", "city", "fruit", "sport", "metal", "planet", "drink", "flower", "tool", "music", "river"]
 VALUES = ["red", "blue", "green", "amber", "violet", "silver", "ochre", "teal", "coral", "ivory", "olive", "plum"]
 FILLER = ["today", "please", "quick", "question", "hello", "again", "friend", "note", "so", "well", "hey", "now"]
@@ -60,12 +62,8 @@ class SyntheticTask:
         directory.mkdir(parents=True, exist_ok=True)
         paths = directory / self.FILES[0], directory / self.FILES[1]
         for path, split, n in zip(paths, ("train", "eval"), (self.train_examples_per_user, self.eval_examples_per_user)):
-            tmp = path.with_suffix(".jsonl.tmp")
-            with tmp.open("w") as f:
-                for i in range(self.num_users):
-                    for ex in self.examples(i, split, n):
-                        f.write(json.dumps(ex) + "\n")
-            tmp.replace(path)
+            write_lines(path, lambda split=split, n=n: (json.dumps(ex) + "\n" for i in range(self.num_users)
+                                                        for ex in self.examples(i, split, n)))
         return paths
 
     def texts(self, split: str = "train") -> list[str]:

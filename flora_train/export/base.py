@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
 import shutil
 from abc import ABC, abstractmethod
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flora_train.errors import UserError
+from flora_train.files import replace_text
 
 # adapter.shared's adapter, once beside the users' (no user folder can be named so: they end in a hash).
 SHARED_FOLDER = "shared-adapter"
@@ -57,9 +57,7 @@ def indexed(out: Path, user: str, name: Any) -> Path:
 
 def write_json(path: Path, obj: Any) -> None:
     """Replaces ``path`` in one rename: a reader sees the old file or the new, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    replace_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def close_matches(unknown: list[str], known: list[str]) -> str:

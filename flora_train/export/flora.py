@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from flora_train.adapters import AdapterLayout
 from flora_train.export.base import ExportError
 from flora_train.export.folders import FolderExport
+from flora_train.files import save_tensors
 
 FLORA_CONFIG = "flora_adapter_config.json"
 FLORA_WEIGHTS = "flora_adapter.safetensors"
@@ -23,7 +24,7 @@ class FloraExport(FolderExport):
 
     def write_adapter(self, target: Path, layout: AdapterLayout, row: torch.Tensor, user: str, base_model: str) -> None:
         tensors = {f"{m}.{p}": v[0].contiguous() for m in layout.slices for p, v in layout.views(row.unsqueeze(0), m).items()}
-        save_file(tensors, str(target / FLORA_WEIGHTS), metadata={"user_id": user})
+        save_tensors(tensors, target / FLORA_WEIGHTS, metadata={"user_id": user})
         config = {"format": "flora_train", "user_id": user, "base_model": base_model, "layout": layout.to_dict()}
         (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
 

@@ -11,7 +11,15 @@ from typing import Any
 import torch
 
 from flora_train.adapters.layer import is_conv1d
-from flora_train.export.base import AdapterExport, ExportError, ExportRequest, close_matches, inside, safe_folder_name
+from flora_train.export.base import (
+    AdapterExport,
+    ExportError,
+    ExportRequest,
+    close_matches,
+    inside,
+    safe_folder_name,
+    write_json,
+)
 
 
 def merged_state_dict(model: torch.nn.Module, base: dict[str, torch.Tensor], layout: Any, row: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -60,10 +68,10 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
         (target / "flora_merged.json").write_text(json.dumps({"user_id": user, "base_model": source.model_path,
                                                               "method": source.layout.spec.method, "from": source.label}))
         index[user] = folder
-    (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
+    write_json(out / "index.json", index)
     manifest = {"format": "merged", "method": source.layout.spec.method, "num_users": len(index),
                 "checkpoint": str(Path(source.label).absolute()), "base_model": source.model_path, "dtype": dtype}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_json(out / "manifest.json", manifest)
     return index
 
 

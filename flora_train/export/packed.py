@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from flora_train.adapters import AdapterLayout
 from flora_train.export.base import ExportError, ExportRequest, count_users, indexed, write_json
 from flora_train.export.flora import FloraExport
 from flora_train.export.rows import RowExport
+from flora_train.files import save_tensors
 
 
 def _generation(name: str) -> int:
@@ -60,7 +60,7 @@ class PackedExport(RowExport):
         prefix = "pack-" if self.part[1] == 1 else f"pack-{self.part[0]:05d}-"
         number = len({v[0] for v in self.index.values()})
         name = f"{prefix}{number:05d}{f'.{self.generation}' if self.generation else ''}.safetensors"
-        save_file({"rows": torch.cat(rows).contiguous()}, str(out / name), metadata={"users": json.dumps(users)})
+        save_tensors({"rows": torch.cat(rows).contiguous()}, out / name, metadata={"users": json.dumps(users)})
         self.index.update({u: [name, i] for i, u in enumerate(users)})
         users.clear()
         rows.clear()
@@ -99,7 +99,7 @@ class PackedExport(RowExport):
                 rows = f.get_tensor("rows")
             keep = [i for i, u in enumerate(users) if u not in forget]
             fresh = f"{name.split('.')[0]}.{_generation(name) + 1}.safetensors"
-            save_file({"rows": rows[keep].contiguous()}, str(out / fresh),
+            save_tensors({"rows": rows[keep].contiguous()}, out / fresh,
                       metadata={"users": json.dumps([users[i] for i in keep])})
             index.update({users[i]: [fresh, k] for k, i in enumerate(keep)})
         for u in gone:

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from flora_train.adapters import AdapterLayout
 from flora_train.export.base import ExportError
 from flora_train.export.folders import FolderExport
+from flora_train.files import save_tensors
 
 
 class PeftExport(FolderExport):
@@ -27,7 +27,7 @@ class PeftExport(FolderExport):
         for module in layout.slices:
             views = {k: v[0] for k, v in layout.views(row.unsqueeze(0), module).items()}
             tensors.update(spec.impl.peft_tensors(module, views))
-        save_file(tensors, str(target / "adapter_model.safetensors"))
+        save_tensors(tensors, target / "adapter_model.safetensors")
         targets = [m for m, _, _ in layout.modules]
         config = spec.impl.peft_config(spec.rank, spec.alpha, targets, [m for m in targets if spec.is_feedforward(m)],
                                        base_model)

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from flora_train import dist as fdist
 from flora_train.adapters import AdapterLayout
 from flora_train.errors import UserError, warn
+from flora_train.files import save_tensors
 from flora_train.run_dir import readers
 from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.store.sharding import ShardError, ShardPlan
@@ -184,7 +184,7 @@ def _finish(tmp: Path, final: Path, step: int, store: ShardedAdapterStore, layou
         (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
         files[name] = file_entry(tmp / name)
     if shared_adapter is not None:
-        save_file(shared_adapter[0], str(tmp / SHARED_ADAPTER), metadata=shared_adapter[1])
+        save_tensors(shared_adapter[0], tmp / SHARED_ADAPTER, metadata=shared_adapter[1])
         files[SHARED_ADAPTER] = file_entry(tmp / SHARED_ADAPTER)
     manifest = {"step": step, "world": store.world, "users": len(store), "files": dict(sorted(files.items()))}
     if run_id is not None:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from flora_train.errors import UserError
+from flora_train.files import STORAGE_ERRNOS
 
 LOCK_NAME = ".lock"
 
@@ -33,7 +34,7 @@ def _holder_text(fd: int) -> str:
     except (OSError, ValueError, UnicodeDecodeError):
         info = {}
     if not info:
-        return "another process (it is starting)"
+        return "another process (it is starting, or the disk was full when it took the lock)"
     return (f"`{info.get('command', '?')}` (pid {info.get('pid', '?')} on host {info.get('host', '?')}, "
             f"since {info.get('since', '?')})")
 
@@ -66,7 +67,12 @@ class RunLock:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
                 "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError as exc:  # a full disk: the flock locks all the same, only who holds it goes unsaid
+            if exc.errno not in STORAGE_ERRNOS:
+                os.close(fd)
+                raise
         self._fd = fd
         return self
 

@@ -21,6 +21,7 @@ from torch import nn
 from flora_train.adapters import AdapterSlot
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.tokenize import IGNORE, collate
+from flora_train.files import replaced
 from flora_train.train.loss import example_losses, target_logits
 
 
@@ -126,6 +127,6 @@ def evaluate(
 def write_per_user(path: Path, per_user: dict[str, UserEval]) -> None:
     """One JSON line per user: id, examples, accuracy, loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
+    with replaced(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for user, r in sorted(per_user.items()):
             f.write(json.dumps({"user_id": user, "examples": r.examples, "accuracy": r.accuracy, "loss": r.loss}) + "\n")

@@ -19,6 +19,7 @@ import torch
 from flora_train import dist as fdist
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.tokenize import IGNORE
+from flora_train.files import replace_text
 from flora_train.inference.generate import GenerationSettings, decode_new, generate_tokens
 
 
@@ -124,7 +125,7 @@ def write_generation_report(directory: Path, step: int, per_user: dict[str, User
     directory.mkdir(parents=True, exist_ok=True)
     jsonl = directory / f"generate_per_user-step{step}.jsonl"
     rows = [r.as_row(u) for u, r in sorted(per_user.items())]
-    jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    replace_text(jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     gains = [r["rouge_l_gain"] for r in rows if not math.isnan(r["rouge_l_gain"])]
     fig, (ax,) = new_figure(1)
     ax.hist(gains, bins=min(40, max(5, len(gains) // 5)), color="tab:blue")

@@ -14,7 +14,6 @@ The checkpoint's state names its phase, so a resume mid-phase replans exactly th
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 from flora_train import dist as fdist
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.planner import BatchPlanner, StepPlan
+from flora_train.files import replaced
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import CheckpointError
 
@@ -93,9 +93,8 @@ def write_phase_users(run_dir: Path, index: int, users: PhaseUsers) -> str:
         "trained": [u in trained for u in ids],
         "steps_before": [users.steps_before.get(u, 0) for u in ids],
     }, schema=pa.schema(PHASE_COLUMNS, metadata={"run_id": users.run_id} if users.run_id else None))
-    tmp = folder / f".{name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)
+    with replaced(folder / name) as tmp:
+        pq.write_table(table, tmp)
     return name
 
 
@@ -243,7 +242,6 @@ def forget_in_phases(run_dir: Path, forget: set[str]) -> int:
         if kept.num_rows == table.num_rows:
             continue
         removed += table.num_rows - kept.num_rows
-        tmp = path.with_name(f".{path.name}.forget")
-        pq.write_table(kept, tmp)
-        os.replace(tmp, path)
+        with replaced(path) as tmp:
+            pq.write_table(kept, tmp)
     return removed

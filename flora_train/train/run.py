@@ -17,6 +17,7 @@ from flora_train import dist as fdist
 from flora_train.base.zero import resident_base_bytes
 from flora_train.config import RecipeError, flatten, recipe_to_yaml
 from flora_train.errors import warn
+from flora_train.files import replace_text
 from flora_train.launch_env import elastic_job
 from flora_train.run_dir.checkpoints import (
     checkpoint_chain,
@@ -143,7 +144,7 @@ def start_tracking(session: Session, start_step: int, run_id: str | None) -> Tra
     cfg, run_dir = session.cfg, session.run_dir
     recipe_path = session.paths.recipe
     if fdist.rank() == 0:
-        recipe_path.write_text(recipe_to_yaml(recipe_as_recorded(cfg)))
+        replace_text(recipe_path, recipe_to_yaml(recipe_as_recorded(cfg)))  # eval, serve and export read it
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, run_dir, run_id=session.run_id)
     tracker.start(cfg.tracking.run_name, flatten(cfg), recipe_path, resume_run_id=run_id)
     bad = session.bad_rows
@@ -203,7 +204,7 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
         return result
     idle = sorted(u for u, n in saved_steps(checkpoint_chain(final)).items() if n == 0)
     result["users_without_steps"] = len(idle)
-    session.paths.result.write_text(json.dumps(result, indent=2))
+    replace_text(session.paths.result, json.dumps(result, indent=2))
     if finished_before:
         print(f"\nnothing left to train: the run had finished at step {step} ({len(session.store)} users); run dir {run_dir}")
     else:

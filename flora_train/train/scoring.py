@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from flora_train import dist as fdist
 from flora_train.config import load_recipe
 from flora_train.config.choices import StoreTier
 from flora_train.data import BatchPlanner, DataError
 from flora_train.data.examples import TokenizedExamples
+from flora_train.files import replace_text, replaced, save_tensors
 from flora_train.launch_env import read_launch_env
 from flora_train.store import AdapterStore
 from flora_train.store.sharded import ShardedAdapterStore
@@ -157,9 +158,8 @@ def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
     row = store.fetch([SHARED], requires_grad=False).values.detach()[0].cpu()
     if fdist.rank() == 0:
         path = session.paths.shared_adapter
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"row": row.contiguous()}, str(tmp), metadata={"steps": str(steps)})
-        os.replace(tmp, path)
+        with replaced(path) as tmp:
+            save_tensors({"row": row.contiguous()}, tmp, metadata={"steps": str(steps)})
     return row
 
 
@@ -373,6 +373,6 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     result = score_run(session, step, tracker, shared_row)
     tracker.end("FINISHED")
     if fdist.rank() == 0:
-        session.paths.eval_file(f"summary-step{step}.json").write_text(json.dumps(result, indent=2))
+        replace_text(session.paths.eval_file(f"summary-step{step}.json"), json.dumps(result, indent=2))
         print(f"per-user scores in {session.paths.eval}")
     return result

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from flora_train import dist as fdist
 from flora_train.data.planner import StepPlan
+from flora_train.files import replace_text
 from flora_train.train.sweep import variant
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class Validator:
         if fdist.rank() == 0:
             path = s.paths.validation_file(step)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+            replace_text(path, "".join(json.dumps(line) + "\n" for line in lines))
             if newly:
                 log.info("after step %d, %d user(s) stopped (no better validation loss in %d validations)", step,
                          len(newly), self.patience)

@@ -1,0 +1,84 @@
+"""Replacing a file whole: written beside itself, then renamed into place.
+
+A reader (a server, `users`, the next run) sees the old file or the new, never half of one, and a
+write that fails (a full disk, Ctrl-C) leaves the old file as it was and no temporary file behind.
+Every small file the project rewrites goes through here; checkpoints and the data cache are
+folders, renamed the same way where they are written (``run_dir/checkpoints.py``, ``data/cache.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# errno values that mean the disk, not the input: one error line naming the file, never a traceback
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+@contextmanager
+def replaced(path: Path, tag: str = "tmp") -> Iterator[Path]:
+    """Yields the temporary path to write ``path``'s new content to; it is renamed onto ``path`` when
+    the block ends without an error, and removed when it does not. An ``OSError`` that names no file
+    (a ``write`` on a full disk) is raised again naming ``path``."""
+    tmp = path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_text(path: Path, text: str, errors: str = "strict") -> None:
+    """``path.write_text(text)`` (UTF-8), whole or not at all; not written when ``path`` holds
+    ``text`` already (a resume's recipe.yaml: a full disk then stops nothing that changes nothing)."""
+    if _holds(path, [text], errors):
+        return
+    with replaced(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", errors=errors)
+
+
+def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a full disk) arrive as ``SafetensorError``
+    with the OS error in its text: raised as that ``OSError``, naming ``path``, so that the callers'
+    handling of a full disk (a checkpoint's, an export's, the CLI's one line) covers it too."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def write_lines(path: Path, lines: Callable[[], Iterable[str]]) -> bool:
+    """Replaces ``path`` with the lines ``lines()`` yields (each ending in a newline) unless it holds
+    exactly those already: a file each command derives again (the synthetic data of a recipe) costs
+    no write, and a full disk does not stop a command that changes nothing there. Returns whether
+    it wrote."""
+    if _holds(path, lines()):
+        return False
+    with replaced(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        f.writelines(lines())
+    return True
+
+
+def _holds(path: Path, pieces: Iterable[str], errors: str = "strict") -> bool:
+    """Whether ``path`` holds exactly the concatenation of ``pieces`` (read piece by piece)."""
+    try:
+        with path.open("r", encoding="utf-8", errors=errors, newline="") as f:
+            return all(f.read(len(want)) == want for want in pieces) and f.read(1) == ""
+    except (OSError, UnicodeDecodeError):
+        return False
