@@ -41,6 +41,10 @@ def sources_digest(spec: Any, split: str, subset: str | None, key: str) -> list[
     for source in resolve_sources(spec, split, subset, key):
         if source.path is not None:
             out.append([str(source.path.resolve()), _file_digest(source.path)])
+        elif source.saved is not None:  # every file of the folder: the Arrow data and what describes it
+            files = sorted(p for p in source.saved.rglob("*") if p.is_file())
+            out.append([f"{source.saved.resolve()}[{source.split}]",
+                        *(f"{p.relative_to(source.saved)}:{_file_digest(p)}" for p in files)])
         else:
             try:
                 files = datasets.load_dataset(source.dataset, source.subset, split=source.split).cache_files

@@ -253,9 +253,26 @@ def _dataset_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
         yield f"{source.label}: row {i}", record
 
 
+def _saved_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
+    assert source.saved is not None
+    try:
+        table = datasets.load_from_disk(str(source.saved))
+    except Exception as exc:  # a folder cut short, or written by a newer datasets
+        raise DataError(f"{source.saved}: cannot load the saved dataset ({type(exc).__name__}: {exc})") from None
+    if isinstance(table, datasets.DatasetDict):
+        if source.split not in table:
+            raise DataError(f"{source.saved}: the saved dataset has no split {source.split!r} (it has "
+                            f"{', '.join(repr(k) for k in table)}): set data.split (data.eval_split for data.eval_path)")
+        table = table[source.split]
+    for i, record in enumerate(table):
+        yield f"{source.label}: row {i}", record
+
+
 def _source_rows(source: DataSource, fmt: str, cols: Columns, bad: BadRows) -> Iterator[tuple[str, Any]]:
     if source.dataset is not None:
         return _dataset_rows(source)
+    if source.saved is not None:
+        return _saved_rows(source)
     assert source.path is not None
     file_fmt = detect_format(source.path, fmt)
     return _jsonl_rows(source.path, bad) if file_fmt == "jsonl" else _table_rows(source.path, file_fmt, cols.user)

@@ -1,5 +1,6 @@
 """What ``data.train_path`` / ``data.eval_path`` may name: a file, a directory (every data file
-under it), a glob pattern, a list of any of these, or a dataset id read with
+under it), a folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict``'s read at
+``data.split``), a glob pattern, a list of any of these, or a dataset id read with
 ``datasets.load_dataset`` (``data.split``, ``data.subset``; offline from a local copy or the cache).
 """
 
@@ -27,10 +28,23 @@ class DataSource:
     dataset: str | None = None  # or a dataset id
     split: str = "train"
     subset: str | None = None
+    saved: Path | None = None  # or a save_to_disk folder (split: a DatasetDict's split to read)
 
     @property
     def label(self) -> str:
+        if self.saved is not None:
+            return f"{self.saved}[{self.split}]" if is_saved_dataset_dict(self.saved) else str(self.saved)
         return str(self.path) if self.path else f"{self.dataset}[{self.subset + '/' if self.subset else ''}{self.split}]"
+
+
+def is_saved_dataset_dict(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file()
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` wrote (its JSON files
+    describe the Arrow files, they are not rows)."""
+    return is_saved_dataset_dict(folder) or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
 
 
 def _is_data_file(p: Path) -> bool:
@@ -97,6 +111,8 @@ def resolve_sources(spec: Any, split: str = "train", subset: str | None = None, 
             if not matched:
                 raise SourceError(f"{key}: the pattern {text!r} matches no data file ({', '.join(SUFFIXES)})")
             out.extend(DataSource(path=p) for p in matched)
+        elif Path(text).is_dir() and is_saved_dataset(Path(text)):
+            out.append(DataSource(saved=Path(text), split=split))
         elif Path(text).is_dir():
             files = _folder_files(Path(text), key, notes)
             if not files:

@@ -230,6 +230,36 @@ def test_folders_globs_lists_gzip_and_arrow(tmp_path):
         load_examples("no-such-org/no-such-dataset", "auto", cols, BadRows())
 
 
+def test_a_folder_datasets_saved_to_disk_reads_its_rows(tmp_path):
+    """`Dataset.save_to_disk` writes Arrow files beside two JSON files that describe them: named as
+    data.train_path, its dataset_info.json was read as rows ('malformed JSON'), and a DatasetDict's
+    dataset_dict.json as a row without a user. Now the folder loads as datasets loads it; a
+    DatasetDict reads data.split, and its cache key follows the folder's bytes."""
+    import datasets
+
+    from flora_train.data.cache import sources_digest
+
+    rows = [{"user_id": f"u{i}", "prompt": "p", "completion": f" c{i}"} for i in range(4)]
+    datasets.Dataset.from_list(rows[:3]).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2]),
+                          "test": datasets.Dataset.from_list(rows[2:])}).save_to_disk(str(tmp_path / "dict"))
+    cols = Columns()
+    one = load_examples(tmp_path / "one", "auto", cols, BadRows())
+    assert one["user_id"][:] == ["u0", "u1", "u2"] and one["source"][2] == f"{tmp_path / 'one'}: row 2"
+    assert load_examples(tmp_path / "dict", "auto", cols, BadRows())["completion"][:] == [" c0", " c1"]
+    test = load_examples(tmp_path / "dict", "auto", cols, BadRows(), split="test", key="data.eval_path")
+    assert test["user_id"][:] == ["u2", "u3"] and test["source"][0] == f"{tmp_path / 'dict'}[test]: row 0"
+    with pytest.raises(DataError, match=r"dict: the saved dataset has no split 'dev' \(it has 'train', 'test'\): "
+                                        r"set data.split"):
+        load_examples(tmp_path / "dict", "auto", cols, BadRows(), split="dev")
+    before = sources_digest(str(tmp_path / "one"), "train", None, "data.train_path")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))  # another row: another cache
+    assert sources_digest(str(tmp_path / "one"), "train", None, "data.train_path") != before
+    datasets.Dataset.from_list([{**rows[0], "user_id": None}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad: row 0: missing or invalid user id"):
+        load_examples(tmp_path / "bad", "auto", cols, BadRows())
+
+
 def test_skewed_users_are_spread_and_capped():
     """A Zipf population (user k has ~4000/k examples; the first 1,000x the median). Before, the
     power users' chunks were dealt round after round until only they were left: a long tail of
