@@ -27,14 +27,23 @@ def replaced(path: Path, tag: str = "tmp") -> Iterator[Path]:
     (a ``write`` on a full disk) is raised again naming ``path``."""
     tmp = path.with_name(f".{path.name}.{tag}-{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with naming(path):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` raised inside that names no file (a ``write`` or ``close`` on a full disk) is
+    raised again naming ``path``, for the one line the CLI prints."""
+    try:
+        yield
     except OSError as exc:
         if exc.filename is None and exc.errno is not None:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def replace_text(path: Path, text: str, errors: str = "strict") -> None:
@@ -50,11 +59,26 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
     """``safetensors.torch.save_file``, whose I/O failures (a full disk) arrive as ``SafetensorError``
     with the OS error in its text: raised as that ``OSError``, naming ``path``, so that the callers'
     handling of a full disk (a checkpoint's, an export's, the CLI's one line) covers it too."""
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    try:
+    with _safetensors_io(path):
         save_file(tensors, str(path), metadata=metadata)
+
+
+def save_model_weights(model: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_model`` (tied weights written once), its I/O failures as ``save_tensors``'s."""
+    from safetensors.torch import save_model
+
+    with _safetensors_io(path):
+        save_model(model, str(path), metadata=metadata)
+
+
+@contextmanager
+def _safetensors_io(path: Path) -> Iterator[None]:
+    from safetensors import SafetensorError
+
+    try:
+        yield
     except SafetensorError as exc:
         found = re.search(r"\(os error (\d+)\)", str(exc))
         if found is None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from flora_train.files import naming
+
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
 
@@ -100,12 +102,13 @@ def _save(model: torch.nn.Module, directory: Path) -> None:
     """The folder ``save_pretrained`` writes (config, generation config, ``model.safetensors``
     with tied weights once), without its first call's import of DeepSpeed (1 s in every process
     that builds a tiny model: most of the test suite's runs)."""
-    from safetensors.torch import save_model
+    from flora_train.files import save_model_weights
 
-    model.config.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(directory)
-    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with naming(directory):
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(directory)
+    save_model_weights(model, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 STAMP = "flora_tiny.json"
@@ -145,6 +148,7 @@ def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
         if cfg.get("pretrain_steps", 0):
             pretrain(model, tokenizer, texts, cfg["pretrain_steps"], seed=cfg["seed"])
     _save(model, directory)
-    tokenizer.save_pretrained(directory)
+    with naming(directory):
+        tokenizer.save_pretrained(directory)
     (directory / STAMP).write_text(json.dumps({"fingerprint": fingerprint, "config": cfg}))
     return directory
