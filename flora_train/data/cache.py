@@ -22,6 +22,7 @@ import datasets
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.loading import BadRows
 from flora_train.data.sources import resolve_sources
+from flora_train.files import naming
 
 FORMAT_VERSION = 1  # bump when what is written (or how it is tokenised) changes
 COLUMNS = ["user_id", "source", "input_ids", "labels"]
@@ -77,12 +78,18 @@ def save(folder: Path, parts: dict[str, datasets.Dataset | None], bad: BadRows) 
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {}
-    for name, ds in parts.items():
-        if ds is not None and len(ds):
-            ds.select_columns(COLUMNS).save_to_disk(str(tmp / name))
-            counts[name] = len(ds)
-    meta = {"examples": counts, "bad_rows": {"policy": bad.policy, "counts": dict(bad.counts), "examples": bad.examples}}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        with naming(folder):  # a full disk: one line naming the cache, and no half of it left to fill the disk
+            for name, ds in parts.items():
+                if ds is not None and len(ds):
+                    ds.select_columns(COLUMNS).save_to_disk(str(tmp / name))
+                    counts[name] = len(ds)
+            meta = {"examples": counts, "bad_rows": {"policy": bad.policy, "counts": dict(bad.counts),
+                                                     "examples": bad.examples}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     for other in folder.parent.iterdir():

@@ -77,6 +77,10 @@ def test_a_full_disk_is_one_line_and_loses_nothing(disk, tmp_path, capsys):
     fresh = [*recipe, f"run_dir={disk / 'fresh'}", "data.synthetic=null", f"data.train_path={run / 'data' / 'train.jsonl'}"]
     assert main(["run", *fresh]) == 2
     assert _error(capsys) == f"flora-train: error: {disk / 'fresh' / 'base_model'}: {NO_SPACE}"
+    # on a base it need not build, at the tokenised data's cache (no half of it left behind)
+    assert main(["run", *fresh, "base.tiny=null", f"base.name_or_path={run / 'base_model'}"]) == 2
+    assert _error(capsys).startswith(f"flora-train: error: {disk / 'fresh' / 'data_cache'}/")
+    assert list((disk / "fresh" / "data_cache").iterdir()) == []
     with filler.open("r+b") as f:
         f.truncate(filler.stat().st_size - 3 * 4096)
     assert main(["run", *fresh]) == 2
