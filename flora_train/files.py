@@ -61,7 +61,7 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
     handling of a full disk (a checkpoint's, an export's, the CLI's one line) covers it too."""
     from safetensors.torch import save_file
 
-    with _safetensors_io(path):
+    with safetensors_errors(path):
         save_file(tensors, str(path), metadata=metadata)
 
 
@@ -69,12 +69,13 @@ def save_model_weights(model: Any, path: Path, metadata: dict[str, str] | None =
     """``safetensors.torch.save_model`` (tied weights written once), its I/O failures as ``save_tensors``'s."""
     from safetensors.torch import save_model
 
-    with _safetensors_io(path):
+    with safetensors_errors(path):
         save_model(model, str(path), metadata=metadata)
 
 
 @contextmanager
-def _safetensors_io(path: Path) -> Iterator[None]:
+def safetensors_errors(path: Path) -> Iterator[None]:
+    """safetensors' I/O failures inside (``save_pretrained`` too) raised as the ``OSError`` they carry."""
     from safetensors import SafetensorError
 
     try:

@@ -63,6 +63,10 @@ def test_a_full_disk_is_one_line_and_loses_nothing(disk, tmp_path, capsys):
     assert main(["export", str(run), "--format", "packed", "--out", str(disk / "packed")]) == 2
     assert _error(capsys).startswith(f"flora-train: error: rank 0: writing the export to {disk / 'packed'} failed: "
                                      f"[Errno 28] {NO_SPACE}")
+    assert main(["export", str(run), "--format", "merged", "--users", "user-000001", "--out", str(disk / "merged")]) == 2
+    assert _error(capsys).startswith(f"flora-train: error: writing the export to {disk / 'merged'} failed: "
+                                     f"[Errno 28] {NO_SPACE}")
+    assert list((disk / "merged").iterdir()) == []  # no model folder cut short
     assert main(["forget", str(run), "--users", "user-000001"]) == 2  # failed taking the run's lock
     assert _error(capsys) == f"flora-train: error: {run / 'forget-pending.json'}: {NO_SPACE}"
     # (eval wrote its per-user files in place, opened "w": a write that failed would have left them cut)
