@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-
-from flora_train.files import naming
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
@@ -104,10 +104,9 @@ def _save(model: torch.nn.Module, directory: Path) -> None:
     that builds a tiny model: most of the test suite's runs)."""
     from flora_train.files import save_model_weights
 
-    with naming(directory):
-        model.config.save_pretrained(directory)
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(directory)
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(directory)
     save_model_weights(model, directory / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -139,7 +138,6 @@ def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
     fingerprint = tiny_fingerprint(cfg, texts)
     if (built_from(directory) or {}).get("fingerprint") == fingerprint:
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(texts, cfg["vocab_size"])
     config = _model_config(cfg["architecture"], cfg, len(tokenizer), tokenizer)
     with torch.random.fork_rng(devices=[]):
@@ -147,8 +145,18 @@ def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
         model = AutoModelForCausalLM.from_config(config)
         if cfg.get("pretrain_steps", 0):
             pretrain(model, tokenizer, texts, cfg["pretrain_steps"], seed=cfg["seed"])
-    _save(model, directory)
-    with naming(directory):
-        tokenizer.save_pretrained(directory)
-    (directory / STAMP).write_text(json.dumps({"fingerprint": fingerprint, "config": cfg}))
+    # Built beside and renamed into place: a reader (serve, generate) never loads half a model, and
+    # a full disk leaves no partial folder.
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.building-{os.getpid()}")
+    try:
+        _save(model, staging)
+        tokenizer.save_pretrained(staging)
+        (staging / STAMP).write_text(json.dumps({"fingerprint": fingerprint, "config": cfg}))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
+    except OSError as exc:  # named by the folder the run uses, not by the temporary one
+        raise OSError(exc.errno, exc.strerror, str(directory)) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory

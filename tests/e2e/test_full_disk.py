@@ -77,7 +77,8 @@ def test_a_full_disk_is_one_line_and_loses_nothing(disk, tmp_path, capsys):
     assert main(["run", *recipe, "--resume"]) == 2
     assert _error(capsys) == f"flora-train: error: {run / 'recipe.yaml'}: {NO_SPACE}"
     # A new run building its tiny base there: with no room, at its config; with room for the config
-    # files (tmpfs pages of 4 KiB), at its weights, which safetensors reports in its own error type.
+    # files (tmpfs pages of 4 KiB), at its weights, which safetensors reports in its own error type
+    # (a SafetensorError traceback before).
     fresh = [*recipe, f"run_dir={disk / 'fresh'}", "data.synthetic=null", f"data.train_path={run / 'data' / 'train.jsonl'}"]
     assert main(["run", *fresh]) == 2
     assert _error(capsys) == f"flora-train: error: {disk / 'fresh' / 'base_model'}: {NO_SPACE}"
@@ -88,7 +89,8 @@ def test_a_full_disk_is_one_line_and_loses_nothing(disk, tmp_path, capsys):
     with filler.open("r+b") as f:
         f.truncate(filler.stat().st_size - 3 * 4096)
     assert main(["run", *fresh]) == 2
-    assert _error(capsys) == f"flora-train: error: {disk / 'fresh' / 'base_model' / 'model.safetensors'}: {NO_SPACE}"
+    assert _error(capsys) == f"flora-train: error: {disk / 'fresh' / 'base_model'}: {NO_SPACE}"
+    assert sorted(p.name for p in (disk / "fresh").iterdir()) == [".lock", "data_cache"]  # no half-built base
     for path, data in written.items():
         assert path.read_bytes() == data, f"{path} changed"
     assert latest_checkpoint(run) == kept
