@@ -62,7 +62,8 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, dtype: str = "float32")
                 plain.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
         except (OSError, SafetensorError) as exc:
-            raise ModelLoadError(f"--out {out}: writing the converted model failed ({exc}); nothing was left there") from None
+            raise ModelLoadError(f"--out {out}: writing the converted model failed ({exc}); nothing was left "
+                                 "there") from None
         # The folder is checked as a run will load it: its logits must be the GGUF model's, bit for bit.
         ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
         check_same_logits(model, load_frozen_model(str(staging), dtype), ids, f"the converted folder {out}")

@@ -45,4 +45,6 @@ def base_fingerprint(name_or_path: str, gguf_file: str | None = None) -> str:
 def base_changed(recorded: str | None, name_or_path: str, gguf_file: str | None = None) -> bool:
     """Whether the local base at ``name_or_path`` is no longer the one whose fingerprint a
     checkpoint or export recorded (False when nothing was recorded, or for a hub id)."""
-    return recorded is not None and Path(name_or_path).is_dir() and recorded != base_fingerprint(name_or_path, gguf_file)
+    if recorded is None or not Path(name_or_path).is_dir():
+        return False
+    return recorded != base_fingerprint(name_or_path, gguf_file)

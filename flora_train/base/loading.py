@@ -37,7 +37,8 @@ def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) ->
             f"train.device={name!r} would put all {max(local_world_size, local_rank + 1)} processes of this node on GPU "
             f"{device.index}; set train.device=cuda (each process takes its local rank's GPU) and choose GPUs with "
             "CUDA_VISIBLE_DEVICES")
-    if device.type in ("cuda", "mps") and (missing := missing_device(name if device.index is not None else device.type)):
+    missing = missing_device(name if device.index is not None else device.type)
+    if device.type in ("cuda", "mps") and missing:
         raise ModelLoadError(f"key 'train.device': {missing}")
     if device.type == "cuda" and device.index is None:
         if local_rank >= torch.cuda.device_count():

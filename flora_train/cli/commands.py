@@ -86,7 +86,8 @@ def _generate(args: argparse.Namespace) -> int:
         return BAD_INPUT_EXIT_CODE
     trained = load_trained(args.source, args.checkpoint, args.device)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
-    with replaced(args.out) as tmp, tmp.open("w", encoding="utf-8") as f:  # an earlier --out stays whole until this one is
+    # an earlier --out stays whole until this one is
+    with replaced(args.out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for user, prompt, r in zip(users, prompts, results):
             f.write(json.dumps({"user_id": user, "prompt": prompt, "completion": r.text, "tokens": r.tokens,
                                 "adapter": "user" if r.user_known else "base"}, ensure_ascii=False) + "\n")

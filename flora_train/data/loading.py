@@ -261,8 +261,9 @@ def _saved_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{source.saved}: cannot load the saved dataset ({type(exc).__name__}: {exc})") from None
     if isinstance(table, datasets.DatasetDict):
         if source.split not in table:
-            raise DataError(f"{source.saved}: the saved dataset has no split {source.split!r} (it has "
-                            f"{', '.join(repr(k) for k in table)}): set data.split (data.eval_split for data.eval_path)")
+            splits = ", ".join(repr(k) for k in table)
+            raise DataError(f"{source.saved}: the saved dataset has no split {source.split!r} (it has {splits}): "
+                            "set data.split (data.eval_split for data.eval_path)")
         table = table[source.split]
     for i, record in enumerate(table):
         yield f"{source.label}: row {i}", record

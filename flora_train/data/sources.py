@@ -44,7 +44,9 @@ def is_saved_dataset_dict(folder: Path) -> bool:
 def is_saved_dataset(folder: Path) -> bool:
     """A folder ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` wrote (its JSON files
     describe the Arrow files, they are not rows)."""
-    return is_saved_dataset_dict(folder) or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+    if is_saved_dataset_dict(folder):
+        return True
+    return (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
 
 
 def _is_data_file(p: Path) -> bool:

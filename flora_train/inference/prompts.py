@@ -39,8 +39,8 @@ def read_prompts(path: Path, chat: bool = False, user_column: str = "user_id") -
         elif isinstance(row.get("messages"), list) and all(isinstance(m, dict) and "role" in m and "content" in m
                                                            for m in row["messages"]):
             if not chat:  # found here, naming the line, not after the model has loaded
-                raise InferenceError(f"{where}: user {user!r}: a 'messages' row is a conversation: pass --chat to render "
-                                     "it through the model's chat template")
+                raise InferenceError(f"{where}: user {user!r}: a 'messages' row is a conversation: pass --chat to "
+                                     "render it through the model's chat template")
             prompts.append(_messages(row["messages"], f"{where}: user {user!r}"))
         else:
             raise InferenceError(f"{where}: needs a 'prompt' string or a 'messages' list of {{role, content}}")

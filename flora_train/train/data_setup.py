@@ -196,8 +196,8 @@ class _Build:
         what = "; ".join(changed) if changed else "the training data it is built from"
         raise CheckpointError(
             f"{folder}: this run's checkpoints were trained on the tiny base built here, and this recipe would build "
-            f"another ({what} changed). Restore the recipe's values and data to resume, or start a new run (another run_dir, "
-            "or train.overwrite=true)")
+            f"another ({what} changed). Restore the recipe's values and data to resume, or start a new run "
+            "(another run_dir, or train.overwrite=true)")
 
     def key(self, tokenizer: Any, context: int | None) -> str:
         d = self.d
