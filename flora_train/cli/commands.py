@@ -84,7 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not os.access(args.out.parent, os.W_OK):  # found now, not after the generation it would hold
         print(f"flora-train: error: --out {args.out}: its folder is not writable", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
-    trained = load_trained(args.source, args.checkpoint, args.device)
+    trained = load_trained(args.source, args.checkpoint, args.device, base=args.base)
     results, stats = generate(trained, prompts, users, settings, args.batch_size, progress=True)
     # an earlier --out stays whole until this one is
     with replaced(args.out) as tmp, tmp.open("w", encoding="utf-8") as f:
@@ -157,7 +157,7 @@ def _launch(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> None:
     from flora_train.train.scoring import run_eval
 
-    run_eval(args.run_dir, args.checkpoint, args.data)
+    run_eval(args.run_dir, args.checkpoint, args.data, base=args.base)
 
 
 def _users(args: argparse.Namespace) -> None:
@@ -196,7 +196,7 @@ def _export(args: argparse.Namespace) -> None:
     from flora_train.export import export_adapters
 
     m = export_adapters(args.run_dir, args.format, args.users, args.out, checkpoint=args.checkpoint,
-                        base_model_id=args.base_model_id, pack_size=args.pack_size)
+                        base_model_id=args.base_model_id, pack_size=args.pack_size, base=args.base)
     n = m["num_users"]
     print(f"exported {n} user{'' if n == 1 else 's'} ({m['format']}) to {args.out}")
 
@@ -223,7 +223,7 @@ def _serve(args: argparse.Namespace) -> None:
     if key is None and not loopback(args.host):
         warn(f"serving on {args.host} without --api-key (or ${API_KEY_ENV}): whoever reaches it can use every "
              "user's adapter")
-    trained = load_trained(args.source, args.checkpoint, args.device, args.dtype)
+    trained = load_trained(args.source, args.checkpoint, args.device, args.dtype, base=args.base)
     app = create_app(trained, model_name=args.model_name, strict_users=args.strict_users,
                      max_batch=args.max_batch, prefill_tokens=args.prefill_tokens,
                      max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,

@@ -17,6 +17,9 @@ from flora_train.arg_types import (
 )
 from flora_train.devices import BASE_DTYPES, device_arg
 
+BASE_HELP = ("the base model's folder where it is now, if it moved after training (default: where the run "
+             "trained on it); it must be that base: its config and weights are checked")
+
 
 # launch's flags, each the launch.<key> it sets (an error names the flag as typed, not the override it made)
 LAUNCH_FLAGS = {"scheduler": "--scheduler", "nodes": "--nodes", "procs_per_node": "--procs-per-node",
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")
     ev.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
     ev.add_argument("--data", type=Path, default=None, help="score another evaluation file (same columns as training)")
+    ev.add_argument("--base", type=Path, default=None, help=BASE_HELP)
 
     ex = sub.add_parser("export", help="write per-user adapters of a run")
     ex.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")
@@ -67,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, required=True, help="the export folder (made if missing)")
     ex.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
     ex.add_argument("--pack-size", type=int, default=4096, help="packed: users per pack file")
+    ex.add_argument("--base", type=Path, default=None, help=f"merged: {BASE_HELP}")
     ex.add_argument("--base-model-id", default=None,
                     help="peft: base_model_name_or_path to write (the model id your server loads; default: the run's base)")
 
@@ -82,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, required=True, help="JSONL: user_id, prompt, completion per line")
     gen.add_argument("--users", type=user_list, default=None, help="only these users' prompts (comma-separated or @FILE)")
     gen.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
+    gen.add_argument("--base", type=Path, default=None, help=BASE_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most (default 64)")
     gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     gen.add_argument("--temperature", type=float, default=1.0, help="--sample: softmax temperature (default 1.0)")
@@ -109,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=port_number, default=8000, help="0: a free port (the first line says which)")
     srv.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")
+    srv.add_argument("--base", type=Path, default=None, help=BASE_HELP)
     srv.add_argument("--model-name", type=model_name, default="flora", help="the model id clients name (optionally '<name>:<user_id>')")
     srv.add_argument("--strict-users", action="store_true", help="404 for users never trained (default: the base model)")
     srv.add_argument("--api-key", type=api_key, default=None,
@@ -177,7 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "export":
         from flora_train.export import EXPORT_FORMATS
 
-        for flag, dest, default in (("--pack-size", "pack_size", 4096), ("--base-model-id", "base_model_id", None)):
+        for flag, dest, default in (("--pack-size", "pack_size", 4096), ("--base-model-id", "base_model_id", None),
+                                    ("--base", "base", None)):
             if getattr(args, dest) != default and dest not in EXPORT_FORMATS[args.format].reads:
                 readers = " or ".join(f"--format {n}" for n, e in EXPORT_FORMATS.items() if dest in e.reads)
                 parser.error(f"{flag} is read only by {readers}, not --format {args.format}")

@@ -45,7 +45,7 @@ EXPORT_FORMATS: dict[str, ExportFormatEntry] = {
                                 "packed:PackedExport", reads=("base_model_id", "pack_size"), servable=True),
     # a whole model per user: a run's end does not write one for every user
     "merged": ExportFormatEntry("a full model folder per user, its adapter folded into the weights (name the users)",
-                                "merged:MergedExport", reads=(), in_recipe=False),
+                                "merged:MergedExport", reads=("base",), in_recipe=False),
 }
 
 
@@ -60,7 +60,8 @@ def get_format(name: str) -> AdapterExport:
 def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
                     checkpoint: Path | None = None, base_model_id: str | None = None, pack_size: int = 4096,
                     part: tuple[int, int] = (0, 1),
-                    gather: Callable[[Any], list[Any]] = lambda piece: [piece], just_written: bool = False) -> dict[str, Any]:
+                    gather: Callable[[Any], list[Any]] = lambda piece: [piece], just_written: bool = False,
+                    base: Path | None = None) -> dict[str, Any]:
     """Writes the users' adapters (every user's when ``users`` is None) of ``checkpoint``, or else the
     run's newest intact checkpoint, under ``out`` in format ``fmt``; returns the export's manifest.
     ``just_written``: the checkpoint is one this process wrote and hashed (its bytes are not hashed again).
@@ -73,7 +74,8 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     refused = run.export_out_error(out, fmt)
     if refused:
         raise ExportError(refused)
-    request = ExportRequest(Path(run_dir), out, users, checkpoint, just_written, base_model_id, pack_size, part, gather)
+    request = ExportRequest(Path(run_dir), out, users, checkpoint, just_written, base_model_id, pack_size, part, gather,
+                            base)
     exporter = get_format(fmt)
     # `forget` waits for this export to be written and recorded, and this one for a `forget` under way
     with readers.hold_for_export(run.checkpoints, warn):

@@ -85,6 +85,7 @@ class ExportRequest:
     pack_size: int = 4096
     part: tuple[int, int] = (0, 1)
     gather: Callable[[Any], list[Any]] = field(default=lambda piece: [piece])
+    base: Path | None = None  # merged: where the base is now, if it moved after training
 
 
 class AdapterExport(ABC):

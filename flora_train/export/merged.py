@@ -45,13 +45,13 @@ def merged_state_dict(model: torch.nn.Module, base: dict[str, torch.Tensor], lay
 
 
 def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Path | None = None,
-                  dtype: str = "float32") -> dict[str, str]:
+                  dtype: str = "float32", base: Path | None = None) -> dict[str, str]:
     """One merged model folder per user under ``out`` (``index.json`` maps users to folders, and
     ``manifest.json`` says what they were merged from)."""
     from flora_train.base import load_frozen_model, load_tokenizer
     from flora_train.inference.trained import resolve_source
 
-    source = resolve_source(source_dir, checkpoint)
+    source = resolve_source(source_dir, checkpoint, base)
     unknown = [u for u in users if u not in source.rows]
     if unknown:
         raise ExportError(f"unknown user(s) not in {source.label}: {close_matches(unknown, source.rows.users)}")
@@ -94,5 +94,5 @@ class MergedExport(AdapterExport):
     def export(self, request: ExportRequest) -> dict[str, Any]:
         if not request.users:
             raise ExportError("--format merged writes a whole model per user: name them with --users a,b (or @FILE)")
-        export_merged(request.run_dir, request.users, request.out, request.checkpoint)
+        export_merged(request.run_dir, request.users, request.out, request.checkpoint, base=request.base)
         return json.loads((request.out / "manifest.json").read_text())

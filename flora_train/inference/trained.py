@@ -20,6 +20,7 @@ from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, us
 from flora_train.adapters.shared import SharedAdapter
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
 from flora_train.base.fingerprint import base_changed
+from flora_train.base.loading import looks_local
 from flora_train.base.tiny import built_from
 from flora_train.errors import UserError, warn
 from flora_train.inference.rows import CheckpointRows, RowSource
@@ -53,9 +54,11 @@ class Source:
         return self.rows.users
 
 
-def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = None) -> Source:
+def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = None,
+                     base_at: Path | None = None) -> Source:
     """``lease``: held on ``ckpt`` already (the newest intact one, found leased); else taken here,
-    so that a run training beside the reader prunes none of the checkpoint while it is served."""
+    so that a run training beside the reader prunes none of the checkpoint while it is served.
+    ``base_at``: where the base is now (``--base``), if not where the run trained on it."""
     from flora_train.config import load_recipe
     from flora_train.run_dir.checkpoints import (
         checkpoint_chain,
@@ -81,10 +84,20 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
         shared = SharedAdapter(AdapterLayout.from_dict(json.loads(saved[1]["layout"])), saved[0]["row"])
     tiny = cfg.base.tiny is not None
     base = RunDir(run_dir).trained_base(state.get("model_path") or cfg.base.name_or_path, tiny)
+    if base_at is not None:
+        if tiny:
+            raise InferenceError(f"--base: {run_dir} built its own tiny base in {base}; it takes no other")
+        base = str(Path(base_at).absolute())
+        if not Path(base).is_dir():
+            raise InferenceError(f"--base {base_at}: no such folder")
+        if base_changed(state.get("base_fingerprint"), base, cfg.base.gguf_file):
+            raise InferenceError(f"--base {base_at}: not the base {ckpt} was trained on (its config or weights "
+                                 "differ); adapters only fit the base they were trained on")
     if tiny and (built_from(Path(base)) is None or base_changed(state.get("base_fingerprint"), base)):
         from flora_train.train.data_setup import rebuild_tiny_base
 
         base = rebuild_tiny_base(cfg, run_dir)  # derived from the recipe and data: built again as trained
+    check_base_is_there(base, ckpt)
     if base_changed(state.get("base_fingerprint"), base, cfg.base.gguf_file):
         raise InferenceError(
             f"{ckpt}: trained on the base in {base} as it was then, and the config or weights there have changed "
@@ -94,7 +107,15 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
                   cfg.data.max_length, ckpt)
 
 
-def _from_export(folder: Path) -> Source:
+def check_base_is_there(base: str, trained: Path) -> None:
+    """A local base folder that is gone (the run was copied to another machine, the base moved) is
+    named with the way on, not as a recipe key the reader never set."""
+    if looks_local(base) and not Path(base).exists():
+        raise InferenceError(f"{trained}: its base {base} is not there (moved, or on another machine?): name where "
+                             "it is now with --base PATH")
+
+
+def _from_export(folder: Path, base_at: Path | None = None) -> Source:
     from flora_train.export import EXPORT_FORMATS, SHARED_FOLDER, ExportError, get_format
     from flora_train.export.flora import load_flora_adapter
 
@@ -111,16 +132,26 @@ def _from_export(folder: Path) -> Source:
     except ExportError as exc:
         raise InferenceError(str(exc)) from None
     shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
-    if base_changed(manifest.get("base_fingerprint"), str(manifest["base_model"]), manifest.get("gguf_file")):
+    base = str(manifest["base_model"])
+    if base_at is not None:
+        base = str(Path(base_at).absolute())
+        if not Path(base).is_dir():
+            raise InferenceError(f"--base {base_at}: no such folder")
+        if base_changed(manifest.get("base_fingerprint"), base, manifest.get("gguf_file")):
+            raise InferenceError(f"--base {base_at}: not the base {folder} was exported from (its config or weights "
+                                 "differ); adapters only fit the base they were trained on")
+    check_base_is_there(base, folder)
+    if base_changed(manifest.get("base_fingerprint"), base, manifest.get("gguf_file")):
         raise InferenceError(
-            f"{folder}: exported from adapters trained on the base in {manifest['base_model']} as it was then, and the "
+            f"{folder}: exported from adapters trained on the base in {base} as it was then, and the "
             "config or weights there have changed since; adapters only fit the base they were trained on")
-    return Source(str(manifest["base_model"]), manifest.get("gguf_file"), False, layout, rows,
+    return Source(base, manifest.get("gguf_file"), False, layout, rows,
                   int(manifest.get("init_seed", 0)), str(folder), shared)
 
 
-def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
-    """Reads the adapters of a run directory, a checkpoint folder or a flora export folder."""
+def resolve_source(path: Path, checkpoint: Path | None = None, base: Path | None = None) -> Source:
+    """Reads the adapters of a run directory, a checkpoint folder or a flora export folder;
+    ``base``: where their base is now, if it moved after training (checked to be that base)."""
     from flora_train.run_dir.checkpoints import LAYOUT, leased_latest_checkpoint
 
     path = Path(path)
@@ -128,16 +159,16 @@ def resolve_source(path: Path, checkpoint: Path | None = None) -> Source:
         RunDir(path).require("--checkpoint")  # the run it must belong to
         if (foreign := RunDir(path).foreign_checkpoint_error(Path(checkpoint))) is not None:
             raise InferenceError(foreign)
-        return _from_checkpoint(Path(checkpoint), path)
+        return _from_checkpoint(Path(checkpoint), path, base_at=base)
     if RunDir(path).recipe.is_file():
         found = leased_latest_checkpoint(path)
         if found is None:
             raise InferenceError(f"{path}: no intact checkpoint to load adapters from")
-        return _from_checkpoint(found[0], path, found[1])
+        return _from_checkpoint(found[0], path, found[1], base)
     if (path / LAYOUT).is_file() and RunDir(path.parent.parent).recipe.is_file():
-        return _from_checkpoint(path, path.parent.parent)
+        return _from_checkpoint(path, path.parent.parent, base_at=base)
     if (path / "index.json").is_file() and (path / "manifest.json").is_file():
-        return _from_export(path)
+        return _from_export(path, base)
     raise InferenceError(f"{path}: not a run directory (recipe.yaml), a checkpoint (layout.json) or a flora export (index.json)")
 
 
@@ -210,6 +241,8 @@ class TrainedAdapters:
 
 
 def load_trained(path: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "auto",
-                 dtype: str | None = None) -> TrainedAdapters:
-    """The base plus every user's adapter from a run directory, a checkpoint or a flora export."""
-    return TrainedAdapters(resolve_source(Path(path), Path(checkpoint) if checkpoint else None), device, dtype)
+                 dtype: str | None = None, base: str | Path | None = None) -> TrainedAdapters:
+    """The base plus every user's adapter from a run directory, a checkpoint or a flora export
+    (``base``: where the base is now, if it moved after training)."""
+    return TrainedAdapters(resolve_source(Path(path), Path(checkpoint) if checkpoint else None,
+                                          Path(base) if base else None), device, dtype)

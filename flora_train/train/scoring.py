@@ -36,6 +36,7 @@ from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, saved_users
 from flora_train.train.evaluate import UserEval, evaluate, summarise, summarise_losses, write_per_user
 from flora_train.inference.generate import GenerationSettings
+from flora_train.inference.trained import check_base_is_there
 from flora_train.train.generation_eval import (gather_generation, generation_eval, summarise_generation,
                                                worse_than_base, write_generation_report)
 from flora_train.train.resume import check_same_base
@@ -295,7 +296,8 @@ def run_generation_eval(session: Session, step: int, tracker: Tracker) -> dict[s
     return summary
 
 
-def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = None) -> dict[str, Any]:
+def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = None,
+             base: Path | None = None) -> dict[str, Any]:
     """Re-scores a finished (or interrupted) run from its latest checkpoint (or ``checkpoint``), on its
     own evaluation data or on ``data``, and logs to an MLflow run of its own nested under the run's.
 
@@ -305,7 +307,14 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
     recipe = RunDir(run_dir).recipe
     if checkpoint is not None and (foreign := RunDir(run_dir).foreign_checkpoint_error(Path(checkpoint))) is not None:
         raise CheckpointError(foreign)
-    session = prepare_session(recipe_beside_the_run(run_dir, "evaluating", "eval"))
+    cfg = recipe_beside_the_run(run_dir, "evaluating", "eval")
+    if base is not None:  # where the base is now; the checkpoint's fingerprint says whether it is that base
+        if cfg.base.tiny is not None:
+            raise CheckpointError(f"--base: {run_dir} built its own tiny base; it takes no other")
+        cfg.base.name_or_path = str(Path(base).absolute())
+    elif cfg.base.tiny is None:
+        check_base_is_there(str(cfg.base.name_or_path), run_dir)
+    session = prepare_session(cfg)
     try:
         if data is not None:
             context = getattr(getattr(session.model, "config", None), "max_position_embeddings", None)

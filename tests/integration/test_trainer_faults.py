@@ -146,6 +146,7 @@ def test_readers_refuse_adapters_on_a_base_changed_since(tmp_path, tiny_llama_di
     from flora_train.base import build_tiny_model
     from flora_train.export import export_adapters
     from flora_train.inference.trained import InferenceError, resolve_source
+    from flora_train.train.scoring import run_eval
 
     from tests.conftest import TINY
 
@@ -156,8 +157,22 @@ def test_readers_refuse_adapters_on_a_base_changed_since(tmp_path, tiny_llama_di
     export_adapters(run, "flora", None, tmp_path / "flora")
     assert resolve_source(run).model_path == str(base) and resolve_source(tmp_path / "flora").model_path == str(base)
     other = build_tiny_model(tmp_path / "other", dict(TINY, seed=1), synthetic_texts)  # same shapes, other weights
-    shutil.copy(other / "model.safetensors", base / "model.safetensors")  # e.g. another model converted into it
+    # The base moved (the run copied to a serving machine): named with the way on, and --base takes
+    # it there only when it is that base. Before: "base.name_or_path=...: no such folder", no way on.
+    moved = tmp_path / "moved"
+    base.rename(moved)
     for source in (run, tmp_path / "flora"):  # generate, serve and export --format merged all start here
+        with pytest.raises(InferenceError, match=f"its base {base} is not there .*with --base PATH"):
+            resolve_source(source)
+        assert resolve_source(source, base=moved).model_path == str(moved)
+        with pytest.raises(InferenceError, match=f"--base {other}: not the base .* (trained on|exported from)"):
+            resolve_source(source, base=other)
+    assert run_eval(run, base=moved)["eval"]["eval/users"] == 8  # scored on the base where it is now
+    with pytest.raises(InferenceError, match="its base .* is not there"):
+        run_eval(run)
+    moved.rename(base)
+    shutil.copy(other / "model.safetensors", base / "model.safetensors")  # e.g. another model converted into it
+    for source in (run, tmp_path / "flora"):
         with pytest.raises(InferenceError, match=f"trained on the base in {base} as it was then.*changed since"):
             resolve_source(source)
 

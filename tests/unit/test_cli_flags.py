@@ -56,6 +56,17 @@ def test_export_options_of_another_format_are_a_usage_line(capsys, fmt, flags, m
     assert parse_args(["export", "runs/x", "--format", "packed", "--out", "o", *flags]).format == "packed"
 
 
+def test_base_is_taken_where_the_base_is_loaded(capsys):
+    """--base (where a moved base is now) is for the commands that load the base; an export of rows
+    names it with --base-model-id instead."""
+    for command in (["generate", "runs/x", "--prompts", "p.jsonl", "--out", "o.jsonl"], ["serve", "runs/x"],
+                    ["eval", "runs/x"], ["export", "runs/x", "--format", "merged", "--out", "o"]):
+        assert str(parse_args([*command, "--base", "/models/llama"]).base) == "/models/llama"
+    with pytest.raises(SystemExit):
+        parse_args(["export", "runs/x", "--format", "flora", "--out", "o", "--base", "/models/llama"])
+    assert "--base is read only by --format merged, not --format flora" in capsys.readouterr().err
+
+
 def test_serve_follow_with_a_pinned_checkpoint_is_a_usage_line(capsys):
     """--follow swapped the newest checkpoint in at its first look, so --checkpoint was ignored after 5 s."""
     with pytest.raises(SystemExit) as exit_info:
