@@ -73,10 +73,51 @@ def check_source(name_or_path: str, gguf_file: str | None) -> None:
                              + (", ".join(present) if present else "none"))
 
 
+def _unreachable_hub() -> str | None:
+    """The hub's host when this machine cannot resolve it (offline, an air-gapped cluster), else None.
+    huggingface_hub would retry it for most of a minute, a warning a try, before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # transformers reads the cache alone, at once
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return host
+    return None
+
+
+def _cache_instead_of_hub(name_or_path: str, gguf_file: str | None, what: str) -> bool:
+    """For a hub id on a machine that cannot reach the hub: True when the model is in the Hugging
+    Face cache (read it from there, at once and without retries); one error saying what to do when
+    it is not. False when the hub is reachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    host = _unreachable_hub()
+    if host is None:
+        return False
+    if not isinstance(try_to_load_from_cache(name_or_path, gguf_file or "config.json"), str):
+        raise ModelLoadError(
+            f"cannot load {what} '{name_or_path}': it is not a local folder nor in the Hugging Face cache, and "
+            f"{host} cannot be reached from this machine; download it where there is network and name its "
+            "folder in base.name_or_path (or copy the cache, $HF_HOME)")
+    return True
+
+
 def _pretrained(what: str, factory: Any, name_or_path: str, gguf_file: str | None, trust_remote_code: bool,
                 **kwargs: Any) -> Any:
     """``factory.from_pretrained`` with one error that names what failed to load and from where."""
     check_source(name_or_path, gguf_file)
+    if not kwargs.get("local_files_only") and not Path(name_or_path).expanduser().exists():
+        kwargs["local_files_only"] = _cache_instead_of_hub(name_or_path, gguf_file, what)
+    if kwargs.get("local_files_only") and hasattr(factory, "_model_mapping"):
+        # AutoModel*'s probe for a PEFT adapter in the repo is not given local_files_only (transformers
+        # 5.x): it asks the hub, retrying for most of a minute, when the model is read from the cache
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     kwargs["trust_remote_code"] = trust_remote_code
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
