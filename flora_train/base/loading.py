@@ -13,6 +13,7 @@ from torch import nn
 
 from flora_train.devices import BASE_DTYPES, missing_device
 from flora_train.errors import UserError
+from flora_train.hub import unreachable_hub
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in BASE_DTYPES}
 
@@ -73,31 +74,13 @@ def check_source(name_or_path: str, gguf_file: str | None) -> None:
                              + (", ".join(present) if present else "none"))
 
 
-def _unreachable_hub() -> str | None:
-    """The hub's host when this machine cannot resolve it (offline, an air-gapped cluster), else None.
-    huggingface_hub would retry it for most of a minute, a warning a try, before failing."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return None  # transformers reads the cache alone, at once
-    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return host
-    return None
-
-
 def _cache_instead_of_hub(name_or_path: str, gguf_file: str | None, what: str) -> bool:
     """For a hub id on a machine that cannot reach the hub: True when the model is in the Hugging
     Face cache (read it from there, at once and without retries); one error saying what to do when
     it is not. False when the hub is reachable."""
     from huggingface_hub import try_to_load_from_cache
 
-    host = _unreachable_hub()
+    host = unreachable_hub()
     if host is None:
         return False
     if not isinstance(try_to_load_from_cache(name_or_path, gguf_file or "config.json"), str):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flora_train.errors import UserError
+from flora_train.hub import in_cache, unreachable_hub
 
 SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
 
@@ -100,6 +101,18 @@ def _folder_files(folder: Path, key: str, notes: list[str] | None) -> list[Path]
     return training
 
 
+def _check_hub_reachable(dataset: str, key: str) -> None:
+    """A dataset id on a machine that cannot reach the hub: refused at once, saying what to do."""
+    host = unreachable_hub()
+    if host is None:
+        return
+    if in_cache(dataset, "dataset"):
+        raise SourceError(f"{key}: {dataset!r} is in the Hugging Face cache but {host} cannot be reached from this "
+                          "machine: set HF_HUB_OFFLINE=1 to read it from the cache")
+    raise SourceError(f"{key}: {dataset!r} is not a local file or folder nor in the Hugging Face cache, and {host} "
+                      "cannot be reached from this machine; name a local copy (data files, or a save_to_disk folder)")
+
+
 def resolve_sources(spec: Any, split: str = "train", subset: str | None = None, key: str = "data.train_path",
                     notes: list[str] | None = None) -> list[DataSource]:
     """Every file (sorted, so every rank reads the same order) or dataset ``spec`` names. ``notes``
@@ -123,6 +136,7 @@ def resolve_sources(spec: Any, split: str = "train", subset: str | None = None, 
         elif Path(text).is_file():
             out.append(DataSource(path=Path(text)))
         elif _looks_like_dataset_id(text):
+            _check_hub_reachable(text, key)
             out.append(DataSource(dataset=text, split=split, subset=subset))
         else:
             raise SourceError(f"{key}: data file not found: {text}")

@@ -260,6 +260,29 @@ def test_a_folder_datasets_saved_to_disk_reads_its_rows(tmp_path):
         load_examples(tmp_path / "bad", "auto", cols, BadRows())
 
 
+def test_a_dataset_id_the_hub_cannot_be_reached_for_is_refused_at_once(tmp_path, monkeypatch):
+    """Offline (the hub's name does not resolve), a dataset id failed only after huggingface_hub had
+    retried the hub for most of a minute, twice (the cache key loads it too). (The suite runs with
+    HF_HUB_OFFLINE=1, under which the cache is read at once: lifted here, with no network.)"""
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(DataError, match=r"^data.train_path: 'org/ds' is not a local file or folder nor in the "
+                                        r"Hugging Face cache, and huggingface.co cannot be reached"):
+        load_examples("org/ds", "auto", Columns(), BadRows())
+    (tmp_path / "datasets--org--ds" / "snapshots").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"'org/ds' is in the Hugging Face cache but huggingface.co cannot be "
+                                        r"reached from this machine: set HF_HUB_OFFLINE=1"):
+        load_examples("org/ds", "auto", Columns(), BadRows())
+
+
 def test_skewed_users_are_spread_and_capped():
     """A Zipf population (user k has ~4000/k examples; the first 1,000x the median). Before, the
     power users' chunks were dealt round after round until only they were left: a long tail of
