@@ -1,9 +1,10 @@
-"""Replacing a file whole: written beside itself, then renamed into place.
+"""Replacing a file or a folder whole: written beside itself, then renamed into place.
 
 A reader (a server, `users`, the next run) sees the old file or the new, never half of one, and a
-write that fails (a full disk, Ctrl-C) leaves the old file as it was and no temporary file behind.
-Every small file the project rewrites goes through here; checkpoints and the data cache are
-folders, renamed the same way where they are written (``run_dir/checkpoints.py``, ``data/cache.py``).
+write that fails (a full disk, Ctrl-C) leaves the old one as it was and nothing temporary behind.
+Every file the project rewrites and every folder it builds (a tiny base, the data cache, a merged
+model, a converted base) goes through here; checkpoints keep their own protocol
+(``run_dir/checkpoints.py``: a manifest written last, hashed).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,17 +23,40 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG
 
 
 @contextmanager
-def replaced(path: Path, tag: str = "tmp") -> Iterator[Path]:
+def replaced(path: Path) -> Iterator[Path]:
     """Yields the temporary path to write ``path``'s new content to; it is renamed onto ``path`` when
     the block ends without an error, and removed when it does not. An ``OSError`` that names no file
     (a ``write`` on a full disk) is raised again naming ``path``."""
-    tmp = path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with naming(path):
             yield tmp
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def replaced_folder(path: Path, tag: str = "tmp") -> Iterator[Path]:
+    """Yields a temporary folder beside ``path`` to build its new content in; it replaces ``path``
+    when the block ends without an error, and is removed when it does not. An I/O error inside
+    (safetensors' as the ``OSError`` it carries) is raised naming ``path``, the folder the user
+    knows, not the temporary one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with safetensors_errors(staging):
+            yield staging
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(staging, path)
+    except OSError as exc:
+        inside = exc.filename is None or str(exc.filename).startswith(str(staging))
+        if inside and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager

@@ -9,14 +9,12 @@ weights are copied into a model built from the same config.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from flora_train.base.loading import DTYPES, ModelLoadError, load_frozen_model, load_tokenizer
+from flora_train.files import replaced_folder
 
 
 PROBE = "The capital of France is Paris. 12 + 30 = 42."
@@ -54,21 +52,15 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, dtype: str = "float32")
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     # Written and checked beside --out, then renamed into place: a failure (a full disk, a check
     # that fails) leaves no half-written folder that a run could load or that refuses the next try.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
     try:
-        try:
+        with replaced_folder(out, "converting") as staging:
             with torch.no_grad():
                 plain.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-        except (OSError, SafetensorError) as exc:
-            raise ModelLoadError(f"--out {out}: writing the converted model failed ({exc}); nothing was left "
-                                 "there") from None
-        # The folder is checked as a run will load it: its logits must be the GGUF model's, bit for bit.
-        ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
-        check_same_logits(model, load_frozen_model(str(staging), dtype), ids, f"the converted folder {out}")
-        staging.replace(out)  # onto an empty --out too
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            # The folder is checked as a run will load it: its logits must be the GGUF model's, bit for bit.
+            ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
+            check_same_logits(model, load_frozen_model(str(staging), dtype), ids, f"the converted folder {out}")
+    except OSError as exc:
+        raise ModelLoadError(f"--out {out}: writing the converted model failed ({exc}); nothing was left "
+                             "there") from None
     return out

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from flora_train.files import replaced_folder
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
@@ -147,16 +147,8 @@ def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
             pretrain(model, tokenizer, texts, cfg["pretrain_steps"], seed=cfg["seed"])
     # Built beside and renamed into place: a reader (serve, generate) never loads half a model, and
     # a full disk leaves no partial folder.
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.building-{os.getpid()}")
-    try:
+    with replaced_folder(directory, "building") as staging:
         _save(model, staging)
         tokenizer.save_pretrained(staging)
         (staging / STAMP).write_text(json.dumps({"fingerprint": fingerprint, "config": cfg}))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(staging, directory)
-    except OSError as exc:  # named by the folder the run uses, not by the temporary one
-        raise OSError(exc.errno, exc.strerror, str(directory)) from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory

@@ -22,7 +22,7 @@ import datasets
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.loading import BadRows
 from flora_train.data.sources import resolve_sources
-from flora_train.files import naming
+from flora_train.files import replaced_folder
 
 FORMAT_VERSION = 1  # bump when what is written (or how it is tokenised) changes
 COLUMNS = ["user_id", "source", "input_ids", "labels"]
@@ -75,23 +75,14 @@ def is_complete(folder: Path) -> bool:
 def save(folder: Path, parts: dict[str, datasets.Dataset | None], bad: BadRows) -> None:
     """Writes the folder atomically (temporary folder, meta.json last, rename) and removes the
     run's superseded caches. ``parts``: "train" and any of "eval", "retain", "general", "validation"."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     counts = {}
-    try:
-        with naming(folder):  # a full disk: one line naming the cache, and no half of it left to fill the disk
-            for name, ds in parts.items():
-                if ds is not None and len(ds):
-                    ds.select_columns(COLUMNS).save_to_disk(str(tmp / name))
-                    counts[name] = len(ds)
-            meta = {"examples": counts, "bad_rows": {"policy": bad.policy, "counts": dict(bad.counts),
-                                                     "examples": bad.examples}}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with replaced_folder(folder) as tmp:  # a full disk: one line naming the cache, and no half of it left
+        for name, ds in parts.items():
+            if ds is not None and len(ds):
+                ds.select_columns(COLUMNS).save_to_disk(str(tmp / name))
+                counts[name] = len(ds)
+        bad_rows = {"policy": bad.policy, "counts": dict(bad.counts), "examples": bad.examples}
+        (tmp / "meta.json").write_text(json.dumps({"examples": counts, "bad_rows": bad_rows}, indent=1))
     for other in folder.parent.iterdir():
         if other != folder and not other.name.startswith("."):
             shutil.rmtree(other, ignore_errors=True)

@@ -5,8 +5,6 @@ loadable by ``AutoModelForCausalLM`` and so by any server, at the cost of a full
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from flora_train.export.base import (
     safe_folder_name,
     write_json,
 )
-from flora_train.files import naming, safetensors_errors
+from flora_train.files import replaced_folder
 
 
 def merged_state_dict(model: torch.nn.Module, base: dict[str, torch.Tensor], layout: Any, row: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,21 +64,15 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
         folder = safe_folder_name(user)
         target = inside(out, folder)
         state = merged_state_dict(model, base, source.layout, source.rows.read([user])[0])
-        # written beside, then renamed: a folder there is a whole model, never one a full disk cut short
-        staging = out / f".{folder}.tmp-{os.getpid()}"
-        try:
-            with naming(target), safetensors_errors(target):
+        try:  # a folder there is a whole model, never one a full disk cut short
+            with replaced_folder(target) as staging:
                 model.save_pretrained(staging, state_dict=state, safe_serialization=True)
                 tokenizer.save_pretrained(staging)
                 (staging / "flora_merged.json").write_text(json.dumps(
                     {"user_id": user, "base_model": source.model_path, "method": source.layout.spec.method,
                      "from": source.label}))
-            shutil.rmtree(target, ignore_errors=True)  # an earlier export of this user
-            os.replace(staging, target)
         except OSError as exc:
             raise ExportError(f"writing the export to {out} failed: {exc}") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # what a failure left (gone once renamed)
         index[user] = folder
     write_json(out / "index.json", index)
     manifest = {"format": "merged", "method": source.layout.spec.method, "num_users": len(index),

@@ -100,7 +100,7 @@ class PackedExport(RowExport):
             keep = [i for i, u in enumerate(users) if u not in forget]
             fresh = f"{name.split('.')[0]}.{_generation(name) + 1}.safetensors"
             save_tensors({"rows": rows[keep].contiguous()}, out / fresh,
-                      metadata={"users": json.dumps([users[i] for i in keep])})
+                         metadata={"users": json.dumps([users[i] for i in keep])})
             index.update({users[i]: [fresh, k] for k, i in enumerate(keep)})
         for u in gone:
             del index[u]

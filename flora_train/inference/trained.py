@@ -82,29 +82,38 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
     shared = None
     if saved is not None:
         shared = SharedAdapter(AdapterLayout.from_dict(json.loads(saved[1]["layout"])), saved[0]["row"])
-    tiny = cfg.base.tiny is not None
+    tiny, recorded = cfg.base.tiny is not None, state.get("base_fingerprint")
     base = RunDir(run_dir).trained_base(state.get("model_path") or cfg.base.name_or_path, tiny)
     if base_at is not None:
         if tiny:
             raise InferenceError(f"--base: {run_dir} built its own tiny base in {base}; it takes no other")
-        base = str(Path(base_at).absolute())
-        if not Path(base).is_dir():
-            raise InferenceError(f"--base {base_at}: no such folder")
-        if base_changed(state.get("base_fingerprint"), base, cfg.base.gguf_file):
-            raise InferenceError(f"--base {base_at}: not the base {ckpt} was trained on (its config or weights "
-                                 "differ); adapters only fit the base they were trained on")
-    if tiny and (built_from(Path(base)) is None or base_changed(state.get("base_fingerprint"), base)):
-        from flora_train.train.data_setup import rebuild_tiny_base
+        base = _moved_base(base_at, recorded, cfg.base.gguf_file, f"{ckpt} was trained on")
+    else:
+        changed = base_changed(recorded, base, cfg.base.gguf_file)
+        if tiny and (changed or built_from(Path(base)) is None):
+            from flora_train.train.data_setup import rebuild_tiny_base
 
-        base = rebuild_tiny_base(cfg, run_dir)  # derived from the recipe and data: built again as trained
-    check_base_is_there(base, ckpt)
-    if base_changed(state.get("base_fingerprint"), base, cfg.base.gguf_file):
-        raise InferenceError(
-            f"{ckpt}: trained on the base in {base} as it was then, and the config or weights there have changed "
-            "since; adapters only fit the base they were trained on: put that base back, or train on this one")
+            base = rebuild_tiny_base(cfg, run_dir)  # derived from the recipe and data: built again as trained
+            changed = base_changed(recorded, base, cfg.base.gguf_file)
+        check_base_is_there(base, ckpt)
+        if changed:
+            raise InferenceError(
+                f"{ckpt}: trained on the base in {base} as it was then, and the config or weights there have changed "
+                "since; adapters only fit the base they were trained on: put that base back, or train on this one")
     return Source(base, cfg.base.gguf_file, cfg.base.trust_remote_code,
                   layout, rows, cfg.store.init_seed, str(ckpt), shared, cfg.base.dtype, cfg.train.precision.value,
                   cfg.data.max_length, ckpt)
+
+
+def _moved_base(base_at: Path, recorded: str | None, gguf_file: str | None, trained: str) -> str:
+    """``--base``: where the base is now, accepted only when its fingerprint is the ``recorded`` one."""
+    base = str(Path(base_at).absolute())
+    if not Path(base).is_dir():
+        raise InferenceError(f"--base {base_at}: no such folder")
+    if base_changed(recorded, base, gguf_file):
+        raise InferenceError(f"--base {base_at}: not the base {trained} (its config or weights differ); adapters "
+                             "only fit the base they were trained on")
+    return base
 
 
 def check_base_is_there(base: str, trained: Path) -> None:
@@ -132,20 +141,16 @@ def _from_export(folder: Path, base_at: Path | None = None) -> Source:
     except ExportError as exc:
         raise InferenceError(str(exc)) from None
     shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
-    base = str(manifest["base_model"])
+    base, recorded, gguf = str(manifest["base_model"]), manifest.get("base_fingerprint"), manifest.get("gguf_file")
     if base_at is not None:
-        base = str(Path(base_at).absolute())
-        if not Path(base).is_dir():
-            raise InferenceError(f"--base {base_at}: no such folder")
-        if base_changed(manifest.get("base_fingerprint"), base, manifest.get("gguf_file")):
-            raise InferenceError(f"--base {base_at}: not the base {folder} was exported from (its config or weights "
-                                 "differ); adapters only fit the base they were trained on")
-    check_base_is_there(base, folder)
-    if base_changed(manifest.get("base_fingerprint"), base, manifest.get("gguf_file")):
-        raise InferenceError(
-            f"{folder}: exported from adapters trained on the base in {base} as it was then, and the "
-            "config or weights there have changed since; adapters only fit the base they were trained on")
-    return Source(base, manifest.get("gguf_file"), False, layout, rows,
+        base = _moved_base(base_at, recorded, gguf, f"{folder} was exported from")
+    else:
+        check_base_is_there(base, folder)
+        if base_changed(recorded, base, gguf):
+            raise InferenceError(
+                f"{folder}: exported from adapters trained on the base in {base} as it was then, and the "
+                "config or weights there have changed since; adapters only fit the base they were trained on")
+    return Source(base, gguf, False, layout, rows,
                   int(manifest.get("init_seed", 0)), str(folder), shared)
 
 
