@@ -7,6 +7,7 @@ PersistentVolumeClaim mounted in every pod (checkpoints, MLflow, exports outlive
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
@@ -71,7 +72,9 @@ def manifests(job: Job) -> list[dict[str, Any]]:
     # flora-train's 143 after a preemption checkpoint) and fails the job on 1-127 (bad input).
     replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": pod}}
     if la.nodes > 1:
-        replicas["Worker"] = {"replicas": int(la.nodes) - 1, "restartPolicy": "ExitCode", "template": pod}
+        # a copy: one dict twice would be written as a YAML anchor and alias, which kustomize 3.9-4.3 refuses
+        replicas["Worker"] = {"replicas": int(la.nodes) - 1, "restartPolicy": "ExitCode",
+                              "template": copy.deepcopy(pod)}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": {"name": f"{name}-recipe", "namespace": str(la.namespace)},
                   "data": {"recipe.yaml": recipe_to_yaml(cfg)}}

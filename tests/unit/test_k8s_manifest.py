@@ -13,7 +13,7 @@ import yaml
 
 from flora_train.config import load_recipe
 from flora_train.launch.job import LaunchFailed, make_job
-from flora_train.launch.k8s import manifests
+from flora_train.launch.k8s import manifests, render
 
 from kubeflow.training import models as kf  # test dependency (requirements/test.txt)
 from kubernetes.client import models as k8s
@@ -79,3 +79,14 @@ def test_schema_check_catches_a_wrong_manifest(tmp_path):
 def test_k8s_needs_a_volume_for_run_dir(tmp_path):
     with pytest.raises(LaunchFailed, match="launch.volume_claim"):
         manifests(_job(tmp_path, "launch.volume_claim=null"))
+
+
+def test_the_written_manifest_has_no_yaml_aliases(tmp_path):
+    """Master and Worker pods are the same template: written once with an anchor and an alias, kustomize
+    3.9-4.3 refuses the file and an edit of one pod's block by hand changes the other's too."""
+    text = render(_job(tmp_path, "launch.nodes=2"))
+    events = [type(e).__name__ for e in yaml.parse(text)]
+    assert "AliasEvent" not in events
+    _, job = yaml.safe_load_all(text)
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["template"] == specs["Worker"]["template"]
