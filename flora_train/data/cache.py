@@ -24,7 +24,9 @@ from flora_train.data.loading import BadRows
 from flora_train.data.sources import resolve_sources
 from flora_train.files import replaced_folder
 
-FORMAT_VERSION = 1  # bump when what is written (or how it is tokenised) changes
+# Bump when what is written (or how it is tokenised) changes. 2: CSV fields read as the text they hold
+# (a cache of 1 may hold "007" and "7" as one user; reading again lets a resume see the data changed).
+FORMAT_VERSION = 2
 COLUMNS = ["user_id", "source", "input_ids", "labels"]
 
 

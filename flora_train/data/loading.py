@@ -134,33 +134,52 @@ def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
             yield where, record
 
 
-def _table_rows(path: Path, fmt: str, user_column: str) -> Iterator[tuple[str, Any]]:
+def _csv_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    """Each record as the header's names to its fields' text, named by the line it starts on.
+
+    Read with Python's ``csv`` rather than through pandas: CSV has no types, and pandas' guessing
+    changed what the file says (user ids "007" and "7" both became 7, one user trained on the two's
+    rows; "NA" or "null" became a missing value; a completion "12" an int that was then refused).
+    """
+    # One field may hold a whole document: csv's default limit (128 KiB) would refuse it.
+    csv.field_size_limit(2**31 - 1)
+    with _open_text(path, newline="") as f:
+        reader = csv.reader(f)
+        header: list[str] | None = None
+        end = 0
+        try:
+            for row in reader:
+                start, end = end + 1, reader.line_num  # a quoted field may hold line breaks
+                if not any(field.strip() for field in row):
+                    continue  # a blank line is no record
+                if header is None:
+                    header = _csv_header(row, f"{path}:{start}")
+                    continue
+                if len(row) != len(header):
+                    bad.report(f"{path}:{start}", "malformed", f"{len(row)} fields, but the header has {len(header)}")
+                    continue
+                yield f"{path}:{start}", dict(zip(header, row))
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: cannot read as CSV: {exc}") from None
+    if header is None:
+        raise DataError(f"{path}: an empty CSV file (no header line naming the columns)")
+
+
+def _csv_header(row: list[str], where: str) -> list[str]:
+    names = [name.strip() for name in row]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"{where}: the header names column(s) {', '.join(map(repr, repeated))} more than once")
+    return names
+
+
+def _table_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
     try:
         table = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as exc:  # pyarrow/pandas parse errors carry no row; name the file at least
+    except Exception as exc:  # pyarrow parse errors carry no row; name the file at least
         raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
-    lines = _csv_record_lines(path, len(table)) if fmt == "csv" else None
     for i, record in enumerate(table):
-        if fmt == "csv" and isinstance(record.get(user_column), int):
-            record[user_column] = str(record[user_column])  # CSV has no types: the reader guessed a number
-        yield (f"{path}:{lines[i]}" if lines is not None else f"{path}: row {i}"), record
-
-
-def _csv_record_lines(path: Path, records: int) -> list[int] | None:
-    """The line each CSV record starts on, after the header. A quoted field may hold line breaks,
-    so record i is not always line i + 2 (it was said to be, and named the wrong line). None when
-    Python's reader does not find the records the table holds (then rows are named by number)."""
-    starts: list[int] = []
-    try:
-        with _open_text(path, newline="") as f:
-            reader, end = csv.reader(f), 0
-            for row in reader:
-                start, end = end + 1, reader.line_num
-                if row:  # a blank line is no record (the table's reader skips it too)
-                    starts.append(start)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    return starts[1:] if len(starts) == records + 1 else None
+        yield f"{path}: row {i}", record
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc), exactly
@@ -269,14 +288,18 @@ def _saved_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
         yield f"{source.label}: row {i}", record
 
 
-def _source_rows(source: DataSource, fmt: str, cols: Columns, bad: BadRows) -> Iterator[tuple[str, Any]]:
+def _source_rows(source: DataSource, fmt: str, bad: BadRows) -> Iterator[tuple[str, Any]]:
     if source.dataset is not None:
         return _dataset_rows(source)
     if source.saved is not None:
         return _saved_rows(source)
     assert source.path is not None
     file_fmt = detect_format(source.path, fmt)
-    return _jsonl_rows(source.path, bad) if file_fmt == "jsonl" else _table_rows(source.path, file_fmt, cols.user)
+    if file_fmt == "jsonl":
+        return _jsonl_rows(source.path, bad)
+    if file_fmt == "csv":
+        return _csv_rows(source.path, bad)
+    return _table_rows(source.path, file_fmt)
 
 
 def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str = "train", subset: str | None = None,
@@ -304,7 +327,7 @@ def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str =
 
     for source in sources:
         try:
-            for where, rec in _source_rows(source, fmt, cols, bad):
+            for where, rec in _source_rows(source, fmt, bad):
                 row = _check(rec, cols, where, bad, anonymous)
                 if row is not None:
                     for n in names:

@@ -1,5 +1,6 @@
 """Loading with file:line errors, completion-only labels, the planner, the synthetic task."""
 
+import gzip
 import json
 
 import pytest
@@ -101,6 +102,31 @@ def test_parquet_csv_and_text_columns(tmp_path):
     (tmp_path / "q.csv").write_text('uid,body\nu1,"a paragraph\nover two lines"\n\nu2,ok\n,missing user\n')
     with pytest.raises(DataError, match=r"q\.csv:6: missing or invalid user id"):
         load_examples(tmp_path / "q.csv", "auto", cols, BadRows())
+
+
+def test_csv_fields_are_the_text_the_file_holds(tmp_path):
+    """CSV has no types: "007" and "7" are two users (pandas' guess made both 7 and trained one user on
+    both's rows), "NA" is a user (Namibia) not a missing value, "12" a completion, not an int."""
+    path = tmp_path / "d.csv.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("user_id,prompt,completion\n007,6+6=,12\n7,1+1=,2\nNA,capital?,Windhoek\nnull,,None\n"
+                "1.0,x, 3.50\n")
+    ds = load_examples(path, "auto", Columns(), BadRows())
+    assert ds["user_id"][:] == ["007", "7", "NA", "null", "1.0"]
+    assert ds["completion"][:] == ["12", "2", "Windhoek", "None", " 3.50"] and ds["prompt"][3] == ""
+    assert ds["source"][:] == [f"{path}:{n}" for n in range(2, 7)]
+    # A record with more or fewer fields than the header is a bad row named by its line.
+    (tmp_path / "f.csv").write_text("user_id,prompt,completion\n\n   \nu1,a,b\nu2,a,b,c\nu3,a\n")
+    bad = BadRows("skip")
+    assert load_examples(tmp_path / "f.csv", "auto", Columns(), bad)["user_id"][:] == ["u1"]
+    assert bad.examples == [f"{tmp_path / 'f.csv'}:5: 4 fields, but the header has 3",
+                            f"{tmp_path / 'f.csv'}:6: 2 fields, but the header has 3"]
+    (tmp_path / "h.csv").write_text("user_id,prompt,prompt\nu1,a,b\n")
+    with pytest.raises(DataError, match=r"h\.csv:1: the header names column\(s\) 'prompt' more than once"):
+        load_examples(tmp_path / "h.csv", "auto", Columns(), BadRows())
+    (tmp_path / "empty.csv").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.csv: an empty CSV file"):
+        load_examples(tmp_path / "empty.csv", "auto", Columns(), BadRows())
 
 
 def test_unknown_format_and_missing_file(tmp_path):
