@@ -173,13 +173,23 @@ def _csv_header(row: list[str], where: str) -> list[str]:
     return names
 
 
-def _table_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
+def _typed_rows(table: datasets.Dataset, label: str, user_column: str) -> Iterator[tuple[str, Any]]:
+    """A typed table's records. A user column typed as integers cannot hold "42" beside 42, so its
+    ids are read as their decimal text (JSONL, typed value by value, refuses 42 instead)."""
+    feature = table.features.get(user_column)
+    int_ids = isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+    for i, record in enumerate(table):
+        if int_ids and record[user_column] is not None:
+            record[user_column] = str(record[user_column])
+        yield f"{label}: row {i}", record
+
+
+def _table_rows(path: Path, fmt: str, user_column: str) -> Iterator[tuple[str, Any]]:
     try:
         table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # pyarrow parse errors carry no row; name the file at least
         raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
-    for i, record in enumerate(table):
-        yield f"{path}: row {i}", record
+    return _typed_rows(table, str(path), user_column)
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc), exactly
@@ -194,7 +204,8 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
     if user is not None and not isinstance(user, str):
         # 42 and "42" would be two spellings of one user id (and 1.0 another): refuse rather than guess.
         bad.report(where, "wrong_type_user", f"user id column '{cols.user}' must be a string, got "
-                   f"{type(user).__name__} {user!r}")
+                   f"{type(user).__name__} {user!r}",
+                   f"write user ids as strings (\"{user}\", not {user}), or set data.on_bad_row=skip to skip such rows")
         return None
     if not isinstance(user, str) or not user.strip():
         bad.report(where, "missing_user", f"missing or invalid user id column '{cols.user}' (got {user!r})",
@@ -263,16 +274,15 @@ def _user_column_fix(record: dict, cols: Columns) -> str | None:
     return f"the row has no '{cols.user}' column; its columns are {names}: set data.user_column to the one naming the user"
 
 
-def _dataset_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
+def _dataset_rows(source: DataSource, user_column: str) -> Iterator[tuple[str, Any]]:
     try:
         table = datasets.load_dataset(source.dataset, source.subset, split=source.split)
     except Exception as exc:  # offline with no local copy: datasets says what it looked for
         raise DataError(f"{source.label}: cannot load the dataset ({type(exc).__name__}: {exc})") from None
-    for i, record in enumerate(table):
-        yield f"{source.label}: row {i}", record
+    yield from _typed_rows(table, source.label, user_column)
 
 
-def _saved_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
+def _saved_rows(source: DataSource, user_column: str) -> Iterator[tuple[str, Any]]:
     assert source.saved is not None
     try:
         table = datasets.load_from_disk(str(source.saved))
@@ -284,22 +294,21 @@ def _saved_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{source.saved}: the saved dataset has no split {source.split!r} (it has {splits}): "
                             "set data.split (data.eval_split for data.eval_path)")
         table = table[source.split]
-    for i, record in enumerate(table):
-        yield f"{source.label}: row {i}", record
+    yield from _typed_rows(table, source.label, user_column)
 
 
-def _source_rows(source: DataSource, fmt: str, bad: BadRows) -> Iterator[tuple[str, Any]]:
+def _source_rows(source: DataSource, fmt: str, cols: Columns, bad: BadRows) -> Iterator[tuple[str, Any]]:
     if source.dataset is not None:
-        return _dataset_rows(source)
+        return _dataset_rows(source, cols.user)
     if source.saved is not None:
-        return _saved_rows(source)
+        return _saved_rows(source, cols.user)
     assert source.path is not None
     file_fmt = detect_format(source.path, fmt)
     if file_fmt == "jsonl":
         return _jsonl_rows(source.path, bad)
     if file_fmt == "csv":
         return _csv_rows(source.path, bad)
-    return _table_rows(source.path, file_fmt)
+    return _table_rows(source.path, file_fmt, cols.user)
 
 
 def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str = "train", subset: str | None = None,
@@ -327,7 +336,7 @@ def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str =
 
     for source in sources:
         try:
-            for where, rec in _source_rows(source, fmt, bad):
+            for where, rec in _source_rows(source, fmt, cols, bad):
                 row = _check(rec, cols, where, bad, anonymous)
                 if row is not None:
                     for n in names:

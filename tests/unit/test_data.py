@@ -129,6 +129,27 @@ def test_csv_fields_are_the_text_the_file_holds(tmp_path):
         load_examples(tmp_path / "empty.csv", "auto", Columns(), BadRows())
 
 
+def test_integer_typed_user_columns_are_read_as_text(tmp_path):
+    """A Parquet or saved dataset column typed as integers cannot hold "42" beside 42: its ids are the
+    users "42" and "7" (they were bad rows whose only offered fix, skipping, dropped every row). JSONL,
+    typed value by value, still refuses 42, and now says to write it as a string."""
+    import datasets
+    import pandas as pd
+
+    frame = pd.DataFrame({"user_id": [42, 7, 42], "prompt": ["a", "b", "c"], "completion": ["x", "y", "z"]})
+    frame.to_parquet(tmp_path / "d.parquet")
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "saved"))
+    for name in ("d.parquet", "saved"):
+        assert load_examples(tmp_path / name, "auto", Columns(), BadRows())["user_id"][:] == ["42", "7", "42"]
+    frame["user_id"] = frame["user_id"].astype(float)  # 42.0: no one spelling of an id
+    frame.to_parquet(tmp_path / "f.parquet")
+    with pytest.raises(DataError, match=r"f\.parquet: row 0: user id column 'user_id' must be a string, got float"):
+        load_examples(tmp_path / "f.parquet", "auto", Columns(), BadRows())
+    (tmp_path / "i.jsonl").write_text('{"user_id": 42, "prompt": "a", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r'i\.jsonl:1: .* got int 42 \(write user ids as strings \("42", not 42\)'):
+        load_examples(tmp_path / "i.jsonl", "auto", Columns(), BadRows())
+
+
 def test_unknown_format_and_missing_file(tmp_path):
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(DataError, match="set data.format"):
