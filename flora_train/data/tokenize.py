@@ -82,6 +82,10 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
         completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
         return [(p + c + eos, [IGNORE] * len(p) + c + eos) for p, c in zip(prompts, completions)]
 
+    # With on_bad_row: error, rows too long are gathered and refused once after the pass: the first
+    # alone would be fixed by a max_length that the next longer row refuses again.
+    long_rows: list[tuple[int, str, str]] = []
+
     def encode(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"user_id": [], "source": [], "input_ids": [], "labels": []}
         for pair, source, user in zip(encoded(batch), batch["source"], batch["user_id"]):
@@ -91,7 +95,10 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
                 bad.report(source, "template_not_prefix", f"user {user!r}: the chat template does not render this "
                            "conversation turn by turn (its assistant turns cannot be located)")
             elif len(pair[0]) > limit:
-                bad.report(source, "too_long", f"user {user!r}: {len(pair[0])} tokens > {too_long}")
+                if bad.policy == "error":
+                    long_rows.append((len(pair[0]), source, user))
+                else:
+                    bad.report(source, "too_long", f"user {user!r}: {len(pair[0])} tokens > {too_long}")
             elif not any(t != IGNORE for t in pair[1][1:]):
                 bad.report(source, "no_target", f"user {user!r}: no tokens to learn from after tokenisation")
             else:
@@ -100,8 +107,33 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
         return out
 
     # In memory and uncached: the function reports bad rows as it goes, so it must really run.
-    return ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, features=TOKENIZED,
-                  load_from_cache_file=False, keep_in_memory=True)
+    out = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, features=TOKENIZED,
+                 load_from_cache_file=False, keep_in_memory=True)
+    if long_rows:
+        _refuse_long_rows(long_rows, too_long, max_length, context)
+    return out
+
+
+def _refuse_long_rows(rows: list[tuple[int, str, str]], too_long: str, max_length: int, context: int | None) -> None:
+    """One error for every row too long: the first, how many more, the longest, and what keeps them."""
+    from flora_train.data.loading import DataError
+
+    tokens, source, user = rows[0]
+    message = f"{source}: user {user!r}: {tokens} tokens > {too_long}"
+    longest = max(rows, key=lambda row: row[0])
+    if len(rows) > 1:
+        more = f"{len(rows) - 1} more row{'s' if len(rows) > 2 else ''} too long"
+        at = f", the longest {longest[0]} tokens at {longest[1]}" if longest is not rows[0] else ""
+        message += f", and {more}{at}"
+    them = "them" if len(rows) > 1 else "it"
+    if context is None or longest[0] <= context:
+        fix = f"set data.max_length={longest[0]} to keep {them}, or data.on_bad_row=skip to skip {them}"
+    elif max_length < context:
+        fix = (f"set data.max_length={context}, the base's context, to keep those that fit it, and "
+               "data.on_bad_row=skip to skip the rest")
+    else:
+        fix = f"set data.on_bad_row=skip to skip {them}"
+    raise DataError(f"{message} ({fix})")
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

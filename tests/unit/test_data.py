@@ -165,8 +165,23 @@ def test_completion_only_labels_and_too_long(tmp_path, tiny_llama_dir):
     long = json.dumps({"user_id": "b", "prompt": "hello " * 40, "completion": " red"})
     path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, long])
     ds = load_examples(path, "auto", Columns(), BadRows())
-    with pytest.raises(DataError, match=r"d\.jsonl:2: user 'b': \d+ tokens > data.max_length=16"):
+    kept = r"\(set data.max_length=\d+ to keep it, or data.on_bad_row=skip to skip it\)$"
+    with pytest.raises(DataError, match=r"d\.jsonl:2: user 'b': \d+ tokens > data.max_length=16 " + kept):
         tokenize_examples(ds, tok, 16, True, BadRows("error"))
+    # Every row too long is counted into one error (the first alone was named: a max_length set past it was
+    # refused again by the next longer row), with the length that keeps them, or the base's context.
+    rows = [GOOD, long, GOOD, json.dumps({"user_id": "c", "prompt": "hello " * 60, "completion": " x"}), long]
+    many = load_examples(_write_jsonl(tmp_path / "m.jsonl", rows), "auto", Columns(), BadRows())
+    lengths = [len(ids) for ids in tokenize_examples(many, tok, 10_000, True, BadRows())["input_ids"]]
+    with pytest.raises(DataError) as refused:
+        tokenize_examples(many, tok, 16, True, BadRows("error"))
+    assert str(refused.value) == (
+        f"{tmp_path / 'm.jsonl'}:2: user 'b': {lengths[1]} tokens > data.max_length=16, and 2 more rows too long, the "
+        f"longest {lengths[3]} tokens at {tmp_path / 'm.jsonl'}:4 (set data.max_length={lengths[3]} to keep them, or "
+        "data.on_bad_row=skip to skip them)")
+    fits = rf"\(set data.max_length={lengths[1]}, the base's context, to keep those that fit it, and data.on_bad_row"
+    with pytest.raises(DataError, match=rf"> data.max_length=16, .* {fits}=skip to skip the rest\)$"):
+        tokenize_examples(many, tok, 16, True, BadRows("error"), context=lengths[1])
     bad = BadRows("skip")
     out = tokenize_examples(ds, tok, 16, True, bad)
     assert len(out) == 1 and bad.counts == {"too_long": 1}
