@@ -120,7 +120,20 @@ def _open_text(path: Path, newline: str | None = None) -> IO[str]:
     return opener(path, "rt", encoding="utf-8-sig", errors="strict", newline=newline)  # type: ignore[return-value]
 
 
+def _first_char(path: Path) -> str:
+    with _open_text(path) as f:
+        while (c := f.read(1)) and c.isspace():
+            pass
+    return c
+
+
 def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    """JSON Lines, an object a line; or one JSON array of objects (Alpaca's and LLaMA-Factory's
+    ``.json`` files, which ``datasets``' json reader takes too)."""
+    if _first_char(path) == "[":
+        yield from _json_array_rows(path)
+        return
+    seen = False
     with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -129,9 +142,74 @@ def _jsonl_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                bad.report(where, "malformed", f"malformed JSON ({exc.msg} at column {exc.colno})")
+                if not seen and line.strip() == "{":  # how json.dump(indent=...) starts an object
+                    _refuse_one_object(path)
+                bad.report(where, "malformed", f"malformed JSON ({exc.msg}, column {exc.colno})")
                 continue
+            seen = True
             yield where, record
+
+
+def _refuse_one_object(path: Path) -> None:
+    """A file whose first line is a lone "{" may be one object written over many lines (rows under a
+    key, as some exports write them): named as that, where skipping its lines one by one would end
+    in "no usable examples". Returns when the file is not one JSON object."""
+    try:
+        with _open_text(path) as f:
+            whole = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if isinstance(whole, dict):
+        raise DataError(f"{path}: one JSON object over many lines, not rows (JSON Lines: an object a line; or the "
+                        f"file's one array of objects){_rows_under(whole)}")
+
+
+def _rows_under(record: dict) -> str:
+    """Where an object holds its rows as a list of objects under a key, that key."""
+    for key, value in record.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "role" not in v for v in value):
+            return f"; its {len(value)} rows are under '{key}': write them as JSON Lines or as the file's one array"
+    return ""
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """The elements of a file's one JSON array, decoded one at a time, each named by the line it
+    starts on (and its place, when it shares that line). Structure errors stop the read whatever
+    ``on_bad_row`` says: after a broken element there is no next one to find."""
+    with _open_text(path) as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    lineno, counted, previous = 1, 0, 0
+    item = 0
+    while True:
+        if pos >= len(text):
+            raise DataError(f"{path}: the JSON array is not closed (no ']': is the file cut short?)")
+        if text[pos] == "]":
+            rest = _JSON_SPACE.match(text, pos + 1).end()
+            if rest < len(text):
+                line = text.count("\n", 0, rest) + 1
+                raise DataError(f"{path}:{line}: more after the JSON array's closing ']' (one array of rows per file)")
+            return
+        if item:
+            if text[pos] != ",":
+                line = text.count("\n", 0, pos) + 1
+                raise DataError(f"{path}:{line}: malformed JSON array (',' or ']' expected after item {item - 1})")
+            pos = _JSON_SPACE.match(text, pos + 1).end()
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+        lineno += text.count("\n", counted, pos)
+        counted = pos
+        where = f"{path}:{lineno}" if lineno != previous else f"{path}:{lineno}: item {item}"
+        previous = lineno
+        yield where, record
+        item += 1
+        pos = _JSON_SPACE.match(text, end).end()
 
 
 def _csv_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
@@ -270,6 +348,8 @@ def _user_column_fix(record: dict, cols: Columns) -> str | None:
     row would fail alike, so skipping rows is not the way out. None when the column is there."""
     if cols.user in record:
         return None
+    if under := _rows_under(record):
+        return f"the row has no '{cols.user}' column{under}"
     names = ", ".join(map(repr, sorted(record)))
     return f"the row has no '{cols.user}' column; its columns are {names}: set data.user_column to the one naming the user"
 

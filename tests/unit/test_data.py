@@ -150,6 +150,38 @@ def test_integer_typed_user_columns_are_read_as_text(tmp_path):
         load_examples(tmp_path / "i.jsonl", "auto", Columns(), BadRows())
 
 
+def test_a_json_file_holding_one_array_of_rows(tmp_path):
+    """Alpaca's and LLaMA-Factory's .json files are one array of objects, which `datasets`' json reader
+    takes too; each was read as JSON Lines and refused at line 1 ("malformed JSON"). Each row is named
+    by the line it starts on; a broken array stops the read (after it there is no next row to find)."""
+    rows = [{"user_id": u, "prompt": f"q{i}", "completion": f" a{i}"} for u in ("x", "y") for i in range(2)]
+    (tmp_path / "pretty.json").write_text("\ufeff" + json.dumps(rows, indent=2))  # a BOM too
+    with gzip.open(tmp_path / "flat.json.gz", "wt") as f:
+        f.write(json.dumps(rows))
+    ds = load_examples(tmp_path / "pretty.json", "auto", Columns(), BadRows())
+    assert ds["user_id"][:] == ["x", "x", "y", "y"] and ds["completion"][3] == " a1"
+    assert ds["source"][:] == [f"{tmp_path / 'pretty.json'}:{n}" for n in (2, 7, 12, 17)]
+    flat = tmp_path / "flat.json.gz"
+    assert load_examples(flat, "auto", Columns(), BadRows())["source"][:] == [
+        f"{flat}:1", f"{flat}:1: item 1", f"{flat}:1: item 2", f"{flat}:1: item 3"]
+    text = json.dumps(rows, indent=1)
+    broken = {"cut.json": (text[:-30], r"cut\.json:\d+: malformed JSON \(Unterminated string"),
+              "comma.json": (text.replace("},\n {", "}\n {", 1), r"comma\.json:7: malformed JSON array \(',' or ']' "
+                                                                 r"expected after item 0\)"),
+              "open.json": (text[:-1], r"open\.json: the JSON array is not closed"),
+              "two.json": (text + "\n[]", r"two\.json:\d+: more after the JSON array's closing"),
+              "under.json": (json.dumps({"data": rows}, indent=2), r"under\.json: one JSON object over many lines, not "
+                             r"rows .*; its 4 rows are under 'data'")}
+    for name, (content, message) in broken.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(DataError, match=message):
+            load_examples(tmp_path / name, "auto", Columns(), BadRows("skip"))
+    (tmp_path / "under1.json").write_text(json.dumps({"data": rows}))
+    with pytest.raises(DataError, match=r"under1\.json:1: .*\(the row has no 'user_id' column; its 4 rows are under "
+                                        r"'data': write them as JSON Lines or as the file's one array\)$"):
+        load_examples(tmp_path / "under1.json", "auto", Columns(), BadRows())
+
+
 def test_unknown_format_and_missing_file(tmp_path):
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(DataError, match="set data.format"):
