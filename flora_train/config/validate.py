@@ -3,6 +3,7 @@ came from (``source(key)``: the override that set it, or its line in the recipe 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -45,22 +46,30 @@ def _check_targets(targets, source: Source, key: str) -> None:
 FREE_FORM = ("base.deepspeed", "launch.env")  # mappings passed on as they are (an env value may be '')
 
 
-def _blank_keys(node: object, prefix: str = "") -> list[str]:
-    """Keys whose value is an empty or blank string: a path of '' is the current directory (run_dir=''
-    would write the run into it), and no name or column is ''."""
+def _leaves(node: object, prefix: str = "") -> list[tuple[str, object]]:
+    """``(key, value)`` of every value in the recipe outside ``FREE_FORM`` (a list's items as ``key.i``)."""
     if isinstance(node, dict):
-        return [k for name, v in node.items() if f"{prefix}{name}" not in FREE_FORM
-                for k in _blank_keys(v, f"{prefix}{name}.")]
+        return [leaf for name, v in node.items() if f"{prefix}{name}" not in FREE_FORM
+                for leaf in _leaves(v, f"{prefix}{name}.")]
     if isinstance(node, list):
-        return [k for i, v in enumerate(node) for k in _blank_keys(v, f"{prefix}{i}.")]
-    return [prefix[:-1]] if isinstance(node, str) and not node.strip() else []
+        return [leaf for i, v in enumerate(node) for leaf in _leaves(v, f"{prefix}{i}.")]
+    return [(prefix[:-1], node)]
+
+
+def _whole(key: str) -> str:
+    """A list item's key names its list (the key the user wrote)."""
+    return key.rsplit(".", 1)[0] if key.rsplit(".", 1)[-1].isdigit() else key
 
 
 def validate_recipe(cfg: DictConfig, source: Source) -> None:
     base, data, train = cfg.base, cfg.data, cfg.train
-    for key in _blank_keys(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)):
-        whole = key.rsplit(".", 1)[0] if key.rsplit(".", 1)[-1].isdigit() else key  # a list's item: the list
-        _fail(source, whole, "is empty: give it a value, or leave it out (null) for its default")
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)):
+        # A path of '' is the current directory (run_dir='' would write the run into it); no name or column is ''.
+        if isinstance(value, str) and not value.strip():
+            _fail(source, _whole(key), "is empty: give it a value, or leave it out (null) for its default")
+        # nan passes every `<= 0` check (store.optimizer.lr=nan trained nothing and said it trained).
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(source, _whole(key), f"must be a finite number, got {value}")
     if (base.name_or_path is None) == (base.tiny is None):
         _fail(source, "base.name_or_path", "set exactly one of base.name_or_path (hub id or folder) and base.tiny")
     if base.gguf_file is not None and base.name_or_path is None:
@@ -158,8 +167,8 @@ def validate_recipe(cfg: DictConfig, source: Source) -> None:
     if train.micro_batch_tokens is not None and train.micro_batch_tokens < data.max_length:
         _fail(source, "train.micro_batch_tokens", f"{train.micro_batch_tokens} tokens cannot hold an example of "
               f"data.max_length={data.max_length} tokens; set it to at least that")
-    for key in ("data.eval_examples_per_user", "train.checkpoint_every_steps", "eval.every_steps",
-                "store.optimizer.warmup_steps", "store.optimizer.weight_decay"):
+    for key in ("data.eval_examples_per_user", "train.checkpoint_every_steps", "train.checkpoint_every_minutes",
+                "eval.every_steps", "store.optimizer.warmup_steps", "store.optimizer.weight_decay"):
         section, _, leaf = key.rpartition(".")
         node = cfg
         for part in section.split("."):

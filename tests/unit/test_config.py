@@ -96,6 +96,16 @@ def _write(tmp_path, text):
         (MINIMAL, ["data.train_path=['']", "data.synthetic=null"], r"key 'data.train_path': is empty"),
         (MINIMAL, ["launch.env={A: ''}", "data.user_column=''"], r"key 'data.user_column': is empty"),
         (MINIMAL, ["train.device="], r"override 'train.device=': invalid value for key 'train.device': null \(or nothing\) where"),
+        # nan and inf pass every `<= 0` check: store.optimizer.lr=nan validated, trained nothing and said it trained.
+        (MINIMAL, ["store.optimizer.lr=nan"],
+         r"^override 'store.optimizer.lr=nan': key 'store.optimizer.lr': must be a finite number, got nan$"),
+        (MINIMAL + "store:\n  optimizer:\n    lr: .inf\n", [],
+         r"^\S*r\.yaml:8: key 'store.optimizer.lr': must be a finite"),
+        (MINIMAL, ["adapter.shared.rank=2", "adapter.shared.lr=nan"],
+         r"key 'adapter.shared.lr': must be a finite number"),
+        (MINIMAL, ["train.sweep.lr=[0.1,nan]"], r"key 'train.sweep.lr': must be a finite number, got nan"),
+        (MINIMAL, ["train.checkpoint_every_minutes=-1"],
+         r"key 'train.checkpoint_every_minutes': must be >= 0, got -1.0"),
         # A cross-field error names where the value came from: the override that set it, or its line.
         (MINIMAL + "train:\n  epochs: 2\n", ["train.epochs=0"], r"^override 'train.epochs=0': key 'train.epochs': must be > 0"),
         (MINIMAL + "train:\n  epochs: 0\n", [], r"^\S*r\.yaml:7: key 'train.epochs': must be > 0, got 0"),
