@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,8 +47,9 @@ class GenerationSettings:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        # written to refuse nan too, which passed `<= 0` and then raised in transformers
+        if self.do_sample and not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -20,7 +20,10 @@ def test_batch_size_below_one_is_a_usage_line(capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--sample", "--top-k", "-3"], "top_k must be >= 0 (0: off), got -3"),
     (["--num-beams", "0"], "num_beams must be >= 1, got 0"),
-    (["--sample", "--temperature", "0"], "temperature must be > 0 when sampling, got 0.0"),
+    (["--sample", "--temperature", "0"], "temperature must be a finite number > 0 when sampling, got 0.0"),
+    # nan passed `<= 0` and ended in transformers' traceback; inf sampled every token alike
+    (["--sample", "--temperature", "nan"], "temperature must be a finite number > 0 when sampling, got nan"),
+    (["--sample", "--temperature", "inf"], "temperature must be a finite number > 0 when sampling, got inf"),
     (["--max-new-tokens", "-2"], "max_new_tokens must be >= 0, got -2"),
 ])
 def test_bad_settings_are_one_line_before_the_base_loads(tmp_path, capsys, flags, message):
