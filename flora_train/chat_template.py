@@ -23,11 +23,21 @@ def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], *, add_g
     import jinja2
 
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize)
+        return tokenizer.apply_chat_template(_roles_it_knows(tokenizer, messages),
+                                             add_generation_prompt=add_generation_prompt, tokenize=tokenize)
     except jinja2.TemplateError as exc:  # the template's raise_exception(), or a template bug it met
         raise ChatTemplateRefused(f"the chat template refuses this conversation: {exc}") from None
     except (TypeError, ValueError, KeyError, IndexError) as exc:  # template code evaluated on these messages
         raise ChatTemplateRefused(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
+
+
+def _roles_it_knows(tokenizer: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI's ``developer`` role (what its newer clients send in place of ``system``) as ``system``
+    for a template that does not name it: ChatML templates (SmolLM2's, Qwen's) would otherwise write a
+    ``developer`` header the model never saw. A template naming it (gpt-oss's) gets it as it is."""
+    if not any(m.get("role") == "developer" for m in messages) or "developer" in str(tokenizer.chat_template):
+        return messages
+    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
 
 
 def text_of_parts(content: str | list[dict[str, Any]]) -> str:

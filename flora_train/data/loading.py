@@ -54,7 +54,7 @@ class Columns:
         return {"messages": ["messages"], "text": ["text"], "prompt": ["prompt", "completion"]}[self.kind]
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name of system (chat_template)
 
 
 def _check_messages(value: Any, user: str, column: str, where: str, bad: "BadRows") -> str | None:
@@ -66,7 +66,7 @@ def _check_messages(value: Any, user: str, column: str, where: str, bad: "BadRow
     for k, turn in enumerate(value):
         content = turn.get("content") if isinstance(turn, dict) else None
         if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(content, (str, list))):
-            bad.report(where, "bad_turn", f"user {user!r}: turn {k} of '{column}' must be {{role: system|user|assistant, "
+            bad.report(where, "bad_turn", f"user {user!r}: turn {k} of '{column}' must be {{role: {'|'.join(ROLES)}, "
                        f"content: string or text parts}}, got {turn!r:.80}")
             return None
         try:  # OpenAI's content parts, as `serve` takes them: [{"type": "text", "text": ...}, ...]

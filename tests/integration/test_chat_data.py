@@ -94,6 +94,30 @@ def test_openai_content_parts_read_as_their_text(tmp_path, chat_model):
         "({'type': 'text', 'text': ...})"]
 
 
+def test_the_developer_role_is_system_where_the_template_does_not_name_it(tmp_path, chat_model):
+    """OpenAI's newer clients send `developer` where `system` was: a training row with it was a bad turn,
+    and `serve` and `generate` wrote a `<developer>` header the model never saw. A template that names
+    the role (gpt-oss's) still gets it as it is."""
+    from flora_train.chat_template import apply_chat_template
+
+    tok = load_tokenizer(str(chat_model))
+    system, developer = _chat("a", 0), _chat("a", 0)
+    developer["messages"][0]["role"] = "developer"
+    got = {}
+    for name, row in (("system", system), ("developer", developer)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        got[name] = tokenize_examples(load_examples(path, "auto", Columns(messages="messages"), BadRows()),
+                                      tok, 256, True, BadRows())
+    assert got["developer"]["input_ids"][:] == got["system"]["input_ids"][:]
+    assert got["developer"]["labels"][:] == got["system"]["labels"][:]
+    rendered = apply_chat_template(tok, developer["messages"], add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<system>be brief</s>") and "developer" not in rendered
+    tok.chat_template = TEMPLATE.replace("{% for m", "{# roles: system, developer, user, assistant #}{% for m")
+    rendered = apply_chat_template(tok, developer["messages"], add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<developer>be brief</s>")
+
+
 def test_a_run_trains_on_chat_rows(tmp_path, chat_model):
     train = tmp_path / "train.jsonl"
     # One exchange a row: the whole conversation (76 tokens) is past the tiny base's 64 positions.
