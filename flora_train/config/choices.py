@@ -38,6 +38,7 @@ class DataFormat(str, Enum):
     jsonl = "jsonl"
     parquet = "parquet"
     csv = "csv"
+    tsv = "tsv"  # csv with tabs between fields
     arrow = "arrow"
 
 

@@ -21,7 +21,8 @@ import datasets
 import pyarrow as pa
 
 from flora_train.chat_template import text_of_parts
-from flora_train.data.sources import DataSource, SourceError, resolve_sources
+from flora_train.config.choices import DataFormat
+from flora_train.data.sources import SUFFIXES, DataSource, SourceError, format_of, resolve_sources
 from flora_train.errors import UserError, warn
 
 datasets.disable_progress_bars()
@@ -106,12 +107,12 @@ class BadRows:
 def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    suffixes = [s.lower() for s in path.suffixes]
-    for name, exts in (("jsonl", (".jsonl", ".json", ".ndjson")), ("parquet", (".parquet",)), ("csv", (".csv",)),
-                       ("arrow", (".arrow",))):
-        if any(s in exts for s in suffixes):
-            return name
-    raise DataError(f"{path}: cannot tell the format from the file name; set data.format to jsonl, parquet, csv or arrow")
+    found = format_of(path)
+    if found is None:
+        formats = [f.value for f in DataFormat if f.value != "auto"]
+        raise DataError(f"{path}: cannot tell the format from the file name ({', '.join(SUFFIXES)}); set data.format "
+                        f"to {', '.join(formats[:-1])} or {formats[-1]}")
+    return found
 
 
 def _open_text(path: Path, newline: str | None = None) -> IO[str]:
@@ -212,7 +213,7 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
         pos = _JSON_SPACE.match(text, end).end()
 
 
-def _csv_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
+def _csv_rows(path: Path, bad: BadRows, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
     """Each record as the header's names to its fields' text, named by the line it starts on.
 
     Read with Python's ``csv`` rather than through pandas: CSV has no types, and pandas' guessing
@@ -222,7 +223,7 @@ def _csv_rows(path: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
     # One field may hold a whole document: csv's default limit (128 KiB) would refuse it.
     csv.field_size_limit(2**31 - 1)
     with _open_text(path, newline="") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, delimiter=delimiter)
         header: list[str] | None = None
         end = 0
         try:
@@ -386,8 +387,8 @@ def _source_rows(source: DataSource, fmt: str, cols: Columns, bad: BadRows) -> I
     file_fmt = detect_format(source.path, fmt)
     if file_fmt == "jsonl":
         return _jsonl_rows(source.path, bad)
-    if file_fmt == "csv":
-        return _csv_rows(source.path, bad)
+    if file_fmt in ("csv", "tsv"):
+        return _csv_rows(source.path, bad, "\t" if file_fmt == "tsv" else ",")
     return _table_rows(source.path, file_fmt, cols.user)
 
 

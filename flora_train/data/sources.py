@@ -16,7 +16,20 @@ from typing import Any
 from flora_train.errors import UserError
 from flora_train.hub import in_cache, unreachable_hub
 
-SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
+# The format a data file's name tells, by its last suffix. The text formats may be gzipped too (a
+# further .gz): one table for the folder scan and the reader, so neither takes a file the other refuses.
+FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+                    ".parquet": "parquet", ".arrow": "arrow"}
+TEXT_FORMATS = ("jsonl", "csv", "tsv")
+SUFFIXES = (*FORMAT_OF_SUFFIX, *(s + ".gz" for s, f in FORMAT_OF_SUFFIX.items() if f in TEXT_FORMATS))
+
+
+def format_of(path: Path) -> str | None:
+    """The format ``path``'s name tells (``train.csv.gz``: csv), or None."""
+    name = path.name.lower()
+    gzipped = name.endswith(".gz")
+    fmt = FORMAT_OF_SUFFIX.get(Path(name[:-3] if gzipped else name).suffix)
+    return None if fmt is None or (gzipped and fmt not in TEXT_FORMATS) else fmt
 
 
 class SourceError(UserError, ValueError):
@@ -51,8 +64,7 @@ def is_saved_dataset(folder: Path) -> bool:
 
 
 def _is_data_file(p: Path) -> bool:
-    name = p.name.lower()
-    return p.is_file() and any(name.endswith(s) for s in SUFFIXES)
+    return p.is_file() and format_of(p) is not None
 
 
 def _looks_like_dataset_id(text: str) -> bool:

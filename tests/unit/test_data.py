@@ -184,7 +184,8 @@ def test_a_json_file_holding_one_array_of_rows(tmp_path):
 
 def test_unknown_format_and_missing_file(tmp_path):
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(DataError, match="set data.format"):
+    refused = r"d\.txt: cannot tell the format from the file name \(\.jsonl, .*\.csv\.gz.*\); set data.format to "
+    with pytest.raises(DataError, match=refused + "jsonl, parquet, csv, tsv or arrow$"):
         load_examples(tmp_path / "d.txt", "auto", Columns(), BadRows())
     with pytest.raises(DataError, match="not found"):
         load_examples(tmp_path / "nope.jsonl", "auto", Columns(), BadRows())
@@ -322,6 +323,23 @@ def test_folders_globs_lists_gzip_and_arrow(tmp_path):
         load_examples(str(tmp_path / "nothing*.jsonl"), "auto", cols, BadRows())
     with pytest.raises(DataError, match=r"no-such-org/no-such-dataset\[train\]: cannot load the dataset"):
         load_examples("no-such-org/no-such-dataset", "auto", cols, BadRows())
+
+
+def test_a_folder_takes_every_file_the_reader_takes_and_tsv_has_tabs(tmp_path):
+    """The folder scan and the reader each had their own list of suffixes: a folder of .csv.gz or
+    .ndjson.gz shards "held no data file", though each file loaded when named. TSV is CSV with tabs."""
+    (tmp_path / "d").mkdir()
+    with gzip.open(tmp_path / "d" / "a.csv.gz", "wt") as f:
+        f.write("user_id,prompt,completion\nu1,p, x, y\n")  # 4 fields: a bad row
+    with gzip.open(tmp_path / "d" / "b.ndjson.gz", "wt") as f:
+        f.write(json.dumps({"user_id": "u2", "prompt": "p", "completion": " c"}) + "\n")
+    (tmp_path / "d" / "c.tsv").write_text("user_id\tprompt\tcompletion\nu3\tp, with a comma\t c, too\n")
+    (tmp_path / "d" / "notes.txt").write_text("not data")
+    bad = BadRows("skip")
+    ds = load_examples(tmp_path / "d", "auto", Columns(), bad)
+    assert ds["user_id"][:] == ["u2", "u3"]
+    assert ds["prompt"][1] == "p, with a comma" and ds["completion"][1] == " c, too"
+    assert bad.examples == [f"{tmp_path / 'd' / 'a.csv.gz'}:2: 4 fields, but the header has 3"]
 
 
 def test_a_folder_datasets_saved_to_disk_reads_its_rows(tmp_path):
