@@ -19,8 +19,8 @@ from typing import Any
 
 import datasets
 
+from flora_train.data.bad_rows import BadRows
 from flora_train.data.examples import TokenizedExamples
-from flora_train.data.loading import BadRows
 from flora_train.data.sources import resolve_sources
 from flora_train.files import replaced_folder
 

@@ -15,7 +15,7 @@ import datasets
 import torch
 
 from flora_train.chat_template import ChatTemplateRefused, apply_chat_template
-from flora_train.data.loading import BadRows
+from flora_train.data.bad_rows import BadRows
 
 IGNORE = -100
 
@@ -61,7 +61,7 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     kind = "messages" if "messages" in ds.column_names else "text" if "text" in ds.column_names else "prompt"
     if kind == "messages" and not getattr(tokenizer, "chat_template", None):
-        from flora_train.data.loading import DataError
+        from flora_train.data.bad_rows import DataError
 
         raise DataError("data.messages_column: chat rows need the tokenizer's chat template, and this base's tokenizer "
                         "has none; use prompt/completion rows, or a base with a chat template")
@@ -116,7 +116,7 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
 
 def _refuse_long_rows(rows: list[tuple[int, str, str]], too_long: str, max_length: int, context: int | None) -> None:
     """One error for every row too long: the first, how many more, the longest, and what keeps them."""
-    from flora_train.data.loading import DataError
+    from flora_train.data.bad_rows import DataError
 
     tokens, source, user = rows[0]
     message = f"{source}: user {user!r}: {tokens} tokens > {too_long}"

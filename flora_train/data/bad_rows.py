@@ -1,0 +1,36 @@
+"""What the data readers and checks raise and count: ``DataError`` for input a run cannot use, and
+``BadRows``, the policy (``data.on_bad_row``) that stops at a bad row or skips and counts it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from flora_train.errors import UserError
+
+
+class DataError(UserError, ValueError):
+    """Bad input data; the message names the file and line (or row) and the user where known."""
+
+
+@dataclass
+class BadRows:
+    """What was skipped, by reason, with the first few places for the log."""
+
+    policy: str = "error"
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self, where: str, reason: str, detail: str, fix: str | None = None) -> None:
+        """``fix``: what to set when the row is fine but read under the wrong settings (then skipping
+        rows is not the way out)."""
+        message = f"{where}: {detail}"
+        if self.policy == "error":
+            raise DataError(f"{message} ({fix or 'set data.on_bad_row=skip to skip such rows'})")
+        self.counts[reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(message)
