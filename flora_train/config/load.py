@@ -215,6 +215,8 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (),
     lines: dict[str, int] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise RecipeError(f"{path}: a folder, not a recipe file (name its .yaml file)")
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:  # UTF-8, with or without the byte-order mark Windows editors write
@@ -223,6 +225,10 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = (),
             raise RecipeError(f"{path}: {not_utf8(exc)}: save the recipe as UTF-8") from None
         try:
             data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a safe loader
+        except yaml.reader.ReaderError as exc:  # a character YAML refuses (a NUL: a binary file named by mistake)
+            line = text.count("\n", 0, exc.position) + 1
+            raise RecipeError(f"{path}:{line}: not valid YAML: the character {chr(exc.character)!r} is not allowed "
+                              "(is this a binary file?)") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f":{mark.line + 1}" if mark else ""

@@ -119,6 +119,17 @@ def test_recipe_errors_name_the_key(tmp_path, text, overrides, pattern):
         load_recipe(_write(tmp_path, text), overrides)
 
 
+def test_a_binary_file_or_a_folder_named_as_the_recipe_is_one_line(tmp_path):
+    """A NUL byte (a binary file named by mistake) gave PyYAML's two-line message naming
+    '<unicode string>' and no line; a folder was 'recipe file not found'."""
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(_write(tmp_path, MINIMAL + "  x: \"\x00\"\n"), [])
+    assert str(refused.value) == (f"{tmp_path / 'r.yaml'}:6: not valid YAML: the character '\\x00' is not allowed "
+                                  "(is this a binary file?)")
+    with pytest.raises(RecipeError, match=r"^\S+: a folder, not a recipe file \(name its \.yaml file\)$"):
+        load_recipe(tmp_path, [])
+
+
 def test_a_recipe_saved_as_utf16_is_one_error_and_one_with_a_bom_loads(tmp_path):
     """A recipe saved as UTF-16 (Notepad's "Unicode") ended in UnicodeDecodeError's traceback."""
     path = tmp_path / "r.yaml"
