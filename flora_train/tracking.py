@@ -21,10 +21,13 @@ status or its backlog.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,7 +55,30 @@ def _unreachable_errors() -> tuple[type[BaseException], ...]:
 def _mlflow_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)  # a server: nothing is asked of it here (it may hang)
+    with _one_opener_at_a_time(Path(uri.removeprefix("sqlite:///"))):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # a new file gets its tables by now
+    return client
+
+
+@contextmanager
+def _one_opener_at_a_time(db: Path) -> Iterator[None]:
+    """The first client of a new SQLite store makes its tables and runs its migrations. Runs opening a
+    new shared file at once (tracking.uri=sqlite:///shared.db, jobs of one sweep) raced there: every
+    one but the first failed ('table experiments already exists', 'duplicate column name'). An
+    exclusive flock on a file beside it makes them take turns."""
+    try:
+        fd = os.open(db.with_name(db.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:  # no such folder, or read-only: MLflow's own error says so
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # drops the flock
 
 
 class TrackingError(UserError):
@@ -261,10 +287,7 @@ class Tracker:
             client.update_run(p["resume"], status="RUNNING")
             run_id = p["resume"]
         else:
-            exp = client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-                self.experiment, artifact_location=self.artifact_location
-            )
+            exp_id = self._experiment_id(client)
             run_id = client.create_run(exp_id, run_name=p["run_name"], tags=self.tags).info.run_id
             from mlflow.entities import Param
 
@@ -276,6 +299,20 @@ class Tracker:
         with self._lock:
             self.run_id = run_id
             self._pending = None
+
+    def _experiment_id(self, client: Any) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        except MlflowException as exc:  # another run made it since we looked
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise exc from None
+            return exp.experiment_id
 
     def _attempt(self) -> None:
         """One try at opening the run and sending the backlog; marks the tracker offline on failure.

@@ -15,7 +15,8 @@ run_dir/
   exports-elsewhere.jsonl   exports written outside export/ (`export --out`): forget and users reach them
   data/ data_cache/ base_model/ kernels/ store_tier/   derived: rebuilt from the data and recipe
   tracking-buffer*.jsonl    metrics not yet sent to MLflow
-  mlflow.db mlartifacts/    the embedded MLflow store (tracking.uri unset)
+  mlflow.db mlartifacts/    the embedded MLflow store (tracking.uri unset); mlflow.db.lock: its openers
+                            take turns on it (tracking.py: a new store's tables are made once)
   result.json               what the last finished run reported
   replaced/                 runs moved aside by train.overwrite=true
 ```

@@ -6,6 +6,7 @@ import random
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,46 @@ def test_a_store_mlflow_cannot_open_is_one_error_naming_it(tmp_path):
         Tracker(True, None, "e", tmp_path).start(None, {}, recipe)
     with pytest.raises(UserError, match=r"^tracking.uri=foo://x: MLflow cannot open it: .*unsupported URI 'foo://x'"):
         Tracker(True, "foo://x", "e", tmp_path).start(None, {}, recipe)
+
+
+def _open_shared_store(uri: str, run_dir: str, go, results) -> None:
+    recipe = Path(run_dir) / "recipe.yaml"
+    recipe.write_text("{}")
+    go.wait()
+    try:
+        tracker = Tracker(True, uri, "sweep", Path(run_dir))
+        run_id = tracker.start(None, {"k": "v"}, recipe, wait_s=60.0)
+        tracker.end()
+        results.put(run_id or "no run id")
+    except Exception as exc:  # noqa: BLE001 - the parent reports it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_runs_opening_one_new_sqlite_store_at_once_all_start(tmp_path):
+    """Jobs of a sweep sharing tracking.uri=sqlite:///shared.db, started together: the first client
+    of a new SQLite store makes its tables, and the others failed in MLflow's migrations ('table
+    experiments already exists', 'duplicate column name: step'; 8 of 9 openers in three rounds of
+    three). Each now gets its run, in the one experiment."""
+    import multiprocessing as mp
+
+    import mlflow.tracking  # noqa: F401 - imported once here, before the fork, not by each child
+
+    ctx = mp.get_context("fork")
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    go, results = ctx.Event(), ctx.Queue()
+    procs = []
+    for k in range(3):
+        (tmp_path / f"run{k}").mkdir()
+        procs.append(ctx.Process(target=_open_shared_store, args=(uri, str(tmp_path / f"run{k}"), go, results)))
+    for p in procs:
+        p.start()
+    go.set()
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert all(len(r) == 32 for r in got), got  # MLflow run ids
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(got)
