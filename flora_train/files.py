@@ -91,11 +91,25 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
 
 
 def save_model_weights(model: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_model`` (tied weights written once), its I/O failures as ``save_tensors``'s."""
-    from safetensors.torch import save_model
+    """The model's weights in one safetensors file, a tied weight once (under the name that sorts
+    first, as ``safetensors.torch.save_model`` keeps it), I/O failures as ``save_tensors``'s.
 
+    The bytes are a function of the weights and ``metadata``: ``save_model`` also notes each dropped
+    name in the header's metadata, a map safetensors writes in a random order, so a GPT-2 tiny base
+    built twice differed in its header, and in the fingerprint a checkpoint keeps of its base."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    tensors: dict[str, Any] = {}
+    seen: set[tuple[int, tuple[int, ...], Any]] = set()
+    for name in sorted(state):
+        tensor = state[name]
+        same = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)  # one parameter under two names
+        if same not in seen:
+            seen.add(same)
+            tensors[name] = tensor.contiguous()
     with safetensors_errors(path):
-        save_model(model, str(path), metadata=metadata)
+        save_file(tensors, str(path), metadata=metadata)
 
 
 @contextmanager

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from flora_train.files import naming, replace_text, replaced, write_lines
+from flora_train.files import naming, replace_text, replaced, save_model_weights, write_lines
 
 
 def test_an_error_without_a_file_name_is_given_one(tmp_path):
@@ -45,3 +45,27 @@ def test_the_same_bytes_are_not_written_again(tmp_path):
     assert not write_lines(lines, lambda: (f"{i}\n" for i in range(3)))
     assert write_lines(lines, lambda: (f"{i}\n" for i in range(2)))  # a prefix of the file is not the file
     assert lines.read_text() == "0\n1\n"
+
+
+def test_a_model_with_tied_weights_is_written_as_the_same_bytes_every_time(tmp_path):
+    """safetensors' save_model notes each dropped tied name in the header's metadata, a map it writes
+    in a random order: a GPT-2 tiny base built again (a run moved aside by train.overwrite, read by
+    generate) got another fingerprint half of the time, and was refused as a changed base. Twelve
+    saves here gave two different files before."""
+    import hashlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    digests = set()
+    for i in range(12):
+        save_model_weights(model, tmp_path / f"{i}.safetensors", metadata={"format": "pt"})
+        digests.add(hashlib.sha256((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    model.config.save_pretrained(tmp_path / "folder")
+    (tmp_path / "0.safetensors").rename(tmp_path / "folder" / "model.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "folder")
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # tied again
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
