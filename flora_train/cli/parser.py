@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="mixed-user batched generation: every prompt with its own user's adapter")
     gen.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
-    gen.add_argument("--prompts", type=Path, required=True, help="JSONL: user_id + prompt (or messages) per line")
+    gen.add_argument("--prompts", type=Path, required=True,
+                     help="rows of user_id + prompt (or messages): JSONL, a JSON array, CSV or TSV")
     gen.add_argument("--out", type=Path, required=True, help="JSONL: user_id, prompt, completion per line")
     gen.add_argument("--users", type=user_list, default=None, help="only these users' prompts (comma-separated or @FILE)")
     gen.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")

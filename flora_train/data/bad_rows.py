@@ -20,6 +20,8 @@ class BadRows:
     policy: str = "error"
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    # What an error offers when no setting fixes the row (None: nothing to offer; generate's prompts)
+    skip_hint: str | None = "set data.on_bad_row=skip to skip such rows"
 
     @property
     def total(self) -> int:
@@ -30,7 +32,8 @@ class BadRows:
         rows is not the way out)."""
         message = f"{where}: {detail}"
         if self.policy == "error":
-            raise DataError(f"{message} ({fix or 'set data.on_bad_row=skip to skip such rows'})")
+            hint = fix or self.skip_hint
+            raise DataError(f"{message} ({hint})" if hint else message)
         self.counts[reason] += 1
         if len(self.examples) < 20:
             self.examples.append(message)

@@ -1,9 +1,8 @@
-"""Prompt files for `flora-train generate`: JSONL rows with a user id and a prompt (or chat
-``messages``); a bad row is an error naming its file and line."""
+"""Prompt files for `flora-train generate`: rows with a user id and a prompt (or chat ``messages``),
+in any row format training data takes; a bad row is an error naming its file and line."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,41 +12,52 @@ from flora_train.inference.trained import InferenceError
 
 
 def read_prompts(path: Path, chat: bool = False, user_column: str = "user_id") -> tuple[list[str], list[Any]]:
-    """``(users, prompts)``; a prompt is a string, or (``chat``) a list of chat messages."""
+    """``(users, prompts)``; a prompt is a string, or (``chat``) a list of chat messages. The rows are
+    read as training data's are (``data.readers``: JSONL or one JSON array, CSV, TSV, gzipped too; a
+    name of no known suffix is read as JSONL), each named by its file and line."""
+    from flora_train.data.bad_rows import BadRows, DataError
+    from flora_train.data.readers import source_rows
+    from flora_train.data.sources import DataSource, format_of
+
     users, prompts = [], []
+    if not path.is_file():
+        raise InferenceError(f"{path}: cannot read the prompts: {'a folder' if path.is_dir() else 'no such file'}")
+    fmt = "auto" if format_of(path) else "jsonl"
+    rows = source_rows(DataSource(path=path), fmt, user_column, BadRows(skip_hint=None))
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no part of row 1
-    except OSError as exc:
-        raise InferenceError(f"{path}: cannot read the prompts: {exc}") from None
+        for where, row in rows:
+            users.append(_user(row, user_column, where))
+            prompts.append(_prompt(row, users[-1], chat, where))
+    except DataError as exc:
+        raise InferenceError(str(exc)) from None
     except UnicodeDecodeError as exc:  # UTF-16 from a Windows editor, a binary file named by mistake
         raise InferenceError(f"{path}: {not_utf8(exc)}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InferenceError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise InferenceError(f"{where}: a row must be a JSON object")
-        user = row.get(user_column)
-        if not isinstance(user, str) or not user:
-            raise InferenceError(f"{where}: '{user_column}' must be a non-empty string, got {user!r}")
-        if isinstance(row.get("prompt"), str):
-            prompts.append(row["prompt"])
-        elif isinstance(row.get("messages"), list) and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                           for m in row["messages"]):
-            if not chat:  # found here, naming the line, not after the model has loaded
-                raise InferenceError(f"{where}: user {user!r}: a 'messages' row is a conversation: pass --chat to "
-                                     "render it through the model's chat template")
-            prompts.append(_messages(row["messages"], f"{where}: user {user!r}"))
-        else:
-            raise InferenceError(f"{where}: needs a 'prompt' string or a 'messages' list of {{role, content}}")
-        users.append(user)
+    except OSError as exc:
+        raise InferenceError(f"{path}: cannot read the prompts: {exc}") from None
     if not users:
         raise InferenceError(f"{path}: no prompts")
     return users, prompts
+
+
+def _user(row: Any, user_column: str, where: str) -> str:
+    if not isinstance(row, dict):
+        raise InferenceError(f"{where}: a row must be a JSON object")
+    user = row.get(user_column)
+    if not isinstance(user, str) or not user:
+        raise InferenceError(f"{where}: '{user_column}' must be a non-empty string, got {user!r}")
+    return user
+
+
+def _prompt(row: dict[str, Any], user: str, chat: bool, where: str) -> Any:
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    if isinstance(row.get("messages"), list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in row["messages"]):
+        if not chat:  # found here, naming the line, not after the model has loaded
+            raise InferenceError(f"{where}: user {user!r}: a 'messages' row is a conversation: pass --chat to "
+                                 "render it through the model's chat template")
+        return _messages(row["messages"], f"{where}: user {user!r}")
+    raise InferenceError(f"{where}: needs a 'prompt' string or a 'messages' list of {{role, content}}")
 
 
 def _messages(turns: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:

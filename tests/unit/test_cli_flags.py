@@ -195,6 +195,30 @@ def test_prompt_turns_of_content_parts_read_as_serve_reads_them(tmp_path):
         read_prompts(prompts, chat=True)
 
 
+def test_prompts_are_read_in_the_row_formats_training_data_takes(tmp_path):
+    """`generate --prompts` read JSONL only (its own reader); a JSON array, CSV, TSV or a gzipped file,
+    which training data takes, was 'not valid JSON' at line 1. A bad row still names its line, with
+    no data.* key to set (none applies to generate)."""
+    import gzip
+
+    from flora_train.inference.prompts import read_prompts
+    from flora_train.inference.trained import InferenceError
+
+    want = (["u", "v"], ["hi, there", "bye"])
+    (tmp_path / "p.csv").write_text('user_id,prompt\nu,"hi, there"\nv,bye\n')
+    (tmp_path / "p.tsv").write_text("user_id\tprompt\nu\thi, there\nv\tbye\n")
+    (tmp_path / "p.json").write_text(json.dumps([{"user_id": u, "prompt": p} for u, p in zip(*want)], indent=1))
+    with gzip.open(tmp_path / "p.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"user_id": u, "prompt": p}) + "\n" for u, p in zip(*want)))
+    (tmp_path / "p.txt").write_text("".join(json.dumps({"user_id": u, "prompt": p}) + "\n" for u, p in zip(*want)))
+    for name in ("p.csv", "p.tsv", "p.json", "p.jsonl.gz", "p.txt"):
+        assert read_prompts(tmp_path / name) == want, name
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"user_id": "u", "prompt": "hi"}) + "\n{broken\n")
+    with pytest.raises(InferenceError, match=rf"^{tmp_path / 'bad.jsonl'}:2: malformed JSON \(Expecting property name "
+                                             r"enclosed in double quotes, column 2\)$"):
+        read_prompts(tmp_path / "bad.jsonl")
+
+
 def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
     """generate --out naming a folder ended with IsADirectoryError's traceback after every prompt was
     generated; an --out under a file (data synth, export, bench) with FileExistsError's. Now one
