@@ -149,7 +149,7 @@ def _csv_rows(path: Path, bad: BadRows, delimiter: str = ",") -> Iterator[tuple[
                 if not any(field.strip() for field in row):
                     continue  # a blank line is no record
                 if header is None:
-                    header = _csv_header(row, f"{path}:{start}")
+                    header = _csv_header(row, f"{path}:{start}", delimiter)
                     continue
                 if len(row) != len(header):
                     bad.report(f"{path}:{start}", "malformed", f"{len(row)} fields, but the header has {len(header)}")
@@ -161,8 +161,18 @@ def _csv_rows(path: Path, bad: BadRows, delimiter: str = ",") -> Iterator[tuple[
         raise DataError(f"{path}: an empty CSV file (no header line naming the columns)")
 
 
-def _csv_header(row: list[str], where: str) -> list[str]:
+# What reads a file whose fields another separator splits: CSV and TSV are read; ';' (what Excel
+# writes where the decimal mark is a comma, most of Europe) and '|' are not.
+_SEPARATORS = {",": "name it .csv (or set data.format=csv)", "\t": "name it .tsv (or set data.format=tsv)",
+               ";": "save it with commas (CSV) or tabs (TSV)", "|": "save it with commas (CSV) or tabs (TSV)"}
+
+
+def _csv_header(row: list[str], where: str, delimiter: str) -> list[str]:
     names = [name.strip() for name in row]
+    other = next((sep for sep in _SEPARATORS if sep != delimiter and len(names) == 1 and sep in names[0]), None)
+    if other is not None:
+        raise DataError(f"{where}: the header is one column, {names[0]!r}: its fields are separated by {other!r}, "
+                        f"not {delimiter!r}; {_SEPARATORS[other]}")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise DataError(f"{where}: the header names column(s) {', '.join(map(repr, repeated))} more than once")

@@ -124,6 +124,15 @@ def test_csv_fields_are_the_text_the_file_holds(tmp_path):
     (tmp_path / "h.csv").write_text("user_id,prompt,prompt\nu1,a,b\n")
     with pytest.raises(DataError, match=r"h\.csv:1: the header names column\(s\) 'prompt' more than once"):
         load_examples(tmp_path / "h.csv", "auto", Columns(), BadRows())
+    # Excel writes ';' where the decimal mark is a comma: the header was one column, and the error then
+    # asked for data.user_column to be set to it.
+    (tmp_path / "semi.csv").write_text("user_id;prompt;completion\nu1;a;b\n")
+    with pytest.raises(DataError, match=r"semi\.csv:1: the header is one column, 'user_id;prompt;completion': its "
+                                        r"fields are separated by ';', not ','; save it with commas \(CSV\) or tabs"):
+        load_examples(tmp_path / "semi.csv", "auto", Columns(), BadRows())
+    (tmp_path / "tabs.csv").write_text("user_id\tprompt\tcompletion\nu1\ta\tb\n")
+    with pytest.raises(DataError, match=r"tabs\.csv:1: .* separated by '\\t', not ','; name it \.tsv"):
+        load_examples(tmp_path / "tabs.csv", "auto", Columns(), BadRows())
     (tmp_path / "empty.csv").write_text("\n")
     with pytest.raises(DataError, match=r"empty\.csv: an empty CSV file"):
         load_examples(tmp_path / "empty.csv", "auto", Columns(), BadRows())
