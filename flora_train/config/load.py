@@ -115,8 +115,10 @@ class _RecipeLoader(yaml.SafeLoader):
 def _mapping_once(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     first: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults`: construct_mapping merges it, and keys written here override it
         key = loader.construct_object(key_node, deep=True)
-        if key in first and key != "<<":
+        if key in first:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} is written twice (lines {first[key] + 1} and {key_node.start_mark.line + 1}); "
                 "YAML would keep the second alone", key_node.start_mark)

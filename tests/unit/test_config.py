@@ -119,6 +119,18 @@ def test_recipe_errors_name_the_key(tmp_path, text, overrides, pattern):
         load_recipe(_write(tmp_path, text), overrides)
 
 
+def test_yaml_merge_keys_merge_and_the_keys_written_beside_them_win(tmp_path):
+    """`<<: *defaults` failed with 'could not determine a constructor for the tag ...merge': the
+    written-twice check constructed the merge key itself."""
+    text = (MINIMAL.replace("tiny: {}", "tiny: &tiny {hidden_size: 48}")
+            + "train: &train\n  epochs: 5\n  users_per_step: 3\neval:\n  <<: {batch_size: 7, every_steps: 2}\n"
+            + "  every_steps: 4\n")
+    cfg = load_recipe(_write(tmp_path, text), [])
+    assert (cfg.base.tiny.hidden_size, cfg.train.epochs, cfg.eval.batch_size, cfg.eval.every_steps) == (48, 5, 7, 4)
+    with pytest.raises(RecipeError, match=r"key 'every_steps' is written twice"):
+        load_recipe(_write(tmp_path, text + "  every_steps: 6\n"), [])
+
+
 def test_a_binary_file_or_a_folder_named_as_the_recipe_is_one_line(tmp_path):
     """A NUL byte (a binary file named by mistake) gave PyYAML's two-line message naming
     '<unicode string>' and no line; a folder was 'recipe file not found'."""
