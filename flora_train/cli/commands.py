@@ -169,8 +169,14 @@ def _users(args: argparse.Namespace) -> None:
 
 
 def _forget(args: argparse.Namespace) -> None:
+    from flora_train.config import load_recipe
+    from flora_train.inference.trained import base_for_training_on
     from flora_train.lifecycle import forget_users
+    from flora_train.run_dir import RunDir
 
+    base, recipe = None, RunDir(args.run_dir).recipe
+    if args.retrain_shared and recipe.is_file():  # the base it retrains on, found before anything is forgotten
+        base = base_for_training_on(args.run_dir, load_recipe(recipe), args.base)
     out = forget_users(args.run_dir, args.users)
     print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
           f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
@@ -182,7 +188,7 @@ def _forget(args: argparse.Namespace) -> None:
     if out["removed_shared_adapter"] and args.retrain_shared:
         from flora_train.train.scoring import retrain_shared_baseline
 
-        n = retrain_shared_baseline(args.run_dir, set(out["users"]), out["shared_adapter_steps"])
+        n = retrain_shared_baseline(args.run_dir, set(out["users"]), out["shared_adapter_steps"], base)
         print(f"retrained the shared adapter for {out['shared_adapter_steps']} steps on {n} examples of the "
               "remaining users")
     elif out["removed_shared_adapter"]:

@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--users", type=user_list, required=True, help="comma-separated user ids, or @FILE with one id per line")
     fg.add_argument("--retrain-shared", action="store_true",
                     help="train the shared adapter again without the forgotten users' data (it is removed otherwise)")
+    fg.add_argument("--base", type=Path, default=None, help=f"--retrain-shared: {BASE_HELP}")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server; concurrent users batched into one forward")
     srv.add_argument("source", type=Path, help="a run directory, a checkpoint or a --format flora export folder")
@@ -190,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if getattr(args, dest) != default and dest not in EXPORT_FORMATS[args.format].reads:
                 readers = " or ".join(f"--format {n}" for n, e in EXPORT_FORMATS.items() if dest in e.reads)
                 parser.error(f"{flag} is read only by {readers}, not --format {args.format}")
+    if args.command == "forget" and args.base is not None and not args.retrain_shared:
+        parser.error("--base is read only with --retrain-shared (forgetting loads no base)")
     if args.command == "serve" and args.checkpoint is not None and args.follow is not None:
         parser.error("--checkpoint serves that checkpoint, --follow the newest one and each after it: choose one")
     if args.command == "generate" and not args.sample:  # greedy decoding would ignore them without a word

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,6 +115,24 @@ def _moved_base(base_at: Path, recorded: str | None, gguf_file: str | None, trai
         raise InferenceError(f"--base {base_at}: not the base {trained} (its config or weights differ); adapters "
                              "only fit the base they were trained on")
     return base
+
+
+def base_for_training_on(run_dir: Path, cfg: Any, base_at: Path | None) -> str | None:
+    """Work that trains on a finished run (``forget --retrain-shared``) loads its base: the folder
+    ``base_at`` names (``--base``: it must be the base the newest checkpoint was trained on), or None
+    for the recipe's, refused here when it is gone. Asked before anything of the run changes: a base
+    found missing after a forget had removed the shared adapter left nothing to retrain it from."""
+    from flora_train.run_dir.checkpoints import latest_checkpoint, read_state
+
+    if base_at is None:
+        if cfg.base.tiny is None:
+            check_base_is_there(str(cfg.base.name_or_path), run_dir)
+        return None
+    if cfg.base.tiny is not None:
+        raise InferenceError(f"--base: {run_dir} built its own tiny base; it takes no other")
+    ckpt = latest_checkpoint(run_dir)
+    recorded = read_state(ckpt).get("base_fingerprint") if ckpt is not None else None
+    return _moved_base(base_at, recorded, cfg.base.gguf_file, f"{run_dir} was trained on")
 
 
 def check_base_is_there(base: str, trained: Path) -> None:

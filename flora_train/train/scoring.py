@@ -343,12 +343,21 @@ def recipe_beside_the_run(run_dir: Path, doing: str, command: str) -> DictConfig
     return cfg
 
 
-def retrain_shared_baseline(run_dir: Path, without: set[str], steps: int) -> int:
+def retrain_shared_baseline(run_dir: Path, without: set[str], steps: int, base: str | None = None) -> int:
     """``flora-train forget --retrain-shared``: the shared adapter trained again as the run trained it,
-    for ``steps`` steps, on the examples of every user but ``without``; returns how many examples."""
-    session = prepare_session(recipe_beside_the_run(run_dir, "retraining the shared adapter", "forget --retrain-shared"))
+    for ``steps`` steps, on the examples of every user but ``without``; returns how many examples.
+    ``base``: where the run's base is now (``inference.trained.base_for_training_on``)."""
+    cfg = recipe_beside_the_run(run_dir, "retraining the shared adapter", "forget --retrain-shared")
+    if base is not None:
+        cfg.base.name_or_path = base
+    session = prepare_session(cfg)
     try:
-        keep = np.sort(np.concatenate([idx for u, idx in session.train.by_user().items() if u not in without]))
+        # Users an earlier forget removed are in the data still (it is the owner's, or written again from
+        # the recipe) but in no checkpoint: only the users the newest checkpoint holds are trained on.
+        ckpt = latest_checkpoint(run_dir)
+        present = saved_users(ckpt) if ckpt is not None else set()
+        keep = np.sort(np.concatenate([idx for u, idx in session.train.by_user().items()
+                                       if u in present and u not in without]))
         session.train = session.train.select(keep)
         train_shared_baseline(session, steps)
         return len(keep)

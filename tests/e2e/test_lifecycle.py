@@ -17,7 +17,7 @@ from flora_train.lifecycle import forget_users, list_users
 from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints
 
 from tests.distributed.helpers import saved_state
-from tests.e2e.helpers import SMALL, flora_train
+from tests.e2e.helpers import REPO, SMALL, flora_train
 
 
 def _windows(state: dict, user: str, others: list[bytes]) -> list[bytes]:
@@ -123,6 +123,10 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
                               if json.loads(line)["user_id"] in gone))
     refused = flora_train("eval", str(template), "--data", str(theirs), check=False)
     assert refused.returncode == 2 and f"--data {theirs}: none of its 2 user(s) trained in this run" in refused.stderr, refused.stderr[-2000:]
+    # A second forget retrains without every user forgotten so far: the data still holds the first ones'
+    # rows, and it trained on them again (184 examples: all but user-000005's 8; 192 in all).
+    later = flora_train("forget", str(template), "--users", "user-000005", "--retrain-shared")
+    assert "on 168 examples of the remaining users" in later.stdout, later.stdout
     again = flora_train("forget", str(run_dir), "--users", "user-000005", "--retrain-shared")
     assert "no shared adapter to retrain" in again.stdout
 
@@ -173,3 +177,28 @@ def _forget_killed_at_every_step(template: Path, work: Path, gone: list[str], cl
         forget_users(work, gone[:1] if journal else gone)  # the journal names the rest
         assert _hashes(work) == clean, f"killed before change {kills}, then run again: the run differs"
     assert kills > 20 and journaled >= kills - 2, f"{kills} places to kill, {journaled} after the journal"
+
+
+def test_forget_retrain_shared_finds_the_base_before_it_forgets(tmp_path, tiny_llama_dir):
+    """The base a run trained on moved: `forget --retrain-shared` forgot the users, removed the shared
+    adapter and only then failed on `base.name_or_path=...: no such folder`; a second forget found no
+    shared adapter to retrain, so nothing could. Now it is refused first, naming --base, and --base
+    must be that base."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    run_dir = tmp_path / "run"
+    flora_train("run", "recipes/quickstart.yaml", "base.tiny=null", f"base.name_or_path={base}", f"run_dir={run_dir}",
+                "data.synthetic.num_users=6", "data.synthetic.train_examples_per_user=4", "train.epochs=1",
+                "train.users_per_step=6", "train.micro_batch_size=12", "train.progress=false",
+                "train.compare_shared_baseline=true", "tracking.enabled=false", "export.format=none")
+    moved = base.rename(tmp_path / "moved")
+    refused = flora_train("forget", str(run_dir), "--users", "user-000001", "--retrain-shared", check=False)
+    assert refused.returncode == 2 and f"its base {base} is not there" in refused.stderr, refused.stderr[-2000:]
+    assert "name where it is now with --base PATH" in refused.stderr
+    assert len(list_users(run_dir)) == 6 and (run_dir / "shared_adapter.safetensors").is_file()
+    other = flora_train("forget", str(run_dir), "--users", "user-000001", "--retrain-shared", "--base",
+                        str(REPO / "recipes"), check=False)
+    assert other.returncode == 2 and "not the base" in other.stderr, other.stderr[-2000:]
+    done = flora_train("forget", str(run_dir), "--users", "user-000001", "--retrain-shared", "--base", str(moved))
+    assert "retrained the shared adapter" in done.stdout and "on 20 examples" in done.stdout, done.stdout
+    assert len(list_users(run_dir)) == 5
