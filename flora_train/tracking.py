@@ -21,17 +21,15 @@ status or its backlog.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 from flora_train.errors import UserError, warn
+from flora_train.mlflow_store import default_uri, mlflow_client, unreachable_errors
 from flora_train.run_dir import RunDir
 
 MAX_PARAM_LEN = 6000
@@ -39,46 +37,6 @@ BATCH = 900
 FLUSH_EVERY_S = 10.0
 MAX_QUEUED = 100_000  # metrics held in memory; past that they go to the buffer file only
 SPILL = "tracking-buffer.jsonl"
-
-
-def default_uri(run_dir: Path) -> str:
-    return f"sqlite:///{RunDir(run_dir).mlflow_db.resolve()}"
-
-
-def _unreachable_errors() -> tuple[type[BaseException], ...]:
-    from mlflow.exceptions import MlflowException
-    from requests.exceptions import RequestException
-
-    return (MlflowException, RequestException, OSError)
-
-
-def _mlflow_client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    if not uri.startswith("sqlite:///"):
-        return MlflowClient(tracking_uri=uri)  # a server: nothing is asked of it here (it may hang)
-    with _one_opener_at_a_time(Path(uri.removeprefix("sqlite:///"))):
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # a new file gets its tables by now
-    return client
-
-
-@contextmanager
-def _one_opener_at_a_time(db: Path) -> Iterator[None]:
-    """The first client of a new SQLite store makes its tables and runs its migrations. Runs opening a
-    new shared file at once (tracking.uri=sqlite:///shared.db, jobs of one sweep) raced there: every
-    one but the first failed ('table experiments already exists', 'duplicate column name'). An
-    exclusive flock on a file beside it makes them take turns."""
-    try:
-        fd = os.open(db.with_name(db.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
-    except OSError:  # no such folder, or read-only: MLflow's own error says so
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # drops the flock
 
 
 class TrackingError(UserError):
@@ -93,7 +51,7 @@ class Tracker:
 
     def __init__(self, enabled: bool, uri: str | None, experiment: str, run_dir: Path, retry_s: float = 15.0,
                  kind: str = "train", parent_run_id: str | None = None, run_id: str | None = None,
-                 client_factory: Callable[[str], Any] = _mlflow_client, end_timeout_s: float = 30.0,
+                 client_factory: Callable[[str], Any] = mlflow_client, end_timeout_s: float = 30.0,
                  max_queued: int = MAX_QUEUED) -> None:
         # Only the process of global rank 0 talks to MLflow (RANK is set by torchrun and friends).
         self.enabled = enabled and int(os.environ.get("RANK", "0")) == 0
@@ -352,7 +310,7 @@ class Tracker:
                 self._client.set_terminated(self.run_id, status=status)
                 with self._lock:
                     self._final_status = None
-        except _unreachable_errors() as exc:
+        except unreachable_errors() as exc:
             with self._lock:
                 if self._closed:
                     return

@@ -16,7 +16,7 @@ run_dir/
   data/ data_cache/ base_model/ kernels/ store_tier/   derived: rebuilt from the data and recipe
   tracking-buffer*.jsonl    metrics not yet sent to MLflow
   mlflow.db mlartifacts/    the embedded MLflow store (tracking.uri unset); mlflow.db.lock: its openers
-                            take turns on it (tracking.py: a new store's tables are made once)
+                            take turns on it (mlflow_store.py: a new store's tables are made once)
   result.json               what the last finished run reported
   replaced/                 runs moved aside by train.overwrite=true
 ```
