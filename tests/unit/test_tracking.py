@@ -184,9 +184,13 @@ def test_runs_opening_one_new_sqlite_store_at_once_all_start(tmp_path):
     for p in procs:
         p.start()
     go.set()
-    got = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        got = [results.get(timeout=120) for _ in procs]
+    finally:  # a child that hangs or dies is not left behind by a failed test
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     assert all(len(r) == 32 for r in got), got  # MLflow run ids
     from mlflow.tracking import MlflowClient
 
