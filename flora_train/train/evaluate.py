@@ -47,17 +47,6 @@ def _percentile(values: list[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
-def summarise_losses(losses: dict[str, float], prefix: str = "eval") -> dict[str, float]:
-    """Mean and p10/p50/p90 of per-user losses (for results known only as losses)."""
-    vals = [v for v in losses.values() if v == v]
-    out = {f"{prefix}/users": float(len(vals))}
-    if vals:
-        out[f"{prefix}/loss_mean"] = sum(vals) / len(vals)
-        for q in (0.1, 0.5, 0.9):
-            out[f"{prefix}/loss_p{int(q * 100)}"] = _percentile(vals, q)
-    return out
-
-
 def summarise(per_user: dict[str, UserEval], prefix: str = "eval") -> dict[str, float]:
     acc = [u.accuracy for u in per_user.values() if u.examples]
     loss = [u.loss for u in per_user.values() if u.tokens]

@@ -34,7 +34,7 @@ from flora_train.store.sharding import ShardPlan
 from flora_train.run_dir import RunDir
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, saved_users
-from flora_train.train.evaluate import UserEval, evaluate, summarise, summarise_losses, write_per_user
+from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
 from flora_train.inference.generate import GenerationSettings
 from flora_train.inference.trained import check_base_is_there
 from flora_train.train.generation_eval import (gather_generation, generation_eval, summarise_generation,
@@ -183,15 +183,19 @@ def against_shared(per_user: dict[str, UserEval], shared: dict[str, UserEval]) -
 
 
 def print_table(rows: list[tuple[str, dict[str, float]]], chance: float | None) -> None:
+    """The end-of-run table; a figure a row does not have (no accuracy measured) shows as '-'."""
     if fdist.rank() != 0:
         return
+
+    def cell(s: dict[str, float], key: str, width: int, digits: int) -> str:
+        value = s.get(f"eval/{key}")
+        return f"{'-':>{width}s}" if value is None or value != value else f"{value:{width}.{digits}f}"
+
     print(f"\n{'':30s} {'users':>6s} {'acc mean':>9s} {'acc p10':>8s} {'acc p50':>8s} {'acc p90':>8s} {'loss mean':>10s}")
     for name, s in rows:
-        print(
-            f"{name:30s} {int(s.get('eval/users', 0)):6d} {s.get('eval/accuracy_mean', float('nan')):9.3f} "
-            f"{s.get('eval/accuracy_p10', float('nan')):8.3f} {s.get('eval/accuracy_p50', float('nan')):8.3f} "
-            f"{s.get('eval/accuracy_p90', float('nan')):8.3f} {s.get('eval/loss_mean', float('nan')):10.4f}"
-        )
+        print(f"{name:30s} {int(s.get('eval/users', 0)):6d} {cell(s, 'accuracy_mean', 9, 3)} "
+              f"{cell(s, 'accuracy_p10', 8, 3)} {cell(s, 'accuracy_p50', 8, 3)} {cell(s, 'accuracy_p90', 8, 3)} "
+              f"{cell(s, 'loss_mean', 10, 4)}")
     if chance is not None:
         print(f"{'chance':30s} {'':6s} {chance:9.3f}")
 
@@ -227,7 +231,7 @@ def score_run(session: Session, step: int, tracker: Tracker, shared_row: torch.T
                       {k.replace("eval_shared/", "eval/"): v for k, v in shared.items()}))
     moment = best_global_moment(session) if session.validation is not None else None
     if moment is not None:  # the best single moment for everyone, chosen on the validation split too
-        out["eval_global"] = summarise_losses(moment[1], "eval_global")
+        out["eval_global"] = summarise(moment[1], "eval_global")
         out["eval_global_setting"] = moment[0]
         table.append((f"best global ({moment[0]})", {k.replace("eval_global/", "eval/"): v for k, v in out["eval_global"].items()}))
     tracker.log_metrics({**summary, **base, **out.get("eval_shared", {}), **out.get("eval_global", {})}, step=step)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from flora_train import dist as fdist
@@ -23,6 +24,7 @@ from flora_train.train.sweep import variant
 
 if TYPE_CHECKING:
     from flora_train.data.examples import TokenizedExamples
+    from flora_train.train.evaluate import UserEval
     from flora_train.train.session import Session
 
 log = logging.getLogger("flora_train")
@@ -79,17 +81,16 @@ class Validator:
         assert s.validation is not None
         lrs = list(s.cfg.train.sweep.lr)
         losses: dict[str, float] = {}
-        evals: dict[str, float] = {}
         lines = []
         for k in range(max(len(lrs), 1)):  # a sweep's variants one after another (each pass is collective)
             def name(user: str, k: int = k) -> str:
                 return variant(user, k) if lrs else user
 
-            val = self._scores(s.validation, name)
+            val = {u: e.loss for u, e in self._scores(s.validation, name).items()}
             ev = self._scores(s.eval, name) if s.eval is not None else {}
             losses.update({name(u): v for u, v in val.items()})
-            evals.update({name(u): v for u, v in ev.items()})
-            lines += [{"user_id": u, "variant": k if lrs else None, "validation_loss": val.get(u), "eval_loss": ev.get(u)}
+            lines += [{"user_id": u, "variant": k if lrs else None, "validation_loss": val.get(u),
+                       "eval_loss": ev[u].loss if u in ev else None, "eval": asdict(ev[u]) if u in ev else None}
                       for u in s.users()]
         s.store.validated(losses, step, self.patience)
         stopped = s.store.stopped() if self.patience is not None else set()
@@ -105,8 +106,8 @@ class Validator:
         finite = [v for v in losses.values() if math.isfinite(v)]
         return {"validation/loss_mean": sum(finite) / max(len(finite), 1), "validation/stopped_users": float(len(stopped))}
 
-    def _scores(self, examples: "TokenizedExamples", name) -> dict[str, float]:
-        """Each user's mean token loss on ``examples`` with the training row of ``name(user)``: every rank
+    def _scores(self, examples: "TokenizedExamples", name) -> dict[str, "UserEval"]:
+        """Each user's loss and accuracy on ``examples`` with the training row of ``name(user)``: every rank
         scores the examples of the rows it owns; all ranks get every result."""
         from flora_train.train.scoring import adapter_rows, evaluate_everywhere
 
@@ -115,14 +116,15 @@ class Validator:
         mine = examples.select([i for i, c in enumerate(examples.user_codes)
                                 if name(names[c]) in store and store.owner(name(names[c])) == store.rank])
         rows = adapter_rows(store, served=False)
-        return {u: e.loss for u, e in evaluate_everywhere(self.session, lambda users: rows([name(u) for u in users]),
-                                                          mine).items()}
+        return evaluate_everywhere(self.session, lambda users: rows([name(u) for u in users]), mine)
 
 
-def best_global_moment(session: "Session") -> tuple[str, dict[str, float]] | None:
+def best_global_moment(session: "Session") -> tuple[str, dict[str, "UserEval"]] | None:
     """The single setting for every user (one validation moment, and under a sweep one rate) with the
-    lowest mean validation loss, and every user's evaluation loss then: the best global choice, made
-    on the validation split as the per-user choice is, so the two compare fairly."""
+    lowest mean validation loss, and every user's evaluation loss and accuracy then: the best global
+    choice, made on the validation split as the per-user choice is, so the two compare fairly."""
+    from flora_train.train.evaluate import UserEval
+
     lrs = list(session.cfg.train.sweep.lr)
     best: tuple[float, str, dict[str, float]] | None = None
     for path in session.paths.validation_files():
@@ -139,5 +141,5 @@ def best_global_moment(session: "Session") -> tuple[str, dict[str, float]] | Non
             mean = sum(val) / len(val)
             if best is None or mean < best[0]:
                 label = f"step {step}" + (f", lr {lrs[k]}" if k is not None and k < len(lrs) else "")
-                best = (mean, label, {r["user_id"]: r["eval_loss"] for r in rows if r["eval_loss"] is not None})
+                best = (mean, label, {r["user_id"]: UserEval(**r["eval"]) for r in rows if r.get("eval")})
     return None if best is None else (best[1], best[2])

@@ -26,6 +26,8 @@ def test_shared_then_personal_trains_resumes_exports_and_serves(tmp_path):
     out = flora_train("run", "recipes/quickstart.yaml", *SHARED, *SELECT, f"run_dir={full}", "export.format=flora").stdout
     assert "shared + personal (best of)" in out and "shared adapter" in out and "users better than the shared adapter" in out
     assert "best global (step" in out  # the one moment for everyone that the validation split prefers
+    global_row = next(line for line in out.splitlines() if line.startswith("best global (step")).split()
+    assert "nan" not in global_row and "-" not in global_row[-6:], global_row  # its accuracy measured too
     users = [json.loads(line) for line in flora_train("users", str(full), "--json").stdout.splitlines()]
     assert len(users) == 24 and all(u["kept_step"] in (0, 2, 4, 6, 8, 10, 12) for u in users)
     assert any(u["stopped_after"] is not None for u in users) and any(u["kept_step"] > 0 for u in users)
@@ -46,6 +48,8 @@ def test_shared_then_personal_trains_resumes_exports_and_serves(tmp_path):
     assert torch.equal(read_shared_adapter(list_checkpoints(plain)[0])[0]["row"], row0["row"])
     result = json.loads((full / "result.json").read_text())
     assert result["eval_shared"]["eval_shared/users"] == 24
+    best_global = result["eval_global"]
+    assert best_global["eval_global/users"] == 24 and 0 <= best_global["eval_global/accuracy_mean"] <= 1
     assert result["eval"]["eval/loss_mean"] < result["eval_base"]["eval_base/loss_mean"]
 
     # Cut after 6 steps, then resumed: the same rows, moments, kept rows, stops and shared adapter, bit for bit.
