@@ -266,7 +266,7 @@ class TrainedAdapters:
 
 def load_trained(path: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "auto",
                  dtype: str | None = None, base: str | Path | None = None) -> TrainedAdapters:
-    """The base plus every user's adapter from a run directory, a checkpoint or a flora export
+    """The base plus every user's adapter from a run directory, a checkpoint, or a flora or packed export
     (``base``: where the base is now, if it moved after training)."""
     return TrainedAdapters(resolve_source(Path(path), Path(checkpoint) if checkpoint else None,
                                           Path(base) if base else None), device, dtype)
