@@ -21,6 +21,7 @@ from flora_train.export.base import (
     write_json,
 )
 from flora_train.files import replaced_folder
+from flora_train.run_dir.checkpoints import read_manifest
 
 
 def merged_state_dict(model: torch.nn.Module, base: dict[str, torch.Tensor], layout: Any, row: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -75,8 +76,12 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
             raise ExportError(f"writing the export to {out} failed: {exc}") from None
         index[user] = folder
     write_json(out / "index.json", index)
+    # which run (a checkpoint's manifest names it, and an export's from one): the run directory may move
+    made_from = read_manifest(source.checkpoint) if source.checkpoint else json.loads(
+        (Path(source.label) / "manifest.json").read_text())
     manifest = {"format": "merged", "method": source.layout.spec.method, "num_users": len(index),
-                "checkpoint": str(Path(source.label).absolute()), "base_model": source.model_path, "dtype": dtype}
+                "checkpoint": str(Path(source.label).absolute()), "base_model": source.model_path, "dtype": dtype,
+                "run_id": made_from.get("run_id")}
     write_json(out / "manifest.json", manifest)
     return index
 

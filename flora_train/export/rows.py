@@ -20,6 +20,7 @@ from flora_train.run_dir.checkpoints import (
     checkpoint_chain,
     lease_checkpoint,
     leased_latest_checkpoint,
+    read_manifest,
     read_shared_adapter,
     read_state,
     saved_layout,
@@ -128,6 +129,7 @@ class RowExport(AdapterExport):
         index = {u: merged[u] for u in selected}  # the caller's order (or the checkpoint's), not the shards'
         manifest = {"format": self.name, "method": layout.spec.method, "rank": layout.spec.rank, "num_users": len(index),
                     "users_per_part": [len(p) for p, _ in pieces], "checkpoint": str(ckpt.absolute()), "base_model": base_model,
+                    "run_id": read_manifest(ckpt).get("run_id"),  # which run: the run directory may move
                     # what loading the base and the untrained rows needs beyond its path (serving an export)
                     **({} if cfg is None else {"gguf_file": cfg.base.gguf_file, "init_seed": cfg.store.init_seed}),
                     # the trained base's identity, so that serving the export finds a changed base (not for an

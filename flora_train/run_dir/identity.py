@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flora_train import dist as fdist
 from flora_train.errors import UserError
-from flora_train.run_dir.checkpoints import holds_checkpoints, list_checkpoints, read_manifest
+from flora_train.run_dir.checkpoints import holds_checkpoints
 from flora_train.run_dir.layout import RUN_OWNED, RunDir
 from flora_train.run_dir.lock import RunLock
 
@@ -29,20 +29,11 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _run_id_of(rd: RunDir) -> str:
-    for ckpt in reversed(list_checkpoints(rd.path)):
-        try:
-            return str(read_manifest(ckpt).get("run_id") or "run")
-        except UserError:
-            continue
-    return "run"
-
-
 def move_aside(rd: RunDir) -> Path:
     """Moves what belongs to the run in ``rd`` into ``rd/replaced/<run id>-<time>/``, checkpoints
     first: each move is one rename, and once the checkpoints are gone nothing can mix with them."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = rd.replaced / f"{_run_id_of(rd)}-{stamp}"
+    target = rd.replaced / f"{rd.run_id() or 'run'}-{stamp}"
     target.mkdir(parents=True)
     for name in RUN_OWNED:
         if (rd.path / name).exists():

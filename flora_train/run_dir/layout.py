@@ -145,6 +145,30 @@ class RunDir:
         with self.exports_elsewhere.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"out": str(out)}) + "\n")
 
+    def run_id(self) -> str | None:
+        """The id of the run held here (its newest readable checkpoint manifest's); None when none."""
+        from flora_train.run_dir.checkpoints import list_checkpoints, read_manifest
+
+        for ckpt in reversed(list_checkpoints(self.path)):
+            try:
+                return read_manifest(ckpt).get("run_id")
+            except UserError:
+                continue
+        return None
+
+    def holds_export(self, out: Path, info: dict) -> bool:
+        """Whether the export in ``out`` (its manifest ``info``) is of this run. By the run id the
+        export records, so that a run directory moved since keeps its exports; a copy of the run
+        directory has that id too, so an export outside it is the copy's only when the directory that
+        wrote it no longer holds that run. An export from before run ids: by its checkpoint's path."""
+        source = Path(str(info.get("checkpoint", ""))).resolve().parent
+        if source == self.checkpoints.resolve():
+            return True
+        made_by = info.get("run_id")
+        if made_by is None or made_by != self.run_id():
+            return False
+        return Path(out).resolve().is_relative_to(self.path.resolve()) or RunDir(source.parent).run_id() != made_by
+
     def foreign_checkpoint_error(self, checkpoint: Path) -> str | None:
         """Why ``checkpoint`` (a ``--checkpoint``) is not one of this run's (None: it is). Another
         run's exported, served or scored as this one's would mix the two: its export recorded
@@ -183,8 +207,8 @@ class RunDir:
             info = json.loads(manifest.read_text())
         except (OSError, ValueError):
             return f"{out}: holds a manifest.json that is not an export's; export into an empty folder"
-        source = Path(str(info.get("checkpoint", ""))).resolve().parent
-        if source != self.checkpoints.resolve():
+        if not self.holds_export(target, info):
+            source = Path(str(info.get("checkpoint", ""))).resolve().parent
             return (f"{out}: holds an export of another run ({source.parent}); its users and this run's would mix: "
                     "export into an empty folder")
         if info.get("format") != fmt:
@@ -208,14 +232,12 @@ class RunDir:
         """The ``index.json`` of every export of this run: those under ``export/``, and those recorded
         elsewhere that still hold an export of one of this run's checkpoints (a folder since reused
         for something else is left alone)."""
-        checkpoints = self.checkpoints.resolve()
         elsewhere = []
         for out in self._exports_recorded():
             manifest = out / "manifest.json"
             if not ((out / "index.json").is_file() and manifest.is_file()):
                 continue
-            source = Path(str(json.loads(manifest.read_text()).get("checkpoint", ""))).resolve()
-            if source.parent == checkpoints:
+            if self.holds_export(out, json.loads(manifest.read_text())):
                 elsewhere.append(out / "index.json")
         return sorted(self.exports.glob("*/index.json")) + elsewhere
 

@@ -77,6 +77,18 @@ def test_one_writer_and_a_rerun_never_mixes_two_runs(tmp_path):
     assert "warning" not in exported.stderr
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["checkpoint"] == final
 
+    # A run directory moved (a rename, another disk) keeps its exports: exporting into its own
+    # export/ again is no "export of another run", and forget reaches the export outside it (both
+    # went by the checkpoint path the export recorded: the first was refused, the second left the
+    # forgotten user in tmp/out).
+    moved = tmp_path / "moved"
+    os.replace(run_dir, moved)
+    again = flora_train("export", str(moved), "--format", "flora", "--out", str(moved / "export" / "flora"))
+    assert "exported 24 users" in again.stdout, again.stderr[-2000:]
+    forgot = flora_train("forget", str(moved), "--users", "user-000002")
+    assert f"also removed from the exports outside the run: {tmp_path / 'out'}" in forgot.stdout, forgot.stdout
+    assert "user-000002" not in json.loads((tmp_path / "out" / "index.json").read_text())
+
 
 def _digest(folder) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
