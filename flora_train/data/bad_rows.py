@@ -29,11 +29,24 @@ class BadRows:
 
     def report(self, where: str, reason: str, detail: str, fix: str | None = None) -> None:
         """``fix``: what to set when the row is fine but read under the wrong settings (then skipping
-        rows is not the way out)."""
+        rows is not the way out, and every row would say the same: the first stops the read). Other
+        bad rows under the error policy are gathered, and ``refuse`` names them together once the
+        pass is over: fixing the first alone would meet the next on the following try."""
         message = f"{where}: {detail}"
-        if self.policy == "error":
-            hint = fix or self.skip_hint
-            raise DataError(f"{message} ({hint})" if hint else message)
+        if self.policy == "error" and fix:
+            raise DataError(f"{message} ({fix})")
         self.counts[reason] += 1
         if len(self.examples) < 20:
             self.examples.append(message)
+
+    def refuse(self) -> None:
+        """Under the error policy, raises one ``DataError`` for the bad rows gathered so far: the first
+        few by file and line, and how many there are."""
+        if self.policy != "error" or not self.total:
+            return
+        shown = self.examples[:3]
+        message = shown[0]
+        if self.total > 1:
+            rest = self.total - len(shown)
+            message = f"{self.total} bad rows: {'; '.join(shown)}" + (f"; and {rest} more" if rest > 0 else "")
+        raise DataError(f"{message} ({self.skip_hint})" if self.skip_hint else message)

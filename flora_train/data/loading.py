@@ -190,6 +190,7 @@ def load_examples(spec: Any, fmt: str, cols: Columns, bad: BadRows, split: str =
         except UnicodeDecodeError as exc:
             raise DataError(f"{source.label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     flush()
+    bad.refuse()
     if not batches:
         raise DataError(f"{', '.join(s.label for s in sources[:3])}: no usable examples ({bad.total} bad rows)")
     return datasets.Dataset(pa.concat_tables(batches))

@@ -109,6 +109,7 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer: Any, max_length: int, add
     # In memory and uncached: the function reports bad rows as it goes, so it must really run.
     out = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, features=TOKENIZED,
                  load_from_cache_file=False, keep_in_memory=True)
+    bad.refuse()
     if long_rows:
         _refuse_long_rows(long_rows, too_long, max_length, context)
     return out

@@ -23,11 +23,12 @@ def read_prompts(path: Path, chat: bool = False, user_column: str = "user_id") -
     if not path.is_file():
         raise InferenceError(f"{path}: cannot read the prompts: {'a folder' if path.is_dir() else 'no such file'}")
     fmt = "auto" if format_of(path) else "jsonl"
-    rows = source_rows(DataSource(path=path), fmt, user_column, BadRows(skip_hint=None))
+    bad = BadRows(skip_hint=None)
     try:
-        for where, row in rows:
+        for where, row in source_rows(DataSource(path=path), fmt, user_column, bad):
             users.append(_user(row, user_column, where))
             prompts.append(_prompt(row, users[-1], chat, where))
+        bad.refuse()
     except DataError as exc:
         raise InferenceError(str(exc)) from None
     except UnicodeDecodeError as exc:  # UTF-16 from a Windows editor, a binary file named by mistake

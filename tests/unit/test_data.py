@@ -11,9 +11,7 @@ from flora_train.data import IGNORE, BadRows, BatchPlanner, Columns, DataError, 
 from tests.unit.data_helpers import GOOD, write_jsonl
 
 
-@pytest.mark.parametrize(
-    "line, reason",
-    [
+BAD_LINES = [
         ('{"user_id": "a", "prompt": "x"', "malformed"),
         (json.dumps({"prompt": "x", "completion": "y"}), "missing_user"),
         (json.dumps({"user_id": "", "prompt": "x", "completion": "y"}), "missing_user"),
@@ -31,8 +29,10 @@ from tests.unit.data_helpers import GOOD, write_jsonl
         # Before, an integer id was turned into "42" silently, merging it with the string id "42".
         (json.dumps({"user_id": 42, "prompt": "x", "completion": "y"}), "wrong_type_user"),
         (json.dumps({"user_id": 4.0, "prompt": "x", "completion": "y"}), "wrong_type_user"),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize("line, reason", BAD_LINES)
 def test_bad_rows_name_file_and_line_or_are_counted(tmp_path, line, reason):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, "", line, GOOD])
     with pytest.raises(DataError, match=r"d\.jsonl:3: "):
@@ -40,6 +40,21 @@ def test_bad_rows_name_file_and_line_or_are_counted(tmp_path, line, reason):
     bad = BadRows("skip")
     ds = load_examples(path, "auto", Columns(), bad)
     assert len(ds) == 2 and bad.counts == {reason: 1} and "d.jsonl:3" in bad.examples[0]
+
+
+def test_the_bad_rows_of_a_file_are_refused_together(tmp_path):
+    """Each bad row stopped the read alone, so a file with several took a try per row to fix. They
+    are gathered and named in one error: the first three by file and line, and how many in all."""
+    # (Not the rows that name a setting to change instead: an integer user id, a row without the user column.)
+    lines = [line for line, reason in BAD_LINES if reason != "wrong_type_user" and ("user_id" in line or "[" in line)]
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, *lines, GOOD])
+    with pytest.raises(DataError) as error:
+        load_examples(path, "auto", Columns(), BadRows("error"))
+    message = str(error.value)
+    assert message.startswith(f"{len(lines)} bad rows: {path}:2: malformed JSON"), message
+    assert f"; {path}:3: missing or invalid user id column 'user_id' (got '')" in message
+    assert f"; {path}:4: user 'a': empty 'completion'" in message
+    assert message.endswith(f"; and {len(lines) - 3} more (set data.on_bad_row=skip to skip such rows)"), message
 
 
 @pytest.mark.parametrize("row, fix", [
