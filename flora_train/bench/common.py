@@ -11,6 +11,25 @@ from typing import Any
 import torch
 
 
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory in MiB from /proc (Linux): ``VmRSS`` now, or ``VmHWM``, its peak
+    since the process began or since ``reset_peak_rss``. Benches read the peak here, not from
+    getrusage's ``ru_maxrss``: a process started by fork and exec keeps its parent's high-water mark
+    there, so a bench process started by a large one (``doctor``, ``bench all``) measured nothing."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Sets ``VmHWM`` to the resident memory now (Linux 4.0+; elsewhere nothing)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def bench_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flora_train.bench.common import bench_device, bench_precision, machine, write_json
+from flora_train.bench.common import bench_device, bench_precision, machine, rss_mib, write_json
 
 DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
                     num_kv_heads=4, vocab_size=1024, max_position_embeddings=1024, seed=0, pretrain_steps=0)
@@ -115,7 +114,7 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
                 "seconds": seconds,
                 "real_tokens": real, "computed_tokens": computed, "biggest_micro_batch_tokens": biggest,
                 "micro_batches_per_step": statistics.fmean(len(w.micro_batches) for w in works),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mib": rss_mib("VmHWM"),
                 "peak_device_mib": (torch.cuda.max_memory_allocated(session.device) / 2**20
                                     if session.device.type == "cuda" else None),
                 "examples": len(lengths), "longest": int(lengths.max())}

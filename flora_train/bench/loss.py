@@ -10,7 +10,6 @@ variant runs in a fresh process and reports its peak RSS above what it held befo
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from flora_train.bench.common import bench_device, bench_dtype, machine, write_json
+from flora_train.bench.common import bench_device, bench_dtype, machine, reset_peak_rss, rss_mib, write_json
 
 DEFAULT = dict(vocab_size=32768, hidden_size=256, num_layers=2, batch=8, tokens=512, target_fraction=0.5)
 
@@ -50,7 +49,8 @@ def _step(variant: str, spec: dict[str, Any], device: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        reset_peak_rss()
+        before = rss_mib("VmHWM")
     with slot.activate(rows, torch.arange(spec["batch"], device=device)), autocast:
         if variant == "full_logits":
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -61,7 +61,7 @@ def _step(variant: str, spec: dict[str, Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    return rss_mib("VmHWM") - before
 
 
 def bench_loss(device: str, out: Path, spec: dict[str, Any] | None = None) -> dict[str, Any]:

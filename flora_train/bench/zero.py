@@ -19,26 +19,11 @@ from typing import Any
 
 import torch
 
-from flora_train.bench.common import machine, new_figure, save_figure, write_json
+from flora_train.bench.common import machine, new_figure, reset_peak_rss, rss_mib, save_figure, write_json
 
 # Big enough that the base dominates a rank's memory next to torch's own few hundred MiB on CPU.
 DEFAULT_BASE = dict(architecture="llama", hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=8,
                     num_kv_heads=8, vocab_size=4000, max_position_embeddings=128, seed=0, pretrain_steps=0)
-
-
-def _rss_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
 
 
 def _trim_heap() -> None:
@@ -60,12 +45,12 @@ def _worker(spec_path: Path) -> None:
     from flora_train.train.trainer import Trainer
 
     spec = json.loads(spec_path.read_text())
-    _reset_peak_rss()
+    reset_peak_rss()
     session = prepare_session(load_recipe(None, spec["overrides"]))
     try:
-        load_peak = _rss_mib("VmHWM")
+        load_peak = rss_mib("VmHWM")
         _trim_heap()
-        loaded = _rss_mib("VmRSS")
+        loaded = rss_mib("VmRSS")
         held, whole = resident_base_bytes(session.model)
         trainer = Trainer(session.model, session.slot, session.store, session.train, train_settings(session),
                           session.user_total_steps(), session.pad_id, session.device)
@@ -74,7 +59,7 @@ def _worker(spec_path: Path) -> None:
         for plan in plans[: spec["warmup"]]:
             trainer.train_step(plan)
         _trim_heap()
-        _reset_peak_rss()
+        reset_peak_rss()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(session.device)
@@ -88,7 +73,7 @@ def _worker(spec_path: Path) -> None:
             times.append(time.perf_counter() - start)
         out: dict[str, Any] = {
             "rank": fdist.rank(), "world": fdist.world_size(), "base_held_bytes": held, "base_bytes": whole,
-            "step_ms": [t * 1000 for t in times], "load_peak_rss_mib": load_peak, "rss_after_load_mib": loaded, "train_peak_rss_mib": _rss_mib("VmHWM"),
+            "step_ms": [t * 1000 for t in times], "load_peak_rss_mib": load_peak, "rss_after_load_mib": loaded, "train_peak_rss_mib": rss_mib("VmHWM"),
         }
         if cuda:
             out["train_peak_gpu_mib"] = torch.cuda.max_memory_allocated(session.device) / 2**20
