@@ -18,7 +18,7 @@ from flora_train.base.zero import resident_base_bytes
 from flora_train.config import RecipeError, flatten, recipe_to_yaml
 from flora_train.errors import warn
 from flora_train.files import replace_text
-from flora_train.launch_env import elastic_job
+from flora_train.launch_env import elastic_job, read_launch_env
 from flora_train.run_dir.checkpoints import (
     checkpoint_chain,
     latest_checkpoint,
@@ -62,7 +62,27 @@ def _same_elastic_job(run_dir: Path) -> bool:
     return False
 
 
+def launch_unread(cfg: DictConfig, environ: dict[str, str]) -> str | None:
+    """What `flora-train run` started by hand leaves undone of the recipe's launch section: several
+    processes, or a scheduler's job. A launched process runs under torchrun (one process too: every
+    launch starts torchrun) or inside a Slurm job, whose variables say so."""
+    launched = {"WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"} & set(environ)
+    if launched or read_launch_env(environ).launcher != "single":
+        return None
+    job = cfg.launch
+    procs, scheduler = job.nodes * job.procs_per_node, job.scheduler.value
+    if procs <= 1 and scheduler == "local":
+        return None
+    asked = f"{procs} processes ({job.nodes} node(s) x launch.procs_per_node={job.procs_per_node})" if procs > 1 else ""
+    if scheduler != "local":
+        asked = f"a {scheduler} job" + (f" of {asked}" if asked else "")
+    return (f"the recipe's launch section asks for {asked}, and `flora-train run` trains in this one process; "
+            "`flora-train launch RECIPE` starts what it asks for")
+
+
 def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
+    if note := launch_unread(cfg, dict(os.environ)):  # (by hand: one process, no other rank to repeat it)
+        warn(note)
     # Signals are caught from the start: a preemption during set-up stops after the first step.
     with PreemptionWatch(cfg.train.checkpoint_every_minutes) as watch:
         session = prepare_session(cfg, fresh=not wants_resume(cfg, resume))

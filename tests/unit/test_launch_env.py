@@ -129,3 +129,23 @@ def test_a_torchrun_job_is_known_by_its_rendezvous_id_but_not_by_the_default_one
     ``none`` is every static-rendezvous job's, so it must not make a fresh job resume another's."""
     assert elastic_job({"TORCHELASTIC_RUN_ID": "slurm-1234"}) == "slurm-1234"
     assert elastic_job({"TORCHELASTIC_RUN_ID": "none"}) is None and elastic_job({}) is None
+
+
+def test_run_by_hand_says_what_the_launch_section_asks_for_and_launched_ranks_do_not():
+    """`flora-train run` on a recipe asking launch for two processes trained in one, without a word."""
+    from flora_train.config import load_recipe
+    from flora_train.train.run import launch_unread
+
+    two = load_recipe("recipes/quickstart.yaml", ["launch.procs_per_node=2"])
+    note = launch_unread(two, {})
+    assert note is not None and "2 processes (1 node(s) x launch.procs_per_node=2)" in note
+    assert "`flora-train launch RECIPE`" in note
+    slurm = load_recipe("recipes/quickstart.yaml", ["launch.scheduler=slurm", "launch.nodes=2"])
+    note = launch_unread(slurm, {})
+    assert note is not None and "a slurm job of 2 processes" in note
+    assert launch_unread(load_recipe("recipes/quickstart.yaml"), {}) is None  # one local process: nothing to say
+    # Launched: torchrun (k8s pods and local launches, one process too), or a Slurm job (srun of one task too).
+    one = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}
+    srun = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "1"}
+    assert launch_unread(two, {**TORCH, "TORCHELASTIC_RUN_ID": "x"}) is None
+    assert launch_unread(two, one) is None and launch_unread(slurm, srun) is None
