@@ -28,20 +28,27 @@ LAUNCH_FLAGS = {"scheduler": "--scheduler", "nodes": "--nodes", "procs_per_node"
 LAUNCH_COUNTS = ("nodes", "procs_per_node", "gpus_per_node")
 
 
+def _version() -> str:
+    from flora_train import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flora-train", description="Jointly fine-tune thousands of per-user adapters.")
     # The deepspeed launcher passes --local_rank=N to every process; LOCAL_RANK carries the same.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"flora-train {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train from a recipe")
     run.add_argument("recipe", type=Path, help="a recipe YAML (recipes/*.yaml)")
-    run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    run.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
 
     la = sub.add_parser("launch", help="submit a recipe as a job (local torchrun, Slurm, Kubernetes)")
     la.add_argument("recipe", type=Path, help="a recipe YAML (recipes/*.yaml)")
-    la.add_argument("overrides", nargs="*", help="key.sub=value overrides (launch.* included)")
+    la.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides (launch.* included)")
     from flora_train.launch import SCHEDULERS
 
     la.add_argument("--scheduler", choices=list(SCHEDULERS), help="launch.scheduler")
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a recipe and print it resolved, without running")
     val.add_argument("recipe", type=Path, help="a recipe YAML (recipes/*.yaml)")
-    val.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    val.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
 
     ev = sub.add_parser("eval", help="per-user held-out loss/accuracy of a run's latest checkpoint")
     ev.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")

@@ -17,6 +17,20 @@ def test_batch_size_below_one_is_a_usage_line(capsys):
     assert "argument --batch-size: must be a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
+def test_version_and_a_missing_recipe(capsys):
+    """No --version at all; and `flora-train run` alone said "required: recipe, overrides", though
+    overrides are optional."""
+    from flora_train import __version__
+
+    with pytest.raises(SystemExit):
+        parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == f"flora-train {__version__}"
+    for command in ("run", "launch", "validate"):
+        with pytest.raises(SystemExit):
+            parse_args([command])
+        assert capsys.readouterr().err.strip().endswith("error: the following arguments are required: recipe")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--sample", "--top-k", "-3"], "top_k must be >= 0 (0: off), got -3"),
     (["--num-beams", "0"], "num_beams must be >= 1, got 0"),
