@@ -77,8 +77,9 @@ def export_merged(source_dir: Path, users: list[str], out: Path, checkpoint: Pat
         index[user] = folder
     write_json(out / "index.json", index)
     # which run (a checkpoint's manifest names it, and an export's from one): the run directory may move
-    made_from = read_manifest(source.checkpoint) if source.checkpoint else json.loads(
-        (Path(source.label) / "manifest.json").read_text())
+    exported = Path(source.label) / "manifest.json"
+    made_from = (read_manifest(source.checkpoint) if source.checkpoint
+                 else json.loads(exported.read_text()) if exported.is_file() else {})
     manifest = {"format": "merged", "method": source.layout.spec.method, "num_users": len(index),
                 "checkpoint": str(Path(source.label).absolute()), "base_model": source.model_path, "dtype": dtype,
                 "run_id": made_from.get("run_id")}
