@@ -225,6 +225,7 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     if rd.shared_adapter.is_file():
         with safe_open(str(rd.shared_adapter), framework="pt") as f:
             shared = int((f.metadata() or {}).get("steps", 0))
+        write_json(rd.shared_adapter_removed, {"steps": shared})  # what `forget --retrain-shared` trains later
         rd.shared_adapter.unlink()
     derived = []
     for path in rd.derived:

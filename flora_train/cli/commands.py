@@ -174,27 +174,37 @@ def _forget(args: argparse.Namespace) -> None:
     from flora_train.lifecycle import forget_users
     from flora_train.run_dir import RunDir
 
-    base, recipe = None, RunDir(args.run_dir).recipe
-    if args.retrain_shared and recipe.is_file():  # the base it retrains on, found before anything is forgotten
-        base = base_for_training_on(args.run_dir, load_recipe(recipe), args.base)
-    out = forget_users(args.run_dir, args.users)
-    print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
-          f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
-          f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
-    if out["exports_elsewhere"]:
-        print(f"also removed from the exports outside the run: {', '.join(out['exports_elsewhere'])}")
-    for line in out["recovered"]:
-        print(f"completed an interrupted forget: {line}")
-    if out["removed_shared_adapter"] and args.retrain_shared:
+    rd = RunDir(args.run_dir)
+    base = None
+    if args.retrain_shared and rd.recipe.is_file():  # the base it retrains on, found before anything is forgotten
+        base = base_for_training_on(args.run_dir, load_recipe(rd.recipe), args.base)
+    steps = rd.removed_shared_steps()  # removed by an earlier forget, not retrained since
+    forgotten: set[str] = set()
+    if args.users is not None:
+        out = forget_users(args.run_dir, args.users)
+        forgotten = set(out["users"])
+        print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
+              f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
+              f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
+        if out["exports_elsewhere"]:
+            print(f"also removed from the exports outside the run: {', '.join(out['exports_elsewhere'])}")
+        for line in out["recovered"]:
+            print(f"completed an interrupted forget: {line}")
+        if out["removed_shared_adapter"]:
+            steps = out["shared_adapter_steps"]
+            if not args.retrain_shared:
+                print("removed shared_adapter.safetensors: it was trained on the forgotten users' data too; retrain "
+                      f"it with `flora-train forget {args.run_dir} --retrain-shared`")
+    if not args.retrain_shared:
+        return
+    if steps is not None:
         from flora_train.train.scoring import retrain_shared_baseline
 
-        n = retrain_shared_baseline(args.run_dir, set(out["users"]), out["shared_adapter_steps"], base)
-        print(f"retrained the shared adapter for {out['shared_adapter_steps']} steps on {n} examples of the "
-              "remaining users")
-    elif out["removed_shared_adapter"]:
-        print("removed shared_adapter.safetensors: it was trained on the forgotten users' data too; retrain it "
-              "with `flora-train forget --retrain-shared` (or a run with train.compare_shared_baseline=true)")
-    elif args.retrain_shared:
+        n = retrain_shared_baseline(args.run_dir, forgotten, steps, base)
+        print(f"retrained the shared adapter for {steps} steps on {n} examples of the remaining users")
+    elif rd.shared_adapter.is_file():
+        print("the shared adapter holds no forgotten user's data: nothing to retrain")
+    else:
         print("no shared adapter to retrain: this run has none (train it with train.compare_shared_baseline=true)")
 
 

@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fg = sub.add_parser("forget", help="remove users from a run: checkpoints, exports, per-user files")
     fg.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")
-    fg.add_argument("--users", type=user_list, required=True, help="comma-separated user ids, or @FILE with one id per line")
+    fg.add_argument("--users", type=user_list, default=None, help="comma-separated user ids, or @FILE with one id per line")
     fg.add_argument("--retrain-shared", action="store_true",
-                    help="train the shared adapter again without the forgotten users' data (it is removed otherwise)")
+                    help="train the shared adapter again without the forgotten users' data (it is removed otherwise); "
+                         "alone (no --users): the one an earlier forget removed")
     fg.add_argument("--base", type=Path, default=None, help=f"--retrain-shared: {BASE_HELP}")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server; concurrent users batched into one forward")
@@ -198,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if getattr(args, dest) != default and dest not in EXPORT_FORMATS[args.format].reads:
                 readers = " or ".join(f"--format {n}" for n, e in EXPORT_FORMATS.items() if dest in e.reads)
                 parser.error(f"{flag} is read only by {readers}, not --format {args.format}")
+    if args.command == "forget" and args.users is None and not args.retrain_shared:
+        parser.error("forget needs --users (or --retrain-shared alone: train again the shared adapter that an earlier "
+                     "forget removed)")
     if args.command == "forget" and args.base is not None and not args.retrain_shared:
         parser.error("--base is read only with --retrain-shared (forgetting loads no base)")
     if args.command == "serve" and args.checkpoint is not None and args.follow is not None:

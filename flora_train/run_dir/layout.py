@@ -9,6 +9,7 @@ run_dir/
   checkpoints/.readers/     readers' leases on checkpoints, exports against forget (readers.py)
   phases/phase-NNNNN.parquet who each training phase trains (train/phases.py)
   shared_adapter.safetensors the adapter shared by every user (train.compare_shared_baseline)
+  shared_adapter.removed.json its steps, once forget removed it (forget --retrain-shared trains it again)
   eval/                     per-user evaluations, summaries, generation reports
   eval/data-<name>-<hash>/  the same for `flora-train eval --data FILE` (the run's own stay as they were)
   export/<format>/          exports written by the run (index.json + manifest.json each)
@@ -35,8 +36,9 @@ from flora_train.run_dir.lock import LOCK_NAME
 # What a run leaves that is its own: train.overwrite moves these aside, checkpoints first (a run
 # directory without checkpoints holds no run to mix with). The data, its cache, a tiny base, the
 # kernel choices and the MLflow store (one database of many runs) stay for the next run.
-RUN_OWNED = ("checkpoints", "phases", "shared_adapter.safetensors", "eval", "export", "exports-elsewhere.jsonl",
-             "result.json", "recipe.yaml", "tracking-buffer.jsonl", "tracking-buffer-eval.jsonl", "store_tier")
+RUN_OWNED = ("checkpoints", "phases", "shared_adapter.safetensors", "shared_adapter.removed.json", "eval", "export",
+             "exports-elsewhere.jsonl", "result.json", "recipe.yaml", "tracking-buffer.jsonl", "tracking-buffer-eval.jsonl",
+             "store_tier")
 
 
 class NotARunDir(UserError, FileNotFoundError):
@@ -97,6 +99,18 @@ class RunDir:
     @property
     def shared_adapter(self) -> Path:
         return self.path / "shared_adapter.safetensors"
+
+    @property
+    def shared_adapter_removed(self) -> Path:
+        """The steps of the shared adapter that a forget removed, so that a later
+        ``forget --retrain-shared`` can train it again as the run did."""
+        return self.path / "shared_adapter.removed.json"
+
+    def removed_shared_steps(self) -> int | None:
+        """The steps of a shared adapter a forget removed and nothing has retrained (None: none)."""
+        if not self.shared_adapter_removed.is_file() or self.shared_adapter.is_file():
+            return None
+        return int(json.loads(self.shared_adapter_removed.read_text())["steps"])
 
     @property
     def eval(self) -> Path:

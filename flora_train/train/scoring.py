@@ -364,6 +364,7 @@ def retrain_shared_baseline(run_dir: Path, without: set[str], steps: int, base: 
                                        if u in present and u not in without]))
         session.train = session.train.select(keep)
         train_shared_baseline(session, steps)
+        session.paths.shared_adapter_removed.unlink(missing_ok=True)  # (the adapter is back)
         return len(keep)
     finally:
         session.close()

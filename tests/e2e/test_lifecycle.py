@@ -79,6 +79,7 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     for path, data in _all_bytes(packed).items():
         assert not any(w in data for w in windows), f"{path} still holds bytes of a forgotten user's rows"
     assert "removed shared_adapter.safetensors" in done.stdout and not (run_dir / "shared_adapter.safetensors").exists()
+    assert f"retrain it with `flora-train forget {run_dir} --retrain-shared`" in done.stdout
 
     for path, data in _all_bytes(run_dir).items():
         for w in windows:
@@ -127,8 +128,14 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     # rows, and it trained on them again (184 examples: all but user-000005's 8; 192 in all).
     later = flora_train("forget", str(template), "--users", "user-000005", "--retrain-shared")
     assert "on 168 examples of the remaining users" in later.stdout, later.stdout
-    again = flora_train("forget", str(run_dir), "--users", "user-000005", "--retrain-shared")
-    assert "no shared adapter to retrain" in again.stdout
+    # The shared adapter the first forget removed is trained again by --retrain-shared alone, on the 22
+    # users left. (Before, --users was required, and with it the command the hint named said "no shared
+    # adapter to retrain: this run has none".)
+    alone = flora_train("forget", str(run_dir), "--retrain-shared")
+    assert "on 176 examples of the remaining users" in alone.stdout, alone.stdout
+    assert (run_dir / "shared_adapter.safetensors").is_file() and not (run_dir / "shared_adapter.removed.json").exists()
+    again = flora_train("forget", str(run_dir), "--retrain-shared")
+    assert "the shared adapter holds no forgotten user's data: nothing to retrain" in again.stdout
 
 
 class Killed(BaseException):

@@ -29,6 +29,10 @@ def test_version_and_a_missing_recipe(capsys):
         with pytest.raises(SystemExit):
             parse_args([command])
         assert capsys.readouterr().err.strip().endswith("error: the following arguments are required: recipe")
+    with pytest.raises(SystemExit):  # (--retrain-shared alone trains again a shared adapter a forget removed)
+        parse_args(["forget", "runs/x"])
+    assert "forget needs --users (or --retrain-shared alone" in capsys.readouterr().err
+    assert parse_args(["forget", "runs/x", "--retrain-shared"]).users is None
 
 
 @pytest.mark.parametrize("flags,message", [
