@@ -45,7 +45,7 @@ def match_target_modules(model: nn.Module, target_modules: str | Sequence[str]) 
         pattern = re.compile(target_modules)
         return [n for n in linear if pattern.fullmatch(n)]
     targets = list(target_modules)
-    return [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
+    return [n for n in linear if any(_named(n, t) for t in targets)]
 
 
 def feedforward_modules(model: nn.Module, spec: AdapterSpec) -> tuple[str, ...]:
@@ -66,13 +66,34 @@ def feedforward_modules(model: nn.Module, spec: AdapterSpec) -> tuple[str, ...]:
     return ()
 
 
+def _named(name: str, target: str) -> bool:
+    """Whether a list entry names the layer ``name``: itself, or a suffix of its dotted path."""
+    return name == target or name.endswith("." + target)
+
+
 def _resolved(model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str], what: str) -> tuple[AdapterSpec, list[str]]:
     names = match_target_modules(model, target_modules)
+    linear = [n for n, m in model.named_modules() if n and _is_linear(m)]
     if not names:
-        sample = [n for n, m in model.named_modules() if n and _is_linear(m)][:8]
         raise TargetModulesError(
-            f"{what}.target_modules={target_modules!r} matched no linear layer; linear layers look like {sample}"
+            f"{what}.target_modules={target_modules!r} matched no linear layer; linear layers look like {linear[:8]}"
         )
+    ends = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    if not isinstance(target_modules, str):  # a misspelt name beside good ones adapted the others alone
+        missing = [t for t in target_modules if not any(_named(n, t) for n in linear)]
+        if missing:
+            raise TargetModulesError(f"{what}.target_modules: {', '.join(map(repr, missing))} matched no linear layer "
+                                     f"of this model; its linear layers end in {ends} (name some of them, or set "
+                                     f"{what}.target_modules=all-linear)")
+    heads = sorted(_output_head_names(model).intersection(names))
+    if heads:  # the loss runs the head on the scored tokens of every user at once, not example by example
+        raise TargetModulesError(f"{what}.target_modules selects the output head ({', '.join(heads)}), which is not "
+                                 "adapted per user; leave it out ('all-linear' does)")
+    if spec.feedforward_modules is not None and spec.impl.uses_feedforward:
+        stray = [f for f in spec.feedforward_modules if not any(_named(n, f) for n in names)]
+        if stray:
+            raise TargetModulesError(f"{what}.feedforward_modules: {', '.join(map(repr, stray))} is no adapted layer "
+                                     f"(the feed-forward layers are some of {what}.target_modules)")
     return dataclasses.replace(spec, feedforward_modules=feedforward_modules(model, spec)), names
 
 

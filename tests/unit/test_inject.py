@@ -124,6 +124,29 @@ def test_no_match_and_double_injection_are_errors():
         inject_adapters(net, AdapterSpec(), ["0"])
 
 
+def test_targets_that_name_nothing_or_the_output_head_are_refused(tiny_llama_dir):
+    """[q_proj, v_porj] adapted q_proj alone without a word; lm_head (or a regex reaching it) was
+    injected and the first step ended in a traceback (the loss runs the head on the scored tokens of
+    all users at once); an IA3 feed-forward layer outside the targets scaled nothing."""
+    from flora_train.adapters.inject import TargetModulesError
+
+    for targets, message in [
+        (["q_proj", "v_porj"], "adapter.target_modules: 'v_porj' matched no linear layer of this model; its linear "
+                               "layers end in ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj',"),
+        (["q_proj", "lm_head"], "adapter.target_modules selects the output head (lm_head), which is not adapted per user"),
+        (".*", "adapter.target_modules selects the output head (lm_head)"),
+    ]:
+        with pytest.raises(TargetModulesError) as error:
+            inject_adapters(load_frozen_model(str(tiny_llama_dir)), AdapterSpec("lora", 2), targets)
+        assert str(error.value).startswith(message), str(error.value)
+    with pytest.raises(TargetModulesError, match=r"adapter.feedforward_modules: 'down_proj' is no adapted layer"):
+        inject_adapters(load_frozen_model(str(tiny_llama_dir)), AdapterSpec("ia3", feedforward_modules=("down_proj",)),
+                        ["q_proj", "v_proj"])
+    model = load_frozen_model(str(tiny_llama_dir))  # what PEFT's all-linear takes: every linear layer but the head
+    _, layout = inject_adapters(model, AdapterSpec("lora", 2), "all-linear")
+    assert "lm_head" not in layout.slices and len(layout.slices) == 7 * model.config.num_hidden_layers
+
+
 def test_batch_mismatch_is_reported():
     net = nn.Sequential(nn.Linear(2, 2))
     slot, layout = inject_adapters(net, AdapterSpec(), ["0"])
