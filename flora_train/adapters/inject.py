@@ -89,12 +89,20 @@ def _resolved(model: nn.Module, spec: AdapterSpec, target_modules: str | Sequenc
     if heads:  # the loss runs the head on the scored tokens of every user at once, not example by example
         raise TargetModulesError(f"{what}.target_modules selects the output head ({', '.join(heads)}), which is not "
                                  "adapted per user; leave it out ('all-linear' does)")
-    if spec.feedforward_modules is not None and spec.impl.uses_feedforward:
-        stray = [f for f in spec.feedforward_modules if not any(_named(n, f) for n in names)]
-        if stray:
-            raise TargetModulesError(f"{what}.feedforward_modules: {', '.join(map(repr, stray))} is no adapted layer "
-                                     f"(the feed-forward layers are some of {what}.target_modules)")
     return dataclasses.replace(spec, feedforward_modules=feedforward_modules(model, spec)), names
+
+
+def check_feedforward(model: nn.Module, spec: AdapterSpec, target_modules: str | Sequence[str], what: str) -> None:
+    """A recipe's own IA3 feed-forward list names adapted layers only, as PEFT requires: one outside
+    the targets scaled nothing. (Not checked in ``inject_adapters``: a trained layout records PEFT's
+    whole default list, whose layers a run may leave out of its targets.)"""
+    if spec.feedforward_modules is None or not spec.impl.uses_feedforward:
+        return
+    names = match_target_modules(model, target_modules)
+    stray = [f for f in spec.feedforward_modules if not any(_named(n, f) for n in names)]
+    if stray:
+        raise TargetModulesError(f"{what}.feedforward_modules: {', '.join(map(repr, stray))} is no adapted layer "
+                                 f"(the feed-forward layers are some of {what}.target_modules)")
 
 
 def inject_adapters(

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from flora_train.adapters import AdapterLayout, AdapterSlot, AdapterSpec, inject_adapters, user_seed
+from flora_train.adapters.inject import check_feedforward
 from flora_train.adapters.layer import AdaptedLinear
 from flora_train.adapters.tuning import KernelTuner
 from flora_train.base import load_frozen_model, resolve_device
@@ -288,6 +289,9 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
         shared = (shared_spec, s.target_modules if isinstance(s.target_modules, str) else list(s.target_modules),
                   cfg.store.init_seed)
     try:
+        check_feedforward(model, adapter_spec, targets, "adapter")
+        if shared is not None:
+            check_feedforward(model, shared[0], shared[1], "adapter.shared")
         slot, layout = inject_adapters(model, adapter_spec, targets, tuner, shared=shared)
     except ValueError as exc:  # no layer matched, or IA3 without feed-forward layers: the recipe's doing
         raise RecipeError(str(exc)) from None

@@ -128,7 +128,7 @@ def test_targets_that_name_nothing_or_the_output_head_are_refused(tiny_llama_dir
     """[q_proj, v_porj] adapted q_proj alone without a word; lm_head (or a regex reaching it) was
     injected and the first step ended in a traceback (the loss runs the head on the scored tokens of
     all users at once); an IA3 feed-forward layer outside the targets scaled nothing."""
-    from flora_train.adapters.inject import TargetModulesError
+    from flora_train.adapters.inject import TargetModulesError, check_feedforward
 
     for targets, message in [
         (["q_proj", "v_porj"], "adapter.target_modules: 'v_porj' matched no linear layer of this model; its linear "
@@ -139,9 +139,11 @@ def test_targets_that_name_nothing_or_the_output_head_are_refused(tiny_llama_dir
         with pytest.raises(TargetModulesError) as error:
             inject_adapters(load_frozen_model(str(tiny_llama_dir)), AdapterSpec("lora", 2), targets)
         assert str(error.value).startswith(message), str(error.value)
+    ia3 = AdapterSpec("ia3", feedforward_modules=("down_proj",))
     with pytest.raises(TargetModulesError, match=r"adapter.feedforward_modules: 'down_proj' is no adapted layer"):
-        inject_adapters(load_frozen_model(str(tiny_llama_dir)), AdapterSpec("ia3", feedforward_modules=("down_proj",)),
-                        ["q_proj", "v_proj"])
+        check_feedforward(load_frozen_model(str(tiny_llama_dir)), ia3, ["q_proj", "v_proj"], "adapter")
+    # A trained layout records PEFT's whole list, down_proj too, for a run that adapts q and v: it loads.
+    inject_adapters(load_frozen_model(str(tiny_llama_dir)), ia3, ["q_proj", "v_proj"])
     model = load_frozen_model(str(tiny_llama_dir))  # what PEFT's all-linear takes: every linear layer but the head
     _, layout = inject_adapters(model, AdapterSpec("lora", 2), "all-linear")
     assert "lm_head" not in layout.slices and len(layout.slices) == 7 * model.config.num_hidden_layers
