@@ -73,8 +73,13 @@ class RunDir:
         if (path / "index.json").is_file() and manifest.is_file():
             info = json.loads(manifest.read_text())
             source = Path(str(info.get("checkpoint", ""))).parent.parent
+            enclosing = RunDir(path.absolute().parent.parent)
+            if path.absolute().parent == enclosing.exports and enclosing.holds_run:  # its run's export/<format>
+                source = enclosing.path
+            where = "" if str(source) == "." else f", {source}" + (
+                "" if RunDir(source).holds_run else " (no run is there now: name the run directory where it is)")
             raise NotARunDir(f"{path}: a --format {info.get('format')} export, not a run directory; {command} reads "
-                             f"the run it was exported from" + (f", {source}" if str(source) != "." else ""))
+                             f"the run it was exported from{where}")
         if (path / "layout.json").is_file():
             raise NotARunDir(f"{path}: a checkpoint, not a run directory; name its run, {path.parent.parent}"
                              + (", and --checkpoint " + str(path) if command in {"eval", "export"} else ""))

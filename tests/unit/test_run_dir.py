@@ -120,8 +120,22 @@ def test_commands_given_another_folder_than_a_run_say_what_it_is_and_write_nothi
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000008"
     ckpt.mkdir(parents=True)
     (ckpt / "layout.json").write_text("{}")
+    # An export of a run since moved names the path it was at, and says nobody is there now; an export in
+    # a moved run's own export/ names that run (both named the stale path alone before).
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "index.json").write_text("{}")
+    gone = tmp_path / "gone" / "checkpoints" / "step-00000008"
+    (stale / "manifest.json").write_text(json.dumps({"format": "flora", "checkpoint": str(gone)}))
+    inside = run / "export" / "flora"
+    inside.mkdir(parents=True)
+    for name in ("index.json", "manifest.json"):
+        (inside / name).write_text((stale / name).read_text())
     name = command[0]
     cases = {export: f"{export}: a --format flora export, not a run directory; {name} reads the run it was exported from, {run}",
+             stale: f"exported from, {tmp_path / 'gone'} (no run is there now: name the run directory where it is)",
+             inside: f"{inside}: a --format flora export, not a run directory; {name} reads the run it was exported "
+                     f"from, {run}",
              ckpt: f"{ckpt}: a checkpoint, not a run directory; name its run, {run}",
              tmp_path / "typo": f"{tmp_path / 'typo'}: no such folder; {name} reads a run directory",
              tmp_path: f"{tmp_path}: not a run directory (no recipe.yaml, no checkpoints/)"}
