@@ -198,7 +198,7 @@ def _forget(args: argparse.Namespace) -> None:
     if not args.retrain_shared:
         return
     if steps is not None:
-        from flora_train.train.scoring import retrain_shared_baseline
+        from flora_train.train.shared_baseline import retrain_shared_baseline
 
         n = retrain_shared_baseline(args.run_dir, forgotten, steps, base)
         print(f"retrained the shared adapter for {steps} steps on {n} examples of the remaining users")

@@ -34,7 +34,8 @@ from flora_train.train.loop import LoopResult, TrainLoop
 from flora_train.train.phases import first_phase
 from flora_train.train.preemption import PreemptionWatch
 from flora_train.train.resume import agreed_checkpoint, check_same_base, check_same_run
-from flora_train.train.scoring import score_run, train_shared_baseline
+from flora_train.train.scoring import score_run
+from flora_train.train.shared_baseline import train_shared_baseline
 from flora_train.train.session import Session, prepare_session
 from flora_train.train.shared import first_shared_phase, load_shared
 from flora_train.train.sweep import check_not_collapsed, collapse

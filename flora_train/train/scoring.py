@@ -1,5 +1,6 @@
 """Held-out scoring of a run: per-user adapters, the base model (no adapter) and one adapter shared
-by every user, side by side; and `flora-train eval` on a finished or interrupted run.
+by every user (``shared_baseline.py`` trains it), side by side; and `flora-train eval` on a finished
+or interrupted run.
 
 Users in the evaluation data who have no training data, or whose adapter the scored checkpoint
 no longer holds (`flora-train forget`), are named in a warning and left out of the per-user rows
@@ -11,26 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
 from flora_train import dist as fdist
-from flora_train.config import load_recipe
-from flora_train.config.choices import StoreTier
-from flora_train.data import BatchPlanner, DataError
+from flora_train.data import DataError
 from flora_train.data.examples import TokenizedExamples
-from flora_train.files import replace_text, replaced, save_tensors
-from flora_train.launch_env import read_launch_env
-from flora_train.store import AdapterStore
+from flora_train.files import replace_text
 from flora_train.store.sharded import ShardedAdapterStore
-from flora_train.store.sharding import ShardPlan
 from flora_train.run_dir import RunDir
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, saved_users
@@ -42,13 +35,12 @@ from flora_train.train.generation_eval import (gather_generation, generation_eva
 from flora_train.train.resume import check_same_base
 from flora_train.train.data_setup import load_eval_file
 from flora_train.train.general_eval import base_answers, general_examples
-from flora_train.train.session import Session, make_row_init, prepare_session, train_settings
+from flora_train.train.session import Session, prepare_session, recipe_beside_the_run
 from flora_train.train.selection import best_global_moment
 from flora_train.train.shared import load_shared
-from flora_train.train.trainer import Trainer
+from flora_train.train.shared_baseline import load_shared_row
 
 log = logging.getLogger("flora_train")
-SHARED = "__shared__"
 
 
 def _owner(session: Session, user: str) -> int:
@@ -141,35 +133,6 @@ def coverage(session: Session) -> dict[str, Any]:
                         ", ".join(map(repr, users[:10])), " ..." if len(users) > 10 else "")
     return {"eval/users_without_training_data": float(len(no_data)), "eval/users_without_adapter": float(len(forgotten)),
             "eval/trained_users_without_eval_rows": float(unscored)}
-
-
-def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
-    """One adapter for every user, trained on the same examples for the same number of steps;
-    returns its row. Across ranks its single row is fetched by all of them and its gradients summed
-    at rank 0. The row is kept in ``run_dir/shared_adapter.safetensors`` for `flora-train eval`."""
-    local = AdapterStore(session.layout.row_size, make_row_init(session.layout, session.cfg.store.init_seed),
-                         session.store.hyper, "host", session.device)
-    store = ShardedAdapterStore(local, ShardPlan.balanced({SHARED: 1}, session.store.world), "fetch")
-    t = session.cfg.train
-    planner = BatchPlanner({SHARED: range(len(session.train))}, 1, t.users_per_step * t.examples_per_user, t.seed)
-    trainer = Trainer(session.model, session.slot, store, session.train, train_settings(session),
-                      {SHARED: steps}, session.pad_id, session.device)
-    plans = planner.steps(epochs=10**6, max_steps=steps)
-    trainer.fit(session.progress(plans, total=steps, desc="shared baseline", leave=False))
-    row = store.fetch([SHARED], requires_grad=False).values.detach()[0].cpu()
-    if fdist.rank() == 0:
-        path = session.paths.shared_adapter
-        with replaced(path) as tmp:
-            save_tensors({"row": row.contiguous()}, tmp, metadata={"steps": str(steps)})
-    return row
-
-
-def load_shared_row(run_dir: Path, row_size: int) -> torch.Tensor | None:
-    path = RunDir(run_dir).shared_adapter
-    if not path.is_file():
-        return None
-    row = load_file(str(path))["row"]
-    return row if row.shape == (row_size,) else None
 
 
 def against_shared(per_user: dict[str, UserEval], shared: dict[str, UserEval]) -> dict[str, float]:
@@ -324,48 +287,6 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
             context = getattr(getattr(session.model, "config", None), "max_position_embeddings", None)
             session.eval, session.eval_of = load_eval_file(session.cfg, session.tokenizer, data, context), RunDir.eval_scope(data)
         return _eval(session, session.cfg, run_dir, recipe, checkpoint, data)
-    finally:
-        session.close()
-
-
-def recipe_beside_the_run(run_dir: Path, doing: str, command: str) -> DictConfig:
-    """The run's recipe for work done on a finished run (eval, retraining the shared adapter):
-    rows in memory (the run's store tier files are never opened), the base whole in one process."""
-    RunDir(run_dir).require(command)
-    recipe = RunDir(run_dir).recipe
-    if not recipe.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    cfg = load_recipe(recipe)
-    # The directory it was asked about, not the one the recipe was written in: a run copied or moved
-    # elsewhere must never read or write its original's files.
-    cfg.run_dir = str(run_dir)
-    if cfg.base.zero_stage == 3 and cfg.base.offload_params.value == "none" and not read_launch_env(os.environ).distributed:
-        print(f"{doing} in one process: the base is loaded whole (base.zero_stage=0); "
-              "start under torchrun to keep it partitioned")
-        cfg.base.zero_stage = 0
-    cfg.store.tier, cfg.store.disk_dir, cfg.store.cache_rows = StoreTier.host, None, 0
-    return cfg
-
-
-def retrain_shared_baseline(run_dir: Path, without: set[str], steps: int, base: str | None = None) -> int:
-    """``flora-train forget --retrain-shared``: the shared adapter trained again as the run trained it,
-    for ``steps`` steps, on the examples of every user but ``without``; returns how many examples.
-    ``base``: where the run's base is now (``inference.trained.base_for_training_on``)."""
-    cfg = recipe_beside_the_run(run_dir, "retraining the shared adapter", "forget --retrain-shared")
-    if base is not None:
-        cfg.base.name_or_path = base
-    session = prepare_session(cfg)
-    try:
-        # Users an earlier forget removed are in the data still (it is the owner's, or written again from
-        # the recipe) but in no checkpoint: only the users the newest checkpoint holds are trained on.
-        ckpt = latest_checkpoint(run_dir)
-        present = saved_users(ckpt) if ckpt is not None else set()
-        keep = np.sort(np.concatenate([idx for u, idx in session.train.by_user().items()
-                                       if u in present and u not in without]))
-        session.train = session.train.select(keep)
-        train_shared_baseline(session, steps)
-        session.paths.shared_adapter_removed.unlink(missing_ok=True)  # (the adapter is back)
-        return len(keep)
     finally:
         session.close()
 

@@ -20,7 +20,8 @@ from flora_train.base.fingerprint import base_fingerprint
 from flora_train.base.loading import model_hidden_size
 from flora_train.base.packed_attention import use_packed_attention
 from flora_train.base.zero import ZeroBase, ZeroSpec, check_zero_launch
-from flora_train.config import RecipeError
+from flora_train.config import RecipeError, load_recipe
+from flora_train.config.choices import StoreTier
 from flora_train.data import BadRows, BatchPlanner
 from flora_train.data.examples import TokenizedExamples
 from flora_train import dist as fdist
@@ -348,3 +349,22 @@ def _prepare(cfg: DictConfig, run_dir: Path, launch: LaunchEnv, spec: ZeroSpec, 
         zero=zero,
         shared=SharedTraining(slot.shared, cfg, device) if slot.shared is not None else None,
     )
+
+
+def recipe_beside_the_run(run_dir: Path, doing: str, command: str) -> DictConfig:
+    """The run's recipe for work done on a finished run (eval, retraining the shared adapter):
+    rows in memory (the run's store tier files are never opened), the base whole in one process."""
+    RunDir(run_dir).require(command)
+    recipe = RunDir(run_dir).recipe
+    if not recipe.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    cfg = load_recipe(recipe)
+    # The directory it was asked about, not the one the recipe was written in: a run copied or moved
+    # elsewhere must never read or write its original's files.
+    cfg.run_dir = str(run_dir)
+    if cfg.base.zero_stage == 3 and cfg.base.offload_params.value == "none" and not read_launch_env(os.environ).distributed:
+        print(f"{doing} in one process: the base is loaded whole (base.zero_stage=0); "
+              "start under torchrun to keep it partitioned")
+        cfg.base.zero_stage = 0
+    cfg.store.tier, cfg.store.disk_dir, cfg.store.cache_rows = StoreTier.host, None, 0
+    return cfg

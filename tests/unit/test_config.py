@@ -176,7 +176,7 @@ def test_loading_a_recipe_warns_nothing_on_the_pinned_and_the_newest_omegaconf(t
     (run_dir / "recipe.yaml").write_text((REPO / "recipes/smollm2-135m-flora-r1.yaml").read_text())
     code = ("import omegaconf, sys; from flora_train.config import load_recipe; "
             "load_recipe('recipes/smollm2-135m-flora-r1.yaml', ['adapter.shared.rank=4']); "
-            "from flora_train.train.scoring import recipe_beside_the_run; "
+            "from flora_train.train.session import recipe_beside_the_run; "
             f"assert recipe_beside_the_run({str(run_dir)!r}, 'evaluating', 'eval').store.tier.value == 'host'; "
             "print(omegaconf.__version__)")
     for path, version in ((None, "2.3.0"), (tmp_path / "newest", "2.4.0")):
