@@ -18,7 +18,7 @@ from flora_train.base.zero import resident_base_bytes
 from flora_train.config import RecipeError, flatten, recipe_to_yaml
 from flora_train.errors import warn
 from flora_train.files import replace_text
-from flora_train.launch_env import elastic_job, read_launch_env
+from flora_train.launch_env import elastic_job
 from flora_train.run_dir.checkpoints import (
     checkpoint_chain,
     latest_checkpoint,
@@ -65,10 +65,9 @@ def _same_elastic_job(run_dir: Path) -> bool:
 
 def launch_unread(cfg: DictConfig, environ: dict[str, str]) -> str | None:
     """What `flora-train run` started by hand leaves undone of the recipe's launch section: several
-    processes, or a scheduler's job. A launched process runs under torchrun (one process too: every
-    launch starts torchrun) or inside a Slurm job, whose variables say so."""
-    launched = {"WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"} & set(environ)
-    if launched or read_launch_env(environ).launcher != "single":
+    processes, or a scheduler's job. A launched process has the torch variables (torchrun, one process
+    too, accelerate, deepspeed) or is inside a Slurm job: what ``launch_env`` reads a job from."""
+    if {"WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"} & set(environ):
         return None
     job = cfg.launch
     procs, scheduler = job.nodes * job.procs_per_node, job.scheduler.value
