@@ -220,8 +220,8 @@ def state_bytes_per_user(row_floats: int, segments: list[int], users: int = 1000
 
     out = {}
     for name, dtype in OPTIMIZERS:
-        store = AdapterStore(row_floats, lambda ids: torch.zeros(len(ids), row_floats), OptimizerHyper(
-            name=name, state_dtype=dtype, segments=segments))
+        hyper = OptimizerHyper(name=name, state_dtype=dtype, segments=segments)
+        store = AdapterStore(row_floats, lambda ids: torch.zeros(len(ids), row_floats), hyper)
         ids = [f"u{i}" for i in range(users)]
         store.add_users(ids)
         rows = store.row_ids(ids)
@@ -229,7 +229,7 @@ def state_bytes_per_user(row_floats: int, segments: list[int], users: int = 1000
         tensors = store.state_tensors()
         state = sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "rows") // users
         adapter = tensors["rows"].numel() * tensors["rows"].element_size() // users
-        out[f"{name}/{dtype}" if name == "adamw" else name] = {"adapter": adapter, "state": state, "total": adapter + state}
+        out[hyper.label()] = {"adapter": adapter, "state": state, "total": adapter + state}
     return out
 
 
@@ -299,8 +299,8 @@ def bench_scale(populations: list[int], users_per_step: int = 64, steps: int = 1
 def _formula_bytes(row_floats: int, segments: list[int]) -> dict[str, int]:
     from flora_train.store import OptimizerHyper
 
-    return {f"{o}/{d}" if o == "adamw" else o: 4 * row_floats + OptimizerHyper(name=o, state_dtype=d, segments=segments).state_bytes(row_floats)
-            for o, d in OPTIMIZERS}
+    hypers = [OptimizerHyper(name=o, state_dtype=d, segments=segments) for o, d in OPTIMIZERS]
+    return {h.label(): 4 * row_floats + h.state_bytes(row_floats) for h in hypers}
 
 
 def _bench_segments(model_dir: Path) -> list[int]:

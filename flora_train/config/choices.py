@@ -26,8 +26,8 @@ Kernel = _registry_enum("Kernel", ["auto", *dict.fromkeys(k for m in METHODS.val
                         "method's kernels and keeps the fastest.")
 OptimizerName = _registry_enum("OptimizerName", OPTIMIZERS, "store.optimizer.name: the row-wise optimizers "
                                "(store/optimizers/).")
-StateDtype = _registry_enum("StateDtype", STATE_DTYPES, "store.optimizer.state_dtype: adamw's moments in float32, "
-                            "or bfloat16 for half their bytes.")
+StateDtype = _registry_enum("StateDtype", STATE_DTYPES, "store.optimizer.state_dtype: the optimizer's state in "
+                            "float32, or bfloat16 for half its bytes where the optimizer allows it (its state_dtypes).")
 StoreTier = _registry_enum("StoreTier", TIERS, "store.tier: where the rows live (store/tiers.py).")
 ExportFormat = _registry_enum("ExportFormat", ["none", *(n for n, e in EXPORT_FORMATS.items() if e.in_recipe)],
                               "export.format: what a run exports at its end (none: nothing).")

@@ -167,7 +167,7 @@ class OptimizerConfig:
     beta2: float = 0.999  # AdamW's second-moment decay
     eps: float = 1e-8  # added to the denominator
     weight_decay: float = 0.0  # decoupled weight decay (AdamW)
-    state_dtype: StateDtype = StateDtype.float32  # adamw's moments (the Adagrads keep float32)
+    state_dtype: StateDtype = StateDtype.float32  # bfloat16 where the optimizer's state_dtypes allow it (adamw)
     # Schedules advance with each user's own step counter, so a user's learning rate never
     # depends on how long other users have trained.
     schedule: Schedule = Schedule.constant

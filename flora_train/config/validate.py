@@ -13,6 +13,7 @@ from flora_train.adapters.functional import kernel_error
 from flora_train.adapters.methods import get_method
 from flora_train.config.schema import ExportFormat
 from flora_train.devices import BASE_DTYPES, device_error
+from flora_train.store.optimizers import OPTIMIZERS, state_dtype_refusal
 
 Source = Callable[[str], str]  # key -> where its value was set ("r.yaml:7", "override 'k=v'")
 
@@ -193,9 +194,8 @@ def validate_recipe(cfg: DictConfig, source: Source) -> None:
         if value is not None and (not items or not all(isinstance(v, str) and v for v in items)):
             _fail(source, key, "must be a path, a folder, a glob pattern, a dataset id or a list of them")
     opt = cfg.store.optimizer
-    if opt.state_dtype.value != "float32" and opt.name.value != "adamw":
-        _fail(source, "store.optimizer.state_dtype", f"{opt.state_dtype.value} moments are for adamw; "
-              f"{opt.name.value} keeps float32")
+    if opt.state_dtype.value not in OPTIMIZERS[opt.name.value].state_dtypes:
+        _fail(source, "store.optimizer.state_dtype", state_dtype_refusal(opt.name.value, opt.state_dtype.value))
     for leaf in ("beta1", "beta2"):
         if not 0.0 <= opt[leaf] < 1.0:
             _fail(source, f"store.optimizer.{leaf}", f"must be in [0, 1), got {opt[leaf]}")

@@ -73,7 +73,7 @@ def _size(n: float) -> str:
 
 def describe(cfg: DictConfig, fp: Footprint) -> str:
     o = cfg.store.optimizer
-    opt = o.name.value + (f", {o.state_dtype.value} moments" if o.name.value == "adamw" else "")
+    opt = OptimizerHyper(name=o.name.value, state_dtype=o.state_dtype.value).label()
     text = (f"# per user: adapter {_size(fp.adapter_bytes)} ({fp.row_size:,} floats) + optimizer state "
             f"{_size(fp.state_bytes)} ({opt}) = {_size(fp.per_user)}")
     counts = [fp.users] if fp.users else []

@@ -44,6 +44,9 @@ def _write(tmp_path, text):
         ("base:\n  tiny: {}\ndata:\n  synthetic: {}\n", [], r"missing required value for key 'run_dir'"),
         ("run_dir: x\nmodel:\n  tiny: {}\n", [], r"r\.yaml:2: unknown key 'model' \(the frozen model's section is called 'base'\)"),
         (MINIMAL, ["base.zero_stage=2"], r"key 'base.zero_stage': must be 0 or 3, got 2"),
+        (MINIMAL, ["store.optimizer.name=rowwise_adagrad", "store.optimizer.state_dtype=bfloat16"],
+         r"key 'store.optimizer.state_dtype': rowwise_adagrad keeps its state in float32, not 'bfloat16' "
+         r"\(bfloat16 state is for adamw\)"),
         # GPUs asked for without the processes to drive them: `--gpus-per-node 8` alone trained on one GPU.
         (MINIMAL, ["launch.gpus_per_node=8"], r"key 'launch.procs_per_node': 1 process per node would leave 7 of "
          r"launch.gpus_per_node=8 GPUs idle \(each training process drives one GPU\): set launch.procs_per_node=8"),

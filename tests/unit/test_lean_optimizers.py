@@ -100,7 +100,10 @@ def test_state_bytes_per_user():
     assert OptimizerHyper("adamw", state_dtype="bfloat16").state_bytes(row) == 8 + 4000
     assert OptimizerHyper("adagrad").state_bytes(row) == 8 + 4000
     assert OptimizerHyper("rowwise_adagrad", segments=(0, 10, 500)).state_bytes(row) == 8 + 12
-    with pytest.raises(ValueError, match="adamw's moments may be float32 or bfloat16"):
+    assert [OptimizerHyper(n, state_dtype=d).label() for n, d in (("adamw", "bfloat16"), ("adagrad", "float32"))] == [
+        "adamw/bfloat16", "adagrad"]
+    refusal = r"adagrad keeps its state in float32, not 'bfloat16' \(bfloat16 state is for adamw"
+    with pytest.raises(ValueError, match=refusal):
         _store(_layout(), OptimizerHyper("adagrad", state_dtype="bfloat16"))
 
 

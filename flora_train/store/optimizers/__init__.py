@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from flora_train.store.optimizers.adagrad import Adagrad
 from flora_train.store.optimizers.adamw import AdamW
-from flora_train.store.optimizers.base import STATE_DTYPES, OptimizerHyper, RowAccess, RowOptimizer
+from flora_train.store.optimizers.base import (STATE_DTYPES, OptimizerHyper, RowAccess, RowOptimizer,
+                                               state_dtype_refusal)
 from flora_train.store.optimizers.rowwise_adagrad import RowwiseAdagrad
 
 OPTIMIZERS: dict[str, type[RowOptimizer]] = {o.name: o for o in (AdamW, Adagrad, RowwiseAdagrad)}
@@ -24,4 +25,5 @@ def make_optimizer(hyper: OptimizerHyper) -> RowOptimizer:
     return kind(hyper)
 
 
-__all__ = ["OPTIMIZERS", "STATE_DTYPES", "OptimizerHyper", "RowAccess", "RowOptimizer", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "STATE_DTYPES", "OptimizerHyper", "RowAccess", "RowOptimizer", "make_optimizer",
+           "state_dtype_refusal"]

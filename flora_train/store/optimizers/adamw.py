@@ -11,6 +11,7 @@ from flora_train.store.optimizers.base import FusedRowOptimizer
 
 class AdamW(FusedRowOptimizer):
     name = "adamw"
+    state_dtypes = ("float32", "bfloat16")
     moments = ("exp_avg", "exp_avg_sq")
 
     def fused(self, state: list[list[torch.Tensor]], grads: list[torch.Tensor], steps: list[torch.Tensor],

@@ -29,7 +29,7 @@ class OptimizerHyper:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
-    state_dtype: str = "float32"  # adamw's moments: float32 or bfloat16
+    state_dtype: str = "float32"  # one of the optimizer's ``state_dtypes``
     # rowwise_adagrad: where each adapted module's numbers start in a row (the accumulators' groups);
     # empty: the whole row is one group.
     segments: tuple[int, ...] = ()
@@ -40,15 +40,35 @@ class OptimizerHyper:
 
         return sum(c.numel * c.dtype.itemsize for c in make_optimizer(self).columns(row_size).values())
 
+    def label(self) -> str:
+        """``name``, with the state's dtype where the optimizer has a choice of them: ``adamw/bfloat16``."""
+        from flora_train.store.optimizers import OPTIMIZERS
+
+        kind = OPTIMIZERS.get(self.name)
+        return f"{self.name}/{self.state_dtype}" if kind is not None and len(kind.state_dtypes) > 1 else self.name
+
+
+def state_dtype_refusal(name: str, state_dtype: str) -> str:
+    """Why optimizer ``name`` cannot keep its state in ``state_dtype``, and which optimizers can."""
+    from flora_train.store.optimizers import OPTIMIZERS
+
+    kind = OPTIMIZERS.get(name)
+    own = ", ".join(kind.state_dtypes) if kind is not None else "?"
+    able = [o.name for o in OPTIMIZERS.values() if state_dtype in o.state_dtypes]
+    return (f"{name} keeps its state in {own}, not {state_dtype!r}"
+            + (f" ({state_dtype} state is for {', '.join(able)})" if able else ""))
+
 
 class RowOptimizer(ABC):
     """One optimizer of the registry (``optimizers/__init__.py``): its columns and its update."""
 
     name: str
+    # The dtypes its state may be kept in (keys of STATE_DTYPES), the first the default.
+    state_dtypes: tuple[str, ...] = ("float32",)
 
     def __init__(self, hyper: OptimizerHyper) -> None:
-        if hyper.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {hyper.state_dtype!r}")
+        if hyper.state_dtype not in self.state_dtypes:
+            raise ValueError(state_dtype_refusal(self.name, hyper.state_dtype))
         self.hyper = hyper
 
     @abstractmethod

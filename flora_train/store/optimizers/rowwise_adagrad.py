@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from flora_train.store.optimizers.adagrad import check_float32_state
 from flora_train.store.optimizers.base import STEP, OptimizerHyper, RowAccess, RowOptimizer
 from flora_train.store.table import Column
 
@@ -16,7 +15,6 @@ class RowwiseAdagrad(RowOptimizer):
 
     def __init__(self, hyper: OptimizerHyper) -> None:
         super().__init__(hyper)
-        check_float32_state(hyper)
         self._groups: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def columns(self, row_size: int) -> dict[str, Column]:
