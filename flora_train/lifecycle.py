@@ -57,6 +57,9 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
         raise ExportError(f"{run_dir}: no intact checkpoint")
     steps = saved_steps(checkpoint_chain(ckpt))
     selection = saved_selection(checkpoint_chain(ckpt))
+    # train.select: best keeps a row per user (its step and validation loss); patience alone stops users.
+    keeps = any("kept_step" in v for v in selection.values())
+    unvalidated = {**({"kept_step": None, "validation_loss": None} if keeps else {}), "stopped_after": None}
     swept = read_state(ckpt).get("sweep", {}).get("chosen", {})  # train.sweep: each user's chosen rate
     tokens = _tokens(rd)
     evals = rd.per_user_evals()
@@ -73,7 +76,7 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
             exports.setdefault(user, []).append(place)
     return [{"user_id": u, "steps": steps[u], "tokens": tokens.get(u), "eval_loss": last.get(u, {}).get("loss"),
              "eval_accuracy": last.get(u, {}).get("accuracy"), "export": exports.get(u, []),
-             **({"kept_step": None, "validation_loss": None, "stopped_after": None, **selection.get(u, {})} if selection else {}),
+             **({**unvalidated, **selection.get(u, {})} if selection else {}),
              **({"lr": swept.get(u)} if swept else {})}
             for u in sorted(steps)]
 
@@ -88,19 +91,21 @@ def users_table(rows: list[dict[str, Any]]) -> list[str]:
     one cannot be pasted into --users), columns aligned by the width a terminal gives each id."""
     width = max([display_width("user"), *(display_width(r["user_id"]) for r in rows)])
     pad = lambda text: text + " " * (width - display_width(text))  # noqa: E731
-    selects = bool(rows) and "kept_step" in rows[0]
-    kept_head = f" {'kept':>11s} {'val loss':>9s} {'stopped':>8s}" if selects else ""
+    keeps = bool(rows) and "kept_step" in rows[0]
+    stops = bool(rows) and "stopped_after" in rows[0]
+    kept_head = (f" {'kept':>11s} {'val loss':>9s}" if keeps else "") + (f" {'stopped':>8s}" if stops else "")
     lines = [f"{pad('user')} {'steps':>6s} {'tokens':>8s} {'eval loss':>10s}{kept_head}  export"]
     for r in rows:
         loss = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
         tokens = "-" if r["tokens"] is None else str(r["tokens"])
         kept = ""
-        if selects:  # the row it is served with: from which step (its phase's first: the identity)
+        if keeps:  # the row it is served with: from which step (its phase's first: the identity)
             val = r["validation_loss"]
             val = "-" if val is None or val != val else f"{val:.4f}"
             step = "-" if r["kept_step"] is None else f"step {r['kept_step']}"
-            stop = "-" if r["stopped_after"] is None else str(r["stopped_after"])
-            kept = f" {step:>11s} {val:>9s} {stop:>8s}"
+            kept = f" {step:>11s} {val:>9s}"
+        if stops:
+            kept += f" {'-' if r['stopped_after'] is None else str(r['stopped_after']):>8s}"
         lines.append(f"{pad(r['user_id'])} {r['steps']:6d} {tokens:>8s} {loss:>10s}{kept}  {', '.join(r['export']) or '-'}")
     return [*lines, f"{len(rows)} users"]
 

@@ -170,18 +170,22 @@ def iter_saved_rows(chain: list[Path], wanted: set[str] | None = None, chunk: in
 
 
 def saved_selection(chain: list[Path]) -> dict[str, dict[str, float]]:
-    """Per user of a chain saved with ``train.select``/``train.patience``: the step its kept row is
-    from, its validation loss, and the step it stopped after (or None); empty for other runs."""
+    """Per user of a chain saved with ``train.select``/``train.patience``: the step it stopped after
+    (or None) and, under ``train.select: best``, the step its kept row is from and that row's
+    validation loss; empty for other runs."""
     out: dict[str, dict[str, float]] = {}
     copies = newest_copies(chain, None)
     for path, held in copies.items():
-        if KEPT not in shard_shapes(path):
+        shapes = shard_shapes(path)
+        if SEEN not in shapes:
             continue
+        keeps = KEPT in shapes
         for _, users, t in iter_copies({path: held}, 1 << 20, (BEST_STEP, BEST_LOSS, SEEN, STOPPED_AT)):
             for i, u in enumerate(users):
                 if int(t[SEEN][i]):
-                    out[u] = {"kept_step": int(t[BEST_STEP][i]), "validation_loss": float(t[BEST_LOSS][i]),
-                              "stopped_after": int(t[STOPPED_AT][i]) - 1 if int(t[STOPPED_AT][i]) else None}
+                    kept = ({"kept_step": int(t[BEST_STEP][i]), "validation_loss": float(t[BEST_LOSS][i])}
+                            if keeps else {})
+                    out[u] = {**kept, "stopped_after": int(t[STOPPED_AT][i]) - 1 if int(t[STOPPED_AT][i]) else None}
     return out
 
 

@@ -53,9 +53,12 @@ class AdapterStore:
         compute_device: torch.device | str = "cpu",
         directory: Path | None = None,
         cache_rows: int = 0,
-        select: bool = False,
+        select: str | None = None,
     ) -> None:
-        """``select``: keep per-user selection columns beside the rows (``selection.py``)."""
+        """``select``: keep per-user selection columns beside the rows (``selection.py``): ``best``
+        (each user served the row its validations chose) or ``last`` (validated only to stop users)."""
+        if select not in (None, "best", "last"):
+            raise ValueError(f"select must be None, 'best' or 'last', got {select!r}")
         self.row_size = row_size
         self.row_init = row_init
         self.hyper = hyper
@@ -63,7 +66,7 @@ class AdapterStore:
         self.registry = UserRegistry()
         self.optimizer = make_optimizer(hyper)
         columns = {"rows": Column((row_size,), torch.float32), **self.optimizer.columns(row_size),
-                   **(selection_columns(row_size) if select else {})}
+                   **(selection_columns(row_size, keep_best=select == "best") if select else {})}
         tier_kind = tier_named(tier)
         self.table: RowTable | DiskTable = tier_kind.table(columns, self.compute_device, directory)
         # The cache only pays when rows live away from the compute device. Rows whose home is the
@@ -107,7 +110,8 @@ class AdapterStore:
 
     @property
     def selects(self) -> bool:
-        return KEPT in self.table.columns
+        """Whether users are validated (``train.select: best`` or ``train.patience``)."""
+        return SEEN in self.table.columns
 
     def read(self, user_ids: Sequence[str], served: bool = False) -> torch.Tensor:
         """A copy of the users' rows ``[len(user_ids), row_size]``; ``served``: the row each user is
@@ -117,7 +121,7 @@ class AdapterStore:
         if self.cache is not None and len(user_ids) > self.cache.capacity:
             self.cache.flush()  # a bulk read (evaluation, export) reads through, leaving hot rows be
             access = self.table
-        if served and self.selects:
+        if served and KEPT in self.table.columns:
             return served_rows(access.gather("rows", rows), access.gather(KEPT, rows), access.gather(SEEN, rows))
         return access.gather("rows", rows)
 

@@ -49,9 +49,10 @@ class Validator:
                 self.epoch_ends.add(self.end)
             missing = sorted(set(session.users()) - set(session.validation.users()))  # type: ignore[union-attr]
             if missing and fdist.rank() == 0:
-                log.warning("%d user(s) have too few examples to spare one for validation and keep the identity row "
-                            "(the shared adapter, or the base): %s%s", len(missing), ", ".join(map(repr, missing[:10])),
-                            " ..." if len(missing) > 10 else "")
+                fate = ("keep the identity row (the shared adapter, or the base)" if t.select.value == "best" else
+                        "train to the end (train.patience cannot stop them)")
+                log.warning("%d user(s) have too few examples to spare one for validation and %s: %s%s", len(missing),
+                            fate, ", ".join(map(repr, missing[:10])), " ..." if len(missing) > 10 else "")
 
     def resume(self) -> None:
         """The users a restored store says have stopped (collective)."""

@@ -192,9 +192,10 @@ def make_row_init(layout: AdapterLayout, seed: int):
     return init
 
 
-def selects(cfg: DictConfig) -> bool:
-    """Whether the run validates each user (its store then keeps selection columns)."""
-    return cfg.train.select.value == "best" or cfg.train.patience is not None
+def selects(cfg: DictConfig) -> str | None:
+    """``train.select`` where the run validates each user (its store then keeps selection columns:
+    a kept row under ``best``; ``last`` with ``train.patience`` alone only stops users), else None."""
+    return cfg.train.select.value if cfg.train.select.value == "best" or cfg.train.patience is not None else None
 
 
 def make_store(cfg: DictConfig, layout: AdapterLayout, device: torch.device, user_tokens: dict[str, int]) -> ShardedAdapterStore:

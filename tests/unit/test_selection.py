@@ -38,13 +38,15 @@ losses = st.one_of(st.just(math.nan), st.floats(0.5, 3.0, width=32))
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.lists(losses, min_size=3, max_size=3), min_size=1, max_size=7), st.sampled_from([None, 1, 2, 3]),
-       st.sampled_from(["host", "disk", "cache"]), st.integers(0, 1000))
-def test_validations_keep_each_users_best_row_and_stop_it(tmp_path_factory, rounds, patience, tier, seed):
+       st.sampled_from(["host", "disk", "cache"]), st.integers(0, 1000), st.sampled_from(["best", "last"]))
+def test_validations_keep_each_users_best_row_and_stop_it(tmp_path_factory, rounds, patience, tier, seed, select):
+    """Under ``train.select: last`` (patience alone) the same users stop, and each is served its last
+    row: it served the kept (best) row before, against what ``select: last`` says."""
     users = ["a", "b", "c"]
     g = torch.Generator().manual_seed(seed)
     store = AdapterStore(ROW, lambda ids: torch.ones(len(ids), ROW), OptimizerHyper(), "disk" if tier == "disk" else "host",
                          directory=tmp_path_factory.mktemp("t") if tier == "disk" else None,
-                         cache_rows=3 if tier == "cache" else 0, select=True)
+                         cache_rows=3 if tier == "cache" else 0, select=select)
     store.add_users(users)
     history: dict[str, list] = {u: [] for u in users}
     for k, round_losses in enumerate(rounds):
@@ -58,7 +60,7 @@ def test_validations_keep_each_users_best_row_and_stop_it(tmp_path_factory, roun
     state = store.state_tensors()
     for i, u in enumerate(users):
         kept, step, stopped = _reference(history[u], patience)
-        assert torch.equal(served[i], kept), (u, history[u])
+        assert torch.equal(served[i], kept if select == "best" else rows[i]), (u, history[u])
         assert int(state[BEST_STEP][i]) == step
         assert int(state[STOPPED_AT][i]) == (0 if stopped is None else stopped + 1)
     assert sorted(store.stopped()) == sorted(u for u in users if _reference(history[u], patience)[2] is not None)
@@ -66,7 +68,7 @@ def test_validations_keep_each_users_best_row_and_stop_it(tmp_path_factory, roun
 
 
 def test_a_user_never_validated_is_served_its_row():
-    store = AdapterStore(ROW, lambda ids: torch.full((len(ids), ROW), 2.0), OptimizerHyper(), select=True)
+    store = AdapterStore(ROW, lambda ids: torch.full((len(ids), ROW), 2.0), OptimizerHyper(), select="best")
     store.add_users(["x"])
     assert torch.equal(store.read(["x"], served=True), torch.full((1, ROW), 2.0))
 

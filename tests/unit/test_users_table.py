@@ -29,3 +29,10 @@ def test_a_selection_run_adds_its_columns():
     head, a, b, _ = users_table(rows)
     assert "kept" in head and "val loss" in head and "stopped" in head
     assert "step 4" in a and a.count(" - ") >= 1 and "0.2500" in b and b.rstrip().endswith("out/x")
+
+
+def test_patience_alone_adds_when_each_user_stopped_and_no_kept_row():
+    """``train.select: last`` with ``train.patience`` serves the last row: there is no kept row to show."""
+    head, a, b, _ = users_table([_row("a", stopped_after=None), _row("b", stopped_after=9)])
+    assert "stopped" in head and "kept" not in head and head.count("val loss") == 1  # eval loss only
+    assert a.split()[-2:] == ["-", "out/x"] and b.split()[-2:] == ["9", "out/x"]
