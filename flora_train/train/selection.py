@@ -6,7 +6,10 @@ records it (``store/selection.py``: the kept row, early stopping), and the losse
 of the run can report the single best global moment chosen on the validation split alone.
 
 When validations fall is a function of the step numbers only, so a resumed run validates at the
-same steps as an uninterrupted one and stops the same users.
+same steps as an uninterrupted one and stops the same users. Under ``train.select: best`` a user
+with no validation example keeps its identity row whatever it trains, so it takes no personal step
+(its steps would be computed and thrown away; with a joint shared adapter they train that adapter
+too, and stay); under ``last`` it trains to the end.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 from flora_train import dist as fdist
 from flora_train.data.planner import StepPlan
 from flora_train.files import replace_text
-from flora_train.train.sweep import variant
+from flora_train.train.sweep import user_of, variant
 
 if TYPE_CHECKING:
     from flora_train.data.examples import TokenizedExamples
@@ -38,6 +41,7 @@ class Validator:
         self.patience = t.patience
         self.enabled = session.validation is not None and (t.select.value == "best" or t.patience is not None)
         self.stopped: set[str] = set()
+        self.unvalidated: frozenset[str] = frozenset()  # users left out of the plan (no validation example)
         # Validations fall at steps of the uncapped plan (each epoch's end, and its last step), so a run
         # cut short by train.max_steps and resumed with a larger one validates as one that never was.
         self.start = session.phase_plan.phase.start_step
@@ -48,9 +52,13 @@ class Validator:
                 self.end += n
                 self.epoch_ends.add(self.end)
             missing = sorted(set(session.users()) - set(session.validation.users()))  # type: ignore[union-attr]
+            # (A joint shared adapter trains on every user's steps: they stay.)
+            joint = session.cfg.adapter.shared is not None and t.shared_phase.value == "joint"
+            if t.select.value == "best" and not joint:
+                self.unvalidated = frozenset(missing)
             if missing and fdist.rank() == 0:
-                fate = ("keep the identity row (the shared adapter, or the base)" if t.select.value == "best" else
-                        "train to the end (train.patience cannot stop them)")
+                fate = ("keep the identity row (the shared adapter, or the base) and take no step" if self.unvalidated
+                        else "train to the end (train.patience cannot stop them)")
                 log.warning("%d user(s) have too few examples to spare one for validation and %s: %s%s", len(missing),
                             fate, ", ".join(map(repr, missing[:10])), " ..." if len(missing) > 10 else "")
 
@@ -70,10 +78,10 @@ class Validator:
         return step in self.epoch_ends
 
     def training(self, plan: StepPlan) -> StepPlan | None:
-        """``plan`` without the users that left it (None when none is left)."""
-        if not self.stopped:
+        """``plan`` without the users that left it or never joined it (None when none is left)."""
+        if not self.stopped and not self.unvalidated:
             return plan
-        groups = tuple(g for g in plan.groups if g[0] not in self.stopped)
+        groups = tuple(g for g in plan.groups if g[0] not in self.stopped and user_of(g[0]) not in self.unvalidated)
         return None if not groups else StepPlan(plan.step, plan.epoch, groups)
 
     def validate(self, step: int) -> dict[str, float]:

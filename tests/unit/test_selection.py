@@ -107,3 +107,32 @@ def test_the_shared_adapter_gets_the_validation_split_back_in_its_original_order
     if held:  # a cache written with another fraction is named, not silently misread
         with pytest.raises(DataError, match="validation examples"):
             rejoin_validation(train, validation, fraction / 10 if fraction > 0.1 else 0.9, seed)
+
+
+@pytest.mark.parametrize("select, sweep, joint", [("best", [], False), ("best", [0.1, 0.2], False), ("last", [], False),
+                                                 ("best", [], True)])
+def test_a_user_without_validation_examples_takes_no_step_when_it_keeps_its_identity_row(select, sweep, joint):
+    """Under select: best a user with no validation example keeps its identity row: its steps (each
+    variant's, under a sweep) were computed and thrown away. Under last it trains to the end; with
+    a joint shared adapter its steps train that adapter, and stay."""
+    from types import SimpleNamespace
+
+    from flora_train.data.planner import StepPlan
+    from flora_train.train.selection import Validator
+    from flora_train.train.sweep import variant
+
+    train = SimpleNamespace(select=SimpleNamespace(value=select), patience=None if select == "best" else 2,
+                            validate_every_steps=0, epochs=1, shared_phase=SimpleNamespace(value="joint"))
+    adapter = SimpleNamespace(shared=SimpleNamespace(method="lora") if joint else None)
+    planner = SimpleNamespace(epoch_lengths=lambda epochs: [4])
+    session = SimpleNamespace(cfg=SimpleNamespace(train=train, adapter=adapter), users=lambda: ["a", "b", "c"],
+                              validation=SimpleNamespace(users=lambda: ["a", "c"]),
+                              phase_plan=SimpleNamespace(phase=SimpleNamespace(start_step=0), planner=planner))
+    names = [variant(u, k) for u in "abc" for k in range(len(sweep))] if sweep else list("abc")
+    plan = StepPlan(0, 0, tuple((n, (i,)) for i, n in enumerate(names)))
+    training = Validator(session).training(plan)
+    trained = sorted({n.split("@")[0] for n in training.user_ids})
+    left_out = select == "best" and not joint
+    assert trained == (["a", "c"] if left_out else ["a", "b", "c"])
+    only_b = StepPlan(1, 0, tuple(g for g in plan.groups if g[0].startswith("b")))
+    assert (Validator(session).training(only_b) is None) == left_out
