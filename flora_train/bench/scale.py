@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ def measure_population(users: int, work: Path, model_dir: Path, users_per_step: 
         ref_planner = session.planner.restricted(ref_users)
         ref_plans = list(ref_planner.steps(epochs=1000, max_steps=total))
         ref = Trainer(session.model, session.slot, ref_store, session.step_examples, train_settings(session),
-                      ref_planner.user_step_counts(1000, total), session.pad_id, session.device)
+                      dict(Counter(u for plan in ref_plans for u in plan.user_ids)), session.pad_id, session.device)
         os.sync()
 
         def train(first: int, last: int) -> tuple[list[float], list[float]]:

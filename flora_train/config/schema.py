@@ -169,7 +169,8 @@ class OptimizerConfig:
     weight_decay: float = 0.0  # decoupled weight decay (AdamW)
     state_dtype: StateDtype = StateDtype.float32  # bfloat16 where the optimizer's state_dtypes allow it (adamw)
     # Schedules advance with each user's own step counter, so a user's learning rate never
-    # depends on how long other users have trained.
+    # depends on how long other users have trained, and span the user's steps in train.epochs
+    # (train.max_steps cuts the run short, not the schedule: raised, the run goes on where it was).
     schedule: Schedule = Schedule.constant
     warmup_steps: int = 0  # a user's first steps ramp up to lr
     min_lr_ratio: float = 0.0  # cosine/linear schedules end at lr x this

@@ -156,10 +156,11 @@ class BatchPlanner:
                     yield StepPlan(step, epoch, groups)
                 step += 1
 
-    def user_step_counts(self, epochs: int, max_steps: int | None = None) -> dict[str, int]:
-        """How many steps each user takes in the whole plan (drives per-user LR schedules)."""
-        counts: dict[str, int] = {}
-        for plan in self.steps(epochs, max_steps):
-            for u in plan.user_ids:
-                counts[u] = counts.get(u, 0) + 1
-        return counts
+    def user_step_counts(self, epochs: int) -> dict[str, int]:
+        """How many steps each user takes in ``epochs`` (what per-user LR schedules span): one for
+        each chunk of its examples, ``ceil(min(examples, max_examples_per_user) / examples_per_user)``
+        an epoch, counted without planning a step. The plan before any ``train.max_steps``, which
+        only cuts it: a run cut short and resumed follows the schedules of one never cut."""
+        cap, k = self.max_examples_per_user, self.examples_per_user
+        return {u: epochs * -(-(len(ex) if cap is None else min(len(ex), cap)) // k)
+                for u, ex in self.user_examples.items()}

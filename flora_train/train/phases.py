@@ -166,9 +166,10 @@ class PhasePlan:
         for plan in self.planner.steps(epochs, max_steps, start=max(start - offset, 0)):
             yield replace(plan, step=plan.step + offset)
 
-    def user_total_steps(self, epochs: int, max_steps: int | None) -> dict[str, int]:
-        """Each user's steps over the run: those before this phase plus this phase's."""
-        counts = self.planner.user_step_counts(epochs, max_steps)
+    def user_total_steps(self, epochs: int) -> dict[str, int]:
+        """Each user's steps over the run: those before this phase plus this phase's (its epochs'
+        plan, whatever ``train.max_steps`` cuts off it)."""
+        counts = self.planner.user_step_counts(epochs)
         return {u: n + self.steps_before.get(u, 0) for u, n in counts.items()}
 
 

@@ -146,8 +146,7 @@ class Session:
         return sorted({user_of(v) for v in self.user_tokens})
 
     def user_total_steps(self) -> dict[str, int]:
-        t = self.cfg.train
-        return self.phase_plan.user_total_steps(t.epochs, t.max_steps)
+        return self.phase_plan.user_total_steps(self.cfg.train.epochs)
 
 
 def make_planner(cfg: DictConfig, by_user: dict[str, Any], retain_at: int, retain: TokenizedExamples | None) -> BatchPlanner:

@@ -47,3 +47,21 @@ def test_resume_refuses_changed_data_plan_or_users(tmp_path, tiny_llama_dir):
     after = saved_state(tmp_path / "run")
     assert after["user-000000"]["optim.step"] > trained["user-000000"]["optim.step"]
     assert all(torch.equal(after[u]["rows"], trained[u]["rows"]) for u in trained if u != "user-000000")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_run_cut_by_max_steps_and_resumed_follows_the_uncut_schedule(tmp_path, tiny_llama_dir, schedule):
+    """Raising train.max_steps is a plain resume of the same schedule: each user's decaying learning
+    rate spans its steps in the epochs' plan. It spanned only the steps before max_steps, so the cut
+    run decayed early and the resumed one started its schedule over (every user's row differed)."""
+    recipe = [*small_recipe(tmp_path, tiny_llama_dir), "eval.at_end=false", f"store.optimizer.schedule={schedule}",
+              "store.optimizer.warmup_steps=1", "store.optimizer.min_lr_ratio=0.1"]
+    run_training(load_recipe(None, [*recipe, f"run_dir={tmp_path / 'whole'}"]))
+    cut = [*recipe, f"run_dir={tmp_path / 'cut'}"]
+    run_training(load_recipe(None, [*cut, "train.max_steps=3"]))
+    run_training(load_recipe(None, cut), resume=True)
+    whole, resumed = saved_state(tmp_path / "whole"), saved_state(tmp_path / "cut")
+    assert whole.keys() == resumed.keys()
+    for user, state in whole.items():
+        for key, value in state.items():
+            assert torch.equal(resumed[user][key], value), (user, key)

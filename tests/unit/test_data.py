@@ -145,6 +145,15 @@ def test_planner_covers_every_example_once_per_epoch(counts, users_per_step, per
     again = list(BatchPlanner(examples, users_per_step, per_user, seed).steps(epochs=2))
     assert again == list(planner.steps(epochs=2))
     assert list(planner.steps(epochs=2, start=3)) == again[3:]
+    # What per-user LR schedules span, counted without planning: each user's steps in the epochs' plan
+    # (with or without a cap on its examples per epoch), whatever max_steps cuts off it.
+    for cap in (None, 2, 5):
+        capped = BatchPlanner(examples, users_per_step, per_user, seed, max_examples_per_user=cap)
+        planned: dict[str, int] = {}
+        for p in capped.steps(epochs=3):
+            for u in p.user_ids:
+                planned[u] = planned.get(u, 0) + 1
+        assert capped.user_step_counts(3) == planned
 
 
 def _by_epoch(plans):
