@@ -56,6 +56,15 @@ def select_update(columns: dict[str, torch.Tensor], losses: torch.Tensor, step: 
     return out
 
 
+def fresh_selection(n: int) -> dict[str, torch.Tensor]:
+    """The scalar selection columns of ``n`` users that start choosing afresh (a new phase trains
+    them on new data: their earlier losses were on another validation split, and a stop then is no
+    reason to stop now). With nothing seen, each is served its row until its next validation."""
+    return {BEST_LOSS: torch.full((n,), float("nan")), BEST_STEP: torch.zeros(n, dtype=torch.int64),
+            STALE: torch.zeros(n, dtype=torch.int64), SEEN: torch.zeros(n, dtype=torch.int64),
+            STOPPED_AT: torch.zeros(n, dtype=torch.int64)}
+
+
 def served_rows(rows: torch.Tensor, kept: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """What a user is served with: its kept row once a validation chose one, else its row."""
     return torch.where((seen > 0).reshape(-1, 1), kept, rows)

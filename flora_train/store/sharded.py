@@ -17,6 +17,7 @@ A step, as the trainer drives it:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 import json
 from pathlib import Path
 
@@ -138,13 +139,21 @@ class ShardedAdapterStore:
         self.placement.settle()
         return self.local.read(user_ids, served)
 
-    def validated(self, losses: dict[str, float], step: int, patience: int | None) -> None:
+    def validated(self, losses: dict[str, float], step: int, patience: int | None,
+                  users: AbstractSet[str] | None = None) -> None:
         """Records a validation of every user this rank owns (``losses``: every user's; NaN or absent
-        where it had none)."""
-        mine = self.local.registry.ids
+        where it had none); ``users``: of those only (a phase's: the others' selection stays as it is)."""
+        mine = [u for u in self.local.registry.ids if users is None or u in users]
         if mine:
             self.placement.settle()
             self.local.validated(mine, torch.tensor([losses.get(u, float("nan")) for u in mine]), step, patience)
+
+    def restart_selection(self, users: AbstractSet[str]) -> None:
+        """``users`` (those this rank owns) choose afresh from their next validation on."""
+        mine = [u for u in self.local.registry.ids if u in users]
+        if mine:
+            self.placement.settle()
+            self.local.restart_selection(mine)
 
     def selection_losses(self) -> dict[str, float]:
         """Every user's kept row's validation loss, from every rank (collective)."""

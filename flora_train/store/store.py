@@ -17,7 +17,8 @@ import torch
 from flora_train.store.disk_table import DiskTable
 from flora_train.store.optimizers import OptimizerHyper, RowAccess, make_optimizer
 from flora_train.store.registry import UserRegistry
-from flora_train.store.selection import BEST_LOSS, KEPT, SEEN, STOPPED_AT, select_update, selection_columns, served_rows
+from flora_train.store.selection import (BEST_LOSS, KEPT, SEEN, STOPPED_AT, fresh_selection, select_update,
+                                         selection_columns, served_rows)
 from flora_train.store.table import Column, HotRowCache, RowTable, saved_key
 from flora_train.store.tiers import tier_named
 from flora_train.store.transfer import Download, HostLink, Upload
@@ -135,6 +136,16 @@ class AdapterStore:
             rows = self.row_ids(user_ids[k : k + INIT_CHUNK])
             current = {n: self.table.gather(n, rows).cpu() for n in names}
             self.table.scatter_columns(rows, select_update(current, losses[k : k + INIT_CHUNK].cpu(), step, patience))
+            self._changed.update(rows.tolist())
+
+    def restart_selection(self, user_ids: Sequence[str]) -> None:
+        """The users choose afresh from their next validation on (``selection.fresh_selection``)."""
+        if self.cache is not None:
+            self.cache.flush()
+            self.cache.invalidate()
+        for k in range(0, len(user_ids), INIT_CHUNK):
+            rows = self.row_ids(user_ids[k : k + INIT_CHUNK])
+            self.table.scatter_columns(rows, fresh_selection(len(rows)))
             self._changed.update(rows.tolist())
 
     def best_losses(self) -> dict[str, float]:

@@ -94,7 +94,7 @@ class TrainLoop:
                 validator = self.validator
                 validator.resume()
                 if validator.enabled and start == self.session.phase_plan.phase.start_step:
-                    tracker.log_metrics(validator.validate(start), step=start)  # the identity rows: the first candidate
+                    tracker.log_metrics(validator.begin_phase(), step=start)
                 plans = self.session.phase_plan.steps(t.epochs, t.max_steps, start=start)
                 plan = next(plans, None)
                 while plan is not None:

@@ -45,13 +45,18 @@ class Validator:
         # Validations fall at steps of the uncapped plan (each epoch's end, and its last step), so a run
         # cut short by train.max_steps and resumed with a larger one validates as one that never was.
         self.start = session.phase_plan.phase.start_step
+        self.phase_index = session.phase_plan.phase.index
+        # The rows this phase trains (a sweep's variants): only their selection moves; a user another
+        # phase trained keeps its kept row and its stop as they were.
+        self.phase_rows = frozenset(session.phase_plan.planner.user_examples)
         self.epoch_ends: set[int] = set()
         self.end = self.start
         if self.enabled:
             for n in session.phase_plan.planner.epoch_lengths(t.epochs):
                 self.end += n
                 self.epoch_ends.add(self.end)
-            missing = sorted(set(session.users()) - set(session.validation.users()))  # type: ignore[union-attr]
+            phase_users = {user_of(name) for name in self.phase_rows}
+            missing = sorted(phase_users - set(session.validation.users()))  # type: ignore[union-attr]
             # (A joint shared adapter trains on every user's steps: they stay.)
             joint = session.cfg.adapter.shared is not None and t.shared_phase.value == "joint"
             if t.select.value == "best" and not joint:
@@ -66,6 +71,16 @@ class Validator:
         """The users a restored store says have stopped (collective)."""
         if self.enabled:
             self.stopped = self.session.store.stopped()
+
+    def begin_phase(self) -> dict[str, float]:
+        """The validation when the phase begins (its rows' identity: the first candidate); a later
+        phase's users first choose afresh (collective). A user whose data changed was chosen and
+        perhaps stopped on its old validation split; kept, the stop left it out of the phase that
+        trains its new data."""
+        if self.phase_index > 0:
+            self.session.store.restart_selection(self.phase_rows)
+            self.stopped = self.session.store.stopped()
+        return self.validate(self.start)
 
     def due(self, step: int) -> bool:
         """Whether to validate after global step ``step`` (the number of steps done)."""
@@ -101,7 +116,7 @@ class Validator:
             lines += [{"user_id": u, "variant": k if lrs else None, "validation_loss": val.get(u),
                        "eval_loss": ev[u].loss if u in ev else None, "eval": asdict(ev[u]) if u in ev else None}
                       for u in s.users()]
-        s.store.validated(losses, step, self.patience)
+        s.store.validated(losses, step, self.patience, users=self.phase_rows)
         stopped = s.store.stopped() if self.patience is not None else set()
         newly = stopped - self.stopped
         self.stopped = stopped

@@ -91,3 +91,29 @@ def test_added_and_changed_users_train_and_the_others_are_untouched(tmp_path, ti
     phase_file.unlink()
     with pytest.raises(CheckpointError, match=f"{phase_file}: missing"):
         run_training(resume, resume=True)
+
+
+def test_a_new_phase_moves_only_its_own_users_selection_and_trains_a_stopped_user_again(tmp_path, tiny_llama_dir):
+    """With train.select: best and train.patience, a later phase's validations counted against the
+    users it does not train (their rows never change, so never improve): they were marked stopped,
+    and a stopped user whose data then changed was left out of the phase that trains its new data."""
+    recipe = small_recipe(tmp_path, tiny_llama_dir)
+    train_path = tmp_path / "data" / "train.jsonl"
+    lines = train_path.read_text().splitlines()
+    select = [*recipe, "eval.at_end=false", f"run_dir={tmp_path / 'run'}", "data.validation_fraction=0.34",
+              "train.select=best", "train.patience=1", "train.validate_every_steps=1", "store.optimizer.lr=0.5"]
+    _write(train_path, [l for l in lines if json.loads(l)["user_id"] not in NEW])
+    run_training(load_recipe(None, select))
+    before = saved_state(tmp_path / "run")
+    stopped = sorted(u for u, cols in before.items() if int(cols["select.stopped_at"]))
+    assert stopped, "patience 1 at lr 0.5 stops someone in phase 0"
+    changed = stopped[0]
+    _write(train_path, [json.dumps(dict(json.loads(l), completion=" changed")) if json.loads(l)["user_id"] == changed
+                        else l for l in lines])
+    run_training(load_recipe(None, [*select, "train.on_data_change=new_phase"]), resume=True)
+    after = saved_state(tmp_path / "run")
+    for user in set(before) - {changed}:  # the phase's validations left the others' choice and stop be
+        for key, value in before[user].items():
+            assert torch.equal(after[user][key], value), (user, key)
+    assert after[changed]["optim.step"] > before[changed]["optim.step"], "the changed user trains on its new data"
+    assert int(after[changed]["select.best_step"]) > int(before[changed]["select.stopped_at"])

@@ -124,11 +124,11 @@ def test_a_user_without_validation_examples_takes_no_step_when_it_keeps_its_iden
     train = SimpleNamespace(select=SimpleNamespace(value=select), patience=None if select == "best" else 2,
                             validate_every_steps=0, epochs=1, shared_phase=SimpleNamespace(value="joint"))
     adapter = SimpleNamespace(shared=SimpleNamespace(method="lora") if joint else None)
-    planner = SimpleNamespace(epoch_lengths=lambda epochs: [4])
+    names = [variant(u, k) for u in "abc" for k in range(len(sweep))] if sweep else list("abc")
+    planner = SimpleNamespace(epoch_lengths=lambda epochs: [4], user_examples={n: [0] for n in names})
     session = SimpleNamespace(cfg=SimpleNamespace(train=train, adapter=adapter), users=lambda: ["a", "b", "c"],
                               validation=SimpleNamespace(users=lambda: ["a", "c"]),
-                              phase_plan=SimpleNamespace(phase=SimpleNamespace(start_step=0), planner=planner))
-    names = [variant(u, k) for u in "abc" for k in range(len(sweep))] if sweep else list("abc")
+                              phase_plan=SimpleNamespace(phase=SimpleNamespace(start_step=0, index=0), planner=planner))
     plan = StepPlan(0, 0, tuple((n, (i,)) for i, n in enumerate(names)))
     training = Validator(session).training(plan)
     trained = sorted({n.split("@")[0] for n in training.user_ids})
