@@ -126,6 +126,18 @@ class AdapterSlot:
         return self.shared.fold(self._shared_views[module], weight, bias)
 
     @property
+    def index(self) -> torch.Tensor:
+        """The active micro-batch's index: each example's (``[batch]``) or token's (``[batch, seq]``) row."""
+        assert self._index is not None, "the adapter slot is not active"
+        return self._index
+
+    @property
+    def rows_count(self) -> int:
+        """Rows of the active step (the users the index points into)."""
+        assert self._rows is not None, "the adapter slot is not active"
+        return int(self._rows.shape[0])
+
+    @property
     def block(self) -> int | None:
         """k when examples come as k-example blocks of users 0, 1, 2, ... in row order, else None."""
         return self._block
@@ -202,34 +214,40 @@ class AdaptedLinear(nn.Module):
                 f"{self.adapter_name}: input batch {x.shape[0]} != {index.shape[0]} examples in the adapter index"
             )
         spec = self.slot.layout.spec
-        kernel = spec.kernel
-        block = self.slot.block
-        if block is not None:
+        kernel, shape = self.kernel(x.shape, weight, bias)
+        if self.slot.block is not None:
             # Each user's k examples side by side as one long sequence: the rows are per "example".
-            users = next(iter(params.values())).shape[0]
-            grouped = x.reshape(users, -1, x.shape[-1])
-            kernel = spec.impl.block_kernel(kernel)
-            if kernel == "auto":
-                kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, grouped.shape, users, spec.scaling)
-            y = Fa.adapted_linear(spec.method, kernel, grouped, weight, bias, params, None, spec.scaling)
+            y = Fa.adapted_linear(spec.method, kernel, x.reshape(shape), weight, bias, params, None, spec.scaling)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if kernel == "auto":
-            kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, x.shape, self.slot.distinct_users(),
-                                            spec.scaling)
         return Fa.adapted_linear(spec.method, kernel, x, weight, bias, params, index, spec.scaling)
+
+    def kernel(self, x_shape: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, torch.Size]:
+        """The kernel this layer runs on an input of ``x_shape`` under the slot as it is active now
+        (the tuner's choice under ``adapter.kernel: auto``), and the shape it runs it on: packed
+        tokens as one-token examples, a uniform block as one sequence per user. A forward and the
+        kernel pre-tuning before a run (``train/pretune.py``) ask the same way."""
+        spec, index = self.slot.layout.spec, self.slot.index
+        shape, kernel, users = x_shape, spec.kernel, None
+        if index.dim() == 2:
+            shape = torch.Size([x_shape[0] * x_shape[1], 1, x_shape[-1]])
+        elif self.slot.block is not None:
+            users = self.slot.rows_count
+            shape = torch.Size([users, x_shape[:-1].numel() // users, x_shape[-1]])
+            kernel = spec.impl.block_kernel(kernel)
+        if kernel == "auto":
+            users = self.slot.distinct_users() if users is None else users
+            kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, shape, users, spec.scaling)
+        return kernel, shape
 
     def _per_token(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    params: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """Each token on its own user's adapter: the tokens as a batch of one-token examples."""
         if x.shape[:2] != index.shape:
             raise RuntimeError(f"{self.adapter_name}: input tokens {tuple(x.shape[:2])} != the adapter index {tuple(index.shape)}")
-        tokens = x.reshape(-1, 1, x.shape[-1])
         spec = self.slot.layout.spec
-        kernel = spec.kernel
-        if kernel == "auto":
-            kernel = self.slot.tuner.choose(spec.method, spec.rank, weight, bias, tokens.shape, self.slot.distinct_users(),
-                                            spec.scaling)
-        y = Fa.adapted_linear(spec.method, kernel, tokens, weight, bias, params, index.reshape(-1), spec.scaling)
+        kernel, shape = self.kernel(x.shape, weight, bias)
+        y = Fa.adapted_linear(spec.method, kernel, x.reshape(shape), weight, bias, params, index.reshape(-1),
+                              spec.scaling)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:

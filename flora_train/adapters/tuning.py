@@ -7,14 +7,18 @@ fixed rule gets all of these right, so the tuner times the candidates on synthet
 layer's shape (forward, plus backward when gradients are on) the first time a shape bucket is seen.
 
 Choices are persisted per rank as they are made (``run_dir/kernels/rank-N.json``) and read back
-when the run is resumed, so a resumed run computes with exactly the kernels it used before the
-crash. The tuner never swaps the method: FLoRA and LoRA are different models.
+when the run is resumed. A training run measures every shape its first epoch will meet before its
+first step (``train/pretune.py``) and then freezes the tuner (a shape met later takes its nearest
+measured neighbour's choice), so a run resumed at any step computes with exactly the kernels the
+uninterrupted run used, bit for bit. The tuner never swaps the method: FLoRA and LoRA are
+different models.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 import threading
 import time
@@ -54,6 +58,19 @@ class KernelKey:
     def text(self) -> str:
         return (f"{self.method} r{self.rank} {self.in_features}x{self.out_features} batch{self.batch} "
                 f"users{self.users} tokens{self.tokens} {self.dtype} {self.device} {'fwd+bwd' if self.backward else 'fwd'}")
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelKey | None":
+        """The key ``text()`` wrote (a device name may hold spaces); None for anything else."""
+        m = _KEY_TEXT.fullmatch(text)
+        if m is None:
+            return None
+        method, rank, n_in, n_out, batch, users, tokens, dtype, device, mode = m.groups()
+        return cls(method, int(rank), int(n_in), int(n_out), int(batch), int(users), int(tokens), dtype, device,
+                   mode == "fwd+bwd")
+
+
+_KEY_TEXT = re.compile(r"(\S+) r(\d+) (\d+)x(\d+) batch(\d+) users(\d+) tokens(\d+) (\S+) (.+) (fwd\+bwd|fwd)")
 
 
 def device_name(device: torch.device) -> str:
@@ -162,6 +179,8 @@ class KernelTuner:
                 self.choices = {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
             except (json.JSONDecodeError, AttributeError) as exc:
                 raise ValueError(f"{path}: not a kernel choice file ({exc}); delete it to measure again") from exc
+            # Frozen, a resumed run answers unmeasured shapes from these as the first run did from its own.
+            self._keys = {text: key for text in self.choices if (key := KernelKey.parse(text)) is not None}
 
     def choose(self, method: str, rank: int, weight: torch.Tensor, bias: torch.Tensor | None, x_shape: torch.Size,
                users: int, scaling: float = 1.0) -> str:
@@ -210,15 +229,17 @@ class KernelTuner:
         self.frozen = True
 
     def _nearest(self, key: KernelKey, candidates: tuple[str, ...]) -> str:
-        """The choice measured for the closest shape of the same layer, method and mode (distance in
-        powers of two over batch, users and tokens); the method's first kernel if there is none."""
-        def far(other: KernelKey) -> int:
-            return sum(abs(a.bit_length() - b.bit_length()) for a, b in
-                       ((key.batch, other.batch), (key.users, other.users), (key.tokens, other.tokens)))
+        """The choice measured for the closest shape of the same layer and method (distance in
+        powers of two over batch, users and tokens), of the same mode (forward, or forward and
+        backward) where there is one; the method's first kernel if there is none."""
+        def far(other: KernelKey) -> tuple[bool, int]:
+            return other.backward != key.backward, sum(abs(a.bit_length() - b.bit_length()) for a, b in
+                                                       ((key.batch, other.batch), (key.users, other.users),
+                                                        (key.tokens, other.tokens)))
 
         same = [(far(k), text) for text, k in self._keys.items()
-                if (k.method, k.rank, k.in_features, k.out_features, k.dtype, k.device, k.backward) ==
-                (key.method, key.rank, key.in_features, key.out_features, key.dtype, key.device, key.backward)
+                if (k.method, k.rank, k.in_features, k.out_features, k.dtype, k.device) ==
+                (key.method, key.rank, key.in_features, key.out_features, key.dtype, key.device)
                 and self.choices.get(text) in candidates]
         return self.choices[min(same)[1]] if same else candidates[0]
 

@@ -18,6 +18,7 @@ from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import save_checkpoint
 from flora_train.train.evaluate import summarise
 from flora_train.train.meter import Meter
+from flora_train.train.pretune import pretune_kernels
 from flora_train.train.preemption import REQUEUE_EXIT_CODE, Interrupted, Preempted, PreemptionWatch
 from flora_train.train.scoring import evaluate_adapters
 from flora_train.train.selection import Validator
@@ -91,6 +92,9 @@ class TrainLoop:
         watch.restart_clock()
         try:
             with watch if own_watch else contextlib.nullcontext():
+                # Every kernel choice of the phase's first epoch before its first step: a resume is exact.
+                if start < self.total:
+                    pretune_kernels(self.trainer, self.session.phase_plan.steps(1, None, start=0))
                 validator = self.validator
                 validator.resume()
                 if validator.enabled and start == self.session.phase_plan.phase.start_step:

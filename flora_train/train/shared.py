@@ -109,6 +109,7 @@ def train_shared_phase(session: "Session", tracker: "Tracker", steps: int) -> li
     """``first``: the shared adapter alone for ``steps`` steps of its plan (every user's training data,
     a validation split drawn from it included: ``Session.shared_data``; each user's loss normalised by
     its own tokens), then frozen. Returns the step losses."""
+    from flora_train.train.pretune import pretune_kernels
     from flora_train.train.session import train_settings
     from flora_train.train.trainer import Trainer
 
@@ -118,6 +119,7 @@ def train_shared_phase(session: "Session", tracker: "Tracker", steps: int) -> li
     examples, planner = session.shared_data()
     trainer = Trainer(session.model, session.slot, session.store, examples, train_settings(session),
                       session.user_total_steps(), session.pad_id, session.device, shared=shared, train_personal=False)
+    pretune_kernels(trainer, planner.steps(epochs=1, max_steps=steps))
     plans = planner.steps(epochs=10**6, max_steps=steps)
     losses = []
     for st in trainer.fit(session.progress(plans, total=steps, desc="shared adapter", leave=False)):
