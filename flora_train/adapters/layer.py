@@ -252,3 +252,15 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.adapter_name}, in={self.in_features}, out={self.out_features}"
+
+
+def personal_layers(model: nn.Module, slot: AdapterSlot) -> dict[tuple[int, int, bool, torch.dtype], "AdaptedLinear"]:
+    """One adapted layer of each ``(out, in, bias, dtype)`` that carries users' adapters (a layer
+    only the shared adapter adapts runs plain): what kernel tuning measures before a run or a server."""
+    personal = {name for name, _, _ in slot.layout.modules}
+    layers: dict[tuple[int, int, bool, torch.dtype], AdaptedLinear] = {}
+    for module in model.modules():
+        if isinstance(module, AdaptedLinear) and module.adapter_name in personal:
+            key = (module.out_features, module.in_features, module.bias is not None, module.weight.dtype)
+            layers.setdefault(key, module)
+    return layers

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flora_train.adapters.functional import kernels_for
-from flora_train.adapters.layer import AdaptedLinear
+from flora_train.adapters.layer import personal_layers
 from flora_train.adapters.tuning import bucket
 
 
@@ -41,12 +41,7 @@ def tune_for_serving(model: torch.nn.Module, slot: Any, max_batch: int, prefill_
     started = time.perf_counter()
     before = len(tuner.timings)
     if spec.kernel == "auto" and len(kernels_for(spec.method, spec.rank)) > 1:
-        personal = {name for name, _, _ in slot.layout.modules}  # layers the shared adapter alone adapts run plain
-        layers: dict[tuple[int, int, bool, torch.dtype], AdaptedLinear] = {}
-        for module in model.modules():
-            if isinstance(module, AdaptedLinear) and module.adapter_name in personal:
-                w = module.weight
-                layers.setdefault((w.shape[0], w.shape[1], module.bias is not None, w.dtype), module)
+        layers = personal_layers(model, slot)
         device = next(iter(layers.values())).weight.device if layers else torch.device("cpu")
         autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())

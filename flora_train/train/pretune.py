@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flora_train.adapters.functional import kernels_for
-from flora_train.adapters.layer import AdaptedLinear
+from flora_train.adapters.layer import personal_layers
 from flora_train.data.planner import StepPlan
 
 if TYPE_CHECKING:
@@ -63,12 +63,7 @@ def pretune_kernels(trainer: "Trainer", plans: Iterable[StepPlan]) -> int:
     spec, tuner = slot.layout.spec, slot.tuner
     if spec.kernel != "auto" or len(kernels_for(spec.method, spec.rank)) < 2:
         return 0
-    personal = {name for name, _, _ in slot.layout.modules}  # layers the shared adapter alone adapts run plain
-    layers: dict[tuple[int, int, bool, torch.dtype], AdaptedLinear] = {}
-    for module in trainer.model.modules():
-        if isinstance(module, AdaptedLinear) and module.adapter_name in personal:
-            layers.setdefault((module.out_features, module.in_features, module.bias is not None, module.weight.dtype),
-                              module)
+    layers = personal_layers(trainer.model, slot)
     # Stand-ins of each layer shape's weights: under ZeRO-3 a layer holds only its shard of them
     # outside its forward, and the tuner times on synthetic tensors of the shape anyway.
     weights = {key: (torch.zeros(key[0], key[1], dtype=key[3], device=trainer.device),
