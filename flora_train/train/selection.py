@@ -62,8 +62,10 @@ class Validator:
             if t.select.value == "best" and not joint:
                 self.unvalidated = frozenset(missing)
             if missing and fdist.rank() == 0:
-                fate = ("keep the identity row (the shared adapter, or the base) and take no step" if self.unvalidated
-                        else "train to the end (train.patience cannot stop them)")
+                fate = ("train to the end (train.patience cannot stop them)" if t.select.value != "best" else
+                        "keep the identity row (the shared adapter, or the base) and take no step" if self.unvalidated
+                        else "keep the identity row (the shared adapter, or the base); their steps train the shared "
+                        "adapter")
                 log.warning("%d user(s) have too few examples to spare one for validation and %s: %s%s", len(missing),
                             fate, ", ".join(map(repr, missing[:10])), " ..." if len(missing) > 10 else "")
 
