@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from flora_train import dist as fdist
-from flora_train.errors import UserError
+from flora_train.errors import UserError, warn
 
 if TYPE_CHECKING:
     from flora_train.tracking import Tracker
@@ -70,9 +70,15 @@ class SweepDone(UserError, RuntimeError):
 
 
 def check_not_collapsed(state: Mapping[str, Any], ckpt: Path) -> None:
-    if "sweep" in state:
-        raise SweepDone(f"{ckpt}: this run's sweep is done (each user kept its best rate: {ckpt}/trainer_state.json); "
-                        "export, serve or evaluate it, or start another run_dir to train again")
+    sweep = state.get("sweep")
+    if sweep is not None:
+        at, end = sweep.get("at_step"), sweep.get("plan_end")
+        # A resume with a larger train.max_steps goes on where any other run goes on: not this one.
+        cut = (f"; it chose at step {at}, where train.max_steps ended it before its plan's end (step {end}): a "
+               "sweep chooses once, so a larger train.max_steps needs another run_dir"
+               if at is not None and end is not None and at < end else "")
+        raise SweepDone(f"{ckpt}: this run's sweep is done (each user kept its best rate: {ckpt}/trainer_state.json)"
+                        f"{cut}; export, serve or evaluate it, or start another run_dir to train again")
 
 
 def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> dict[str, Any]:
@@ -85,6 +91,7 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
 
     lrs = [float(x) for x in session.cfg.train.sweep.lr]
     chosen = choose(session.store.selection_losses(), lrs)
+    plan_end = session.phase_plan.total_steps(session.cfg.train.epochs, None)
     keep = {variant(u, k): u for u, k in chosen.items()}
     if fdist.rank() == 0:
         def edit(folder: Path, manifest: dict[str, Any]) -> int:
@@ -94,7 +101,8 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
             plan["owners"] = {keep[v]: r for v, r in plan["owners"].items() if v in keep}
             (folder / SHARD_PLAN).write_text(json.dumps(plan, indent=2, ensure_ascii=False))
             state = json.loads((folder / TRAINER_STATE).read_text())
-            state["sweep"] = {"lr": lrs, "chosen": {u: lrs[k] for u, k in sorted(chosen.items())}}
+            state["sweep"] = {"lr": lrs, "chosen": {u: lrs[k] for u, k in sorted(chosen.items())}, "at_step": step,
+                              "plan_end": plan_end}
             (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2, ensure_ascii=False))
             return len(keep)
 
@@ -111,4 +119,7 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
     if fdist.rank() == 0:
         print("per-user learning rates chosen on the validation split: "
               + ", ".join(f"{lr}: {counts.get(lr, 0)} users" for lr in lrs))
+        if step < plan_end:
+            warn(f"train.max_steps={session.cfg.train.max_steps} ended the sweep at step {step} of its plan's "
+                 f"{plan_end}: it chose on what it had trained, once; this run cannot be resumed to train longer")
     return {"lr": lrs, "chosen_counts": {str(lr): counts.get(lr, 0) for lr in lrs}}
