@@ -111,10 +111,12 @@ def test_the_shared_adapter_gets_the_validation_split_back_in_its_original_order
 
 @pytest.mark.parametrize("select, sweep, joint", [("best", [], False), ("best", [0.1, 0.2], False), ("last", [], False),
                                                  ("best", [], True)])
-def test_a_user_without_validation_examples_takes_no_step_when_it_keeps_its_identity_row(select, sweep, joint):
+def test_a_user_without_validation_examples_takes_no_step_when_it_keeps_its_identity_row(select, sweep, joint,
+                                                                                          caplog):
     """Under select: best a user with no validation example keeps its identity row: its steps (each
     variant's, under a sweep) were computed and thrown away. Under last it trains to the end; with
-    a joint shared adapter its steps train that adapter, and stay."""
+    a joint shared adapter its steps train that adapter, and stay. The warning says which (in the
+    joint mode it said they train to the end, as under last)."""
     from types import SimpleNamespace
 
     from flora_train.data.planner import StepPlan
@@ -130,7 +132,12 @@ def test_a_user_without_validation_examples_takes_no_step_when_it_keeps_its_iden
                               validation=SimpleNamespace(users=lambda: ["a", "c"]),
                               phase_plan=SimpleNamespace(phase=SimpleNamespace(start_step=0, index=0), planner=planner))
     plan = StepPlan(0, 0, tuple((n, (i,)) for i, n in enumerate(names)))
-    training = Validator(session).training(plan)
+    with caplog.at_level("WARNING", logger="flora_train"):
+        training = Validator(session).training(plan)
+    fate = {"last": "train to the end", "best": "keep the identity row (the shared adapter, or the base)"}[select]
+    fate += "; their steps train the shared adapter" if joint else " and take no step" if select == "best" else ""
+    assert f"1 user(s) have too few examples to spare one for validation and {fate}" in caplog.text
+    assert "'b'" in caplog.text
     trained = sorted({n.split("@")[0] for n in training.user_ids})
     left_out = select == "best" and not joint
     assert trained == (["a", "c"] if left_out else ["a", "b", "c"])
