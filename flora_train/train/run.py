@@ -229,7 +229,15 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
         print(f"\nnothing left to train: the run had finished at step {step} ({len(session.store)} users); run dir {run_dir}")
     else:
         users = f"{len(session.store) - len(idle)} of {len(session.store)}" if idle else f"{len(session.store)}"
-        print(f"\ntrained {users} users for {step} step{'' if step == 1 else 's'} in {trained.seconds:.1f}s; run dir {run_dir}")
+        phase = session.phase_plan.phase
+        if phase.index > 0:  # else "trained 12 users" when the phase trained the 4 new ones
+            mine = set(session.phase_plan.planner.user_examples)
+            print(f"\nphase {phase.index} trained {len(mine - set(idle))} user(s) for {step - phase.start_step} "
+                  f"step(s) from step {phase.start_step} in {trained.seconds:.1f}s; the run: {users} users, {step} "
+                  f"steps; run dir {run_dir}")
+        else:
+            print(f"\ntrained {users} users for {step} step{'' if step == 1 else 's'} in {trained.seconds:.1f}s; "
+                  f"run dir {run_dir}")
     if idle:  # else "trained 12 users" counted users whose adapters never took a step (and were exported as such)
         why = f" (train.max_steps={cfg.train.max_steps} ended the run before their data came round)" if cfg.train.max_steps else ""
         names = ", ".join(repr(u) for u in idle[:5]) + (f" and {len(idle) - 5} more" if len(idle) > 5 else "")

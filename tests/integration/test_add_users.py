@@ -20,7 +20,7 @@ def _write(path, lines):
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_added_and_changed_users_train_and_the_others_are_untouched(tmp_path, tiny_llama_dir):
+def test_added_and_changed_users_train_and_the_others_are_untouched(tmp_path, tiny_llama_dir, capsys):
     recipe = small_recipe(tmp_path, tiny_llama_dir)
     train_path = tmp_path / "data" / "train.jsonl"
     lines = train_path.read_text().splitlines()
@@ -42,9 +42,13 @@ def test_added_and_changed_users_train_and_the_others_are_untouched(tmp_path, ti
     with pytest.raises(CheckpointError, match=r"stopped at step \d+ of phase 0, whose plan runs to step \d+"):
         run_training(load_recipe(None, [*base, f"run_dir={cut}", "train.on_data_change=new_phase"]), resume=True)
 
+    capsys.readouterr()
     grown = run_training(load_recipe(None, [*base, f"run_dir={run_dir}", "train.on_data_change=new_phase"]), resume=True)
     after = saved_state(run_dir)
     assert grown["steps"] > phase0["steps"]
+    # The phase's own count (it said "trained 12 users", of whom it trained 3).
+    phase_steps, start = grown["steps"] - phase0["steps"], phase0["steps"]
+    assert f"\nphase 1 trained 3 user(s) for {phase_steps} step(s) from step {start} in " in capsys.readouterr().out
     assert set(after) == set(before) | set(NEW)
     for user in set(before) - {CHANGED}:
         for key, value in before[user].items():
