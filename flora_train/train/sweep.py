@@ -90,7 +90,10 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
     from flora_train.store.saved import iter_shards, keep_users
 
     lrs = [float(x) for x in session.cfg.train.sweep.lr]
-    chosen = choose(session.store.selection_losses(), lrs)
+    losses = session.store.selection_losses()
+    chosen = choose(losses, lrs)
+    # Users no variant has a validation loss for (too few examples to spare one) chose nothing.
+    unscored = set(chosen) - {user_of(name) for name, loss in losses.items() if math.isfinite(loss)}
     plan_end = session.phase_plan.total_steps(session.cfg.train.epochs, None)
     keep = {variant(u, k): u for u, k in chosen.items()}
     if fdist.rank() == 0:
@@ -114,12 +117,13 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
     real = {u: session.user_tokens[variant(u, 0)] for u in chosen}
     session.user_tokens = real
     load_checkpoint(ckpt, session.store, session.layout, real)
-    counts = Counter(lrs[k] for k in chosen.values())
+    counts = Counter(lrs[k] for u, k in chosen.items() if u not in unscored)
     tracker.log_metrics({f"sweep/users_lr_{lr}": float(counts.get(lr, 0)) for lr in lrs}, step=step)
     if fdist.rank() == 0:
         print("per-user learning rates chosen on the validation split: "
-              + ", ".join(f"{lr}: {counts.get(lr, 0)} users" for lr in lrs))
+              + ", ".join(f"{lr}: {counts.get(lr, 0)} users" for lr in lrs)
+              + (f"; {len(unscored)} user(s) with no validation example keep the first, {lrs[0]}" if unscored else ""))
         if step < plan_end:
             warn(f"train.max_steps={session.cfg.train.max_steps} ended the sweep at step {step} of its plan's "
                  f"{plan_end}: it chose on what it had trained, once; this run cannot be resumed to train longer")
-    return {"lr": lrs, "chosen_counts": {str(lr): counts.get(lr, 0) for lr in lrs}}
+    return {"lr": lrs, "chosen_counts": {str(lr): counts.get(lr, 0) for lr in lrs}, "unvalidated_users": len(unscored)}
