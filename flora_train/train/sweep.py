@@ -92,7 +92,7 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
     lrs = [float(x) for x in session.cfg.train.sweep.lr]
     losses = session.store.selection_losses()
     chosen = choose(losses, lrs)
-    # Users no variant has a validation loss for (too few examples to spare one) chose nothing.
+    # Users no variant has a finite validation loss for (too few examples to spare one) chose nothing.
     unscored = set(chosen) - {user_of(name) for name, loss in losses.items() if math.isfinite(loss)}
     plan_end = session.phase_plan.total_steps(session.cfg.train.epochs, None)
     keep = {variant(u, k): u for u, k in chosen.items()}
@@ -122,7 +122,7 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
     if fdist.rank() == 0:
         print("per-user learning rates chosen on the validation split: "
               + ", ".join(f"{lr}: {counts.get(lr, 0)} users" for lr in lrs)
-              + (f"; {len(unscored)} user(s) with no validation example keep the first, {lrs[0]}" if unscored else ""))
+              + (f"; {len(unscored)} user(s) with no validation loss keep the first, {lrs[0]}" if unscored else ""))
         if step < plan_end:
             warn(f"train.max_steps={session.cfg.train.max_steps} ended the sweep at step {step} of its plan's "
                  f"{plan_end}: it chose on what it had trained, once; this run cannot be resumed to train longer")

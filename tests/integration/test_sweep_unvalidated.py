@@ -23,7 +23,7 @@ def test_a_sweep_counts_no_rate_for_users_it_could_not_validate(tmp_path, tiny_l
     out = capsys.readouterr()
     assert "too few examples to spare one for validation and keep the identity row" in caplog.text
     # It was counted under the first rate, by a tie of two missing losses.
-    assert "; 1 user(s) with no validation example keep the first, 0.02" in out.out
+    assert "; 1 user(s) with no validation loss keep the first, 0.02" in out.out
     assert sum(result["sweep"]["chosen_counts"].values()) == 11 and result["sweep"]["unvalidated_users"] == 1
     state = saved_state(tmp_path / "run")
     assert int(state[small]["optim.step"]) == 0 and len(state) == 12
