@@ -105,7 +105,7 @@ def _one(spec: dict[str, Any]) -> dict[str, Any]:
         epochs = [stats[k * epoch:(k + 1) * epoch] for k in range(timed)]
         rates = [sum(s.tokens for s in e) / sum(s.seconds for s in e) for e in epochs]
         lengths = session.train.lengths()
-        works = [trainer._work(p) for p in session.planner.steps(epochs=1)]
+        works = [trainer.rank_work(p) for p in session.planner.steps(epochs=1)]
         biggest = max((len(mb) * int(max(lengths[i] for _, i in mb)) if not trainer.batching.packing
                        else int(sum(lengths[i] for _, i in mb))) for w in works for mb in w.micro_batches if mb)
         seconds = sum(s.seconds for s in stats)

@@ -128,24 +128,28 @@ class AdapterStore:
 
     def validated(self, user_ids: Sequence[str], losses: torch.Tensor, step: int, patience: int | None) -> None:
         """Records a validation at ``step`` (``losses``: NaN where a user had none; ``selection.py``)."""
-        if self.cache is not None:  # every user at once: through the table, the cache starting afresh
-            self.cache.flush()
-            self.cache.invalidate()
         names = ["rows", *(n for n in self.table.columns if n.startswith("select."))]
-        for k in range(0, len(user_ids), INIT_CHUNK):
-            rows = self.row_ids(user_ids[k : k + INIT_CHUNK])
+
+        def updated(rows: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
             current = {n: self.table.gather(n, rows).cpu() for n in names}
-            self.table.scatter_columns(rows, select_update(current, losses[k : k + INIT_CHUNK].cpu(), step, patience))
-            self._changed.update(rows.tolist())
+            return select_update(current, losses[k : k + len(rows)].cpu(), step, patience)
+
+        self._rewrite_selection(user_ids, updated)
 
     def restart_selection(self, user_ids: Sequence[str]) -> None:
         """The users choose afresh from their next validation on (``selection.fresh_selection``)."""
+        self._rewrite_selection(user_ids, lambda rows, k: fresh_selection(len(rows)))
+
+    def _rewrite_selection(self, user_ids: Sequence[str],
+                           columns: Callable[[torch.Tensor, int], dict[str, torch.Tensor]]) -> None:
+        """Writes ``columns(rows, k)`` for the users from ``user_ids[k]`` on, a chunk at a time. Every
+        user at once: through the table, the cache starting afresh."""
         if self.cache is not None:
             self.cache.flush()
             self.cache.invalidate()
         for k in range(0, len(user_ids), INIT_CHUNK):
             rows = self.row_ids(user_ids[k : k + INIT_CHUNK])
-            self.table.scatter_columns(rows, fresh_selection(len(rows)))
+            self.table.scatter_columns(rows, columns(rows, k))
             self._changed.update(rows.tolist())
 
     def best_losses(self) -> dict[str, float]:

@@ -36,7 +36,7 @@ def _micro_batch_shapes(trainer: "Trainer", plans: Iterable[StepPlan]) -> dict[t
     lengths, packing = trainer.example_lengths, trainer.batching.packing
     seen: dict[tuple, tuple[int, torch.Tensor, int]] = {}
     for plan in plans:
-        work = trainer.store.work(((u, i) for u, ex in plan.groups for i in ex), trainer.batching, lengths)
+        work = trainer.rank_work(plan)
         position = {u: k for k, u in enumerate(work.user_ids)}
         for mb in work.micro_batches:
             if not mb:  # an idle rank's padding batch: one pad token on the null row

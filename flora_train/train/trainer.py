@@ -118,7 +118,8 @@ class Trainer:
         examples = [(self.examples.input_ids(i), self.examples.labels(i)) for i in ids]
         return (pack(examples) if self.batching.packing else pad(examples, self.pad_id)).to(self.device)
 
-    def _work(self, plan: StepPlan) -> RankWork:
+    def rank_work(self, plan: StepPlan) -> RankWork:
+        """This rank's users and micro-batches of ``plan``."""
         if self._planned is not None and self._planned[0] is plan:
             return self._planned[1]  # computed one step ahead for the prefetch
         work = self.store.work(((u, i) for u, ex in plan.groups for i in ex), self.batching, self.example_lengths)
@@ -133,13 +134,13 @@ class Trainer:
     def train_step(self, plan: StepPlan, next_plan: StepPlan | None = None) -> StepStats:
         start = time.perf_counter()
         step_users = plan.user_ids
-        work = self._work(plan)
+        work = self.rank_work(plan)
         local_users = work.user_ids
         rows = self.store.fetch(local_users, requires_grad=self.train_personal)
         if self.shared is not None:
             self.shared.begin_step()
         if next_plan is not None:
-            self.store.prefetch(self._work(next_plan).user_ids, exclude=step_users)
+            self.store.prefetch(self.rank_work(next_plan).user_ids, exclude=step_users)
         position = {u: i for i, u in enumerate(local_users)}
         # Each user's target tokens over the whole step (all ranks, all micro-batches), so neither
         # micro-batching nor placement changes a user's loss.

@@ -98,7 +98,7 @@ def test_packed_or_length_grouped_joint_run_equals_each_user_alone_padded(tmp_pa
     stats = joint.fit(plans)
     # The budget holds (40 tokens a micro-batch), and packing computes no padding at all.
     lengths = s.train.lengths()
-    works = [joint._work(p) for p in plans]
+    works = [joint.rank_work(p) for p in plans]
     assert all(len(mb) * max(lengths[i] for _, i in mb) <= 40 or batching == "packing" for w in works for mb in w.micro_batches if mb)
     assert max(len(w.micro_batches) for w in works) > 1
     if batching == "packing":

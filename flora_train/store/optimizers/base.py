@@ -52,10 +52,8 @@ def state_dtype_refusal(name: str, state_dtype: str) -> str:
     """Why optimizer ``name`` cannot keep its state in ``state_dtype``, and which optimizers can."""
     from flora_train.store.optimizers import OPTIMIZERS
 
-    kind = OPTIMIZERS.get(name)
-    own = ", ".join(kind.state_dtypes) if kind is not None else "?"
     able = [o.name for o in OPTIMIZERS.values() if state_dtype in o.state_dtypes]
-    return (f"{name} keeps its state in {own}, not {state_dtype!r}"
+    return (f"{name} keeps its state in {', '.join(OPTIMIZERS[name].state_dtypes)}, not {state_dtype!r}"
             + (f" ({state_dtype} state is for {', '.join(able)})" if able else ""))
 
 
