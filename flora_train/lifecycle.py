@@ -7,8 +7,9 @@ index entries, its lines in every JSONL file (per-user evaluations, their MLflow
 generated data), its data hash in each training phase's file, the adapter shared by all users (it
 was trained on the forgotten users' data too: retrain it), the tokenised data cache and the disk
 tier's files (both derived, rebuilt by the next run from the checkpoint and the data). Every other
-user's bytes are left exactly as they were. Source data outside the run directory belongs to its
-owner and is not touched.
+user's bytes are left exactly as they were. A learning-rate sweep's variant rows (``user@sweepK``)
+are their user's, and a finished sweep's chosen rates name users too. Source data outside the run
+directory belongs to its owner and is not touched.
 
 ``forget`` takes the run's writer lock, so it never runs beside training. It first writes the users
 it removes to ``forget-pending.json``; each step after that can be run again, so a ``forget`` killed
@@ -22,7 +23,7 @@ import shutil
 import unicodedata
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors import safe_open
 
@@ -34,6 +35,7 @@ from flora_train.run_dir import RunDir, RunLock, readers
 from flora_train.run_dir.checkpoints import (
     SHARD_PLAN,
     SHARED_ADAPTER,
+    TRAINER_STATE,
     checkpoint_chain,
     latest_checkpoint,
     list_checkpoints,
@@ -42,6 +44,7 @@ from flora_train.run_dir.checkpoints import (
 from flora_train.run_dir.rewrite import recover_rewrites, rewrite_checkpoint
 from flora_train.store.saved import iter_shards, saved_selection, saved_steps, without_users
 from flora_train.train.phases import check_phase_files, forget_in_phases
+from flora_train.train.sweep import user_of
 
 PENDING = "forget-pending.json"
 
@@ -121,18 +124,38 @@ def _tokens(rd: RunDir) -> dict[str, int]:
     return {u: int(counts[idx].sum()) for u, idx in train.by_user().items()}
 
 
-def _without_users(forget: set[str]):
-    """The edit ``rewrite_checkpoint`` applies: every shard and the shard plan without ``forget``."""
+def _owner(ckpt: Path) -> Callable[[str], str]:
+    """The user a row of ``ckpt`` belongs to: until a sweep chooses, its rows are every user's
+    variants (``user@sweepK``, ``train/sweep.py``); the rows of any other checkpoint are named by their
+    users (an id that merely holds ``@sweep`` is its own)."""
+    state = read_state(ckpt)
+    sweep = (state.get("fingerprint", {}).get("training_keys", {}).get("train.sweep") or {})
+    return user_of if sweep.get("lr") and "sweep" not in state else str
+
+
+def _chosen(ckpt: Path) -> set[str]:
+    """The users a collapsed sweep's trainer state names with their chosen rates."""
+    return set(read_state(ckpt).get("sweep", {}).get("chosen", {}))
+
+
+def _without_users(owner: Callable[[str], str], forget: set[str]):
+    """The edit ``rewrite_checkpoint`` applies: every shard and the shard plan without the rows of
+    the ``forget`` users (``owner``: whose a row is), and a swept run's trainer state without their
+    chosen rates."""
 
     def edit(folder: Path, manifest: dict[str, Any]) -> int | None:
         for path, users in iter_shards(folder):
-            without_users(path, users, forget)
+            without_users(path, users, {name for name in users if owner(name) in forget})
+        state = read_state(folder)
+        if "sweep" in state and set(state["sweep"].get("chosen", {})) & forget:
+            state["sweep"]["chosen"] = {u: lr for u, lr in state["sweep"]["chosen"].items() if u not in forget}
+            replace_text(folder / TRAINER_STATE, json.dumps(state, indent=2, ensure_ascii=False))
         plan_path = folder / SHARD_PLAN
         if not plan_path.is_file():  # a delta naming its chain's plan: that file is rewritten on its own turn
             holder = json.loads((folder.parent / manifest["shard_plan_in"] / SHARD_PLAN).read_text())
-            return sum(1 for u in holder["owners"] if u not in forget)
+            return sum(1 for u in holder["owners"] if owner(u) not in forget)
         plan = json.loads(plan_path.read_text())
-        owners = {u: r for u, r in plan["owners"].items() if u not in forget}
+        owners = {u: r for u, r in plan["owners"].items() if owner(u) not in forget}
         if len(owners) != len(plan["owners"]):
             plan["owners"] = owners
             replace_text(plan_path, json.dumps(plan, indent=2, ensure_ascii=False))
@@ -203,7 +226,7 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     ckpts = [c for c in list_checkpoints(rd.path) if (c / "manifest.json").is_file()]
     if not ckpts:
         raise ExportError(f"{rd.path}: no checkpoints to forget users in")
-    known = pending.union(*(_saved_users(c) for c in ckpts))
+    known = pending.union(*(map(_owner(c), _saved_users(c)) for c in ckpts))
     unknown = [u for u in users if u not in known]
     if unknown:
         raise ExportError(f"{rd.path}: no such user(s) in any checkpoint: {', '.join(map(repr, unknown[:5]))}")
@@ -219,9 +242,10 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
         shutil.rmtree(stale, ignore_errors=True)
     rows = 0
     for c in ckpts:
-        if _mentioned(c) & forget:
-            rows += len(_saved_users(c) & forget)
-            rewrite_checkpoint(c, _without_users(forget))
+        owner = _owner(c)
+        if {owner(name) for name in _mentioned(c)} & forget or _chosen(c) & forget:
+            rows += sum(owner(name) in forget for name in _saved_users(c))
+            rewrite_checkpoint(c, _without_users(owner, forget))
     exports, elsewhere = _forget_exports(rd, forget)
     lines = sum(_filter_jsonl(p, forget) for p in sorted(rd.path.rglob("*.jsonl"))
                 if "checkpoints" not in p.relative_to(rd.path).parts)

@@ -6,15 +6,15 @@ once. Rows are independent, so each variant trains exactly as a run at its rate 
 At the end each user keeps the variant whose kept row has the lowest validation loss (ties: the
 lower K); the final checkpoint is rewritten (crash-safely, ``run_dir/rewrite.py``) to hold only the
 kept variants under their users' own names, every older checkpoint of the run (they hold every
-variant) is removed, and the store is restored from it, so scoring, export, generate, serve and
-``users`` see one row per user. The choice is in the checkpoint's trainer state.
+variant) is removed but one a reader holds (``run_dir/readers.py``), and the store is restored
+from it, so scoring, export, generate, serve and ``users`` see one row per user. The choice is in
+the checkpoint's trainer state.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -86,6 +86,7 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
     from the run's other checkpoints, restores the store from it, and reports how many users chose
     each rate. Collective."""
     from flora_train.run_dir.checkpoints import SHARD_PLAN, TRAINER_STATE, list_checkpoints, load_checkpoint
+    from flora_train.run_dir.readers import prune
     from flora_train.run_dir.rewrite import rewrite_checkpoint
     from flora_train.store.saved import iter_shards, keep_users
 
@@ -110,9 +111,13 @@ def collapse(session: "Session", ckpt: Path, tracker: "Tracker", step: int) -> d
             return len(keep)
 
         rewrite_checkpoint(ckpt, edit)
-        for other in list_checkpoints(session.run_dir):
-            if other != ckpt:
-                shutil.rmtree(other)
+        # Never under a reader (`serve`, `generate`, `export`): one still being read stays, and `forget`
+        # knows its variants as their users' rows.
+        kept = [other.name for other in list_checkpoints(session.run_dir) if other != ckpt and not prune(other)]
+        if kept:
+            warn(f"{', '.join(kept)} {'is' if len(kept) == 1 else 'are'} being read (serve, generate or export) and "
+                 f"{'stays' if len(kept) == 1 else 'stay'} beside {ckpt.name}, holding every variant's rows; nothing "
+                 "needs it: delete it once its reader is done")
     fdist.barrier()
     real = {u: session.user_tokens[variant(u, 0)] for u in chosen}
     session.user_tokens = real
