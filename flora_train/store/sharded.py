@@ -228,6 +228,10 @@ class ShardedAdapterStore:
     def mark_saved(self, checkpoint: str) -> None:
         self.local.mark_saved(checkpoint)
 
+    def unchanged_since_saved(self) -> bool:
+        """No row of this rank changed since ``saved_at`` (nor was added fresh at its restore)."""
+        return len(self.local.changed_rows()) == 0
+
     @property
     def saved_at(self) -> str | None:
         return self.local.saved_at

@@ -15,7 +15,7 @@ from flora_train import dist as fdist
 from flora_train.data.length_check import padding_report
 from flora_train.launch_env import elastic_job
 from flora_train.tracking import Tracker
-from flora_train.run_dir.checkpoints import save_checkpoint
+from flora_train.run_dir.saving import save_checkpoint
 from flora_train.train.evaluate import summarise
 from flora_train.train.meter import Meter
 from flora_train.train.pretune import pretune_kernels

@@ -13,7 +13,7 @@ import sys
 
 from flora_train.cli import main
 from flora_train.store.sharded import ShardedAdapterStore
-from flora_train.run_dir import checkpoints as checkpoint
+from flora_train.run_dir import saving as checkpoint
 
 kind, _, nth = os.environ["FLORA_TEST_FAULT"].partition(":")
 calls = {"n": 0}

@@ -8,7 +8,8 @@ import torch
 
 from flora_train.config import load_recipe
 from flora_train.data import SyntheticTask
-from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
+from flora_train.run_dir.saving import save_checkpoint
 from flora_train.train.run import run_training
 from flora_train.train.session import train_settings
 from flora_train.train.session import prepare_session
