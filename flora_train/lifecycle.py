@@ -44,7 +44,7 @@ from flora_train.run_dir.checkpoints import (
 from flora_train.run_dir.rewrite import recover_rewrites, rewrite_checkpoint
 from flora_train.store.saved import iter_shards, saved_selection, saved_steps, without_users
 from flora_train.train.phases import check_phase_files, forget_in_phases
-from flora_train.train.sweep import user_of
+from flora_train.train.sweep import holds_variants, user_of
 
 PENDING = "forget-pending.json"
 
@@ -65,6 +65,7 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
     unvalidated = {**({"kept_step": None, "validation_loss": None} if keeps else {}), "stopped_after": None}
     swept = read_state(ckpt).get("sweep", {}).get("chosen", {})  # train.sweep: each user's chosen rate
     tokens = _tokens(rd)
+    owner = _owner(ckpt)  # a sweep's variants train on their user's tokens
     evals = rd.per_user_evals()
     last = {}
     if evals:
@@ -77,7 +78,7 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
             # A folder per user, or [pack file, row] in a packed export.
             place = f"{index.parent / where[0]}#{where[1]}" if isinstance(where, list) else str(index.parent / where)
             exports.setdefault(user, []).append(place)
-    return [{"user_id": u, "steps": steps[u], "tokens": tokens.get(u), "eval_loss": last.get(u, {}).get("loss"),
+    return [{"user_id": u, "steps": steps[u], "tokens": tokens.get(owner(u)), "eval_loss": last.get(u, {}).get("loss"),
              "eval_accuracy": last.get(u, {}).get("accuracy"), "export": exports.get(u, []),
              **({**unvalidated, **selection.get(u, {})} if selection else {}),
              **({"lr": swept.get(u)} if swept else {})}
@@ -128,9 +129,7 @@ def _owner(ckpt: Path) -> Callable[[str], str]:
     """The user a row of ``ckpt`` belongs to: until a sweep chooses, its rows are every user's
     variants (``user@sweepK``, ``train/sweep.py``); the rows of any other checkpoint are named by their
     users (an id that merely holds ``@sweep`` is its own)."""
-    state = read_state(ckpt)
-    sweep = (state.get("fingerprint", {}).get("training_keys", {}).get("train.sweep") or {})
-    return user_of if sweep.get("lr") and "sweep" not in state else str
+    return user_of if holds_variants(read_state(ckpt)) else str
 
 
 def _chosen(ckpt: Path) -> set[str]:

@@ -27,6 +27,7 @@ from flora_train.run_dir.checkpoints import (
     verify_checkpoint,
 )
 from flora_train.run_dir.readers import CheckpointLease
+from flora_train.train.sweep import check_chosen
 from flora_train.store.saved import iter_saved_rows, saved_user_ids
 
 
@@ -40,11 +41,13 @@ def _checkpoint(run_dir: Path, checkpoint: Path | None, just_written: bool) -> t
         held = lease_checkpoint(checkpoint)
         # Every byte hashed, unless this process wrote (and hashed) it a moment ago.
         verify_checkpoint(checkpoint, contents=not just_written)
+        check_chosen(checkpoint)
         return checkpoint, held
     RunDir(run_dir).require("export")
     found = leased_latest_checkpoint(run_dir)  # hashed through: the newest intact one
     if found is None:
         raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
+    check_chosen(found[0])
     return found
 
 

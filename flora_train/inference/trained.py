@@ -27,6 +27,7 @@ from flora_train.errors import UserError, warn
 from flora_train.inference.rows import CheckpointRows, RowSource
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.readers import CheckpointLease
+from flora_train.train.sweep import check_chosen
 
 log = logging.getLogger("flora_train")
 
@@ -73,6 +74,7 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
     if lease is None:
         lease = lease_checkpoint(ckpt)
         verify_checkpoint(ckpt)
+    check_chosen(ckpt)
     if (unleased := lease.warning()) is not None:
         warn(f"{ckpt}: {unleased}")
     cfg = load_recipe(RunDir(run_dir).recipe)

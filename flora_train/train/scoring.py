@@ -27,6 +27,7 @@ from flora_train.store.sharded import ShardedAdapterStore
 from flora_train.run_dir import RunDir
 from flora_train.tracking import Tracker
 from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, saved_users
+from flora_train.train.sweep import check_chosen
 from flora_train.train.evaluate import UserEval, evaluate, summarise, write_per_user
 from flora_train.inference.generate import GenerationSettings
 from flora_train.inference.trained import check_base_is_there
@@ -296,6 +297,7 @@ def _eval(session: Session, cfg: DictConfig, run_dir: Path, recipe: Path, checkp
     ckpt = checkpoint or latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint to evaluate")
+    check_chosen(ckpt)
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=checkpoint is None)
     session.untrained = frozenset(session.user_tokens).difference(saved_users(ckpt))
     if data is not None:  # (after the checkpoint: a user it no longer holds is not trained in this run)

@@ -65,6 +65,32 @@ def choose(best_losses: Mapping[str, float], lrs: list[float]) -> dict[str, int]
     return {u: int(np.argmin(v)) for u, v in scored.items()}
 
 
+def holds_variants(state: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint (its trainer ``state``) holds a sweep's variants: one of a sweep's run
+    from before the sweep chose."""
+    sweep = state.get("fingerprint", {}).get("training_keys", {}).get("train.sweep") or {}
+    return bool(sweep.get("lr")) and "sweep" not in state
+
+
+class SweepUnchosen(UserError, RuntimeError):
+    """A reader (eval, export, generate, serve) given a sweep's checkpoint from before it chose."""
+
+
+def check_chosen(ckpt: Path) -> None:
+    """Refuses ``ckpt`` to a reader when it holds a sweep's variants rather than one row per user."""
+    from flora_train.run_dir.checkpoints import read_state
+
+    state = read_state(ckpt)
+    if holds_variants(state):
+        lrs = state["fingerprint"]["training_keys"]["train.sweep"]["lr"]
+        raise SweepUnchosen(
+            f"{ckpt}: a checkpoint of a learning-rate sweep (train.sweep.lr: {lrs}) from before it chose: it holds "
+            f"each user's {len(lrs)} variants (user{SEP}0 to user{SEP}{len(lrs) - 1}), not one adapter per user; "
+            "each user keeps its best at the end of the run, and then it can be evaluated, exported, generated with "
+            f"or served (`flora-train users {ckpt.parent.parent}` lists the variants and their validation losses "
+            "meanwhile)")
+
+
 class SweepDone(UserError, RuntimeError):
     """A resume onto a run whose sweep was already collapsed."""
 
