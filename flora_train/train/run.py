@@ -35,7 +35,7 @@ from flora_train.train.phases import first_phase
 from flora_train.train.preemption import PreemptionWatch
 from flora_train.train.resume import agreed_checkpoint, check_same_base, check_same_run
 from flora_train.train.scoring import score_run
-from flora_train.train.shared_baseline import train_shared_baseline
+from flora_train.train.shared_baseline import shared_baseline
 from flora_train.train.session import Session, prepare_session
 from flora_train.train.shared import first_shared_phase, load_shared
 from flora_train.train.sweep import check_not_collapsed, collapse
@@ -201,7 +201,7 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
     if session.eval is not None and cfg.eval.at_end:
         # With adapter.shared the comparison is the shared adapter itself: nothing is trained twice.
         baseline = cfg.train.compare_shared_baseline and session.shared is None
-        shared_row = train_shared_baseline(session, total) if baseline else None
+        shared_row = shared_baseline(session, total) if baseline else None
         result.update(score_run(session, step, tracker, shared_row))
     elif cfg.eval.at_end and main:  # else the run ends with no word on how its users did, nor why
         print(f"nothing evaluated: the data holds no held-out examples (set data.eval_path, or "

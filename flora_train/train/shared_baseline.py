@@ -5,10 +5,13 @@ one adapter for every user, trained on the same examples for the same number of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flora_train import dist as fdist
@@ -25,10 +28,34 @@ from flora_train.train.trainer import Trainer
 SHARED = "__shared__"
 
 
-def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
+def shared_baseline(session: Session, steps: int) -> torch.Tensor:
+    """The run's baseline row: the one beside the run when it was trained on this run's examples,
+    plan, settings and base for ``steps`` steps (a resume after the run's end: a requeued job),
+    else trained now. Training it again costs about what the run's own steps did. Collective."""
+    key = _baseline_key(session, steps)
+    saved = None
+    if fdist.rank() == 0 and session.paths.shared_adapter.is_file():
+        with safe_open(str(session.paths.shared_adapter), framework="pt") as f:
+            if (f.metadata() or {}).get("trained_for") == key:
+                saved = f.get_tensor("row")
+    saved = fdist.broadcast_object(saved)
+    if saved is not None and saved.shape == (session.layout.row_size,):
+        return saved
+    return train_shared_baseline(session, steps, key)
+
+
+def _baseline_key(session: Session, steps: int) -> str:
+    """What the baseline is a function of: the run's fingerprint (examples, plan keys, training
+    keys, users), its base and the steps."""
+    what = {"fingerprint": session.fingerprint.as_dict(), "base": session.base_fingerprint, "steps": steps}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def train_shared_baseline(session: Session, steps: int, key: str | None = None) -> torch.Tensor:
     """One adapter for every user, trained on the same examples for the same number of steps;
     returns its row. Across ranks its single row is fetched by all of them and its gradients summed
-    at rank 0. The row is kept in ``run_dir/shared_adapter.safetensors`` for `flora-train eval`."""
+    at rank 0. The row is kept in ``run_dir/shared_adapter.safetensors`` for `flora-train eval`,
+    with ``key`` (``_baseline_key``: what it was trained on) where it was trained on the run's own examples."""
     local = AdapterStore(session.layout.row_size, make_row_init(session.layout, session.cfg.store.init_seed),
                          session.store.hyper, "host", session.device)
     store = ShardedAdapterStore(local, ShardPlan.balanced({SHARED: 1}, session.store.world), "fetch")
@@ -42,7 +69,8 @@ def train_shared_baseline(session: Session, steps: int) -> torch.Tensor:
     if fdist.rank() == 0:
         path = session.paths.shared_adapter
         with replaced(path) as tmp:
-            save_tensors({"row": row.contiguous()}, tmp, metadata={"steps": str(steps)})
+            save_tensors({"row": row.contiguous()}, tmp,
+                         metadata={"steps": str(steps), **({"trained_for": key} if key is not None else {})})
     return row
 
 
