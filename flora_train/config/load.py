@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
 from flora_train.config.schema import Recipe
@@ -171,6 +171,8 @@ def _explain(exc: OmegaConfBaseException, source: str, lines: dict[str, int]) ->
     msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
     if msg.startswith("Incompatible value 'None'"):  # `key=` and `key: ` read as null
         msg = "null (or nothing) where a value is needed: give it one (or leave the key out where it has a default)"
+    elif msg.endswith("is not a ListConfig, list or tuple."):  # a scalar where a list goes
+        msg = f"a list is needed here ([a, b]), got {getattr(exc, 'value', None)}"
     kind = "invalid value" if isinstance(exc, ValidationError) else "error"
     return RecipeError(f"{where}: {kind} for key '{full_key}': {msg}")
 
@@ -193,6 +195,23 @@ def _not_a_section(base: Any, layer: Any, prefix: str = "") -> tuple[str, Any] |
     return None
 
 
+def _not_a_list(base: DictConfig, layer: Any, prefix: str = "") -> tuple[str, Any] | None:
+    """The first key of ``layer`` holding a mapping where ``base`` (typed nodes: a list typed
+    Optional is a ListConfig node even while it is null) has a list: OmegaConf's merge says only
+    "key ''"."""
+    if not isinstance(layer, dict):
+        return None
+    for key, value in layer.items():
+        node = base._get_node(key) if isinstance(key, str) and key in base else None
+        if isinstance(node, ListConfig) and isinstance(value, dict):
+            return f"{prefix}{key}", value
+        if isinstance(node, DictConfig) and not node._is_none():
+            found = _not_a_list(node, value, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
 def _merge(base: DictConfig, layer: Any, source: str, lines: dict[str, int]) -> DictConfig:
     plain = OmegaConf.to_container(layer, resolve=False) if OmegaConf.is_config(layer) else layer
     found = _not_a_section(OmegaConf.to_container(base, resolve=False), plain)
@@ -200,6 +219,10 @@ def _merge(base: DictConfig, layer: Any, source: str, lines: dict[str, int]) -> 
         key, value = found
         raise RecipeError(f"{_where(source, key, lines)}: key '{key}' is a section: its keys go under it "
                           f"(key.sub: value), got {type(value).__name__} {value!r}")
+    found = _not_a_list(base, plain)
+    if found:
+        key, value = found
+        raise RecipeError(f"{_where(source, key, lines)}: key '{key}' is a list, got {type(value).__name__} {value!r}")
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:

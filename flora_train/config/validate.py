@@ -40,8 +40,9 @@ def _check_targets(targets, source: Source, key: str) -> None:
                 re.compile(targets)
             except re.error as exc:
                 _fail(source, key, f"not a valid regular expression: {exc}")
-    elif not targets or not all(isinstance(t, str) and t for t in targets):
-        _fail(source, key, "must be a non-empty list of module names, a regex or 'all-linear'")
+    elif not OmegaConf.is_list(targets) or not targets or not all(isinstance(t, str) and t for t in targets):
+        shown = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets
+        _fail(source, key, f"must be a non-empty list of module names, a regex or 'all-linear', got {shown}")
 
 
 FREE_FORM = ("base.deepspeed", "launch.env")  # mappings passed on as they are (an env value may be '')
@@ -128,11 +129,12 @@ def validate_recipe(cfg: DictConfig, source: Source) -> None:
         if train.shared_phase.value == "joint" and train.shared_steps is not None:
             _fail(source, "train.shared_steps", "is the length of shared_phase=first's own phase; with joint the shared "
                   "adapter trains in every step (leave it null)")
-    for key in ("train_path", "eval_path"):
-        value = data[key]
+    for key, value in (("data.train_path", data.train_path), ("data.eval_path", data.eval_path),
+                       ("data.validation_path", data.validation_path), ("train.retain.path", train.retain.path),
+                       ("eval.general_path", cfg.eval.general_path)):
         items = list(value) if OmegaConf.is_list(value) else [value]
         if value is not None and (not items or not all(isinstance(v, str) and v for v in items)):
-            _fail(source, f"data.{key}", "must be a path, a folder, a glob pattern, a dataset id or a list of them")
+            _fail(source, key, "must be a path, a folder, a glob pattern, a dataset id or a list of them")
     if (data.train_path is None) == (data.synthetic is None):
         _fail(source, "data.train_path", "set exactly one of data.train_path and data.synthetic")
     if data.synthetic is not None and data.eval_path is not None:
@@ -189,10 +191,6 @@ def validate_recipe(cfg: DictConfig, source: Source) -> None:
                   "leave it unset")
     if train.retain.examples_per_user_step < 1:
         _fail(source, "train.retain.examples_per_user_step", f"must be >= 1, got {train.retain.examples_per_user_step}")
-    for key, value in (("train.retain.path", train.retain.path), ("eval.general_path", cfg.eval.general_path)):
-        items = list(value) if OmegaConf.is_list(value) else [value]
-        if value is not None and (not items or not all(isinstance(v, str) and v for v in items)):
-            _fail(source, key, "must be a path, a folder, a glob pattern, a dataset id or a list of them")
     opt = cfg.store.optimizer
     if opt.state_dtype.value not in OPTIMIZERS[opt.name.value].state_dtypes:
         _fail(source, "store.optimizer.state_dtype", state_dtype_refusal(opt.name.value, opt.state_dtype.value))

@@ -87,6 +87,21 @@ def _write(tmp_path, text):
         (MINIMAL, ["data.validation_fraction=0.2", "train.select=best", "train.sweep.lr=[0.1,0.1]"],
          r"key 'train.sweep.lr': must be distinct learning rates > 0"),
         (MINIMAL, ["adapter.shared.target_modules=[]"], r"key 'adapter.shared.target_modules': must be a non-empty list"),
+        # A number or a bool where module names go: a TypeError's traceback ('int' object is not iterable).
+        (MINIMAL, ["adapter.target_modules=5"], r"key 'adapter.target_modules': must be a non-empty list of module "
+                                                r"names, a regex or 'all-linear', got 5"),
+        (MINIMAL + "adapter:\n  target_modules: true\n", [],
+         r"r\.yaml:7: key 'adapter.target_modules': must be .* got True"),
+        # A scalar or a mapping where a list goes: OmegaConf's "AnyNode is not a ListConfig, list or tuple", and
+        # "error for key '': Cannot merge DictConfig with ListConfig".
+        (MINIMAL, ["train.sweep.lr=0.1"], r"^override 'train.sweep.lr=0.1': invalid value for key 'train.sweep.lr': "
+                                          r"a list is needed here \(\[a, b\]\), got 0.1$"),
+        (MINIMAL, ["export.users=alice"], r"invalid value for key 'export.users': a list is needed here \(\[a, b\]\), "
+                                          r"got alice$"),
+        (MINIMAL, ["data.validation_fraction=0", "data.validation_path=3"], r"key 'data.validation_path': must be a "
+                                                                            r"path, a folder, a glob pattern"),
+        (MINIMAL, ["train.sweep.lr={a: 1}"], r"^override 'train.sweep.lr={a: 1}': key 'train.sweep.lr' is a list, got "
+                                             r"dict \{'a': 1\}$"),
         (MINIMAL, ["adapter.shared.rank=0"], r"key 'adapter.shared.rank': must be > 0"),
         (MINIMAL, ["adapter.shared.method=dora"], r"invalid value for key 'adapter.shared.method'.*flora, lora, ia3"),
         # An unknown key's hint looks in other sections when no sibling is close (it said nothing for these).
