@@ -124,7 +124,8 @@ def check_export(session: Session) -> None:
     ex = session.cfg.export
     if ex.format.value == "none":
         return
-    unknown = [u for u in ex.users if u not in session.store]
+    known = set(session.users())  # (under a sweep the store holds their variants until it chooses)
+    unknown = [u for u in ex.users if u not in known]
     if unknown:
         from flora_train.export.base import close_matches
 

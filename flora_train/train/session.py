@@ -143,7 +143,7 @@ class Session:
 
     def users(self) -> list[str]:
         """The run's users (under a sweep, whose variants are the store's rows until it chooses)."""
-        return sorted({user_of(v) for v in self.user_tokens})
+        return sorted({user_of(v) for v in self.user_tokens} if self.cfg.train.sweep.lr else self.user_tokens)
 
     def user_total_steps(self) -> dict[str, int]:
         return self.phase_plan.user_total_steps(self.cfg.train.epochs)

@@ -32,10 +32,14 @@ def test_a_sweep_leaves_a_read_checkpoint_and_forget_removes_a_users_variants_ev
     try:
         run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={run}", "eval.at_end=false",
                                         "data.validation_fraction=0.34", "train.select=best",
-                                        "train.sweep.lr=[0.02,0.2]", "train.checkpoint_every_steps=2"]))
+                                        "train.sweep.lr=[0.02,0.2]", "train.checkpoint_every_steps=2",
+                                        # before: "not users of this run's data or checkpoint: 'user-000001' (did
+                                        # you mean 'user-000001'?)": the store's rows were its variants
+                                        "export.format=flora", "export.users=[user-000001]"]))
     finally:
         os.close(fd)
     final = latest_checkpoint(run)
+    assert list(json.loads((run / "export" / "flora" / "index.json").read_text())) == ["user-000001"]
     # Before, the sweep's end deleted every older checkpoint, this one under its reader.
     assert [c.name for c in list_checkpoints(run)] == [read, final.name]
     assert f"{read} is being read" in capsys.readouterr().err
