@@ -132,22 +132,28 @@ def _owner(ckpt: Path) -> Callable[[str], str]:
     return user_of if holds_variants(read_state(ckpt)) else str
 
 
-def _chosen(ckpt: Path) -> set[str]:
-    """The users a collapsed sweep's trainer state names with their chosen rates."""
-    return set(read_state(ckpt).get("sweep", {}).get("chosen", {}))
+def _named_in_state(ckpt: Path) -> set[str]:
+    """The users ``ckpt``'s trainer state names: a finished sweep's chosen rates, a running one's
+    variants on their way to a stop (non-finite steps in a row)."""
+    state = read_state(ckpt)
+    return set(state.get("sweep", {}).get("chosen", {})) | {user_of(n) for n in state.get("nonfinite_streaks", {})}
 
 
 def _without_users(owner: Callable[[str], str], forget: set[str]):
     """The edit ``rewrite_checkpoint`` applies: every shard and the shard plan without the rows of
-    the ``forget`` users (``owner``: whose a row is), and a swept run's trainer state without their
-    chosen rates."""
+    the ``forget`` users (``owner``: whose a row is), and a sweep's trainer state without their
+    chosen rates or non-finite streaks."""
 
     def edit(folder: Path, manifest: dict[str, Any]) -> int | None:
         for path, users in iter_shards(folder):
             without_users(path, users, {name for name in users if owner(name) in forget})
         state = read_state(folder)
-        if "sweep" in state and set(state["sweep"].get("chosen", {})) & forget:
-            state["sweep"]["chosen"] = {u: lr for u, lr in state["sweep"]["chosen"].items() if u not in forget}
+        chosen, streaks = state.get("sweep", {}).get("chosen", {}), state.get("nonfinite_streaks", {})
+        if set(chosen) & forget or {owner(name) for name in streaks} & forget:
+            if chosen:
+                state["sweep"]["chosen"] = {u: lr for u, lr in chosen.items() if u not in forget}
+            if streaks:
+                state["nonfinite_streaks"] = {name: n for name, n in streaks.items() if owner(name) not in forget}
             replace_text(folder / TRAINER_STATE, json.dumps(state, indent=2, ensure_ascii=False))
         plan_path = folder / SHARD_PLAN
         if not plan_path.is_file():  # a delta naming its chain's plan: that file is rewritten on its own turn
@@ -242,7 +248,7 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     rows = 0
     for c in ckpts:
         owner = _owner(c)
-        if {owner(name) for name in _mentioned(c)} & forget or _chosen(c) & forget:
+        if {owner(name) for name in _mentioned(c)} & forget or _named_in_state(c) & forget:
             rows += sum(owner(name) in forget for name in _saved_users(c))
             rewrite_checkpoint(c, _without_users(owner, forget))
     exports, elsewhere = _forget_exports(rd, forget)

@@ -155,6 +155,13 @@ class ShardedAdapterStore:
             self.placement.settle()
             self.local.restart_selection(mine)
 
+    def stop(self, users: Sequence[str], step: int) -> None:
+        """``users`` (those this rank owns) leave the plan after ``step``."""
+        mine = [u for u in users if u in self.local.registry]
+        if mine:
+            self.placement.settle()
+            self.local.stop(mine, step)
+
     def selection_losses(self) -> dict[str, float]:
         """Every user's kept row's validation loss, from every rank (collective)."""
         self.placement.settle()

@@ -140,6 +140,16 @@ class AdapterStore:
         """The users choose afresh from their next validation on (``selection.fresh_selection``)."""
         self._rewrite_selection(user_ids, lambda rows, k: fresh_selection(len(rows)))
 
+    def stop(self, user_ids: Sequence[str], step: int) -> None:
+        """The users leave the plan after ``step``, as a patience stop leaves it (a sweep's variant
+        whose loss went non-finite); a user already stopped keeps its step."""
+
+        def columns(rows: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+            at = self.table.gather(STOPPED_AT, rows).cpu()
+            return {STOPPED_AT: torch.where(at == 0, torch.full_like(at, step + 1), at)}
+
+        self._rewrite_selection(user_ids, columns)
+
     def _rewrite_selection(self, user_ids: Sequence[str],
                            columns: Callable[[torch.Tensor, int], dict[str, torch.Tensor]]) -> None:
         """Writes ``columns(rows, k)`` for the users from ``user_ids[k]`` on, a chunk at a time. Every

@@ -59,6 +59,8 @@ class TrainLoop:
             "phase": s.phase_plan.phase.as_dict(), "run_id": s.run_id,
             "elastic_job": elastic_job(os.environ),  # torchrun's job: its restarts resume this run
         }
+        if self.trainer.settings.stop_diverged_rows:  # a sweep's rows on their way to a stop: a resume goes on counting
+            state["nonfinite_streaks"] = dict(sorted(self.trainer.row_streaks.items()))
         return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints,
                                1 if full else t.full_checkpoint_every, s.run_id,
                                shared=s.shared.tensors() if s.shared is not None else None)
@@ -106,6 +108,8 @@ class TrainLoop:
                     training = validator.training(plan)
                     if training is not None:  # else every user of the step has stopped
                         st = self.trainer.train_step(training, validator.training(following) if following else None)
+                        if st.diverged_users:
+                            validator.stop_diverged(st.diverged_users, plan.step)
                         meter.add(st)
                         tokens += st.tokens
                         bar.set_postfix(loss=f"{st.loss:.3f}", tok_s=f"{st.tokens / st.seconds:.0f}",

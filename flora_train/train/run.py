@@ -105,10 +105,11 @@ def run_training(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
 
 def train_session(session: Session, resume: bool = False, watch: PreemptionWatch | None = None) -> dict[str, Any]:
     """Trains (or resumes) a prepared session; the caller closes it."""
-    start_step, run_id = resume_point(session, resume)
+    start_step, state = resume_point(session, resume)
     check_export(session)
-    tracker = start_tracking(session, start_step, run_id)
+    tracker = start_tracking(session, start_step, state.get("mlflow_run_id"))
     loop = TrainLoop(session, tracker)
+    loop.trainer.row_streaks = dict(state.get("nonfinite_streaks", {}))
     shared_seconds = first_shared_phase(session, tracker, loop.checkpoint, start_step)
     trained = loop.run(start_step, watch)
     swept = bool(session.cfg.train.sweep.lr)
@@ -136,10 +137,11 @@ def check_export(session: Session) -> None:
         raise RecipeError(f"key 'export.out': {refused}")
 
 
-def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
-    """The step to start from and the MLflow run to continue: a checkpoint's when the run resumes
-    (asked to, ``train.auto_resume``, or restarted by torchrun --max-restarts), else step 0. Sets
-    the phase the session trains (``phases.py``): a fresh run's, the checkpoint's, or a new one."""
+def resume_point(session: Session, resume: bool) -> tuple[int, dict[str, Any]]:
+    """The step to start from and the trainer state to go on with (the MLflow run to continue, ...):
+    a checkpoint's when the run resumes (asked to, ``train.auto_resume``, or restarted by torchrun
+    --max-restarts), else step 0 and none. Sets the phase the session trains (``phases.py``): a
+    fresh run's, the checkpoint's, or a new one."""
     asked = wants_resume(session.cfg, resume)
     ckpt = agreed_checkpoint(session.run_dir) if asked else None
     if ckpt is None:
@@ -147,7 +149,7 @@ def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
             print(f"{session.run_dir} holds no checkpoint to resume from: training from step 0")
         session.run_id = fdist.broadcast_object(new_run_id())
         first_phase(session)
-        return 0, None
+        return 0, {}
     check_not_collapsed(read_state(ckpt), ckpt)
     state = load_checkpoint(ckpt, session.store, session.layout, session.user_tokens, verified=True)
     load_shared(ckpt, session)
@@ -157,7 +159,7 @@ def resume_point(session: Session, resume: bool) -> tuple[int, str | None]:
     start = int(state["next_step"])
     if fdist.rank() == 0:
         print(f"resuming from {ckpt} at step {start}")
-    return start, state.get("mlflow_run_id")
+    return start, state
 
 
 def start_tracking(session: Session, start_step: int, run_id: str | None) -> Tracker:

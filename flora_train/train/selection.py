@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from flora_train import dist as fdist
 from flora_train.data.planner import StepPlan
 from flora_train.files import replace_text
-from flora_train.train.sweep import user_of, variant
+from flora_train.train.sweep import split_variant, user_of, variant
 
 if TYPE_CHECKING:
     from flora_train.data.examples import TokenizedExamples
@@ -100,6 +101,20 @@ class Validator:
             return plan
         groups = tuple(g for g in plan.groups if g[0] not in self.stopped and user_of(g[0]) not in self.unvalidated)
         return None if not groups else StepPlan(plan.step, plan.epoch, groups)
+
+    def stop_diverged(self, rows: list[str], step: int) -> None:
+        """A sweep's variants whose loss or gradient was non-finite in ``train.max_consecutive_nonfinite``
+        of their own steps in a row leave the plan after ``step``, as a run at that rate alone would
+        have stopped; the other rates of their users train on (every rank, the same ``rows``)."""
+        self.session.store.stop(rows, step)
+        self.stopped |= set(rows)
+        if fdist.rank() == 0:
+            lrs = list(self.session.cfg.train.sweep.lr)
+            by_rate = Counter(lrs[split_variant(name)[1]] for name in rows)
+            log.warning("after step %d, variants stopped on non-finite losses or gradients (%d of their own steps in "
+                        "a row): %s; each keeps its best validated row, and their users' other rates train on", step,
+                        self.session.cfg.train.max_consecutive_nonfinite,
+                        ", ".join(f"lr {lr}: {n} user(s)" for lr, n in sorted(by_rate.items())))
 
     def validate(self, step: int) -> dict[str, float]:
         """Scores every user's validation split (and evaluation data) now, records it; returns metrics."""

@@ -169,6 +169,7 @@ def train_settings(session: Session) -> TrainSettings:
         packing=t.packing,
         nonfinite=t.nonfinite.value,
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
+        stop_diverged_rows=bool(t.sweep.lr),
         autocast_dtype=session.autocast_dtype,
     )
 

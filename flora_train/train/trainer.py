@@ -44,6 +44,9 @@ class TrainSettings:
     packing: bool = False
     nonfinite: str = "skip_users"  # skip_users | skip_step | error
     max_consecutive_nonfinite: int = 3
+    # A sweep's variants (skip_users): a row non-finite in this many of its own steps in a row stops
+    # alone (a rate too high for it), not the run.
+    stop_diverged_rows: bool = False
     autocast_dtype: torch.dtype | None = None
 
     @property
@@ -61,6 +64,7 @@ class StepStats:
     target_tokens: int
     seconds: float
     skipped_users: list[str] = field(default_factory=list)
+    diverged_users: list[str] = field(default_factory=list)  # stop_diverged_rows: rows to stop now
     user_losses: dict[str, float] = field(default_factory=dict)
     computed_tokens: int = 0  # tokens the base computed, padding included (every rank)
 
@@ -101,6 +105,8 @@ class Trainer:
         self.user_lr = dict(user_lr or {})
         self.consecutive_faults = 0
         self.nonfinite_steps = 0
+        # stop_diverged_rows: each row's non-finite steps in a row (of its own steps), kept in checkpoints
+        self.row_streaks: dict[str, int] = {}
         self._planned: tuple[StepPlan, RankWork] | None = None
         self.example_targets = examples.target_counts()  # numpy: no Python int per example
         self.example_lengths = examples.lengths()  # from the Arrow offsets: grouping reads no tokens
@@ -195,7 +201,7 @@ class Trainer:
             finite = torch.isfinite(loss_all[owned_pos]) & rows_finite
             ok_all[owned_pos] = finite.float()
         fdist.all_reduce(ok_all, "min")
-        skipped = self._apply(owned, step_users, ok_all.bool(), step_pos)
+        skipped, diverged = self._apply(owned, step_users, ok_all.bool(), step_pos)
         if self.shared is not None:
             self.shared.end_step(users_ok=not skipped)
         tokens = torch.tensor([n_tokens, computed], dtype=torch.float64)
@@ -211,15 +217,29 @@ class Trainer:
             target_tokens=int(sum(self.example_targets[i] for _, ex in plan.groups for i in ex)),
             seconds=seconds,
             skipped_users=skipped,
+            diverged_users=diverged,
             user_losses=dict(zip(step_users, loss_all.tolist())),
             computed_tokens=int(tokens[1]),
         )
 
-    def _apply(self, owned: OwnedStep | None, users: list[str], ok: torch.Tensor, step_pos: dict[str, int]) -> list[str]:
+    def _apply(self, owned: OwnedStep | None, users: list[str], ok: torch.Tensor,
+               step_pos: dict[str, int]) -> tuple[list[str], list[str]]:
         """Runs the owners' sparse step on rows whose loss and gradient are finite everywhere;
-        returns the skipped users (the same list on every rank). ``owned`` None: no personal step."""
+        returns the skipped users and those to stop (the same lists on every rank). ``owned`` None:
+        no personal step."""
         bad = [u for u, good in zip(users, ok.tolist()) if not good]
-        if bad:
+        diverged: list[str] = []
+        if self.settings.stop_diverged_rows and self.settings.nonfinite == "skip_users":
+            for u, good in zip(users, ok.tolist()):
+                if good:
+                    self.row_streaks.pop(u, None)
+                    continue
+                self.row_streaks[u] = self.row_streaks.get(u, 0) + 1
+                if self.row_streaks[u] >= self.settings.max_consecutive_nonfinite:
+                    diverged.append(u)
+                    del self.row_streaks[u]  # its stop is in the store from now on
+            self.nonfinite_steps += bool(bad)
+        elif bad:
             self.nonfinite_steps += 1
             self.consecutive_faults += 1
             if self.settings.nonfinite == "error":
@@ -243,7 +263,7 @@ class Trainer:
                     if self.user_lr else s.lr)
             lr = per_user_lr(base, s.schedule, s.warmup_steps, s.min_lr_ratio, steps, totals)
             self.store.apply(owned, lr, keep=keep)
-        return bad
+        return bad, diverged
 
     def fit(self, plans: Iterable[StepPlan], on_step: Callable[[StepStats], None] | None = None) -> list[StepStats]:
         stats = []
