@@ -31,7 +31,12 @@ SHARED = "__shared__"
 def shared_baseline(session: Session, steps: int) -> torch.Tensor:
     """The run's baseline row: the one beside the run when it was trained on this run's examples,
     plan, settings and base for ``steps`` steps (a resume after the run's end: a requeued job),
-    else trained now. Training it again costs about what the run's own steps did. Collective."""
+    else trained now. Training it again costs about what the run's own steps did. Under a sweep it
+    trains for the steps of the run without it: the sweep's plan is K times as long (K variants of
+    every user), and each variant saw its user's data once an epoch. Collective."""
+    t = session.cfg.train
+    if t.sweep.lr:
+        steps = session.phase_plan.phase.start_step + session.users_planner().total_steps(t.epochs, t.max_steps)
     key = _baseline_key(session, steps)
     saved = None
     if fdist.rank() == 0 and session.paths.shared_adapter.is_file():

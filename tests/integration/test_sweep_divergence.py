@@ -8,6 +8,7 @@ import os
 import shutil
 
 import torch
+from safetensors.torch import load_file
 
 from flora_train.config import load_recipe
 from flora_train.lifecycle import forget_users
@@ -18,18 +19,23 @@ from tests.distributed.helpers import saved_state, small_recipe
 
 
 def test_a_diverging_rate_stops_its_variants_not_the_sweep(tmp_path, tiny_llama_dir, caplog):
-    common = [*small_recipe(tmp_path, tiny_llama_dir), "eval.at_end=false", "data.validation_fraction=0.34",
-              "train.select=best"]
-    run_training(load_recipe(None, [*common, f"run_dir={tmp_path / 'alone'}", "store.optimizer.lr=0.02"]))
+    common = [*small_recipe(tmp_path, tiny_llama_dir), "data.validation_fraction=0.34", "train.select=best",
+              "train.compare_shared_baseline=true"]
+    ref = run_training(load_recipe(None, [*common, f"run_dir={tmp_path / 'alone'}", "store.optimizer.lr=0.02"]))
     # Before: "training stopped: 3 consecutive steps with non-finite loss or gradient (last: users
     # ['user-000003@sweep1', ...])": the whole sweep ended on the rate it was there to rule out.
-    sweep = [*common, "train.sweep.lr=[0.02,1e30]", "train.checkpoint_every_steps=1", "train.keep_checkpoints=100",
-             "train.full_checkpoint_every=1"]
+    sweep = [*common, "train.sweep.lr=[0.02,1e30]", "store.optimizer.lr=0.02",  # (the shared baseline's rate)
+             "train.checkpoint_every_steps=1", "train.keep_checkpoints=100", "train.full_checkpoint_every=1"]
     with caplog.at_level("WARNING", logger="flora_train"), _leased(tmp_path / "sweep"):
         result = run_training(load_recipe(None, [*sweep, f"run_dir={tmp_path / 'sweep'}"]))
     assert "variants stopped on non-finite losses or gradients (3 of their own steps in a row): lr 1e+30: " \
         in caplog.text
     assert result["sweep"]["chosen_counts"] == {"0.02": 12, "1e+30": 0}
+    # The shared baseline trains as long as the run without the sweep did: before, as long as the
+    # sweep (twice: two variants of every user), a stronger baseline than the per-user rows had.
+    baselines = [load_file(str(tmp_path / run / "shared_adapter.safetensors"))["row"] for run in ("alone", "sweep")]
+    torch.testing.assert_close(baselines[1], baselines[0], rtol=1e-5, atol=1e-7)
+    assert result["eval_shared"] == ref["eval_shared"]
     state = json.loads((latest_checkpoint(tmp_path / "sweep") / "trainer_state.json").read_text())
     assert set(state["sweep"]["chosen"].values()) == {0.02} and state["nonfinite_steps"] > 0
     swept, alone = saved_state(tmp_path / "sweep"), saved_state(tmp_path / "alone")
