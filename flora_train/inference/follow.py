@@ -15,8 +15,9 @@ import threading
 from pathlib import Path
 
 from flora_train.inference.engine import Engine
-from flora_train.inference.rows import AdapterCache, CheckpointRows
+from flora_train.inference.rows import AdapterCache, CheckpointRows, run_of
 from flora_train.inference.trained import InferenceError, TrainedAdapters
+from flora_train.run_dir.checkpoints import read_state
 
 log = logging.getLogger("flora_train")
 
@@ -29,7 +30,11 @@ class Follower:
         self.run_dir = trained.source.checkpoint.parent.parent
         self._lock = threading.Lock()
         self._served = str(trained.source.checkpoint)
-        self._refused: set[str] = set()  # intact, but not servable by this server
+        # The base the served adapters were trained on: a newer checkpoint of another run (train.overwrite)
+        # is followed only where it was trained on it too.
+        self._base = read_state(trained.source.checkpoint).get("base_fingerprint")
+        self._served_run = run_of(trained.source.checkpoint)
+        self._refused: set[tuple[str, str | None]] = set()  # intact, but not servable by this server
         self._unverified: dict[str, int] = {}  # newer than the newest intact: how many looks found it so
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="flora-follow", daemon=True)
@@ -66,18 +71,23 @@ class Follower:
             self._unverified[str(path)] = looks = self._unverified.get(str(path), 0) + 1
             if looks == 2:
                 log.warning("--follow: %s does not verify (corrupt or incomplete); still serving %s", path, self.served)
-        if newest is None or str(newest) == self.served or str(newest) in self._refused:
+        # (Another run's checkpoint of the served one's name is new too: train.overwrite, trained again.)
+        same = newest is not None and str(newest) == self.served and run_of(newest) == self._served_run
+        if newest is None or same or (str(newest), run_of(newest)) in self._refused:
             if lease is not None:
                 lease.close()  # the served one holds its own
             return False
         problems = saved_layout(newest).compatible_with(self.trained.layout)
+        if read_state(newest).get("base_fingerprint") != self._base:
+            problems.append("it was trained on another base than the served one (another run: train.overwrite; "
+                            "restart the server to serve it)")
         shared = read_shared_adapter(newest)
         current = self.trained.slot.shared
         if (shared is None) != (current is None) or (shared is not None and not shared[0]["row"].equal(current.row.cpu())):
             problems.append("its shared adapter differs from the served one (restart the server to serve it)")
         if problems:
             lease.close()
-            self._refused.add(str(newest))
+            self._refused.add((str(newest), run_of(newest)))
             log.warning("--follow: not serving %s: %s; still serving %s", newest, "; ".join(problems), self.served)
             return False
         old = self.engine.adapters
@@ -85,7 +95,7 @@ class Follower:
         self.engine.swap_adapters(AdapterCache(rows, self.trained.layout, self.trained.source.init_seed,
                                                old.table.shape[0], old.table.device, old.version + 1))
         with self._lock:
-            self._served = str(newest)
+            self._served, self._served_run = str(newest), rows.run_id
         log.warning("--follow: now serving %s (adapters version %d)", newest, old.version + 1)
         return True
 

@@ -117,14 +117,39 @@ def chain_identity(chain: list[Path]) -> tuple:
     return tuple(_file_identity(path / "manifest.json") for path in chain)
 
 
+def run_of(checkpoint: Path) -> str | None:
+    """The run id ``checkpoint``'s manifest records; None where it cannot be read (gone, partial)."""
+    try:
+        return json.loads((checkpoint / "manifest.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def moved_chain(chain: list[Path], run_id: str | None) -> list[Path] | None:
+    """Where ``chain`` of run ``run_id`` is now, if ``train.overwrite`` moved the run aside (into
+    ``run_dir/replaced/<run id>-<time>/``, newest first); None where it is nowhere to be found."""
+    if run_id is None:
+        return None
+    run_dir = chain[-1].parent.parent
+    for aside in sorted((run_dir / "replaced").glob(f"{run_id}-*"), reverse=True):
+        moved = [aside / "checkpoints" / member.name for member in chain]
+        if all(run_of(member) == run_id for member in moved):
+            return moved
+    return None
+
+
 class CheckpointRows(_IndexedRows):
     """A checkpoint chain's rows, read by slices: only the user lists are read up front. When the
     chain is written again under it (`flora-train forget` removed users), ``refresh`` indexes it
-    again: a shard's rows then no longer line up with the user list read before."""
+    again: a shard's rows then no longer line up with the user list read before. The rows are
+    those of the run the chain was: when ``train.overwrite`` moves that run aside and another run
+    writes checkpoints of the same names, they are read where the run went (the base being served
+    is that run's), never from the other run."""
 
     def __init__(self, chain: list[Path], lease: CheckpointLease | None = None) -> None:
         super().__init__(str(chain[-1]), {})
         self.chain = chain
+        self.run_id = run_of(chain[-1])
         self.lease = lease  # run_dir.readers.CheckpointLease: its run prunes none of the chain while held
         self._lock = threading.Lock()  # refreshes come from the engine's thread and the HTTP threads
         self._index_chain()
@@ -143,9 +168,24 @@ class CheckpointRows(_IndexedRows):
         with self._lock:
             if chain_identity(self.chain) == self.identity:
                 return False
+            if any(run_of(member) != self.run_id for member in self.chain):
+                moved = moved_chain(self.chain, self.run_id)
+                if moved is None:  # gone with no trace: nothing of another run is served in its place
+                    self._index, self.identity = {}, chain_identity(self.chain)
+                    log.warning("%s no longer holds run %s's checkpoint: its users get the base from now on",
+                                self.label, self.run_id)
+                    self.generation += 1
+                    return True
+                log.warning("%s holds another run now (train.overwrite moved run %s to %s): its rows are read there",
+                            self.label, self.run_id, moved[-1].parent.parent)
+                self.chain = moved
             self._index_chain()
             self.generation += 1
             return True
+
+    def read(self, users: list[str]) -> torch.Tensor:
+        self.refresh()  # (the server's cache refreshes before it reads; `generate` reads here)
+        return super().read(users)
 
     def _read(self, users: list[str], index: dict) -> torch.Tensor:
         from flora_train.store.saved import iter_saved_rows_of

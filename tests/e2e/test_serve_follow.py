@@ -7,6 +7,7 @@ import time
 import pytest
 import requests
 import torch
+from safetensors.torch import load_file, save_file
 
 from flora_train.config import load_recipe
 from flora_train.inference import load_trained
@@ -56,15 +57,33 @@ def test_follow_serves_each_new_checkpoint_without_a_failed_request(tmp_path, ch
             stop.set()
             asker.join()
         after = score().json()["choices"][0]["logprobs"]["token_logprobs"]
+        shutil.rmtree(broken)
+        fresh = load_trained(run_dir, device="cpu")
+        ids = torch.tensor([fresh.tokenizer(prompt)["input_ids"]])
+        rows, index, _ = fresh.batch_rows([user])
+        with torch.no_grad(), fresh.slot.activate(rows, index):
+            logits = fresh.model(input_ids=ids).logits[0, :-1].float()
+        want = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+        # The run trained again from scratch on another base (train.overwrite), to checkpoints of
+        # the same names: the server does not follow it (before, it served the new run's rows on the
+        # old base) and goes on serving its run, read where the overwrite moved it.
+        other = tmp_path / "other_base"
+        shutil.copytree(chat_model, other)
+        weights = next(other.glob("*.safetensors"))
+        tensors = load_file(str(weights))
+        tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        run_training(load_recipe(None, run_args(tmp_path, other, "train.overwrite=true", "train.checkpoint_every_steps=1",
+                                                "store.optimizer.lr=0.2")))
+        time.sleep(1.0)
+        assert score().json()["choices"][0]["logprobs"]["token_logprobs"] == after
+        unread = requests.post(f"{url}/v1/completions", json={"model": "flora:user-000003", "prompt": prompt,
+                                                               "max_tokens": 2}, timeout=60)
+        assert unread.status_code == 200 and requests.get(f"{url}/health", timeout=5).json()["adapters_version"] >= 1
     finally:
         err = stop_server(proc)
+    assert "it was trained on another base than the served one (another run: train.overwrite" in err, err[-2000:]
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
-    shutil.rmtree(broken)
-    fresh = load_trained(run_dir, device="cpu")
-    ids = torch.tensor([fresh.tokenizer(prompt)["input_ids"]])
-    rows, index, _ = fresh.batch_rows([user])
-    with torch.no_grad(), fresh.slot.activate(rows, index):
-        want = torch.log_softmax(fresh.model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
     assert torch.allclose(torch.tensor(after[1:]), want, atol=1e-4)
     assert (torch.tensor(before[1:]) - want).abs().max() > 1e-3, "the new checkpoint scores differently"
     assert "step-99999999 does not verify" in err, err[-2000:]

@@ -13,10 +13,11 @@ from flora_train.config import load_recipe
 from flora_train.inference import load_trained
 from flora_train.run_dir.checkpoints import list_checkpoints, prune_checkpoints, read_manifest
 from flora_train.train.run import run_training
-from tests.distributed.helpers import REPO, small_recipe
+from tests.distributed.helpers import REPO, saved_state, small_recipe
 
 
-def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(tmp_path, tiny_llama_dir, capsys):
+def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(tmp_path, tiny_llama_dir, capsys,
+                                                                                caplog):
     """Rows are read from the checkpoint when a user is first asked for. A run that went on beside
     the reader (keep_checkpoints=1) deleted that checkpoint, and the next user not yet read was
     'No such file or directory: .../store-00000-of-00001.safetensors' (generate's and serve's)."""
@@ -40,6 +41,21 @@ def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(
     prune_checkpoints(first.parent, keep=1, run_id=read_manifest(first)["run_id"])
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == steps[1:]
 
+    # The run trained again from scratch (train.overwrite moves it aside), at another rate, to
+    # checkpoints of the same names: a reader of the old run reads the old run's rows where it went.
+    # Before, it read the new run's rows from the same paths, onto the base of the old one.
+    old, old_run = saved_state(tmp_path / "run"), read_manifest(list_checkpoints(tmp_path / "run")[-1])["run_id"]
+    reader = load_trained(tmp_path / "run", device="cpu")
+    first_user = reader.users[0]
+    assert reader.row(first_user).equal(old[first_user]["rows"])
+    run_training(load_recipe(None, [*recipe, "train.overwrite=true", "store.optimizer.lr=0.5"]))
+    new = saved_state(tmp_path / "run")
+    assert sorted(new) == sorted(old) and not new[reader.users[1]]["rows"].equal(old[reader.users[1]]["rows"])
+    with caplog.at_level("WARNING", logger="flora_train"):
+        rows, _, unknown = reader.batch_rows(reader.users)
+    assert not unknown
+    assert all(rows[i].equal(old[u]["rows"]) for i, u in enumerate(reader.users))
+    assert f"holds another run now (train.overwrite moved run {old_run} to " in caplog.text
 
 
 def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_path, tiny_llama_dir, monkeypatch,
