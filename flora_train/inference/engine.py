@@ -35,7 +35,7 @@ import torch
 
 from flora_train.inference.kv_cache import SlotKV, cache_keyword
 from flora_train.inference.request import Delta, Done, Failed, Overloaded, Request
-from flora_train.inference.rows import AdapterCache, CacheFull
+from flora_train.inference.adapter_cache import AdapterCache, CacheFull
 from flora_train.inference.sampling import TokenLogprob, logprobs_of, new_generator, penalised, sample_rows
 from flora_train.inference.sequences import EngineStats, PrefillGroup, Sequence, step_rows
 from flora_train.inference.text_stream import TextStream

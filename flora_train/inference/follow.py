@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 
 from flora_train.inference.engine import Engine
-from flora_train.inference.rows import AdapterCache, CheckpointRows, run_of
+from flora_train.inference.adapter_cache import AdapterCache
+from flora_train.inference.rows import CheckpointRows, run_of
 from flora_train.inference.trained import InferenceError, TrainedAdapters
 from flora_train.run_dir.checkpoints import read_state
 

@@ -11,7 +11,7 @@ import torch
 
 from flora_train.inference.kv_cache import SlotKV
 from flora_train.inference.request import Request
-from flora_train.inference.rows import AdapterCache
+from flora_train.inference.adapter_cache import AdapterCache
 from flora_train.inference.sampling import TokenLogprob, logprobs_of
 from flora_train.inference.text_stream import TextStream
 

@@ -32,7 +32,7 @@ from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded
 from flora_train.inference.generate import GenerationSettings
 from flora_train.inference.kernels import tune_for_serving
 from flora_train.inference.metrics import ServeMetrics
-from flora_train.inference.rows import AdapterCache
+from flora_train.inference.adapter_cache import AdapterCache
 from flora_train.inference.trained import InferenceError, TrainedAdapters
 
 log = logging.getLogger("flora_train")

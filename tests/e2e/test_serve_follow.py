@@ -73,8 +73,8 @@ def test_follow_serves_each_new_checkpoint_without_a_failed_request(tmp_path, ch
         tensors = load_file(str(weights))
         tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, str(weights), metadata={"format": "pt"})
-        run_training(load_recipe(None, run_args(tmp_path, other, "train.overwrite=true", "train.checkpoint_every_steps=1",
-                                                "store.optimizer.lr=0.2")))
+        run_training(load_recipe(None, run_args(tmp_path, other, "train.overwrite=true",
+                                                "train.checkpoint_every_steps=1", "store.optimizer.lr=0.2")))
         time.sleep(1.0)
         assert score().json()["choices"][0]["logprobs"]["token_logprobs"] == after
         unread = requests.post(f"{url}/v1/completions", json={"model": "flora:user-000003", "prompt": prompt,

@@ -16,7 +16,8 @@ from flora_train.config import load_recipe
 from flora_train.inference import GenerationSettings, generate_batch, load_trained
 from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
 from flora_train.adapters import user_seed
-from flora_train.inference.rows import AdapterCache, TensorRows
+from flora_train.inference.adapter_cache import AdapterCache
+from flora_train.inference.rows import TensorRows
 from flora_train.train.run import run_training
 from tests.distributed.helpers import small_recipe
 
@@ -214,7 +215,7 @@ def test_the_kv_cache_keeps_each_row_exact_through_joins_and_leaves(trained):
 def test_prefetched_rows_are_the_rows_read_and_the_cache_stays_bounded(trained):
     """Rows read ahead for queued users are the rows the source gives; users never trained and the
     base are not read ahead (their rows are made, not read); the LRU evicts only unpinned rows."""
-    from flora_train.inference.rows import CacheFull
+    from flora_train.inference.adapter_cache import CacheFull
 
     cache = AdapterCache(trained.rows, trained.layout, trained.source.init_seed, 3, trained.device)
     cache.prefetch(["user-000001", "user-000002", None, "never-trained"])
