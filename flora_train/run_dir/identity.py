@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 
 from flora_train import dist as fdist
-from flora_train.errors import UserError
+from flora_train.errors import UserError, warn
+from flora_train.run_dir import readers
 from flora_train.run_dir.checkpoints import holds_checkpoints
 from flora_train.run_dir.layout import RUN_OWNED, RunDir
 from flora_train.run_dir.lock import RunLock
@@ -57,7 +58,8 @@ def claim(run_dir: Path, fresh: bool | None, overwrite: bool = False, command: s
                         f"{rd.path}: already holds a run's checkpoints and this run starts fresh. Resume it with "
                         "--resume, or start another run_dir, or set train.overwrite=true to move the old run aside "
                         f"(into {rd.replaced}/)")
-                where = move_aside(rd)
+                with readers.hold_for_overwrite(rd.checkpoints, warn):
+                    where = move_aside(rd)
                 print(f"train.overwrite=true: moved the previous run in {rd.path} to {where}")
         except UserError as exc:
             if lock is not None:

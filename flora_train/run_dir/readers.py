@@ -131,11 +131,12 @@ def prune(checkpoint: Path) -> bool:
         os.close(fd)
 
 
-# Exports against `forget`. An export copies users' rows out of the run for a minute or more; a
-# `forget` in that window rewrote the checkpoint under it (the export ended on a KeyError) or found
-# the export not yet written, so the forgotten user's folder was left in it after `forget` said it
-# was done. Exports hold this file's lock shared, `forget` exclusive: each waits for the other to
-# finish, and exports still run side by side.
+# Exports against `forget` and `train.overwrite`. An export copies users' rows out of the run for a
+# minute or more; a `forget` in that window rewrote the checkpoint under it (the export ended on a
+# KeyError) or found the export not yet written, so the forgotten user's folder was left in it after
+# `forget` said it was done; an overwrite moved the run away under it. Exports hold this file's lock
+# shared, `forget` and the overwrite exclusive: each waits for the other to finish, and exports
+# still run side by side.
 EXPORTS_LOCK = "exports.lock"
 
 
@@ -158,6 +159,13 @@ def hold_for_export(checkpoints: Path, say: Callable[[str], None]) -> HeldLocks:
     in it)."""
     return _hold(checkpoints, fcntl.LOCK_SH, f"waiting for `flora-train forget` on {checkpoints.parent} to finish",
                  say, may_skip=True)
+
+
+def hold_for_overwrite(checkpoints: Path, say: Callable[[str], None]) -> HeldLocks:
+    """Taken by ``train.overwrite`` while it moves the run aside: an export copying rows out of it
+    would find its files gone, or another run's under the same names."""
+    return _hold(checkpoints, fcntl.LOCK_EX, f"waiting for the export(s) of {checkpoints.parent} under way to "
+                 "finish before train.overwrite moves the run aside", say, may_skip=False)
 
 
 def hold_for_forget(checkpoints: Path, say: Callable[[str], None]) -> HeldLocks:

@@ -58,6 +58,52 @@ def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(
     assert f"holds another run now (train.overwrite moved run {old_run} to " in caplog.text
 
 
+def test_an_overwrite_during_an_export_waits_for_it(tmp_path, tiny_llama_dir, monkeypatch):
+    """`train.overwrite` moved the run aside while `export` was copying its rows: the export's next
+    shard was gone, or (a new run quick to write checkpoints of the same names) another run's. It
+    now waits for the export, which copies the run it started on."""
+    import flora_train.export.rows as export_rows
+    from flora_train.export import export_adapters
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    recipe = [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={run}", "eval.at_end=false"]
+    run_training(load_recipe(None, recipe))
+    old = saved_state(run)
+    seen: dict[str, object] = {}
+    real = export_rows.iter_saved_rows
+    (tmp_path / "r.yaml").write_text("tracking:\n  enabled: false\n")
+
+    def rows_then_overwrite(*args, **kwargs):
+        chunks = real(*args, **kwargs)
+        first = next(chunks)  # the export is copying rows when the overwrite starts
+        proc = subprocess.Popen([sys.executable, "-m", "flora_train.cli", "run", str(tmp_path / "r.yaml"), *recipe,
+                                 "train.overwrite=true", "store.optimizer.lr=0.5"], cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        seen.update(proc=proc, said=proc.stderr.readline())
+        seen["not moved"] = not (run / "replaced").exists()
+        yield first
+        yield from chunks
+
+    monkeypatch.setattr(export_rows, "iter_saved_rows", rows_then_overwrite)
+    try:
+        export_adapters(run, "flora", None, out)
+        stdout, stderr = seen["proc"].communicate(timeout=300)
+    finally:
+        if "proc" in seen and seen["proc"].poll() is None:
+            seen["proc"].kill()
+            seen["proc"].wait()
+    assert seen["proc"].returncode == 0, stderr
+    assert "waiting for the export(s)" in seen["said"] and "before train.overwrite moves the run aside" in seen["said"]
+    assert seen["not moved"] and "train.overwrite=true: moved the previous run" in stdout
+    from flora_train.export.flora import load_flora_adapter
+
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(index) == sorted(old)
+    for user, folder in index.items():  # the run the export started on, whole
+        assert load_flora_adapter(out / folder)[1].equal(old[user]["rows"]), user
+
+
 def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_path, tiny_llama_dir, monkeypatch,
                                                                           capsys):
     """`forget` started while `export --out` was copying rows finished first and reported success;
