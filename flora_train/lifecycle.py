@@ -7,9 +7,10 @@ index entries, its lines in every JSONL file (per-user evaluations, their MLflow
 generated data), its data hash in each training phase's file, the adapter shared by all users (it
 was trained on the forgotten users' data too: retrain it), the tokenised data cache and the disk
 tier's files (both derived, rebuilt by the next run from the checkpoint and the data). Every other
-user's bytes are left exactly as they were. A learning-rate sweep's variant rows (``user@sweepK``)
-are their user's, and a finished sweep's chosen rates name users too. Source data outside the run
-directory belongs to its owner and is not touched.
+user's bytes are left exactly as they were. Runs ``train.overwrite`` moved aside into the
+directory (``replaced/``) hold copies too and are reached the same way. A learning-rate sweep's
+variant rows (``user@sweepK``) are their user's, and a finished sweep's chosen rates name users
+too. Source data outside the run directory belongs to its owner and is not touched.
 
 ``forget`` takes the run's writer lock, so it never runs beside training. It first writes the users
 it removes to ``forget-pending.json``; each step after that can be run again, so a ``forget`` killed
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import unicodedata
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -214,21 +215,32 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> tuple[int, list[str]]:
     return removed, elsewhere
 
 
+def _runs(rd: RunDir) -> list[RunDir]:
+    """The run in ``rd`` and every run ``train.overwrite`` moved aside into it (``replaced/``):
+    each holds its own checkpoints, phase files, exports and shared adapter, all of them copies of
+    what was learnt from the users."""
+    aside = sorted(p for p in rd.replaced.iterdir() if p.is_dir()) if rd.replaced.is_dir() else []
+    return [rd, *map(RunDir, aside)]
+
+
 def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
     """Removes ``users`` from everything under ``run_dir`` (see the module doc); returns counts."""
     rd = RunDir(run_dir)
     rd.require("forget")
-    with RunLock(rd.path, "flora-train forget"):
+    with RunLock(rd.path, "flora-train forget"), ExitStack() as held:
         # no export copies rows out meanwhile (without checkpoints, _forget says there is nothing to forget in)
-        with readers.hold_for_forget(rd.checkpoints, warn) if rd.checkpoints.is_dir() else nullcontext():
-            return _forget(rd, users)
+        for run in _runs(rd):
+            if run.checkpoints.is_dir():
+                held.enter_context(readers.hold_for_forget(run.checkpoints, warn))
+        return _forget(rd, users)
 
 
 def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     pending_path = rd.path / PENDING
     pending = set(json.loads(pending_path.read_text())["users"]) if pending_path.is_file() else set()
-    recovered = recover_rewrites(rd.checkpoints)
-    ckpts = [c for c in list_checkpoints(rd.path) if (c / "manifest.json").is_file()]
+    runs = _runs(rd)
+    recovered = [line for run in runs for line in recover_rewrites(run.checkpoints)]
+    ckpts = [c for run in runs for c in list_checkpoints(run.path) if (c / "manifest.json").is_file()]
     if not ckpts:
         raise ExportError(f"{rd.path}: no checkpoints to forget users in")
     known = pending.union(*(map(_owner(c), _saved_users(c)) for c in ckpts))
@@ -236,25 +248,33 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
     if unknown:
         raise ExportError(f"{rd.path}: no such user(s) in any checkpoint: {', '.join(map(repr, unknown[:5]))}")
     forget = set(users) | pending
-    layered = [c.name for c in ckpts if (c / SHARED_ADAPTER).is_file()]
+    layered = [c for c in ckpts if (c / SHARED_ADAPTER).is_file()]
     if layered:
-        raise ExportError(f"{rd.path}: checkpoint {layered[-1]} holds a shared adapter (adapter.shared) trained on every "
+        where = layered[-1].relative_to(rd.path)
+        moved = f" (a run train.overwrite moved aside: delete {layered[-1].parent.parent} to forget the rest)" \
+            if where.parts[0] == rd.replaced.name else ""
+        raise ExportError(f"{rd.path}: checkpoint {where} holds a shared adapter (adapter.shared) trained on every "
                           "user's data, and every personal row was trained on top of it: removing a user's rows would "
-                          "leave what was learnt from them; train the remaining users in a new run_dir instead")
-    check_phase_files(rd.path)
+                          f"leave what was learnt from them; train the remaining users in a new run_dir instead{moved}")
+    for run in runs:
+        check_phase_files(run.path)
     write_json(pending_path, {"users": sorted(forget)})  # from here on, a second run completes this one
-    for stale in rd.checkpoints.glob(".tmp-*"):  # half-written checkpoints of a dead run hold rows too
-        shutil.rmtree(stale, ignore_errors=True)
+    for run in runs:
+        for stale in run.checkpoints.glob(".tmp-*"):  # half-written checkpoints of a dead run hold rows too
+            shutil.rmtree(stale, ignore_errors=True)
     rows = 0
     for c in ckpts:
         owner = _owner(c)
         if {owner(name) for name in _mentioned(c)} & forget or _named_in_state(c) & forget:
             rows += sum(owner(name) in forget for name in _saved_users(c))
             rewrite_checkpoint(c, _without_users(owner, forget))
-    exports, elsewhere = _forget_exports(rd, forget)
+    exports, elsewhere = 0, []
+    for run in runs:
+        held, outside = _forget_exports(run, forget)
+        exports, elsewhere = exports + held, elsewhere + outside
     lines = sum(_filter_jsonl(p, forget) for p in sorted(rd.path.rglob("*.jsonl"))
                 if "checkpoints" not in p.relative_to(rd.path).parts)
-    phase_entries = forget_in_phases(rd.path, forget)
+    phase_entries = sum(forget_in_phases(run.path, forget) for run in runs)
     shared = None
     if rd.shared_adapter.is_file():
         with safe_open(str(rd.shared_adapter), framework="pt") as f:
@@ -262,11 +282,15 @@ def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
         write_json(rd.shared_adapter_removed, {"steps": shared})  # what `forget --retrain-shared` trains later
         rd.shared_adapter.unlink()
     derived = []
-    for path in rd.derived:
-        if path.exists():
-            shutil.rmtree(path)
-            derived.append(path.name)
+    for run in runs:
+        if run is not rd:  # a run moved aside is not trained again: what was learnt from everyone goes
+            run.shared_adapter.unlink(missing_ok=True)
+        for path in run.derived:
+            if path.exists():
+                shutil.rmtree(path)
+                derived.append(str(path.relative_to(rd.path)))
     pending_path.unlink()
-    return {"users": sorted(forget), "checkpoint_rows": rows, "checkpoints": len(ckpts), "export_folders": exports, "exports_elsewhere": elsewhere,
-            "jsonl_lines": lines, "phase_entries": phase_entries, "removed_derived": derived,
-            "removed_shared_adapter": shared is not None, "shared_adapter_steps": shared, "recovered": recovered}
+    return {"users": sorted(forget), "checkpoint_rows": rows, "checkpoints": len(ckpts), "export_folders": exports,
+            "exports_elsewhere": elsewhere, "jsonl_lines": lines, "phase_entries": phase_entries,
+            "removed_derived": derived, "removed_shared_adapter": shared is not None, "shared_adapter_steps": shared,
+            "recovered": recovered, "moved_aside_runs": len(runs) - 1}

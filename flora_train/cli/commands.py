@@ -183,8 +183,9 @@ def _forget(args: argparse.Namespace) -> None:
     if args.users is not None:
         out = forget_users(args.run_dir, args.users)
         forgotten = set(out["users"])
+        aside = f" (runs train.overwrite moved aside: {out['moved_aside_runs']})" if out["moved_aside_runs"] else ""
         print(f"forgot {len(out['users'])} user(s): {out['checkpoint_rows']} saved rows in {out['checkpoints']} "
-              f"checkpoint(s), {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
+              f"checkpoint(s){aside}, {out['export_folders']} export folder(s), {out['jsonl_lines']} JSONL line(s); "
               f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
         if out["exports_elsewhere"]:
             print(f"also removed from the exports outside the run: {', '.join(out['exports_elsewhere'])}")

@@ -56,6 +56,19 @@ def saved_state(run_dir: Path, checkpoint: Path | None = None) -> dict[str, dict
     return out
 
 
+def row_windows(state: dict, user: str, others: list[bytes]) -> list[bytes]:
+    """Byte strings that identify ``user``'s saved tensors (``saved_state``): 24-byte pieces of its
+    row and moments that occur in no other user's bytes, to search files for copies of them."""
+    out = []
+    for key in ("rows", "optim.exp_avg", "optim.exp_avg_sq"):
+        data = state[user][key].contiguous().numpy().tobytes()
+        for start in range(0, len(data) - 24, max(4, len(data) // 8) // 4 * 4):
+            piece = data[start : start + 24]
+            if len(set(piece)) > 8 and not any(piece in o for o in others):
+                out.append(piece)
+    return out
+
+
 def assert_same_adapters(got: dict, want: dict, label: str) -> None:
     assert set(got) == set(want), label
     for user, cols in want.items():

@@ -16,21 +16,8 @@ from flora_train.export.packed import read_packed
 from flora_train.lifecycle import forget_users, list_users
 from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints
 
-from tests.distributed.helpers import saved_state
+from tests.distributed.helpers import row_windows, saved_state
 from tests.e2e.helpers import REPO, SMALL, flora_train
-
-
-def _windows(state: dict, user: str, others: list[bytes]) -> list[bytes]:
-    """Byte strings that identify ``user``'s saved tensors: 24-byte pieces of its row and moments
-    that occur in no other user's bytes."""
-    out = []
-    for key in ("rows", "optim.exp_avg", "optim.exp_avg_sq"):
-        data = state[user][key].contiguous().numpy().tobytes()
-        for start in range(0, len(data) - 24, max(4, len(data) // 8) // 4 * 4):
-            piece = data[start : start + 24]
-            if len(set(piece)) > 8 and not any(piece in o for o in others):
-                out.append(piece)
-    return out
 
 
 def _all_bytes(run_dir: Path) -> dict[Path, bytes]:
@@ -64,7 +51,7 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     before = {c.name: saved_state(run_dir, c) for c in ckpts}
     latest = before[latest_checkpoint(run_dir).name]
     other_bytes = [latest[u][k].numpy().tobytes() for u in kept for k in latest[u]]
-    windows = [w for state in before.values() for u in gone if u in state for w in _windows(state, u, other_bytes)]
+    windows = [w for state in before.values() for u in gone if u in state for w in row_windows(state, u, other_bytes)]
     assert len(windows) > 10
     everything = _all_bytes(run_dir)
     assert any(w in b for w in windows for b in everything.values()), "the search finds the rows before forgetting"

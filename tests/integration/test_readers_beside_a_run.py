@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
@@ -13,7 +14,7 @@ from flora_train.config import load_recipe
 from flora_train.inference import load_trained
 from flora_train.run_dir.checkpoints import list_checkpoints, prune_checkpoints, read_manifest
 from flora_train.train.run import run_training
-from tests.distributed.helpers import REPO, saved_state, small_recipe
+from tests.distributed.helpers import REPO, row_windows, saved_state, small_recipe
 
 
 def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(tmp_path, tiny_llama_dir, capsys,
@@ -102,6 +103,29 @@ def test_an_overwrite_during_an_export_waits_for_it(tmp_path, tiny_llama_dir, mo
     assert sorted(index) == sorted(old)
     for user, folder in index.items():  # the run the export started on, whole
         assert load_flora_adapter(out / folder)[1].equal(old[user]["rows"]), user
+
+    # `forget` reaches the run moved aside too: its checkpoints, phase files and export (recorded in
+    # the moved run). Before, it rewrote the new run only, and replaced/ kept the user's rows.
+    from flora_train.lifecycle import forget_users
+
+    gone = "user-000003"
+    (aside,) = (run / "replaced").iterdir()
+    others = [v.numpy().tobytes() for u in old if u != gone for v in old[u].values()]
+    windows = row_windows(old, gone, others)
+    assert len(windows) > 10 and any(w in (p.read_bytes()) for p in aside.rglob("*.safetensors") for w in windows)
+    done = forget_users(run, [gone])
+    assert done["checkpoints"] == 2 and done["moved_aside_runs"] == 1 and str(out) in done["exports_elsewhere"]
+    for path in [*run.rglob("*"), *out.rglob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(w in data for w in windows), f"{path} still holds bytes of {gone}'s rows"
+            assert path.suffix not in (".json", ".jsonl") or gone.encode() not in data, path
+    moved = saved_state(aside)
+    assert sorted(moved) == sorted(u for u in old if u != gone)
+    assert all(moved[u][k].equal(v) for u in moved for k, v in old[u].items())
+    assert sorted(json.loads((out / "index.json").read_text())) == sorted(moved)
+    phases = sorted((aside / "phases").glob("phase-*.parquet"))
+    assert phases and all(gone not in pq.read_table(p).column("user_id").to_pylist() for p in phases)
 
 
 def test_a_forget_during_an_export_waits_for_it_and_then_reaches_its_copy(tmp_path, tiny_llama_dir, monkeypatch,
