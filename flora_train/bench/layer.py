@@ -122,7 +122,8 @@ def _print(result: dict[str, Any]) -> None:
     print("ratios to the base layer (forward+backward); PEFT and 'ours fwd' are forward-only, over the base forward; "
           "'auto picks' is the kernel tuner's own choice at this shape")
     head = (f"{'width':>5s} {'rank':>4s} {'users':>5s} {'base ms':>8s} {'flora stk':>9s} {'flora rkw':>9s} "
-            f"{'lora bmm':>8s} {'lora seg':>8s} {'lora loop':>9s} {'ia3':>6s} {'PEFT fwd':>8s} {'ours fwd':>8s}  auto picks")
+            f"{'flora seg':>9s} {'lora bmm':>8s} {'lora seg':>8s} {'lora loop':>9s} {'ia3':>6s} {'ia3 seg':>7s} "
+            f"{'PEFT fwd':>8s} {'ours fwd':>8s}  auto picks")
     print(head)
     for p in result["points"]:
         r = p["ratio"]
@@ -131,8 +132,9 @@ def _print(result: dict[str, Any]) -> None:
             return f"{r[key]:>{width}.2f}" if key in r else f"{'-':>{width}s}"
 
         print(f"{p['width']:>5d} {p['rank']:>4d} {p['users']:>5d} {p['ms']['base']:>8.2f} {cell('flora_stacked', 9)} "
-              f"{cell('flora_rankwise', 9)} {cell('lora_bmm', 8)} {cell('lora_segment', 8)} {cell('lora_loop', 9)} "
-              f"{cell('ia3_fused', 6)} {cell('peft_mixed_fwd', 8)} {cell('lora_bmm_fwd', 8)}  "
+              f"{cell('flora_rankwise', 9)} {cell('flora_segment', 9)} {cell('lora_bmm', 8)} {cell('lora_segment', 8)} "
+              f"{cell('lora_loop', 9)} {cell('ia3_fused', 6)} {cell('ia3_segment', 7)} {cell('peft_mixed_fwd', 8)} "
+              f"{cell('lora_bmm_fwd', 8)}  "
               f"flora:{p['auto']['flora']} lora:{p['auto']['lora']}")
     print(f"crossover: the smallest rank where the fastest LoRA kernel beats the fastest FLoRA kernel by more than "
           f"{MARGIN:.0%} (FLoRA time / LoRA time per rank in brackets)")

@@ -12,12 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flora_train.adapters import AdapterSpec, inject_adapters
+from flora_train.adapters import functional as Fa
 from flora_train.base.packed_attention import example_lengths, use_packed_attention
 from flora_train.data.batching import MicroBatching, pack, pad
 from flora_train.store.placement import partition_step
 from flora_train.train.loss import batch_target_logits, example_losses
 
-KERNELS = {"flora": ["stacked", "rankwise"], "lora": ["bmm", "segment", "loop"], "ia3": ["fused"]}
+KERNELS = Fa.KERNELS
 
 
 def _model(arch: str, seed: int) -> torch.nn.Module:

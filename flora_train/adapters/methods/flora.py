@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from flora_train.adapters.methods.base import AdapterMethod, as_3d, near_one, per_example
+from flora_train.adapters.methods.runs import run_scale, token_runs
 from flora_train.adapters.seeding import counter_uniform
 
-FloraKernel = Literal["stacked", "rankwise"]
+FloraKernel = Literal["stacked", "rankwise", "segment"]
 # Half-width of the symmetric perturbation of b at init, in units of the identity.
 INIT_SPREAD = 0.25
 _QUANTUM = 2.0**-8
@@ -44,12 +45,27 @@ def flora_linear(
     ``a [batch|users, r, out]``, ``b [batch|users, r, in]`` (per user with ``index [batch]``).
     Rank 1 costs one GEMM of the base's shape. At rank r, ``stacked`` puts the r scaled copies of
     x into one GEMM (fewer, larger kernels; r copies of the activations live at once) and
-    ``rankwise`` runs r GEMMs of the base's shape, accumulating.
+    ``rankwise`` runs r GEMMs of the base's shape, accumulating. ``segment`` scales each run of
+    one user's adjacent one-token rows (a packed row's tokens) by its vectors (``runs.py``)
+    instead of gathering them token by token, a copy as large as x itself; rows of several tokens
+    it computes as ``stacked`` does.
     """
     x3, shape = as_3d(x)
     batch, rank = x3.shape[0], a.shape[1]
     if b.shape[1] != rank:
         raise ValueError(f"a has rank {rank} but b has rank {b.shape[1]}")
+    runs = token_runs(index, x3.shape[1]) if kernel == "segment" else None
+    if runs is not None:
+        flat = x3.reshape(-1, x3.shape[-1])
+        y = run_scale(F.linear(run_scale(flat, b[:, 0], runs), weight), a[:, 0], runs)
+        for j in range(1, rank):
+            y = y + run_scale(F.linear(run_scale(flat, b[:, j], runs), weight), a[:, j], runs)
+        y = y if rank == 1 else y / rank
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*shape[:-1], weight.shape[0])
+    if kernel == "segment":  # rows of several tokens, or users in too many pieces: the gather's way
+        kernel = "stacked"
     a = per_example(a, index, batch, "a").to(x3.dtype)
     b = per_example(b, index, batch, "b").to(x3.dtype)
     if rank == 1:
@@ -64,7 +80,7 @@ def flora_linear(
             y = y + a[:, j : j + 1] * F.linear(x3 * b[:, j : j + 1], weight)
         y = y / rank
     else:
-        raise ValueError(f"unknown FLoRA kernel {kernel!r}; expected stacked or rankwise")
+        raise ValueError(f"unknown FLoRA kernel {kernel!r}; expected stacked, rankwise or segment")
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], weight.shape[0])
@@ -86,10 +102,10 @@ def mirrored_perturbation(seeds: torch.Tensor, offset: int, rank: int, width: in
 
 class Flora(AdapterMethod):
     name = "flora"
-    kernels = ("stacked", "rankwise")
+    kernels = ("stacked", "rankwise", "segment")
 
     def kernels_for(self, rank: int) -> tuple[str, ...]:
-        return ("stacked",) if rank == 1 else self.kernels  # at rank 1 both are the same GEMM
+        return ("stacked", "segment") if rank == 1 else self.kernels  # at rank 1 stacked is rankwise
 
     def param_shapes(self, in_features: int, out_features: int, rank: int, feedforward: bool) -> dict[str, tuple[int, ...]]:
         return {"a": (rank, out_features), "b": (rank, in_features)}

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from flora_train.adapters.methods.base import AdapterMethod, as_3d, near_one, per_example
+from flora_train.adapters.methods.runs import run_scale, token_runs
 
 
 def ia3_linear(
@@ -25,13 +26,24 @@ def ia3_linear(
     a: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
+    kernel: str = "fused",
 ) -> torch.Tensor:
     """``a * (x @ W^T + bias)`` (``a [batch|users, 1, out]``) or, for a feed-forward layer,
-    ``(x * b) @ W^T + bias`` (``b [batch|users, 1, in]``)."""
+    ``(x * b) @ W^T + bias`` (``b [batch|users, 1, in]``). ``fused`` gathers each row's vector;
+    ``segment`` scales each run of one user's adjacent one-token rows (a packed row's tokens) by
+    its vector (``runs.py``), and computes rows of several tokens as ``fused`` does."""
     if (a is None) == (b is None):
         raise ValueError("IA3 takes exactly one of a (output scale) or b (input scale)")
     x3, shape = as_3d(x)
-    if b is not None:
+    runs = token_runs(index, x3.shape[1]) if kernel == "segment" else None
+    if runs is not None:
+        flat = x3.reshape(-1, x3.shape[-1])
+        if b is not None:
+            y = F.linear(run_scale(flat, b[:, 0], runs), weight, bias)
+        else:
+            assert a is not None
+            y = run_scale(F.linear(flat, weight, bias), a[:, 0], runs)
+    elif b is not None:
         b = per_example(b, index, x3.shape[0], "b").to(x3.dtype)
         y = F.linear(x3 * b, weight, bias)
     else:
@@ -43,7 +55,7 @@ def ia3_linear(
 
 class IA3(AdapterMethod):
     name = "ia3"
-    kernels = ("fused",)
+    kernels = ("fused", "segment")
     peft_type = "IA3"
     uses_feedforward = True
 
@@ -54,7 +66,7 @@ class IA3(AdapterMethod):
         return torch.ones(seeds.shape[0], shape[0] * shape[1], dtype=torch.float32)
 
     def forward(self, kernel, x, weight, bias, params, index, scaling):
-        return ia3_linear(x, weight, bias, params.get("a"), index, params.get("b"))
+        return ia3_linear(x, weight, bias, params.get("a"), index, params.get("b"), kernel)
 
     def dense_weight(self, weight, tensors, scaling):
         if "b" in tensors:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flora_train.adapters.methods.base import AdapterMethod, as_3d, near_one, per_example
+from flora_train.adapters.methods.runs import user_runs
 from flora_train.adapters.seeding import counter_uniform
 
 LoraKernel = Literal["bmm", "segment", "loop"]
@@ -102,21 +103,6 @@ class _SegmentLora(torch.autograd.Function):
         return grad, grad_x, grad_a, grad_b, None, None
 
 
-def _runs(index: torch.Tensor, rows_per_example: int) -> list[tuple[int, int, int]] | None:
-    """``(user, first row, end row)`` of each run of adjacent examples of one user, in rows of
-    ``rows_per_example``; None when users come in too many pieces (more runs than twice the users)
-    for a GEMM pair per run to pay."""
-    users, counts = torch.unique_consecutive(index, return_counts=True)
-    run_users, run_counts = users.tolist(), counts.tolist()  # the one device sync
-    if len(run_users) > 2 * len(set(run_users)):
-        return None
-    runs, start = [], 0
-    for u, n in zip(run_users, run_counts):
-        runs.append((u, start, start + n * rows_per_example))
-        start += n * rows_per_example
-    return runs
-
-
 def _segmented(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                lora_b: torch.Tensor, index: torch.Tensor, scaling: float) -> torch.Tensor:
     """The base layer plus each example's update, one GEMM pair per run of one user's examples (the
@@ -125,12 +111,12 @@ def _segmented(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``[batch * tokens, in]``, so the base GEMM's output is the tensor the runs write into (not a
     view of one)."""
     batch, tokens, width = x3.shape
-    runs = _runs(index, tokens)
+    runs = user_runs(index, tokens)
     order = None
     if runs is None:
         order = torch.argsort(index, stable=True)
         x3 = x3.index_select(0, order)
-        runs = _runs(index[order], tokens)
+        runs = user_runs(index[order], tokens)
         assert runs is not None  # sorted: one run per user
     flat = x3.reshape(batch * tokens, width)
     out = F.linear(flat, weight, bias)
