@@ -9,7 +9,7 @@ Three policies, one per recipe setting:
   padded width). Padding shrinks, and memory is bounded by the budget, not by the longest
   example of the step.
 - packed (``train.packing``): examples of any users concatenated into one row of at most
-  ``tokens`` tokens (first fit, longest first), positions restarting at each example and
+  ``tokens`` tokens (first fit in plan order), positions restarting at each example and
   attention kept inside it (``base/packed_attention.py``). No padding at all; each token carries
   its example, and through it its user (the adapter slot's per-token index).
 
@@ -75,9 +75,11 @@ class MicroBatching:
             assert self.examples is not None
             return [tuple(pairs[k : k + self.examples]) for k in range(0, len(pairs), self.examples)]
         cap = self.examples or len(pairs) or 1
+        if self.packing:
+            return self._pack(pairs, lengths, cap)
         # Longest first, ties in plan order: the grouping depends on the plan and the lengths alone.
         order = sorted(range(len(pairs)), key=lambda k: (-int(lengths[pairs[k][1]]), k))
-        return self._pack(pairs, order, lengths, cap) if self.packing else self._group(pairs, order, lengths, cap)
+        return self._group(pairs, order, lengths, cap)
 
     def _group(self, pairs: list[Pair], order: list[int], lengths: np.ndarray, cap: int) -> list[tuple[Pair, ...]]:
         """Consecutive runs of the length order, cut where padding plus a fixed cost per micro-batch
@@ -108,12 +110,17 @@ class MicroBatching:
             j = cut[j]
         return [tuple(pairs[k] for k in run) for run in reversed(runs)]
 
-    def _pack(self, pairs: list[Pair], order: list[int], lengths: np.ndarray, cap: int) -> list[tuple[Pair, ...]]:
-        """First fit, longest first, into rows of ``tokens``; each row's examples in plan order (a
-        user's examples sit side by side, which the per-token LoRA segment kernel likes)."""
+    def _pack(self, pairs: list[Pair], lengths: np.ndarray, cap: int) -> list[tuple[Pair, ...]]:
+        """First fit in plan order into rows of ``tokens``: a user's examples stay side by side in
+        as few rows as fit them, so a row holds few runs of one user's tokens, and the segment
+        kernels (``adapters/methods/runs.py``) work run by run. Longest first, as before, filled
+        the rows as tightly but spread each user over every row of its step: on the bench's
+        real-text lengths (32 users, a 4,096-token budget) 236 runs in 16 rows against 142 in as
+        many rows, and packed LoRA r8 trained 7,690 real tokens/s against 7,800, FLoRA r1 7,793
+        against 7,851 (medians of four epochs each, alternating in one process)."""
         rows: list[list[int]] = []
         room: list[int] = []
-        for k in order:
+        for k in range(len(pairs)):
             need = int(lengths[pairs[k][1]])
             for r, free in enumerate(room):
                 if free >= need and len(rows[r]) < cap:
