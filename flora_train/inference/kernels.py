@@ -6,12 +6,20 @@ device every other request shares). So at start-up the engine's shapes are measu
 distinct adapted layer: decode steps (``b`` sequences of one token, ``u`` distinct users, for every
 power of two up to ``max_batch``) and prefill chunks (``b`` prompts of ``prefill_tokens // b``
 tokens); then the tuner is frozen, and a shape it never saw takes its nearest measured neighbour.
+
+They are timed on a thread of their own, as the engine runs them (``engine.py``): once the main
+thread has run parallel operators, libgomp stops spinning between another thread's parallel
+regions and each operator there waits for a wake-up (a 256x256 ``mul``: 61 against 5 us on this
+project's 2-core CPU; a decode step of SmolLM2-135M for 8 sequences 80 against 58 ms), which
+weighs on kernels of many small operators. Timed on the main thread, they would be chosen for
+costs the engine does not see.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -35,14 +43,22 @@ def serving_shapes(max_batch: int, prefill_tokens: int) -> list[tuple[int, int, 
 
 def tune_for_serving(model: torch.nn.Module, slot: Any, max_batch: int, prefill_tokens: int,
                      autocast_dtype: torch.dtype | None) -> dict[str, Any]:
-    """Measures every kernel choice the engine's shapes need, then freezes the tuner. Returns what
-    it did (choices measured, seconds)."""
+    """Measures every kernel choice the engine's shapes need (on a thread, as the engine runs
+    them), then freezes the tuner. Returns what it did (choices measured, seconds)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="flora-kernel-tuner") as pool:
+        return pool.submit(_tune, model, slot, max_batch, prefill_tokens, autocast_dtype).result()
+
+
+def _tune(model: torch.nn.Module, slot: Any, max_batch: int, prefill_tokens: int,
+          autocast_dtype: torch.dtype | None) -> dict[str, Any]:
     spec, tuner = slot.layout.spec, slot.tuner
     started = time.perf_counter()
     before = len(tuner.timings)
     if spec.kernel == "auto" and len(kernels_for(spec.method, spec.rank)) > 1:
         layers = personal_layers(model, slot)
         device = next(iter(layers.values())).weight.device if layers else torch.device("cpu")
+        if device.type == "cuda":  # the thread's current device, which the timing synchronises
+            torch.cuda.set_device(device)
         autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:

@@ -10,7 +10,16 @@ from flora_train.base import load_frozen_model
 from flora_train.inference.kernels import serving_shapes, tune_for_serving
 
 
-def test_start_up_measures_the_engines_shapes_and_requests_measure_nothing(tiny_llama_dir):
+def test_start_up_measures_the_engines_shapes_and_requests_measure_nothing(tiny_llama_dir, monkeypatch):
+    import threading
+
+    from flora_train.adapters import tuning
+
+    # Timed off the main thread, as the engine runs the kernels (a second OpenMP team makes each
+    # operator there wait for a wake-up): measured on the main thread they were chosen for other costs.
+    where, real = set(), tuning.time_kernel
+    monkeypatch.setattr(tuning, "time_kernel",
+                        lambda *a, **k: where.add(threading.current_thread().name) or real(*a, **k))
     model = load_frozen_model(str(tiny_llama_dir))
     slot, layout = inject_adapters(model, AdapterSpec("lora", 4, kernel="auto"), ["q_proj", "v_proj", "down_proj"])
     shapes = serving_shapes(max_batch=4, prefill_tokens=16)
@@ -18,6 +27,7 @@ def test_start_up_measures_the_engines_shapes_and_requests_measure_nothing(tiny_
     report = tune_for_serving(model, slot, max_batch=4, prefill_tokens=16, autocast_dtype=None)
     distinct_layers = len({(m.weight.shape, m.bias is None) for m in model.modules() if hasattr(m, "adapter_name")})
     assert report["measured"] == distinct_layers * len(shapes) and slot.tuner.frozen
+    assert where and all(name.startswith("flora-kernel-tuner") for name in where), where
     measured = dict(slot.tuner.timings)
     rows = layout.init_rows(torch.tensor([user_seed(0, u) for u in "ab"], dtype=torch.int64))
     # 3 sequences of 5 tokens, two of one user: a shape bucket start-up did not measure.
