@@ -215,30 +215,24 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> tuple[int, list[str]]:
     return removed, elsewhere
 
 
-def _runs(rd: RunDir) -> list[RunDir]:
-    """The run in ``rd`` and every run ``train.overwrite`` moved aside into it (``replaced/``):
-    each holds its own checkpoints, phase files, exports and shared adapter, all of them copies of
-    what was learnt from the users."""
-    aside = sorted(p for p in rd.replaced.iterdir() if p.is_dir()) if rd.replaced.is_dir() else []
-    return [rd, *map(RunDir, aside)]
-
-
 def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
     """Removes ``users`` from everything under ``run_dir`` (see the module doc); returns counts."""
     rd = RunDir(run_dir)
     rd.require("forget")
     with RunLock(rd.path, "flora-train forget"), ExitStack() as held:
+        # The run and the runs train.overwrite moved aside into it: each holds its own checkpoints,
+        # phase files, exports and shared adapter, all of them copies of what was learnt from the users.
+        runs = [rd, *rd.moved_aside()]
         # no export copies rows out meanwhile (without checkpoints, _forget says there is nothing to forget in)
-        for run in _runs(rd):
+        for run in runs:
             if run.checkpoints.is_dir():
                 held.enter_context(readers.hold_for_forget(run.checkpoints, warn))
-        return _forget(rd, users)
+        return _forget(rd, runs, users)
 
 
-def _forget(rd: RunDir, users: list[str]) -> dict[str, Any]:
+def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
     pending_path = rd.path / PENDING
     pending = set(json.loads(pending_path.read_text())["users"]) if pending_path.is_file() else set()
-    runs = _runs(rd)
     recovered = [line for run in runs for line in recover_rewrites(run.checkpoints)]
     ckpts = [c for run in runs for c in list_checkpoints(run.path) if (c / "manifest.json").is_file()]
     if not ckpts:

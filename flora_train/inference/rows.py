@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from flora_train.adapters import AdapterLayout
+from flora_train.run_dir.layout import RunDir
 from flora_train.run_dir.readers import CheckpointLease
 
 log = logging.getLogger("flora_train")
@@ -124,9 +125,8 @@ def moved_chain(chain: list[Path], run_id: str | None) -> list[Path] | None:
     ``run_dir/replaced/<run id>-<time>/``, newest first); None where it is nowhere to be found."""
     if run_id is None:
         return None
-    run_dir = chain[-1].parent.parent
-    for aside in sorted((run_dir / "replaced").glob(f"{run_id}-*"), reverse=True):
-        moved = [aside / "checkpoints" / member.name for member in chain]
+    for aside in reversed(RunDir(chain[-1].parent.parent).moved_aside(run_id)):
+        moved = [aside.checkpoints / member.name for member in chain]
         if all(run_of(member) == run_id for member in moved):
             return moved
     return None

@@ -308,6 +308,14 @@ class RunDir:
     def replaced(self) -> Path:
         return self.path / "replaced"
 
+    def moved_aside(self, run_id: str | None = None) -> list["RunDir"]:
+        """The runs ``train.overwrite`` moved aside into this directory (``replaced/<run id>-<time>/``,
+        oldest first), or only run ``run_id``'s."""
+        if not self.replaced.is_dir():
+            return []
+        prefix = "" if run_id is None else f"{run_id}-"
+        return [RunDir(p) for p in sorted(self.replaced.iterdir()) if p.is_dir() and p.name.startswith(prefix)]
+
     @property
     def rank0_token(self) -> Path:
         return self.path / ".rank0-token"
