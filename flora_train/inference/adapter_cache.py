@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from flora_train.adapters import AdapterLayout, user_seed
+from flora_train.cpu_threads import release_thread_team
 from flora_train.inference.rows import RowSource
 
 log = logging.getLogger("flora_train")
@@ -80,6 +81,8 @@ class AdapterCache:
             rows = self.source.read_held(users)
         except Exception:  # noqa: BLE001 - admission reads it again and fails that request alone
             rows = None
+        finally:  # this thread's copies made an OpenMP team: it would slow the engine's (cpu_threads.py)
+            release_thread_team()
         with self._lock:
             self._prefetching.difference_update(users)
             # Rows read while a refresh indexed the source again may be a forgotten user's: not kept.

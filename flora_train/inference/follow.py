@@ -14,6 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
+from flora_train.cpu_threads import release_thread_team
 from flora_train.inference.engine import Engine
 from flora_train.inference.adapter_cache import AdapterCache
 from flora_train.inference.rows import CheckpointRows, run_of
@@ -56,6 +57,8 @@ class Follower:
                 self.check()
             except Exception as exc:  # noqa: BLE001 - watching must never stop serving
                 log.warning("--follow: %s; still serving %s", exc, self.served)
+            finally:  # a new cache's table made an OpenMP team here: it would slow the engine's (cpu_threads.py)
+                release_thread_team()
 
     def check(self) -> bool:
         """Swaps in the newest intact checkpoint if it is new; True when it did."""

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from flora_train.arg_types import model_name_error
 from flora_train.chat_template import ChatTemplateRefused, apply_chat_template
+from flora_train.cpu_threads import release_thread_team
 from flora_train.inference import openai_api as api
 from flora_train.inference.admission import ApiError, RequestReader
 from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
@@ -367,4 +368,6 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
                    for i in range(len(seqs))]
         return api.chat_body(rid, model, choices, usage_of([prompt_ids], done))
 
+    # From here the engine's thread computes; the one that loaded the model keeps no OpenMP team (cpu_threads.py).
+    release_thread_team()
     return app

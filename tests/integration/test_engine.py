@@ -212,17 +212,24 @@ def test_the_kv_cache_keeps_each_row_exact_through_joins_and_leaves(trained):
     assert batch.length == len(prompts[1]) + 1, "columns padding every remaining row were trimmed"
 
 
-def test_prefetched_rows_are_the_rows_read_and_the_cache_stays_bounded(trained):
+def test_prefetched_rows_are_the_rows_read_and_the_cache_stays_bounded(trained, monkeypatch):
     """Rows read ahead for queued users are the rows the source gives; users never trained and the
-    base are not read ahead (their rows are made, not read); the LRU evicts only unpinned rows."""
+    base are not read ahead (their rows are made, not read); the LRU evicts only unpinned rows. The
+    reading thread ends its OpenMP team after each read (``cpu_threads.py``): only the engine's stays."""
+    import threading
+
+    from flora_train.inference import adapter_cache
     from flora_train.inference.adapter_cache import CacheFull
 
+    released = []
+    monkeypatch.setattr(adapter_cache, "release_thread_team", lambda: released.append(threading.current_thread().name))
     cache = AdapterCache(trained.rows, trained.layout, trained.source.init_seed, 3, trained.device)
     cache.prefetch(["user-000001", "user-000002", None, "never-trained"])
     deadline = time.monotonic() + 10
     while cache.stats().staged < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert cache.stats().staged == 2
+    assert released and all(name.startswith("flora-prefetch") for name in released), released
     slots = cache.acquire_many(["user-000001", "user-000002", "user-000001"])
     assert slots[0] == slots[2] and cache.stats().prefetched == 2 and cache.stats().misses == 2
     for user, slot in zip(["user-000001", "user-000002"], slots):

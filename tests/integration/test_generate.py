@@ -2,6 +2,8 @@
 for token and logit for logit, what each user's prompt generates alone (left padding, greedy and
 beam search), for FLoRA, LoRA and IA3; a user never trained gets the base model."""
 
+import threading
+
 import pytest
 import torch
 
@@ -110,7 +112,13 @@ def test_chat_prompts_and_the_chat_endpoint(tmp_path, tiny_llama_dir, monkeypatc
     for k, user in enumerate(["user-000001", "user-000004"]):
         (alone,), _ = generate_batch(trained, [chats[k]], [user], settings)
         assert mixed[k].text == alone.text
-    with TestClient(create_app(trained)) as client:
+    from flora_train.inference import server
+
+    released = []  # the thread that loaded the model keeps no OpenMP team once the engine computes (cpu_threads.py)
+    monkeypatch.setattr(server, "release_thread_team", lambda: released.append(threading.current_thread().name))
+    app = create_app(trained)
+    assert released == [threading.current_thread().name]
+    with TestClient(app) as client:
         r = client.post("/v1/chat/completions", json={"model": "flora:user-000001", "temperature": 0, "max_tokens": 5,
                                                       "messages": chats[0]})
         assert r.status_code == 200, r.text
