@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT, the baseline some benches run, without its FutureWarning on transformers 5
+    (``is_gradient_checkpointing``, which PEFT reads as it wraps a model): PEFT's to fix, not the
+    bench's reader."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def rss_mib(field: str = "VmRSS") -> float:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flora_train.bench.common import bench_device, machine, new_figure, save_figure, write_json
+from flora_train.bench.common import bench_device, machine, new_figure, quiet_peft, save_figure, write_json
 from flora_train.bench.peft_job import TARGETS, tokenised, train_adapter
 from flora_train.run_dir import RunDir
 
@@ -71,7 +71,9 @@ def _saved_adapter_loss(model_dir: Path, folder: Path, examples: list[dict[str, 
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    return _user_loss(PeftModel.from_pretrained(base, folder).eval(), examples, pad_id, device)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, folder).eval()
+    return _user_loss(model, examples, pad_id, device)
 
 
 def _flora_run(recipe: list[str], run_dir: Path) -> tuple[float, dict[str, float]]:

@@ -23,7 +23,7 @@ from torch import nn
 from flora_train.adapters.functional import kernels_for
 from flora_train.adapters.tuning import KernelTuner
 from flora_train.adapters.tuning import grouped_index, median_seconds, time_kernel
-from flora_train.bench.common import bench_device, bench_dtype, machine, new_figure, save_figure, write_json
+from flora_train.bench.common import bench_device, bench_dtype, machine, new_figure, quiet_peft, save_figure, write_json
 
 
 def _base_seconds(weight: torch.Tensor, batch: int, tokens: int, backward: bool, repeats: int) -> float:
@@ -57,7 +57,8 @@ def _peft_mixed_forward_seconds(weight: torch.Tensor, rank: int, batch: int, use
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], init_lora_weights=False)
-    model = get_peft_model(_OneLinear(weight), config, adapter_name="user-0")
+    with quiet_peft():
+        model = get_peft_model(_OneLinear(weight), config, adapter_name="user-0")
     for u in range(1, users):
         model.add_adapter(f"user-{u}", config)
     model.to(device=weight.device, dtype=weight.dtype).eval()

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from flora_train.bench.common import quiet_peft
+
 # The modules a LoRA on every linear layer of a Llama targets (the bench's flora_train runs use the same).
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -36,7 +38,8 @@ def train_adapter(model_dir: Path, train: list[dict[str, Any]], rank: int, alpha
     start = time.perf_counter()
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0))
+    with quiet_peft():
+        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = list(range(len(train)))

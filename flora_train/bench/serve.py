@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from flora_train.bench.common import bench_device, machine, write_json
+from flora_train.bench.common import bench_device, machine, quiet_peft, write_json
 
 DEFAULT_BASE = dict(architecture="llama", hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
                     num_kv_heads=2, vocab_size=512, max_position_embeddings=256, seed=0, pretrain_steps=0)
@@ -165,7 +165,8 @@ def _peft_way(run_dir: Path, trained: Any, jobs: list[Job], work: Path) -> dict[
     export_adapters(run_dir, "peft", users, out)
     index = json.loads((out / "index.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(trained.source.model_path).to(trained.device).eval()
-    model = PeftModel.from_pretrained(base, str(out / index[users[0]]), adapter_name=users[0])
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(out / index[users[0]]), adapter_name=users[0])
     for u in users[1:]:
         model.load_adapter(str(out / index[u]), adapter_name=u)
     model.eval()
