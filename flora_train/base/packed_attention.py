@@ -16,11 +16,17 @@ beat batching examples of similar length (padded, gathered and scattered back): 
 16 padded examples of the mean length (1,392 tokens) take 5.8 ms. Without bounds (an unpacked
 forward: evaluation, generation, an idle rank's padding batch) it is transformers' SDPA with the
 usual mask.
+
+On CUDA in bf16 or fp16 without ``flash_attn``, ``flora_varlen`` hands the row and its bounds to
+PyTorch's own varlen flash-attention (``torch.nn.attention.varlen.varlen_attn``): the first way
+again, with no package to build. It has no dropout, so a model with attention dropout keeps
+``flora_packed``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +35,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "flora_packed"
+VARLEN = "flora_varlen"
 
 
 def example_lengths(bounds: torch.Tensor) -> list[int]:
@@ -61,27 +68,65 @@ def flora_packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def torch_varlen() -> Callable[..., torch.Tensor] | None:
+    """PyTorch's varlen flash-attention (CUDA, half precision), where this PyTorch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def flora_varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``flora_packed_attention``'s contract on ``varlen_attn``: the row's tokens ``[tokens, heads,
+    dim]`` and its bounds in one call, causal inside each example."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"{VARLEN}: a packed batch is one row, got {query.shape[0]}")
+    if attention_mask is not None:
+        raise ValueError(f"{VARLEN}: a packed row takes its examples' bounds, not a mask")
+    varlen_attn = torch_varlen()
+    assert varlen_attn is not None, "use_packed_attention chose flora_varlen where PyTorch has no varlen_attn"
+    longest = kwargs.get("max_length_q") or int((bounds[1:] - bounds[:-1]).max())
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [tokens, heads, dim]
+    if torch.is_autocast_enabled(q.device.type):  # a custom op: autocast does not cast its inputs
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0),
+                      enable_gqa=k.shape[1] != q.shape[1])
+    return out.unsqueeze(0), None
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, flora_packed_attention)
-    # Unpacked forwards get SDPA's mask. (A packed forward's mask, built from the restarting
-    # position ids, is ignored: the bounds say the same.)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    for name, attention in ((NAME, flora_packed_attention), (VARLEN, flora_varlen_attention)):
+        AttentionInterface.register(name, attention)
+        # Unpacked forwards get SDPA's mask. (A packed forward's mask, built from the restarting
+        # position ids, is ignored: the bounds say the same.)
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def use_packed_attention(model: nn.Module, device: torch.device, half_precision: bool) -> str:
     """Switches ``model`` to attention that keeps packed examples apart; returns its name.
-    Flash-attention's varlen kernel where it runs (CUDA with ``flash_attn`` installed, computing in
-    bf16 or fp16: it has no float32 kernel), else ``flora_packed``."""
+    Flash-attention's varlen kernel where it runs (CUDA, computing in bf16 or fp16: it has no
+    float32 kernel): the ``flash_attn`` package's through transformers where installed, else
+    PyTorch's (``flora_varlen``) unless the model has attention dropout; else ``flora_packed``."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError("train.packing needs a transformers model (its attention is switched to a packed one)")
-    if device.type == "cuda" and half_precision and importlib.util.find_spec("flash_attn") is not None:
+    flash = device.type == "cuda" and half_precision
+    if flash and importlib.util.find_spec("flash_attn") is not None:
         name = "flash_attention_2"
     else:
         _register()
-        name = NAME
+        dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        name = VARLEN if flash and dropout == 0.0 and torch_varlen() is not None else NAME
     model.set_attn_implementation(name)
     return name

@@ -20,7 +20,8 @@ each keeps its best, so a slow spell of the machine cannot land on one setting o
 real tokens among those the base computed, the largest micro-batch in computed tokens (what
 activation memory follows) and the peak memory: the process's resident memory on a CPU, the
 memory torch allocated on a GPU. On a GPU the runs compute in bf16 (as `train.precision: auto`
-does there), so packing takes flash-attention's varlen kernel where ``flash_attn`` is installed.
+does there), so packing takes flash-attention's varlen kernel (PyTorch's, or the ``flash_attn``
+package's where installed).
 """
 
 from __future__ import annotations

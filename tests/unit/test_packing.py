@@ -5,14 +5,19 @@ float64: each example's target logits and each user's row gradient from packed r
 adapter routing, ``flora_packed`` attention) equal the padded computation's, for random lengths,
 users, methods and kernels, with and without a shared adapter under the personal rows."""
 
+import importlib.util
+import inspect
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flora_train.adapters import AdapterSpec, inject_adapters
 from flora_train.adapters import functional as Fa
+from flora_train.base import packed_attention
 from flora_train.base.packed_attention import example_lengths, use_packed_attention
 from flora_train.data.batching import MicroBatching, pack, pad
 from flora_train.store.placement import partition_step
@@ -70,6 +75,54 @@ def test_packed_rows_equal_padded_rows_forward_and_backward(arch, method, rank, 
     assert torch.equal(packed[0].example, padded[0].example) and torch.equal(packed[0].targets, padded[0].targets)
     torch.testing.assert_close(packed[1], padded[1], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(packed[2], padded[2], rtol=1e-9, atol=1e-9)
+
+
+def test_cuda_half_precision_packs_through_torchs_varlen_attention(monkeypatch):
+    """Where flash-attention runs (CUDA, bf16/fp16) and the ``flash_attn`` package is not installed,
+    packing takes PyTorch's ``varlen_attn``: picked on a CUDA device in half precision only (not
+    with attention dropout, which it lacks), called as its signature reads, and equal to
+    ``flora_packed`` forward and backward. The kernel needs a GPU: here a CPU stand-in with its
+    signature and contract (per-example causal attention over the bounds) takes its place."""
+    real = packed_attention.torch_varlen()
+    assert real is not None  # torch 2.13 has it
+    assert importlib.util.find_spec("flash_attn") is None  # else transformers' flash_attention_2 is chosen
+    calls = []
+
+    def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        inspect.signature(real).bind(q, k, v, cu_q, cu_k, max_q, max_k, **kw)  # what PyTorch's takes
+        assert q.dim() == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and cu_q is cu_k
+        bounds = cu_q.tolist()
+        assert max_q == max_k == max(e - s for s, e in zip(bounds, bounds[1:])) and kw["window_size"] == (-1, 0)
+        calls.append(kw)
+        return torch.cat([F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                                         scale=kw["scale"], enable_gqa=kw["enable_gqa"]).transpose(0, 1)
+                          for s, e in zip(bounds, bounds[1:])])
+
+    monkeypatch.setattr(packed_attention, "torch_varlen", lambda: stand_in)
+    model = _model("llama", 0)  # 4 query heads, 2 key/value heads
+    assert use_packed_attention(model, torch.device("cpu"), half_precision=True) == "flora_packed"
+    assert use_packed_attention(model, torch.device("cuda"), half_precision=False) == "flora_packed"
+    model.config.attention_dropout = 0.1
+    assert use_packed_attention(model, torch.device("cuda"), half_precision=True) == "flora_packed"
+    model.config.attention_dropout = 0.0
+    assert use_packed_attention(model, torch.device("cuda"), half_precision=True) == "flora_varlen"
+    slot, layout = inject_adapters(model, AdapterSpec("flora", 2, kernel="segment"), "all-linear")
+    g = torch.Generator().manual_seed(0)
+    rows = (1 + 0.3 * torch.randn(2, layout.row_size, generator=g, dtype=torch.float64)).requires_grad_()
+    examples = [(ids, ids) for ids in (torch.randint(0, 50, (n,), generator=g).numpy() for n in (5, 9, 2, 7))]
+    batch = pack(examples)
+
+    def run(attention):
+        model.set_attn_implementation(attention)
+        with slot.activate(rows, batch.token_index(torch.tensor([0, 1, 1, 0]))):
+            logits = batch_target_logits(model, batch).logits
+        grad, = torch.autograd.grad(logits.square().sum(), rows)
+        return logits, grad
+
+    varlen, packed = run("flora_varlen"), run("flora_packed")
+    assert len(calls) == 2 and all(c["enable_gqa"] for c in calls)  # one call a layer, grouped-query heads
+    torch.testing.assert_close(varlen[0], packed[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(varlen[1], packed[1], rtol=1e-12, atol=1e-12)
 
 
 def test_a_packed_row_keeps_examples_apart_and_restarts_positions():
