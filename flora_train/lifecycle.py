@@ -135,26 +135,30 @@ def _owner(ckpt: Path) -> Callable[[str], str]:
 
 def _named_in_state(ckpt: Path) -> set[str]:
     """The users ``ckpt``'s trainer state names: a finished sweep's chosen rates, a running one's
-    variants on their way to a stop (non-finite steps in a row)."""
+    variants on their way to a stop (non-finite steps in a row), users whose updates were skipped."""
     state = read_state(ckpt)
-    return set(state.get("sweep", {}).get("chosen", {})) | {user_of(n) for n in state.get("nonfinite_streaks", {})}
+    return (set(state.get("sweep", {}).get("chosen", {})) | {user_of(n) for n in state.get("nonfinite_streaks", {})}
+            | set(state.get("skipped_updates", {})))
 
 
 def _without_users(owner: Callable[[str], str], forget: set[str]):
     """The edit ``rewrite_checkpoint`` applies: every shard and the shard plan without the rows of
-    the ``forget`` users (``owner``: whose a row is), and a sweep's trainer state without their
-    chosen rates or non-finite streaks."""
+    the ``forget`` users (``owner``: whose a row is), and the trainer state without their sweep's
+    chosen rates, non-finite streaks or skipped updates."""
 
     def edit(folder: Path, manifest: dict[str, Any]) -> int | None:
         for path, users in iter_shards(folder):
             without_users(path, users, {name for name in users if owner(name) in forget})
         state = read_state(folder)
         chosen, streaks = state.get("sweep", {}).get("chosen", {}), state.get("nonfinite_streaks", {})
-        if set(chosen) & forget or {owner(name) for name in streaks} & forget:
+        skipped = state.get("skipped_updates", {})
+        if set(chosen) & forget or {owner(name) for name in streaks} & forget or set(skipped) & forget:
             if chosen:
                 state["sweep"]["chosen"] = {u: lr for u, lr in chosen.items() if u not in forget}
             if streaks:
                 state["nonfinite_streaks"] = {name: n for name, n in streaks.items() if owner(name) not in forget}
+            if skipped:
+                state["skipped_updates"] = {u: n for u, n in skipped.items() if u not in forget}
             replace_text(folder / TRAINER_STATE, json.dumps(state, indent=2, ensure_ascii=False))
         plan_path = folder / SHARD_PLAN
         if not plan_path.is_file():  # a delta naming its chain's plan: that file is rewritten on its own turn

@@ -61,6 +61,8 @@ class TrainLoop:
         }
         if self.trainer.settings.stop_diverged_rows:  # a sweep's rows on their way to a stop: a resume goes on counting
             state["nonfinite_streaks"] = dict(sorted(self.trainer.row_streaks.items()))
+        if self.trainer.skipped_updates:  # named at the run's end, a resume's end too
+            state["skipped_updates"] = dict(sorted(self.trainer.skipped_updates.items()))
         return save_checkpoint(s.run_dir, step, s.store, s.layout, state, t.keep_checkpoints,
                                1 if full else t.full_checkpoint_every, s.run_id,
                                shared=s.shared.tensors() if s.shared is not None else None)

@@ -110,6 +110,7 @@ def train_session(session: Session, resume: bool = False, watch: PreemptionWatch
     tracker = start_tracking(session, start_step, state.get("mlflow_run_id"))
     loop = TrainLoop(session, tracker)
     loop.trainer.row_streaks = dict(state.get("nonfinite_streaks", {}))
+    loop.trainer.skipped_updates = dict(state.get("skipped_updates", {}))
     shared_seconds = first_shared_phase(session, tracker, loop.checkpoint, start_step)
     trained = loop.run(start_step, watch)
     swept = bool(session.cfg.train.sweep.lr)
@@ -225,8 +226,11 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
     tracker.end("FINISHED")
     if not main:
         return result
-    idle = sorted(u for u, n in saved_steps(checkpoint_chain(final)).items() if n == 0)
+    skipped = read_state(final).get("skipped_updates", {})
+    # A user whose every update was skipped took no step too, for that reason, named below.
+    idle = sorted(u for u, n in saved_steps(checkpoint_chain(final)).items() if n == 0 and u not in skipped)
     result["users_without_steps"] = len(idle)
+    result["users_with_skipped_updates"] = len(skipped)  # named in the checkpoint's state (forget reaches it)
     replace_text(session.paths.result, json.dumps(result, indent=2))
     if finished_before:
         print(f"\nnothing left to train: the run had finished at step {step} ({len(session.store)} users); run dir {run_dir}")
@@ -246,4 +250,11 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
         names = ", ".join(repr(u) for u in idle[:5]) + (f" and {len(idle) - 5} more" if len(idle) > 5 else "")
         warn(f"{len(idle)} user{'' if len(idle) == 1 else 's'} took no step{why}, so their adapters are as "
              f"initialised: {names}")
+    if skipped:  # else a user whose loss was never finite trained nothing, and the run said nothing
+        worst = sorted(skipped, key=lambda u: (-skipped[u], u))
+        names = ", ".join(f"{u!r} ({skipped[u]} step{'' if skipped[u] == 1 else 's'})" for u in worst[:5])
+        names += f" and {len(worst) - 5} more" if len(worst) > 5 else ""
+        warn(f"{len(skipped)} user{'' if len(skipped) == 1 else 's'} had updates skipped for a non-finite loss or "
+             f"gradient (train.nonfinite={cfg.train.nonfinite.value}): {names}; their adapters hold their finite "
+             f"steps only (look at their data, or their learning rate)")
     return result

@@ -107,6 +107,9 @@ class Trainer:
         self.nonfinite_steps = 0
         # stop_diverged_rows: each row's non-finite steps in a row (of its own steps), kept in checkpoints
         self.row_streaks: dict[str, int] = {}
+        # Each user's updates skipped for a non-finite loss or gradient (train.nonfinite), kept in
+        # checkpoints: the run's end names them (a sweep names its stopped variants itself).
+        self.skipped_updates: dict[str, int] = {}
         self._planned: tuple[StepPlan, RankWork] | None = None
         self.example_targets = examples.target_counts()  # numpy: no Python int per example
         self.example_lengths = examples.lengths()  # from the Arrow offsets: grouping reads no tokens
@@ -254,6 +257,9 @@ class Trainer:
                 bad = list(users)
         else:
             self.consecutive_faults = 0
+        if not self.settings.stop_diverged_rows:
+            for u in bad:
+                self.skipped_updates[u] = self.skipped_updates.get(u, 0) + 1
         if owned is not None and owned.user_ids:
             s = self.settings
             keep = ok[torch.tensor([step_pos[u] for u in owned.user_ids])]

@@ -70,6 +70,39 @@ def test_nonfinite_error_policy_and_consecutive_limit(tmp_path, tiny_llama_dir):
         trainer.train_step(plans[2])
 
 
+def test_a_user_whose_updates_are_skipped_is_named_at_the_end_after_a_resume_and_forgotten(tmp_path, tiny_llama_dir,
+                                                                                         capsys):
+    """train.nonfinite=skip_users skips a user whose loss or gradient is not finite; a run that
+    went on (its bad steps never consecutive, or a generous limit) used to end without naming it,
+    and counted it among the users that "took no step" for another reason."""
+    from flora_train.lifecycle import forget_users
+    from flora_train.run_dir.checkpoints import read_state
+    from flora_train.train.run import train_session
+
+    over = _overrides(tmp_path, tiny_llama_dir, "train.max_consecutive_nonfinite=1000",
+                      "train.checkpoint_every_steps=2", "eval.at_end=false")
+    s = prepare_session(load_recipe(None, [*over, "train.max_steps=3"]))
+    try:
+        victim = next(s.planner.steps(1)).user_ids[0]
+        appearances = sum(victim in plan.user_ids for plan in s.planner.steps(2))  # the whole run: 2 epochs
+        _poison(s, victim)  # saved in every checkpoint, so the resumed run meets it too
+        first = train_session(s)
+    finally:
+        s.close()
+    assert first["users_with_skipped_updates"] == 1
+    capsys.readouterr()
+    resumed = run_training(load_recipe(None, over), resume=True)
+    err = capsys.readouterr().err
+    assert resumed["users_with_skipped_updates"] == 1 and appearances > 1
+    assert (f"flora-train: warning: 1 user had updates skipped for a non-finite loss or gradient "
+            f"(train.nonfinite=skip_users): {victim!r} ({appearances} steps)") in err, err
+    assert "took no step" not in err  # it did take none, for the reason named above
+    final = latest_checkpoint(tmp_path / "run")
+    assert read_state(final)["skipped_updates"] == {victim: appearances}
+    forget_users(tmp_path / "run", [victim])
+    assert "skipped_updates" in read_state(final) and victim not in read_state(final)["skipped_updates"]
+
+
 def test_resume_equals_uninterrupted(tmp_path, tiny_llama_dir):
     full = run_training(load_recipe(None, _overrides(tmp_path / "a", tiny_llama_dir)))
     part = _overrides(tmp_path / "b", tiny_llama_dir, "train.checkpoint_every_steps=2")
