@@ -219,7 +219,8 @@ class TrainConfig:
     # that died or a network that went down, fails the job with the last checkpoint intact.
     collective_timeout_s: float = 1800.0
     precision: Precision = Precision.auto  # auto: bf16 autocast where the device does bf16 natively, else fp32
-    # skip_users: a user with a non-finite loss or gradient skips the step (the others train); error: stop
+    # skip_users: a user with a non-finite loss or gradient skips the step (the others train; the run's end
+    # names the users skipped); skip_step: the whole step is skipped; error: stop
     nonfinite: NonFinitePolicy = NonFinitePolicy.skip_users
     max_consecutive_nonfinite: int = 3  # stop when this many steps in a row had non-finite users
     log_every_steps: int = 10  # metrics to MLflow and the progress bar every N steps
