@@ -279,10 +279,11 @@ def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
             shared = int((f.metadata() or {}).get("steps", 0))
         write_json(rd.shared_adapter_removed, {"steps": shared})  # what `forget --retrain-shared` trains later
         rd.shared_adapter.unlink()
-    derived = []
+    derived, moved_shared = [], []
     for run in runs:
-        if run is not rd:  # a run moved aside is not trained again: what was learnt from everyone goes
-            run.shared_adapter.unlink(missing_ok=True)
+        if run is not rd and run.shared_adapter.is_file():  # a run moved aside is not trained again: what was
+            run.shared_adapter.unlink()  # learnt from everyone goes
+            moved_shared.append(str(run.shared_adapter.relative_to(rd.path)))
         for path in run.derived:
             if path.exists():
                 shutil.rmtree(path)
@@ -291,4 +292,4 @@ def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
     return {"users": sorted(forget), "checkpoint_rows": rows, "checkpoints": len(ckpts), "export_folders": exports,
             "exports_elsewhere": elsewhere, "jsonl_lines": lines, "phase_entries": phase_entries,
             "removed_derived": derived, "removed_shared_adapter": shared is not None, "shared_adapter_steps": shared,
-            "recovered": recovered, "moved_aside_runs": len(runs) - 1}
+            "recovered": recovered, "moved_aside_runs": len(runs) - 1, "removed_moved_aside_shared": moved_shared}

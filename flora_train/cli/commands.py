@@ -189,6 +189,9 @@ def _forget(args: argparse.Namespace) -> None:
               f"removed {', '.join(out['removed_derived']) or 'nothing derived'} (rebuilt by the next run)")
         if out["exports_elsewhere"]:
             print(f"also removed from the exports outside the run: {', '.join(out['exports_elsewhere'])}")
+        if out["removed_moved_aside_shared"]:
+            print(f"removed {', '.join(out['removed_moved_aside_shared'])}: trained on the forgotten users' data "
+                  "too, in a run train.overwrite moved aside (nothing retrains it)")
         for line in out["recovered"]:
             print(f"completed an interrupted forget: {line}")
         if out["removed_shared_adapter"]:

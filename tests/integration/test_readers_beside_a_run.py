@@ -8,6 +8,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors import safe_open
 
 from flora_train.config import load_recipe
@@ -113,8 +114,14 @@ def test_an_overwrite_during_an_export_waits_for_it(tmp_path, tiny_llama_dir, mo
     others = [v.numpy().tobytes() for u in old if u != gone for v in old[u].values()]
     windows = row_windows(old, gone, others)
     assert len(windows) > 10 and any(w in (p.read_bytes()) for p in aside.rglob("*.safetensors") for w in windows)
+    from safetensors.torch import save_file
+
+    # The moved run's shared adapter (trained on everyone's data): removed, and said (it was removed unsaid).
+    save_file({"row": torch.ones(4)}, str(aside / "shared_adapter.safetensors"), metadata={"steps": "3"})
     done = forget_users(run, [gone])
     assert done["checkpoints"] == 2 and done["moved_aside_runs"] == 1 and str(out) in done["exports_elsewhere"]
+    assert done["removed_moved_aside_shared"] == [str((aside / "shared_adapter.safetensors").relative_to(run))]
+    assert not (aside / "shared_adapter.safetensors").exists() and not done["removed_shared_adapter"]
     for path in [*run.rglob("*"), *out.rglob("*")]:
         if path.is_file():
             data = path.read_bytes()
