@@ -172,7 +172,7 @@ class CheckpointRows(_IndexedRows):
                     return True
                 log.warning("%s holds another run now (train.overwrite moved run %s to %s): its rows are read there",
                             self.label, self.run_id, moved[-1].parent.parent)
-                self.chain = moved
+                self.chain, self.label = moved, str(moved[-1])  # /health names where the rows are read
             self._index_chain()
             self.generation += 1
             return True

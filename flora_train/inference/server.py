@@ -252,7 +252,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         return JSONResponse(status_code=200 if alive else 503, content={
             "status": "ok" if alive else "engine stopped", "model": model_name, "base": trained.source.model_path,
             "users": len(engine.adapters.source), "method": trained.layout.spec.method,
-            "checkpoint": follower.served if follower is not None else trained.source.label,
+            "checkpoint": str(engine.adapters.source.label),  # where its rows are read: the followed one, or moved
             "adapters_version": engine.adapters.version,
             "waiting": engine.waiting, "running": engine.running, "steps": s.steps, "requests": s.requests,
             "new_tokens": s.new_tokens, "largest_batch": s.largest_batch, "most_users": s.most_users,

@@ -79,7 +79,10 @@ def test_follow_serves_each_new_checkpoint_without_a_failed_request(tmp_path, ch
         assert score().json()["choices"][0]["logprobs"]["token_logprobs"] == after
         unread = requests.post(f"{url}/v1/completions", json={"model": "flora:user-000003", "prompt": prompt,
                                                                "max_tokens": 2}, timeout=60)
-        assert unread.status_code == 200 and requests.get(f"{url}/health", timeout=5).json()["adapters_version"] >= 1
+        health = requests.get(f"{url}/health", timeout=5).json()
+        assert unread.status_code == 200 and health["adapters_version"] >= 1
+        # It names where it reads the rows: the run moved aside (it named the path the new run took).
+        assert health["checkpoint"].startswith(str(run_dir / "replaced")), health
     finally:
         err = stop_server(proc)
     assert "it was trained on another base than the served one (another run: train.overwrite" in err, err[-2000:]

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -58,6 +59,8 @@ def test_a_served_checkpoint_outlives_the_runs_pruning_until_its_reader_lets_go(
     assert not unknown
     assert all(rows[i].equal(old[u]["rows"]) for i, u in enumerate(reader.users))
     assert f"holds another run now (train.overwrite moved run {old_run} to " in caplog.text
+    moved = reader.rows.label  # what serve's /health names: where the rows are read now (it named the old path)
+    assert moved.startswith(str(tmp_path / "run" / "replaced")) and read_manifest(Path(moved))["run_id"] == old_run
 
 
 def test_an_overwrite_during_an_export_waits_for_it(tmp_path, tiny_llama_dir, monkeypatch):
