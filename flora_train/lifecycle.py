@@ -47,7 +47,6 @@ from flora_train.store.saved import iter_shards, saved_selection, saved_steps, w
 from flora_train.train.phases import check_phase_files, forget_in_phases
 from flora_train.train.sweep import holds_variants, user_of
 
-PENDING = "forget-pending.json"
 
 
 def list_users(run_dir: Path) -> list[dict[str, Any]]:
@@ -235,7 +234,7 @@ def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
 
 
 def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
-    pending_path = rd.path / PENDING
+    pending_path = rd.forget_pending
     pending = set(json.loads(pending_path.read_text())["users"]) if pending_path.is_file() else set()
     recovered = [line for run in runs for line in recover_rewrites(run.checkpoints)]
     ckpts = [c for run in runs for c in list_checkpoints(run.path) if (c / "manifest.json").is_file()]

@@ -187,11 +187,13 @@ def resolve_source(path: Path, checkpoint: Path | None = None, base: Path | None
             raise InferenceError(foreign)
         return _from_checkpoint(Path(checkpoint), path, base_at=base)
     if RunDir(path).recipe.is_file():
+        RunDir(path).refuse_interrupted_forget()
         found = leased_latest_checkpoint(path)
         if found is None:
             raise InferenceError(f"{path}: no intact checkpoint to load adapters from")
         return _from_checkpoint(found[0], path, found[1], base)
     if (path / LAYOUT).is_file() and RunDir(path.parent.parent).recipe.is_file():
+        RunDir(path.parent.parent).refuse_interrupted_forget()
         return _from_checkpoint(path, path.parent.parent, base_at=base)
     if (path / "index.json").is_file() and (path / "manifest.json").is_file():
         return _from_export(path, base)

@@ -52,6 +52,7 @@ def claim(run_dir: Path, fresh: bool | None, overwrite: bool = False, command: s
         rd = RunDir(run_dir)
         try:
             lock = RunLock(rd.path, command).acquire()
+            rd.refuse_interrupted_forget()
             if fresh and holds_checkpoints(rd.path):
                 if not overwrite:
                     raise RunDirInUse(

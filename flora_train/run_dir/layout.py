@@ -45,6 +45,11 @@ class NotARunDir(UserError, FileNotFoundError):
     """A command that reads a run was given another path: says what is there and what to name."""
 
 
+class InterruptedForget(UserError):
+    """A ``flora-train forget`` was killed before it finished: until it is run again, the run's files
+    may still hold the users it removes (and a checkpoint may be halfway through its swap)."""
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path
@@ -63,9 +68,12 @@ class RunDir:
 
     def require(self, command: str) -> None:
         """Raises ``NotARunDir`` unless the path holds a run (its recipe or its checkpoints), naming
-        what it is instead: nothing, an export folder (and the run it came from) or a checkpoint."""
+        what it is instead: nothing, an export folder (and the run it came from) or a checkpoint;
+        ``InterruptedForget`` while a killed ``forget`` waits to be completed (but for forget)."""
         path = self.path
         if self.holds_run:
+            if command != "forget":
+                self.refuse_interrupted_forget()
             return
         if not path.exists():
             raise NotARunDir(f"{path}: no such folder; {command} reads a run directory (the recipe's run_dir)")
@@ -84,6 +92,28 @@ class RunDir:
             raise NotARunDir(f"{path}: a checkpoint, not a run directory; name its run, {path.parent.parent}"
                              + (", and --checkpoint " + str(path) if command in {"eval", "export"} else ""))
         raise NotARunDir(f"{path}: not a run directory (no recipe.yaml, no checkpoints/)")
+
+    @property
+    def forget_pending(self) -> Path:
+        """The users a ``forget`` removes, written before it changes anything and deleted when it is
+        done: a second ``forget`` completes a killed one from it."""
+        return self.path / "forget-pending.json"
+
+    def refuse_interrupted_forget(self) -> None:
+        """Raises ``InterruptedForget`` while ``forget_pending`` is there: reading or training the run
+        then could serve, export or train on the users being forgotten."""
+        if not self.forget_pending.is_file():
+            return
+        try:
+            users = [str(u) for u in json.loads(self.forget_pending.read_text())["users"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            users = []
+        some = users[0] if users else "USER"
+        raise InterruptedForget(
+            f"{self.path}: a `flora-train forget` of {len(users)} user(s) was interrupted "
+            f"({self.forget_pending.name}); its users may still be in the run's files, so nothing reads or trains "
+            f"the run until it is completed: "
+            f"`flora-train forget {self.path} --users {some}` (any of its users: it finishes them all)")
 
     @property
     def lock(self) -> Path:

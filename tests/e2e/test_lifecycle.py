@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from flora_train.export.packed import read_packed
@@ -133,6 +134,21 @@ class Killed(BaseException):
 MUTATIONS = [(os, "replace"), (shutil, "rmtree"), (shutil, "copytree"), (Path, "unlink"), (Path, "write_text")]
 
 
+def _refused_until_completed(work: Path, gone: list[str]) -> None:
+    from flora_train.inference.trained import resolve_source
+    from flora_train.run_dir import RunDir
+    from flora_train.run_dir.identity import RunDirInUse, claim
+    from flora_train.run_dir.layout import InterruptedForget
+
+    said = (f"{work}: a `flora-train forget` of {len(gone)} user(s) was interrupted (forget-pending.json); its users "
+            f"may still be in the run's files")
+    for read in (lambda: RunDir(work).require("export"), lambda: resolve_source(work)):
+        with pytest.raises(InterruptedForget, match=re.escape(said)):
+            read()
+    with pytest.raises(RunDirInUse, match=re.escape(said)):  # training, fresh or resumed
+        claim(work, fresh=False)
+
+
 def _forget_killed_at_every_step(template: Path, work: Path, gone: list[str], clean: dict[str, str]) -> None:
     """`forget` killed before its n-th change of the run directory, for every n, then run again,
     leaves the run directory byte for byte as one uninterrupted `forget` does. (Before the journal
@@ -168,6 +184,8 @@ def _forget_killed_at_every_step(template: Path, work: Path, gone: list[str], cl
         kills += 1
         journal = (work / "forget-pending.json").is_file()
         journaled += journal
+        if journal:  # until it is completed nothing reads or trains the run (it served and exported them)
+            _refused_until_completed(work, gone)
         forget_users(work, gone[:1] if journal else gone)  # the journal names the rest
         assert _hashes(work) == clean, f"killed before change {kills}, then run again: the run differs"
     assert kills > 20 and journaled >= kills - 2, f"{kills} places to kill, {journaled} after the journal"
