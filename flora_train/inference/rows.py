@@ -106,6 +106,14 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _journal_users(journal: Path) -> list[str]:
+    """The users a ``forget`` journal names; none when there is none (or it is being written)."""
+    try:
+        return [str(u) for u in json.loads(journal.read_text())["users"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def chain_identity(chain: list[Path]) -> tuple:
     """What changes when a checkpoint of ``chain`` is written again in place (`flora-train forget`
     rewrites it beside the old one and renames it over it): each member's manifest file identity."""
@@ -138,34 +146,46 @@ class CheckpointRows(_IndexedRows):
     again: a shard's rows then no longer line up with the user list read before. The rows are
     those of the run the chain was: when ``train.overwrite`` moves that run aside and another run
     writes checkpoints of the same names, they are read where the run went (the base being served
-    is that run's), never from the other run."""
+    is that run's), never from the other run. The users of a ``forget`` under way (or killed: its
+    journal, ``forget-pending.json``) are not served from the moment it starts, before the
+    checkpoint that holds them is written again."""
 
     def __init__(self, chain: list[Path], lease: CheckpointLease | None = None) -> None:
         super().__init__(str(chain[-1]), {})
         self.chain = chain
+        self.journal = RunDir(chain[-1].parent.parent).forget_pending  # forget runs on the run, not a moved copy
         self.run_id = run_of(chain[-1])
         self.lease = lease  # run_dir.readers.CheckpointLease: its run prunes none of the chain while held
         self._lock = threading.Lock()  # refreshes come from the engine's thread and the HTTP threads
         self._index_chain()
 
+    def _identity(self) -> tuple:
+        return chain_identity(self.chain), _file_identity(self.journal)
+
     def _index_chain(self) -> None:
         from flora_train.store.saved import newest_copies
 
-        self.identity = chain_identity(self.chain)
+        self.identity = self._identity()
         index: dict[str, tuple[Path, int, list[str]]] = {}  # user -> its shard, row, and the shard's user list
         for path, (users, take) in newest_copies(self.chain, None).items():
             for i in take:
                 index[users[i]] = (path, i, users)
+        pending = [u for u in _journal_users(self.journal) if u in index]
+        for u in pending:
+            del index[u]
+        if pending:
+            log.warning("%s: a `flora-train forget` of %d served user(s) is under way or was interrupted: they get "
+                        "the base from now on", self.label, len(pending))
         self._index = index  # (readers take _index unlocked: it is replaced whole, never changed)
 
     def refresh(self) -> bool:
         with self._lock:
-            if chain_identity(self.chain) == self.identity:
+            if self._identity() == self.identity:
                 return False
             if any(run_of(member) != self.run_id for member in self.chain):
                 moved = moved_chain(self.chain, self.run_id)
                 if moved is None:  # gone with no trace: nothing of another run is served in its place
-                    self._index, self.identity = {}, chain_identity(self.chain)
+                    self._index, self.identity = {}, self._identity()
                     log.warning("%s no longer holds run %s's checkpoint: its users get the base from now on",
                                 self.label, self.run_id)
                     self.generation += 1

@@ -357,3 +357,32 @@ def test_users_a_refresh_removes_under_a_storm_are_never_served_their_old_rows(t
         slot = cache.acquire(user)
         assert torch.equal(cache.table[slot], row), f"{user}: its row from before the refresh"
         cache.release(slot)
+
+
+def test_the_users_of_a_forget_under_way_are_served_the_base_from_its_first_write(trained, tmp_path):
+    """`forget` writes its journal (forget-pending.json) before anything else, then rewrites the
+    checkpoints one by one. A server went on serving the users from a checkpoint not yet rewritten,
+    and for good when the forget was killed before it (its journal stays). Now the journal alone
+    takes them out of the served rows; cached rows are dropped at the next admission."""
+    import json
+    import shutil
+
+    from flora_train.inference.rows import CheckpointRows
+    from flora_train.run_dir.checkpoints import checkpoint_chain
+
+    run = tmp_path / "run"
+    shutil.copytree(trained.source.checkpoint.parent.parent, run)  # the module's run stays as it is
+    rows = CheckpointRows(checkpoint_chain(run / "checkpoints" / trained.source.checkpoint.name))
+    gone, kept = "user-000002", "user-000005"
+    cache = AdapterCache(rows, trained.layout, trained.source.init_seed, 4, trained.device)
+    slots = cache.acquire_many([gone, kept])
+    assert torch.equal(cache.table[slots[0]], trained.row(gone))
+    for slot in slots:
+        cache.release(slot)
+    (run / "forget-pending.json").write_text(json.dumps({"users": [gone, "someone-else"]}))
+    base, again = cache.acquire_many([gone, kept])
+    untrained = trained.layout.init_rows(torch.tensor([user_seed(trained.source.init_seed, gone)]))[0]
+    assert gone not in rows and torch.equal(cache.table[base], untrained)
+    assert kept in rows and torch.equal(cache.table[again], trained.row(kept)) and rows.read_held([gone]) == {}
+    (run / "forget-pending.json").unlink()  # (a completed forget also rewrote the checkpoint without it)
+    assert rows.refresh() and gone in rows
