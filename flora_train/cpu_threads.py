@@ -49,4 +49,3 @@ def release_thread_team() -> bool:
     """Ends the calling thread's OpenMP worker threads; True when libgomp did (or there were none)."""
     lib = _libgomp()
     return lib is not None and lib.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0
-

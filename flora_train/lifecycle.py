@@ -48,7 +48,6 @@ from flora_train.train.phases import check_phase_files, forget_in_phases
 from flora_train.train.sweep import holds_variants, user_of
 
 
-
 def list_users(run_dir: Path) -> list[dict[str, Any]]:
     """Per user: steps trained, target tokens in its training data, last held-out loss and
     accuracy, its export folder(s) and, for a run that selects (``train.select``/``patience``), the

@@ -106,14 +106,6 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _journal_users(journal: Path) -> list[str]:
-    """The users a ``forget`` journal names; none when there is none (or it is being written)."""
-    try:
-        return [str(u) for u in json.loads(journal.read_text())["users"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
 def chain_identity(chain: list[Path]) -> tuple:
     """What changes when a checkpoint of ``chain`` is written again in place (`flora-train forget`
     rewrites it beside the old one and renames it over it): each member's manifest file identity."""
@@ -153,24 +145,25 @@ class CheckpointRows(_IndexedRows):
     def __init__(self, chain: list[Path], lease: CheckpointLease | None = None) -> None:
         super().__init__(str(chain[-1]), {})
         self.chain = chain
-        self.journal = RunDir(chain[-1].parent.parent).forget_pending  # forget runs on the run, not a moved copy
+        self.run_dir = RunDir(chain[-1].parent.parent)  # whose forget journal counts: forget runs on the run,
+        # never on a copy train.overwrite moved aside
         self.run_id = run_of(chain[-1])
         self.lease = lease  # run_dir.readers.CheckpointLease: its run prunes none of the chain while held
         self._lock = threading.Lock()  # refreshes come from the engine's thread and the HTTP threads
         self._index_chain()
 
-    def _identity(self) -> tuple:
-        return chain_identity(self.chain), _file_identity(self.journal)
+    def _watched(self) -> tuple:
+        return chain_identity(self.chain), _file_identity(self.run_dir.forget_pending)
 
     def _index_chain(self) -> None:
         from flora_train.store.saved import newest_copies
 
-        self.identity = self._identity()
+        self.identity = self._watched()
         index: dict[str, tuple[Path, int, list[str]]] = {}  # user -> its shard, row, and the shard's user list
         for path, (users, take) in newest_copies(self.chain, None).items():
             for i in take:
                 index[users[i]] = (path, i, users)
-        pending = [u for u in _journal_users(self.journal) if u in index]
+        pending = [u for u in self.run_dir.forget_pending_users() if u in index]
         for u in pending:
             del index[u]
         if pending:
@@ -180,12 +173,12 @@ class CheckpointRows(_IndexedRows):
 
     def refresh(self) -> bool:
         with self._lock:
-            if self._identity() == self.identity:
+            if self._watched() == self.identity:
                 return False
             if any(run_of(member) != self.run_id for member in self.chain):
                 moved = moved_chain(self.chain, self.run_id)
                 if moved is None:  # gone with no trace: nothing of another run is served in its place
-                    self._index, self.identity = {}, self._identity()
+                    self._index, self.identity = {}, self._watched()
                     log.warning("%s no longer holds run %s's checkpoint: its users get the base from now on",
                                 self.label, self.run_id)
                     self.generation += 1

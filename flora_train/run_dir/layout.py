@@ -99,15 +99,19 @@ class RunDir:
         done: a second ``forget`` completes a killed one from it."""
         return self.path / "forget-pending.json"
 
+    def forget_pending_users(self) -> list[str]:
+        """The users ``forget_pending`` names; none when there is none (or it cannot be read yet)."""
+        try:
+            return [str(u) for u in json.loads(self.forget_pending.read_text())["users"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
     def refuse_interrupted_forget(self) -> None:
         """Raises ``InterruptedForget`` while ``forget_pending`` is there: reading or training the run
         then could serve, export or train on the users being forgotten."""
         if not self.forget_pending.is_file():
             return
-        try:
-            users = [str(u) for u in json.loads(self.forget_pending.read_text())["users"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            users = []
+        users = self.forget_pending_users()
         some = users[0] if users else "USER"
         raise InterruptedForget(
             f"{self.path}: a `flora-train forget` of {len(users)} user(s) was interrupted "
