@@ -293,7 +293,11 @@ class Engine:
 
     def _echo(self, s: Sequence, prompt_logprobs: list[TokenLogprob]) -> None:
         text = self.tokenizer.decode(s.req.prompt_ids, skip_special_tokens=False)
-        self._emit(s.req, Delta(text, prompt_logprobs if s.req.logprobs is not None else [], prompt=True))
+        if s.req.logprobs is None:
+            self._emit(s.req, Delta(text, prompt=True))
+            return
+        at = TextStream(self.tokenizer, ()).offsets(s.req.prompt_ids)
+        self._emit(s.req, Delta(text, prompt_logprobs, prompt=True, offsets=at))
 
     def _decode_step(self) -> None:
         seqs = self._running
@@ -342,12 +346,13 @@ class Engine:
         lp = logprobs_of(logits.view(1, -1), torch.tensor([token], device=logits.device), s.req.logprobs or 0) \
             if s.req.logprobs is not None else []
         if token in self.eos and not st.ignore_eos:
-            self._emit(s.req, Delta(s.text.flush(), lp))
+            rest = s.text.flush()
+            self._emit(s.req, Delta(rest, lp, offsets=[len(s.text.text)] if lp else []))
             self._finish(s, "stop")
             return True
-        delta = s.text.add(token)
+        delta, at = s.text.add_at(token)
         if delta or lp:
-            self._emit(s.req, Delta(delta, lp))
+            self._emit(s.req, Delta(delta, lp, offsets=[at] if lp else []))
         if s.text.stopped:
             self._finish(s, "stop")
             return True

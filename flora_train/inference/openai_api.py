@@ -103,24 +103,22 @@ class TokenText:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
 
-def completion_logprobs(items: list[TokenLogprob], piece: TokenText, offset: int) -> tuple[dict[str, Any], int]:
-    """The legacy completions ``logprobs`` object of ``items``, text offsets starting at ``offset``;
-    and the offset after them."""
-    tokens, offsets = [], []
-    for t in items:
-        text = piece(t.token)
-        tokens.append(text)
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [t.logprob for t in items],
+def completion_logprobs(items: list[TokenLogprob], piece: TokenText, offsets: list[int]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object of ``items``; ``offsets``: where each token
+    begins in the choice's text."""
+    return {"tokens": [piece(t.token) for t in items], "token_logprobs": [t.logprob for t in items],
             "top_logprobs": [({piece(i): lp for i, lp in t.top} if t.logprob is not None else None) for t in items],
-            "text_offset": offsets}, offset
+            "text_offset": offsets}
 
 
-def merge_completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+def merge_completion_logprobs(parts: list[dict[str, Any]], text: str) -> dict[str, Any] | None:
+    """One choice's logprobs from its deltas'; ``text``: the choice's, which the offsets of tokens of
+    a stop string (streamed before the string was whole) may point past."""
     if not parts:
         return None
-    return {k: [x for p in parts for x in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    merged = {k: [x for p in parts for x in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    merged["text_offset"] = [min(o, len(text)) for o in merged["text_offset"]]
+    return merged
 
 
 def chat_logprobs(items: list[TokenLogprob], piece: TokenText) -> list[dict[str, Any]]:

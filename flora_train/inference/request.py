@@ -21,6 +21,9 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt: bool = False  # the echoed prompt's tokens (logprobs only where asked)
+    # Where each logprob's token begins, in characters: in the generated text, or for the prompt's,
+    # in the prompt decoded without special tokens.
+    offsets: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -287,14 +287,15 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
                                 "prompt" if len(prompts) == 1 else f"prompt[{k}]") for k, ids in enumerate(prompts)]
         seqs, answers = start(prompts, settings, req.n, user, req.logprobs, req.echo)
         rid, model = api.new_id("cmpl"), req.model or model_name
-        offsets = [0] * len(seqs)
 
         def piece_of(index: int, ev: Delta) -> tuple[str, dict[str, Any] | None]:
-            """The delta's text (the prompt echoed as sent) and its logprobs, offsets running per choice."""
-            lp = None
-            if req.logprobs is not None:
-                lp, offsets[index] = api.completion_logprobs(ev.logprobs, piece, offsets[index])
-            return (echoed[index // req.n] if ev.prompt else ev.text), lp
+            """The delta's text (the prompt echoed as sent) and its logprobs, whose offsets index the
+            choice's text: the echoed prompt, then what was generated."""
+            shown = echoed[index // req.n] if req.echo else ""
+            if req.logprobs is None:
+                return (shown if ev.prompt else ev.text), None
+            at = [min(o, len(shown)) for o in ev.offsets] if ev.prompt else [len(shown) + o for o in ev.offsets]
+            return (shown if ev.prompt else ev.text), api.completion_logprobs(ev.logprobs, piece, at)
 
         if req.stream:
             def chunk(index: int, ev: Delta) -> dict[str, Any]:
@@ -318,7 +319,8 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         if len(done) < len(seqs):
             raise ApiError(499, "client closed the request")
         metrics.requests.labels("200").inc()
-        choices = [api.completion_choice(i, "".join(texts[i]), api.merge_completion_logprobs(parts[i])
+        texts_of = ["".join(t) for t in texts]
+        choices = [api.completion_choice(i, texts_of[i], api.merge_completion_logprobs(parts[i], texts_of[i])
                                          if req.logprobs is not None else None, done[i].finish_reason)
                    for i in range(len(seqs))]
         return api.completion_body(rid, model, choices, usage_of(prompts, done))

@@ -4,7 +4,11 @@ ends in a partial UTF-8 character, nor while its end could still become a stop s
 
 Decoding is incremental (the way vLLM and TGI detokenize): each token decodes a short window of the
 last few ids, not the whole sequence again, and the text grows by what that window adds once it
-no longer ends in a partial character."""
+no longer ends in a partial character.
+
+``add_at`` also says where the token's text begins (what logprobs' ``text_offset`` reports): after
+every whole character before it, so each byte of a character split across tokens points at that
+character; a token that completes a stop string points at most at the text's end."""
 
 from __future__ import annotations
 
@@ -22,9 +26,20 @@ class TextStream:
         self.stopped = False
         self._prefix = 0  # ids[_prefix:_read] is the window already turned into text
         self._read = 0
+        self._waiting = 0  # whole characters that ids[_read:] decode to, before a partial one
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def offsets(self, tokens: Sequence[int]) -> list[int]:
+        """Adds ``tokens`` (a prompt's, say) and returns where each one's text begins."""
+        return [self.add_at(token)[1] for token in tokens]
+
+    def add_at(self, token: int) -> tuple[str, int]:
+        """``add``, and where the token's text begins in ``text``."""
+        at = len(self.text) + self._waiting
+        released = self.add(token)
+        return released, min(at, len(self.text)) if self.stopped else at
 
     def add(self, token: int) -> str:
         """Appends a token; returns the text that became final. After a stop string was completed
@@ -36,6 +51,7 @@ class TextStream:
         if len(window) > len(seen) and not pending:
             self.text += window[len(seen) :]
             self._prefix, self._read = self._read, len(self.ids)
+        self._waiting = len(window[len(seen) :].rstrip("\ufffd")) if self._read < len(self.ids) else 0
         return self._settle(final=False)
 
     def flush(self) -> str:

@@ -173,7 +173,7 @@ def test_logprobs_equal_the_teacher_forced_scores_of_training(server, trained):
     assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-4), (lp.token_logprobs[1:], want)
     for top, chosen in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]):
         assert 1 <= len(top) <= 3 and max(top.values()) >= chosen - 1e-6  # (byte tokens may share a text)
-    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert_offsets_index_the_text(scored.choices[0].text, lp, trained.tokenizer)
     other = client(url).completions.create(model=f"flora:{trained.users[4]}", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
     gap = (torch.tensor(other.choices[0].logprobs.token_logprobs[1:]) - want).abs().max()
     assert gap > 1e-3, "another user's adapter scores differently (else serving each user's own proves nothing)"
@@ -181,10 +181,29 @@ def test_logprobs_equal_the_teacher_forced_scores_of_training(server, trained):
     gen = client(url).completions.create(model=f"flora:{user}", prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
     assert len(gen.choices[0].logprobs.token_logprobs) == gen.usage.completion_tokens
     assert all(v <= 0 for v in gen.choices[0].logprobs.token_logprobs)
+    assert_offsets_index_the_text(gen.choices[0].text, gen.choices[0].logprobs, trained.tokenizer)
+    both = client(url).completions.create(model=f"flora:{user}", prompt=prompt, max_tokens=4, temperature=0, logprobs=1,
+                                          echo=True)
+    assert both.choices[0].text == prompt + gen.choices[0].text
+    assert_offsets_index_the_text(both.choices[0].text, both.choices[0].logprobs, trained.tokenizer)
+    streamed = client(url).completions.create(model=f"flora:{user}", prompt=prompt, max_tokens=4, temperature=0,
+                                              logprobs=1, echo=True, stream=True)
+    offsets = [o for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+               for o in chunk.choices[0].logprobs.text_offset]
+    assert offsets == both.choices[0].logprobs.text_offset
     chat = client(url).chat.completions.create(model=f"flora:{user}", messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+
+
+def assert_offsets_index_the_text(text, logprobs, tokenizer):
+    """Each token's ``text_offset`` is where its text stands in the choice's text (a special token,
+    which the text leaves out, where the next text begins)."""
+    specials = set(tokenizer.all_special_tokens)
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[-1] <= len(text)
+    for token, at in zip(logprobs.tokens, logprobs.text_offset):
+        assert token in specials or text.startswith(token, at), (token, at, text)
 
 
 def test_32_concurrent_requests_of_their_own_settings_equal_each_served_alone(server, trained):
@@ -228,6 +247,10 @@ def test_stop_strings_end_generation_where_they_appear(server, trained):
                                extra_body={"ignore_eos": True})
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
     assert cut.usage.completion_tokens < 12, "generation stopped at the stop string, not at max_tokens"
+    scored = c.completions.create(model=f"flora:{user}", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=stop,
+                                  logprobs=0, extra_body={"ignore_eos": True})
+    lp = scored.choices[0].logprobs  # every token scored, the stop string's too, each offset inside the text
+    assert len(lp.tokens) == scored.usage.completion_tokens and max(lp.text_offset) <= len(cut.choices[0].text)
     streamed = c.completions.create(model=f"flora:{user}", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=stop,
                                     stream=True, extra_body={"ignore_eos": True})
     chunks = list(streamed)

@@ -1,6 +1,7 @@
 """Incremental detokenization with stop strings: whatever the tokens (random ids of a byte-level
 BPE, partial UTF-8 characters included), the text released piece by piece is the full decode,
-cut before the first stop string, and nothing is released past a stop string."""
+cut before the first stop string, and nothing is released past a stop string; each token's
+offset in the text (logprobs' text_offset) counts the whole characters before it."""
 
 import pytest
 from hypothesis import given, settings
@@ -27,13 +28,21 @@ def test_released_text_is_the_full_decode_cut_at_the_stop_string(tokenizer, data
         a = data.draw(st.integers(0, len(full) - 1))
         stop = [full[a : a + data.draw(st.integers(1, 4))]]
     stream = TextStream(tokenizer, stop)
-    out = []
+    out, offsets = [], []
     for token in ids:
-        out.append(stream.add(token))
+        released, at = stream.add_at(token)
+        out.append(released)
+        offsets.append(at)
         if stream.stopped:
             break
+    stopped_by_a_token = stream.stopped  # (else a stop string may yet complete at the flush)
     if not stream.stopped:
         out.append(stream.flush())
     want = full[: full.find(stop[0])] if stop and stop[0] in full else full
     assert "".join(out) == want
     assert stream.stopped == bool(stop and stop[0] in full)
+    # Each token's offset: the whole characters the tokens before it decode to (a partial one
+    # at their end, which this token may complete, not counted); a stopping token's is in the text.
+    before = [len(tokenizer.decode(ids[:i], skip_special_tokens=True).rstrip("\ufffd")) for i in range(len(offsets))]
+    assert offsets[:-1] == before[:-1]
+    assert offsets[-1] == (min(before[-1], len(want)) if stopped_by_a_token else before[-1])
