@@ -20,6 +20,7 @@ class BadRows:
     policy: str = "error"
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # each example's
     # What an error offers when no setting fixes the row (None: nothing to offer; generate's prompts)
     skip_hint: str | None = "set data.on_bad_row=skip to skip such rows"
 
@@ -38,15 +39,28 @@ class BadRows:
         self.counts[reason] += 1
         if len(self.examples) < 20:
             self.examples.append(message)
+            self.reasons.append(reason)
+
+    def summary(self, shown: int = 3) -> str:
+        """The first ``shown`` bad rows by file and line, and how many more there are of each reason."""
+        if self.total == 1:
+            return self.examples[0]
+        listed = self.examples[:shown]
+        message = f"{self.total} bad rows: {'; '.join(listed)}"
+        hidden = Counter(self.counts)
+        hidden.subtract(self.reasons[:shown])
+        rest = self.total - len(listed)
+        if rest and len(self.reasons) >= len(listed):  # (a data cache from before reasons were kept has none)
+            by_reason = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in sorted(hidden.items()) if n > 0)
+            message += f"; and {rest} more ({by_reason})"
+        elif rest:
+            message += f"; and {rest} more"
+        return message
 
     def refuse(self) -> None:
         """Under the error policy, raises one ``DataError`` for the bad rows gathered so far: the first
-        few by file and line, and how many there are."""
+        few by file and line, and how many more there are."""
         if self.policy != "error" or not self.total:
             return
-        shown = self.examples[:3]
-        message = shown[0]
-        if self.total > 1:
-            rest = self.total - len(shown)
-            message = f"{self.total} bad rows: {'; '.join(shown)}" + (f"; and {rest} more" if rest > 0 else "")
+        message = self.summary()
         raise DataError(f"{message} ({self.skip_hint})" if self.skip_hint else message)

@@ -83,7 +83,7 @@ def save(folder: Path, parts: dict[str, datasets.Dataset | None], bad: BadRows) 
             if ds is not None and len(ds):
                 ds.select_columns(COLUMNS).save_to_disk(str(tmp / name))
                 counts[name] = len(ds)
-        bad_rows = {"policy": bad.policy, "counts": dict(bad.counts), "examples": bad.examples}
+        bad_rows = {"policy": bad.policy, "counts": dict(bad.counts), "examples": bad.examples, "reasons": bad.reasons}
         (tmp / "meta.json").write_text(json.dumps({"examples": counts, "bad_rows": bad_rows}, indent=1))
     for other in folder.parent.iterdir():
         if other != folder and not other.name.startswith("."):
@@ -99,6 +99,7 @@ def load(folder: Path) -> tuple[dict[str, TokenizedExamples], BadRows]:
     bad = BadRows(policy=b["policy"])
     bad.counts.update(b["counts"])
     bad.examples.extend(b["examples"])
+    bad.reasons.extend(b.get("reasons", []))
     return parts, bad
 
 

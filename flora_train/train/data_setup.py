@@ -218,8 +218,7 @@ class _Build:
             parts[part] = (tokenize_examples(raw, tokenizer, d.max_length, d.add_eos, self.bad, context)
                            if raw is not None else None)
         if not len(parts["train"]):
-            raise DataError(f"{KEYS['train']}: no example left after tokenisation ({self.bad.total} bad rows: "
-                            + "; ".join(self.bad.examples[:3]) + ")")
+            raise DataError(f"{KEYS['train']}: no example left after tokenisation ({self.bad.summary()})")
         if parts["eval"] is None and d.eval_examples_per_user:
             keep, held = hold_out(parts["train"]["user_id"], d.eval_examples_per_user, self.cfg.train.seed)
             parts["train"], parts["eval"] = parts["train"].select(keep), parts["train"].select(held)

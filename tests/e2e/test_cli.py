@@ -171,12 +171,16 @@ def test_recipe_typo_fails_before_any_work(tmp_path):
 def test_bad_data_row_names_file_and_line(tmp_path):
     data = tmp_path / "d.jsonl"
     good = [json.dumps({"user_id": f"u{i % 3}", "prompt": "q ?", "completion": " red"}) for i in range(6)]
-    data.write_text("\n".join(good[:4] + ['{"user_id": "u1", "prompt": '] + good[4:]) + "\n")
+    bad = ['{"user_id": "u1", "prompt": ', '["a list"]', '{"user_id": "u\\nv", "prompt": "a", "completion": "b"}',
+           '{"user_id": "u1", "prompt": "x"}']
+    data.write_text("\n".join(good[:4] + bad + good[4:]) + "\n")
     args = ["run", "recipes/quickstart.yaml", *SMALL, f"run_dir={tmp_path / 'r'}", "data.synthetic=null", f"data.train_path={data}", "tracking.enabled=false"]
     proc = flora_train(*args, check=False)
-    assert proc.returncode == 2 and f"{data}:5: malformed JSON" in proc.stderr
+    assert proc.returncode == 2 and f"4 bad rows: {data}:5: malformed JSON" in proc.stderr
     proc = flora_train(*args, "data.on_bad_row=skip", "train.compare_shared_baseline=false")
-    assert "skipped 1 bad row:" in proc.stdout
+    # Each skipped row is counted and the ones not shown are counted by reason (it showed three, as if all).
+    assert f"skipped 4 bad rows: {data}:5: malformed JSON" in proc.stdout
+    assert "; and 1 more (missing completion 1)\n" in proc.stdout, proc.stdout
     assert "nothing evaluated: the data holds no held-out examples (set data.eval_path" in proc.stdout  # (it said nothing)
     # A missing file is one line too (it was SourceError's traceback, a type the CLI did not list).
     proc = flora_train(*(a for a in args if not a.startswith("data.train_path=")), f"data.train_path={tmp_path / 'nope.jsonl'}",

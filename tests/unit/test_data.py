@@ -2,6 +2,7 @@
 (each file format's reading: test_data_formats.py)."""
 
 import json
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -54,7 +55,14 @@ def test_the_bad_rows_of_a_file_are_refused_together(tmp_path):
     assert message.startswith(f"{len(lines)} bad rows: {path}:2: malformed JSON"), message
     assert f"; {path}:3: missing or invalid user id column 'user_id' (got '')" in message
     assert f"; {path}:4: user 'a': empty 'completion'" in message
-    assert message.endswith(f"; and {len(lines) - 3} more (set data.on_bad_row=skip to skip such rows)"), message
+    # The rest by reason (a run that skips them printed three and stopped, as if they were all).
+    rest = Counter(reason for line, reason in BAD_LINES if line in lines[3:])
+    by_reason = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in sorted(rest.items()))
+    assert by_reason.startswith("invalid user 5, missing completion 2, not an object 1"), by_reason
+    assert message.endswith(f"; and {len(lines) - 3} more ({by_reason}) (set data.on_bad_row=skip to skip such rows)"), message
+    skipped = BadRows("skip")
+    load_examples(path, "auto", Columns(), skipped)
+    assert skipped.summary() == message.removesuffix(" (set data.on_bad_row=skip to skip such rows)")
 
 
 @pytest.mark.parametrize("row, fix", [
