@@ -4,6 +4,8 @@ we answer with. No model or engine here: the server wires these to the engine.""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -93,14 +95,45 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte as the printable character its tokens spell it
+    with: printable Latin-1 bytes as themselves, the others as the characters from U+0100 on."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + k): b for k, b in enumerate(moved)}}
+
+
+def _decodes_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    return decoder.get("type") == "ByteLevel" or any(d.get("type") == "ByteLevel" for d in decoder.get("decoders", []))
+
+
 class TokenText:
-    """Token ids as the text pieces logprobs name them by."""
+    """Token ids as the text pieces logprobs name them by, and as their bytes (chat's ``bytes``:
+    a character split across tokens is one piece of it per token, which its text cannot show)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._bytes_of_char = _byte_level_chars() if _decodes_byte_level(tokenizer) else {}
+        self._special = set(getattr(tokenizer, "all_special_ids", []))
 
     def __call__(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def bytes(self, token: int) -> list[int]:
+        """The token's own bytes: its byte-level spelling read back, or SentencePiece's byte fallback
+        (``<0xE2>``); else (a special token, a whole-character vocabulary) its text's UTF-8."""
+        spelled = self.tokenizer.convert_ids_to_tokens(token)
+        if token not in self._special and isinstance(spelled, str):
+            if self._bytes_of_char and all(c in self._bytes_of_char for c in spelled):
+                return [self._bytes_of_char[c] for c in spelled]
+            fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", spelled)
+            if fallback:
+                return [int(fallback.group(1), 16)]
+        return list(self(token).encode())
 
 
 def completion_logprobs(items: list[TokenLogprob], piece: TokenText, offsets: list[int]) -> dict[str, Any]:
@@ -123,8 +156,7 @@ def merge_completion_logprobs(parts: list[dict[str, Any]], text: str) -> dict[st
 
 def chat_logprobs(items: list[TokenLogprob], piece: TokenText) -> list[dict[str, Any]]:
     def entry(token: int, lp: float) -> dict[str, Any]:
-        text = piece(token)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        return {"token": piece(token), "logprob": lp, "bytes": piece.bytes(token)}
 
     return [{**entry(t.token, t.logprob if t.logprob is not None else 0.0), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
             for t in items]

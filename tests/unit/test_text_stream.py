@@ -46,3 +46,31 @@ def test_released_text_is_the_full_decode_cut_at_the_stop_string(tokenizer, data
     before = [len(tokenizer.decode(ids[:i], skip_special_tokens=True).rstrip("\ufffd")) for i in range(len(offsets))]
     assert offsets[:-1] == before[:-1]
     assert offsets[-1] == (min(before[-1], len(want)) if stopped_by_a_token else before[-1])
+
+
+
+def chat_bytes(tokenizer, ids):
+    """The bytes chat's logprobs give these tokens, joined."""
+    from flora_train.inference.openai_api import TokenText, chat_logprobs
+    from flora_train.inference.sampling import TokenLogprob
+
+    entries = chat_logprobs([TokenLogprob(token, -1.0, []) for token in ids], TokenText(tokenizer))
+    return bytes(b for entry in entries for b in entry["bytes"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_each_tokens_bytes_join_into_the_text(tokenizer, data):
+    """Chat logprobs' ``bytes``: a character split across tokens gave each token the bytes of its
+    replacement character (EF BF BD), so a client joining them got no text back."""
+    specials = set(tokenizer.all_special_ids)
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1).filter(lambda i: i not in specials), min_size=1, max_size=40))
+    assert chat_bytes(tokenizer, ids).decode(errors="replace") == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_character_split_across_tokens_is_its_bytes_and_a_special_token_its_text(tokenizer):
+    text = "héllo 🌈 日本"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([token]) for token in ids)  # (characters split across tokens)
+    assert chat_bytes(tokenizer, ids) == text.encode()
+    assert chat_bytes(tokenizer, [tokenizer.bos_token_id]) == tokenizer.bos_token.encode()
