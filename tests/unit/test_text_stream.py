@@ -64,7 +64,8 @@ def test_each_tokens_bytes_join_into_the_text(tokenizer, data):
     """Chat logprobs' ``bytes``: a character split across tokens gave each token the bytes of its
     replacement character (EF BF BD), so a client joining them got no text back."""
     specials = set(tokenizer.all_special_ids)
-    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1).filter(lambda i: i not in specials), min_size=1, max_size=40))
+    token = st.integers(0, len(tokenizer) - 1).filter(lambda i: i not in specials)
+    ids = data.draw(st.lists(token, min_size=1, max_size=40))
     assert chat_bytes(tokenizer, ids).decode(errors="replace") == tokenizer.decode(ids, skip_special_tokens=True)
 
 
