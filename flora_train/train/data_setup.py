@@ -73,6 +73,14 @@ def _data_paths(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, str]:
     return _spec(d.train_path), (_spec(d.eval_path) if d.eval_path else None), d.format.value
 
 
+def eval_is_held_out(cfg: DictConfig) -> bool:
+    """The evaluation examples are ``data.eval_examples_per_user`` taken from each user's training
+    examples (``hold_out``): no evaluation file was given (``_data_paths``)."""
+    d = cfg.data
+    given = d.synthetic.eval_examples_per_user if d.synthetic is not None else d.eval_path
+    return bool(d.eval_examples_per_user) and not given
+
+
 def _hold_out(users: list[str], count, stream: str) -> tuple[list[int], list[int]]:
     """(kept, held) example indices: ``count(n)`` of each user's n examples held out, drawn from a
     stream of that user's own (``stream/user``), so a user's draw never depends on other users."""

@@ -29,7 +29,7 @@ from flora_train.run_dir.checkpoints import (
 from flora_train.run_dir.identity import new_run_id
 from flora_train.store.saved import saved_steps
 from flora_train.tracking import Tracker
-from flora_train.train.data_setup import recipe_as_recorded
+from flora_train.train.data_setup import eval_is_held_out, recipe_as_recorded
 from flora_train.train.loop import LoopResult, TrainLoop
 from flora_train.train.phases import first_phase
 from flora_train.train.preemption import PreemptionWatch
@@ -208,8 +208,11 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
         shared_row = shared_baseline(session, total) if baseline else None
         result.update(score_run(session, step, tracker, shared_row))
     elif cfg.eval.at_end and main:  # else the run ends with no word on how its users did, nor why
-        print(f"nothing evaluated: the data holds no held-out examples (set data.eval_path, or "
-              f"data.eval_examples_per_user=N to hold out N of each user's; or later: flora-train eval {run_dir} --data FILE)")
+        k, later = cfg.data.eval_examples_per_user, f"flora-train eval {run_dir} --data FILE"
+        print(f"nothing evaluated: no user has more than {k} examples, and data.eval_examples_per_user={k} holds out "
+              f"examples only of users with more (each keeps one to train on). Set data.eval_path, or later: {later}"
+              if eval_is_held_out(cfg) else "nothing evaluated: the data holds no held-out examples (set data.eval_path, "
+              f"or data.eval_examples_per_user=N to hold out N of each user's; or later: {later})")
     if cfg.export.format.value != "none":
         from flora_train.export import export_adapters
 

@@ -34,7 +34,7 @@ from flora_train.inference.trained import check_base_is_there
 from flora_train.train.generation_eval import (gather_generation, generation_eval, summarise_generation,
                                                worse_than_base, write_generation_report)
 from flora_train.train.resume import check_same_base
-from flora_train.train.data_setup import load_eval_file
+from flora_train.train.data_setup import eval_is_held_out, load_eval_file
 from flora_train.train.general_eval import base_answers, general_examples
 from flora_train.train.session import Session, prepare_session, recipe_beside_the_run
 from flora_train.train.selection import best_global_moment
@@ -132,6 +132,13 @@ def coverage(session: Session) -> dict[str, Any]:
         if users and fdist.rank() == 0:
             log.warning("%d user(s) in the evaluation data %s and are not scored: %s%s", len(users), why,
                         ", ".join(map(repr, users[:10])), " ..." if len(users) > 10 else "")
+    if unscored and session.eval_of is None and fdist.rank() == 0:  # (--data scores the users it names)
+        users = [u for u in session.train.users() if u not in eval_users and session.trained(u)]
+        k = session.cfg.data.eval_examples_per_user
+        why = (f"data.eval_examples_per_user={k} holds out examples only of users with more than {k} (each keeps "
+               "one to train on)" if eval_is_held_out(session.cfg) else "the evaluation data has no rows of theirs")
+        log.warning("%d trained user(s) are not scored, %s: %s%s", len(users), why,
+                    ", ".join(map(repr, users[:10])), " ..." if len(users) > 10 else "")
     return {"eval/users_without_training_data": float(len(no_data)), "eval/users_without_adapter": float(len(forgotten)),
             "eval/trained_users_without_eval_rows": float(unscored)}
 
