@@ -211,8 +211,8 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
         k, later = cfg.data.eval_examples_per_user, f"flora-train eval {run_dir} --data FILE"
         print(f"nothing evaluated: no user has more than {k} examples, and data.eval_examples_per_user={k} holds out "
               f"examples only of users with more (each keeps one to train on). Set data.eval_path, or later: {later}"
-              if eval_is_held_out(cfg) else "nothing evaluated: the data holds no held-out examples (set data.eval_path, "
-              f"or data.eval_examples_per_user=N to hold out N of each user's; or later: {later})")
+              if eval_is_held_out(cfg) else "nothing evaluated: the data holds no held-out examples (set "
+              f"data.eval_path, or data.eval_examples_per_user=N to hold out N of each user's; or later: {later})")
     if cfg.export.format.value != "none":
         from flora_train.export import export_adapters
 

@@ -11,13 +11,15 @@ from flora_train.train.run import run_training
 
 def test_users_too_small_to_hold_out_are_named_and_an_empty_hold_out_says_why(tmp_path, tiny_llama_dir, caplog, capsys):
     path = tmp_path / "d.jsonl"
-    rows = [{"user_id": f"u{u}", "prompt": f"q{k} :", "completion": f" a{u}"} for u in range(8) for k in range(3 if u < 4 else 1)]
+    rows = [{"user_id": f"u{u}", "prompt": f"q{k} :", "completion": f" a{u}"}
+            for u in range(8) for k in range(3 if u < 4 else 1)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = [f"base.name_or_path={tiny_llama_dir}", f"data.train_path={path}", "adapter.target_modules=[q_proj]",
               "train.users_per_step=4", "train.examples_per_user=1", "train.epochs=1", "tracking.enabled=false",
               "train.progress=false", "train.compare_shared_baseline=false", "export.format=none"]
     with caplog.at_level(logging.WARNING):
-        result = run_training(load_recipe(None, [*recipe, f"run_dir={tmp_path / 'a'}", "data.eval_examples_per_user=1"]))
+        result = run_training(load_recipe(None, [*recipe, f"run_dir={tmp_path / 'a'}",
+                                                 "data.eval_examples_per_user=1"]))
     # (Before, the run's table said 4 users and nothing else: u4-u7 were trained and silently not scored.)
     assert result["eval"]["eval/users"] == 4 and result["eval"]["eval/trained_users_without_eval_rows"] == 4
     assert ("4 trained user(s) are not scored, data.eval_examples_per_user=1 holds out examples only of users with "
