@@ -35,9 +35,13 @@ def _poison(session, user):
     session.store.write([user], torch.full((1, session.layout.row_size), 1e30))
 
 
-@pytest.mark.parametrize("policy", ["skip_users", "skip_step"])
-def test_nonfinite_users_are_never_written(tmp_path, tiny_llama_dir, policy):
-    s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, f"train.nonfinite={policy}")))
+@pytest.mark.parametrize("policy, batching", [
+    ("skip_users", []), ("skip_step", []),
+    # Packed, the poisoned user's tokens share rows with the others' (attention stays per example).
+    ("skip_users", ["train.packing=true", "train.micro_batch_size=null", "train.micro_batch_tokens=256"]),
+])
+def test_nonfinite_users_are_never_written(tmp_path, tiny_llama_dir, policy, batching):
+    s = prepare_session(load_recipe(None, _overrides(tmp_path, tiny_llama_dir, f"train.nonfinite={policy}", *batching)))
     plan = next(s.planner.steps(1))
     victim, others = plan.user_ids[0], plan.user_ids[1:]
     _poison(s, victim)
