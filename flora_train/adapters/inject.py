@@ -121,15 +121,17 @@ def inject_adapters(
     spec, names = _resolved(model, spec, target_modules, "adapter")
     model.requires_grad_(False)
 
-    def shapes(selected: list[str]) -> list[tuple[str, int, int]]:
-        return [(name, *linear_shape(model.get_submodule(name))) for name in selected]
+    def layout_of(adapter: AdapterSpec, selected: list[str]) -> AdapterLayout:
+        layers = [(name, model.get_submodule(name)) for name in selected]
+        return AdapterLayout(adapter, [(name, *linear_shape(layer)) for name, layer in layers],
+                             tuple(name for name, layer in layers if is_conv1d(layer)))
 
-    layout = AdapterLayout(spec, shapes(names))
+    layout = layout_of(spec, names)
     slot = AdapterSlot(layout, tuner)
     wrapped = list(names)
     if shared is not None:
         shared_spec, shared_names = _resolved(model, shared[0], shared[1], "adapter.shared")
-        slot.shared = SharedAdapter.initial(AdapterLayout(shared_spec, shapes(shared_names)), shared[2])
+        slot.shared = SharedAdapter.initial(layout_of(shared_spec, shared_names), shared[2])
         wrapped += [n for n in shared_names if n not in names]
     for name in wrapped:
         parent_name, _, child = name.rpartition(".")

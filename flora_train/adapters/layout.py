@@ -75,6 +75,9 @@ class AdapterLayout:
 
     spec: AdapterSpec
     modules: list[tuple[str, int, int]]
+    # Modules keeping their weight as [in, out] (GPT-2's Conv1D): PEFT's fan_in_fan_out. (Older
+    # checkpoints did not record them: none.)
+    transposed: tuple[str, ...] = ()
     slices: dict[str, dict[str, ParamSlice]] = field(init=False)
     row_size: int = field(init=False)
 
@@ -134,13 +137,14 @@ class AdapterLayout:
             "feedforward_modules": list(self.spec.feedforward_modules or ()),
             "modules": [list(m) for m in self.modules],
             "row_size": self.row_size,
+            "transposed": list(self.transposed),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], kernel: str = "auto") -> "AdapterLayout":
         spec = AdapterSpec(method=d["method"], rank=int(d["rank"]), alpha=float(d["alpha"]), kernel=kernel,
                            feedforward_modules=tuple(d.get("feedforward_modules", ())))
-        return cls(spec, [(str(m[0]), int(m[1]), int(m[2])) for m in d["modules"]])
+        return cls(spec, [(str(m[0]), int(m[1]), int(m[2])) for m in d["modules"]], tuple(d.get("transposed", ())))
 
     def compatible_with(self, other: "AdapterLayout") -> list[str]:
         """Human-readable differences that make rows of ``other`` unusable with this layout."""

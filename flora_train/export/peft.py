@@ -30,5 +30,5 @@ class PeftExport(FolderExport):
         save_tensors(tensors, target / "adapter_model.safetensors")
         targets = [m for m, _, _ in layout.modules]
         config = spec.impl.peft_config(spec.rank, spec.alpha, targets, [m for m in targets if spec.is_feedforward(m)],
-                                       base_model)
+                                       base_model, fan_in_fan_out=any(m in layout.transposed for m in targets))
         (target / "adapter_config.json").write_text(json.dumps(config, indent=2))

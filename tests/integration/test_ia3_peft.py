@@ -3,6 +3,7 @@
 GPT-2 (``Conv1D`` layers with biases; ``mlp.c_proj`` scales its input, ``c_attn`` its output and bias)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -48,6 +49,8 @@ def test_ia3_peft_export_matches_peft(tmp_path, tiny_llama_dir, tiny_gpt2_dir, a
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "IA3"
     assert config["feedforward_modules"] and all(m.endswith(feedforward) for m in config["feedforward_modules"])
+    # GPT-2's Conv1D keeps [in, out] weights: PEFT warned on loading ours ('fan_in_fan_out is set to False').
+    assert config["fan_in_fan_out"] is (arch == "gpt2")
 
     ids = torch.randint(3, 200, (2, 9))
     ours, layout, row = _ours(run_dir, model_dir, "user-000003", ids)
@@ -58,6 +61,8 @@ def test_ia3_peft_export_matches_peft(tmp_path, tiny_llama_dir, tiny_gpt2_dir, a
     base = AutoModelForCausalLM.from_pretrained(str(model_dir))
     with torch.no_grad():
         plain = base(input_ids=ids).logits
-        theirs = PeftModel.from_pretrained(base, str(folder)).eval()(input_ids=ids).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            theirs = PeftModel.from_pretrained(base, str(folder)).eval()(input_ids=ids).logits
     assert not torch.allclose(plain, ours, atol=1e-4)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

@@ -65,7 +65,9 @@ class AdapterMethod(ABC):
         raise NotImplementedError(f"PEFT has no {self.name} adapter")
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], feedforward_modules: list[str],
-                    base_model: str) -> dict[str, Any]:
+                    base_model: str, fan_in_fan_out: bool) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json``; ``fan_in_fan_out``: the layers keep their weights as
+        ``[in, out]`` (GPT-2's ``Conv1D``)."""
         raise NotImplementedError(f"PEFT has no {self.name} adapter")
 
 

@@ -87,11 +87,11 @@ class IA3(AdapterMethod):
         return {f"base_model.model.{module}.ia3_l": value.contiguous()}
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], feedforward_modules: list[str],
-                    base_model: str) -> dict[str, Any]:
+                    base_model: str, fan_in_fan_out: bool) -> dict[str, Any]:
         return {
             "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "target_modules": target_modules, "feedforward_modules": feedforward_modules,
-            "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True,
+            "fan_in_fan_out": fan_in_fan_out, "init_ia3_weights": True, "inference_mode": True,
         }
 
 

@@ -171,7 +171,7 @@ class Lora(AdapterMethod):
                 f"base_model.model.{module}.lora_B.weight": views["lora_b"].contiguous()}
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], feedforward_modules: list[str],
-                    base_model: str) -> dict[str, Any]:
+                    base_model: str, fan_in_fan_out: bool) -> dict[str, Any]:
         # Module-name suffixes, as vLLM and LoRAX expect (they match target modules by the last
         # name component). Where the run adapted only some of the layers a suffix names, PEFT
         # gives the others a zero B: the identity, so the logits are unchanged.
@@ -179,7 +179,7 @@ class Lora(AdapterMethod):
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "target_modules": suffixes,
-            "modules_to_save": None,
+            "modules_to_save": None, "fan_in_fan_out": fan_in_fan_out,
             "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         }
 
