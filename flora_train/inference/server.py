@@ -12,6 +12,7 @@ when the engine's thread is not running; ``/metrics`` is Prometheus text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -75,6 +76,15 @@ def check_cache_users(cache_users: int | None, max_batch: int) -> None:
         raise InferenceError(f"--cache-users {cache_users} is below --max-batch {max_batch}: a full batch needs a row each")
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At shutdown the follower stops, then the engine (its thread finishes the step it is on)."""
+    yield
+    if app.state.follower is not None:
+        app.state.follower.close()
+    app.state.engine.close()
+
+
 def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users: bool = False, max_batch: int = 32,
                prefill_tokens: int = 512, max_prompt_tokens: int | None = None, default_max_tokens: int = 16,
                max_queue: int = 256, cache_users: int | None = None, follow_s: float | None = None,
@@ -84,7 +94,7 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
     naming = model_name_error(model_name)
     if naming is not None:
         raise InferenceError(f"model_name {naming}")
-    app = FastAPI(title="flora_train", description="per-user adapters, batched across users")
+    app = FastAPI(title="flora_train", description="per-user adapters, batched across users", lifespan=_lifespan)
     if api_key is not None:
         expected = f"Bearer {api_key}".encode()
 
@@ -138,12 +148,6 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
         if exc.status == 429:
             response.headers["Retry-After"] = "1"
         return response
-
-    @app.on_event("shutdown")
-    def _close() -> None:
-        if follower is not None:
-            follower.close()
-        engine.close()
 
     def has_adapter(user: str) -> bool:
         """Whether ``user`` has an adapter in the served rows as they are on disk now (a forget may

@@ -3,6 +3,7 @@ for token and logit for logit, what each user's prompt generates alone (left pad
 beam search), for FLoRA, LoRA and IA3; a user never trained gets the base model."""
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -116,7 +117,9 @@ def test_chat_prompts_and_the_chat_endpoint(tmp_path, tiny_llama_dir, monkeypatc
 
     released = []  # the thread that loaded the model keeps no OpenMP team once the engine computes (cpu_threads.py)
     monkeypatch.setattr(server, "release_thread_team", lambda: released.append(threading.current_thread().name))
-    app = create_app(trained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # (FastAPI's on_event, which it will remove)
+        app = create_app(trained)
     assert released == [threading.current_thread().name]
     with TestClient(app) as client:
         r = client.post("/v1/chat/completions", json={"model": "flora:user-000001", "temperature": 0, "max_tokens": 5,
@@ -125,6 +128,8 @@ def test_chat_prompts_and_the_chat_endpoint(tmp_path, tiny_llama_dir, monkeypatc
         body = r.json()
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == mixed[0].text
         assert client.post("/v1/chat/completions", json={"messages": [], "user": "u"}).status_code == 400
+        assert app.state.engine.alive
+    assert not app.state.engine.alive, "the server's shutdown stops the engine's thread"
     # A conversation the template refuses is an error naming the prompt and its user, found before
     # the first batch generates (it was jinja2's traceback, after the batches before it had run).
     import importlib
