@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 from flora_train.errors import warn
 from flora_train.export import ExportError, forget_in_export, forget_unindexed
-from flora_train.export.base import write_json
+from flora_train.export.base import select_users, write_json
 from flora_train.files import replace_text
 from flora_train.run_dir import RunDir, RunLock, readers
 from flora_train.run_dir.checkpoints import (
@@ -48,10 +48,11 @@ from flora_train.train.phases import check_phase_files, forget_in_phases
 from flora_train.train.sweep import holds_variants, user_of
 
 
-def list_users(run_dir: Path) -> list[dict[str, Any]]:
-    """Per user: steps trained, target tokens in its training data, last held-out loss and
-    accuracy, its export folder(s) and, for a run that selects (``train.select``/``patience``), the
-    step its kept row is from, that row's validation loss and when it stopped."""
+def list_users(run_dir: Path, users: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per user (of ``users``, in their order; every user when None): steps trained, target tokens in
+    its training data, last held-out loss and accuracy, its export folder(s) and, for a run that
+    selects (``train.select``/``patience``), the step its kept row is from, that row's validation
+    loss and when it stopped."""
     rd = RunDir(run_dir)
     rd.require("users")
     ckpt = latest_checkpoint(rd.path)
@@ -81,7 +82,7 @@ def list_users(run_dir: Path) -> list[dict[str, Any]]:
              "eval_accuracy": last.get(u, {}).get("accuracy"), "export": exports.get(u, []),
              **({**unvalidated, **selection.get(u, {})} if selection else {}),
              **({"lr": swept.get(u)} if swept else {})}
-            for u in sorted(steps)]
+            for u in (sorted(steps) if users is None else select_users(list(steps), users))]
 
 
 def display_width(text: str) -> int:

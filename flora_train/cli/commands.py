@@ -163,7 +163,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _users(args: argparse.Namespace) -> None:
     from flora_train.lifecycle import list_users, users_table
 
-    rows = list_users(args.run_dir)
+    rows = list_users(args.run_dir, args.users)
     for line in [json.dumps(r, ensure_ascii=False) for r in rows] if args.json else users_table(rows):
         print(line)
 

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     us = sub.add_parser("users", help="who is in a run: steps, tokens, last held-out loss, export folders")
     us.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")
     us.add_argument("--json", action="store_true", help="one JSON object per user instead of a table")
+    us.add_argument("--users", type=user_list, default=None,
+                    help="only these: comma-separated user ids, or @FILE with one id per line (default: all)")
 
     fg = sub.add_parser("forget", help="remove users from a run: checkpoints, exports, per-user files")
     fg.add_argument("run_dir", type=Path, help="a run directory (the recipe's run_dir)")

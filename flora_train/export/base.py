@@ -69,6 +69,18 @@ def close_matches(unknown: list[str], known: list[str]) -> str:
     return ", ".join(hints) + (" ..." if len(unknown) > 5 else "")
 
 
+def select_users(saved: list[str], users: list[str] | None) -> list[str]:
+    """``users`` (all of ``saved`` when None), each once; one not in ``saved`` is an error naming it
+    and the ids closest to it."""
+    if not users:
+        return saved
+    known = set(saved)
+    unknown = [u for u in users if u not in known]
+    if unknown:
+        raise ExportError(f"unknown user(s) not in this run: {close_matches(unknown, saved)}")
+    return list(dict.fromkeys(users))
+
+
 @dataclass
 class ExportRequest:
     """One ``flora-train export`` (or a run's export at its end), whatever the format.

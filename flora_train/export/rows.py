@@ -13,7 +13,7 @@ import torch
 
 from flora_train.adapters import AdapterLayout
 from flora_train.errors import warn
-from flora_train.export.base import AdapterExport, ExportError, ExportRequest, close_matches, write_json
+from flora_train.export.base import AdapterExport, ExportError, ExportRequest, select_users, write_json
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import (
     CheckpointError,
@@ -49,16 +49,6 @@ def _checkpoint(run_dir: Path, checkpoint: Path | None, just_written: bool) -> t
         raise CheckpointError(f"{run_dir}: no intact checkpoint to export from")
     check_chosen(found[0])
     return found
-
-
-def _select_users(saved: list[str], users: list[str] | None) -> list[str]:
-    if not users:
-        return saved
-    known = set(saved)
-    unknown = [u for u in users if u not in known]
-    if unknown:
-        raise ExportError(f"unknown user(s) not in this run: {close_matches(unknown, saved)}")
-    return list(dict.fromkeys(users))
 
 
 def _run_recipe(run_dir: Path) -> Any:
@@ -104,7 +94,7 @@ class RowExport(AdapterExport):
         layout = saved_layout(ckpt)
         state = read_state(ckpt)
         self.check(layout, "this run's")
-        selected = _select_users(saved_user_ids(checkpoint_chain(ckpt)), request.users)  # every shard, any world size
+        selected = select_users(saved_user_ids(checkpoint_chain(ckpt)), request.users)  # every shard, any world size
         saved_shared = read_shared_adapter(ckpt)
         shared = None
         if saved_shared is not None:

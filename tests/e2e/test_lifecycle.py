@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from flora_train.export.packed import read_packed
+from flora_train.export import ExportError
 from flora_train.lifecycle import forget_users, list_users
 from flora_train.run_dir.checkpoints import latest_checkpoint, list_checkpoints
 
@@ -37,8 +38,11 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert len(rows) == 24 and all(r["steps"] > 0 and r["tokens"] > 0 and r["export"] for r in rows)
     assert all(r["eval_loss"] is not None for r in rows)
-    table = flora_train("users", str(run_dir)).stdout
-    assert "user-000003" in table and table.rstrip().endswith("24 users")
+    table = flora_train("users", str(run_dir), "--users", "user-000017,user-000003").stdout.splitlines()
+    assert [line.split()[0] for line in table] == ["user", "user-000017", "user-000003", "2"] and table[-1] == "2 users"
+    unknown = r"unknown user\(s\) not in this run: 'usr-000003' \(did you mean 'user-000003'"
+    with pytest.raises(ExportError, match=unknown):
+        list_users(run_dir, ["user-000001", "usr-000003"])
 
     packed = tmp_path / "served" / "packed"  # an export outside the run directory: forget reaches it too
     flora_train("export", str(run_dir), "--format", "packed", "--pack-size", "5", "--out", str(packed))
