@@ -123,6 +123,26 @@ def test_cuda_half_precision_packs_through_torchs_varlen_attention(monkeypatch):
     assert len(calls) == 2 and all(c["enable_gqa"] for c in calls)  # one call a layer, grouped-query heads
     torch.testing.assert_close(varlen[0], packed[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(varlen[1], packed[1], rtol=1e-12, atol=1e-12)
+    # Under autocast (how train.precision runs half precision) rotary embeddings hand attention
+    # float32 queries and keys beside bf16 values; the kernel (a custom op: autocast does not cast its
+    # inputs) takes one half dtype, so flora_varlen casts them to autocast's.
+    model.float()
+    rows32 = rows.detach().float().requires_grad_()
+    dtypes = []
+
+    def typed(q, k, v, *args, **kw):
+        dtypes.append((q.dtype, k.dtype, v.dtype))
+        return stand_in(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(packed_attention, "torch_varlen", lambda: typed)
+    model.set_attn_implementation("flora_varlen")
+    index = batch.token_index(torch.tensor([0, 1, 1, 0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16), slot.activate(rows32, index):
+        half = batch_target_logits(model, batch).logits
+    assert dtypes == [(torch.bfloat16,) * 3] * 2, dtypes
+    # bf16 rounds each matmul's inputs to 2^-8 relative; activations are of order 1 after each norm,
+    # so two layers move these logits (|x| < 0.3) by a few 2^-8 at most (measured: 0.0013).
+    torch.testing.assert_close(half.double(), packed[0], rtol=0, atol=4 * 2**-8)
 
 
 def test_a_packed_row_keeps_examples_apart_and_restarts_positions():
