@@ -171,7 +171,7 @@ def _explain(exc: OmegaConfBaseException, source: str, lines: dict[str, int]) ->
     msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
     if msg.startswith("Incompatible value 'None'"):  # `key=` and `key: ` read as null
         msg = "null (or nothing) where a value is needed: give it one (or leave the key out where it has a default)"
-    elif msg.endswith("is not a ListConfig, list or tuple."):  # a scalar where a list goes
+    elif "is not a ListConfig," in msg and msg.endswith("tuple."):  # a scalar where a list goes (2.4 adds TupleConfig)
         msg = f"a list is needed here ([a, b]), got {getattr(exc, 'value', None)}"
     kind = "invalid value" if isinstance(exc, ValidationError) else "error"
     return RecipeError(f"{where}: {kind} for key '{full_key}': {msg}")

@@ -180,7 +180,8 @@ def test_loading_a_recipe_warns_nothing_on_the_pinned_and_the_newest_omegaconf(t
     """`pip install -e .` resolves omegaconf 2.4, whose register_new_resolver warns on every run (2.3's
     register_resolver is the deprecated one): a recipe loads with warnings as errors on both. So
     does the recipe `eval` and `forget --retrain-shared` adjust for a finished run (2.4 deprecates
-    assigning a string to an enum key: `flora-train eval` warned on it)."""
+    assigning a string to an enum key: `flora-train eval` warned on it). A scalar where a list goes
+    is named the same way on both (2.4 words its error otherwise)."""
     import subprocess
     import sys
     import zipfile
@@ -196,6 +197,9 @@ def test_loading_a_recipe_warns_nothing_on_the_pinned_and_the_newest_omegaconf(t
             "load_recipe('recipes/smollm2-135m-flora-r1.yaml', ['adapter.shared.rank=4']); "
             "from flora_train.train.session import recipe_beside_the_run; "
             f"assert recipe_beside_the_run({str(run_dir)!r}, 'evaluating', 'eval').store.tier.value == 'host'; "
+            "from flora_train.config import RecipeError\n"
+            "try: load_recipe('recipes/quickstart.yaml', ['export.users=alice'])\n"
+            "except RecipeError as e: assert str(e).endswith('a list is needed here ([a, b]), got alice'), e\n"
             "print(omegaconf.__version__)")
     for path, version in ((None, "2.3.0"), (tmp_path / "newest", "2.4.0")):
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
