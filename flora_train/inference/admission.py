@@ -27,6 +27,7 @@ class RequestReader:
     limit: int  # prompt + max_tokens, in tokens
     origin: str  # what set the limit (named in the refusal)
     default_max_tokens: int  # completions without max_tokens (chat: up to the limit)
+    context: int  # the model's positions: no flag raises a limit past them
 
     @classmethod
     def for_model(cls, trained: TrainedAdapters, max_prompt_tokens: int | None, default_max_tokens: int) -> RequestReader:
@@ -45,7 +46,7 @@ class RequestReader:
             origin = f"the run's data.max_length; --max-prompt-tokens raises it, up to the model's context of {context}"
         else:
             limit, origin = context, "the model's context"
-        return cls(trained.tokenizer, vocab, limit, origin, default_max_tokens)
+        return cls(trained.tokenizer, vocab, limit, origin, default_max_tokens, context)
 
     def settings(self, req: api._Common, max_tokens: int | None, prompt_tokens: int, chat: bool, echo: bool,
                  which: str = "prompt") -> GenerationSettings:
@@ -54,8 +55,11 @@ class RequestReader:
             raise ApiError(400, f"{which} of {prompt_tokens} tokens exceeds the limit of {self.limit} tokens ({self.origin})")
         new = max_tokens if max_tokens is not None else (room if chat else min(self.default_max_tokens, room))
         if prompt_tokens + new > self.limit:
-            raise ApiError(400, f"{which} of {prompt_tokens} tokens + max_tokens {new} exceeds the limit of {self.limit} "
-                                f"tokens ({self.origin})")
+            # Past the model's own context no flag helps: say that, not what raises the limit.
+            limit, origin = (self.context, "the model's context") if prompt_tokens + new > self.context \
+                else (self.limit, self.origin)
+            raise ApiError(400, f"{which} of {prompt_tokens} tokens + max_tokens {new} exceeds the limit of {limit} "
+                                f"tokens ({origin})")
         if new == 0 and not echo:
             raise ApiError(400, "max_tokens 0 generates nothing; it is for scoring a prompt with echo and logprobs")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
