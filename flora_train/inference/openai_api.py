@@ -95,14 +95,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _byte_level_chars() -> dict[str, int]:
-    """Byte-level BPE's alphabet (GPT-2's): each byte as the printable character its tokens spell it
-    with: printable Latin-1 bytes as themselves, the others as the characters from U+0100 on."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in kept]
-    return {**{chr(b): b for b in kept}, **{chr(256 + k): b for k, b in enumerate(moved)}}
-
-
 def _decodes_byte_level(tokenizer: Any) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -116,8 +108,12 @@ class TokenText:
     a character split across tokens is one piece of it per token, which its text cannot show)."""
 
     def __init__(self, tokenizer: Any) -> None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
         self.tokenizer = tokenizer
-        self._bytes_of_char = _byte_level_chars() if _decodes_byte_level(tokenizer) else {}
+        # Byte-level BPE spells each byte as one printable character (GPT-2's alphabet): read back.
+        self._bytes_of_char = ({c: b for b, c in bytes_to_unicode().items()} if _decodes_byte_level(tokenizer)
+                               else {})
         self._special = set(getattr(tokenizer, "all_special_ids", []))
 
     def __call__(self, token: int) -> str:

@@ -227,7 +227,7 @@ class _Build:
                            if raw is not None else None)
         if not len(parts["train"]):
             raise DataError(f"{KEYS['train']}: no example left after tokenisation ({self.bad.summary()})")
-        if parts["eval"] is None and d.eval_examples_per_user:
+        if eval_is_held_out(self.cfg):
             keep, held = hold_out(parts["train"]["user_id"], d.eval_examples_per_user, self.cfg.train.seed)
             parts["train"], parts["eval"] = parts["train"].select(keep), parts["train"].select(held)
         if parts["validation"] is None and d.validation_fraction:

@@ -175,7 +175,7 @@ def start_tracking(session: Session, start_step: int, run_id: str | None) -> Tra
     tracker.log_metrics({"data/skipped_rows": float(bad.total), **{f"data/skipped_{k}": float(v) for k, v in bad.counts.items()}},
                         step=start_step)
     if bad.total and fdist.rank() == 0:
-        print(f"skipped {bad.summary() if bad.total > 1 else '1 bad row: ' + bad.summary()}")
+        print(f"skipped {'1 bad row: ' if bad.total == 1 else ''}{bad.summary()}")
     return tracker
 
 
