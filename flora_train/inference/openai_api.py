@@ -117,7 +117,17 @@ class TokenText:
         self._special = set(getattr(tokenizer, "all_special_ids", []))
 
     def __call__(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+        """The token's text; a token that holds part of a character is named by its bytes, as
+        OpenAI names them (``bytes:\\xe6\\x97``): as text each would be U+FFFD, and the completions
+        ``top_logprobs`` object, keyed by text, kept one of several such alternatives."""
+        text = self._text(token)
+        if "\ufffd" in text and token not in self._special:
+            raw = bytes(self.bytes(token))
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text
 
     def bytes(self, token: int) -> list[int]:
         """The token's own bytes: its byte-level spelling read back, or SentencePiece's byte fallback
@@ -129,7 +139,10 @@ class TokenText:
             fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", spelled)
             if fallback:
                 return [int(fallback.group(1), 16)]
-        return list(self(token).encode())
+        return list(self._text(token).encode())
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
 
 def completion_logprobs(items: list[TokenLogprob], piece: TokenText, offsets: list[int]) -> dict[str, Any]:

@@ -75,3 +75,23 @@ def test_a_character_split_across_tokens_is_its_bytes_and_a_special_token_its_te
     assert any("\ufffd" in tokenizer.decode([token]) for token in ids)  # (characters split across tokens)
     assert chat_bytes(tokenizer, ids) == text.encode()
     assert chat_bytes(tokenizer, [tokenizer.bos_token_id]) == tokenizer.bos_token.encode()
+
+
+def test_a_partial_character_token_is_named_by_its_bytes_so_alternatives_stay_apart(tokenizer):
+    """Completions' ``top_logprobs`` is keyed by token text: tokens each holding part of a character
+    were all U+FFFD, so of three such alternatives the client got one."""
+    from flora_train.inference.openai_api import TokenText, completion_logprobs
+    from flora_train.inference.sampling import TokenLogprob
+
+    name = TokenText(tokenizer)
+    ids = tokenizer("héllo 🌈 日本", add_special_tokens=False)["input_ids"]
+    partial = [token for token in ids if "\ufffd" in tokenizer.decode([token])]
+    assert len(set(partial)) >= 3
+    for token in ids:
+        raw = bytes(name.bytes(token))
+        want = "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if token in partial else tokenizer.decode([token])
+        assert name(token) == want
+    top = [(token, -1.0 - i) for i, token in enumerate(dict.fromkeys(partial))][:3]
+    lp = completion_logprobs([TokenLogprob(top[0][0], -1.0, top)], name, [0])
+    assert len(lp["top_logprobs"][0]) == 3 and lp["tokens"][0] == name(top[0][0])
+    assert name(tokenizer.bos_token_id) == tokenizer.bos_token
