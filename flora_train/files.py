@@ -127,6 +127,19 @@ def safetensors_errors(path: Path) -> Iterator[None]:
         raise OSError(code, os.strerror(code), str(path)) from exc
 
 
+def load_tensors(path: Path) -> dict[str, Any]:
+    """``safetensors.torch.load_file``; a file that is not safetensors (cut short, overwritten) is a
+    ``ValueError`` naming it, an I/O failure the ``OSError`` it carries."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        with safetensors_errors(path):
+            return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def write_lines(path: Path, lines: Callable[[], Iterable[str]]) -> bool:
     """Replaces ``path`` with the lines ``lines()`` yields (each ending in a newline) unless it holds
     exactly those already: a file each command derives again (the synthetic data of a recipe) costs

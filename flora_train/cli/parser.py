@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(be)
 
     gen = sub.add_parser("generate", help="mixed-user batched generation: every prompt with its own user's adapter")
-    gen.add_argument("source", type=Path, help="a run directory, a checkpoint, or a --format flora or packed export folder")
+    gen.add_argument("source", type=Path,
+                     help="a run directory, a checkpoint, or a --format flora, packed or peft export folder")
     gen.add_argument("--prompts", type=Path, required=True,
                      help="rows of user_id + prompt (or messages): JSONL, a JSON array, CSV or TSV")
     gen.add_argument("--out", type=Path, required=True, help="JSONL: user_id, prompt, completion per line")
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--base", type=Path, default=None, help=f"--retrain-shared: {BASE_HELP}")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server; concurrent users batched into one forward")
-    srv.add_argument("source", type=Path, help="a run directory, a checkpoint, or a --format flora or packed export folder")
+    srv.add_argument("source", type=Path,
+                     help="a run directory, a checkpoint, or a --format flora, packed or peft export folder")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=port_number, default=8000, help="0: a free port (the first line says which)")
     srv.add_argument("--checkpoint", type=Path, default=None, help="this checkpoint folder (default: the run's newest intact one)")

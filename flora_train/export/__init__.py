@@ -39,7 +39,7 @@ class ExportFormatEntry:
 
 
 EXPORT_FORMATS: dict[str, ExportFormatEntry] = {
-    "peft": ExportFormatEntry("PEFT folders (LoRA, IA3)", "peft:PeftExport"),
+    "peft": ExportFormatEntry("PEFT folders (LoRA, IA3)", "peft:PeftExport", servable=True),
     "flora": ExportFormatEntry("a flora_train folder per user (any method)", "flora:FloraExport", servable=True),
     "packed": ExportFormatEntry("pack files of --pack-size users' rows each, for huge populations",
                                 "packed:PackedExport", reads=("base_model_id", "pack_size"), servable=True),

@@ -115,6 +115,13 @@ class AdapterExport(ABC):
         (``rows`` an ``inference.rows.RowSource``), for the registry's ``servable`` formats."""
         raise ExportError(f"{folder}: a {self.name} export is not read back; serve a run directory")
 
+    def shared_adapter(self, folder: Path, manifest: dict[str, Any]) -> tuple[Any, Any]:
+        """``(layout, row)`` of the shared adapter an export in ``folder`` holds (``SHARED_FOLDER``);
+        this default reads the ``--format flora`` folder the row formats write it as."""
+        from flora_train.export.flora import load_flora_adapter
+
+        return load_flora_adapter(folder / SHARED_FOLDER)
+
     def drop_replaced(self, out: Path, old: dict[str, Any], new: dict[str, Any]) -> int:
         """After an export replaced an earlier one of this format in ``out``: removes the earlier
         index's places that the new index does not use, which nothing (``users``, ``forget``,

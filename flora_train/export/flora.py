@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from flora_train.adapters import AdapterLayout
 from flora_train.export.base import ExportError
 from flora_train.export.folders import FolderExport
-from flora_train.files import save_tensors
+from flora_train.files import load_tensors, save_tensors
 
 FLORA_CONFIG = "flora_adapter_config.json"
 FLORA_WEIGHTS = "flora_adapter.safetensors"
@@ -29,13 +28,20 @@ class FloraExport(FolderExport):
         (target / FLORA_CONFIG).write_text(json.dumps(config, indent=2))
 
     def serving_rows(self, folder: Path, manifest: dict[str, Any], index: dict[str, Any]) -> tuple[Any, Any]:
-        from flora_train.inference.rows import ExportRows
+        from flora_train.inference.rows import FolderRows
 
         for user, sub in index.items():
             if not (folder / sub).is_dir():
                 raise ExportError(f"{folder}: user {user!r}'s folder {sub!r} is missing")
         layout, _ = load_flora_adapter(folder / next(iter(index.values())))
-        return layout, ExportRows(folder, index, layout)
+
+        def read(place: Path, user: str) -> torch.Tensor:
+            theirs, row = load_flora_adapter(place)
+            if layout.compatible_with(theirs):
+                raise ValueError(f"{place}: user {user!r} was exported with another layout than the others")
+            return row
+
+        return layout, FolderRows(folder, index, read)
 
 
 def load_flora_adapter(folder: Path) -> tuple[AdapterLayout, torch.Tensor]:
@@ -44,11 +50,14 @@ def load_flora_adapter(folder: Path) -> tuple[AdapterLayout, torch.Tensor]:
     The row plugs into a model prepared with ``inject_adapters`` for the same layout:
     ``with slot.activate(row[None], torch.zeros(batch, dtype=torch.long)): model(...)``.
     """
-    config = json.loads((folder / FLORA_CONFIG).read_text())
+    try:
+        config = json.loads((folder / FLORA_CONFIG).read_text())
+        tensors = load_tensors(folder / FLORA_WEIGHTS)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{folder}: the adapter cannot be read: {exc}") from None
     if config.get("format") != "flora_train":
         raise ExportError(f"{folder}: not a flora_train adapter folder")
     layout = AdapterLayout.from_dict(config["layout"])
-    tensors = load_file(str(folder / FLORA_WEIGHTS))
     row = torch.empty(layout.row_size, dtype=torch.float32)
     for module, params in layout.slices.items():
         for name, s in params.items():

@@ -65,7 +65,7 @@ class PackedExport(RowExport):
         users.clear()
         rows.clear()
 
-    def manifest_extra(self, layout: AdapterLayout) -> dict[str, Any]:
+    def manifest_extra(self, layout: AdapterLayout, shared: AdapterLayout | None) -> dict[str, Any]:
         return {"layout": layout.to_dict()}
 
     def serving_rows(self, folder: Path, manifest: dict[str, Any], index: dict[str, Any]) -> tuple[Any, Any]:

@@ -73,7 +73,9 @@ class RowExport(AdapterExport):
     def finish(self, out: Path) -> None:
         """Writes what ``place`` buffered."""
 
-    def manifest_extra(self, layout: AdapterLayout) -> dict[str, Any]:
+    def manifest_extra(self, layout: AdapterLayout, shared: AdapterLayout | None) -> dict[str, Any]:
+        """What the format's manifest holds besides the common keys (``shared``: the shared adapter's
+        layout, where the run has one)."""
         return {}
 
     @abstractmethod
@@ -128,7 +130,7 @@ class RowExport(AdapterExport):
                     # the trained base's identity, so that serving the export finds a changed base (not for an
                     # id named by --base-model-id: that is another name for it)
                     **({} if request.base_model_id else {"base_fingerprint": state.get("base_fingerprint")}),
-                    **self.manifest_extra(layout)}
+                    **self.manifest_extra(layout, None if shared is None else shared[0])}
         if part[0] == 0 and shared is not None:
             manifest["shared_adapter"] = self.write_shared(out, *shared, base_model)
         if part[0] == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -229,25 +230,18 @@ class _ExportIndexRows(_IndexedRows):
             return True
 
 
-class ExportRows(_ExportIndexRows):
-    """A ``--format flora`` export: one folder per user, read when the user is first asked for."""
+class FolderRows(_ExportIndexRows):
+    """An export of one folder per user (``--format flora``, ``peft``), each read when its user is
+    first asked for by the format's ``read(folder, user) -> row``."""
 
-    def __init__(self, folder: Path, index: dict[str, str], layout: AdapterLayout) -> None:
+    def __init__(self, folder: Path, index: dict[str, str], read: Callable[[Path, str], torch.Tensor]) -> None:
         super().__init__(folder, index)
-        self._layout = layout
+        self._read_one = read
 
     def _read(self, users: list[str], index: dict) -> torch.Tensor:
         from flora_train.export.base import indexed
-        from flora_train.export.flora import load_flora_adapter
 
-        rows = []
-        for u in users:
-            folder = indexed(self._folder, u, index[u])
-            layout, row = load_flora_adapter(folder)
-            if self._layout.compatible_with(layout):
-                raise ValueError(f"{folder}: user {u!r} was exported with another layout than the others")
-            rows.append(row)
-        return torch.stack(rows).float()
+        return torch.stack([self._read_one(indexed(self._folder, u, index[u]), u) for u in users]).float()
 
 
 class PackedRows(_ExportIndexRows):
@@ -272,5 +266,5 @@ class PackedRows(_ExportIndexRows):
         return torch.stack([got[u] for u in users]).float()
 
 
-__all__ = ["CheckpointRows", "ExportRows", "PackedRows", "RowSource", "TensorRows", "chain_identity", "moved_chain",
+__all__ = ["CheckpointRows", "FolderRows", "PackedRows", "RowSource", "TensorRows", "chain_identity", "moved_chain",
            "run_of"]

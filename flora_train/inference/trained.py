@@ -146,14 +146,13 @@ def check_base_is_there(base: str, trained: Path) -> None:
 
 
 def _from_export(folder: Path, base_at: Path | None = None) -> Source:
-    from flora_train.export import EXPORT_FORMATS, SHARED_FOLDER, ExportError, get_format
-    from flora_train.export.flora import load_flora_adapter
+    from flora_train.export import EXPORT_FORMATS, ExportError, get_format
 
     manifest = json.loads((folder / "manifest.json").read_text())
     fmt = manifest.get("format")
     if fmt not in EXPORT_FORMATS or not EXPORT_FORMATS[fmt].servable:
         served = " or ".join(f"--format {name}" for name, e in EXPORT_FORMATS.items() if e.servable)
-        raise InferenceError(f"{folder}: a {fmt!r} export; serve a run directory, or a {served} export")
+        raise InferenceError(f"{folder}: a {fmt!r} export is not read back; give a run directory, or a {served} export")
     index = json.loads((folder / "index.json").read_text())
     if not index:
         raise InferenceError(f"{folder}: the export holds no user")
@@ -161,7 +160,8 @@ def _from_export(folder: Path, base_at: Path | None = None) -> Source:
         layout, rows = get_format(fmt).serving_rows(folder, manifest, index)
     except ExportError as exc:
         raise InferenceError(str(exc)) from None
-    shared = SharedAdapter(*load_flora_adapter(folder / SHARED_FOLDER)) if manifest.get("shared_adapter") else None
+    shared = (SharedAdapter(*get_format(fmt).shared_adapter(folder, manifest)) if manifest.get("shared_adapter")
+              else None)
     base, recorded, gguf = str(manifest["base_model"]), manifest.get("base_fingerprint"), manifest.get("gguf_file")
     if base_at is not None:
         base = _moved_base(base_at, recorded, gguf, f"{folder} was exported from")
@@ -270,7 +270,7 @@ class TrainedAdapters:
 
 def load_trained(path: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "auto",
                  dtype: str | None = None, base: str | Path | None = None) -> TrainedAdapters:
-    """The base plus every user's adapter from a run directory, a checkpoint, or a flora or packed export
+    """The base plus every user's adapter from a run directory, a checkpoint, or a flora, packed or peft export
     (``base``: where the base is now, if it moved after training)."""
     return TrainedAdapters(resolve_source(Path(path), Path(checkpoint) if checkpoint else None,
                                           Path(base) if base else None), device, dtype)

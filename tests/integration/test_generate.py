@@ -93,6 +93,52 @@ def test_lora_generation_equals_peft_for_that_user(tmp_path, tiny_llama_dir):
         assert ours.text == tok.decode(ids, skip_special_tokens=True), prompt
 
 
+def test_peft_and_flora_exports_serve_what_the_run_serves_shared_adapter_included(tmp_path, tiny_llama_dir):
+    """``generate`` and ``serve`` read a ``--format peft`` export (they refused it): LoRA users on a
+    LoRA shared adapter give the run's rows, shared row and text. An export folder edited or cut
+    short is refused naming its file (a cut flora file ended in safetensors' traceback)."""
+    import json
+
+    from flora_train.export import ExportError, export_adapters
+
+    run_dir = tmp_path / "run"
+    run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_llama_dir), "adapter.method=lora", "adapter.rank=4",
+                                    "store.optimizer.lr=0.01", f"run_dir={run_dir}", "eval.at_end=false",
+                                    "train.epochs=1",
+                                    "adapter.shared.method=lora", "adapter.shared.rank=2", "adapter.shared.lr=0.01",
+                                    "train.shared_steps=3"]))
+    users = ["user-000002", "user-000007"]
+    for fmt in ("peft", "flora"):
+        export_adapters(run_dir, fmt, users, tmp_path / fmt)
+    run, peft, flora = (load_trained(p, device="cpu") for p in (run_dir, tmp_path / "peft", tmp_path / "flora"))
+    assert peft.slot.shared is not None and torch.equal(peft.slot.shared.row, run.slot.shared.row)
+    assert run.slot.shared.row.abs().max() > 0 and all(torch.equal(peft.row(u), run.row(u)) for u in users)
+    settings = GenerationSettings(max_new_tokens=3)
+    scores = [torch.stack(generate_batch(t, PROMPTS[:2], users, settings, output_scores=True)[1].scores)
+              for t in (run, peft)]
+    with run.slot.without_shared():
+        plain = torch.stack(generate_batch(run, PROMPTS[:2], users, settings, output_scores=True)[1].scores)
+    assert torch.equal(scores[0], scores[1]) and not torch.allclose(plain, scores[0], atol=1e-4)
+
+    def folder(export, user):
+        return export / json.loads((export / "index.json").read_text())[user]
+
+    config = folder(tmp_path / "peft", users[0]) / "adapter_config.json"
+    edited = {**json.loads(config.read_text()), "lora_alpha": 8}
+    config.write_text(json.dumps(edited))
+    refusal = r"adapter_config\.json: lora_alpha is 8 where the export wrote 16.0; user 'user-000002'"
+    with pytest.raises(ExportError, match=refusal):
+        load_trained(tmp_path / "peft", device="cpu").row(users[0])
+    for export, weights in ((tmp_path / "peft", "adapter_model"), (tmp_path / "flora", "flora_adapter")):
+        (folder(export, users[1]) / f"{weights}.safetensors").write_bytes(b"cut")
+        with pytest.raises(ExportError, match=rf"{weights}\.safetensors: not a readable safetensors file"):
+            load_trained(export, device="cpu").row(users[1])
+    manifest = tmp_path / "peft" / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "layout"}))
+    with pytest.raises(InferenceError, match="export the run again to serve it"):
+        load_trained(tmp_path / "peft", device="cpu")
+
+
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 

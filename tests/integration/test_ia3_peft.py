@@ -10,6 +10,7 @@ import torch
 
 from flora_train.config import load_recipe
 from flora_train.export import export_adapters
+from flora_train.inference import load_trained
 from flora_train.train.run import run_training
 from tests.distributed.helpers import small_recipe
 
@@ -66,3 +67,5 @@ def test_ia3_peft_export_matches_peft(tmp_path, tiny_llama_dir, tiny_gpt2_dir, a
             theirs = PeftModel.from_pretrained(base, str(folder)).eval()(input_ids=ids).logits
     assert not torch.allclose(plain, ours, atol=1e-4)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # serve and generate read the export back: the row, input- and output-scaled vectors in place
+    assert torch.equal(load_trained(out, device="cpu").row("user-000003"), row)

@@ -32,7 +32,8 @@ def test_merged_folder_gives_the_adapted_logits(tmp_path, tiny_llama_dir, tiny_g
     assert json.loads((tmp_path / "merged" / "index.json").read_text()) == index
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
     assert (manifest["format"], manifest["num_users"], manifest["method"]) == ("merged", 2, method)
-    with pytest.raises(InferenceError, match="a 'merged' export; serve a run directory"):  # each folder is a whole model
+    # each folder is a whole model
+    with pytest.raises(InferenceError, match="a 'merged' export is not read back; give a run directory"):
         load_trained(tmp_path / "merged", device="cpu")
     trained = load_trained(run_dir, device="cpu")
     ids = torch.randint(3, 200, (2, 7))

@@ -25,7 +25,7 @@ def test_forgetting_in_an_export_whose_index_names_a_folder_outside_it_removes_n
     """forget reads index.json of exports anywhere the run recorded them; one edited to name '../x'
     removed that folder outside the export (rmtree of index.parent / '../x'), and serve read it."""
     from flora_train.export import ExportError, forget_in_export
-    from flora_train.inference.rows import ExportRows
+    from flora_train.inference.rows import FolderRows
 
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -38,7 +38,7 @@ def test_forgetting_in_an_export_whose_index_names_a_folder_outside_it_removes_n
     assert (victim / "keep.txt").read_text() == "mine"
     (victim / "adapter_config.json").write_text("{}")  # serving it read the folder outside as an adapter
     with pytest.raises(ExportError, match="leads outside the export"):
-        ExportRows(out, {"user-1": "../victim"}, None)._read(["user-1"], {"user-1": "../victim"})
+        FolderRows(out, {"user-1": "../victim"}, lambda place, user: None)._read(["user-1"], {"user-1": "../victim"})
 
 
 def test_a_packed_export_whose_index_names_a_pack_outside_it_is_neither_read_nor_rewritten(tmp_path):

@@ -9,6 +9,7 @@ PEFT export. Nothing outside this folder branches on a method's name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -60,9 +61,19 @@ class AdapterMethod(ABC):
                          device: torch.device, requires_grad: bool) -> dict[str, torch.Tensor]:
         """Near-identity tensors of one layer for ``users`` users (kernel timing, benchmarks)."""
 
-    def peft_tensors(self, module: str, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One module's tensors under PEFT's key names (``views``: one user's tensors)."""
+    def peft_keys(self, module: str, params: Iterable[str]) -> dict[str, str]:
+        """PEFT's key of each of one module's tensors -> the tensor's name here (``params``: the
+        module's tensor names). Writing and reading a PEFT folder both go through it."""
         raise NotImplementedError(f"PEFT has no {self.name} adapter")
+
+    def peft_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape PEFT keeps tensor ``name`` (of ``shape`` here) in."""
+        return shape
+
+    def peft_tensors(self, module: str, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One module's tensors under PEFT's key names and shapes (``views``: one user's tensors)."""
+        return {key: views[name].reshape(self.peft_shape(name, tuple(views[name].shape))).contiguous()
+                for key, name in self.peft_keys(module, views).items()}
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], feedforward_modules: list[str],
                     base_model: str, fan_in_fan_out: bool) -> dict[str, Any]:

@@ -10,6 +10,7 @@ layout alone tells how to apply, merge and export it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -81,10 +82,12 @@ class IA3(AdapterMethod):
     def synthetic_params(self, users, rank, n_in, n_out, dtype, device, requires_grad):
         return {"a": near_one(users, 1, n_out, dtype=dtype, device=device, requires_grad=requires_grad)}
 
-    def peft_tensors(self, module: str, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def peft_keys(self, module: str, params: Iterable[str]) -> dict[str, str]:
+        return {f"base_model.model.{module}.ia3_l": "b" if "b" in params else "a"}
+
+    def peft_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         # PEFT keeps a feed-forward layer's vector as [1, in] and the others' as [out, 1].
-        value = views["b"] if "b" in views else views["a"].reshape(-1, 1)
-        return {f"base_model.model.{module}.ia3_l": value.contiguous()}
+        return (shape[-1], 1) if name == "a" else shape
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], feedforward_modules: list[str],
                     base_model: str, fan_in_fan_out: bool) -> dict[str, Any]:

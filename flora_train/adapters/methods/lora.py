@@ -8,6 +8,7 @@ PEFT exactly (``lora_A.weight`` / ``lora_B.weight``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -166,9 +167,9 @@ class Lora(AdapterMethod):
         return {"lora_a": near_one(users, rank, n_in, dtype=dtype, device=device, requires_grad=requires_grad),
                 "lora_b": near_one(users, n_out, rank, dtype=dtype, device=device, requires_grad=requires_grad)}
 
-    def peft_tensors(self, module: str, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {f"base_model.model.{module}.lora_A.weight": views["lora_a"].contiguous(),
-                f"base_model.model.{module}.lora_B.weight": views["lora_b"].contiguous()}
+    def peft_keys(self, module: str, params: Iterable[str]) -> dict[str, str]:
+        return {f"base_model.model.{module}.lora_A.weight": "lora_a",
+                f"base_model.model.{module}.lora_B.weight": "lora_b"}
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], feedforward_modules: list[str],
                     base_model: str, fan_in_fan_out: bool) -> dict[str, Any]:
