@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flora_train.errors import UserError
+
 # errno values that mean the disk, not the input: one error line naming the file, never a traceback
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
@@ -127,17 +129,27 @@ def safetensors_errors(path: Path) -> Iterator[None]:
         raise OSError(code, os.strerror(code), str(path)) from exc
 
 
-def load_tensors(path: Path) -> dict[str, Any]:
-    """``safetensors.torch.load_file``; a file that is not safetensors (cut short, overwritten) is a
-    ``ValueError`` naming it, an I/O failure the ``OSError`` it carries."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class UnreadableTensors(UserError, ValueError):
+    """A safetensors file this project wrote that does not read back (cut short, overwritten)."""
+
+
+@contextmanager
+def open_tensors(path: Path) -> Iterator[Any]:
+    """``safetensors.safe_open``; a file that is not safetensors is ``UnreadableTensors`` naming
+    it, an I/O failure the ``OSError`` it carries."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        with safetensors_errors(path):
-            return load_file(str(path))
+        with safetensors_errors(path), safe_open(str(path), framework="pt") as f:
+            yield f
     except SafetensorError as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise UnreadableTensors(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """Every tensor of a safetensors file (``load_file``), its failures as ``open_tensors``'."""
+    with open_tensors(path) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def write_lines(path: Path, lines: Callable[[], Iterable[str]]) -> bool:

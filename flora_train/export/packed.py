@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from flora_train.adapters import AdapterLayout
 from flora_train.export.base import ExportError, ExportRequest, count_users, indexed, write_json
 from flora_train.export.flora import FloraExport
 from flora_train.export.rows import RowExport
-from flora_train.files import save_tensors
+from flora_train.errors import warn
+from flora_train.files import UnreadableTensors, open_tensors, save_tensors
 
 
 def _generation(name: str) -> int:
@@ -94,9 +94,20 @@ class PackedExport(RowExport):
         for u in gone:  # every entry checked before anything is written
             pack_of(out, u, index[u])
         for name in sorted({index[u][0] for u in gone}):
-            with safe_open(str(out / name), framework="pt") as f:
-                users = json.loads((f.metadata() or {})["users"])
-                rows = f.get_tensor("rows")
+            try:
+                with open_tensors(out / name) as f:
+                    users = json.loads((f.metadata() or {})["users"])
+                    rows = f.get_tensor("rows")
+            except UnreadableTensors as exc:
+                # It may hold a forgotten user's bytes and nobody can read it: it goes, and the
+                # index's other users in it with it (the run still holds their rows).
+                lost = [u for u, where in index.items() if where[0] == name and u not in forget]
+                for u in lost:
+                    del index[u]
+                warn(f"{exc}: removed while forgetting; the other user(s) it held leave the export too "
+                     f"({len(lost)}: {', '.join(map(repr, lost[:5]))}{' ...' if len(lost) > 5 else ''}): "
+                     "export them again from the run")
+                continue
             keep = [i for i, u in enumerate(users) if u not in forget]
             fresh = f"{name.split('.')[0]}.{_generation(name) + 1}.safetensors"
             save_tensors({"rows": rows[keep].contiguous()}, out / fresh,
@@ -104,7 +115,7 @@ class PackedExport(RowExport):
             index.update({users[i]: [fresh, k] for k, i in enumerate(keep)})
         for u in gone:
             del index[u]
-        if gone:
+        if gone:  # (and the users of a pack removed unreadable with them)
             write_json(out / "index.json", index)
         count_users(out / "manifest.json", len(index))
         held = {where[0] for where in index.values()}
@@ -126,6 +137,6 @@ def read_packed(out: Path, users: list[str]) -> tuple[AdapterLayout, torch.Tenso
     rows = []
     for u in users:
         path, i = pack_of(out, u, index[u])
-        with safe_open(str(path), framework="pt") as f:
+        with open_tensors(path) as f:
             rows.append(f.get_slice("rows")[i : i + 1])
     return AdapterLayout.from_dict(manifest["layout"]), torch.cat(rows)

@@ -249,9 +249,8 @@ class PackedRows(_ExportIndexRows):
     slices (the index of users to ``[file, row]`` is read once, and again when it is replaced)."""
 
     def _read(self, users: list[str], index: dict) -> torch.Tensor:
-        from safetensors import safe_open
-
         from flora_train.export.packed import pack_of
+        from flora_train.files import open_tensors
 
         by_file: dict[Path, list[tuple[int, str]]] = {}
         for u in users:
@@ -259,7 +258,7 @@ class PackedRows(_ExportIndexRows):
             by_file.setdefault(path, []).append((i, u))
         got: dict[str, torch.Tensor] = {}
         for path, wanted in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
+            with open_tensors(path) as f:
                 rows = f.get_slice("rows")
                 for i, u in wanted:
                     got[u] = rows[i : i + 1][0]

@@ -11,9 +11,10 @@ import torch
 from flora_train.cli import main
 from flora_train.config import RecipeError, load_recipe
 from flora_train.data import SyntheticTask
-from flora_train.export import export_adapters, forget_unindexed, safe_folder_name
+from flora_train.export import export_adapters, forget_in_export, forget_unindexed, safe_folder_name
 from flora_train.export.flora import load_flora_adapter
 from flora_train.export.packed import read_packed
+from flora_train.files import UnreadableTensors
 from flora_train.inference import load_trained
 from flora_train.inference.trained import InferenceError
 from flora_train.store.saved import iter_saved_rows, read_saved_rows
@@ -74,6 +75,20 @@ def test_rows_stream_in_chunks_and_packs_hold_the_folders_rows(tmp_path, tiny_ll
         out = tmp_path / f"packed-{size}"
         assert export_adapters(run, "packed", None, out, pack_size=size)["num_users"] == 11
         assert torch.equal(read_packed(out, users)[1], rows_packed), size
+    # A pack cut short is named when read (safetensors' traceback before), and forgetting a user it
+    # held removes it, and the other user in it with a warning: no byte of the forgotten user stays.
+    cut = tmp_path / "packed-2"
+    where = json.loads((cut / "index.json").read_text())
+    victim, pack = users[4], where[users[4]][0]
+    other = next(u for u in users if where[u][0] == pack and u != victim)
+    (cut / pack).write_bytes((cut / pack).read_bytes()[:100])
+    with pytest.raises(UnreadableTensors, match=rf"{re.escape(str(cut / pack))}: not a readable safetensors file"):
+        read_packed(cut, [victim])
+    assert forget_in_export(cut, "packed", {victim}) == 1
+    assert f"{other!r}): export them again from the run" in capsys.readouterr().err and not (cut / pack).exists()
+    rest = [u for u in users if u not in (victim, other)]
+    assert sorted(json.loads((cut / "index.json").read_text())) == rest
+    assert torch.equal(read_packed(cut, rest)[1], torch.stack([want[u] for u in rest]))
     # Exporting again into the same folder replaces that export: the users it leaves out lose their
     # folders and packs (no index named them any more: `users` did not list them, `forget` left them).
     two = ["user-000002", "user-000007"]
