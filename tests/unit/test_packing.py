@@ -77,6 +77,25 @@ def test_packed_rows_equal_padded_rows_forward_and_backward(arch, method, rank, 
     torch.testing.assert_close(packed[2], padded[2], rtol=1e-9, atol=1e-9)
 
 
+def test_packed_attention_on_cpu_reads_each_key_head_for_its_query_group(monkeypatch):
+    """Grouped-query attention on the CPU hands SDPA the model's own key and value heads
+    (``enable_gqa``) instead of copies repeated per query head (kept for the backward, too)."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], k.shape[1], v.shape[1], kw.get("enable_gqa")))
+        return sdpa(q, k, v, **kw)
+
+    model = _model("llama", 0)  # 4 query heads, 2 key/value heads
+    use_packed_attention(model, torch.device("cpu"), half_precision=False)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    examples = [(ids, ids) for ids in (torch.randint(0, 50, (n,), generator=g).numpy() for n in (5, 3))]
+    batch_target_logits(model, pack(examples))
+    assert seen == [(4, 2, 2, True)] * 4  # two examples, two layers
+
+
 def test_cuda_half_precision_packs_through_torchs_varlen_attention(monkeypatch):
     """Where flash-attention runs (CUDA, bf16/fp16) and the ``flash_attn`` package is not installed,
     packing takes PyTorch's ``varlen_attn``: picked on a CUDA device in half precision only (not
