@@ -1,6 +1,7 @@
 """IA3 as PEFT defines it: trained IA3 users exported with ``--format peft`` load in
 ``peft.PeftModel`` and give flora_train's logits, on Llama (``down_proj`` scales its input) and on
-GPT-2 (``Conv1D`` layers with biases; ``mlp.c_proj`` scales its input, ``c_attn`` its output and bias)."""
+GPT-2 (``Conv1D`` layers with biases; ``mlp.c_proj`` scales its input, ``c_attn`` its output and bias);
+LoRA on GPT-2's ``Conv1D`` layers too."""
 
 import json
 import warnings
@@ -69,3 +70,35 @@ def test_ia3_peft_export_matches_peft(tmp_path, tiny_llama_dir, tiny_gpt2_dir, a
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     # serve and generate read the export back: the row, input- and output-scaled vectors in place
     assert torch.equal(load_trained(out, device="cpu").row("user-000003"), row)
+
+
+def test_lora_on_gpt2_conv1d_exports_what_peft_computes(tmp_path, tiny_gpt2_dir):
+    """LoRA on ``Conv1D`` layers (weights ``[in, out]``): PEFT's logits equal ours, and the export
+    reads back to the same row. Target modules are name suffixes (vLLM's and LoRAX's way), so
+    ``mlp.c_proj`` also names ``attn.c_proj``: PEFT warns that those keys are missing and leaves
+    them unadapted, which is what the run trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, user = tmp_path / "run", "user-000003"
+    run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_gpt2_dir), "adapter.method=lora", "adapter.rank=4",
+                                    "adapter.target_modules=[c_attn,mlp.c_proj]", "store.optimizer.lr=0.05",
+                                    f"run_dir={run_dir}", "train.epochs=1", "eval.at_end=false"]))
+    out = tmp_path / "peft"
+    export_adapters(run_dir, "peft", [user], out)
+    trained = load_trained(run_dir, device="cpu")
+    ids = torch.randint(3, 200, (2, 9))
+    rows, index, _ = trained.batch_rows([user, user])
+    with torch.no_grad(), trained.slot.activate(rows, index):
+        ours = trained.model(input_ids=ids).logits
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = base(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(base, str(out / json.loads((out / "index.json").read_text())[user]))(
+            input_ids=ids).logits
+    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    assert len(missing) == 1 and "attn.c_proj" in missing[0] and "mlp.c_proj" not in missing[0], missing
+    assert not torch.allclose(plain, ours, atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert torch.equal(load_trained(out, device="cpu").row(user), trained.row(user))
