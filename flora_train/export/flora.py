@@ -38,7 +38,7 @@ class FloraExport(FolderExport):
         def read(place: Path, user: str) -> torch.Tensor:
             theirs, row = load_flora_adapter(place)
             if layout.compatible_with(theirs):
-                raise ValueError(f"{place}: user {user!r} was exported with another layout than the others")
+                raise ExportError(f"{place}: user {user!r} was exported with another layout than the others")
             return row
 
         return layout, FolderRows(folder, index, read)

@@ -101,7 +101,8 @@ class PackedExport(RowExport):
             except UnreadableTensors as exc:
                 # It may hold a forgotten user's bytes and nobody can read it: it goes, and the
                 # index's other users in it with it (the run still holds their rows).
-                lost = [u for u, where in index.items() if where[0] == name and u not in forget]
+                lost = [u for u, where in index.items() if isinstance(where, list) and where[:1] == [name]
+                        and u not in forget]
                 for u in lost:
                     del index[u]
                 warn(f"{exc}: removed while forgetting; the other user(s) it held leave the export too "

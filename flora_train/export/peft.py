@@ -77,6 +77,8 @@ def load_peft_adapter(folder: Path, layout: AdapterLayout, whose: str) -> torch.
         tensors = load_tensors(folder / WEIGHTS)
     except (OSError, ValueError) as exc:
         raise ExportError(f"{folder}: the PEFT adapter cannot be read ({whose}): {exc}") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{folder / CONFIG}: not a PEFT adapter config (a JSON object)")
     want = peft_config(layout, "")
     for key in _CONFIG_KEYS:
         if key in want and config.get(key) != want[key]:

@@ -19,7 +19,6 @@ from typing import Protocol
 
 import torch
 
-from flora_train.adapters import AdapterLayout
 from flora_train.run_dir.layout import RunDir
 from flora_train.run_dir.readers import CheckpointLease
 

@@ -158,10 +158,10 @@ def _from_export(folder: Path, base_at: Path | None = None) -> Source:
         raise InferenceError(f"{folder}: the export holds no user")
     try:
         layout, rows = get_format(fmt).serving_rows(folder, manifest, index)
+        shared = (SharedAdapter(*get_format(fmt).shared_adapter(folder, manifest)) if manifest.get("shared_adapter")
+                  else None)
     except ExportError as exc:
         raise InferenceError(str(exc)) from None
-    shared = (SharedAdapter(*get_format(fmt).shared_adapter(folder, manifest)) if manifest.get("shared_adapter")
-              else None)
     base, recorded, gguf = str(manifest["base_model"]), manifest.get("base_fingerprint"), manifest.get("gguf_file")
     if base_at is not None:
         base = _moved_base(base_at, recorded, gguf, f"{folder} was exported from")
