@@ -14,7 +14,7 @@ import torch
 from flora_train.adapters import AdapterLayout
 from flora_train.export.base import SHARED_FOLDER, ExportError, indexed
 from flora_train.export.folders import FolderExport
-from flora_train.files import load_tensors, save_tensors
+from flora_train.files import UnreadableTensors, load_tensors, save_tensors
 
 
 class PeftExport(FolderExport):
@@ -75,8 +75,9 @@ def load_peft_adapter(folder: Path, layout: AdapterLayout, whose: str) -> torch.
     try:
         config = json.loads((folder / CONFIG).read_text())
         tensors = load_tensors(folder / WEIGHTS)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{folder}: the PEFT adapter cannot be read ({whose}): {exc}") from None
+    except (OSError, ValueError) as exc:  # (a cut weights file names itself)
+        raise ExportError(str(exc) if isinstance(exc, UnreadableTensors)
+                          else f"{folder}: the PEFT adapter cannot be read ({whose}): {exc}") from None
     if not isinstance(config, dict):
         raise ExportError(f"{folder / CONFIG}: not a PEFT adapter config (a JSON object)")
     want = peft_config(layout, "")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from flora_train.inference.kv_cache import SlotKV, cache_keyword
-from flora_train.inference.request import Delta, Done, Failed, Overloaded, Request
+from flora_train.inference.request import AdapterUnreadable, Delta, Done, Failed, Overloaded, Request
 from flora_train.inference.adapter_cache import AdapterCache, CacheFull
 from flora_train.inference.sampling import TokenLogprob, logprobs_of, new_generator, penalised, sample_rows
 from flora_train.inference.sequences import EngineStats, PrefillGroup, Sequence, step_rows
@@ -216,7 +216,9 @@ class Engine:
                 with self._lock:
                     self._waiting.popleft()
                     self._stats.failed += 1
-                self._emit(req, Failed(exc))
+                failure = AdapterUnreadable(req.user, exc)
+                log.warning("%s", failure)
+                self._emit(req, Failed(failure))
                 continue
             with self._lock:
                 self._waiting.popleft()
@@ -373,4 +375,4 @@ class Engine:
         self._emit(s.req, Done(reason, len(s.req.prompt_ids), len(s.generated), s.adapters.version))
 
 
-__all__ = ["Delta", "Done", "Engine", "EngineStats", "Failed", "Overloaded", "Request"]
+__all__ = ["AdapterUnreadable", "Delta", "Done", "Engine", "EngineStats", "Failed", "Overloaded", "Request"]

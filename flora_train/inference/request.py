@@ -34,6 +34,15 @@ class Done:
     version: int  # the adapters' version the request ran on
 
 
+class AdapterUnreadable(RuntimeError):
+    """A request's user's adapter could not be read on the server (a cut file, a lost disk): the
+    server's fault, not the request's; its reason is for the server's log."""
+
+    def __init__(self, user: str, cause: Exception) -> None:
+        super().__init__(f"the adapter of user {user!r} cannot be read: {cause}")
+        self.user = user
+
+
 @dataclass
 class Failed:
     error: Exception
@@ -54,4 +63,4 @@ class Request:
     submitted: float = field(default_factory=time.monotonic)
 
 
-__all__ = ["Delta", "Done", "Failed", "Overloaded", "Request"]
+__all__ = ["AdapterUnreadable", "Delta", "Done", "Failed", "Overloaded", "Request"]

@@ -30,7 +30,7 @@ from flora_train.chat_template import ChatTemplateRefused, apply_chat_template
 from flora_train.cpu_threads import release_thread_team
 from flora_train.inference import openai_api as api
 from flora_train.inference.admission import ApiError, RequestReader
-from flora_train.inference.engine import Delta, Done, Engine, Failed, Overloaded, Request
+from flora_train.inference.engine import AdapterUnreadable, Delta, Done, Engine, Failed, Overloaded, Request
 from flora_train.inference.generate import GenerationSettings
 from flora_train.inference.kernels import tune_for_serving
 from flora_train.inference.metrics import ServeMetrics
@@ -207,6 +207,9 @@ def create_app(trained: TrainedAdapters, model_name: str = "flora", strict_users
                         return
                     continue
                 if isinstance(event, Failed):
+                    if isinstance(event.error, AdapterUnreadable):  # the server's files, not the request
+                        raise ApiError(500, f"the adapter of user {event.error.user!r} cannot be read on this "
+                                            "server (its log says why)")
                     if isinstance(event.error, (InferenceError, ValueError)):
                         raise ApiError(400, str(event.error))
                     raise ApiError(500, f"generation failed: {event.error}")

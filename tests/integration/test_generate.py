@@ -2,6 +2,7 @@
 for token and logit for logit, what each user's prompt generates alone (left padding, greedy and
 beam search), for FLoRA, LoRA and IA3; a user never trained gets the base model."""
 
+import logging
 import threading
 import warnings
 
@@ -93,7 +94,8 @@ def test_lora_generation_equals_peft_for_that_user(tmp_path, tiny_llama_dir):
         assert ours.text == tok.decode(ids, skip_special_tokens=True), prompt
 
 
-def test_peft_and_flora_exports_serve_what_the_run_serves_shared_adapter_included(tmp_path, tiny_llama_dir):
+def test_peft_and_flora_exports_serve_what_the_run_serves_shared_adapter_included(tmp_path, tiny_llama_dir, monkeypatch,
+                                                                                    caplog):
     """``generate`` and ``serve`` read a ``--format peft`` export (they refused it): LoRA users on a
     LoRA shared adapter give the run's rows, shared row and text. An export folder edited or cut
     short is refused naming its file (a cut flora file ended in safetensors' traceback)."""
@@ -133,6 +135,21 @@ def test_peft_and_flora_exports_serve_what_the_run_serves_shared_adapter_include
         (folder(export, users[1]) / f"{weights}.safetensors").write_bytes(b"cut")
         with pytest.raises(ExportError, match=rf"{weights}\.safetensors: not a readable safetensors file"):
             load_trained(export, device="cpu").row(users[1])
+    # Served, that user's requests fail with the server's 500 (it was a 400, as if the request were
+    # wrong), naming the user and not the server's files; the reason goes to the server's log.
+    from fastapi.testclient import TestClient
+
+    from flora_train.inference import server
+
+    monkeypatch.setattr(server, "release_thread_team", lambda: None)  # (this process keeps its threads)
+    with caplog.at_level(logging.WARNING, logger="flora_train"), TestClient(
+            server.create_app(load_trained(tmp_path / "flora", device="cpu"))) as client:
+        answers = [client.post("/v1/completions", json={"model": f"flora:{u}", "prompt": "hi", "max_tokens": 2})
+                   for u in users]
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[1].status_code == 500 and answers[1].json()["error"]["message"] == (
+        "the adapter of user 'user-000007' cannot be read on this server (its log says why)")
+    assert "flora_adapter.safetensors: not a readable safetensors file" in caplog.text
     manifest = tmp_path / "peft" / "manifest.json"
     manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "layout"}))
     with pytest.raises(InferenceError, match="export the run again to serve it"):
