@@ -48,3 +48,11 @@ def base_changed(recorded: str | None, name_or_path: str, gguf_file: str | None 
     if recorded is None or not Path(name_or_path).is_dir():
         return False
     return recorded != base_fingerprint(name_or_path, gguf_file)
+
+
+def recorded_id_only(recorded: str | None, trained_on: str | None, gguf_file: str | None = None) -> bool:
+    """Whether ``recorded`` is the fingerprint of the hub id ``trained_on`` (a run trained on a hub
+    id records the id, not its files): then a local folder of that model cannot be checked against
+    it, only taken as it."""
+    return (recorded is not None and trained_on is not None and not Path(trained_on).is_dir()
+            and recorded == base_fingerprint(trained_on, gguf_file))

@@ -74,16 +74,25 @@ def check_source(name_or_path: str, gguf_file: str | None) -> None:
                              + (", ".join(present) if present else "none"))
 
 
+def hub_unavailable(name_or_path: str, gguf_file: str | None = None) -> str | None:
+    """For a hub id: the hub's host when this machine can neither reach it nor find the model in the
+    Hugging Face cache; else None (loadable, from the hub or the cache)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    host = unreachable_hub()
+    if host is None or isinstance(try_to_load_from_cache(name_or_path, gguf_file or "config.json"), str):
+        return None
+    return host
+
+
 def _cache_instead_of_hub(name_or_path: str, gguf_file: str | None, what: str) -> bool:
     """For a hub id on a machine that cannot reach the hub: True when the model is in the Hugging
     Face cache (read it from there, at once and without retries); one error saying what to do when
     it is not. False when the hub is reachable."""
-    from huggingface_hub import try_to_load_from_cache
-
-    host = unreachable_hub()
-    if host is None:
+    if unreachable_hub() is None:
         return False
-    if not isinstance(try_to_load_from_cache(name_or_path, gguf_file or "config.json"), str):
+    host = hub_unavailable(name_or_path, gguf_file)
+    if host is not None:
         raise ModelLoadError(
             f"cannot load {what} '{name_or_path}': it is not a local folder nor in the Hugging Face cache, and "
             f"{host} cannot be reached from this machine; download it where there is network and name its "

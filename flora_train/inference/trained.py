@@ -20,8 +20,8 @@ import torch
 from flora_train.adapters import AdapterLayout, AdapterSpec, inject_adapters, user_seed
 from flora_train.adapters.shared import SharedAdapter
 from flora_train.base import load_frozen_model, load_tokenizer, resolve_device
-from flora_train.base.fingerprint import base_changed
-from flora_train.base.loading import looks_local
+from flora_train.base.fingerprint import base_changed, recorded_id_only
+from flora_train.base.loading import hub_unavailable, looks_local
 from flora_train.base.tiny import built_from
 from flora_train.errors import UserError, warn
 from flora_train.inference.rows import CheckpointRows, RowSource
@@ -90,7 +90,7 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
     if base_at is not None:
         if tiny:
             raise InferenceError(f"--base: {run_dir} built its own tiny base in {base}; it takes no other")
-        base = _moved_base(base_at, recorded, cfg.base.gguf_file, f"{ckpt} was trained on")
+        base = _moved_base(base_at, recorded, cfg.base.gguf_file, f"{ckpt} was trained on", base)
     else:
         changed = base_changed(recorded, base, cfg.base.gguf_file)
         if tiny and (changed or built_from(Path(base)) is None):
@@ -98,7 +98,7 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
 
             base = rebuild_tiny_base(cfg, run_dir)  # derived from the recipe and data: built again as trained
             changed = base_changed(recorded, base, cfg.base.gguf_file)
-        check_base_is_there(base, ckpt)
+        check_base_is_there(base, ckpt, cfg.base.gguf_file)
         if changed:
             raise InferenceError(
                 f"{ckpt}: trained on the base in {base} as it was then, and the config or weights there have changed "
@@ -108,12 +108,17 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
                   cfg.data.max_length, ckpt)
 
 
-def _moved_base(base_at: Path, recorded: str | None, gguf_file: str | None, trained: str) -> str:
-    """``--base``: where the base is now, accepted only when its fingerprint is the ``recorded`` one."""
+def _moved_base(base_at: Path, recorded: str | None, gguf_file: str | None, trained: str,
+                trained_on: str | None = None) -> str:
+    """``--base``: where the base is now, accepted only when its fingerprint is the ``recorded`` one
+    (``trained_on``: the base as training named it; a hub id's files were not recorded)."""
     base = str(Path(base_at).absolute())
     if not Path(base).is_dir():
         raise InferenceError(f"--base {base_at}: no such folder")
-    if base_changed(recorded, base, gguf_file):
+    if recorded_id_only(recorded, trained_on, gguf_file):
+        warn(f"--base {base_at}: {trained} the hub id {trained_on!r}, whose files were not recorded: taken as that "
+             "model unchecked (only its layers' shapes are)")
+    elif base_changed(recorded, base, gguf_file):
         raise InferenceError(f"--base {base_at}: not the base {trained} (its config or weights differ); adapters "
                              "only fit the base they were trained on")
     return base
@@ -128,21 +133,29 @@ def base_for_training_on(run_dir: Path, cfg: Any, base_at: Path | None) -> str |
 
     if base_at is None:
         if cfg.base.tiny is None:
-            check_base_is_there(str(cfg.base.name_or_path), run_dir)
+            check_base_is_there(str(cfg.base.name_or_path), run_dir, cfg.base.gguf_file)
         return None
     if cfg.base.tiny is not None:
         raise InferenceError(f"--base: {run_dir} built its own tiny base; it takes no other")
     ckpt = latest_checkpoint(run_dir)
     recorded = read_state(ckpt).get("base_fingerprint") if ckpt is not None else None
-    return _moved_base(base_at, recorded, cfg.base.gguf_file, f"{run_dir} was trained on")
+    trained_on = read_state(ckpt).get("model_path") if ckpt is not None else None
+    return _moved_base(base_at, recorded, cfg.base.gguf_file, f"{run_dir} was trained on",
+                       trained_on or str(cfg.base.name_or_path))
 
 
-def check_base_is_there(base: str, trained: Path) -> None:
-    """A local base folder that is gone (the run was copied to another machine, the base moved) is
-    named with the way on, not as a recipe key the reader never set."""
-    if looks_local(base) and not Path(base).exists():
-        raise InferenceError(f"{trained}: its base {base} is not there (moved, or on another machine?): name where "
-                             "it is now with --base PATH")
+def check_base_is_there(base: str, trained: Path, gguf_file: str | None = None) -> None:
+    """A base the adapters cannot be loaded on from here is named with the way on (``--base``), not
+    as a recipe key the reader never set: a local folder that is gone (the run was copied to another
+    machine, the base moved), or a hub id (an export's ``--base-model-id``, a recipe's) that this
+    machine can neither download nor find in the Hugging Face cache."""
+    if looks_local(base):
+        if not Path(base).exists():
+            raise InferenceError(f"{trained}: its base {base} is not there (moved, or on another machine?): name "
+                                 "where it is now with --base PATH")
+    elif (host := hub_unavailable(base, gguf_file)) is not None:
+        raise InferenceError(f"{trained}: its base is the hub id {base!r}, which is not in the Hugging Face cache, and "
+                             f"{host} cannot be reached from this machine: name the base's folder with --base PATH")
 
 
 def _from_export(folder: Path, base_at: Path | None = None) -> Source:
@@ -164,9 +177,9 @@ def _from_export(folder: Path, base_at: Path | None = None) -> Source:
         raise InferenceError(str(exc)) from None
     base, recorded, gguf = str(manifest["base_model"]), manifest.get("base_fingerprint"), manifest.get("gguf_file")
     if base_at is not None:
-        base = _moved_base(base_at, recorded, gguf, f"{folder} was exported from")
+        base = _moved_base(base_at, recorded, gguf, f"{folder} was exported from", base)
     else:
-        check_base_is_there(base, folder)
+        check_base_is_there(base, folder, gguf)
         if base_changed(recorded, base, gguf):
             raise InferenceError(
                 f"{folder}: exported from adapters trained on the base in {base} as it was then, and the "
@@ -197,7 +210,8 @@ def resolve_source(path: Path, checkpoint: Path | None = None, base: Path | None
         return _from_checkpoint(path, path.parent.parent, base_at=base)
     if (path / "index.json").is_file() and (path / "manifest.json").is_file():
         return _from_export(path, base)
-    raise InferenceError(f"{path}: not a run directory (recipe.yaml), a checkpoint (layout.json) or a flora export (index.json)")
+    raise InferenceError(f"{path}: not a run directory (recipe.yaml), a checkpoint (layout.json) or an export "
+                         "(index.json)")
 
 
 def context_of(model: torch.nn.Module) -> int:

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flora_train import dist as fdist
+from flora_train.base.fingerprint import recorded_id_only
+from flora_train.errors import warn
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import CheckpointError, latest_checkpoint
 from flora_train.train.phases import continue_phase, next_phase
@@ -67,6 +69,12 @@ def check_same_base(ckpt: Path, state: dict[str, Any], session: "Session") -> No
     """Refuses a checkpoint trained on another base (same shapes, other weights)."""
     saved = state.get("base_fingerprint")
     if saved is not None and saved != session.base_fingerprint:
+        trained_on = state.get("model_path")
+        if recorded_id_only(saved, trained_on, session.cfg.base.gguf_file) and Path(session.model_path).is_dir():
+            if fdist.rank() == 0:  # (eval --base: the hub id's model where the hub and cache are not)
+                warn(f"{ckpt} was trained on the hub id {trained_on!r}, whose files were not recorded: the base in "
+                     f"{session.model_path} is taken as that model unchecked (only its layers' shapes are)")
+            return
         raise CheckpointError(
             f"{ckpt}: trained on base '{state.get('model_path')}' but this recipe's base is '{session.model_path}' "
             "(config or weights differ); adapters only fit the base they were trained on"

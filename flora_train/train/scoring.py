@@ -288,7 +288,7 @@ def run_eval(run_dir: Path, checkpoint: Path | None = None, data: Path | None = 
             raise CheckpointError(f"--base: {run_dir} built its own tiny base; it takes no other")
         cfg.base.name_or_path = str(Path(base).absolute())
     elif cfg.base.tiny is None:
-        check_base_is_there(str(cfg.base.name_or_path), run_dir)
+        check_base_is_there(str(cfg.base.name_or_path), run_dir, cfg.base.gguf_file)
     session = prepare_session(cfg)
     try:
         if data is not None:

@@ -30,7 +30,8 @@ def test_a_hub_id_offline_reads_the_cache_or_says_so_at_once(tmp_path, tiny_llam
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
     shutil.copytree(tiny_llama_dir, repo / "snapshots" / COMMIT)
-    train, _ = SyntheticTask(num_users=8, train_examples_per_user=4, eval_examples_per_user=1).write(tmp_path / "data")
+    task = SyntheticTask(num_users=8, train_examples_per_user=4, eval_examples_per_user=1)
+    train, held_out = task.write(tmp_path / "data")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     env.pop("HF_HUB_OFFLINE", None)
     recipe = ["recipes/quickstart.yaml", *SMALL, "base.tiny=null", "data.synthetic=null", f"data.train_path={train}",
@@ -44,3 +45,22 @@ def test_a_hub_id_offline_reads_the_cache_or_says_so_at_once(tmp_path, tiny_llam
         "flora-train: error: cannot load the tokenizer of model 'org/absent': it is not a local folder nor in the "
         "Hugging Face cache, and huggingface.co cannot be reached from this machine; download it where there is "
         "network and name its folder in base.name_or_path (or copy the cache, $HF_HOME)"]
+    # Generating from the run where the cache is gone is told of --base (the way on there), not of a
+    # recipe key; with --base it generates.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"user_id": "user-000001", "prompt": "favourite colour ?"}\n')
+    gen = ["generate", str(tmp_path / "run"), "--prompts", str(prompts), "--out", str(tmp_path / "out.jsonl"),
+           "--max-new-tokens", "2"]
+    gone = _offline(*gen, env={**env, "HF_HOME": str(tmp_path / "empty")})
+    assert gone.returncode == 2 and gone.stderr.strip().splitlines()[-1] == (
+        f"flora-train: error: {tmp_path / 'run' / 'checkpoints' / 'step-00000002'}: its base is the hub id 'org/tiny', "
+        "which is not in the Hugging Face cache, and huggingface.co cannot be reached from this machine: name the "
+        "base's folder with --base PATH")
+    # With --base it generates, and eval scores: the run recorded the hub id, not its files, so the
+    # folder is taken as that model with a warning (both were refused as "not the base").
+    moved = _offline(*gen, "--base", str(tiny_llama_dir), env={**env, "HF_HOME": str(tmp_path / "empty")})
+    assert moved.returncode == 0 and "generated" in moved.stdout, moved.stderr[-2000:]
+    assert "was trained on the hub id 'org/tiny', whose files were not recorded" in moved.stderr
+    scored = _offline("eval", str(tmp_path / "run"), "--base", str(tiny_llama_dir), "--data", str(held_out),
+                      env={**env, "HF_HOME": str(tmp_path / "empty")})
+    assert scored.returncode == 0 and "per-user adapters" in scored.stdout, scored.stderr[-2000:]
