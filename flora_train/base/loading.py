@@ -74,25 +74,27 @@ def check_source(name_or_path: str, gguf_file: str | None) -> None:
                              + (", ".join(present) if present else "none"))
 
 
+def _in_hub_cache(name_or_path: str, gguf_file: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name_or_path, gguf_file or "config.json"), str)
+
+
 def hub_unavailable(name_or_path: str, gguf_file: str | None = None) -> str | None:
     """For a hub id: the hub's host when this machine can neither reach it nor find the model in the
     Hugging Face cache; else None (loadable, from the hub or the cache)."""
-    from huggingface_hub import try_to_load_from_cache
-
     host = unreachable_hub()
-    if host is None or isinstance(try_to_load_from_cache(name_or_path, gguf_file or "config.json"), str):
-        return None
-    return host
+    return None if host is None or _in_hub_cache(name_or_path, gguf_file) else host
 
 
 def _cache_instead_of_hub(name_or_path: str, gguf_file: str | None, what: str) -> bool:
     """For a hub id on a machine that cannot reach the hub: True when the model is in the Hugging
     Face cache (read it from there, at once and without retries); one error saying what to do when
     it is not. False when the hub is reachable."""
-    if unreachable_hub() is None:
+    host = unreachable_hub()
+    if host is None:
         return False
-    host = hub_unavailable(name_or_path, gguf_file)
-    if host is not None:
+    if not _in_hub_cache(name_or_path, gguf_file):
         raise ModelLoadError(
             f"cannot load {what} '{name_or_path}': it is not a local folder nor in the Hugging Face cache, and "
             f"{host} cannot be reached from this machine; download it where there is network and name its "

@@ -12,8 +12,8 @@ import torch
 
 from flora_train.adapters import AdapterLayout
 from flora_train.export.base import ExportError
-from flora_train.export.folders import FolderExport
-from flora_train.files import UnreadableTensors, load_tensors, save_tensors
+from flora_train.export.folders import FolderExport, read_adapter_folder
+from flora_train.files import save_tensors
 
 FLORA_CONFIG = "flora_adapter_config.json"
 FLORA_WEIGHTS = "flora_adapter.safetensors"
@@ -50,12 +50,7 @@ def load_flora_adapter(folder: Path) -> tuple[AdapterLayout, torch.Tensor]:
     The row plugs into a model prepared with ``inject_adapters`` for the same layout:
     ``with slot.activate(row[None], torch.zeros(batch, dtype=torch.long)): model(...)``.
     """
-    try:
-        config = json.loads((folder / FLORA_CONFIG).read_text())
-        tensors = load_tensors(folder / FLORA_WEIGHTS)
-    except (OSError, ValueError) as exc:  # (a cut weights file names itself)
-        raise ExportError(str(exc) if isinstance(exc, UnreadableTensors)
-                          else f"{folder}: the adapter cannot be read: {exc}") from None
+    config, tensors = read_adapter_folder(folder, FLORA_CONFIG, FLORA_WEIGHTS)
     if config.get("format") != "flora_train":
         raise ExportError(f"{folder}: not a flora_train adapter folder")
     layout = AdapterLayout.from_dict(config["layout"])

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flora_train.adapters import AdapterLayout
 from flora_train.adapters.shared import SHARED_USER
-from flora_train.export.base import SHARED_FOLDER, inside, safe_folder_name
+from flora_train.export.base import SHARED_FOLDER, ExportError, inside, safe_folder_name
 from flora_train.export.rows import RowExport
+from flora_train.files import UnreadableTensors, load_tensors
 
 
 class FolderExport(RowExport):
@@ -30,3 +33,17 @@ class FolderExport(RowExport):
         target.mkdir(exist_ok=True)
         self.write_adapter(target, layout, row, SHARED_USER, base_model)
         return SHARED_FOLDER
+
+
+def read_adapter_folder(folder: Path, config: str, weights: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One user's folder as written: its JSON ``config`` (an object) and its ``weights``' tensors;
+    a file missing, cut short or not what it should be is an ``ExportError`` naming it."""
+    try:
+        settings = json.loads((folder / config).read_text())
+        tensors = load_tensors(folder / weights)
+    except (OSError, ValueError) as exc:  # (a cut weights file names itself)
+        raise ExportError(str(exc) if isinstance(exc, UnreadableTensors)
+                          else f"{folder}: the adapter cannot be read: {exc}") from None
+    if not isinstance(settings, dict):
+        raise ExportError(f"{folder / config}: not an adapter config (a JSON object)")
+    return settings, tensors

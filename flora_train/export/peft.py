@@ -13,8 +13,8 @@ import torch
 
 from flora_train.adapters import AdapterLayout
 from flora_train.export.base import SHARED_FOLDER, ExportError, indexed
-from flora_train.export.folders import FolderExport
-from flora_train.files import UnreadableTensors, load_tensors, save_tensors
+from flora_train.export.folders import FolderExport, read_adapter_folder
+from flora_train.files import save_tensors
 
 
 class PeftExport(FolderExport):
@@ -72,14 +72,7 @@ def _manifest_layout(folder: Path, manifest: dict[str, Any], key: str = "layout"
 
 def load_peft_adapter(folder: Path, layout: AdapterLayout, whose: str) -> torch.Tensor:
     """One PEFT folder of this export read back as a row of ``layout`` (``whose``, for errors)."""
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-        tensors = load_tensors(folder / WEIGHTS)
-    except (OSError, ValueError) as exc:  # (a cut weights file names itself)
-        raise ExportError(str(exc) if isinstance(exc, UnreadableTensors)
-                          else f"{folder}: the PEFT adapter cannot be read ({whose}): {exc}") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"{folder / CONFIG}: not a PEFT adapter config (a JSON object)")
+    config, tensors = read_adapter_folder(folder, CONFIG, WEIGHTS)
     want = peft_config(layout, "")
     for key in _CONFIG_KEYS:
         if key in want and config.get(key) != want[key]:

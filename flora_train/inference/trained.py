@@ -108,8 +108,7 @@ def _from_checkpoint(ckpt: Path, run_dir: Path, lease: CheckpointLease | None = 
                   cfg.data.max_length, ckpt)
 
 
-def _moved_base(base_at: Path, recorded: str | None, gguf_file: str | None, trained: str,
-                trained_on: str | None = None) -> str:
+def _moved_base(base_at: Path, recorded: str | None, gguf_file: str | None, trained: str, trained_on: str) -> str:
     """``--base``: where the base is now, accepted only when its fingerprint is the ``recorded`` one
     (``trained_on``: the base as training named it; a hub id's files were not recorded)."""
     base = str(Path(base_at).absolute())
@@ -138,10 +137,9 @@ def base_for_training_on(run_dir: Path, cfg: Any, base_at: Path | None) -> str |
     if cfg.base.tiny is not None:
         raise InferenceError(f"--base: {run_dir} built its own tiny base; it takes no other")
     ckpt = latest_checkpoint(run_dir)
-    recorded = read_state(ckpt).get("base_fingerprint") if ckpt is not None else None
-    trained_on = read_state(ckpt).get("model_path") if ckpt is not None else None
-    return _moved_base(base_at, recorded, cfg.base.gguf_file, f"{run_dir} was trained on",
-                       trained_on or str(cfg.base.name_or_path))
+    state = read_state(ckpt) if ckpt is not None else {}
+    return _moved_base(base_at, state.get("base_fingerprint"), cfg.base.gguf_file, f"{run_dir} was trained on",
+                       state.get("model_path") or str(cfg.base.name_or_path))
 
 
 def check_base_is_there(base: str, trained: Path, gguf_file: str | None = None) -> None:
@@ -170,9 +168,9 @@ def _from_export(folder: Path, base_at: Path | None = None) -> Source:
     if not index:
         raise InferenceError(f"{folder}: the export holds no user")
     try:
-        layout, rows = get_format(fmt).serving_rows(folder, manifest, index)
-        shared = (SharedAdapter(*get_format(fmt).shared_adapter(folder, manifest)) if manifest.get("shared_adapter")
-                  else None)
+        export = get_format(fmt)
+        layout, rows = export.serving_rows(folder, manifest, index)
+        shared = SharedAdapter(*export.shared_adapter(folder, manifest)) if manifest.get("shared_adapter") else None
     except ExportError as exc:
         raise InferenceError(str(exc)) from None
     base, recorded, gguf = str(manifest["base_model"]), manifest.get("base_fingerprint"), manifest.get("gguf_file")

@@ -205,6 +205,8 @@ def assert_offsets_index_the_text(text, logprobs, tokenizer):
     specials = set(tokenizer.all_special_tokens)
     assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[-1] <= len(text)
     for token, at in zip(logprobs.tokens, logprobs.text_offset):
+        # (a token named by its bytes holds part of a character: its offset is checked against the decode
+        # of every prefix in tests/unit/test_text_stream.py)
         assert token in specials or token.startswith("bytes:") or text.startswith(token, at), (token, at, text)
 
 
