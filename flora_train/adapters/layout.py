@@ -153,6 +153,8 @@ class AdapterLayout:
             mine, theirs = self.to_dict()[key], other.to_dict()[key]
             if mine != theirs:
                 problems.append(f"{key}: {theirs} != {mine}")
+        if self.spec.impl.uses_alpha and self.spec.alpha != other.spec.alpha:
+            problems.append(f"alpha: {other.spec.alpha} != {self.spec.alpha}")
         if self.modules != other.modules:
             problems.append("adapted modules or their shapes differ")
         return problems

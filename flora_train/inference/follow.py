@@ -81,7 +81,7 @@ class Follower:
             if lease is not None:
                 lease.close()  # the served one holds its own
             return False
-        problems = saved_layout(newest).compatible_with(self.trained.layout)
+        problems = self.trained.layout.compatible_with(saved_layout(newest))
         if read_state(newest).get("base_fingerprint") != self._base:
             problems.append("it was trained on another base than the served one (another run: train.overwrite; "
                             "restart the server to serve it)")

@@ -90,8 +90,7 @@ class SharedTraining:
         from flora_train.run_dir.checkpoints import CheckpointError
 
         saved = AdapterLayout.from_dict(json.loads(meta["layout"]))
-        problems = self.layout.compatible_with(saved) + (
-            [f"alpha: {saved.spec.alpha} != {self.layout.spec.alpha}"] if saved.spec.alpha != self.layout.spec.alpha else [])
+        problems = self.layout.compatible_with(saved)
         if problems:
             raise CheckpointError(f"{label}: its shared adapter does not fit adapter.shared: {'; '.join(problems)}")
         with torch.no_grad():

@@ -247,3 +247,30 @@ def _killed_after(place, n: int):
         return place(self, *args, **kwargs)
 
     return placed
+
+
+def test_a_follower_does_not_serve_a_run_trained_again_under_another_lora_alpha(tmp_path, tiny_llama_dir, caplog):
+    """`serve --follow` beside a LoRA run trained again (train.overwrite) on the same base and layout
+    but another `adapter.alpha`: the new rows mean something else under the served scaling
+    (``alpha / r``). Before, the follower swapped them in and served them under the old alpha."""
+    from flora_train.inference.adapter_cache import AdapterCache
+    from flora_train.inference.engine import Engine
+    from flora_train.inference.follow import Follower
+
+    recipe = [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={tmp_path / 'run'}", "eval.at_end=false",
+              "adapter.method=lora", "adapter.rank=2", "train.max_steps=1", "export.format=none"]
+    run_training(load_recipe(None, recipe))
+    trained = load_trained(tmp_path / "run", device="cpu")
+    engine = Engine(trained.model, trained.slot, trained.tokenizer,
+                    AdapterCache(trained.rows, trained.layout, trained.source.init_seed, 4, trained.device))
+    follower = Follower(trained, engine, interval_s=3600)  # looked at by hand below, not by its thread
+    try:
+        run_training(load_recipe(None, [*recipe, "train.overwrite=true", "adapter.alpha=4"]))
+        with caplog.at_level("WARNING", logger="flora_train"):
+            assert not follower.check()
+        assert "alpha: 4.0 != 16.0" in caplog.text and engine.adapters.version == 0, caplog.text
+        run_training(load_recipe(None, [*recipe, "train.overwrite=true", "store.optimizer.lr=0.5"]))
+        assert follower.check() and follower.served == str(list_checkpoints(tmp_path / "run")[-1])
+    finally:
+        follower.close()
+        engine.close()

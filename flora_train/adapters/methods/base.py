@@ -22,6 +22,9 @@ class AdapterMethod(ABC):
     peft_type: ClassVar[str | None] = None
     # Whether feed-forward output layers get other tensors (then the architecture must name them).
     uses_feedforward: ClassVar[bool] = False
+    # Whether the output reads ``alpha`` (LoRA's ``alpha / r``): then rows trained under another alpha
+    # compute something else, and layouts that differ in it are not interchangeable.
+    uses_alpha: ClassVar[bool] = False
 
     def kernels_for(self, rank: int) -> tuple[str, ...]:
         """The kernels worth choosing between at this rank (all compute the same function)."""

@@ -142,6 +142,7 @@ class Lora(AdapterMethod):
     name = "lora"
     kernels = ("bmm", "segment", "loop")
     peft_type = "LORA"
+    uses_alpha = True
 
     def block_kernel(self, kernel: str) -> str:
         return "bmm"  # one row per packed sequence: nothing left to group by
