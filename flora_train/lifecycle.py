@@ -26,12 +26,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
-from safetensors import safe_open
 
 from flora_train.errors import warn
 from flora_train.export import ExportError, forget_in_export, forget_unindexed
 from flora_train.export.base import select_users, write_json
-from flora_train.files import replace_text
+from flora_train.files import UnreadableTensors, replace_text
 from flora_train.run_dir import RunDir, RunLock, readers
 from flora_train.run_dir.checkpoints import (
     SHARD_PLAN,
@@ -233,6 +232,24 @@ def forget_users(run_dir: Path, users: list[str]) -> dict[str, Any]:
         return _forget(rd, runs, users)
 
 
+def _shared_adapter_steps(rd: RunDir) -> int:
+    """The steps the shared adapter beside the run was trained for, which ``forget --retrain-shared``
+    trains it again for: its file says. A torn file is removed all the same (it learnt from every
+    user); then the run's own steps (``result.json``), what the run trains it for."""
+    try:
+        found = rd.read_shared_adapter()
+        assert found is not None
+        return int(found[1].get("steps", 0))
+    except UnreadableTensors as exc:
+        try:
+            steps = int(json.loads(rd.result.read_text())["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            steps = 0
+        warn(f"{exc}; removed all the same (it was trained on the forgotten users' data too); "
+             f"`forget --retrain-shared` trains it for the run's {steps} steps")
+        return steps
+
+
 def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
     pending_path = rd.forget_pending
     pending = set(json.loads(pending_path.read_text())["users"]) if pending_path.is_file() else set()
@@ -274,8 +291,7 @@ def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
     phase_entries = sum(forget_in_phases(run.path, forget) for run in runs)
     shared = None
     if rd.shared_adapter.is_file():
-        with safe_open(str(rd.shared_adapter), framework="pt") as f:
-            shared = int((f.metadata() or {}).get("steps", 0))
+        shared = _shared_adapter_steps(rd)
         write_json(rd.shared_adapter_removed, {"steps": shared})  # what `forget --retrain-shared` trains later
         rd.shared_adapter.unlink()
     derived, moved_shared = [], []

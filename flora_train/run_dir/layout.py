@@ -29,6 +29,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flora_train.errors import UserError
 from flora_train.run_dir.lock import LOCK_NAME
@@ -144,6 +145,17 @@ class RunDir:
         """The steps of the shared adapter that a forget removed, so that a later
         ``forget --retrain-shared`` can train it again as the run did."""
         return self.path / "shared_adapter.removed.json"
+
+    def read_shared_adapter(self) -> tuple[Any, dict[str, str]] | None:
+        """The shared adapter's row and its file's metadata (``steps``, ``trained_for``); None when
+        there is none. A torn file or one that is not safetensors is ``UnreadableTensors`` naming it:
+        the row is derived (the run trains it again), so each reader says what it does without it."""
+        from flora_train.files import open_tensors
+
+        if not self.shared_adapter.is_file():
+            return None
+        with open_tensors(self.shared_adapter) as f:
+            return f.get_tensor("row"), dict(f.metadata() or {})
 
     def removed_shared_steps(self) -> int | None:
         """The steps of a shared adapter a forget removed and nothing has retrained (None: none)."""

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from flora_train import dist as fdist
 from flora_train.data import BatchPlanner
-from flora_train.files import replaced, save_tensors
+from flora_train.errors import warn
+from flora_train.files import UnreadableTensors, replaced, save_tensors
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.checkpoints import latest_checkpoint, saved_users
 from flora_train.store import AdapterStore
@@ -39,10 +37,14 @@ def shared_baseline(session: Session, steps: int) -> torch.Tensor:
         steps = session.phase_plan.phase.start_step + session.users_planner().total_steps(t.epochs, t.max_steps)
     key = _baseline_key(session, steps)
     saved = None
-    if fdist.rank() == 0 and session.paths.shared_adapter.is_file():
-        with safe_open(str(session.paths.shared_adapter), framework="pt") as f:
-            if (f.metadata() or {}).get("trained_for") == key:
-                saved = f.get_tensor("row")
+    if fdist.rank() == 0:
+        try:
+            found = session.paths.read_shared_adapter()
+        except UnreadableTensors as exc:
+            warn(f"{exc}; training the shared baseline again")
+            found = None
+        if found is not None and found[1].get("trained_for") == key:
+            saved = found[0]
     saved = fdist.broadcast_object(saved)
     if saved is not None and saved.shape == (session.layout.row_size,):
         return saved
@@ -80,11 +82,14 @@ def train_shared_baseline(session: Session, steps: int, key: str | None = None) 
 
 
 def load_shared_row(run_dir: Path, row_size: int) -> torch.Tensor | None:
-    path = RunDir(run_dir).shared_adapter
-    if not path.is_file():
+    """The baseline beside the run for `flora-train eval`; None (scored without it) when there is none
+    that fits, or it cannot be read (said: resuming the run trains it again)."""
+    try:
+        found = RunDir(run_dir).read_shared_adapter()
+    except UnreadableTensors as exc:
+        warn(f"{exc}; scoring without the shared adapter (resuming the run trains it again)")
         return None
-    row = load_file(str(path))["row"]
-    return row if row.shape == (row_size,) else None
+    return found[0] if found is not None and found[0].shape == (row_size,) else None
 
 
 def retrain_shared_baseline(run_dir: Path, without: set[str], steps: int, base: str | None = None) -> int:

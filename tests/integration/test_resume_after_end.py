@@ -39,3 +39,33 @@ def test_a_finished_run_resumed_trains_and_writes_nothing(tmp_path, tiny_llama_d
     for scores in ("eval", "eval_base", "eval_shared"):
         assert again[scores] == first[scores], scores
     assert json.loads((run / "result.json").read_text())["eval_shared"] == first["eval_shared"]
+
+
+def test_a_torn_shared_baseline_is_trained_again_scored_without_and_forgotten(tmp_path, tiny_llama_dir, capsys):
+    """``shared_adapter.safetensors`` beside a finished run is torn (a disk fault, a copy cut short).
+    It is derived, so nothing stops on it: `eval` scores without it, a resume trains it again, and
+    `forget` removes it all the same (it learnt from every user). Before, each ended in
+    safetensors' traceback, and a forget stopped halfway with the forgotten users' data in it."""
+    from flora_train.lifecycle import forget_users
+    from flora_train.run_dir import RunDir
+    from flora_train.train.scoring import run_eval
+
+    run = tmp_path / "run"
+    recipe = load_recipe(None, [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={run}",
+                                "train.compare_shared_baseline=true", "train.max_steps=2"])
+    first = run_training(recipe)
+    torn = run / "shared_adapter.safetensors"
+    torn.write_bytes(b"torn")
+    capsys.readouterr()
+    scored = run_eval(run)
+    assert "eval_shared" not in scored and scored["eval"] == first["eval"]
+    assert f"{torn}: not a readable safetensors file" in capsys.readouterr().err
+    again = run_training(recipe, resume=True)
+    assert f"{torn}: not a readable safetensors file" in capsys.readouterr().err
+    assert again["eval_shared"] == first["eval_shared"]  # the same baseline, trained again
+    assert RunDir(run).read_shared_adapter() is not None
+    torn.write_bytes(b"torn")
+    done = forget_users(run, ["user-000001"])
+    assert done["removed_shared_adapter"] and done["shared_adapter_steps"] == first["steps"] == 2
+    assert not torn.exists() and RunDir(run).removed_shared_steps() == 2
+    assert "removed all the same (it was trained on the forgotten users' data too)" in capsys.readouterr().err
