@@ -119,7 +119,11 @@ def _tokens(rd: RunDir) -> dict[str, int]:
     caches = [p for p in rd.data_cache.glob("*") if cache.is_complete(p)] if rd.data_cache.is_dir() else []
     if not caches:
         return {}
-    train = cache.load(caches[0])[0]["train"]
+    try:
+        train = cache.load(caches[0])[0]["train"]
+    except cache.UnreadableCache as exc:
+        warn(f"{exc}; tokens not counted (the next run tokenises the data again)")
+        return {}
     counts = train.target_counts()
     return {u: int(counts[idx].sum()) for u, idx in train.by_user().items()}
 

@@ -22,6 +22,7 @@ import datasets
 from flora_train.data.bad_rows import BadRows
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.sources import resolve_sources
+from flora_train.errors import UserError
 from flora_train.files import replaced_folder
 
 # Bump when what is written (or how it is tokenised) changes. 2: CSV fields read as the text they hold
@@ -90,16 +91,25 @@ def save(folder: Path, parts: dict[str, datasets.Dataset | None], bad: BadRows) 
             shutil.rmtree(other, ignore_errors=True)
 
 
+class UnreadableCache(UserError, ValueError):
+    """A complete cache folder whose files cannot be read (torn by a disk fault or a copy cut short).
+    It is derived from the data: the run tokenises again."""
+
+
 def load(folder: Path) -> tuple[dict[str, TokenizedExamples], BadRows]:
     """The cached parts, memory-mapped (every rank maps the same pages), and the bad-row counts of
     the build."""
-    meta = json.loads((folder / "meta.json").read_text())
-    parts = {name: TokenizedExamples(datasets.load_from_disk(str(folder / name)).data.table) for name in meta["examples"]}
-    b = meta["bad_rows"]
-    bad = BadRows(policy=b["policy"])
-    bad.counts.update(b["counts"])
-    bad.examples.extend(b["examples"])
-    bad.reasons.extend(b.get("reasons", []))
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        parts = {name: TokenizedExamples(datasets.load_from_disk(str(folder / name)).data.table)
+                 for name in meta["examples"]}
+        b = meta["bad_rows"]
+        bad = BadRows(policy=b["policy"])
+        bad.counts.update(b["counts"])
+        bad.examples.extend(b["examples"])
+        bad.reasons.extend(b.get("reasons", []))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise UnreadableCache(f"{folder}: the tokenised data cannot be read ({type(exc).__name__}: {exc})") from None
     return parts, bad
 
 

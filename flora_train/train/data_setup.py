@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from flora_train.base.fingerprint import base_fingerprint
 from flora_train.base.loading import load_config
 from flora_train.base.tiny import built_from, tiny_fingerprint
 from flora_train.config import RecipeError
+from flora_train.errors import warn
 from flora_train.data import BadRows, Columns, DataError, SyntheticTask, cache, load_examples, tokenize_examples
 from flora_train.data.examples import TokenizedExamples
 from flora_train.data.sources import absolute_spec
@@ -290,6 +292,12 @@ def prepare_data(cfg: DictConfig) -> RunData:
             tokenizer = load_tokenizer(model_path, m.gguf_file, m.trust_remote_code)
             context = base_context(model_path, m)
             folder = RunDir(run_dir).data_cache / build.key(tokenizer, context)
+            if cache.is_complete(folder):
+                try:
+                    cache.load(folder)
+                except cache.UnreadableCache as exc:
+                    warn(f"{exc}; tokenising the data again")
+                    shutil.rmtree(folder)
             if not cache.is_complete(folder):
                 build.write(folder, tokenizer, context)
             answer = (str(folder), model_path, None, None)

@@ -69,6 +69,26 @@ def test_a_half_written_cache_is_not_used(tmp_path, tiny_llama_dir):
     assert again.cache_dir == folder and cache.is_complete(folder) and len(again.train) == 24
 
 
+@pytest.mark.parametrize("torn", ["meta.json", "train/data-00000-of-00001.arrow", "eval/state.json"])
+def test_a_torn_cache_is_tokenised_again_and_users_still_lists(tmp_path, tiny_llama_dir, torn, capsys):
+    """A complete cache whose files a disk fault or a cut copy tore: the data is tokenised again,
+    said once, and `flora-train users` lists the run without token counts. Before, every command
+    that reads the run ended in json's or pyarrow's traceback."""
+    from flora_train.lifecycle import _tokens
+    from flora_train.run_dir import RunDir
+
+    cfg = _cfg(tmp_path, tiny_llama_dir)
+    first = data_setup.prepare_data(cfg)
+    good = first.train.fingerprint()
+    (first.cache_dir / torn).write_bytes(b"torn")
+    assert _tokens(RunDir(tmp_path / "run")) == {}
+    assert f"{first.cache_dir}: the tokenised data cannot be read" in capsys.readouterr().err
+    again = data_setup.prepare_data(cfg)
+    assert "tokenising the data again" in capsys.readouterr().err
+    assert again.cache_dir == first.cache_dir and again.train.fingerprint() == good and len(again.eval) == 12
+    assert sum(_tokens(RunDir(tmp_path / "run")).values()) == int(again.train.target_counts().sum())
+
+
 def test_a_data_error_on_rank_0_names_the_file_and_writes_no_cache(tmp_path, tiny_llama_dir):
     cfg = _cfg(tmp_path, tiny_llama_dir)
     with (tmp_path / "data" / "train.jsonl").open("a") as f:
