@@ -246,8 +246,8 @@ def _shared_adapter_steps(rd: RunDir) -> int:
         return int(found[1].get("steps", 0))
     except UnreadableTensors as exc:
         try:
-            steps = int(json.loads(rd.result.read_text())["steps"])
-        except (OSError, ValueError, KeyError, TypeError):
+            steps = int((rd.read_result() or {}).get("steps", 0))
+        except (ValueError, TypeError):
             steps = 0
         warn(f"{exc}; removed all the same (it was trained on the forgotten users' data too); "
              f"`forget --retrain-shared` trains it for the run's {steps} steps")

@@ -157,6 +157,15 @@ class RunDir:
         with open_tensors(self.shared_adapter) as f:
             return f.get_tensor("row"), dict(f.metadata() or {})
 
+    def read_result(self) -> dict[str, Any] | None:
+        """What the last finished run reported; None when there is none or it cannot be read (torn:
+        the run's next end writes it again; the caller says what it does without it)."""
+        try:
+            result = json.loads(self.result.read_text())
+        except (OSError, ValueError):
+            return None
+        return result if isinstance(result, dict) else None
+
     def removed_shared_steps(self) -> int | None:
         """The steps of a shared adapter a forget removed and nothing has retrained (None: none)."""
         if not self.shared_adapter_removed.is_file() or self.shared_adapter.is_file():

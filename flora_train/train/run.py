@@ -193,9 +193,12 @@ def finish(session: Session, tracker: Tracker, trained: LoopResult, final: Path,
                                        "resident_bytes_per_rank": held, "total_bytes": whole}}
     finished_before = trained.first == trained.step and session.paths.result.is_file()
     if finished_before:  # resumed after its end (a requeue, --resume again): the training figures stay
-        earlier = json.loads(session.paths.result.read_text())
+        earlier = session.paths.read_result()
+        if earlier is None and main:
+            warn(f"{session.paths.result}: cannot be read; written again, with this resume's training figures "
+                 "(train_seconds, train_tokens_per_s: it trained nothing) in place of the run's")
         result.update({k: earlier[k] for k in ("train_seconds", "train_tokens_per_s", "store", "shared_phase_seconds")
-                       if k in earlier})
+                       if k in (earlier or {})})
     if session.zero is not None:  # before scoring: what DeepSpeed's root hooks did in training
         result["base"]["zero_hooks"] = session.zero.hook_report()
     if sweep is not None:

@@ -41,11 +41,12 @@ def test_a_finished_run_resumed_trains_and_writes_nothing(tmp_path, tiny_llama_d
     assert json.loads((run / "result.json").read_text())["eval_shared"] == first["eval_shared"]
 
 
-def test_a_torn_shared_baseline_is_trained_again_scored_without_and_forgotten(tmp_path, tiny_llama_dir, capsys):
+def test_a_torn_shared_baseline_or_result_is_made_again_scored_without_and_forgotten(tmp_path, tiny_llama_dir, capsys):
     """``shared_adapter.safetensors`` beside a finished run is torn (a disk fault, a copy cut short).
     It is derived, so nothing stops on it: `eval` scores without it, a resume trains it again, and
     `forget` removes it all the same (it learnt from every user). Before, each ended in
-    safetensors' traceback, and a forget stopped halfway with the forgotten users' data in it."""
+    safetensors' traceback, and a forget stopped halfway with the forgotten users' data in it.
+    A torn ``result.json`` is written again by the resume (before: json's traceback)."""
     from flora_train.lifecycle import forget_users
     from flora_train.run_dir import RunDir
     from flora_train.train.scoring import run_eval
@@ -64,6 +65,10 @@ def test_a_torn_shared_baseline_is_trained_again_scored_without_and_forgotten(tm
     assert f"{torn}: not a readable safetensors file" in capsys.readouterr().err
     assert again["eval_shared"] == first["eval_shared"]  # the same baseline, trained again
     assert RunDir(run).read_shared_adapter() is not None
+    (run / "result.json").write_text('{"steps": ')  # the same for the run's report
+    assert run_training(recipe, resume=True)["eval"] == first["eval"]
+    assert f"{run / 'result.json'}: cannot be read; written again" in capsys.readouterr().err
+    assert RunDir(run).read_result()["eval"] == first["eval"]
     torn.write_bytes(b"torn")
     done = forget_users(run, ["user-000001"])
     assert done["removed_shared_adapter"] and done["shared_adapter_steps"] == first["steps"] == 2
