@@ -10,6 +10,7 @@ model, a converted base) goes through here; checkpoints keep their own protocol
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -150,6 +151,15 @@ def load_tensors(path: Path) -> dict[str, Any]:
     """Every tensor of a safetensors file (``load_file``), its failures as ``open_tensors``'."""
     with open_tensors(path) as f:
         return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; None when it is missing, cannot be read or does not parse (the caller
+    says what it does without it)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def write_lines(path: Path, lines: Callable[[], Iterable[str]]) -> bool:

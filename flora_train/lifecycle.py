@@ -30,7 +30,7 @@ from typing import Any, Callable
 from flora_train.errors import warn
 from flora_train.export import ExportError, forget_in_export, forget_unindexed
 from flora_train.export.base import select_users, write_json
-from flora_train.files import UnreadableTensors, replace_text
+from flora_train.files import UnreadableTensors, read_json, replace_text
 from flora_train.run_dir import RunDir, RunLock, readers
 from flora_train.run_dir.checkpoints import (
     SHARD_PLAN,
@@ -73,7 +73,11 @@ def list_users(run_dir: Path, users: list[str] | None = None) -> list[dict[str, 
             last[r["user_id"]] = r
     exports: dict[str, list[str]] = {}
     for index in rd.export_indexes():
-        for user, where in json.loads(index.read_text()).items():
+        entries = read_json(index)
+        if not isinstance(entries, dict):
+            warn(f"{index}: cannot be read; the export's users are not listed")
+            continue
+        for user, where in entries.items():
             # A folder per user, or [pack file, row] in a packed export.
             place = f"{index.parent / where[0]}#{where[1]}" if isinstance(where, list) else str(index.parent / where)
             exports.setdefault(user, []).append(place)
@@ -209,9 +213,14 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> tuple[int, list[str]]:
     inside = rd.exports.resolve()
     held_in: list[tuple[Path, int]] = []
     for index_path in rd.export_indexes():
-        manifest_path = index_path.with_name("manifest.json")
-        fmt = json.loads(manifest_path.read_text()).get("format") if manifest_path.is_file() else None
-        held = forget_in_export(index_path.parent, fmt, forget)  # then what no index names:
+        info = read_json(index_path.with_name("manifest.json"))
+        fmt = info.get("format") if isinstance(info, dict) else None
+        if isinstance(read_json(index_path), dict):
+            held = forget_in_export(index_path.parent, fmt, forget)  # then what no index names:
+        else:  # torn: the users' folders by name and the packs by their metadata are still found
+            warn(f"{index_path}: cannot be read (the export cannot be served: export it again); the forgotten users' "
+                 "copies are looked for by name and in every pack")
+            held = 0
         held_in.append((index_path.parent, held + forget_unindexed(index_path.parent, forget)))
     held_in += [(out, forget_unindexed(out, forget)) for out in rd.unfinished_exports()]
     for out, held in held_in:
@@ -245,10 +254,7 @@ def _shared_adapter_steps(rd: RunDir) -> int:
         assert found is not None
         return int(found[1].get("steps", 0))
     except UnreadableTensors as exc:
-        try:
-            steps = int((rd.read_result() or {}).get("steps", 0))
-        except (ValueError, TypeError):
-            steps = 0
+        steps = rd.run_steps()
         warn(f"{exc}; removed all the same (it was trained on the forgotten users' data too); "
              f"`forget --retrain-shared` trains it for the run's {steps} steps")
         return steps

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flora_train.errors import warn
+from flora_train.files import read_json
 from flora_train.export.base import SHARED_FOLDER, ExportError, ExportRequest, safe_folder_name
 from flora_train.run_dir import RunDir, readers
 
@@ -113,7 +114,8 @@ def forget_unindexed(out: Path, forget: set[str]) -> int:
     places = [p for p in map(safe_folder_name, sorted(forget)) if (out / p).is_dir()]
     for folder in places:
         shutil.rmtree(out / folder, ignore_errors=True)
-    index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
+    index = read_json(out / "index.json")
+    index = index if isinstance(index, dict) else {}  # (none, or torn: every pack is looked in)
     named = {entry[0] for entry in index.values() if isinstance(entry, list) and entry}  # the format's own forget
     packs = []
     for pack in sorted(out.glob("pack-*.safetensors")):

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flora_train.errors import UserError
+from flora_train.errors import UserError, warn
+from flora_train.files import read_json
 from flora_train.run_dir.lock import LOCK_NAME
 
 # What a run leaves that is its own: train.overwrite moves these aside, checkpoints first (a run
@@ -166,11 +167,25 @@ class RunDir:
             return None
         return result if isinstance(result, dict) else None
 
+    def run_steps(self) -> int:
+        """The steps the last finished run reported (0 when its report cannot be read): what the
+        shared adapter is trained for, where its own note of them is lost."""
+        try:
+            return int((self.read_result() or {}).get("steps", 0))
+        except (TypeError, ValueError):
+            return 0
+
     def removed_shared_steps(self) -> int | None:
         """The steps of a shared adapter a forget removed and nothing has retrained (None: none)."""
         if not self.shared_adapter_removed.is_file() or self.shared_adapter.is_file():
             return None
-        return int(json.loads(self.shared_adapter_removed.read_text())["steps"])
+        noted = read_json(self.shared_adapter_removed)
+        try:
+            return int(noted["steps"])
+        except (TypeError, KeyError, ValueError):
+            warn(f"{self.shared_adapter_removed}: cannot be read; the shared adapter a forget removed trains again "
+                 f"for the run's {self.run_steps()} steps")
+            return self.run_steps()
 
     @property
     def eval(self) -> Path:
@@ -216,8 +231,11 @@ class RunDir:
         # (merged exports may come from an export)
         if not self.holds_run or out.is_relative_to(self.exports.absolute()) or out in self._exports_recorded():
             return
+        # A record cut short (a crash in the append) must not swallow this one: a line of its own.
+        held = self.exports_elsewhere.read_bytes() if self.exports_elsewhere.is_file() else b""
+        cut = bool(held) and not held.endswith(b"\n")
         with self.exports_elsewhere.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"out": str(out)}) + "\n")
+            f.write(("\n" if cut else "") + json.dumps({"out": str(out)}) + "\n")
 
     def run_id(self) -> str | None:
         """The id of the run held here (its newest readable checkpoint manifest's); None when none."""
@@ -290,16 +308,27 @@ class RunDir:
                     f"export --format {fmt} into another folder")
         return None
 
-    def _exports_recorded(self) -> list[Path]:
+    def _exports_recorded(self, say: bool = True) -> list[Path]:
         if not self.exports_elsewhere.is_file():
             return []
-        lines = self.exports_elsewhere.read_text(encoding="utf-8").splitlines()
-        return [Path(json.loads(line)["out"]) for line in lines if line.strip()]
+        found = []
+        lines = self.exports_elsewhere.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                found.append(Path(json.loads(line)["out"]))
+            except (ValueError, KeyError, TypeError):
+                if say:
+                    warn(f"{self.exports_elsewhere}:{number}: not a record of an export ({line[:120]!r}): an export it "
+                         "named is neither listed by `users` nor reached by `forget`; remove the users from it by hand")
+        return found
 
     def unfinished_exports(self) -> list[Path]:
         """Export folders of this run with no ``index.json``: an export killed before it wrote one
         (exports are recorded before their first row is written)."""
-        candidates = [*self.exports.glob("*/"), *self._exports_recorded()]  # (no export/: the glob is empty)
+        # (no export/: the glob is empty; a record that cannot be read was named by export_indexes)
+        candidates = [*self.exports.glob("*/"), *self._exports_recorded(say=False)]
         return [out for out in candidates if out.is_dir() and not (out / "index.json").is_file()]
 
     def export_indexes(self) -> list[Path]:
@@ -311,7 +340,11 @@ class RunDir:
             manifest = out / "manifest.json"
             if not ((out / "index.json").is_file() and manifest.is_file()):
                 continue
-            if self.holds_export(out, json.loads(manifest.read_text())):
+            info = read_json(manifest)
+            if not isinstance(info, dict):
+                warn(f"{manifest}: cannot be read, so whose export {out} is cannot be told: neither listed by `users` "
+                     "nor reached by `forget`; remove the users from it by hand, or delete it")
+            elif self.holds_export(out, info):
                 elsewhere.append(out / "index.json")
         return sorted(self.exports.glob("*/index.json")) + elsewhere
 

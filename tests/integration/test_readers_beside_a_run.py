@@ -274,3 +274,38 @@ def test_a_follower_does_not_serve_a_run_trained_again_under_another_lora_alpha(
     finally:
         follower.close()
         engine.close()
+
+
+def test_torn_export_records_are_named_and_forget_reaches_what_it_can_tell(tmp_path, tiny_llama_dir, capsys):
+    """What a disk fault or a hand tore beside a run's exports: a cut line of exports-elsewhere.jsonl
+    (an append killed), an export's manifest.json, another's index.json. `users` and `forget` name
+    each and go on: forget removes the user from every export it can tell is this run's (where the
+    index is torn, by folder name and from every pack that holds it) and leaves the one whose owner
+    cannot be told. Before, json's traceback, and forget stopped halfway."""
+    from flora_train.export import export_adapters, safe_folder_name
+    from flora_train.lifecycle import forget_users, list_users
+
+    run = tmp_path / "run"
+    run_training(load_recipe(None, [*small_recipe(tmp_path, tiny_llama_dir), f"run_dir={run}", "eval.at_end=false",
+                                    "train.max_steps=1"]))
+    cut, whose, packed, gone = tmp_path / "cut", tmp_path / "whose", run / "export" / "packed", "user-000003"
+    export_adapters(run, "flora", None, cut)
+    log = run / "exports-elsewhere.jsonl"
+    log.write_text(log.read_text().rstrip("\n")[:-5])  # the append cut short: no line end
+    export_adapters(run, "flora", None, whose)  # recorded on a line of its own
+    export_adapters(run, "packed", None, packed, pack_size=5)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1]) == {"out": str(whose)}, lines
+    (whose / "manifest.json").write_text("{")
+    (packed / "index.json").write_text("{")
+    capsys.readouterr()
+    assert all(r["export"] == [] for r in list_users(run))
+    err = capsys.readouterr().err
+    assert f"{log}:1: not a record of an export" in err and f"{log}:2" not in err
+    assert f"{whose / 'manifest.json'}: cannot be read, so whose export {whose} is cannot be told" in err
+    assert f"{packed / 'index.json'}: cannot be read; the export's users are not listed" in err
+    done = forget_users(run, [gone])
+    assert done["export_folders"] == 1 and f"{packed / 'index.json'}: cannot be read" in capsys.readouterr().err
+    held = [json.loads(safe_open(str(p), "pt").metadata()["users"]) for p in sorted(packed.glob("pack-*"))]
+    assert len(held) == 2 and all(gone not in users for users in held), held
+    assert (whose / safe_folder_name(gone)).is_dir() and (cut / safe_folder_name(gone)).is_dir()

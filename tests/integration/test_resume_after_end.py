@@ -74,3 +74,7 @@ def test_a_torn_shared_baseline_or_result_is_made_again_scored_without_and_forgo
     assert done["removed_shared_adapter"] and done["shared_adapter_steps"] == first["steps"] == 2
     assert not torn.exists() and RunDir(run).removed_shared_steps() == 2
     assert "removed all the same (it was trained on the forgotten users' data too)" in capsys.readouterr().err
+    RunDir(run).shared_adapter_removed.write_text('{"st')  # its note torn too: the run's steps, said
+    assert RunDir(run).removed_shared_steps() == 2
+    assert "shared_adapter.removed.json: cannot be read; the shared adapter a forget removed trains again for the " \
+           "run's 2 steps" in capsys.readouterr().err
