@@ -16,7 +16,7 @@ from flora_train.export.base import ExportError, ExportRequest, count_users, ind
 from flora_train.export.flora import FloraExport
 from flora_train.export.rows import RowExport
 from flora_train.errors import warn
-from flora_train.files import UnreadableTensors, open_tensors, save_tensors
+from flora_train.files import UnreadableTensors, open_tensors, read_json, save_tensors
 
 
 def _generation(name: str) -> int:
@@ -128,8 +128,9 @@ class PackedExport(RowExport):
 
 def read_packed(out: Path, users: list[str]) -> tuple[AdapterLayout, torch.Tensor]:
     """The rows ``[len(users), row_size]`` of users in a packed export, and its layout."""
-    index = json.loads((out / "index.json").read_text())
-    manifest = json.loads((out / "manifest.json").read_text())
+    index, manifest = read_json(out / "index.json"), read_json(out / "manifest.json")
+    if not isinstance(index, dict) or not isinstance(manifest, dict):
+        raise ExportError(f"{out}: its index.json or manifest.json cannot be read (torn, or not an export)")
     if manifest.get("format") != "packed":
         raise ExportError(f"{out}: not a packed export")
     missing = [u for u in users if u not in index]

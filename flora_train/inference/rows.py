@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from flora_train.files import read_json
 from flora_train.run_dir.layout import RunDir
 from flora_train.run_dir.readers import CheckpointLease
 
@@ -223,7 +224,12 @@ class _ExportIndexRows(_IndexedRows):
             identity = _file_identity(self._folder / "index.json")
             if identity is None or identity == self._identity:
                 return False
-            self._index = json.loads((self._folder / "index.json").read_text())
+            index = read_json(self._folder / "index.json")
+            if not isinstance(index, dict):  # torn: the users stay as they were read, said once a change
+                log.warning("%s: cannot be read; its users are served as they were", self._folder / "index.json")
+                self._identity = identity
+                return False
+            self._index = index
             self._identity = identity
             self.generation += 1
             return True

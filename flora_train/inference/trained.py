@@ -24,6 +24,7 @@ from flora_train.base.fingerprint import base_changed, recorded_id_only
 from flora_train.base.loading import hub_unavailable, looks_local
 from flora_train.base.tiny import built_from
 from flora_train.errors import UserError, warn
+from flora_train.files import read_json
 from flora_train.inference.rows import CheckpointRows, RowSource
 from flora_train.run_dir import RunDir
 from flora_train.run_dir.readers import CheckpointLease
@@ -159,12 +160,14 @@ def check_base_is_there(base: str, trained: Path, gguf_file: str | None = None) 
 def _from_export(folder: Path, base_at: Path | None = None) -> Source:
     from flora_train.export import EXPORT_FORMATS, ExportError, get_format
 
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest, index = read_json(folder / "manifest.json"), read_json(folder / "index.json")
+    for name, value in (("manifest.json", manifest), ("index.json", index)):
+        if not isinstance(value, dict):
+            raise InferenceError(f"{folder / name}: cannot be read (torn, or not an export's): export the run again")
     fmt = manifest.get("format")
     if fmt not in EXPORT_FORMATS or not EXPORT_FORMATS[fmt].servable:
         served = " or ".join(f"--format {name}" for name, e in EXPORT_FORMATS.items() if e.servable)
         raise InferenceError(f"{folder}: a {fmt!r} export is not read back; give a run directory, or a {served} export")
-    index = json.loads((folder / "index.json").read_text())
     if not index:
         raise InferenceError(f"{folder}: the export holds no user")
     try:
@@ -173,6 +176,8 @@ def _from_export(folder: Path, base_at: Path | None = None) -> Source:
         shared = SharedAdapter(*export.shared_adapter(folder, manifest)) if manifest.get("shared_adapter") else None
     except ExportError as exc:
         raise InferenceError(str(exc)) from None
+    if "base_model" not in manifest:
+        raise InferenceError(f"{folder / 'manifest.json'}: names no base_model: export the run again")
     base, recorded, gguf = str(manifest["base_model"]), manifest.get("base_fingerprint"), manifest.get("gguf_file")
     if base_at is not None:
         base = _moved_base(base_at, recorded, gguf, f"{folder} was exported from", base)

@@ -246,10 +246,13 @@ def test_prefetched_rows_are_the_rows_read_and_the_cache_stays_bounded(trained, 
     assert torch.equal(cache.table[base], untrained)  # the base model: an untrained row, the identity
 
 
-def test_packed_and_flora_exports_serve_the_runs_rows_read_by_user(trained, tmp_path):
+def test_packed_and_flora_exports_serve_the_runs_rows_read_by_user(trained, tmp_path, caplog):
     """Serving reads a user's row from where it was saved: a packed export (slices of its pack
-    files) and a flora export (the user's folder) give the run's rows, and the same text."""
+    files) and a flora export (the user's folder) give the run's rows, and the same text. An index
+    or manifest torn (a disk fault) is named: at load, an error; beside a server, it goes on with
+    the index it read (before: json's traceback in both)."""
     from flora_train.export import export_adapters
+    from flora_train.inference.trained import InferenceError
 
     run_dir = trained.source.checkpoint.parent.parent
     users = trained.users[:3]
@@ -262,6 +265,15 @@ def test_packed_and_flora_exports_serve_the_runs_rows_read_by_user(trained, tmp_
             assert torch.equal(served.row(user), trained.row(user)), (fmt, user)
         (text,), _ = generate_batch(served, [PROMPT], [users[1]], GenerationSettings(max_new_tokens=5))
         assert text.text == alone.text, fmt
+        (tmp_path / fmt / "index.json").write_text('{"user-0')
+        with caplog.at_level("WARNING", logger="flora_train"):
+            assert not served.rows.refresh() and set(served.users) == set(trained.users)
+        assert f"{tmp_path / fmt / 'index.json'}: cannot be read; its users are served as they were" in caplog.text
+        assert torch.equal(served.row(users[2]), trained.row(users[2]))
+        for name in ("index.json", "manifest.json"):
+            (tmp_path / fmt / name).write_text("{")
+            with pytest.raises(InferenceError, match=rf"{fmt}/{name}: cannot be read \(torn, or not an export's\)"):
+                load_trained(tmp_path / fmt, device="cpu")
 
 
 def test_the_cache_goes_by_the_name_the_models_forward_takes(trained):
