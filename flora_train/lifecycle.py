@@ -68,9 +68,15 @@ def list_users(run_dir: Path, users: list[str] | None = None) -> list[dict[str, 
     evals = rd.per_user_evals()
     last = {}
     if evals:
-        for line in evals[-1].read_text().splitlines():
-            r = json.loads(line)
-            last[r["user_id"]] = r
+        torn = 0
+        for line in evals[-1].read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+                last[r["user_id"]] = r
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+        if torn:
+            warn(f"{evals[-1]}: {torn} line(s) cannot be read; those users' last held-out scores are not listed")
     exports: dict[str, list[str]] = {}
     for index in rd.export_indexes():
         entries = read_json(index)
@@ -196,8 +202,8 @@ def _filter_jsonl(path: Path, forget: set[str]) -> int:
     for line in lines:
         try:
             user = json.loads(line).get("user_id")
-        except (ValueError, AttributeError):
-            user = None
+        except (ValueError, AttributeError):  # a line cut short: it goes if it names a forgotten user
+            user = next((u for u in forget if json.dumps(u) in line or json.dumps(u, ensure_ascii=False) in line), None)
         if user not in forget:
             kept.append(line)
     if len(kept) == len(lines):

@@ -278,10 +278,11 @@ def test_a_follower_does_not_serve_a_run_trained_again_under_another_lora_alpha(
 
 def test_torn_export_records_are_named_and_forget_reaches_what_it_can_tell(tmp_path, tiny_llama_dir, capsys):
     """What a disk fault or a hand tore beside a run's exports: a cut line of exports-elsewhere.jsonl
-    (an append killed), an export's manifest.json, another's index.json. `users` and `forget` name
-    each and go on: forget removes the user from every export it can tell is this run's (where the
-    index is torn, by folder name and from every pack that holds it) and leaves the one whose owner
-    cannot be told. Before, json's traceback, and forget stopped halfway."""
+    (an append killed), an export's manifest.json, another's index.json, per-user scores. `users`
+    and `forget` name each and go on (a cut line naming a forgotten user goes too): forget removes
+    the user from every export it can tell is this run's (where the index is torn, by folder name
+    and from every pack that holds it) and leaves the one whose owner cannot be told. Before,
+    json's traceback, and forget stopped halfway."""
     from flora_train.export import export_adapters, safe_folder_name
     from flora_train.lifecycle import forget_users, list_users
 
@@ -298,9 +299,15 @@ def test_torn_export_records_are_named_and_forget_reaches_what_it_can_tell(tmp_p
     assert len(lines) == 2 and json.loads(lines[1]) == {"out": str(whose)}, lines
     (whose / "manifest.json").write_text("{")
     (packed / "index.json").write_text("{")
+    # Per-user scores whose last line was cut short: it names the user all the same.
+    scores = run / "eval" / "per_user-step1.jsonl"
+    scores.parent.mkdir()
+    scores.write_text(json.dumps({"user_id": "user-000001", "loss": 1.5}) + '\n{"user_id": "user-000003", "loss": 1.')
     capsys.readouterr()
-    assert all(r["export"] == [] for r in list_users(run))
+    listed = list_users(run)
+    assert all(r["export"] == [] for r in listed) and [r["eval_loss"] for r in listed][1:4] == [1.5, None, None]
     err = capsys.readouterr().err
+    assert f"{scores}: 1 line(s) cannot be read" in err
     assert f"{log}:1: not a record of an export" in err and f"{log}:2" not in err
     assert f"{whose / 'manifest.json'}: cannot be read, so whose export {whose} is cannot be told" in err
     assert f"{packed / 'index.json'}: cannot be read; the export's users are not listed" in err
@@ -309,3 +316,4 @@ def test_torn_export_records_are_named_and_forget_reaches_what_it_can_tell(tmp_p
     held = [json.loads(safe_open(str(p), "pt").metadata()["users"]) for p in sorted(packed.glob("pack-*"))]
     assert len(held) == 2 and all(gone not in users for users in held), held
     assert (whose / safe_folder_name(gone)).is_dir() and (cut / safe_folder_name(gone)).is_dir()
+    assert done["jsonl_lines"] == 1 and gone not in scores.read_text()  # (before: a cut line naming it stayed)
