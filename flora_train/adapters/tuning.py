@@ -29,6 +29,7 @@ import torch
 
 from flora_train.adapters.functional import adapted_linear, kernels_for
 from flora_train.adapters.methods import get_method
+from flora_train.errors import UserError
 from flora_train.files import replace_text
 
 
@@ -159,6 +160,10 @@ def _set_apart(fn: Callable[[], float], device: torch.device) -> float:
         return fn()
 
 
+class KernelRecordError(UserError, ValueError):
+    """A run's kernel choice file that cannot be read: which kernels its steps ran is lost."""
+
+
 class KernelTuner:
     """Measured kernel choices of one process, optionally persisted to ``path`` (JSON)."""
 
@@ -175,8 +180,10 @@ class KernelTuner:
         if path is not None and path.exists():
             try:
                 self.choices = {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
-            except (json.JSONDecodeError, AttributeError) as exc:
-                raise ValueError(f"{path}: not a kernel choice file ({exc}); delete it to measure again") from exc
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+                raise KernelRecordError(
+                    f"{path}: not a kernel choice file ({exc}); delete it to measure again (a resumed run may then "
+                    "choose other kernels: the same function, summed in another order, so not bit for bit)") from None
             # Frozen, a resumed run answers unmeasured shapes from these as the first run did from its own.
             self._keys = {text: key for text in self.choices if (key := KernelKey.parse(text)) is not None}
 

@@ -9,6 +9,7 @@ from flora_train.adapters import AdapterSpec, inject_adapters
 from flora_train.adapters import tuning
 from flora_train.adapters.functional import kernels_for
 from flora_train.adapters.tuning import KernelTuner, bucket
+from flora_train.errors import UserError
 
 
 def test_bucket_is_the_next_power_of_two():
@@ -43,6 +44,10 @@ def test_the_fastest_kernel_is_chosen_once_per_bucket(monkeypatch, tmp_path):
     again = KernelTuner(path)
     assert again.choose("lora", 4, w, None, torch.Size([6, 5, 8]), users=3) == "segment"
     assert calls == [] and not again.timings
+    # Torn (a disk fault): named, a user's error (one line from the CLI), not json's traceback.
+    path.write_text('{"lora')
+    with pytest.raises(UserError, match=r"rank-0.json: not a kernel choice file .*delete it to measure again"):
+        KernelTuner(path)
 
 
 def test_a_rank_that_leaves_one_kernel_is_never_measured(monkeypatch):
