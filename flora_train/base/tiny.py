@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from flora_train.errors import warn
 from flora_train.files import replaced_folder
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -131,13 +132,26 @@ def built_from(directory: Path) -> dict | None:
         return None
 
 
+def _file_digests(directory: Path) -> dict[str, str]:
+    """Each file of a built tiny model (small: read whole) and its content's digest."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != STAMP}
+
+
 def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
     """Writes (or reuses, when config and corpus match) a tiny model folder; returns its path."""
     from transformers import AutoModelForCausalLM
 
     fingerprint = tiny_fingerprint(cfg, texts)
-    if (built_from(directory) or {}).get("fingerprint") == fingerprint:
-        return directory
+    stamp = built_from(directory) or {}
+    if stamp.get("fingerprint") == fingerprint:
+        built, now = stamp.get("files", {}), _file_digests(directory)  # (a stamp from before digests: none)
+        damaged = sorted(name for name, digest in built.items() if now.get(name) != digest)
+        if not damaged:
+            return directory
+        # Derived from the recipe and the data: built again, the same (seeded), so checkpoints still fit it.
+        warn(f"{directory}: the tiny base built here is damaged ({', '.join(damaged)} changed or gone since it "
+             "was built); building it again")
     tokenizer = train_tokenizer(texts, cfg["vocab_size"])
     config = _model_config(cfg["architecture"], cfg, len(tokenizer), tokenizer)
     with torch.random.fork_rng(devices=[]):
@@ -150,5 +164,6 @@ def build_tiny_model(directory: Path, cfg: dict, texts: list[str]) -> Path:
     with replaced_folder(directory, "building") as staging:
         _save(model, staging)
         tokenizer.save_pretrained(staging)
-        (staging / STAMP).write_text(json.dumps({"fingerprint": fingerprint, "config": cfg}))
+        files = _file_digests(staging)
+        (staging / STAMP).write_text(json.dumps({"fingerprint": fingerprint, "config": cfg, "files": files}))
     return directory

@@ -215,10 +215,11 @@ def test_readers_refuse_adapters_on_a_base_changed_since(tmp_path, tiny_llama_di
             resolve_source(source)
 
 
-def test_a_run_built_tiny_base_is_kept_for_its_checkpoints(tmp_path, synthetic_texts):
+def test_a_run_built_tiny_base_is_kept_for_its_checkpoints(tmp_path, synthetic_texts, capsys):
     """A resume whose recipe would build another tiny base is refused before it is built over the
     one the checkpoints fit (generate and serve read it from there); a run moved aside by
-    train.overwrite gets its base built again when read."""
+    train.overwrite gets its base built again when read, and so does one a disk fault tore (the
+    same, seeded, pretraining included; before, loading it ended every command)."""
     from flora_train.base.fingerprint import base_fingerprint
     from flora_train.inference.trained import resolve_source
     from flora_train.run_dir.checkpoints import read_state
@@ -227,10 +228,15 @@ def test_a_run_built_tiny_base_is_kept_for_its_checkpoints(tmp_path, synthetic_t
 
     overrides = _overrides(tmp_path, "unused", "train.max_steps=1")
     overrides = [o for o in overrides if not o.startswith("base.name_or_path")]
-    overrides += [f"base.tiny.{k}={v}" for k, v in TINY.items()]
+    overrides += [f"base.tiny.{k}={v}" for k, v in TINY.items()] + ["base.tiny.pretrain_steps=3"]
     run = tmp_path / "run"
     run_training(load_recipe(None, overrides))
     weights = (run / "base_model" / "model.safetensors").read_bytes()
+    (run / "base_model" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    capsys.readouterr()
+    run_training(load_recipe(None, overrides), resume=True)  # the checkpoints' base check passes
+    assert "the tiny base built here is damaged (model.safetensors changed or gone" in capsys.readouterr().err
+    assert (run / "base_model" / "model.safetensors").read_bytes() == weights
     with pytest.raises(CheckpointError, match=r"base_model: this run's checkpoints were trained on the tiny base "
                                               r"built here.*\(base.tiny.seed: 0 -> 1 changed\)"):
         run_training(load_recipe(None, [*overrides, "base.tiny.seed=1"]), resume=True)
