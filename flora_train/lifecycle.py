@@ -26,7 +26,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
-
 from flora_train.errors import warn
 from flora_train.export import ExportError, forget_in_export, forget_unindexed
 from flora_train.export.base import select_users, write_json
@@ -257,8 +256,7 @@ def _shared_adapter_steps(rd: RunDir) -> int:
     user); then the run's own steps (``result.json``), what the run trains it for."""
     try:
         found = rd.read_shared_adapter()
-        assert found is not None
-        return int(found[1].get("steps", 0))
+        return int(found[1].get("steps", 0)) if found is not None else rd.run_steps()
     except UnreadableTensors as exc:
         steps = rd.run_steps()
         warn(f"{exc}; removed all the same (it was trained on the forgotten users' data too); "

@@ -225,7 +225,7 @@ class _ExportIndexRows(_IndexedRows):
             if identity is None or identity == self._identity:
                 return False
             index = read_json(self._folder / "index.json")
-            if not isinstance(index, dict):  # torn: the users stay as they were read, said once a change
+            if not isinstance(index, dict):  # torn: the users stay as read before (said at each change of the file)
                 log.warning("%s: cannot be read; its users are served as they were", self._folder / "index.json")
                 self._identity = identity
                 return False

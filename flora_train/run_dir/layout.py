@@ -183,9 +183,10 @@ class RunDir:
         try:
             return int(noted["steps"])
         except (TypeError, KeyError, ValueError):
+            steps = self.run_steps()
             warn(f"{self.shared_adapter_removed}: cannot be read; the shared adapter a forget removed trains again "
-                 f"for the run's {self.run_steps()} steps")
-            return self.run_steps()
+                 f"for the run's {steps} steps")
+            return steps
 
     @property
     def eval(self) -> Path:

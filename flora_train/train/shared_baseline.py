@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from flora_train import dist as fdist
 from flora_train.data import BatchPlanner
 from flora_train.errors import warn
