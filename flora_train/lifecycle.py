@@ -31,6 +31,7 @@ from flora_train.export import ExportError, forget_in_export, forget_unindexed
 from flora_train.export.base import select_users, write_json
 from flora_train.files import UnreadableTensors, read_json, replace_text
 from flora_train.run_dir import RunDir, RunLock, readers
+from flora_train.run_dir.exports import export_indexes, unfinished_exports
 from flora_train.run_dir.checkpoints import (
     SHARD_PLAN,
     SHARED_ADAPTER,
@@ -77,7 +78,7 @@ def list_users(run_dir: Path, users: list[str] | None = None) -> list[dict[str, 
         if torn:
             warn(f"{evals[-1]}: {torn} line(s) cannot be read; those users' last held-out scores are not listed")
     exports: dict[str, list[str]] = {}
-    for index in rd.export_indexes():
+    for index in export_indexes(rd):
         entries = read_json(index)
         if not isinstance(entries, dict):
             warn(f"{index}: cannot be read; the export's users are not listed")
@@ -217,7 +218,7 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> tuple[int, list[str]]:
     removed, elsewhere = 0, []
     inside = rd.exports.resolve()
     held_in: list[tuple[Path, int]] = []
-    for index_path in rd.export_indexes():
+    for index_path in export_indexes(rd):
         info = read_json(index_path.with_name("manifest.json"))
         fmt = info.get("format") if isinstance(info, dict) else None
         if isinstance(read_json(index_path), dict):
@@ -227,7 +228,7 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> tuple[int, list[str]]:
                  "copies are looked for by name and in every pack")
             held = 0
         held_in.append((index_path.parent, held + forget_unindexed(index_path.parent, forget)))
-    held_in += [(out, forget_unindexed(out, forget)) for out in rd.unfinished_exports()]
+    held_in += [(out, forget_unindexed(out, forget)) for out in unfinished_exports(rd)]
     for out, held in held_in:
         removed += held
         if held and not out.resolve().is_relative_to(inside):

@@ -21,6 +21,7 @@ from flora_train.errors import warn
 from flora_train.files import read_json
 from flora_train.export.base import SHARED_FOLDER, ExportError, ExportRequest, safe_folder_name
 from flora_train.run_dir import RunDir, readers
+from flora_train.run_dir.exports import export_out_error, record_export
 
 if TYPE_CHECKING:
     from flora_train.export.base import AdapterExport
@@ -72,7 +73,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
     ``gather`` (an all-gather) collects every part's index, and part 0 writes ``index.json`` and
     ``manifest.json`` once every part's files are written."""
     run, out = RunDir(run_dir), Path(out)
-    refused = run.export_out_error(out, fmt)
+    refused = export_out_error(run, out, fmt)
     if refused:
         raise ExportError(refused)
     request = ExportRequest(Path(run_dir), out, users, checkpoint, just_written, base_model_id, pack_size, part, gather,
@@ -84,7 +85,7 @@ def export_adapters(run_dir: Path, fmt: str, users: list[str] | None, out: Path,
         if part[0] == 0:
             # before the first row is written: an export killed halfway is still forgotten from
             try:
-                run.record_export(out)
+                record_export(run, out)
             except OSError as exc:  # a read-only mount of the run (a serving host's): export all the same
                 warn(f"cannot record this export in {run_dir} ({exc.strerror}): `flora-train forget` on the run "
                      f"will not reach {out}")

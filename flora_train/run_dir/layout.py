@@ -161,10 +161,7 @@ class RunDir:
     def read_result(self) -> dict[str, Any] | None:
         """What the last finished run reported; None when there is none or it cannot be read (torn:
         the run's next end writes it again; the caller says what it does without it)."""
-        try:
-            result = json.loads(self.result.read_text())
-        except (OSError, ValueError):
-            return None
+        result = read_json(self.result)
         return result if isinstance(result, dict) else None
 
     def run_steps(self) -> int:
@@ -225,19 +222,6 @@ class RunDir:
         """One line per export written outside ``export/`` (``--out`` anywhere): forget and users find them."""
         return self.path / "exports-elsewhere.jsonl"
 
-    def record_export(self, out: Path) -> None:
-        """Notes an export's folder when it lies outside ``export/``. One short appended line: two
-        exports at once each add theirs."""
-        out = Path(out).absolute()
-        # (merged exports may come from an export)
-        if not self.holds_run or out.is_relative_to(self.exports.absolute()) or out in self._exports_recorded():
-            return
-        # A record cut short (a crash in the append) must not swallow this one: a line of its own.
-        held = self.exports_elsewhere.read_bytes() if self.exports_elsewhere.is_file() else b""
-        cut = bool(held) and not held.endswith(b"\n")
-        with self.exports_elsewhere.open("a", encoding="utf-8") as f:
-            f.write(("\n" if cut else "") + json.dumps({"out": str(out)}) + "\n")
-
     def run_id(self) -> str | None:
         """The id of the run held here (its newest readable checkpoint manifest's); None when none."""
         from flora_train.run_dir.checkpoints import list_checkpoints, read_manifest
@@ -248,19 +232,6 @@ class RunDir:
             except UserError:
                 continue
         return None
-
-    def holds_export(self, out: Path, info: dict) -> bool:
-        """Whether the export in ``out`` (its manifest ``info``) is of this run. By the run id the
-        export records, so that a run directory moved since keeps its exports; a copy of the run
-        directory has that id too, so an export outside it is the copy's only when the directory that
-        wrote it no longer holds that run. An export from before run ids: by its checkpoint's path."""
-        source = Path(str(info.get("checkpoint", ""))).resolve().parent
-        if source == self.checkpoints.resolve():
-            return True
-        made_by = info.get("run_id")
-        if made_by is None or made_by != self.run_id():
-            return False
-        return Path(out).resolve().is_relative_to(self.path.resolve()) or RunDir(source.parent).run_id() != made_by
 
     def foreign_checkpoint_error(self, checkpoint: Path) -> str | None:
         """Why ``checkpoint`` (a ``--checkpoint``) is not one of this run's (None: it is). Another
@@ -273,81 +244,6 @@ class RunDir:
         if RunDir(owner).recipe.is_file():
             return f"--checkpoint {checkpoint}: a checkpoint of another run, {owner}; name that run"
         return f"--checkpoint {checkpoint}: not one of this run's checkpoints (they are in {self.checkpoints})"
-
-    def export_out_error(self, out: Path, fmt: str) -> str | None:
-        """Why ``out`` may not receive a ``fmt`` export of this run (None: it may). A run directory's
-        own files are no place for one, this run's or another's, outside its ``export/<format>``
-        folders: an export into a checkpoint replaced its manifest.json. Nor is a folder holding
-        another run's export, or another format's: the two would mix under one index."""
-        target, here = Path(out).resolve(), self.path.resolve()
-        from_export = (self.path / "index.json").is_file() and not self.holds_run
-        if from_export and target.is_relative_to(here):  # a merged export made from an export
-            return f"{out}: inside the export it is made from, {self.path}; export into another folder"
-        for folder in (target, *target.parents):
-            run = RunDir(folder)
-            if (folder == here and not from_export) or run.holds_run:
-                exports = run.exports.resolve()
-                if folder != self.path.resolve() or target == exports or not target.is_relative_to(exports):
-                    whose = ("this run's own files" if folder == self.path.resolve()
-                             else f"the files of another run, {folder}")
-                    return (f"{out}: among {whose} (checkpoints, data, exports); export into "
-                            f"{self.export_dir(fmt)} (the default) or a folder outside any run directory")
-                break
-        manifest = target / "manifest.json"
-        if from_export or not manifest.is_file():
-            return None
-        try:
-            info = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            return f"{out}: holds a manifest.json that is not an export's; export into an empty folder"
-        if not self.holds_export(target, info):
-            source = Path(str(info.get("checkpoint", ""))).resolve().parent
-            return (f"{out}: holds an export of another run ({source.parent}); its users and this run's would mix: "
-                    "export into an empty folder")
-        if info.get("format") != fmt:
-            return (f"{out}: holds this run's --format {info.get('format')} export; "
-                    f"export --format {fmt} into another folder")
-        return None
-
-    def _exports_recorded(self, say: bool = True) -> list[Path]:
-        if not self.exports_elsewhere.is_file():
-            return []
-        found = []
-        lines = self.exports_elsewhere.read_text(encoding="utf-8", errors="replace").splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                found.append(Path(json.loads(line)["out"]))
-            except (ValueError, KeyError, TypeError):
-                if say:
-                    warn(f"{self.exports_elsewhere}:{number}: not a record of an export ({line[:120]!r}): an export it "
-                         "named is neither listed by `users` nor reached by `forget`; remove the users from it by hand")
-        return found
-
-    def unfinished_exports(self) -> list[Path]:
-        """Export folders of this run with no ``index.json``: an export killed before it wrote one
-        (exports are recorded before their first row is written)."""
-        # (no export/: the glob is empty; a record that cannot be read was named by export_indexes)
-        candidates = [*self.exports.glob("*/"), *self._exports_recorded(say=False)]
-        return [out for out in candidates if out.is_dir() and not (out / "index.json").is_file()]
-
-    def export_indexes(self) -> list[Path]:
-        """The ``index.json`` of every export of this run: those under ``export/``, and those recorded
-        elsewhere that still hold an export of one of this run's checkpoints (a folder since reused
-        for something else is left alone)."""
-        elsewhere = []
-        for out in self._exports_recorded():
-            manifest = out / "manifest.json"
-            if not ((out / "index.json").is_file() and manifest.is_file()):
-                continue
-            info = read_json(manifest)
-            if not isinstance(info, dict):
-                warn(f"{manifest}: cannot be read, so whose export {out} is cannot be told: neither listed by `users` "
-                     "nor reached by `forget`; remove the users from it by hand, or delete it")
-            elif self.holds_export(out, info):
-                elsewhere.append(out / "index.json")
-        return sorted(self.exports.glob("*/index.json")) + elsewhere
 
     @property
     def data(self) -> Path:

@@ -285,6 +285,7 @@ def prepare_data(cfg: DictConfig) -> RunData:
     run_dir = Path(cfg.run_dir)
     m = cfg.base
     answer: tuple[str, str, str | None, str | None]
+    loaded = None  # rank 0's read of a cache it found complete (read once, where it is checked)
     if fdist.rank() == 0:
         try:
             build = _Build(cfg, run_dir)
@@ -294,7 +295,7 @@ def prepare_data(cfg: DictConfig) -> RunData:
             folder = RunDir(run_dir).data_cache / build.key(tokenizer, context)
             if cache.is_complete(folder):
                 try:
-                    cache.load(folder)
+                    loaded = cache.load(folder)
                 except cache.UnreadableCache as exc:
                     warn(f"{exc}; tokenising the data again")
                     shutil.rmtree(folder)
@@ -315,7 +316,7 @@ def prepare_data(cfg: DictConfig) -> RunData:
     if not cache.is_complete(folder):
         raise LaunchError(f"rank {fdist.rank()} cannot see rank 0's data cache {folder}: put run_dir on a filesystem "
                           "every node shares")
-    parts, bad = cache.load(folder)
+    parts, bad = loaded if loaded is not None else cache.load(folder)
     return RunData(parts["train"], parts.get("eval"), parts.get("retain"), parts.get("general"), parts.get("validation"), bad,
                    answer[1], tokenizer, folder)
 

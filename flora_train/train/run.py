@@ -26,6 +26,7 @@ from flora_train.run_dir.checkpoints import (
     load_checkpoint,
     read_state,
 )
+from flora_train.run_dir.exports import export_out_error
 from flora_train.run_dir.identity import new_run_id
 from flora_train.store.saved import saved_steps
 from flora_train.tracking import Tracker
@@ -133,7 +134,7 @@ def check_export(session: Session) -> None:
 
         raise RecipeError(f"key 'export.users': not users of this run's data or checkpoint: "
                           f"{close_matches(unknown, session.users())}")
-    refused = ex.out and session.paths.export_out_error(Path(ex.out), ex.format.value)
+    refused = ex.out and export_out_error(session.paths, Path(ex.out), ex.format.value)
     if refused:
         raise RecipeError(f"key 'export.out': {refused}")
 
