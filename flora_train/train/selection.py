@@ -23,10 +23,13 @@ from typing import TYPE_CHECKING
 
 from flora_train import dist as fdist
 from flora_train.data.planner import StepPlan
+from flora_train.errors import warn
 from flora_train.files import replace_text
 from flora_train.train.sweep import split_variant, user_of, variant
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from flora_train.data.examples import TokenizedExamples
     from flora_train.train.evaluate import UserEval
     from flora_train.train.session import Session
@@ -164,17 +167,13 @@ def best_global_moment(session: "Session") -> tuple[str, dict[str, "UserEval"]] 
     """The single setting for every user (one validation moment, and under a sweep one rate) with the
     lowest mean validation loss, and every user's evaluation loss and accuracy then: the best global
     choice, made on the validation split as the per-user choice is, so the two compare fairly."""
-    from flora_train.train.evaluate import UserEval
-
     lrs = list(session.cfg.train.sweep.lr)
     best: tuple[float, str, dict[str, float]] | None = None
     for path in session.paths.validation_files():
         step = int(path.stem.split("step")[1])
-        groups: dict[int | None, list[dict]] = {}
-        for line in path.read_text().splitlines():
-            if line:
-                row = json.loads(line)
-                groups.setdefault(row.get("variant"), []).append(row)
+        groups = _read_moment(path)
+        if groups is None:
+            continue
         for k, rows in groups.items():
             val = [r["validation_loss"] for r in rows if r["validation_loss"] is not None and math.isfinite(r["validation_loss"])]
             if not val:
@@ -182,5 +181,35 @@ def best_global_moment(session: "Session") -> tuple[str, dict[str, "UserEval"]] 
             mean = sum(val) / len(val)
             if best is None or mean < best[0]:
                 label = f"step {step}" + (f", lr {lrs[k]}" if k is not None and k < len(lrs) else "")
-                best = (mean, label, {r["user_id"]: UserEval(**r["eval"]) for r in rows if r.get("eval")})
+                best = (mean, label, {r["user_id"]: r["eval"] for r in rows if r["eval"] is not None})
     return None if best is None else (best[1], best[2])
+
+
+def _read_moment(path: "Path") -> "dict[int | None, list[dict]] | None":
+    """One validation file's lines by sweep variant, each line's ``eval`` a ``UserEval``; None, said on
+    stderr, when a line cannot be read (torn by a disk fault): a mean over the users left would not
+    compare with the other moments', so that moment is left out of the choice."""
+    from flora_train.train.evaluate import UserEval
+
+    groups: dict[int | None, list[dict]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        if fdist.rank() == 0:
+            warn(f"{path}: cannot be read ({e}); its validation is left out of the best global choice")
+        return None
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+            loss = row["validation_loss"]
+            row = {**row, "eval": None if row.get("eval") is None else UserEval(**row["eval"]),
+                   "validation_loss": None if loss is None else float(loss), "user_id": str(row["user_id"])}
+        except (ValueError, TypeError, KeyError):
+            if fdist.rank() == 0:
+                warn(f"{path}:{number}: cannot be read (torn); the validation at this step is left out of the best "
+                     "global choice")
+            return None
+        groups.setdefault(row.get("variant"), []).append(row)
+    return groups

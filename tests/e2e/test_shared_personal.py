@@ -55,7 +55,13 @@ def test_shared_then_personal_trains_resumes_exports_and_serves(tmp_path):
     # Cut after 6 steps, then resumed: the same rows, moments, kept rows, stops and shared adapter, bit for bit.
     cut = tmp_path / "cut"
     flora_train("run", "recipes/quickstart.yaml", *SHARED, *SELECT, f"run_dir={cut}", "train.max_steps=6", "tracking.enabled=false")
-    flora_train("run", "recipes/quickstart.yaml", *SHARED, *SELECT, f"run_dir={cut}", "tracking.enabled=false", "--resume")
+    # A validation file torn by a disk fault leaves its moment out of the best global choice, named.
+    torn = cut / "eval" / "validation-step2.jsonl"
+    torn.write_text(torn.read_text()[:-40])
+    resumed = flora_train("run", "recipes/quickstart.yaml", *SHARED, *SELECT, f"run_dir={cut}",
+                          "tracking.enabled=false", "--resume")
+    assert f"{torn}:24: cannot be read (torn)" in resumed.stderr and "best global (step" in resumed.stdout
+    assert json.loads((cut / "result.json").read_text())["eval_global_setting"] != "step 2"
     want, got = saved_state(full), saved_state(cut)
     assert set(got) == set(want)
     for user in want:
