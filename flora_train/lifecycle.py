@@ -31,7 +31,6 @@ from flora_train.export import ExportError, forget_in_export, forget_unindexed
 from flora_train.export.base import select_users, write_json
 from flora_train.files import UnreadableTensors, read_json, replace_text
 from flora_train.run_dir import RunDir, RunLock, readers
-from flora_train.run_dir.exports import export_indexes, unfinished_exports
 from flora_train.run_dir.checkpoints import (
     SHARD_PLAN,
     SHARED_ADAPTER,
@@ -41,6 +40,8 @@ from flora_train.run_dir.checkpoints import (
     list_checkpoints,
     read_state,
 )
+from flora_train.run_dir.exports import export_indexes, unfinished_exports
+from flora_train.run_dir.layout import TornJournal
 from flora_train.run_dir.rewrite import recover_rewrites, rewrite_checkpoint
 from flora_train.store.saved import iter_shards, saved_selection, saved_steps, without_users
 from flora_train.train.phases import check_phase_files, forget_in_phases
@@ -267,7 +268,12 @@ def _shared_adapter_steps(rd: RunDir) -> int:
 
 def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
     pending_path = rd.forget_pending
-    pending = set(json.loads(pending_path.read_text())["users"]) if pending_path.is_file() else set()
+    try:
+        pending = set(rd.forget_pending_users())
+    except TornJournal as torn:  # the names still legible, and those given now, are completed
+        pending = set(torn.legible)
+        warn(f"{torn}: an interrupted forget's users are not all known; forgetting those given{torn.legible_hint()}. "
+             f"A user it named past the damage may still be in the run: `flora-train users {rd.path}` lists who is")
     recovered = [line for run in runs for line in recover_rewrites(run.checkpoints)]
     ckpts = [c for run in runs for c in list_checkpoints(run.path) if (c / "manifest.json").is_file()]
     if not ckpts:

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from flora_train.files import read_json
-from flora_train.run_dir.layout import RunDir
+from flora_train.run_dir.layout import RunDir, TornJournal
 from flora_train.run_dir.readers import CheckpointLease
 
 log = logging.getLogger("flora_train")
@@ -164,7 +164,12 @@ class CheckpointRows(_IndexedRows):
         for path, (users, take) in newest_copies(self.chain, None).items():
             for i in take:
                 index[users[i]] = (path, i, users)
-        pending = [u for u in self.run_dir.forget_pending_users() if u in index]
+        try:
+            pending = [u for u in self.run_dir.forget_pending_users() if u in index]
+        except TornJournal as torn:  # who is being forgotten is not known: no one is served from the run
+            log.warning("%s: a `flora-train forget` was interrupted and %s: every user gets the base until it is "
+                        "completed", self.label, torn)
+            pending = list(index)
         for u in pending:
             del index[u]
         if pending:

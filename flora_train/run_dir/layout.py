@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,34 @@ class NotARunDir(UserError, FileNotFoundError):
 class InterruptedForget(UserError):
     """A ``flora-train forget`` was killed before it finished: until it is run again, the run's files
     may still hold the users it removes (and a checkpoint may be halfway through its swap)."""
+
+
+class TornJournal(UserError):
+    """``forget-pending.json`` is there but cannot be read whole: the users an interrupted ``forget``
+    was removing are not all known. ``legible``: the names still whole in it (a cut keeps those before it)."""
+
+    def __init__(self, path: Path, legible: list[str], why: str) -> None:
+        super().__init__(f"{path}: cannot be read whole ({why})")
+        self.path, self.legible, self.why = path, legible, why
+
+    def legible_hint(self) -> str:
+        if not self.legible:
+            return " (no user's name is legible in it)"
+        names = ", ".join(map(repr, self.legible[:5])) + (" ..." if len(self.legible) > 5 else "")
+        return f" (still legible in it, and forgotten with them: {names})"
+
+
+def _legible_names(text: str) -> list[str]:
+    """The whole JSON strings in a torn ``{"users": [...]}``, but its key."""
+    names = []
+    for quoted in re.findall(r'"(?:[^"\\\n]|\\.)*"', text):
+        try:
+            name = json.loads(quoted)
+        except ValueError:
+            continue
+        if name != "users":
+            names.append(name)
+    return names
 
 
 @dataclass(frozen=True)
@@ -102,18 +131,35 @@ class RunDir:
         return self.path / "forget-pending.json"
 
     def forget_pending_users(self) -> list[str]:
-        """The users ``forget_pending`` names; none when there is none (or it cannot be read yet)."""
+        """The users ``forget_pending`` names; none when there is none. ``TornJournal`` when it is there
+        but cannot be read whole (a disk fault: it is written in one rename): who it named is not known."""
         try:
-            return [str(u) for u in json.loads(self.forget_pending.read_text())["users"]]
-        except (OSError, ValueError, KeyError, TypeError):
+            text = self.forget_pending.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise TornJournal(self.forget_pending, [], str(exc)) from None
+        try:
+            users = json.loads(text)["users"]
+            if isinstance(users, list) and all(isinstance(u, str) for u in users):
+                return users
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise TornJournal(self.forget_pending, _legible_names(text), "torn")
 
     def refuse_interrupted_forget(self) -> None:
         """Raises ``InterruptedForget`` while ``forget_pending`` is there: reading or training the run
         then could serve, export or train on the users being forgotten."""
         if not self.forget_pending.is_file():
             return
-        users = self.forget_pending_users()
+        try:
+            users = self.forget_pending_users()
+        except TornJournal as torn:
+            raise InterruptedForget(
+                f"{self.path}: a `flora-train forget` was interrupted and its journal ({torn.path.name}) cannot be "
+                f"read whole ({torn.why}); its users may still be in the run's files, so nothing reads or trains the "
+                f"run until it is completed: `flora-train forget {self.path} --users ...` naming every user that "
+                f"forget was given{torn.legible_hint()}") from None
         some = users[0] if users else "USER"
         raise InterruptedForget(
             f"{self.path}: a `flora-train forget` of {len(users)} user(s) was interrupted "

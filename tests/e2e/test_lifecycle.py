@@ -30,7 +30,7 @@ def _hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
+def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path, capsys):
     run_dir = tmp_path / "run"
     flora_train("run", "recipes/quickstart.yaml", *SMALL, f"run_dir={run_dir}", "train.checkpoint_every_steps=3",
                 "train.keep_checkpoints=3", "train.full_checkpoint_every=2", "export.format=flora")
@@ -96,6 +96,7 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path):
     bad = flora_train("forget", str(run_dir), "--users", "nobody", check=False)
     assert bad.returncode == 2 and "no such user(s) in any checkpoint: 'nobody'" in bad.stderr
     _forget_killed_at_every_step(template, tmp_path / "killed", gone, _hashes(run_dir))
+    _forget_with_a_torn_journal(template, tmp_path / "torn", gone, _hashes(run_dir), capsys)
     # The template still holds the shared adapter that the forgotten users' data trained.
     old_shared = (template / "shared_adapter.safetensors").read_bytes()
     shared = flora_train("forget", str(template), "--users", ",".join(gone), "--retrain-shared")
@@ -151,6 +152,28 @@ def _refused_until_completed(work: Path, gone: list[str]) -> None:
             read()
     with pytest.raises(RunDirInUse, match=re.escape(said)):  # training, fresh or resumed
         claim(work, fresh=False)
+
+
+def _forget_with_a_torn_journal(template: Path, work: Path, gone: list[str], clean: dict[str, str], capsys) -> None:
+    """A journal cut by a disk fault (past its first user) ended every command with a JSONDecodeError
+    traceback, `forget` too, and the run could never be read again. Now the names still whole in it
+    are completed with those given, and a server takes no user from the run meanwhile."""
+    from flora_train.run_dir import RunDir
+    from flora_train.run_dir.layout import InterruptedForget
+
+    shutil.copytree(template, work)
+    journal = json.dumps({"users": gone}, indent=2)
+    (work / "forget-pending.json").write_text(journal[:journal.index(gone[1]) + 4])
+    said = (f"{work}: a `flora-train forget` was interrupted and its journal (forget-pending.json) cannot be read "
+            f"whole (torn); its users may still be in the run's files, so nothing reads or trains the run until it is "
+            f"completed: `flora-train forget {work} --users ...` naming every user that forget was given (still "
+            f"legible in it, and forgotten with them: {gone[0]!r})")
+    with pytest.raises(InterruptedForget, match=re.escape(said)):
+        RunDir(work).require("export")
+    capsys.readouterr()
+    forget_users(work, gone[1:])
+    assert "an interrupted forget's users are not all known; forgetting those given" in capsys.readouterr().err
+    assert _hashes(work) == clean
 
 
 def _forget_killed_at_every_step(template: Path, work: Path, gone: list[str], clean: dict[str, str]) -> None:
