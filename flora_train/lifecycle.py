@@ -35,10 +35,12 @@ from flora_train.run_dir.checkpoints import (
     SHARD_PLAN,
     SHARED_ADAPTER,
     TRAINER_STATE,
+    CheckpointError,
     checkpoint_chain,
     latest_checkpoint,
     list_checkpoints,
     read_state,
+    verify_checkpoint,
 )
 from flora_train.run_dir.exports import export_indexes, unfinished_exports
 from flora_train.run_dir.layout import TornJournal
@@ -266,6 +268,22 @@ def _shared_adapter_steps(rd: RunDir) -> int:
         return steps
 
 
+def _refuse_damaged(rd: RunDir, ckpts: list[Path]) -> None:
+    """Every checkpoint verifies before anything changes. A damaged one may hold the users' rows
+    where they cannot be found, and rewriting it would give it a manifest that calls it intact."""
+    damaged = []
+    for c in ckpts:
+        try:
+            verify_checkpoint(c)
+        except CheckpointError as exc:
+            damaged.append((c, str(exc)))
+    if damaged:
+        listed = "; ".join(why for _, why in damaged[:5]) + (f"; and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        raise ExportError(f"{rd.path}: {len(damaged)} checkpoint(s) are damaged, and forget cannot take users out of "
+                          f"what it cannot read ({listed}). No reader or resume takes them (they are not intact): "
+                          f"delete {', '.join(str(c) for c, _ in damaged[:5])} and run forget again")
+
+
 def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
     pending_path = rd.forget_pending
     try:
@@ -275,9 +293,10 @@ def _forget(rd: RunDir, runs: list[RunDir], users: list[str]) -> dict[str, Any]:
         warn(f"{torn}: an interrupted forget's users are not all known; forgetting those given{torn.legible_hint()}. "
              f"A user it named past the damage may still be in the run: `flora-train users {rd.path}` lists who is")
     recovered = [line for run in runs for line in recover_rewrites(run.checkpoints)]
-    ckpts = [c for run in runs for c in list_checkpoints(run.path) if (c / "manifest.json").is_file()]
+    ckpts = [c for run in runs for c in list_checkpoints(run.path)]
     if not ckpts:
         raise ExportError(f"{rd.path}: no checkpoints to forget users in")
+    _refuse_damaged(rd, ckpts)
     known = pending.union(*(map(_owner(c), _saved_users(c)) for c in ckpts))
     unknown = [u for u in users if u not in known]
     if unknown:

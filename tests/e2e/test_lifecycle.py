@@ -97,6 +97,7 @@ def test_users_lists_and_forget_removes_every_copy_and_nothing_else(tmp_path, ca
     assert bad.returncode == 2 and "no such user(s) in any checkpoint: 'nobody'" in bad.stderr
     _forget_killed_at_every_step(template, tmp_path / "killed", gone, _hashes(run_dir))
     _forget_with_a_torn_journal(template, tmp_path / "torn", gone, _hashes(run_dir), capsys)
+    _forget_refuses_damaged_checkpoints(template, tmp_path / "damaged", gone)
     # The template still holds the shared adapter that the forgotten users' data trained.
     old_shared = (template / "shared_adapter.safetensors").read_bytes()
     shared = flora_train("forget", str(template), "--users", ",".join(gone), "--retrain-shared")
@@ -174,6 +175,25 @@ def _forget_with_a_torn_journal(template: Path, work: Path, gone: list[str], cle
     forget_users(work, gone[1:])
     assert "an interrupted forget's users are not all known; forgetting those given" in capsys.readouterr().err
     assert _hashes(work) == clean
+
+
+def _forget_refuses_damaged_checkpoints(template: Path, work: Path, gone: list[str]) -> None:
+    """A damaged checkpoint ended forget with a traceback half-way (a torn user list, state or shard),
+    and one without its manifest (a prune killed mid-delete) was passed over with the users' rows left
+    in it. Now forget refuses first, naming each, and changes nothing."""
+    shutil.copytree(template, work)
+    first, second = list_checkpoints(work)[:2]
+    shard = next(first.glob("store-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    (second / "manifest.json").unlink()
+    before = _hashes(work)
+    with pytest.raises(ExportError) as refused:
+        forget_users(work, gone)
+    said = str(refused.value)
+    assert said.startswith(f"{work}: 2 checkpoint(s) are damaged, and forget cannot take users out of what it cannot "
+                           f"read ({shard}: does not match the manifest (corrupt or partial); {second}: incomplete "
+                           f"checkpoint (no manifest.json)")
+    assert said.endswith(f"delete {first}, {second} and run forget again") and _hashes(work) == before
 
 
 def _forget_killed_at_every_step(template: Path, work: Path, gone: list[str], clean: dict[str, str]) -> None:
