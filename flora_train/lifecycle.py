@@ -278,7 +278,8 @@ def _refuse_damaged(rd: RunDir, ckpts: list[Path]) -> None:
         except CheckpointError as exc:
             damaged.append((c, str(exc)))
     if damaged:
-        listed = "; ".join(why for _, why in damaged[:5]) + (f"; and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        more = f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        listed = "; ".join(why for _, why in damaged[:5]) + more
         raise ExportError(f"{rd.path}: {len(damaged)} checkpoint(s) are damaged, and forget cannot take users out of "
                           f"what it cannot read ({listed}). No reader or resume takes them (they are not intact): "
                           f"delete {', '.join(str(c) for c, _ in damaged[:5])} and run forget again")
