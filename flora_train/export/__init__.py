@@ -134,9 +134,14 @@ def forget_unindexed(out: Path, forget: set[str]) -> int:
 
 
 def forget_in_export(out: Path, fmt: str | None, forget: set[str]) -> int:
-    """Removes users from the export in ``out`` written in format ``fmt`` (None: one whose manifest
-    names none, a folder per user); returns how many it held."""
-    return get_format(fmt if fmt in EXPORT_FORMATS else "flora").forget(out, forget)
+    """Removes users from the export in ``out`` written in format ``fmt``; returns how many it held.
+    None: one whose manifest names none or cannot be read, where the index's entries say which:
+    ``[pack, row]`` pairs are the packed format's, a folder name every other format's."""
+    if fmt not in EXPORT_FORMATS:
+        index = read_json(out / "index.json")
+        entries = index.values() if isinstance(index, dict) else []
+        fmt = "packed" if any(isinstance(entry, list) for entry in entries) else "flora"
+    return get_format(fmt).forget(out, forget)
 
 
 __all__ = ["EXPORT_FORMATS", "SHARED_FOLDER", "ExportError", "ExportFormatEntry", "ExportRequest", "export_adapters",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flora_train.errors import UserError
-from flora_train.files import replace_text
+from flora_train.files import read_json, replace_text
 
 # adapter.shared's adapter, once beside the users' (no user folder can be named so: they end in a hash).
 SHARED_FOLDER = "shared-adapter"
@@ -150,10 +150,10 @@ class AdapterExport(ABC):
 
 def count_users(manifest_path: Path, users: int) -> None:
     """The export manifest's user count, from its index (also when a killed forget wrote the index
-    and not the manifest)."""
-    if not manifest_path.is_file():
+    and not the manifest). One that cannot be read is left as it is (the caller said so)."""
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict):
         return
-    manifest = json.loads(manifest_path.read_text())
     if manifest.get("num_users") != users:
         manifest["num_users"] = users
         write_json(manifest_path, manifest)
