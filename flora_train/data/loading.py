@@ -76,6 +76,27 @@ ANONYMOUS = "__general__"  # the user of rows that belong to no one (train.retai
 
 
 def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool = False) -> dict[str, str] | None:
+    """The row's columns as the cache keeps them, or None (reported) when it is bad."""
+    out = _fields(record, cols, where, bad, anonymous)
+    if out is None:
+        return None
+    # (A file name of bytes that are not UTF-8 reads with surrogate escapes: the row is fine.)
+    out["source"] = out["source"].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    columns = {"user_id": cols.user, "prompt": cols.prompt, "completion": cols.completion, "text": cols.text,
+               "messages": cols.messages}
+    for name, value in out.items():
+        try:  # JSON may spell half a UTF-16 pair ("\\ud800"): Python reads it, no UTF-8 file can hold it
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            column = (f"user id column '{cols.user}'" if name == "user_id"
+                      else f"user {out['user_id']!r}: column '{columns[name]}'")
+            bad.report(where, "lone_surrogate", f"{column} holds a lone UTF-16 surrogate "
+                       f"{value[exc.start]!r} at character {exc.start} (half a \\uD800-\\uDFFF pair): not text")
+            return None
+    return out
+
+
+def _fields(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool) -> dict[str, str] | None:
     if not isinstance(record, dict):
         bad.report(where, "not_an_object", f"expected an object with {cols.wanted}, got {type(record).__name__}")
         return None

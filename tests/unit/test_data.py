@@ -30,6 +30,9 @@ BAD_LINES = [
         # Before, an integer id was turned into "42" silently, merging it with the string id "42".
         (json.dumps({"user_id": 42, "prompt": "x", "completion": "y"}), "wrong_type_user"),
         (json.dumps({"user_id": 4.0, "prompt": "x", "completion": "y"}), "wrong_type_user"),
+        # Half a UTF-16 pair, as JSON may escape it: a UnicodeEncodeError traceback from Arrow before.
+        (json.dumps({"user_id": "a", "prompt": "x\ud800", "completion": "y"}), "lone_surrogate"),
+        (json.dumps({"user_id": "b\udfff", "prompt": "x", "completion": "y"}), "lone_surrogate"),
 ]
 
 
@@ -58,12 +61,26 @@ def test_the_bad_rows_of_a_file_are_refused_together(tmp_path):
     # The rest by reason (a run that skips them printed three and stopped, as if they were all).
     rest = Counter(reason for line, reason in BAD_LINES if line in lines[3:])
     by_reason = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in sorted(rest.items()))
-    assert by_reason.startswith("invalid user 5, missing completion 2, not an object 1"), by_reason
+    assert by_reason.startswith("invalid user 5, lone surrogate 2, missing completion 2, not an object 1"), by_reason
     hint = " (set data.on_bad_row=skip to skip such rows)"
     assert message.endswith(f"; and {len(lines) - 3} more ({by_reason}){hint}"), message
     skipped = BadRows("skip")
     load_examples(path, "auto", Columns(), skipped)
     assert skipped.summary() == message.removesuffix(hint)
+
+
+def test_a_lone_surrogate_is_named_and_a_file_name_that_is_not_utf8_reads(tmp_path):
+    """A file whose name is not UTF-8 (Python reads it with surrogate escapes) ended every read in a
+    UnicodeEncodeError traceback: its rows' source could not be stored."""
+    import os
+
+    path = write_jsonl(tmp_path / os.fsdecode(b"caf\xe9.jsonl"), [GOOD, json.dumps(
+        {"user_id": "a", "prompt": "x", "completion": "y\ud800z"}), GOOD])
+    with pytest.raises(DataError) as error:
+        load_examples(path, "auto", Columns(), BadRows("error"))
+    assert f"{path}:2: user 'a': column 'completion' holds a lone UTF-16 surrogate '\\ud800' at character 1" in str(error.value)
+    ds = load_examples(path, "auto", Columns(), BadRows("skip"))
+    assert len(ds) == 2 and ds[0]["source"] == f"{tmp_path}/caf\ufffd.jsonl:1"
 
 
 @pytest.mark.parametrize("row, fix", [
