@@ -20,6 +20,17 @@ def not_utf8(exc: UnicodeDecodeError) -> str:
     return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
 
 
+def lone_surrogate(text: str) -> str | None:
+    """How a string holding half a UTF-16 pair is described, or None when it is text. JSON may escape
+    one (``"\\ud800"``) and Python reads it, but no UTF-8 file, Arrow column or tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone UTF-16 surrogate {text[exc.start]!r} at character {exc.start} "
+                "(half a \\uD800-\\uDFFF pair): not text")
+
+
 def warn(message: str) -> None:
     """A line the user should read (a fall-back taken, a server unreachable), on stderr."""
     import sys

@@ -19,7 +19,7 @@ from flora_train.chat_template import text_of_parts
 from flora_train.data.bad_rows import BadRows, DataError
 from flora_train.data.readers import rows_under, source_rows
 from flora_train.data.sources import SourceError, resolve_sources
-from flora_train.errors import warn
+from flora_train.errors import lone_surrogate, warn
 
 
 @dataclass
@@ -85,13 +85,10 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
     columns = {"user_id": cols.user, "prompt": cols.prompt, "completion": cols.completion, "text": cols.text,
                "messages": cols.messages}
     for name, value in out.items():
-        try:  # JSON may spell half a UTF-16 pair ("\\ud800"): Python reads it, no UTF-8 file can hold it
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
+        if (why := lone_surrogate(value)) is not None:
             column = (f"user id column '{cols.user}'" if name == "user_id"
                       else f"user {out['user_id']!r}: column '{columns[name]}'")
-            bad.report(where, "lone_surrogate", f"{column} holds a lone UTF-16 surrogate "
-                       f"{value[exc.start]!r} at character {exc.start} (half a \\uD800-\\uDFFF pair): not text")
+            bad.report(where, "lone_surrogate", f"{column} {why}")
             return None
     return out
 

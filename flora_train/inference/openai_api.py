@@ -10,9 +10,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flora_train.chat_template import text_of_parts
+from flora_train.errors import lone_surrogate
 from flora_train.inference.sampling import TokenLogprob
 
 MAX_CHOICES = 128  # OpenAI's bound on n
@@ -41,6 +42,21 @@ class _Common(BaseModel):
     # A field we do not implement must not be dropped silently (a client asking for it would get
     # nothing and believe it): pydantic refuses it, and the handler names it.
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, body: Any) -> Any:
+        """Every string of the body is text: half a UTF-16 pair escaped in JSON (``"\\ud800"``) ended
+        in the tokenizer's TypeError (a 500) or a user id no store can look up."""
+        def walk(value: Any, where: str) -> None:
+            if isinstance(value, str) and (why := lone_surrogate(value)) is not None:
+                raise ValueError(f"{where or 'the body'} {why}")
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            for key, inner in items:
+                walk(inner, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+
+        walk(body, "")
+        return body
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

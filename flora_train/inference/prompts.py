@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from flora_train.chat_template import text_of_parts
-from flora_train.errors import not_utf8
+from flora_train.errors import lone_surrogate, not_utf8
 from flora_train.inference.trained import InferenceError
 
 
@@ -28,6 +28,10 @@ def read_prompts(path: Path, chat: bool = False, user_column: str = "user_id") -
         for where, row in source_rows(DataSource(path=path), fmt, user_column, bad):
             users.append(_user(row, user_column, where))
             prompts.append(_prompt(row, users[-1], chat, where))
+            texts = [prompts[-1]] if isinstance(prompts[-1], str) else [t["content"] for t in prompts[-1]]
+            why = next((w for w in map(lone_surrogate, texts) if w is not None), None)
+            if why is not None:
+                raise InferenceError(f"{where}: user {users[-1]!r}: the prompt {why}")
         bad.refuse()
     except DataError as exc:
         raise InferenceError(str(exc)) from None
@@ -46,6 +50,8 @@ def _user(row: Any, user_column: str, where: str) -> str:
     user = row.get(user_column)
     if not isinstance(user, str) or not user:
         raise InferenceError(f"{where}: '{user_column}' must be a non-empty string, got {user!r}")
+    if (why := lone_surrogate(user)) is not None:
+        raise InferenceError(f"{where}: '{user_column}' {why}")
     return user
 
 

@@ -46,6 +46,10 @@ def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
         ({"prompt": ["hi"] * 3, "user": "user-000001", "n": 100}, 400, "300 sequences, more than the server queues at once"),
         ({"prompt": "hi", "user": "user-000001", "max_tokens": 0}, 400, "max_tokens 0"),
         ({"prompt": "hi", "user": "user-000001", "temperature": 3}, 400, "temperature"),
+        # Half a UTF-16 pair (JSON's "\ud800"): a 500 from the tokenizer, or a user no store could read.
+        ({"prompt": "fav\ud800", "user": "user-000001"}, 400,
+         "prompt holds a lone UTF-16 surrogate '\\ud800' at character 3 (half a \\uD800-\\uDFFF pair): not text"),
+        ({"prompt": "hi", "user": "user-000001\udc00"}, 400, "user holds a lone UTF-16 surrogate"),
     ]
     for body, status, words in cases:
         r = post(body)
@@ -57,7 +61,9 @@ def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
     for messages, words in [([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
                              "the chat template refuses this conversation: System role not supported"),
                             ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}],
-                             "messages.0.content: content[0] is of type 'image_url': this model reads text only")]:
+                             "messages.0.content: content[0] is of type 'image_url': this model reads text only"),
+                            ([{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}],
+                             "messages[0].content[0].text holds a lone UTF-16 surrogate")]:
         r = post({"messages": messages, "user": "user-000001"}, "/v1/chat/completions")
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     parts, whole = (post({"messages": [{"role": "user", "content": content}], "user": "user-000001", "max_tokens": 4,

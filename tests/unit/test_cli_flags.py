@@ -211,6 +211,14 @@ def test_prompt_turns_of_content_parts_read_as_serve_reads_them(tmp_path):
     with pytest.raises(InferenceError, match=f"^{prompts}:2: user 'u': turn 0: content\\[2\\] is of type 'input_audio': "
                                              "this model reads text only"):
         read_prompts(prompts, chat=True)
+    # Half a UTF-16 pair, as JSON escapes it: the tokenizer's TypeError traceback after the model loaded.
+    turn["content"] = [{"type": "text", "text": "hi\ud800"}]
+    for line, said in ((json.dumps({"user_id": "u", "messages": [turn]}), "user 'u': the prompt holds a lone UTF-16 "
+                        "surrogate '\\\\ud800' at character 2"),
+                       (json.dumps({"user_id": "u\udc00", "prompt": "hi"}), "'user_id' holds a lone UTF-16 surrogate")):
+        prompts.write_text(line + "\n")
+        with pytest.raises(InferenceError, match=f"^{prompts}:1: {said}"):
+            read_prompts(prompts, chat=True)
 
 
 def test_prompts_are_read_in_the_row_formats_training_data_takes(tmp_path):
