@@ -9,6 +9,7 @@ import csv
 import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -230,7 +231,18 @@ def source_rows(source: DataSource, fmt: str, user_column: str, bad: BadRows) ->
     assert source.path is not None
     file_fmt = detect_format(source.path, fmt)
     if file_fmt == "jsonl":
-        return _jsonl_rows(source.path, bad)
+        return _gzip_named(source.path, _jsonl_rows(source.path, bad))
     if file_fmt in ("csv", "tsv"):
-        return _csv_rows(source.path, bad, "\t" if file_fmt == "tsv" else ",")
+        return _gzip_named(source.path, _csv_rows(source.path, bad, "\t" if file_fmt == "tsv" else ","))
     return _table_rows(source.path, file_fmt, user_column)
+
+
+def _gzip_named(path: Path, rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """``rows``, a ``.gz`` file's failures named: a file cut short (a copy or download stopped) or
+    not gzip at all ended in EOFError's or BadGzipFile's traceback."""
+    try:
+        yield from rows
+    except EOFError:
+        raise DataError(f"{path}: cut short (the gzip stream ends before its end marker): copy the file again") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path}: not readable as gzip ({exc}): a .gz name needs gzip data") from None

@@ -4,6 +4,7 @@ dataset ids, each bad row or file named by its file and line."""
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -153,6 +154,14 @@ def test_folders_globs_lists_gzip_and_arrow(tmp_path):
         f.write(json.dumps(rows[0]) + "\n{broken\n")
     with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: malformed JSON"):
         load_examples(tmp_path / "bad.jsonl.gz", "auto", cols, BadRows())
+    # A .gz file cut short, or not gzip at all: EOFError's and BadGzipFile's tracebacks before.
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in rows * 50).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "plain.csv.gz").write_text("user_id,prompt,completion\nu,a,b\n")
+    for name, said in (("cut.jsonl.gz", "cut short (the gzip stream ends before its end marker)"),
+                       ("plain.csv.gz", "not readable as gzip (Not a gzipped file")):
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / name}: {said}")):
+            load_examples(tmp_path / name, "auto", cols, BadRows())
     with pytest.raises(DataError, match=r"the pattern .*nothing\*\.jsonl' matches no data file"):
         load_examples(str(tmp_path / "nothing*.jsonl"), "auto", cols, BadRows())
     with pytest.raises(DataError, match=r"no-such-org/no-such-dataset\[train\]: cannot load the dataset"):
