@@ -243,6 +243,7 @@ def _gzip_named(path: Path, rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[s
     try:
         yield from rows
     except EOFError:
-        raise DataError(f"{path}: cut short (the gzip stream ends before its end marker): copy the file again") from None
+        raise DataError(f"{path}: cut short (the gzip stream ends before its end marker): copy the file "
+                        "again") from None
     except (gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{path}: not readable as gzip ({exc}): a .gz name needs gzip data") from None
