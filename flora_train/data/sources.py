@@ -113,6 +113,16 @@ def _folder_files(folder: Path, key: str, notes: list[str] | None) -> list[Path]
     return training
 
 
+def _refuse_part_of_a_saved_dataset(folder: Path, key: str) -> None:
+    """A folder holding ``save_to_disk``'s Arrow files and one of its two JSON files, not both (a copy
+    cut short): read as a folder of data files, its ``dataset_info.json`` was taken for rows."""
+    described = [name for name in ("state.json", "dataset_info.json") if (folder / name).is_file()]
+    if len(described) == 1 and any(folder.glob("data-*.arrow")):
+        missing = "dataset_info.json" if described == ["state.json"] else "state.json"
+        raise SourceError(f"{key}: {folder} holds a dataset saved with save_to_disk without its {missing} (a copy "
+                          "cut short?): save or copy it again")
+
+
 def _check_hub_reachable(dataset: str, key: str) -> None:
     """A dataset id on a machine that cannot reach the hub: refused at once, saying what to do."""
     host = unreachable_hub()
@@ -141,6 +151,7 @@ def resolve_sources(spec: Any, split: str = "train", subset: str | None = None, 
         elif Path(text).is_dir() and is_saved_dataset(Path(text)):
             out.append(DataSource(saved=Path(text), split=split))
         elif Path(text).is_dir():
+            _refuse_part_of_a_saved_dataset(Path(text), key)
             files = _folder_files(Path(text), key, notes)
             if not files:
                 raise SourceError(f"{key}: the folder {text} holds no data file ({', '.join(SUFFIXES)})")

@@ -213,6 +213,10 @@ def test_a_folder_datasets_saved_to_disk_reads_its_rows(tmp_path):
     datasets.Dataset.from_list([{**rows[0], "user_id": None}]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match=r"bad: row 0: missing or invalid user id"):
         load_examples(tmp_path / "bad", "auto", cols, BadRows())
+    (tmp_path / "one" / "state.json").unlink()  # a copy cut short: its dataset_info.json was read as rows
+    with pytest.raises(DataError, match=f"{tmp_path / 'one'} holds a dataset saved with save_to_disk without its "
+                                        r"state.json \(a copy cut short\?\)"):
+        load_examples(tmp_path / "one", "auto", cols, BadRows())
 
 
 def test_a_dataset_id_the_hub_cannot_be_reached_for_is_refused_at_once(tmp_path, monkeypatch):
