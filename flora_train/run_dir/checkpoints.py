@@ -104,11 +104,12 @@ def fsync_dir(path: Path) -> None:
     _fsync(path)
 
 
-def verify_checkpoint(path: Path, contents: bool = True) -> dict[str, Any]:
+def verify_checkpoint(path: Path, contents: bool = True, chain: bool = True) -> dict[str, Any]:
     """The manifest of a complete, intact checkpoint; raises ``CheckpointError`` naming the bad file.
 
     ``contents=False`` checks that every file is there at its recorded size without hashing it
-    (a read of every byte: gigabytes for LoRA on every layer of many users)."""
+    (a read of every byte: gigabytes for LoRA on every layer of many users). ``chain=False`` checks
+    this folder's own files, not the checkpoints a delta builds on (a caller checking them all)."""
     manifest = read_manifest(path)
     for name, info in manifest.get("files", {}).items():
         f = path / name
@@ -116,7 +117,7 @@ def verify_checkpoint(path: Path, contents: bool = True) -> dict[str, Any]:
             raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
         if f.stat().st_size != info["bytes"] or (contents and _sha256(f) != info["sha256"]):
             raise CheckpointError(f"{f}: does not match the manifest (corrupt or partial)")
-    for name in manifest.get("chain", [])[:-1]:  # a delta is only as good as what it builds on
+    for name in manifest.get("chain", [])[:-1] if chain else []:  # a delta is only as good as what it builds on
         member = path.parent / name
         try:
             theirs = verify_checkpoint(member, contents).get("run_id")
