@@ -42,21 +42,6 @@ class _Common(BaseModel):
     # A field we do not implement must not be dropped silently (a client asking for it would get
     # nothing and believe it): pydantic refuses it, and the handler names it.
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _text_only(cls, body: Any) -> Any:
-        """Every string of the body is text: half a UTF-16 pair escaped in JSON (``"\\ud800"``) ended
-        in the tokenizer's TypeError (a 500) or a user id no store can look up."""
-        def walk(value: Any, where: str) -> None:
-            if isinstance(value, str) and (why := lone_surrogate(value)) is not None:
-                raise ValueError(f"{where or 'the body'} {why}")
-            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-            for key, inner in items:
-                walk(inner, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
-
-        walk(body, "")
-        return body
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -73,6 +58,23 @@ class _Common(BaseModel):
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
     # token id (as a string, JSON's keys) -> added to its logit before sampling or the greedy choice
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, body: Any) -> Any:
+        """Every string of the body is text: half a UTF-16 pair escaped in JSON (``"\\ud800"``) ended
+        in the tokenizer's TypeError (a 500) or a user id no store can look up."""
+        def walk(value: Any, where: str) -> None:
+            if isinstance(value, str) and (why := lone_surrogate(value)) is not None:
+                raise ValueError(f"{where or 'the body'} {why}")
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            for key, inner in items:
+                if isinstance(key, str) and (why := lone_surrogate(key)) is not None:  # a key is echoed in errors
+                    raise ValueError(f"a key of {where or 'the body'} {why}")
+                walk(inner, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+
+        walk(body, "")
+        return body
 
 
 class CompletionRequest(_Common):

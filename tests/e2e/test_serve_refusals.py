@@ -50,6 +50,8 @@ def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(server):
         ({"prompt": "fav\ud800", "user": "user-000001"}, 400,
          "prompt holds a lone UTF-16 surrogate '\\ud800' at character 3 (half a \\uD800-\\uDFFF pair): not text"),
         ({"prompt": "hi", "user": "user-000001\udc00"}, 400, "user holds a lone UTF-16 surrogate"),
+        ({"prompt": "hi", "user": "user-000001", "logit_bias": {"\udc00": 1}}, 400,
+         "a key of logit_bias holds a lone UTF-16 surrogate"),
     ]
     for body, status, words in cases:
         r = post(body)
