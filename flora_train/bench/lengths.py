@@ -143,11 +143,17 @@ def bench_lengths(out: Path = Path("runs/bench"), users: int = 32, examples_per_
                   sigma: float = 0.9, longest: int = 768, budget: int = 4096, micro_batch_size: int = 16,
                   tiny: bool = False, configs: tuple[tuple[str, int], ...] = CONFIGS, repeats: int = 2,
                   timed_epochs: int = 3, device: str = "auto") -> dict[str, Any]:
+    if budget < longest:  # (the settings' data.max_length is the longest example's tokens + 16: said below)
+        raise SystemExit(f"bench lengths: --budget {budget} is under the longest example's {longest} tokens; "
+                         f"a budget must hold every example (--budget {longest + 16} or more)")
     dev = bench_device(device)
     work = out / "lengths"
     n = users * examples_per_user
     base = TINY_BASE if tiny else DEFAULT_BASE
     lengths, mean, model_dir, longest_tokens = prepare_data(work, users, examples_per_user, median, sigma, longest, base)
+    if budget < longest_tokens + 16:
+        raise SystemExit(f"bench lengths: --budget {budget} is under the longest example's {longest_tokens} tokens and "
+                         f"the 16 the recipe's data.max_length leaves: --budget {longest_tokens + 16} or more")
     recipes = setting_recipes(work, model_dir, dev, users, longest_tokens, budget, micro_batch_size, timed_epochs)
     runs: dict[str, dict[str, Any]] = {}
     for method, rank in configs:

@@ -44,7 +44,8 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--users-per-step", type=at_least_one, default=None, help="train (64, one example each) / zero (8) / scale (64)")
     be.add_argument("--widths", type=_counts, default=[1024, 4096], help="layer: comma-separated layer widths")
     be.add_argument("--ranks", type=_counts, default=[1, 2, 4, 8, 16], help="layer: comma-separated ranks")
-    be.add_argument("--user-mix", default="1,8,64,all", help="layer: distinct users per batch (all = one per example)")
+    be.add_argument("--user-mix", type=_user_mix, default="1,8,64,all",
+                    help="layer: distinct users per batch (all = one per example)")
     be.add_argument("--batch", type=at_least_one, default=None, help="layer: examples per micro-batch (64 on CPU, 128 on GPU)")
     be.add_argument("--no-peft", action="store_true", help="layer: skip PEFT's mixed-batch forward")
     be.add_argument("--users", type=at_least_one, default=1000, help="e2e: users to train")
@@ -84,20 +85,19 @@ def _given(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _user_mix(text: str) -> list[int] | None:
-    mix = []
-    for v in text.split(","):
-        if v == "all":
-            mix.append(1 << 30)  # capped at the batch size by the suite
-        elif v:
-            mix.append(int(v))
-    return mix
+def _user_mix(text: str) -> list[int]:
+    """``--user-mix``: counts of distinct users a batch, or ``all``; parsed when the flags are (a 0
+    ended the suite in an index_select RuntimeError, a word in int()'s ValueError)."""
+    values = [v for v in text.split(",") if v]
+    if not values or not all(v == "all" or (v.isdigit() and int(v) >= 1) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1 or 'all', got {text!r}")
+    return [1 << 30 if v == "all" else int(v) for v in values]  # all: capped at the batch size by the suite
 
 
 def _layer(args: argparse.Namespace) -> dict[str, Any]:
     from flora_train.bench.layer import bench_layer
 
-    return bench_layer(args.widths, args.ranks, _user_mix(args.user_mix), args.batch, args.tokens,
+    return bench_layer(args.widths, args.ranks, args.user_mix, args.batch, args.tokens,
                        _given(args.repeats, 3), args.device, args.out, peft=not args.no_peft)
 
 

@@ -111,6 +111,9 @@ def test_settings_take_names_only():
     (["--widths", "1024,0"], "argument --widths: expected comma-separated whole numbers >= 1, got '1024,0'"),
     (["--ranks", ","], "argument --ranks: expected comma-separated whole numbers >= 1, got ','"),
     (["--seeds", "0,-1"], "argument --seeds: expected comma-separated whole numbers >= 0, got '0,-1'"),
+    # (an index_select RuntimeError traceback after the suite began, and int()'s ValueError)
+    (["--user-mix", "8,0"], "argument --user-mix: expected comma-separated whole numbers >= 1 or 'all', got '8,0'"),
+    (["--user-mix", "some"], "argument --user-mix: expected comma-separated whole numbers >= 1 or 'all', got 'some'"),
 ])
 def test_bench_counts_out_of_range_are_a_usage_line(capsys, flags, message):
     with pytest.raises(SystemExit):
@@ -122,6 +125,11 @@ def test_bench_counts_in_range_pass():
     args = parse_args(["bench", "all", "--repeats", "1", "--serve-population", "0", "--rate", "0.5", "--widths", "64,128",
                        "--seeds", "0,3"])
     assert (args.repeats, args.serve_population, args.rate, args.widths, args.seeds) == (1, 0, 0.5, [64, 128], [0, 3])
+    assert args.user_mix == [1, 8, 64, 1 << 30]  # the default, parsed as given ones are: all is every example
+    with pytest.raises(SystemExit, match=r"bench lengths: --budget 700 is under the longest example's 768 tokens"):
+        from flora_train.bench.lengths import bench_lengths
+
+        bench_lengths(budget=700)  # refused before the data and the base are made (a minute, then a failed run)
 
 
 @pytest.mark.parametrize("argv,message", [
