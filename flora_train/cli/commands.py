@@ -306,7 +306,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return BAD_INPUT_EXIT_CODE
     except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as exc:  # an --out or path that
         # cannot be written there: one line naming it (a file where a folder is to be made is mkdir's FileExistsError)
-        file_in_the_way = isinstance(exc, FileExistsError) and Path(str(exc.filename)).is_file()
+        # (a device such as /dev/null is a file here too: mkdir's bare "File exists" named nothing)
+        file_in_the_way = isinstance(exc, FileExistsError) and Path(str(exc.filename)).exists() and not Path(
+            str(exc.filename)).is_dir()
         why = "a file is there where a folder is needed" if file_in_the_way else exc.strerror
         print(f"flora-train: error: {exc.filename}: {why}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
