@@ -293,6 +293,18 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 }
 
 
+def _file_in_the_way(exc: OSError) -> Path | None:
+    """The file (a device such as /dev/null too) standing where a folder of ``exc``'s path is to be:
+    mkdir's bare "File exists", or "Not a directory" naming a path under it, named neither."""
+    if not isinstance(exc, (FileExistsError, NotADirectoryError)) or exc.filename is None:
+        return None
+    path = Path(str(exc.filename))
+    for place in (path, *path.parents):
+        if place.exists():
+            return place if not place.is_dir() else None
+    return None
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from flora_train.dist import LOST_PEERS_EXIT_CODE, LostPeers
     from flora_train.errors import NONFINITE_EXIT_CODE, UserError
@@ -306,11 +318,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return BAD_INPUT_EXIT_CODE
     except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as exc:  # an --out or path that
         # cannot be written there: one line naming it (a file where a folder is to be made is mkdir's FileExistsError)
-        # (a device such as /dev/null is a file here too: mkdir's bare "File exists" named nothing)
-        file_in_the_way = isinstance(exc, FileExistsError) and Path(str(exc.filename)).exists() and not Path(
-            str(exc.filename)).is_dir()
-        why = "a file is there where a folder is needed" if file_in_the_way else exc.strerror
-        print(f"flora-train: error: {exc.filename}: {why}", file=sys.stderr)
+        in_the_way = _file_in_the_way(exc)
+        said = (f"{in_the_way}: a file is there where a folder is needed" if in_the_way
+                else f"{exc.filename}: {exc.strerror}")
+        print(f"flora-train: error: {said}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:

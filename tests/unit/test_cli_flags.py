@@ -264,10 +264,11 @@ def test_an_out_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
         f"flora-train: error: {tmp_path}: is a directory, name a file in it (e.g. preds.jsonl)")
     code = main(["generate", str(tmp_path / "no-run"), "--prompts", str(prompts), "--out", str(prompts / "preds.jsonl")])
     assert code == 2 and capsys.readouterr().err.strip() == f"flora-train: error: {prompts}: a file is there where a folder is needed"
-    for out in (prompts, Path("/dev/null")):  # (a device was "File exists", naming nothing in the way)
+    # (a device was "File exists", and a path under a file "Not a directory": neither named what is in the way)
+    for out, in_the_way in ((prompts, prompts), (Path("/dev/null"), "/dev/null"), (prompts / "a" / "b", prompts)):
         code = main(["data", "synth", "--users", "2", "--out", str(out)])
         said = capsys.readouterr().err.strip()
-        assert code == 2 and said == f"flora-train: error: {out}: a file is there where a folder is needed"
+        assert code == 2 and said == f"flora-train: error: {in_the_way}: a file is there where a folder is needed"
     # --out naming the prompts file wrote the completions over it (losing every other field of its rows).
     (tmp_path / "link.jsonl").symlink_to(prompts)
     for out in (prompts, tmp_path / "link.jsonl"):
