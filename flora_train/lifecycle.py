@@ -222,11 +222,12 @@ def _forget_exports(rd: RunDir, forget: set[str]) -> tuple[int, list[str]]:
     inside = rd.exports.resolve()
     held_in: list[tuple[Path, int]] = []
     for index_path in export_indexes(rd):
-        info = read_json(index_path.with_name("manifest.json"))
+        manifest = index_path.with_name("manifest.json")
+        info = read_json(manifest)
         fmt = info.get("format") if isinstance(info, dict) else None
-        if not isinstance(info, dict) and index_path.with_name("manifest.json").exists():
-            warn(f"{index_path.with_name('manifest.json')}: cannot be read (the export cannot be served: export it "
-                 "again); the forgotten users are taken out of it by its index")
+        if not isinstance(info, dict) and manifest.exists():
+            warn(f"{manifest}: cannot be read (the export cannot be served: export it again); the forgotten users "
+                 "are taken out of it by its index")
         if isinstance(read_json(index_path), dict):
             held = forget_in_export(index_path.parent, fmt, forget)  # then what no index names:
         else:  # torn: the users' folders by name and the packs by their metadata are still found

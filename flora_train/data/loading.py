@@ -80,16 +80,17 @@ def _check(record: Any, cols: Columns, where: str, bad: BadRows, anonymous: bool
     out = _fields(record, cols, where, bad, anonymous)
     if out is None:
         return None
-    # (A file name of bytes that are not UTF-8 reads with surrogate escapes: the row is fine.)
-    out["source"] = out["source"].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    columns = {"user_id": cols.user, "prompt": cols.prompt, "completion": cols.completion, "text": cols.text,
-               "messages": cols.messages}
     for name, value in out.items():
-        if (why := lone_surrogate(value)) is not None:
-            column = (f"user id column '{cols.user}'" if name == "user_id"
-                      else f"user {out['user_id']!r}: column '{columns[name]}'")
-            bad.report(where, "lone_surrogate", f"{column} {why}")
-            return None
+        if (why := lone_surrogate(value)) is None:
+            continue
+        if name == "source":  # a file name of bytes that are not UTF-8 reads with surrogate escapes: the row is fine
+            out["source"] = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            continue
+        columns = {"prompt": cols.prompt, "completion": cols.completion, "text": cols.text, "messages": cols.messages}
+        column = (f"user id column '{cols.user}'" if name == "user_id"
+                  else f"user {out['user_id']!r}: column '{columns[name]}'")
+        bad.report(where, "lone_surrogate", f"{column} {why}")
+        return None
     return out
 
 
